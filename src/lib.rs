@@ -1,1 +1,8 @@
-pub fn version() -> &'static str { env!("CARGO_PKG_VERSION") }
+//! specauf: speculative decoding with masked block drafters (DFlash, Domino) trained with the
+//! Accept-Until-Fail objective.
+
+pub mod model;
+
+pub fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}

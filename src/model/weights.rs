@@ -1,0 +1,272 @@
+//! Where weights come from (an HF safetensors directory or a GGUF file) and how linears hold
+//! them: f32, or quantized blocks multiplied directly by candle's `QMatMul`.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::ModelError;
+
+/// How linear weights are held on CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightsMode {
+    /// Everything dequantized to f32: the reference path, and the one training reads.
+    F32,
+    /// Linears quantized to Q8_0 (GGUF types without a fast CPU kernel, such as Q4_1, are
+    /// re-quantized; f32/bf16 safetensors are quantized at load). The fast decode path.
+    #[default]
+    Q8,
+    /// Keep each GGUF tensor in its stored type.
+    Native,
+}
+
+/// A linear layer `y = x Wᵀ + b` with W of HF shape (out, in).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+    out_features: usize,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    F32(Tensor),
+    Quant(QMatMul),
+}
+
+impl Linear {
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// x: (n, in) -> (n, out)
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::F32(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Quant(q) => q.forward(x)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// The weight as f32 (out, in), dequantizing if needed.
+    pub fn weight_f32(&self) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            LinearWeight::F32(w) => Ok(w.clone()),
+            LinearWeight::Quant(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu),
+            LinearWeight::Quant(QMatMul::Tensor(t)) => Ok(t.clone()),
+            LinearWeight::Quant(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32),
+        }
+    }
+}
+
+/// A source of named weights with HF names (`model.layers.0.self_attn.q_proj.weight`).
+pub enum WeightSource {
+    Hf { dir: PathBuf, st: candle_core::safetensors::MmapedSafetensors },
+    Gguf { path: PathBuf, content: gguf_file::Content, file: File, permute_qk: bool, heads: usize, kv_heads: usize },
+}
+
+impl WeightSource {
+    pub fn hf(dir: &Path) -> Result<Self, ModelError> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| ModelError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(ModelError::MissingFile {
+                path: dir.display().to_string(),
+                what: "no *.safetensors file in the model directory".into(),
+            });
+        }
+        // SAFETY of mmap: the files are opened read-only; a user truncating them while we run is
+        // outside what we can defend against, as in every mmap-based loader.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+            ModelError::Corrupt { path: dir.display().to_string(), what: format!("reading safetensors: {e}") }
+        })?;
+        Ok(WeightSource::Hf { dir: dir.to_path_buf(), st })
+    }
+
+    pub fn display(&self) -> String {
+        match self {
+            WeightSource::Hf { dir, .. } => dir.display().to_string(),
+            WeightSource::Gguf { path, .. } => path.display().to_string(),
+        }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        match self {
+            WeightSource::Hf { st, .. } => st.get(name).is_ok(),
+            WeightSource::Gguf { content, .. } => {
+                gguf_name(name).is_some_and(|g| content.tensor_infos.contains_key(&g))
+            }
+        }
+    }
+
+    fn missing(&self, name: &str) -> ModelError {
+        ModelError::MissingTensor { path: self.display(), name: name.to_string() }
+    }
+
+    /// Loads `name` as an f32 tensor and checks its shape.
+    pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let t = match self {
+            WeightSource::Hf { st, .. } => {
+                let t = st.load(name, &Device::Cpu).map_err(|_| self.missing(name))?;
+                t.to_dtype(DType::F32)?
+            }
+            WeightSource::Gguf { .. } => self.qtensor(name)?.dequantize(&Device::Cpu)?,
+        };
+        check_shape(&self.display(), name, t.dims(), shape)?;
+        Ok(t)
+    }
+
+    /// Loads `name` as a quantized tensor (GGUF: as stored, with llama's Q/K rows restored to
+    /// HF order; safetensors: quantized to Q8_0 here).
+    pub fn qtensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
+        let display = self.display();
+        match self {
+            WeightSource::Hf { .. } => {
+                let t = self.tensor(name, &[])?;
+                Ok(QTensor::quantize(&t, GgmlDType::Q8_0)?)
+            }
+            WeightSource::Gguf { content, file, permute_qk, heads, kv_heads, .. } => {
+                let g = gguf_name(name).ok_or_else(|| ModelError::MissingTensor {
+                    path: display.clone(),
+                    name: name.to_string(),
+                })?;
+                if !content.tensor_infos.contains_key(&g) {
+                    return Err(ModelError::MissingTensor { path: display, name: format!("{name} (GGUF {g})") });
+                }
+                let q = content.tensor(file, &g, &Device::Cpu).map_err(|e| ModelError::Corrupt {
+                    path: display.clone(),
+                    what: format!("reading tensor {g}: {e} (is the file truncated? fetch it again)"),
+                })?;
+                if *permute_qk && (g.ends_with("attn_q.weight") || g.ends_with("attn_k.weight")) {
+                    let n_head = if g.ends_with("attn_q.weight") { *heads } else { *kv_heads };
+                    return unpermute_rows(&q, n_head);
+                }
+                Ok(q)
+            }
+        }
+    }
+
+    /// Builds a linear layer; `shape` is the HF (out, in) shape.
+    pub fn linear(&mut self, prefix: &str, shape: (usize, usize), bias: bool, mode: WeightsMode) -> Result<Linear, ModelError> {
+        let wname = format!("{prefix}.weight");
+        let weight = self.linear_weight(&wname, shape, mode)?;
+        let bias = if bias { Some(self.tensor(&format!("{prefix}.bias"), &[shape.0])?) } else { None };
+        Ok(Linear { weight, bias, out_features: shape.0 })
+    }
+
+    fn linear_weight(&mut self, name: &str, shape: (usize, usize), mode: WeightsMode) -> Result<LinearWeight, ModelError> {
+        let (out, inp) = shape;
+        let is_gguf = matches!(self, WeightSource::Gguf { .. });
+        if mode == WeightsMode::F32 || (!is_gguf && mode == WeightsMode::Native) {
+            return Ok(LinearWeight::F32(self.tensor(name, &[out, inp])?));
+        }
+        if inp % 32 != 0 {
+            // Q8_0 blocks are 32 wide along the input dimension.
+            return Ok(LinearWeight::F32(self.tensor(name, &[out, inp])?));
+        }
+        let q = self.qtensor(name)?;
+        check_shape(&self.display(), name, q.shape().dims(), &[out, inp])?;
+        let q = match (mode, q.dtype()) {
+            (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+                return Ok(LinearWeight::F32(q.dequantize(&Device::Cpu)?));
+            }
+            (WeightsMode::Q8, d) if !has_fast_cpu_kernel(d) => {
+                QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
+            }
+            _ => q,
+        };
+        Ok(LinearWeight::Quant(QMatMul::from_qtensor(q)?))
+    }
+}
+
+/// Types for which candle has SIMD dot products on x86 (the others fall back to scalar code).
+fn has_fast_cpu_kernel(d: GgmlDType) -> bool {
+    matches!(d, GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q8K)
+}
+
+fn check_shape(path: &str, name: &str, got: &[usize], want: &[usize]) -> Result<(), ModelError> {
+    if !want.is_empty() && got != want {
+        return Err(ModelError::ShapeMismatch {
+            path: path.to_string(),
+            name: name.to_string(),
+            expected: want.to_vec(),
+            got: got.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// HF tensor name -> GGUF tensor name.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let fixed: HashMap<&str, &str> = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ]
+    .into_iter()
+    .collect();
+    if let Some(g) = fixed.get(hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (idx, rest) = rest.split_once('.')?;
+    let leaf = match rest {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{idx}.{leaf}"))
+}
+
+/// llama.cpp stores Q and K rows permuted for interleaved RoPE: within each head of dim d,
+/// GGUF row 2i+j holds HF row j·d/2 + i. Rows are whole quantized blocks (blocks run along the
+/// input dimension), so the permutation moves raw bytes and loses nothing.
+fn unpermute_rows(q: &QTensor, n_head: usize) -> Result<QTensor, ModelError> {
+    let (out, inp) = q.shape().dims2()?;
+    let dtype = q.dtype();
+    let row_bytes = inp / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    if n_head == 0 || out % n_head != 0 || (out / n_head) % 2 != 0 || data.len() != out * row_bytes {
+        return Err(ModelError::Unsupported {
+            path: String::new(),
+            what: format!("cannot undo the Q/K permutation of a {out}x{inp} tensor with {n_head} heads"),
+        });
+    }
+    let d = out / n_head;
+    let mut dst = vec![0u8; data.len()];
+    for h in 0..n_head {
+        for i in 0..d / 2 {
+            for j in 0..2 {
+                let src_row = h * d + 2 * i + j;
+                let dst_row = h * d + j * (d / 2) + i;
+                dst[dst_row * row_bytes..(dst_row + 1) * row_bytes]
+                    .copy_from_slice(&data[src_row * row_bytes..(src_row + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(dst), &Device::Cpu, dtype)?;
+    Ok(QTensor::new(storage, (out, inp))?)
+}
