@@ -16,6 +16,16 @@ fn main() -> anyhow::Result<()> {
         println!("top {:?}", idx[..3].iter().map(|&i| (i, last[i])).collect::<Vec<_>>());
         println!("nll {}", specauf::model::target::mean_nll(&logits, &ids)?);
     }
+    let ids: Vec<u32> = (0..40).map(|i| (i * 997 % 40000 + 50) as u32).collect();
+    let mut c1 = target.new_cache();
+    let a = target.forward(&ids, &mut c1, &[5], Logits::All)?.logits.unwrap();
+    let mut c2 = target.new_cache();
+    target.forward(&ids[..20], &mut c2, &[5], Logits::All)?;
+    let mut rows = vec![];
+    for &t in &ids[20..] { rows.push(target.forward(&[t], &mut c2, &[5], Logits::All)?.logits.unwrap()); }
+    let b = candle_core::Tensor::cat(&rows, 0)?;
+    let d = (a.narrow(0, 20, 20)? - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    println!("chunked vs token-by-token max diff {d}");
     Ok(())
 }
 #[allow(dead_code)]

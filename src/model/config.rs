@@ -64,8 +64,9 @@ pub struct HfConfig {
     pub num_attention_heads: usize,
     pub num_key_value_heads: Option<usize>,
     pub head_dim: Option<usize>,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    /// Top-level in most checkpoints; transformers 5 writes it inside `rope_parameters`.
+    pub rope_theta: Option<f64>,
+    pub rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_rms_eps")]
     pub rms_norm_eps: f64,
     #[serde(default = "default_max_pos")]
@@ -80,9 +81,6 @@ pub struct HfConfig {
     pub use_sliding_window: Option<bool>,
 }
 
-fn default_rope_theta() -> f64 {
-    10_000.0
-}
 fn default_rms_eps() -> f64 {
     1e-6
 }
@@ -124,7 +122,11 @@ impl HfConfig {
                 });
             }
         }
-        if let Some(rs) = &self.rope_scaling {
+        let rope_theta = self
+            .rope_theta
+            .or_else(|| self.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
+            .unwrap_or(10_000.0);
+        for rs in [&self.rope_scaling, &self.rope_parameters].into_iter().flatten() {
             let kind = rs
                 .get("rope_type")
                 .or_else(|| rs.get("type"))
@@ -155,7 +157,7 @@ impl HfConfig {
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
-            rope_theta: self.rope_theta,
+            rope_theta,
             rms_norm_eps: self.rms_norm_eps,
             max_position_embeddings: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings,

@@ -1,6 +1,7 @@
 //! The target LLM runtime: config, weights, the decoder with hidden-state taps, and the
 //! rollback-able KV cache.
 
+pub mod attention;
 pub mod config;
 pub mod kv_cache;
 pub mod target;
@@ -99,7 +100,21 @@ pub fn open(loc: &ModelLocation) -> Result<(WeightSource, TargetConfig, Option<g
                 path: cfg_path.display().to_string(),
                 what: e.to_string(),
             })?;
-            let cfg = hf.resolve(&cfg_path.display().to_string())?;
+            let mut cfg = hf.resolve(&cfg_path.display().to_string())?;
+            // Chat models often keep their stop tokens only in generation_config.json.
+            let gen_path = dir.join("generation_config.json");
+            if let Ok(text) = std::fs::read_to_string(&gen_path) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    for id in config::token_ids(&v.get("eos_token_id").cloned()) {
+                        if !cfg.eos_token_ids.contains(&id) {
+                            cfg.eos_token_ids.push(id);
+                        }
+                    }
+                    if cfg.bos_token_id.is_none() {
+                        cfg.bos_token_id = config::token_ids(&v.get("bos_token_id").cloned()).first().copied();
+                    }
+                }
+            }
             Ok((WeightSource::hf(dir)?, cfg, None))
         }
         ModelLocation::Gguf(path) => {

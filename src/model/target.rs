@@ -6,9 +6,10 @@
 //! before the final norm). The target is frozen, so its fast fused ops (rms_norm, rope,
 //! softmax) are fine here; training paths use `crate::nn::ops`.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use super::config::TargetConfig;
+use super::attention::causal_attention;
 use super::kv_cache::KvCache;
 use super::weights::{Linear, WeightSource, WeightsMode};
 use super::ModelError;
@@ -186,7 +187,7 @@ impl Target {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim, &Device::Cpu)
+        KvCache::new(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim)
     }
 
     /// The frozen embedding matrix, (vocab, hidden) f32.
@@ -231,12 +232,12 @@ impl Target {
             let mut rope = self.rope.lock().map_err(|_| ModelError::Poisoned)?;
             rope.at(start, n)?
         };
-        let mask = causal_mask(n, start, self.cfg.kv_groups())?;
+        cache.reserve(n);
         // 1. (n,) -> (n, H)
         let mut x = self.embed(tokens)?;
         let mut tapped: Vec<Option<Tensor>> = vec![None; taps.len()];
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, i, cache, &cos, &sin, mask.as_ref())?;
+            x = layer.forward(&x, i, cache, &cos, &sin)?;
             for (slot, &t) in tapped.iter_mut().zip(taps) {
                 if t == i {
                     *slot = Some(x.clone());
@@ -254,29 +255,10 @@ impl Target {
     }
 }
 
-/// Additive mask for n new queries at positions start.. against start+n keys, repeated for the
-/// `groups` query heads that share a KV head: (groups·n, start+n). None when n == 1.
-fn causal_mask(n: usize, start: usize, groups: usize) -> candle_core::Result<Option<Tensor>> {
-    if n == 1 {
-        return Ok(None);
-    }
-    let total = start + n;
-    let mut m = vec![0f32; groups * n * total];
-    for g in 0..groups {
-        for i in 0..n {
-            let row = (g * n + i) * total;
-            for j in (start + i + 1)..total {
-                m[row + j] = f32::NEG_INFINITY;
-            }
-        }
-    }
-    Ok(Some(Tensor::from_vec(m, (groups * n, total), &Device::Cpu)?))
-}
-
 impl Layer {
-    fn forward(&self, x: &Tensor, idx: usize, cache: &mut KvCache, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, idx: usize, cache: &mut KvCache, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.input_norm.forward(x)?;
-        let h = self.attn.forward(&h, idx, cache, cos, sin, mask)?;
+        let h = self.attn.forward(&h, idx, cache, cos, sin)?;
         let x = (x + h)?;
         let h = self.post_norm.forward(&x)?;
         let h = self.mlp.forward(&h)?;
@@ -292,10 +274,9 @@ impl Mlp {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, idx: usize, cache: &mut KvCache, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, idx: usize, cache: &mut KvCache, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         let n = x.dim(0)?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let groups = nh / nkv;
         // 1. (n, H) -> (n, heads, hd)
         let q = self.q_proj.forward(x)?.reshape((n, nh, hd))?;
         let k = self.k_proj.forward(x)?.reshape((n, nkv, hd))?;
@@ -303,26 +284,20 @@ impl Attention {
         // 2. per-head q/k norm (Qwen3) before RoPE
         let q = match &self.q_norm { Some(nm) => nm.forward(&q)?, None => q };
         let k = match &self.k_norm { Some(nm) => nm.forward(&k)?, None => k };
-        // 3. (n, heads, hd) -> (1, heads, n, hd), rotate
-        let q = candle_nn::rotary_emb::rope(&q.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?;
-        let v = v.transpose(0, 1)?.contiguous()?;
-        // 4. cache: (kv, T, hd)
-        let (k_all, v_all) = cache.append(idx, &k.squeeze(0)?, &v)?;
-        // 5. GQA without copying K/V: the `groups` query heads of one KV head are stacked on
-        //    the row axis, (nh, n, hd) -> (kv, groups·n, hd)
-        let q = q.squeeze(0)?.reshape((nkv, groups * n, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k_all.t()?)? * scale)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
+        // 3. rotate: rope wants (1, heads, n, hd); back to (n, heads, hd) row-major
+        let rot = |t: Tensor| -> candle_core::Result<Vec<f32>> {
+            let r = candle_nn::rotary_emb::rope(&t.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?;
+            r.squeeze(0)?.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1::<f32>()
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v_all.contiguous()?)?; // (kv, groups·n, hd)
-        // 6. (kv, groups·n, hd) -> (nh, n, hd) -> (n, nh·hd)
-        let out = out.reshape((nh, n, hd))?.transpose(0, 1)?.reshape((n, nh * hd))?;
-        self.o_proj.forward(&out)
+        let q = rot(q)?;
+        let k = rot(k)?;
+        let v = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        // 4. append to the cache, attend over each query's causal prefix
+        let start = cache.len();
+        cache.write(idx, &k, &v, n);
+        let out = causal_attention(&q, cache.layer(idx), n, start, nh, nkv, hd, cache.capacity());
+        // 5. (n, heads·hd) -> (n, H)
+        self.o_proj.forward(&Tensor::from_vec(out, (n, nh * hd), &Device::Cpu)?)
     }
 }
 
