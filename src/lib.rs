@@ -1,7 +1,9 @@
 //! specauf: speculative decoding with masked block drafters (DFlash, Domino) trained with the
 //! Accept-Until-Fail objective.
 
+pub mod assets;
 pub mod model;
+pub mod tokenizer;
 
 pub fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
