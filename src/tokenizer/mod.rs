@@ -30,15 +30,29 @@ pub enum TokenizerError {
     #[error("building the tokenizer ({what}): {message}")]
     Build { what: String, message: String },
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parsing {path}: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("loading {path}: {message}")]
     Load { path: PathBuf, message: String },
     #[error("{what} `{token}` is not in the vocabulary of {source_name}")]
-    UnknownToken { what: String, token: String, source_name: String },
+    UnknownToken {
+        what: String,
+        token: String,
+        source_name: String,
+    },
     #[error("{what}: {value} is not a valid value (expected {expected})")]
-    BadConfig { what: String, value: String, expected: String },
+    BadConfig {
+        what: String,
+        value: String,
+        expected: String,
+    },
     #[error("no end-of-sequence token: neither the tokenizer config nor generation_config.json names one; generation could not stop")]
     NoEos,
     #[error("encoding text: {message}")]
@@ -93,31 +107,45 @@ impl Tokenizer {
         if !tokenizer_json.is_file() {
             return Err(TokenizerError::Read {
                 path: tokenizer_json,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no tokenizer.json in the model folder"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no tokenizer.json in the model folder",
+                ),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&tokenizer_json)
-            .map_err(|e| TokenizerError::Load { path: tokenizer_json.clone(), message: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(&tokenizer_json).map_err(|e| {
+            TokenizerError::Load {
+                path: tokenizer_json.clone(),
+                message: e.to_string(),
+            }
+        })?;
         let source_name = tokenizer_json.display().to_string();
 
         let config_path = dir.join("tokenizer_config.json");
-        let config = if config_path.is_file() { read_json(&config_path)? } else { serde_json::Value::Null };
+        let config = if config_path.is_file() {
+            read_json(&config_path)?
+        } else {
+            serde_json::Value::Null
+        };
         let mut special_tokens = BTreeMap::new();
         for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
             if let Some(token) = token_content(&config[key], &config_path, key)? {
                 special_tokens.insert(key, token);
             }
         }
-        let id_of = |key: &str| -> Result<Option<u32>> {
-            match special_tokens.get(key) {
-                None => Ok(None),
-                Some(token) => inner.token_to_id(token).map(Some).ok_or_else(|| TokenizerError::UnknownToken {
-                    what: key.to_string(),
-                    token: token.clone(),
-                    source_name: source_name.clone(),
-                }),
-            }
-        };
+        let id_of =
+            |key: &str| -> Result<Option<u32>> {
+                match special_tokens.get(key) {
+                    None => Ok(None),
+                    Some(token) => inner.token_to_id(token).map(Some).ok_or_else(|| {
+                        TokenizerError::UnknownToken {
+                            what: key.to_string(),
+                            token: token.clone(),
+                            source_name: source_name.clone(),
+                        }
+                    }),
+                }
+            };
         let bos_token_id = id_of("bos_token")?;
         let mut eos_token_ids: Vec<u32> = id_of("eos_token")?.into_iter().collect();
 
@@ -131,11 +159,14 @@ impl Tokenizer {
                 v => vec![v],
             };
             for v in ids {
-                let id = v.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| TokenizerError::BadConfig {
-                    what: what.clone(),
-                    value: v.to_string(),
-                    expected: "a token id or a list of token ids".into(),
-                })?;
+                let id = v
+                    .as_u64()
+                    .and_then(|id| u32::try_from(id).ok())
+                    .ok_or_else(|| TokenizerError::BadConfig {
+                        what: what.clone(),
+                        value: v.to_string(),
+                        expected: "a token id or a list of token ids".into(),
+                    })?;
                 if !eos_token_ids.contains(&id) {
                     eos_token_ids.push(id);
                 }
@@ -162,22 +193,39 @@ impl Tokenizer {
                 })
             }
         };
-        Ok(Tokenizer { inner, special_tokens, bos_token_id, add_bos_token_id: None, eos_token_ids, chat_template })
+        Ok(Tokenizer {
+            inner,
+            special_tokens,
+            bos_token_id,
+            add_bos_token_id: None,
+            eos_token_ids,
+            chat_template,
+        })
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (e.g. BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let encoding =
-            self.inner.encode(text, add_special_tokens).map_err(|e| TokenizerError::Encode { message: e.to_string() })?;
+            self.inner
+                .encode(text, add_special_tokens)
+                .map_err(|e| TokenizerError::Encode {
+                    message: e.to_string(),
+                })?;
         let ids = encoding.get_ids();
         match self.add_bos_token_id {
-            Some(bos) if add_special_tokens => Ok(std::iter::once(bos).chain(ids.iter().copied()).collect()),
+            Some(bos) if add_special_tokens => {
+                Ok(std::iter::once(bos).chain(ids.iter().copied()).collect())
+            }
             _ => Ok(ids.to_vec()),
         }
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| TokenizerError::Decode { message: e.to_string() })
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TokenizerError::Decode {
+                message: e.to_string(),
+            })
     }
 
     /// Ids that end generation; never empty.
@@ -213,22 +261,39 @@ impl Tokenizer {
 
     /// The prompt string, as `transformers`' `apply_chat_template(messages, tokenize=False,
     /// add_generation_prompt=...)` renders it, with `enable_thinking=False` (Qwen3 thinking off).
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let template = self.chat_template.as_ref().ok_or(TokenizerError::NoChatTemplate)?;
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or(TokenizerError::NoChatTemplate)?;
         template.render(messages, add_generation_prompt, &self.special_tokens)
     }
 
     /// [`Self::apply_chat_template`] then [`Self::encode`] without special tokens: the template
     /// already wrote them, as `transformers` assumes.
-    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
         let text = self.apply_chat_template(messages, add_generation_prompt)?;
         self.encode(&text, false)
     }
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Read { path: path.into(), source })?;
-    serde_json::from_str(&text).map_err(|source| TokenizerError::Json { path: path.into(), source })
+    let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Read {
+        path: path.into(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| TokenizerError::Json {
+        path: path.into(),
+        source,
+    })
 }
 
 /// A special token in tokenizer_config.json: a string, an AddedToken object `{"content": ...}`, or null.
