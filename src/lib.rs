@@ -1,8 +1,10 @@
 //! specauf: speculative decoding with masked block drafters (DFlash, Domino) trained with the
 //! Accept-Until-Fail objective.
 
+pub mod assets;
 pub mod eval;
 pub mod model;
+pub mod tokenizer;
 pub mod train;
 
 pub fn version() -> &'static str {
