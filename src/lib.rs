@@ -2,6 +2,7 @@
 //! Accept-Until-Fail objective.
 
 pub mod model;
+pub mod spec;
 
 pub fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
