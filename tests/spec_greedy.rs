@@ -6,10 +6,9 @@ mod spec_support;
 use candle_core::Tensor;
 use spec_support::{argmax, fresh_last_logits, prompt, reference_greedy, target, FAMILIES};
 use specauf::model::{Logits, Target};
-use specauf::spec::proposer::OracleErrors;
 use specauf::spec::{
-    generate, generate_streaming, Draft, FinishReason, FixedProposer, GenerateConfig, Generation, OracleProposer, Proposer,
-    RandomProposer, SpecError,
+    generate, generate_streaming, AcceptStats, Draft, FinishReason, FixedProposer, GenerateConfig, Generation, OracleErrors,
+    OracleProposer, Proposer, RandomProposer, SpecError,
 };
 
 const BLOCK_SIZES: [usize; 3] = [2, 4, 8];
@@ -39,7 +38,11 @@ fn proposers(b: usize, continuation: &[u32], seed: u64) -> Vec<(String, Box<dyn 
         ("fixed".into(), Box::new(FixedProposer::new(b, most_frequent(continuation)))),
         (
             "oracle-30%-errors".into(),
-            Box::new(OracleProposer::new(b, continuation.to_vec(), OracleErrors::Rate { rate: 0.3, seed })),
+            Box::new(OracleProposer::new(
+                b,
+                continuation.to_vec(),
+                OracleErrors::Rate { rate: 0.3, seed },
+            )),
         ),
     ]
 }
@@ -72,7 +75,10 @@ fn greedy_speculative_output_equals_plain_greedy_token_for_token() {
             }
         }
     }
-    assert!(accepted_somewhere && rejected_somewhere, "the proposers must exercise both accepts and rejections");
+    assert!(
+        accepted_somewhere && rejected_somewhere,
+        "the proposers must exercise both accepts and rejections"
+    );
 }
 
 #[test]
@@ -81,9 +87,16 @@ fn output_ends_at_the_first_eos_and_honours_the_token_limit() {
     let prompt = prompt(6, 3);
     let want = reference_greedy(&target, &prompt, 40);
     // An EOS that first occurs mid-output, one that is the very first token, and none.
-    let mid = (8..want.len()).find(|&i| !want[..i].contains(&want[i])).expect("a token that first occurs mid-output");
+    let mid = (8..want.len())
+        .find(|&i| !want[..i].contains(&want[i]))
+        .expect("a token that first occurs mid-output");
     let cases: Vec<(Vec<u32>, usize, Vec<u32>, FinishReason)> = vec![
-        (vec![want[mid]], 30, want[..=mid.min(29)].to_vec(), if mid < 30 { FinishReason::Eos } else { FinishReason::Length }),
+        (
+            vec![want[mid]],
+            30,
+            want[..=mid.min(29)].to_vec(),
+            if mid < 30 { FinishReason::Eos } else { FinishReason::Length },
+        ),
         (vec![999, want[0]], 30, vec![want[0]], FinishReason::Eos),
         (vec![], 1, want[..1].to_vec(), FinishReason::Length),
         (vec![], 7, want[..7].to_vec(), FinishReason::Length),
@@ -96,7 +109,10 @@ fn output_ends_at_the_first_eos_and_honours_the_token_limit() {
             let out = generate(&target, proposer, &prompt, &cfg).unwrap();
             assert_eq!(&out.token_ids, expected, "B={b} eos={eos:?} limit={limit}");
             assert_eq!(out.finish_reason, *reason, "B={b} eos={eos:?} limit={limit}");
-            assert!(out.cycles >= 1, "even an EOS from the prefill is followed by one cycle (reference semantics)");
+            assert!(
+                out.cycles >= 1,
+                "even an EOS from the prefill is followed by one cycle (reference semantics)"
+            );
         }
     }
 }
@@ -128,7 +144,13 @@ fn an_error_free_oracle_is_accepted_in_full_and_known_errors_give_predicted_acce
         let out = generate(&target, Some(&mut oracle), &prompt, &greedy_cfg(n, &[])).unwrap();
         assert!(out.accept_lengths.iter().all(|&a| a == b), "B={b}: {:?}", out.accept_lengths);
         assert_eq!(out.tau, b as f64);
-        assert_eq!(out.cycles, (n + b - 1) / b, "B={b}: ⌈n/B⌉ cycles after the prefill token");
+        let mut stats = AcceptStats::new();
+        stats.add(&out);
+        let m = stats.summary();
+        assert_eq!((m.tau, m.tau_pooled), (b as f64, b as f64));
+        assert_eq!(m.histogram_fraction[b], 1.0);
+        assert_eq!(m.per_position_acceptance, vec![1.0; b - 1]);
+        assert_eq!(out.cycles, n.div_ceil(b), "B={b}: ⌈n/B⌉ cycles after the prefill token");
 
         // Continuation of exactly n tokens: only the final cycle can come up short.
         let mut oracle = OracleProposer::new(b, want[..n].to_vec(), OracleErrors::At(vec![]));
@@ -138,13 +160,23 @@ fn an_error_free_oracle_is_accepted_in_full_and_known_errors_give_predicted_acce
         assert_eq!(out.accept_lengths, predicted_accept_lengths(b, n, n, |_| false));
 
         // Known error positions, listed and drawn.
-        for errors in [OracleErrors::At(vec![1, 3, 4, 10, 17, 18, 19, 26]), OracleErrors::Rate { rate: 0.25, seed: 9 }] {
+        for errors in [
+            OracleErrors::At(vec![1, 3, 4, 10, 17, 18, 19, 26]),
+            OracleErrors::Rate { rate: 0.25, seed: 9 },
+        ] {
             let mut oracle = OracleProposer::new(b, want.clone(), errors.clone());
             let probe = oracle.clone();
             let out = generate(&target, Some(&mut oracle), &prompt, &greedy_cfg(n, &[])).unwrap();
             assert_eq!(out.token_ids, want[..n]);
-            assert_eq!(out.accept_lengths, predicted_accept_lengths(b, n, want.len(), |j| probe.is_error(j)), "B={b} {errors:?}");
-            assert!(out.accept_lengths.iter().any(|&a| a < b), "B={b} {errors:?}: the errors must cause rejections");
+            assert_eq!(
+                out.accept_lengths,
+                predicted_accept_lengths(b, n, want.len(), |j| probe.is_error(j)),
+                "B={b} {errors:?}"
+            );
+            assert!(
+                out.accept_lengths.iter().any(|&a| a < b),
+                "B={b} {errors:?}: the errors must cause rejections"
+            );
         }
     }
 }
@@ -164,12 +196,18 @@ fn rejected_tail_leaves_no_trace_in_the_cache() {
             rejections += usize::from(cycle.accepted < cycle.drafted);
             let committed = generation.committed().to_vec();
             let cache = generation.cache();
-            assert_eq!(cache.len(), prompt.len() + committed.len() - 1, "{family}: cache = prompt + committed - last");
+            assert_eq!(
+                cache.len(),
+                prompt.len() + committed.len() - 1,
+                "{family}: cache = prompt + committed - last"
+            );
             // The next logits through the speculative cache equal a fresh prefill's. A cache
             // clone shares buffers but only writes rows past `len`, which the generation
             // overwrites before reading.
             let mut probe = cache.clone();
-            let out = target.forward(&committed[committed.len() - 1..], &mut probe, &[], Logits::Last).unwrap();
+            let out = target
+                .forward(&committed[committed.len() - 1..], &mut probe, &[], Logits::Last)
+                .unwrap();
             let got = out.logits.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mut full = prompt.clone();
             full.extend_from_slice(&committed);
@@ -207,7 +245,8 @@ impl Proposer for Recorder {
         self.inner.propose(target, last_token, start)
     }
     fn commit(&mut self, tokens: &[u32], features: Option<&Tensor>, start: usize) -> Result<(), SpecError> {
-        self.commits.push((tokens.to_vec(), features.expect("taps were requested").clone(), start));
+        self.commits
+            .push((tokens.to_vec(), features.expect("taps were requested").clone(), start));
         Ok(())
     }
 }
@@ -270,7 +309,10 @@ fn streamed_chunks_concatenate_to_the_output() {
         let mut chunks: Vec<Vec<u32>> = Vec::new();
         let mut oracle = OracleProposer::new(b, want.clone(), OracleErrors::At(vec![3, 8]));
         let proposer: Option<&mut dyn Proposer> = if b == 1 { None } else { Some(&mut oracle) };
-        let out = generate_streaming(&target, proposer, &prompt, &greedy_cfg(25, &[eos]), &mut |c| chunks.push(c.to_vec())).unwrap();
+        let out = generate_streaming(&target, proposer, &prompt, &greedy_cfg(25, &[eos]), &mut |c| {
+            chunks.push(c.to_vec())
+        })
+        .unwrap();
         assert_eq!(chunks[0].len(), 1, "the prefill's token streams first, alone");
         assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= b));
         assert_eq!(chunks.concat(), out.token_ids);
@@ -311,26 +353,62 @@ fn mismatched_drafters_and_oversized_requests_fail_with_clear_errors() {
     let cfg = greedy_cfg(8, &[]);
     let run = |m: &mut Misbehaving, prompt: &[u32], cfg: &GenerateConfig| generate(&target, Some(m), prompt, cfg).map(|_| ());
 
-    let mut tap = Misbehaving { block_size: 4, taps: vec![layers], tokens: vec![1, 2, 3] };
+    let mut tap = Misbehaving {
+        block_size: 4,
+        taps: vec![layers],
+        tokens: vec![1, 2, 3],
+    };
     assert!(matches!(run(&mut tap, &p, &cfg), Err(SpecError::TapOutOfRange { layer, .. }) if layer == layers));
-    let mut long = Misbehaving { block_size: 4, taps: vec![], tokens: vec![1, 2, 3, 4] };
-    assert!(matches!(run(&mut long, &p, &cfg), Err(SpecError::TooManyDraftTokens { got: 4, max: 3, .. })));
-    let mut oov = Misbehaving { block_size: 4, taps: vec![], tokens: vec![1, 256] };
-    assert!(matches!(run(&mut oov, &p, &cfg), Err(SpecError::DraftTokenOutOfRange { token: 256, position: 2, .. })));
-    let mut zero = Misbehaving { block_size: 0, taps: vec![], tokens: vec![] };
+    let mut long = Misbehaving {
+        block_size: 4,
+        taps: vec![],
+        tokens: vec![1, 2, 3, 4],
+    };
+    assert!(matches!(
+        run(&mut long, &p, &cfg),
+        Err(SpecError::TooManyDraftTokens { got: 4, max: 3, .. })
+    ));
+    let mut oov = Misbehaving {
+        block_size: 4,
+        taps: vec![],
+        tokens: vec![1, 256],
+    };
+    assert!(matches!(
+        run(&mut oov, &p, &cfg),
+        Err(SpecError::DraftTokenOutOfRange {
+            token: 256,
+            position: 2,
+            ..
+        })
+    ));
+    let mut zero = Misbehaving {
+        block_size: 0,
+        taps: vec![],
+        tokens: vec![],
+    };
     assert!(matches!(run(&mut zero, &p, &cfg), Err(SpecError::ZeroBlockSize)));
 
     // prompt + max_new_tokens + B - 1 positions must fit the context.
-    let mut ok = Misbehaving { block_size: 8, taps: vec![], tokens: vec![] };
+    let mut ok = Misbehaving {
+        block_size: 8,
+        taps: vec![],
+        tokens: vec![],
+    };
     let fits = prompt(max - 8 - 7, 0);
     assert!(run(&mut ok, &fits, &greedy_cfg(8, &[])).is_ok());
     let too_long = prompt(max - 8 - 6, 0);
     let err = run(&mut ok, &too_long, &greedy_cfg(8, &[])).unwrap_err();
-    assert!(matches!(err, SpecError::ContextOverflow { needed, .. } if needed == max + 1), "{err}");
+    assert!(
+        matches!(err, SpecError::ContextOverflow { needed, .. } if needed == max + 1),
+        "{err}"
+    );
     assert!(err.to_string().contains("lower max_new_tokens"));
 
     assert!(matches!(generate(&target, None, &[], &cfg), Err(SpecError::EmptyPrompt)));
-    assert!(matches!(generate(&target, None, &p, &greedy_cfg(0, &[])), Err(SpecError::InvalidConfig { .. })));
+    assert!(matches!(
+        generate(&target, None, &p, &greedy_cfg(0, &[])),
+        Err(SpecError::InvalidConfig { .. })
+    ));
     let mut hot = greedy_cfg(8, &[]);
     hot.top_p = 0.0;
     hot.temperature = 1.0;

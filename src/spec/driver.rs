@@ -54,7 +54,10 @@ impl GenerateConfig {
     }
 
     pub fn sampling(&self) -> SamplingParams {
-        SamplingParams { temperature: self.temperature, top_p: self.top_p }
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+        }
     }
 }
 
@@ -137,13 +140,20 @@ pub struct Generation<'a> {
 impl<'a> Generation<'a> {
     /// Validates the request against the target and the proposer, prefills the prompt, takes
     /// the first token and hands the prompt features to the proposer.
-    pub fn start(target: &'a Target, mut proposer: Option<&'a mut dyn Proposer>, prompt_ids: &[u32], cfg: &GenerateConfig) -> Result<Self, SpecError> {
+    pub fn start(
+        target: &'a Target,
+        mut proposer: Option<&'a mut dyn Proposer>,
+        prompt_ids: &[u32],
+        cfg: &GenerateConfig,
+    ) -> Result<Self, SpecError> {
         let tc = target.config();
         if prompt_ids.is_empty() {
             return Err(SpecError::EmptyPrompt);
         }
         if cfg.max_new_tokens == 0 {
-            return Err(SpecError::InvalidConfig { what: "max_new_tokens must be at least 1".into() });
+            return Err(SpecError::InvalidConfig {
+                what: "max_new_tokens must be at least 1".into(),
+            });
         }
         cfg.sampling().validate()?;
         let (block_size, taps) = match proposer.as_deref() {
@@ -154,7 +164,10 @@ impl<'a> Generation<'a> {
             return Err(SpecError::ZeroBlockSize);
         }
         if let Some(&layer) = taps.iter().find(|&&l| l >= tc.num_hidden_layers) {
-            return Err(SpecError::TapOutOfRange { layer, layers: tc.num_hidden_layers });
+            return Err(SpecError::TapOutOfRange {
+                layer,
+                layers: tc.num_hidden_layers,
+            });
         }
         // The last cycle may start at position prompt_len + max_new_tokens - 1 and verify B
         // positions from there.
@@ -173,7 +186,9 @@ impl<'a> Generation<'a> {
         let t0 = Instant::now();
         let mut cache = target.new_cache();
         let out = target.forward(prompt_ids, &mut cache, &taps, Logits::Last)?;
-        let logits = out.logits.ok_or(SpecError::InvalidConfig { what: "the target returned no prefill logits".into() })?;
+        let logits = out.logits.ok_or(SpecError::InvalidConfig {
+            what: "the target returned no prefill logits".into(),
+        })?;
         let first = verifier.next_token(&logits, 0)?;
         if let Some(p) = proposer.as_deref_mut() {
             // (n_prompt, n_taps·H)
@@ -225,10 +240,18 @@ impl<'a> Generation<'a> {
             None => (Vec::new(), None),
         };
         if drafts.len() + 1 > self.block_size {
-            return Err(SpecError::TooManyDraftTokens { got: drafts.len(), block_size: self.block_size, max: self.block_size - 1 });
+            return Err(SpecError::TooManyDraftTokens {
+                got: drafts.len(),
+                block_size: self.block_size,
+                max: self.block_size - 1,
+            });
         }
         if let Some((i, &token)) = drafts.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
-            return Err(SpecError::DraftTokenOutOfRange { token, position: i + 1, vocab });
+            return Err(SpecError::DraftTokenOutOfRange {
+                token,
+                position: i + 1,
+                vocab,
+            });
         }
 
         // 2. verify: the block [last, d1..dk] at positions start..=start+k in one forward;
@@ -238,7 +261,9 @@ impl<'a> Generation<'a> {
         block.push(last);
         block.extend_from_slice(&drafts);
         let out = self.target.forward(&block, &mut self.cache, &self.taps, Logits::All)?;
-        let logits = out.logits.ok_or(SpecError::InvalidConfig { what: "the target returned no verify logits".into() })?;
+        let logits = out.logits.ok_or(SpecError::InvalidConfig {
+            what: "the target returned no verify logits".into(),
+        })?;
         let verdict = self.verifier.verify(&drafts, probs.as_ref(), &logits, self.committed.len())?;
         let acc = verdict.accepted;
 
@@ -271,7 +296,12 @@ impl<'a> Generation<'a> {
         // 4. stop after this cycle on an EOS anywhere in the output, or past the limit.
         let eos = self.committed.iter().any(|t| self.cfg.eos_token_ids.contains(t));
         self.finished = eos || self.committed.len() > self.cfg.max_new_tokens;
-        Ok(Cycle { start, drafted: drafts.len(), accepted: acc, committed: new_tokens })
+        Ok(Cycle {
+            start,
+            drafted: drafts.len(),
+            accepted: acc,
+            committed: new_tokens,
+        })
     }
 
     pub fn is_finished(&self) -> bool {
@@ -320,7 +350,11 @@ impl<'a> Generation<'a> {
             _ => FinishReason::Length,
         };
         let cycles = self.accept_lengths.len();
-        let tau = if cycles == 0 { 0.0 } else { self.accept_lengths.iter().sum::<usize>() as f64 / cycles as f64 };
+        let tau = if cycles == 0 {
+            0.0
+        } else {
+            self.accept_lengths.iter().sum::<usize>() as f64 / cycles as f64
+        };
         GenerateOutput {
             token_ids,
             prompt_len: self.prompt_len,
@@ -340,7 +374,12 @@ impl<'a> Generation<'a> {
 }
 
 /// Generates a completion of `prompt_ids`. With `proposer: None` this is plain AR decoding.
-pub fn generate<'a>(target: &'a Target, proposer: Option<&'a mut dyn Proposer>, prompt_ids: &[u32], cfg: &GenerateConfig) -> Result<GenerateOutput, SpecError> {
+pub fn generate<'a>(
+    target: &'a Target,
+    proposer: Option<&'a mut dyn Proposer>,
+    prompt_ids: &[u32],
+    cfg: &GenerateConfig,
+) -> Result<GenerateOutput, SpecError> {
     generate_streaming(target, proposer, prompt_ids, cfg, &mut |_| {})
 }
 

@@ -101,7 +101,12 @@ impl AcceptStats {
             tau_pooled: div(self.emitted as f64, self.cycles as f64),
             histogram: self.histogram.clone(),
             histogram_fraction: self.histogram.iter().map(|&c| div(c as f64, self.cycles as f64)).collect(),
-            per_position_acceptance: self.accepted_at.iter().zip(&self.drafted_at).map(|(&a, &d)| div(a as f64, d as f64)).collect(),
+            per_position_acceptance: self
+                .accepted_at
+                .iter()
+                .zip(&self.drafted_at)
+                .map(|(&a, &d)| div(a as f64, d as f64))
+                .collect(),
             output_tokens: self.output_tokens,
             prefill_ms: self.prefill_ms,
             decode_ms: self.decode_ms,

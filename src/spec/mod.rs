@@ -45,9 +45,9 @@ pub mod proposer;
 pub mod sampling;
 pub mod verifier;
 
-pub use driver::{generate, generate_streaming, FinishReason, GenerateConfig, GenerateOutput, Generation};
+pub use driver::{generate, generate_streaming, Cycle, FinishReason, GenerateConfig, GenerateOutput, Generation};
 pub use metrics::{AcceptStats, MetricsSummary};
-pub use proposer::{Draft, FixedProposer, OracleProposer, Proposer, RandomProposer};
+pub use proposer::{Draft, FixedProposer, OracleErrors, OracleProposer, Proposer, RandomProposer};
 pub use sampling::{AcceptRule, SamplingParams};
 pub use verifier::{Verdict, Verifier};
 
@@ -63,7 +63,13 @@ pub enum SpecError {
         "the request needs {needed} positions (prompt {prompt_len} + max_new_tokens {max_new_tokens} + block {block_size} - 1) \
          but the target's context is {max}; shorten the prompt or lower max_new_tokens"
     )]
-    ContextOverflow { needed: usize, prompt_len: usize, max_new_tokens: usize, block_size: usize, max: usize },
+    ContextOverflow {
+        needed: usize,
+        prompt_len: usize,
+        max_new_tokens: usize,
+        block_size: usize,
+        max: usize,
+    },
     #[error("the proposer's block size is 0; a block holds the last committed token, so it is at least 1")]
     ZeroBlockSize,
     #[error("the proposer taps target layer {layer}, but the target has {layers} layers (0..{layers}); the drafter was trained for another target")]
@@ -72,7 +78,9 @@ pub enum SpecError {
     TooManyDraftTokens { got: usize, block_size: usize, max: usize },
     #[error("draft token {token} at block position {position} is outside the target vocabulary of {vocab}; the drafter does not match the target")]
     DraftTokenOutOfRange { token: u32, position: usize, vocab: usize },
-    #[error("the proposer's draft probabilities have shape {got:?}, expected {expected:?} (one row per draft token over the target vocabulary)")]
+    #[error(
+        "the proposer's draft probabilities have shape {got:?}, expected {expected:?} (one row per draft token over the target vocabulary)"
+    )]
     DraftProbsShape { got: Vec<usize>, expected: Vec<usize> },
     #[error("the proposer drafted token {token} at block position {position} with probability {prob}; draft probabilities must be the distribution the token was drawn from")]
     DraftProbInconsistent { token: u32, position: usize, prob: f32 },

