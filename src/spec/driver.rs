@@ -127,6 +127,8 @@ pub struct Generation<'a> {
     committed: Vec<u32>,
     /// How many tokens of the visible output `take_new_output` has handed out.
     streamed: usize,
+    /// An EOS is somewhere in `committed`.
+    eos_seen: bool,
     finished: bool,
     accept_lengths: Vec<usize>,
     draft_lengths: Vec<usize>,
@@ -208,6 +210,7 @@ impl<'a> Generation<'a> {
             prompt_len: prompt_ids.len(),
             committed: vec![first],
             streamed: 0,
+            eos_seen: cfg.eos_token_ids.contains(&first),
             finished: false,
             accept_lengths: Vec::new(),
             draft_lengths: Vec::new(),
@@ -264,7 +267,14 @@ impl<'a> Generation<'a> {
         let logits = out.logits.ok_or(SpecError::InvalidConfig {
             what: "the target returned no verify logits".into(),
         })?;
-        let verdict = self.verifier.verify(&drafts, probs.as_ref(), &logits, self.committed.len())?;
+        let verdict = match self.verifier.verify(&drafts, probs.as_ref(), &logits, self.committed.len()) {
+            Ok(v) => v,
+            Err(e) => {
+                // Keep the invariant for a caller that inspects the cache after the error.
+                self.cache.truncate(start);
+                return Err(e);
+            }
+        };
         let acc = verdict.accepted;
 
         // 3. commit d1..d_acc and the bonus; the cache keeps positions 0..start+acc+1, i.e.
@@ -280,7 +290,11 @@ impl<'a> Generation<'a> {
                 Some(f) => Some(f.narrow(0, 0, acc + 1)?.contiguous()?),
                 None => None,
             };
-            p.commit(&block[..acc + 1], features.as_ref(), start)?;
+            if let Err(e) = p.commit(&block[..acc + 1], features.as_ref(), start) {
+                // The proposer's state no longer matches the target's: no further cycles.
+                self.finished = true;
+                return Err(e);
+            }
         }
         let verify_ms = ms_since(t1);
 
@@ -294,8 +308,8 @@ impl<'a> Generation<'a> {
         self.draft_lengths.push(drafts.len());
 
         // 4. stop after this cycle on an EOS anywhere in the output, or past the limit.
-        let eos = self.committed.iter().any(|t| self.cfg.eos_token_ids.contains(t));
-        self.finished = eos || self.committed.len() > self.cfg.max_new_tokens;
+        self.eos_seen |= new_tokens.iter().any(|t| self.cfg.eos_token_ids.contains(t));
+        self.finished = self.eos_seen || self.committed.len() > self.cfg.max_new_tokens;
         Ok(Cycle {
             start,
             drafted: drafts.len(),
