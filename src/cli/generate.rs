@@ -125,6 +125,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             print!("{}", &text[printed..]);
         }
         println!();
+        let _ = std::io::stdout().flush();
         eprintln!(
             "[{} prompt tokens, {n} new tokens; load {:.0} ms, prefill {:.0} ms, decode {:.1} tokens/s, finish: {:?}]",
             prompt_ids.len(),
