@@ -288,6 +288,12 @@ struct Mat<'a> {
     cs: usize,
 }
 
+impl<'a> Mat<'a> {
+    fn new(data: &'a [f32], rs: usize, cs: usize) -> Self {
+        Mat { data, rs, cs }
+    }
+}
+
 /// dst (m × n, row stride `dst_rs`, unit column stride) = [dst +] lhs (m × k) · rhs (k × n).
 #[allow(clippy::too_many_arguments)]
 fn gemm_f32(
@@ -741,16 +747,9 @@ impl ChunkedHead {
         let mut stats_f = vec![RowStat::default(); c_max];
         let mut stats_b = vec![RowStat::default(); c_max];
 
-        let w_t = Mat {
-            data: w,
-            rs: 1,
-            cs: hdim,
-        }; // Wᵀ (H × V)
-        let w_m = Mat {
-            data: w,
-            rs: hdim,
-            cs: 1,
-        }; // W (V × H)
+        // The LM head as Wᵀ (H × V) for the forward and as W (V × H) for the backward.
+        let w_t = Mat::new(w, 1, hdim);
+        let w_m = Mat::new(w, hdim, 1);
 
         let mut r0 = 0;
         while r0 < n {
@@ -760,11 +759,7 @@ impl ChunkedHead {
             let valid = &input.valid[r0..r1];
 
             // 3. Logits: base = h·Wᵀ; final = base + a·W₂ᵀ (a zeroed on base-only rows).
-            let h_c = Mat {
-                data: &h[r0 * hdim..r1 * hdim],
-                rs: hdim,
-                cs: 1,
-            };
+            let h_c = Mat::new(&h[r0 * hdim..r1 * hdim], hdim, 1);
             gemm_f32(
                 c,
                 vocab,
@@ -786,16 +781,8 @@ impl ChunkedHead {
                     }
                 }
                 self.final_logits[..c * vocab].copy_from_slice(&self.base_logits[..c * vocab]);
-                let a_c = Mat {
-                    data: &self.delta_rows[..c * edim],
-                    rs: edim,
-                    cs: 1,
-                };
-                let w2_t = Mat {
-                    data: w2_view.slice(),
-                    rs: 1,
-                    cs: edim,
-                };
+                let a_c = Mat::new(&self.delta_rows[..c * edim], edim, 1);
+                let w2_t = Mat::new(w2_view.slice(), 1, edim);
                 gemm_f32(
                     c,
                     vocab,
@@ -869,18 +856,10 @@ impl ChunkedHead {
             if coef_final > 0.0 && !support_f.is_empty() {
                 build_grad_rows(&support_f, &[final_term], labels, vocab, &mut self.grad_a);
                 let s = support_f.len();
-                let g = Mat {
-                    data: &self.grad_a[..s * vocab],
-                    rs: vocab,
-                    cs: 1,
-                };
+                let g = Mat::new(&self.grad_a[..s * vocab], vocab, 1);
                 if let (Some((_, _, _)), Some((_, w2_view))) = (&delta_tensors, &delta_views) {
                     // dL/da rows = G·W₂ ; dL/dW₂ += Gᵀ·a_support (base-only rows of a are zero).
-                    let w2 = Mat {
-                        data: w2_view.slice(),
-                        rs: edim,
-                        cs: 1,
-                    };
+                    let w2 = Mat::new(w2_view.slice(), edim, 1);
                     gemm_f32(s, edim, vocab, &mut self.small, edim, false, g, w2)?;
                     for (j, &r) in support_f.iter().enumerate() {
                         if (r0 + r) % p >= input.delta.map_or(0, |d| d.base_only_prefix) {
@@ -893,16 +872,8 @@ impl ChunkedHead {
                         a_s[j * edim..(j + 1) * edim]
                             .copy_from_slice(&self.delta_rows[r * edim..(r + 1) * edim]);
                     }
-                    let g_t = Mat {
-                        data: &self.grad_a[..s * vocab],
-                        rs: 1,
-                        cs: vocab,
-                    };
-                    let a_m = Mat {
-                        data: &a_s,
-                        rs: edim,
-                        cs: 1,
-                    };
+                    let g_t = Mat::new(&self.grad_a[..s * vocab], 1, vocab);
+                    let a_m = Mat::new(&a_s, edim, 1);
                     gemm_f32(vocab, edim, s, &mut g_weight, edim, true, g_t, a_m)?;
                 }
                 if !mixed {
@@ -932,11 +903,7 @@ impl ChunkedHead {
                     if !support.is_empty() {
                         build_grad_rows(&support, &terms, labels, vocab, &mut self.grad_b);
                         let s = support.len();
-                        let g = Mat {
-                            data: &self.grad_b[..s * vocab],
-                            rs: vocab,
-                            cs: 1,
-                        };
+                        let g = Mat::new(&self.grad_b[..s * vocab], vocab, 1);
                         gemm_f32(s, hdim, vocab, &mut self.small, hdim, false, g, w_m)?;
                         scatter_add(acc, hdim, r0, &support, &self.small);
                     }
