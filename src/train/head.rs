@@ -4,17 +4,19 @@
 //! for all rows at once would be N × V floats (7680 rows × 151k vocab = 4.6 GB for the paper's
 //! batch), so this module never materialises them, and never puts them in an autograd graph:
 //!
-//! 1. For each chunk of whole blocks: logits = h_chunk · Wᵀ into a reused buffer; per row in plain
-//!    Rust, max, argmax, exp in place, Σexp → CE, correctness, p_gold.
+//! 1. For each chunk of whole blocks: logits = h_chunk · Wᵀ into a reused buffer; per row, in one
+//!    read (a blocked online softmax in plain Rust): max, argmax, Σexp → CE, correctness, p_gold.
 //! 2. The objective turns the chunk's statistics into weights block by block (every weight rule is
 //!    block-local; only the normaliser is global, and the gradient is linear in 1/normaliser).
 //! 3. Still in the chunk, for **support rows only** (w > 0): G = w·(softmax − onehot(label)), and
-//!    dL/dh rows = G · W. Rows with w = 0 are skipped entirely, which is AUF's saving: the gradient
-//!    is identical to the full computation because those rows contribute exactly zero.
+//!    dL/dh rows = G · W, with the softmax recomputed from the logits and the row statistics. Rows
+//!    with w = 0 are skipped entirely, which is AUF's saving: the gradient is identical to the full
+//!    computation because those rows contribute exactly zero.
 //! 4. After the last chunk, the loss and gradients are divided by the normaliser.
 //!
 //! Each chunk costs one (c × H × V) product forward and one (s × V × H) backward, s = support rows:
-//! the minimum. The products call the `gemm` crate directly (the kernel candle's CPU matmul uses,
+//! the minimum. Weights are detached, as in SpecForge: D-PACE's dependence of w on p_gold carries no
+//! gradient. The products call the `gemm` crate directly (the kernel candle's CPU matmul uses,
 //! with its AVX-512 path) so that the logits land in buffers reused across chunks and steps instead
 //! of a fresh zeroed allocation per chunk.
 //!
