@@ -1,5 +1,7 @@
 //! Training: data → blocks → objective → LM head/CE → optimiser.
 
+pub mod blocks;
+pub mod config;
 pub mod head;
 pub mod objective;
 pub mod optim;
