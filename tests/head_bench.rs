@@ -29,9 +29,21 @@ fn smollm2_head_timings_are_printed() {
     let w = Tensor::randn(0f32, 0.05, (vocab, hdim), &dev).unwrap();
     // Labels: the argmax for the first positions of a block, random later, so AUF's support is a
     // realistic prefix (about 5 of 15 rows).
-    let argmax: Vec<u32> = h.matmul(&w.t().unwrap()).unwrap().argmax(D::Minus1).unwrap().to_vec1().unwrap();
+    let argmax: Vec<u32> = h
+        .matmul(&w.t().unwrap())
+        .unwrap()
+        .argmax(D::Minus1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let labels: Vec<u32> = (0..n)
-        .map(|r| if r % 15 < 4 { argmax[r] } else { ((r * 7919) % vocab) as u32 })
+        .map(|r| {
+            if r % 15 < 4 {
+                argmax[r]
+            } else {
+                ((r * 7919) % vocab) as u32
+            }
+        })
         .collect();
     let valid = vec![true; n];
 

@@ -51,14 +51,28 @@ pub enum HeadError {
         "{what} must be an f32 tensor on the CPU (got {dtype:?} on {device}); the chunked head runs \
          on the CPU: convert with .to_dtype(DType::F32)? and .to_device(&Device::Cpu)?"
     )]
-    NotCpuF32 { what: &'static str, dtype: DType, device: String },
+    NotCpuF32 {
+        what: &'static str,
+        dtype: DType,
+        device: String,
+    },
     #[error("{what} has shape {got:?}, expected {expected}")]
-    Shape { what: &'static str, got: Vec<usize>, expected: String },
+    Shape {
+        what: &'static str,
+        got: Vec<usize>,
+        expected: String,
+    },
     #[error(
         "label {label} at row {row} (block {block}, block position {position}) is outside the \
          vocabulary of {vocab} tokens; the labels must come from the target's tokenizer"
     )]
-    LabelOutOfRange { label: u32, row: usize, block: usize, position: usize, vocab: usize },
+    LabelOutOfRange {
+        label: u32,
+        row: usize,
+        block: usize,
+        position: usize,
+        vocab: usize,
+    },
     #[error("Domino base_ce_weight (lambda) = {0} must lie in [0, 1]")]
     BadLambda(f32),
     #[error(transparent)]
@@ -84,7 +98,9 @@ fn default_chunk_rows() -> usize {
 
 impl Default for HeadConfig {
     fn default() -> Self {
-        HeadConfig { chunk_rows: default_chunk_rows() }
+        HeadConfig {
+            chunk_rows: default_chunk_rows(),
+        }
     }
 }
 
@@ -213,7 +229,11 @@ struct F32View<'a> {
 
 impl<'a> F32View<'a> {
     fn new(t: &'a Tensor, what: &'static str) -> Result<Self, HeadError> {
-        let bad = || HeadError::NotCpuF32 { what, dtype: t.dtype(), device: format!("{:?}", t.device()) };
+        let bad = || HeadError::NotCpuF32 {
+            what,
+            dtype: t.dtype(),
+            device: format!("{:?}", t.device()),
+        };
         if t.dtype() != DType::F32 || !t.device().is_cpu() {
             return Err(bad());
         }
@@ -250,7 +270,11 @@ impl<'a> F32View<'a> {
 }
 
 fn dims2(t: &Tensor, what: &'static str, expected: &str) -> Result<(usize, usize), HeadError> {
-    t.dims2().map_err(|_| HeadError::Shape { what, got: t.dims().to_vec(), expected: expected.into() })
+    t.dims2().map_err(|_| HeadError::Shape {
+        what,
+        got: t.dims().to_vec(),
+        expected: expected.into(),
+    })
 }
 
 /// A strided read-only matrix operand for [`gemm_f32`].
@@ -263,6 +287,7 @@ struct Mat<'a> {
 }
 
 /// dst (m × n, row stride `dst_rs`, unit column stride) = [dst +] lhs (m × k) · rhs (k × n).
+#[allow(clippy::too_many_arguments)]
 fn gemm_f32(
     m: usize,
     n: usize,
@@ -276,9 +301,14 @@ fn gemm_f32(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let span = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
+    let span =
+        |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
     if span(m, n, dst_rs, 1) > dst.len() {
-        return Err(internal_shape("gemm destination", dst.len(), span(m, n, dst_rs, 1)));
+        return Err(internal_shape(
+            "gemm destination",
+            dst.len(),
+            span(m, n, dst_rs, 1),
+        ));
     }
     if k == 0 {
         if !accumulate {
@@ -289,14 +319,25 @@ fn gemm_f32(
         return Ok(());
     }
     if span(m, k, lhs.rs, lhs.cs) > lhs.data.len() {
-        return Err(internal_shape("gemm lhs", lhs.data.len(), span(m, k, lhs.rs, lhs.cs)));
+        return Err(internal_shape(
+            "gemm lhs",
+            lhs.data.len(),
+            span(m, k, lhs.rs, lhs.cs),
+        ));
     }
     if span(k, n, rhs.rs, rhs.cs) > rhs.data.len() {
-        return Err(internal_shape("gemm rhs", rhs.data.len(), span(k, n, rhs.rs, rhs.cs)));
+        return Err(internal_shape(
+            "gemm rhs",
+            rhs.data.len(),
+            span(k, n, rhs.rs, rhs.cs),
+        ));
     }
     let threads = candle_core::utils::get_num_threads();
-    let parallelism =
-        if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: the spans above keep every index the kernel touches inside the three slices, and
     // dst is borrowed mutably, so it does not alias lhs or rhs.
     unsafe {
@@ -326,7 +367,11 @@ fn gemm_f32(
 }
 
 fn internal_shape(what: &'static str, got: usize, needed: usize) -> HeadError {
-    HeadError::Shape { what, got: vec![got], expected: format!("at least {needed} elements") }
+    HeadError::Shape {
+        what,
+        got: vec![got],
+        expected: format!("at least {needed} elements"),
+    }
 }
 
 /// Forward statistics of one row.
@@ -372,7 +417,13 @@ fn for_row_parts<T: Send>(
 }
 
 /// Fills `stats` for the chunk rows in `buf` (rows × vocab logits, replaced by exp(logit - max)).
-fn chunk_row_stats(buf: &mut [f32], vocab: usize, labels: &[u32], valid: &[bool], stats: &mut [RowStat]) {
+fn chunk_row_stats(
+    buf: &mut [f32],
+    vocab: usize,
+    labels: &[u32],
+    valid: &[bool],
+    stats: &mut [RowStat],
+) {
     let rows = labels.len();
     for_row_parts(rows, vocab, buf, stats, |range, rows_buf, out| {
         for (j, r) in range.enumerate() {
@@ -385,7 +436,12 @@ fn chunk_row_stats(buf: &mut [f32], vocab: usize, labels: &[u32], valid: &[bool]
             let (max, argmax, sum, label_logit) = kernels::softmax_row(row, label);
             // CE = logsumexp - logit[label] = ln Σ + max - logit[label].
             let ce = sum.ln() + (max - label_logit);
-            out[j] = RowStat { ce, p_gold: (-ce).exp(), inv_sum: 1.0 / sum, correct: argmax == label };
+            out[j] = RowStat {
+                ce,
+                p_gold: (-ce).exp(),
+                inv_sum: 1.0 / sum,
+                correct: argmax == label,
+            };
         }
     });
 }
@@ -419,7 +475,9 @@ fn build_grad_rows(
             let mut onehot = 0.0f32;
             match terms {
                 [a] => kernels::scale_row(out, row(a, r, vocab), scale(a)),
-                [a, b] => kernels::scale2_row(out, row(a, r, vocab), scale(a), row(b, r, vocab), scale(b)),
+                [a, b] => {
+                    kernels::scale2_row(out, row(a, r, vocab), scale(a), row(b, r, vocab), scale(b))
+                }
                 _ => out.fill(0.0),
             }
             for t in terms {
@@ -502,7 +560,15 @@ impl BranchAcc {
         source: Option<(&[bool], &[f32])>,
         seed: u64,
     ) {
-        let BranchAcc { ce, correct, p_gold, weights, totals, metrics, weighted_ce } = self;
+        let BranchAcc {
+            ce,
+            correct,
+            p_gold,
+            weights,
+            totals,
+            metrics,
+            weighted_ce,
+        } = self;
         let (src_correct, src_p_gold) = match source {
             Some(s) => s,
             None => (&correct[..], &p_gold[..]),
@@ -528,7 +594,11 @@ impl BranchAcc {
     }
 
     fn finish(self, normaliser: f32) -> RowOutputs {
-        let loss = if normaliser > 0.0 { (self.weighted_ce / f64::from(normaliser)) as f32 } else { 0.0 };
+        let loss = if normaliser > 0.0 {
+            (self.weighted_ce / f64::from(normaliser)) as f32
+        } else {
+            0.0
+        };
         RowOutputs {
             ce: self.ce,
             correct: self.correct,
@@ -551,7 +621,10 @@ fn inv(x: f32) -> f32 {
 
 impl ChunkedHead {
     pub fn new(config: HeadConfig) -> Self {
-        ChunkedHead { config, ..Default::default() }
+        ChunkedHead {
+            config,
+            ..Default::default()
+        }
     }
 
     /// Loss, dL/dh (and Domino's delta gradients), per-row statistics and metrics for one batch.
@@ -572,7 +645,11 @@ impl ChunkedHead {
         }
         for (what, len) in [("labels", input.labels.len()), ("valid", input.valid.len())] {
             if len != n {
-                return Err(HeadError::Shape { what, got: vec![len], expected: format!("({n}) rows") });
+                return Err(HeadError::Shape {
+                    what,
+                    got: vec![len],
+                    expected: format!("({n}) rows"),
+                });
             }
         }
         let layout = input.layout;
@@ -613,7 +690,10 @@ impl ChunkedHead {
             None => None,
         };
         let delta_views = match &delta_tensors {
-            Some((a, _, d)) => Some((F32View::new(a, "delta input")?, F32View::new(d.weight, "delta weight")?)),
+            Some((a, _, d)) => Some((
+                F32View::new(a, "delta input")?,
+                F32View::new(d.weight, "delta weight")?,
+            )),
             None => None,
         };
         let edim = delta_tensors.as_ref().map_or(0, |(_, e, _)| *e);
@@ -623,7 +703,8 @@ impl ChunkedHead {
         };
         let base_support = input.delta.map(|d| d.base_support);
         // Base CE shares the final support and normaliser: one combined gradient product.
-        let mixed = base_support == Some(BaseSupport::SameAsFinal) && coef_final > 0.0 && coef_base > 0.0;
+        let mixed =
+            base_support == Some(BaseSupport::SameAsFinal) && coef_final > 0.0 && coef_base > 0.0;
         let base_objective = match base_support {
             Some(BaseSupport::Unmasked) => objective.without_auf(),
             _ => objective.clone(),
@@ -644,14 +725,33 @@ impl ChunkedHead {
         let mut base = delta_tensors.as_ref().map(|_| BranchAcc::new(n, layout));
         // Unnormalised gradient accumulators; scaled once the normalisers are known.
         let mut gh_final = vec![0.0f32; n * hdim];
-        let mut gh_base = if delta_tensors.is_some() && !mixed { vec![0.0f32; n * hdim] } else { Vec::new() };
+        let mut gh_base = if delta_tensors.is_some() && !mixed {
+            vec![0.0f32; n * hdim]
+        } else {
+            Vec::new()
+        };
         let mut g_input = vec![0.0f32; n * edim];
-        let mut g_weight = vec![0.0f32; if delta_tensors.is_some() { vocab * edim } else { 0 }];
+        let mut g_weight = vec![
+            0.0f32;
+            if delta_tensors.is_some() {
+                vocab * edim
+            } else {
+                0
+            }
+        ];
         let mut stats_f = vec![RowStat::default(); c_max];
         let mut stats_b = vec![RowStat::default(); c_max];
 
-        let w_t = Mat { data: w, rs: 1, cs: hdim }; // Wᵀ (H × V)
-        let w_m = Mat { data: w, rs: hdim, cs: 1 }; // W (V × H)
+        let w_t = Mat {
+            data: w,
+            rs: 1,
+            cs: hdim,
+        }; // Wᵀ (H × V)
+        let w_m = Mat {
+            data: w,
+            rs: hdim,
+            cs: 1,
+        }; // W (V × H)
 
         let mut r0 = 0;
         while r0 < n {
@@ -661,8 +761,21 @@ impl ChunkedHead {
             let valid = &input.valid[r0..r1];
 
             // 3. Logits: base = h·Wᵀ; final = base + a·W₂ᵀ (a zeroed on base-only rows).
-            let h_c = Mat { data: &h[r0 * hdim..r1 * hdim], rs: hdim, cs: 1 };
-            gemm_f32(c, vocab, hdim, &mut self.base_logits, vocab, false, h_c, w_t)?;
+            let h_c = Mat {
+                data: &h[r0 * hdim..r1 * hdim],
+                rs: hdim,
+                cs: 1,
+            };
+            gemm_f32(
+                c,
+                vocab,
+                hdim,
+                &mut self.base_logits,
+                vocab,
+                false,
+                h_c,
+                w_t,
+            )?;
             if let (Some((_, _, d)), Some((a_view, w2_view))) = (&delta_tensors, &delta_views) {
                 let a = a_view.slice();
                 for j in 0..c {
@@ -674,20 +787,53 @@ impl ChunkedHead {
                     }
                 }
                 self.final_logits[..c * vocab].copy_from_slice(&self.base_logits[..c * vocab]);
-                let a_c = Mat { data: &self.delta_rows[..c * edim], rs: edim, cs: 1 };
-                let w2_t = Mat { data: w2_view.slice(), rs: 1, cs: edim };
-                gemm_f32(c, vocab, edim, &mut self.final_logits, vocab, true, a_c, w2_t)?;
+                let a_c = Mat {
+                    data: &self.delta_rows[..c * edim],
+                    rs: edim,
+                    cs: 1,
+                };
+                let w2_t = Mat {
+                    data: w2_view.slice(),
+                    rs: 1,
+                    cs: edim,
+                };
+                gemm_f32(
+                    c,
+                    vocab,
+                    edim,
+                    &mut self.final_logits,
+                    vocab,
+                    true,
+                    a_c,
+                    w2_t,
+                )?;
             }
 
             // 4. Row statistics; buffers now hold exp(logit - max).
             let has_delta = delta_tensors.is_some();
             {
-                let final_buf = if has_delta { &mut self.final_logits } else { &mut self.base_logits };
-                chunk_row_stats(&mut final_buf[..c * vocab], vocab, labels, valid, &mut stats_f[..c]);
+                let final_buf = if has_delta {
+                    &mut self.final_logits
+                } else {
+                    &mut self.base_logits
+                };
+                chunk_row_stats(
+                    &mut final_buf[..c * vocab],
+                    vocab,
+                    labels,
+                    valid,
+                    &mut stats_f[..c],
+                );
             }
             fin.record_stats(r0, &stats_f[..c]);
             if let Some(b) = base.as_mut() {
-                chunk_row_stats(&mut self.base_logits[..c * vocab], vocab, labels, valid, &mut stats_b[..c]);
+                chunk_row_stats(
+                    &mut self.base_logits[..c * vocab],
+                    vocab,
+                    labels,
+                    valid,
+                    &mut stats_b[..c],
+                );
                 b.record_stats(r0, &stats_b[..c]);
             }
 
@@ -698,12 +844,23 @@ impl ChunkedHead {
                     Some(BaseSupport::OwnArgmax) => None,
                     _ => Some((&fin.correct[..], &fin.p_gold[..])),
                 };
-                b.weigh(&base_objective, layout, r0..r1, input.valid, source, input.seed);
+                b.weigh(
+                    &base_objective,
+                    layout,
+                    r0..r1,
+                    input.valid,
+                    source,
+                    input.seed,
+                );
             }
 
             // 6. Gradients of support rows only.
             let support_f: Vec<usize> = (0..c).filter(|&j| fin.weights[r0 + j] > 0.0).collect();
-            let final_probs: &[f32] = if has_delta { &self.final_logits } else { &self.base_logits };
+            let final_probs: &[f32] = if has_delta {
+                &self.final_logits
+            } else {
+                &self.base_logits
+            };
             let final_term = GradTerm {
                 probs: final_probs,
                 stats: &stats_f[..c],
@@ -713,10 +870,18 @@ impl ChunkedHead {
             if coef_final > 0.0 && !support_f.is_empty() {
                 build_grad_rows(&support_f, &[final_term], labels, vocab, &mut self.grad_a);
                 let s = support_f.len();
-                let g = Mat { data: &self.grad_a[..s * vocab], rs: vocab, cs: 1 };
+                let g = Mat {
+                    data: &self.grad_a[..s * vocab],
+                    rs: vocab,
+                    cs: 1,
+                };
                 if let (Some((_, _, _)), Some((_, w2_view))) = (&delta_tensors, &delta_views) {
                     // dL/da rows = G·W₂ ; dL/dW₂ += Gᵀ·a_support (base-only rows of a are zero).
-                    let w2 = Mat { data: w2_view.slice(), rs: edim, cs: 1 };
+                    let w2 = Mat {
+                        data: w2_view.slice(),
+                        rs: edim,
+                        cs: 1,
+                    };
                     gemm_f32(s, edim, vocab, &mut self.small, edim, false, g, w2)?;
                     for (j, &r) in support_f.iter().enumerate() {
                         if (r0 + r) % p >= input.delta.map_or(0, |d| d.base_only_prefix) {
@@ -726,10 +891,19 @@ impl ChunkedHead {
                     }
                     let mut a_s = vec![0.0f32; s * edim];
                     for (j, &r) in support_f.iter().enumerate() {
-                        a_s[j * edim..(j + 1) * edim].copy_from_slice(&self.delta_rows[r * edim..(r + 1) * edim]);
+                        a_s[j * edim..(j + 1) * edim]
+                            .copy_from_slice(&self.delta_rows[r * edim..(r + 1) * edim]);
                     }
-                    let g_t = Mat { data: &self.grad_a[..s * vocab], rs: 1, cs: vocab };
-                    let a_m = Mat { data: &a_s, rs: edim, cs: 1 };
+                    let g_t = Mat {
+                        data: &self.grad_a[..s * vocab],
+                        rs: 1,
+                        cs: vocab,
+                    };
+                    let a_m = Mat {
+                        data: &a_s,
+                        rs: edim,
+                        cs: 1,
+                    };
                     gemm_f32(vocab, edim, s, &mut g_weight, edim, true, g_t, a_m)?;
                 }
                 if !mixed {
@@ -745,17 +919,25 @@ impl ChunkedHead {
                         weights: &b.weights[r0..r1],
                         coef: if mixed { coef_base } else { 1.0 },
                     };
-                    let (support, terms, acc): (Vec<usize>, Vec<GradTerm<'_>>, &mut Vec<f32>) = if mixed {
-                        let f = GradTerm { coef: coef_final, ..final_term };
-                        (support_f.clone(), vec![f, base_term], &mut gh_final)
-                    } else {
-                        let sb = (0..c).filter(|&j| b.weights[r0 + j] > 0.0).collect();
-                        (sb, vec![base_term], &mut gh_base)
-                    };
+                    let (support, terms, acc): (Vec<usize>, Vec<GradTerm<'_>>, &mut Vec<f32>) =
+                        if mixed {
+                            let f = GradTerm {
+                                coef: coef_final,
+                                ..final_term
+                            };
+                            (support_f.clone(), vec![f, base_term], &mut gh_final)
+                        } else {
+                            let sb = (0..c).filter(|&j| b.weights[r0 + j] > 0.0).collect();
+                            (sb, vec![base_term], &mut gh_base)
+                        };
                     if !support.is_empty() {
                         build_grad_rows(&support, &terms, labels, vocab, &mut self.grad_b);
                         let s = support.len();
-                        let g = Mat { data: &self.grad_b[..s * vocab], rs: vocab, cs: 1 };
+                        let g = Mat {
+                            data: &self.grad_b[..s * vocab],
+                            rs: vocab,
+                            cs: 1,
+                        };
                         gemm_f32(s, hdim, vocab, &mut self.small, hdim, false, g, w_m)?;
                         scatter_add(acc, hdim, r0, &support, &self.small);
                     }
@@ -776,7 +958,11 @@ impl ChunkedHead {
                 };
                 let base_rows = b.finish(n_base);
                 let loss = coef_final * rows.loss + coef_base * base_rows.loss;
-                let s_final = if mixed { inv(n_final) } else { coef_final * inv(n_final) };
+                let s_final = if mixed {
+                    inv(n_final)
+                } else {
+                    coef_final * inv(n_final)
+                };
                 let s_base = coef_base * inv(n_base);
                 let mut gh = gh_final;
                 for x in gh.iter_mut() {
@@ -805,7 +991,12 @@ impl ChunkedHead {
                 (rows.loss, gh, None)
             }
         };
-        Ok(HeadOutput { loss, grad_hidden: Tensor::from_vec(grad_hidden, (n, hdim), &device)?, rows, delta })
+        Ok(HeadOutput {
+            loss,
+            grad_hidden: Tensor::from_vec(grad_hidden, (n, hdim), &device)?,
+            rows,
+            delta,
+        })
     }
 }
 
@@ -834,7 +1025,7 @@ mod kernels {
         q = q * r + 8.333_452e-3;
         q = q * r + 4.166_579_6e-2;
         q = q * r + 1.666_666_5e-1;
-        q = q * r + 5.000_000_1e-1;
+        q = q * r + 0.5;
         let y = q * r * r + r + 1.0;
         // 2^n from n's bits: n ∈ [-126, 0], so n + 127 is a valid normal exponent.
         let bits = t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23;
@@ -898,7 +1089,9 @@ mod kernels {
                 // SAFETY: the CPU supports AVX-512F (checked above).
                 return unsafe { softmax_row_avx512(row, label) };
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 // SAFETY: the CPU supports AVX2 and FMA (checked above).
                 return unsafe { softmax_row_avx2(row, label) };
             }
@@ -959,7 +1152,14 @@ mod tests {
 
     /// Random rows where about 60% of labels are the base argmax, so AUF sees runs of successes;
     /// one block is wholly invalid and others have invalid tails or holes.
-    fn case(seed: u64, layout: BlockLayout, blocks: usize, hdim: usize, vocab: usize, edim: usize) -> Case {
+    fn case(
+        seed: u64,
+        layout: BlockLayout,
+        blocks: usize,
+        hdim: usize,
+        vocab: usize,
+        edim: usize,
+    ) -> Case {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let n = blocks * layout.positions_per_block;
         let mut rand_t = |len: usize, scale: f32, shape: (usize, usize)| {
@@ -970,10 +1170,22 @@ mod tests {
         let w = rand_t(vocab * hdim, 0.5, (vocab, hdim));
         let a = rand_t(n * edim, 1.0, (n, edim));
         let w2 = rand_t(vocab * edim, 0.3, (vocab, edim));
-        let argmax: Vec<u32> = h.matmul(&w.t().unwrap()).unwrap().argmax(D::Minus1).unwrap().to_vec1().unwrap();
+        let argmax: Vec<u32> = h
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .argmax(D::Minus1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let p = layout.positions_per_block;
         let labels = (0..n)
-            .map(|r| if rng.gen_bool(0.6) { argmax[r] } else { rng.gen_range(0..vocab as u32) })
+            .map(|r| {
+                if rng.gen_bool(0.6) {
+                    argmax[r]
+                } else {
+                    rng.gen_range(0..vocab as u32)
+                }
+            })
             .collect();
         let valid = (0..n)
             .map(|r| match (r / p) % 4 {
@@ -983,7 +1195,15 @@ mod tests {
                 _ => true,
             })
             .collect();
-        Case { h, w, labels, valid, layout, a, w2 }
+        Case {
+            h,
+            w,
+            labels,
+            valid,
+            layout,
+            a,
+            w2,
+        }
     }
 
     struct Naive {
@@ -996,11 +1216,22 @@ mod tests {
 
     fn ce_and_stats(logits: &Tensor, labels: &Tensor) -> (Tensor, Vec<bool>, Vec<f32>) {
         let logsm = candle_nn::ops::log_softmax(logits, D::Minus1).unwrap();
-        let ce = logsm.gather(labels, 1).unwrap().squeeze(1).unwrap().neg().unwrap();
+        let ce = logsm
+            .gather(labels, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .neg()
+            .unwrap();
         let argmax: Vec<u32> = logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
         let gold: Vec<u32> = labels.squeeze(1).unwrap().to_vec1().unwrap();
         let correct = argmax.iter().zip(&gold).map(|(a, g)| a == g).collect();
-        let p_gold = ce.to_vec1::<f32>().unwrap().iter().map(|c| (-c).exp()).collect();
+        let p_gold = ce
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|c| (-c).exp())
+            .collect();
         (ce, correct, p_gold)
     }
 
@@ -1011,7 +1242,17 @@ mod tests {
         let labels = Tensor::from_vec(c.labels.clone(), (n, 1), &Device::Cpu).unwrap();
         let base_logits = hv.as_tensor().matmul(&c.w.t().unwrap()).unwrap();
         let weigh = |obj: &ResolvedObjective, correct: &[bool], p_gold: &[f32]| {
-            obj.weights(c.layout, RowStats { valid: &c.valid, correct, p_gold }, 1, 0).unwrap()
+            obj.weights(
+                c.layout,
+                RowStats {
+                    valid: &c.valid,
+                    correct,
+                    p_gold,
+                },
+                1,
+                0,
+            )
+            .unwrap()
         };
         let term = |ce: &Tensor, w: &[f32], norm: f32| {
             let wt = Tensor::from_vec(w.to_vec(), n, &Device::Cpu).unwrap();
@@ -1035,9 +1276,16 @@ mod tests {
                 let av = Var::from_tensor(&c.a).unwrap();
                 let w2v = Var::from_tensor(&c.w2).unwrap();
                 let p = c.layout.positions_per_block;
-                let mask: Vec<f32> = (0..n).map(|r| if r % p < prefix { 0.0 } else { 1.0 }).collect();
+                let mask: Vec<f32> = (0..n)
+                    .map(|r| if r % p < prefix { 0.0 } else { 1.0 })
+                    .collect();
                 let mask = Tensor::from_vec(mask, (n, 1), &Device::Cpu).unwrap();
-                let delta = av.as_tensor().broadcast_mul(&mask).unwrap().matmul(&w2v.as_tensor().t().unwrap()).unwrap();
+                let delta = av
+                    .as_tensor()
+                    .broadcast_mul(&mask)
+                    .unwrap()
+                    .matmul(&w2v.as_tensor().t().unwrap())
+                    .unwrap();
                 let final_logits = (&base_logits + delta).unwrap();
                 let (ce_f, cor_f, p_f) = ce_and_stats(&final_logits, &labels);
                 let (ce_b, cor_b, p_b) = ce_and_stats(&base_logits, &labels);
@@ -1052,7 +1300,12 @@ mod tests {
                 .unwrap();
                 let grads = loss.backward().unwrap();
                 // candle prunes a branch multiplied by exactly 0 (λ = 0 or 1): its gradient is zero.
-                let grad = |v: &Var| grads.get(v.as_tensor()).cloned().unwrap_or_else(|| v.as_tensor().zeros_like().unwrap());
+                let grad = |v: &Var| {
+                    grads
+                        .get(v.as_tensor())
+                        .cloned()
+                        .unwrap_or_else(|| v.as_tensor().zeros_like().unwrap())
+                };
                 Naive {
                     loss: loss.to_scalar().unwrap(),
                     grad_h: grad(&hv),
@@ -1065,7 +1318,16 @@ mod tests {
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     fn objectives() -> Vec<Objective> {
@@ -1079,7 +1341,12 @@ mod tests {
         ]
     }
 
-    fn run_head(chunk_rows: usize, obj: &ResolvedObjective, c: &Case, delta: Option<DeltaBranch<'_>>) -> HeadOutput {
+    fn run_head(
+        chunk_rows: usize,
+        obj: &ResolvedObjective,
+        c: &Case,
+        delta: Option<DeltaBranch<'_>>,
+    ) -> HeadOutput {
         let mut head = ChunkedHead::new(HeadConfig { chunk_rows });
         let input = HeadInput {
             hidden: &c.h,
@@ -1102,13 +1369,34 @@ mod tests {
             let want = naive(&obj, &c, None);
             // 16 rows → 2 blocks per chunk, 3 chunks.
             let got = run_head(16, &obj, &c, None);
-            assert_eq!(got.rows.weights.iter().map(|&w| w > 0.0).collect::<Vec<_>>(),
-                       want.weights.iter().map(|&w| w > 0.0).collect::<Vec<_>>(), "{}", objective.name());
-            assert!((got.loss - want.loss).abs() < 1e-5 * want.loss.abs().max(1.0),
-                    "{}: loss {} vs {}", objective.name(), got.loss, want.loss);
+            assert_eq!(
+                got.rows
+                    .weights
+                    .iter()
+                    .map(|&w| w > 0.0)
+                    .collect::<Vec<_>>(),
+                want.weights.iter().map(|&w| w > 0.0).collect::<Vec<_>>(),
+                "{}",
+                objective.name()
+            );
+            assert!(
+                (got.loss - want.loss).abs() < 1e-5 * want.loss.abs().max(1.0),
+                "{}: loss {} vs {}",
+                objective.name(),
+                got.loss,
+                want.loss
+            );
             let diff = max_abs_diff(&got.grad_hidden, &want.grad_h);
-            println!("{}: loss {} max |Δgrad_h| {diff:e}", objective.name(), got.loss);
-            assert!(diff < 1e-5, "{}: grad_h differs by {diff}", objective.name());
+            println!(
+                "{}: loss {} max |Δgrad_h| {diff:e}",
+                objective.name(),
+                got.loss
+            );
+            assert!(
+                diff < 1e-5,
+                "{}: grad_h differs by {diff}",
+                objective.name()
+            );
         }
     }
 
@@ -1130,18 +1418,29 @@ mod tests {
         let got = run_head(14, &obj, &c, None);
         let n = c.labels.len();
         let support = got.rows.weights.iter().filter(|&&w| w > 0.0).count();
-        assert!(support > 0 && support < n, "support {support} of {n} rows: the test needs both kinds");
+        assert!(
+            support > 0 && support < n,
+            "support {support} of {n} rows: the test needs both kinds"
+        );
         // Every row, zero-weighted or not: G = w/norm·(softmax − onehot), grad = G·W.
         let logits = c.h.matmul(&c.w.t().unwrap()).unwrap();
         let softmax = candle_nn::ops::softmax_last_dim(&logits).unwrap();
         let labels = Tensor::from_vec(c.labels.clone(), n, &Device::Cpu).unwrap();
         let onehot = candle_nn::encoding::one_hot(labels, 257, 1f32, 0f32).unwrap();
-        let scale: Vec<f32> = got.rows.weights.iter().map(|w| w / got.rows.normaliser).collect();
+        let scale: Vec<f32> = got
+            .rows
+            .weights
+            .iter()
+            .map(|w| w / got.rows.normaliser)
+            .collect();
         let scale = Tensor::from_vec(scale, (n, 1), &Device::Cpu).unwrap();
         let g = (softmax - onehot).unwrap().broadcast_mul(&scale).unwrap();
         let full = g.matmul(&c.w).unwrap();
         let diff = max_abs_diff(&got.grad_hidden, &full);
-        assert!(diff < 1e-6, "support-only backward differs from the full one by {diff}");
+        assert!(
+            diff < 1e-6,
+            "support-only backward differs from the full one by {diff}"
+        );
         // Rows outside the support get exactly zero gradient.
         let gh: Vec<Vec<f32>> = got.grad_hidden.to_vec2().unwrap();
         for (r, row) in gh.iter().enumerate() {
@@ -1161,7 +1460,9 @@ mod tests {
             let base = run_head(64, &obj, &c, None);
             let gh: Vec<Vec<f32>> = base.grad_hidden.to_vec2().unwrap();
             let hv: Vec<Vec<f32>> = c.h.to_vec2().unwrap();
-            let support: Vec<usize> = (0..c.labels.len()).filter(|&r| base.rows.weights[r] > 0.0).collect();
+            let support: Vec<usize> = (0..c.labels.len())
+                .filter(|&r| base.rows.weights[r] > 0.0)
+                .collect();
             let eps = 1e-2f32;
             let mut checked = 0;
             for (k, &r) in support.iter().take(10).enumerate() {
@@ -1170,7 +1471,10 @@ mod tests {
                     let mut h2 = hv.clone();
                     h2[r][j] += delta;
                     let flat: Vec<f32> = h2.concat();
-                    let c2 = Case { h: Tensor::from_vec(flat, c.h.dims2().unwrap(), &Device::Cpu).unwrap(), ..clone_case(&c) };
+                    let c2 = Case {
+                        h: Tensor::from_vec(flat, c.h.dims2().unwrap(), &Device::Cpu).unwrap(),
+                        ..clone_case(&c)
+                    };
                     let out = run_head(64, &obj, &c2, None);
                     (out.loss, out.rows.correct)
                 };
@@ -1181,11 +1485,19 @@ mod tests {
                 }
                 let fd = (lp - lm) / (2.0 * eps);
                 let g = gh[r][j];
-                assert!((fd - g).abs() < 1e-3 + 2e-2 * g.abs(), "{} row {r} col {j}: fd {fd} vs {g}", objective.name());
+                assert!(
+                    (fd - g).abs() < 1e-3 + 2e-2 * g.abs(),
+                    "{} row {r} col {j}: fd {fd} vs {g}",
+                    objective.name()
+                );
                 assert!(g != 0.0);
                 checked += 1;
             }
-            assert!(checked >= 3, "{}: only {checked} coordinates away from argmax ties", objective.name());
+            assert!(
+                checked >= 3,
+                "{}: only {checked} coordinates away from argmax ties",
+                objective.name()
+            );
         }
     }
 
@@ -1204,9 +1516,17 @@ mod tests {
     #[test]
     fn domino_loss_and_gradients_equal_candle_autograd() {
         let c = case(5, BlockLayout::domino(8), 5, 16, 211, 6);
-        for objective in [Objective::auf(), Objective::auf_decay(), Objective::dpace(0.5)] {
+        for objective in [
+            Objective::auf(),
+            Objective::auf_decay(),
+            Objective::dpace(0.5),
+        ] {
             let obj = objective.resolve(8).unwrap();
-            for support in [BaseSupport::SameAsFinal, BaseSupport::OwnArgmax, BaseSupport::Unmasked] {
+            for support in [
+                BaseSupport::SameAsFinal,
+                BaseSupport::OwnArgmax,
+                BaseSupport::Unmasked,
+            ] {
                 for lambda in [0.0f32, 0.3, 1.0] {
                     let want = naive(&obj, &c, Some((lambda, 1, support)));
                     let delta = DeltaBranch {
@@ -1218,14 +1538,29 @@ mod tests {
                     };
                     let got = run_head(16, &obj, &c, Some(delta));
                     let tag = format!("{} {support:?} λ={lambda}", objective.name());
-                    assert!((got.loss - want.loss).abs() < 1e-5 * want.loss.abs().max(1.0), "{tag}: loss {} vs {}", got.loss, want.loss);
+                    assert!(
+                        (got.loss - want.loss).abs() < 1e-5 * want.loss.abs().max(1.0),
+                        "{tag}: loss {} vs {}",
+                        got.loss,
+                        want.loss
+                    );
                     let d = got.delta.as_ref().unwrap();
                     let dh = max_abs_diff(&got.grad_hidden, &want.grad_h);
                     let da = max_abs_diff(&d.grad_input, want.grad_a.as_ref().unwrap());
                     let dw = max_abs_diff(&d.grad_weight, want.grad_w2.as_ref().unwrap());
-                    assert!(dh < 1e-5 && da < 1e-5 && dw < 1e-5, "{tag}: Δh {dh:e} Δa {da:e} ΔW₂ {dw:e}");
-                    assert_eq!(got.rows.weights.iter().map(|&w| w > 0.0).collect::<Vec<_>>(),
-                               want.weights.iter().map(|&w| w > 0.0).collect::<Vec<_>>(), "{tag}");
+                    assert!(
+                        dh < 1e-5 && da < 1e-5 && dw < 1e-5,
+                        "{tag}: Δh {dh:e} Δa {da:e} ΔW₂ {dw:e}"
+                    );
+                    assert_eq!(
+                        got.rows
+                            .weights
+                            .iter()
+                            .map(|&w| w > 0.0)
+                            .collect::<Vec<_>>(),
+                        want.weights.iter().map(|&w| w > 0.0).collect::<Vec<_>>(),
+                        "{tag}"
+                    );
                 }
             }
         }
@@ -1238,9 +1573,13 @@ mod tests {
         let obj = Objective::auf().resolve(8).unwrap();
         let n = c.labels.len();
         let x = Tensor::randn(0f32, 1.0, (n, 8), &Device::Cpu).unwrap();
-        let a = Var::from_tensor(&Tensor::randn(0f32, 0.5, (10, 8), &Device::Cpu).unwrap()).unwrap();
+        let a =
+            Var::from_tensor(&Tensor::randn(0f32, 0.5, (10, 8), &Device::Cpu).unwrap()).unwrap();
         let h_graph = x.matmul(&a.as_tensor().t().unwrap()).unwrap();
-        let c2 = Case { h: h_graph.detach(), ..clone_case(&c) };
+        let c2 = Case {
+            h: h_graph.detach(),
+            ..clone_case(&c)
+        };
         let out = run_head(64, &obj, &c2, None);
         let grads = out.surrogate(&h_graph, None).unwrap().backward().unwrap();
         let via_surrogate = grads.get(a.as_tensor()).unwrap().clone();
@@ -1252,7 +1591,16 @@ mod tests {
         let loss = ((ce * wt).unwrap().sum_all().unwrap() / out.rows.normaliser as f64).unwrap();
         let direct = loss.backward().unwrap().get(a.as_tensor()).unwrap().clone();
         assert!(max_abs_diff(&via_surrogate, &direct) < 1e-5);
-        assert!(via_surrogate.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        assert!(
+            via_surrogate
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
     }
 
     #[test]
@@ -1273,14 +1621,35 @@ mod tests {
             delta: None,
         };
         match head.run(&obj, &input) {
-            Err(HeadError::LabelOutOfRange { label: 50, row: 9, block: 1, position: 3, vocab: 50 }) => {}
+            Err(HeadError::LabelOutOfRange {
+                label: 50,
+                row: 9,
+                block: 1,
+                position: 3,
+                vocab: 50,
+            }) => {}
             other => panic!("unexpected {other:?}"),
         }
         let h64 = c.h.to_dtype(DType::F64).unwrap();
-        let input = HeadInput { hidden: &h64, labels: &c.labels, ..input };
-        assert!(matches!(head.run(&obj, &input), Err(HeadError::NotCpuF32 { what: "hidden", .. })));
+        let input = HeadInput {
+            hidden: &h64,
+            labels: &c.labels,
+            ..input
+        };
+        assert!(matches!(
+            head.run(&obj, &input),
+            Err(HeadError::NotCpuF32 { what: "hidden", .. })
+        ));
         let short = c.h.narrow(0, 0, 13).unwrap();
-        let input = HeadInput { hidden: &short, labels: &c.labels[..13], valid: &c.valid[..13], ..input };
-        assert!(matches!(head.run(&obj, &input), Err(HeadError::Objective(ObjectiveError::Shape { .. }))));
+        let input = HeadInput {
+            hidden: &short,
+            labels: &c.labels[..13],
+            valid: &c.valid[..13],
+            ..input
+        };
+        assert!(matches!(
+            head.run(&obj, &input),
+            Err(HeadError::Objective(ObjectiveError::Shape { .. }))
+        ));
     }
 }

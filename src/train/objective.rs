@@ -53,19 +53,33 @@ pub enum ObjectiveError {
          5 for B = 10 and 4 for B = 8; set it explicitly, e.g. {{\"type\":\"{objective}\",\"gamma\":6.0}} \
          or --set objective={objective}:6"
     )]
-    NoDefaultGamma { objective: &'static str, block_size: usize },
+    NoDefaultGamma {
+        objective: &'static str,
+        block_size: usize,
+    },
     #[error(
         "cannot parse objective {input:?}: {reason}; expected full, decay[:gamma], auf, \
          auf+decay[:gamma], dpace[:alpha], dpace-prefix[:alpha], or JSON such as {{\"type\":\"auf\"}}"
     )]
     Parse { input: String, reason: String },
     #[error("objective {objective}: {name} = {value} is out of range; {hint}")]
-    BadParameter { objective: &'static str, name: &'static str, value: f32, hint: &'static str },
+    BadParameter {
+        objective: &'static str,
+        name: &'static str,
+        value: f32,
+        hint: &'static str,
+    },
     #[error(
         "row statistics do not match the block layout: {what} has {got} entries but \
          {blocks} blocks × {per_block} positions need {expected}"
     )]
-    Shape { what: &'static str, got: usize, expected: usize, blocks: usize, per_block: usize },
+    Shape {
+        what: &'static str,
+        got: usize,
+        expected: usize,
+        blocks: usize,
+        per_block: usize,
+    },
     #[error("block layout has 0 predicted positions per block; use BlockLayout::dflash(B) or ::domino(B)")]
     EmptyLayout,
 }
@@ -184,11 +198,18 @@ impl Objective {
     }
 
     pub fn decay() -> Self {
-        Objective::Decay { gamma: None, norm: None }
+        Objective::Decay {
+            gamma: None,
+            norm: None,
+        }
     }
 
     pub fn auf() -> Self {
-        Objective::Auf { failure: FailureRule::Argmax, invalid_transparent: true, norm: None }
+        Objective::Auf {
+            failure: FailureRule::Argmax,
+            invalid_transparent: true,
+            norm: None,
+        }
     }
 
     pub fn auf_decay() -> Self {
@@ -226,8 +247,10 @@ impl Objective {
         let gamma_for = |gamma: &Option<f32>| -> Result<f32, ObjectiveError> {
             let g = match gamma {
                 Some(g) => *g,
-                None => default_gamma(block_size)
-                    .ok_or(ObjectiveError::NoDefaultGamma { objective: name, block_size })?,
+                None => default_gamma(block_size).ok_or(ObjectiveError::NoDefaultGamma {
+                    objective: name,
+                    block_size,
+                })?,
             };
             if !(g.is_finite() && g > 0.0) {
                 return Err(ObjectiveError::BadParameter {
@@ -253,43 +276,74 @@ impl Objective {
         };
         let (rule, norm, default_norm) = match self {
             Objective::Full { norm } => (
-                WeightRule::Mask { decay_gamma: None, auf: None },
-                norm,
-                Normaliser::WeightSum,
-            ),
-            Objective::Decay { gamma, norm } => (
-                WeightRule::Mask { decay_gamma: Some(gamma_for(gamma)?), auf: None },
-                norm,
-                Normaliser::WeightSum,
-            ),
-            Objective::Auf { failure, invalid_transparent, norm } => (
                 WeightRule::Mask {
                     decay_gamma: None,
-                    auf: Some(AufRule { failure: *failure, invalid_transparent: *invalid_transparent }),
+                    auf: None,
                 },
                 norm,
                 Normaliser::WeightSum,
             ),
-            Objective::AufDecay { gamma, failure, invalid_transparent, norm } => (
+            Objective::Decay { gamma, norm } => (
                 WeightRule::Mask {
                     decay_gamma: Some(gamma_for(gamma)?),
-                    auf: Some(AufRule { failure: *failure, invalid_transparent: *invalid_transparent }),
+                    auf: None,
+                },
+                norm,
+                Normaliser::WeightSum,
+            ),
+            Objective::Auf {
+                failure,
+                invalid_transparent,
+                norm,
+            } => (
+                WeightRule::Mask {
+                    decay_gamma: None,
+                    auf: Some(AufRule {
+                        failure: *failure,
+                        invalid_transparent: *invalid_transparent,
+                    }),
+                },
+                norm,
+                Normaliser::WeightSum,
+            ),
+            Objective::AufDecay {
+                gamma,
+                failure,
+                invalid_transparent,
+                norm,
+            } => (
+                WeightRule::Mask {
+                    decay_gamma: Some(gamma_for(gamma)?),
+                    auf: Some(AufRule {
+                        failure: *failure,
+                        invalid_transparent: *invalid_transparent,
+                    }),
                 },
                 norm,
                 Normaliser::WeightSum,
             ),
             Objective::Dpace { alpha, norm } => (
-                WeightRule::Dpace(DpaceRule { alpha: alpha_ok(*alpha)?, prefix_only: false }),
+                WeightRule::Dpace(DpaceRule {
+                    alpha: alpha_ok(*alpha)?,
+                    prefix_only: false,
+                }),
                 norm,
                 Normaliser::Blocks,
             ),
             Objective::DpacePrefix { alpha, norm } => (
-                WeightRule::Dpace(DpaceRule { alpha: alpha_ok(*alpha)?, prefix_only: true }),
+                WeightRule::Dpace(DpaceRule {
+                    alpha: alpha_ok(*alpha)?,
+                    prefix_only: true,
+                }),
                 norm,
                 Normaliser::Blocks,
             ),
         };
-        Ok(ResolvedObjective { name, rule, norm: norm.unwrap_or(default_norm) })
+        Ok(ResolvedObjective {
+            name,
+            rule,
+            norm: norm.unwrap_or(default_norm),
+        })
     }
 }
 
@@ -300,7 +354,10 @@ impl FromStr for Objective {
     /// `auf+decay:7`, `dpace`, `dpace:0.5`, `dpace-prefix`, `dpace-prefix:0.5`; or a JSON object.
     fn from_str(input: &str) -> Result<Self, Self::Err> {
         let s = input.trim();
-        let parse_err = |reason: String| ObjectiveError::Parse { input: input.to_string(), reason };
+        let parse_err = |reason: String| ObjectiveError::Parse {
+            input: input.to_string(),
+            reason,
+        };
         if s.starts_with('{') {
             return serde_json::from_str(s).map_err(|e| parse_err(e.to_string()));
         }
@@ -320,7 +377,9 @@ impl FromStr for Objective {
         let no_param = |objective: &str| -> Result<(), ObjectiveError> {
             match param {
                 None => Ok(()),
-                Some(p) => Err(parse_err(format!("{objective} takes no parameter, got {p:?}"))),
+                Some(p) => Err(parse_err(format!(
+                    "{objective} takes no parameter, got {p:?}"
+                ))),
             }
         };
         match name {
@@ -328,7 +387,10 @@ impl FromStr for Objective {
                 no_param("full")?;
                 Ok(Objective::full())
             }
-            "decay" => Ok(Objective::Decay { gamma: number("gamma")?, norm: None }),
+            "decay" => Ok(Objective::Decay {
+                gamma: number("gamma")?,
+                norm: None,
+            }),
             "auf" => {
                 no_param("auf")?;
                 Ok(Objective::auf())
@@ -339,10 +401,12 @@ impl FromStr for Objective {
                 invalid_transparent: true,
                 norm: None,
             }),
-            "dpace" => Ok(Objective::dpace(number("alpha")?.unwrap_or(DEFAULT_DPACE_ALPHA))),
-            "dpace-prefix" => {
-                Ok(Objective::dpace_prefix(number("alpha")?.unwrap_or(DEFAULT_DPACE_ALPHA)))
-            }
+            "dpace" => Ok(Objective::dpace(
+                number("alpha")?.unwrap_or(DEFAULT_DPACE_ALPHA),
+            )),
+            "dpace-prefix" => Ok(Objective::dpace_prefix(
+                number("alpha")?.unwrap_or(DEFAULT_DPACE_ALPHA),
+            )),
             other => Err(parse_err(format!("unknown objective name {other:?}"))),
         }
     }
@@ -370,12 +434,18 @@ pub struct BlockLayout {
 impl BlockLayout {
     /// DFlash: positions 1..B-1 of a block of size B are predicted.
     pub fn dflash(block_size: usize) -> Self {
-        BlockLayout { positions_per_block: block_size.saturating_sub(1), first_position: 1 }
+        BlockLayout {
+            positions_per_block: block_size.saturating_sub(1),
+            first_position: 1,
+        }
     }
 
     /// Domino (`shift_label`): positions 0..B-1 are predicted (position k predicts x_{a+k+1}).
     pub fn domino(block_size: usize) -> Self {
-        BlockLayout { positions_per_block: block_size, first_position: 0 }
+        BlockLayout {
+            positions_per_block: block_size,
+            first_position: 0,
+        }
     }
 
     /// Number of blocks in `rows` rows, or a shape error when rows is not a multiple of the block.
@@ -384,7 +454,7 @@ impl BlockLayout {
         if per_block == 0 {
             return Err(ObjectiveError::EmptyLayout);
         }
-        if rows % per_block != 0 {
+        if !rows.is_multiple_of(per_block) {
             let blocks = rows / per_block + 1;
             return Err(ObjectiveError::Shape {
                 what,
@@ -417,7 +487,10 @@ pub struct DpaceRule {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum WeightRule {
     /// v · [exp(-i/γ)] · [alive]: full, decay, auf, auf+decay.
-    Mask { decay_gamma: Option<f32>, auf: Option<AufRule> },
+    Mask {
+        decay_gamma: Option<f32>,
+        auf: Option<AufRule>,
+    },
     /// dpace / dpace-prefix.
     Dpace(DpaceRule),
 }
@@ -501,26 +574,37 @@ impl ResolvedObjective {
     /// The same objective with the AUF mask switched off (for Domino's "mask only the final CE").
     pub fn without_auf(&self) -> ResolvedObjective {
         let rule = match self.rule {
-            WeightRule::Mask { decay_gamma, .. } => WeightRule::Mask { decay_gamma, auf: None },
+            WeightRule::Mask { decay_gamma, .. } => WeightRule::Mask {
+                decay_gamma,
+                auf: None,
+            },
             other => other,
         };
-        ResolvedObjective { name: self.name, rule, norm: self.norm }
+        ResolvedObjective {
+            name: self.name,
+            rule,
+            norm: self.norm,
+        }
     }
 
     /// Weights of one block's predicted positions into `out` (length P). `seed` keys the draws of
     /// [`FailureRule::Sample`] and is unused otherwise.
     pub fn block_weights(&self, rows: BlockRows<'_>, seed: u64, out: &mut [f32]) {
-        let n = out.len().min(rows.valid.len()).min(rows.correct.len()).min(rows.p_gold.len());
+        let n = out
+            .len()
+            .min(rows.valid.len())
+            .min(rows.correct.len())
+            .min(rows.p_gold.len());
         match self.rule {
             WeightRule::Mask { decay_gamma, auf } => {
                 let mut alive = true;
-                for i in 0..n {
+                for (i, w_out) in out.iter_mut().enumerate().take(n) {
                     let v = rows.valid[i];
                     let mut w = if v && alive { 1.0 } else { 0.0 };
                     if let Some(gamma) = decay_gamma {
                         w *= (-(i as f32) / gamma).exp();
                     }
-                    out[i] = w;
+                    *w_out = w;
                     if let Some(rule) = auf {
                         let survives = if v {
                             match rule.failure {
@@ -539,16 +623,16 @@ impl ResolvedObjective {
             WeightRule::Dpace(DpaceRule { alpha, prefix_only }) => {
                 // out[i] <- P_i = Π_{j≤i} s_j, invalid s = 1.
                 let mut prefix = 1.0f32;
-                for i in 0..n {
-                    if rows.valid[i] {
-                        prefix *= (1.0 - alpha) * rows.p_gold[i] + alpha;
+                for ((o, &v), &p) in out.iter_mut().zip(rows.valid).zip(rows.p_gold).take(n) {
+                    if v {
+                        prefix *= (1.0 - alpha) * p + alpha;
                     }
-                    out[i] = prefix;
+                    *o = prefix;
                 }
                 if prefix_only {
-                    for i in 0..n {
-                        if !rows.valid[i] {
-                            out[i] = 0.0;
+                    for (o, &v) in out.iter_mut().zip(rows.valid).take(n) {
+                        if !v {
+                            *o = 0.0;
                         }
                     }
                 } else {
@@ -607,7 +691,11 @@ impl ResolvedObjective {
             totals.add_block(block.valid, &w[r]);
         }
         let normaliser = self.normaliser(&totals, num_sequences);
-        Ok(Weights { w, totals, normaliser })
+        Ok(Weights {
+            w,
+            totals,
+            normaliser,
+        })
     }
 }
 
@@ -782,7 +870,11 @@ mod tests {
 
     /// Random blocks that cover: no failure, failure at the first predicted position, invalid tails
     /// and invalid positions in mid-block.
-    fn random_batch(rng: &mut ChaCha8Rng, blocks: usize, p: usize) -> (Vec<bool>, Vec<bool>, Vec<f32>) {
+    fn random_batch(
+        rng: &mut ChaCha8Rng,
+        blocks: usize,
+        p: usize,
+    ) -> (Vec<bool>, Vec<bool>, Vec<f32>) {
         let mut valid = Vec::new();
         let mut correct = Vec::new();
         let mut p_gold = Vec::new();
@@ -824,16 +916,26 @@ mod tests {
                 0.0
             }
         };
-        let s = |l: usize, alpha: f32| if v[l] { (1.0 - alpha) * p[l] + alpha } else { 1.0 };
+        let s = |l: usize, alpha: f32| {
+            if v[l] {
+                (1.0 - alpha) * p[l] + alpha
+            } else {
+                1.0
+            }
+        };
         let prefix = |j: usize, alpha: f32| (0..=j).map(|l| s(l, alpha)).product::<f32>();
         (0..n)
             .map(|i| match obj {
                 Objective::Full { .. } => vf(i),
                 Objective::Decay { .. } => vf(i) * (-(i as f32) / gamma).exp(),
-                Objective::Auf { invalid_transparent, .. } => vf(i) * alive(i, *invalid_transparent),
-                Objective::AufDecay { invalid_transparent, .. } => {
-                    vf(i) * alive(i, *invalid_transparent) * (-(i as f32) / gamma).exp()
-                }
+                Objective::Auf {
+                    invalid_transparent,
+                    ..
+                } => vf(i) * alive(i, *invalid_transparent),
+                Objective::AufDecay {
+                    invalid_transparent,
+                    ..
+                } => vf(i) * alive(i, *invalid_transparent) * (-(i as f32) / gamma).exp(),
                 Objective::Dpace { alpha, .. } => {
                     vf(i) * (i..n).map(|j| prefix(j, *alpha) * vf(j)).sum::<f32>()
                 }
@@ -847,7 +949,11 @@ mod tests {
             Objective::full(),
             Objective::decay(),
             Objective::auf(),
-            Objective::Auf { failure: FailureRule::Argmax, invalid_transparent: false, norm: None },
+            Objective::Auf {
+                failure: FailureRule::Argmax,
+                invalid_transparent: false,
+                norm: None,
+            },
             Objective::auf_decay(),
             Objective::dpace(0.5),
             Objective::dpace(0.2),
@@ -865,13 +971,28 @@ mod tests {
             for obj in all_objectives() {
                 let resolved = obj.resolve(16).unwrap();
                 let got = resolved
-                    .weights(layout, RowStats { valid: &valid, correct: &correct, p_gold: &p_gold }, 3, 0)
+                    .weights(
+                        layout,
+                        RowStats {
+                            valid: &valid,
+                            correct: &correct,
+                            p_gold: &p_gold,
+                        },
+                        3,
+                        0,
+                    )
                     .unwrap();
                 let mut sum = 0.0f64;
                 let mut real = 0usize;
                 for b in 0..blocks {
                     let r = b * p..(b + 1) * p;
-                    let want = naive_weights(&obj, 7.0, &valid[r.clone()], &correct[r.clone()], &p_gold[r.clone()]);
+                    let want = naive_weights(
+                        &obj,
+                        7.0,
+                        &valid[r.clone()],
+                        &correct[r.clone()],
+                        &p_gold[r.clone()],
+                    );
                     for (i, (&g, &w)) in got.w[r.clone()].iter().zip(&want).enumerate() {
                         assert!(
                             (g - w).abs() <= 1e-5 * w.abs().max(1.0),
@@ -886,18 +1007,38 @@ mod tests {
                     Objective::Dpace { .. } | Objective::DpacePrefix { .. } => real as f32,
                     _ => sum as f32,
                 };
-                assert!((got.normaliser - want_norm).abs() <= 1e-4 * want_norm.max(1.0), "{}", obj.name());
+                assert!(
+                    (got.normaliser - want_norm).abs() <= 1e-4 * want_norm.max(1.0),
+                    "{}",
+                    obj.name()
+                );
             }
         }
     }
 
     fn auf_weights(valid: &[bool], correct: &[bool], transparent: bool) -> Vec<f32> {
-        let obj = Objective::Auf { failure: FailureRule::Argmax, invalid_transparent: transparent, norm: None };
-        let layout = BlockLayout { positions_per_block: valid.len(), first_position: 1 };
+        let obj = Objective::Auf {
+            failure: FailureRule::Argmax,
+            invalid_transparent: transparent,
+            norm: None,
+        };
+        let layout = BlockLayout {
+            positions_per_block: valid.len(),
+            first_position: 1,
+        };
         let p_gold = vec![0.5; valid.len()];
         obj.resolve(16)
             .unwrap()
-            .weights(layout, RowStats { valid, correct, p_gold: &p_gold }, 1, 0)
+            .weights(
+                layout,
+                RowStats {
+                    valid,
+                    correct,
+                    p_gold: &p_gold,
+                },
+                1,
+                0,
+            )
             .unwrap()
             .w
     }
@@ -906,13 +1047,22 @@ mod tests {
     fn auf_support_includes_the_first_failure_and_nothing_after_it() {
         let t = true;
         let f = false;
-        assert_eq!(auf_weights(&[t; 5], &[t, t, f, t, t], true), vec![1.0, 1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(
+            auf_weights(&[t; 5], &[t, t, f, t, t], true),
+            vec![1.0, 1.0, 1.0, 0.0, 0.0]
+        );
         // Failure at the first predicted position keeps only that position.
-        assert_eq!(auf_weights(&[t; 4], &[f, t, t, t], true), vec![1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(
+            auf_weights(&[t; 4], &[f, t, t, t], true),
+            vec![1.0, 0.0, 0.0, 0.0]
+        );
         // No failure keeps every valid position.
         assert_eq!(auf_weights(&[t; 4], &[t; 4], true), vec![1.0; 4]);
         // Invalid tail drops out.
-        assert_eq!(auf_weights(&[t, t, t, f, f], &[t; 5], true), vec![1.0, 1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(
+            auf_weights(&[t, t, t, f, f], &[t; 5], true),
+            vec![1.0, 1.0, 1.0, 0.0, 0.0]
+        );
     }
 
     #[test]
@@ -920,23 +1070,47 @@ mod tests {
         let (t, f) = (true, false);
         let valid = [t, f, t, t];
         let correct = [t, f, f, t];
-        assert_eq!(auf_weights(&valid, &correct, true), vec![1.0, 0.0, 1.0, 0.0]);
-        assert_eq!(auf_weights(&valid, &correct, false), vec![1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(
+            auf_weights(&valid, &correct, true),
+            vec![1.0, 0.0, 1.0, 0.0]
+        );
+        assert_eq!(
+            auf_weights(&valid, &correct, false),
+            vec![1.0, 0.0, 0.0, 0.0]
+        );
     }
 
     #[test]
     fn sampled_failure_follows_the_gold_probability() {
-        let obj = Objective::Auf { failure: FailureRule::Sample, invalid_transparent: true, norm: None }
-            .resolve(16)
-            .unwrap();
-        let layout = BlockLayout { positions_per_block: 2, first_position: 1 };
+        let obj = Objective::Auf {
+            failure: FailureRule::Sample,
+            invalid_transparent: true,
+            norm: None,
+        }
+        .resolve(16)
+        .unwrap();
+        let layout = BlockLayout {
+            positions_per_block: 2,
+            first_position: 1,
+        };
         let blocks = 4000;
         let valid = vec![true; 2 * blocks];
         let correct = vec![false; 2 * blocks];
         let mut survived = 0;
         for (p, expect) in [(1.0f32, 1.0f32), (0.0, 0.0), (0.3, 0.3)] {
             let p_gold = vec![p; 2 * blocks];
-            let w = obj.weights(layout, RowStats { valid: &valid, correct: &correct, p_gold: &p_gold }, 1, 42).unwrap();
+            let w = obj
+                .weights(
+                    layout,
+                    RowStats {
+                        valid: &valid,
+                        correct: &correct,
+                        p_gold: &p_gold,
+                    },
+                    1,
+                    42,
+                )
+                .unwrap();
             let kept = (0..blocks).filter(|b| w.w[2 * b + 1] > 0.0).count();
             let frac = kept as f32 / blocks as f32;
             assert!((frac - expect).abs() < 0.03, "p = {p}: survival {frac}");
@@ -947,7 +1121,11 @@ mod tests {
         assert!(survived > 0);
         // Same seed, same draws; another seed, other draws.
         let p_gold = vec![0.5; 2 * blocks];
-        let stats = RowStats { valid: &valid, correct: &correct, p_gold: &p_gold };
+        let stats = RowStats {
+            valid: &valid,
+            correct: &correct,
+            p_gold: &p_gold,
+        };
         let a = obj.weights(layout, stats, 1, 1).unwrap();
         let b = obj.weights(layout, stats, 1, 1).unwrap();
         let c = obj.weights(layout, stats, 1, 2).unwrap();
@@ -963,17 +1141,36 @@ mod tests {
         let blocks = 30;
         let (valid, correct, p_gold) = random_batch(&mut rng, blocks, p);
         let obj = Objective::auf().resolve(8).unwrap();
-        let w = obj.weights(layout, RowStats { valid: &valid, correct: &correct, p_gold: &p_gold }, 1, 0).unwrap();
-        let m = MetricCounts::from_batch(layout, &valid, &correct, &w.w).unwrap().summary();
+        let w = obj
+            .weights(
+                layout,
+                RowStats {
+                    valid: &valid,
+                    correct: &correct,
+                    p_gold: &p_gold,
+                },
+                1,
+                0,
+            )
+            .unwrap();
+        let m = MetricCounts::from_batch(layout, &valid, &correct, &w.w)
+            .unwrap()
+            .summary();
 
         let n_valid = valid.iter().filter(|&&v| v).count();
         let n_correct = valid.iter().zip(&correct).filter(|(&v, &c)| v && c).count();
         let sup: Vec<usize> = (0..valid.len()).filter(|&r| w.w[r] > 0.0).collect();
         let sup_correct = sup.iter().filter(|&&r| correct[r]).count();
-        let real: Vec<usize> = (0..blocks).filter(|b| valid[b * p..(b + 1) * p].iter().any(|&v| v)).collect();
+        let real: Vec<usize> = (0..blocks)
+            .filter(|b| valid[b * p..(b + 1) * p].iter().any(|&v| v))
+            .collect();
         let accept: usize = real
             .iter()
-            .map(|b| 1 + (0..p).take_while(|&i| valid[b * p + i] && correct[b * p + i]).count())
+            .map(|b| {
+                1 + (0..p)
+                    .take_while(|&i| valid[b * p + i] && correct[b * p + i])
+                    .count()
+            })
             .sum();
         assert!((m.acc - n_correct as f32 / n_valid as f32).abs() < 1e-6);
         assert!((m.support_acc - sup_correct as f32 / sup.len() as f32).abs() < 1e-6);
@@ -982,7 +1179,9 @@ mod tests {
         assert_eq!(m.acc_per_position.len(), p);
         for i in 0..p {
             let v = (0..blocks).filter(|b| valid[b * p + i]).count();
-            let c = (0..blocks).filter(|b| valid[b * p + i] && correct[b * p + i]).count();
+            let c = (0..blocks)
+                .filter(|b| valid[b * p + i] && correct[b * p + i])
+                .count();
             let want = if v == 0 { 0.0 } else { c as f32 / v as f32 };
             assert!((m.acc_per_position[i] - want).abs() < 1e-6);
         }
@@ -993,10 +1192,21 @@ mod tests {
 
     #[test]
     fn an_invalid_position_ends_the_accepted_run() {
-        let layout = BlockLayout { positions_per_block: 4, first_position: 1 };
+        let layout = BlockLayout {
+            positions_per_block: 4,
+            first_position: 1,
+        };
         let mut counts = MetricCounts::new(layout);
-        counts.add_block(&[true, false, true, true], &[true, true, true, true], &[1.0; 4]);
-        counts.add_block(&[true, true, true, true], &[true, true, true, true], &[1.0; 4]);
+        counts.add_block(
+            &[true, false, true, true],
+            &[true, true, true, true],
+            &[1.0; 4],
+        );
+        counts.add_block(
+            &[true, true, true, true],
+            &[true, true, true, true],
+            &[1.0; 4],
+        );
         counts.add_block(&[false; 4], &[true; 4], &[0.0; 4]);
         let m = counts.summary();
         assert_eq!(counts.blocks, 2);
@@ -1012,16 +1222,28 @@ mod tests {
     fn config_json_round_trips_and_rejects_unknown_fields() {
         let cases = [
             (r#"{"type":"full"}"#, Objective::full()),
-            (r#"{"type":"decay","gamma":7.0}"#, Objective::Decay { gamma: Some(7.0), norm: None }),
+            (
+                r#"{"type":"decay","gamma":7.0}"#,
+                Objective::Decay {
+                    gamma: Some(7.0),
+                    norm: None,
+                },
+            ),
             (r#"{"type":"auf"}"#, Objective::auf()),
-            (r#"{"type":"auf+decay","gamma":7.0}"#, Objective::AufDecay {
-                gamma: Some(7.0),
-                failure: FailureRule::Argmax,
-                invalid_transparent: true,
-                norm: None,
-            }),
+            (
+                r#"{"type":"auf+decay","gamma":7.0}"#,
+                Objective::AufDecay {
+                    gamma: Some(7.0),
+                    failure: FailureRule::Argmax,
+                    invalid_transparent: true,
+                    norm: None,
+                },
+            ),
             (r#"{"type":"dpace","alpha":0.5}"#, Objective::dpace(0.5)),
-            (r#"{"type":"dpace-prefix","alpha":0.25}"#, Objective::dpace_prefix(0.25)),
+            (
+                r#"{"type":"dpace-prefix","alpha":0.25}"#,
+                Objective::dpace_prefix(0.25),
+            ),
             (
                 r#"{"type":"auf","failure":"sample","invalid_transparent":false,"norm":"valid-count"}"#,
                 Objective::Auf {
@@ -1046,16 +1268,45 @@ mod tests {
     fn short_forms_parse_for_the_command_line() {
         assert_eq!("auf".parse::<Objective>().unwrap(), Objective::auf());
         assert_eq!("decay".parse::<Objective>().unwrap(), Objective::decay());
-        assert_eq!("decay:7".parse::<Objective>().unwrap(), Objective::Decay { gamma: Some(7.0), norm: None });
-        assert_eq!("auf+decay:5".parse::<Objective>().unwrap().resolve(10).unwrap().rule, WeightRule::Mask {
-            decay_gamma: Some(5.0),
-            auf: Some(AufRule { failure: FailureRule::Argmax, invalid_transparent: true })
-        });
-        assert_eq!("dpace:0.5".parse::<Objective>().unwrap(), Objective::dpace(0.5));
-        assert_eq!("dpace-prefix".parse::<Objective>().unwrap(), Objective::dpace_prefix(0.5));
-        assert_eq!(r#"{"type":"full"}"#.parse::<Objective>().unwrap(), Objective::full());
+        assert_eq!(
+            "decay:7".parse::<Objective>().unwrap(),
+            Objective::Decay {
+                gamma: Some(7.0),
+                norm: None
+            }
+        );
+        assert_eq!(
+            "auf+decay:5"
+                .parse::<Objective>()
+                .unwrap()
+                .resolve(10)
+                .unwrap()
+                .rule,
+            WeightRule::Mask {
+                decay_gamma: Some(5.0),
+                auf: Some(AufRule {
+                    failure: FailureRule::Argmax,
+                    invalid_transparent: true
+                })
+            }
+        );
+        assert_eq!(
+            "dpace:0.5".parse::<Objective>().unwrap(),
+            Objective::dpace(0.5)
+        );
+        assert_eq!(
+            "dpace-prefix".parse::<Objective>().unwrap(),
+            Objective::dpace_prefix(0.5)
+        );
+        assert_eq!(
+            r#"{"type":"full"}"#.parse::<Objective>().unwrap(),
+            Objective::full()
+        );
         for bad in ["auff", "auf:3", "decay:x", "full:1", ""] {
-            assert!(matches!(bad.parse::<Objective>(), Err(ObjectiveError::Parse { .. })), "{bad:?}");
+            assert!(
+                matches!(bad.parse::<Objective>(), Err(ObjectiveError::Parse { .. })),
+                "{bad:?}"
+            );
         }
     }
 
@@ -1072,8 +1323,18 @@ mod tests {
             Objective::auf_decay().resolve(12),
             Err(ObjectiveError::NoDefaultGamma { block_size: 12, .. })
         ));
-        assert!(Objective::Decay { gamma: Some(3.0), norm: None }.resolve(12).is_ok());
-        assert!(Objective::Decay { gamma: Some(-1.0), norm: None }.resolve(16).is_err());
+        assert!(Objective::Decay {
+            gamma: Some(3.0),
+            norm: None
+        }
+        .resolve(12)
+        .is_ok());
+        assert!(Objective::Decay {
+            gamma: Some(-1.0),
+            norm: None
+        }
+        .resolve(16)
+        .is_err());
         assert!(Objective::dpace(1.5).resolve(16).is_err());
     }
 
@@ -1082,8 +1343,24 @@ mod tests {
         let obj = Objective::full().resolve(16).unwrap();
         let v = vec![true; 20];
         let err = obj
-            .weights(BlockLayout::dflash(16), RowStats { valid: &v, correct: &v, p_gold: &[0.5; 20] }, 1, 0)
+            .weights(
+                BlockLayout::dflash(16),
+                RowStats {
+                    valid: &v,
+                    correct: &v,
+                    p_gold: &[0.5; 20],
+                },
+                1,
+                0,
+            )
             .unwrap_err();
-        assert!(matches!(err, ObjectiveError::Shape { got: 20, per_block: 15, .. }));
+        assert!(matches!(
+            err,
+            ObjectiveError::Shape {
+                got: 20,
+                per_block: 15,
+                ..
+            }
+        ));
     }
 }

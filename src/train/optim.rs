@@ -31,18 +31,29 @@ pub enum OptimError {
          a detached tensor, or a frozen branch); fix the graph, or set skip_missing_grads = true"
     )]
     MissingGradient { name: String },
-    #[error("parameter {name} is {dtype:?}; AdamW keeps f32 master weights, so load the drafter in f32")]
+    #[error(
+        "parameter {name} is {dtype:?}; AdamW keeps f32 master weights, so load the drafter in f32"
+    )]
     NotF32 { name: String, dtype: DType },
     #[error("parameter name {0:?} is given twice; names key the optimizer state")]
     DuplicateName(String),
-    #[error("global gradient norm is {norm}; the step was not taken (skip this batch or lower the lr)")]
+    #[error(
+        "global gradient norm is {norm}; the step was not taken (skip this batch or lower the lr)"
+    )]
     NonFiniteGradNorm { norm: f64 },
     #[error("optimizer setting {name} = {value} is invalid: {hint}")]
-    BadConfig { name: &'static str, value: f64, hint: &'static str },
+    BadConfig {
+        name: &'static str,
+        value: f64,
+        hint: &'static str,
+    },
     #[error("optimizer state {path}: {reason}")]
     State { path: PathBuf, reason: String },
     #[error("writing optimizer state {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("tensor operation failed in the optimizer: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -114,20 +125,36 @@ impl AdamWConfig {
             return bad("lr", self.lr, "use a finite lr ≥ 0 (6e-4 by default)");
         }
         if !(0.0..1.0).contains(&self.beta1) {
-            return bad("beta1", self.beta1, "beta1 must lie in [0, 1) (0.9 by default)");
+            return bad(
+                "beta1",
+                self.beta1,
+                "beta1 must lie in [0, 1) (0.9 by default)",
+            );
         }
         if !(0.0..1.0).contains(&self.beta2) {
-            return bad("beta2", self.beta2, "beta2 must lie in [0, 1) (0.999 by default)");
+            return bad(
+                "beta2",
+                self.beta2,
+                "beta2 must lie in [0, 1) (0.999 by default)",
+            );
         }
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return bad("eps", self.eps, "eps must be positive (1e-8 by default)");
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad("weight_decay", self.weight_decay, "weight_decay must be ≥ 0 (0 by default)");
+            return bad(
+                "weight_decay",
+                self.weight_decay,
+                "weight_decay must be ≥ 0 (0 by default)",
+            );
         }
         if let Some(c) = self.max_grad_norm {
             if !(c.is_finite() && c > 0.0) {
-                return bad("max_grad_norm", c, "use a positive clip (1.0) or null to disable clipping");
+                return bad(
+                    "max_grad_norm",
+                    c,
+                    "use a positive clip (1.0) or null to disable clipping",
+                );
             }
         }
         Ok(())
@@ -148,7 +175,10 @@ pub struct ScheduleConfig {
 
 impl Default for ScheduleConfig {
     fn default() -> Self {
-        ScheduleConfig { warmup_ratio: default_warmup_ratio(), min_lr: 0.0 }
+        ScheduleConfig {
+            warmup_ratio: default_warmup_ratio(),
+            min_lr: 0.0,
+        }
     }
 }
 
@@ -224,7 +254,9 @@ pub struct OptimState {
 fn grad_vec(grads: &GradStore, var: &Var) -> Result<Option<Vec<f32>>, OptimError> {
     match grads.get(var.as_tensor()) {
         None => Ok(None),
-        Some(g) => Ok(Some(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)),
+        Some(g) => Ok(Some(
+            g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+        )),
     }
 }
 
@@ -239,12 +271,24 @@ impl AdamW {
                 return Err(OptimError::DuplicateName(name));
             }
             if var.dtype() != DType::F32 {
-                return Err(OptimError::NotF32 { name, dtype: var.dtype() });
+                return Err(OptimError::NotF32 {
+                    name,
+                    dtype: var.dtype(),
+                });
             }
             let n = var.elem_count();
-            out.push(Param { name, var, m: vec![0.0; n], v: vec![0.0; n] });
+            out.push(Param {
+                name,
+                var,
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+            });
         }
-        Ok(AdamW { config, params: out, step: 0 })
+        Ok(AdamW {
+            config,
+            params: out,
+            step: 0,
+        })
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -265,7 +309,12 @@ impl AdamW {
         let mut sq = 0.0f64;
         for p in &self.params {
             if let Some(g) = grads.get(p.var.as_tensor()) {
-                sq += f64::from(g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?);
+                sq += f64::from(
+                    g.to_dtype(DType::F32)?
+                        .sqr()?
+                        .sum_all()?
+                        .to_scalar::<f32>()?,
+                );
             }
         }
         Ok(sq.sqrt())
@@ -281,7 +330,11 @@ impl AdamW {
             match &g {
                 Some(g) => sq += g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>(),
                 None if self.config.skip_missing_grads => {}
-                None => return Err(OptimError::MissingGradient { name: p.name.clone() }),
+                None => {
+                    return Err(OptimError::MissingGradient {
+                        name: p.name.clone(),
+                    })
+                }
             }
             gs.push(g);
         }
@@ -322,13 +375,21 @@ impl AdamW {
             p.var.set(&Tensor::from_vec(w, t.shape(), t.device())?)?;
         }
         self.step += 1;
-        Ok(StepStats { grad_norm, clip_scale, lr })
+        Ok(StepStats {
+            grad_norm,
+            clip_scale,
+            lr,
+        })
     }
 
     pub fn state_dict(&self) -> OptimState {
         OptimState {
             step: self.step,
-            moments: self.params.iter().map(|p| (p.name.clone(), (p.m.clone(), p.v.clone()))).collect(),
+            moments: self
+                .params
+                .iter()
+                .map(|p| (p.name.clone(), (p.m.clone(), p.v.clone())))
+                .collect(),
         }
     }
 
@@ -347,7 +408,10 @@ impl AdamW {
 
     fn check_state(&self, state: &OptimState, path: &Path) -> Result<(), OptimError> {
         for p in &self.params {
-            let bad = |reason: String| OptimError::State { path: path.to_path_buf(), reason };
+            let bad = |reason: String| OptimError::State {
+                path: path.to_path_buf(),
+                reason,
+            };
             let Some((m, v)) = state.moments.get(&p.name) else {
                 return Err(bad(format!(
                     "no moments for parameter {}; the state was saved for another drafter",
@@ -365,7 +429,11 @@ impl AdamW {
         }
         if state.moments.len() != self.params.len() {
             let known: HashSet<&str> = self.param_names().collect();
-            let extra: Vec<&String> = state.moments.keys().filter(|k| !known.contains(k.as_str())).collect();
+            let extra: Vec<&String> = state
+                .moments
+                .keys()
+                .filter(|k| !known.contains(k.as_str()))
+                .collect();
             return Err(OptimError::State {
                 path: path.to_path_buf(),
                 reason: format!("moments for unknown parameters {extra:?}; the state belongs to another drafter"),
@@ -377,7 +445,10 @@ impl AdamW {
     /// Writes `exp_avg.<name>` / `exp_avg_sq.<name>` tensors and the step count (metadata) to a
     /// safetensors file, atomically.
     pub fn save(&self, path: &Path) -> Result<(), OptimError> {
-        let io = |source| OptimError::Io { path: path.to_path_buf(), source };
+        let io = |source| OptimError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for p in &self.params {
             let shape = p.var.dims().to_vec();
@@ -393,22 +464,35 @@ impl AdamW {
                     .map(|v| (name.clone(), v))
             })
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| OptimError::State { path: path.to_path_buf(), reason: e.to_string() })?;
+            .map_err(|e| OptimError::State {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         let metadata = HashMap::from([
             ("format".to_string(), STATE_FORMAT.to_string()),
             ("step".to_string(), self.step.to_string()),
         ]);
-        let data = safetensors::serialize(views, Some(metadata))
-            .map_err(|e| OptimError::State { path: path.to_path_buf(), reason: e.to_string() })?;
+        let data =
+            safetensors::serialize(views, Some(metadata)).map_err(|e| OptimError::State {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         write_atomically(path, &data).map_err(io)
     }
 
     /// Reads a state written by [`AdamW::save`].
     pub fn load(&mut self, path: &Path) -> Result<(), OptimError> {
-        let bad = |reason: String| OptimError::State { path: path.to_path_buf(), reason };
-        let data = std::fs::read(path).map_err(|source| OptimError::Io { path: path.to_path_buf(), source })?;
+        let bad = |reason: String| OptimError::State {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let data = std::fs::read(path).map_err(|source| OptimError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| bad(e.to_string()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&data).map_err(|e| bad(e.to_string()))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&data).map_err(|e| bad(e.to_string()))?;
         let info = meta.metadata().clone().unwrap_or_default();
         match info.get("format") {
             Some(f) if f == STATE_FORMAT => {}
@@ -426,7 +510,11 @@ impl AdamW {
                 if view.dtype() != safetensors::Dtype::F32 {
                     return Err(bad(format!("{name} is {:?}, expected F32", view.dtype())));
                 }
-                Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+                Ok(view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect())
             };
             moments.insert(p.name.clone(), (read("exp_avg")?, read("exp_avg_sq")?));
         }
@@ -475,7 +563,10 @@ mod tests {
     fn grads_for(pairs: &[(&Var, &[f32])]) -> GradStore {
         let mut g = GradStore::default();
         for (v, values) in pairs {
-            g.insert(v.as_tensor(), Tensor::from_vec(values.to_vec(), v.shape(), &Device::Cpu).unwrap());
+            g.insert(
+                v.as_tensor(),
+                Tensor::from_vec(values.to_vec(), v.shape(), &Device::Cpu).unwrap(),
+            );
         }
         g
     }
@@ -486,7 +577,11 @@ mod tests {
 
     #[test]
     fn two_steps_equal_a_hand_computed_adamw_update() {
-        let cfg = AdamWConfig { weight_decay: 0.1, max_grad_norm: None, ..Default::default() };
+        let cfg = AdamWConfig {
+            weight_decay: 0.1,
+            max_grad_norm: None,
+            ..Default::default()
+        };
         let p = var(&[1.0, -2.0, 0.5, 0.0], (2, 2));
         let mut opt = AdamW::new(vec![("w".into(), p.clone())], cfg).unwrap();
         let g1 = [0.1f32, -0.3, 2.0, 0.0];
@@ -522,8 +617,11 @@ mod tests {
     fn clipping_scales_the_global_gradient_norm_to_the_limit() {
         let a = var(&[0.0, 0.0], (1, 2));
         let b = var(&[0.0], (1, 1));
-        let mut opt =
-            AdamW::new(vec![("a".into(), a.clone()), ("b".into(), b.clone())], AdamWConfig::default()).unwrap();
+        let mut opt = AdamW::new(
+            vec![("a".into(), a.clone()), ("b".into(), b.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
         // Global norm sqrt(3² + 4² + 12²) = 13 across two parameters.
         let grads = grads_for(&[(&a, &[3.0, 4.0]), (&b, &[12.0])]);
         assert!((opt.grad_norm(&grads).unwrap() - 13.0).abs() < 1e-9);
@@ -536,7 +634,11 @@ mod tests {
         let (m_b, _) = &state.moments["b"];
         let clipped = [3.0 / 13.0, 4.0 / 13.0, 12.0 / 13.0];
         for (got, want) in m_a.iter().chain(m_b).zip(clipped) {
-            assert!((*got as f64 - 0.1 * want).abs() < 1e-7, "{got} vs {}", 0.1 * want);
+            assert!(
+                (*got as f64 - 0.1 * want).abs() < 1e-7,
+                "{got} vs {}",
+                0.1 * want
+            );
         }
         // Below the limit nothing is scaled.
         let small = grads_for(&[(&a, &[0.3, 0.4]), (&b, &[0.0])]);
@@ -549,19 +651,31 @@ mod tests {
         let grads_seq: Vec<[f32; 6]> = (0..4)
             .map(|s| std::array::from_fn(|i| ((s * 7 + i * 3) % 11) as f32 / 5.0 - 1.0))
             .collect();
-        let cfg = AdamWConfig { weight_decay: 0.01, ..Default::default() };
-        let sched = CosineSchedule::new(6e-4, 4, &ScheduleConfig { warmup_ratio: 0.25, min_lr: 0.0 });
+        let cfg = AdamWConfig {
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let sched = CosineSchedule::new(
+            6e-4,
+            4,
+            &ScheduleConfig {
+                warmup_ratio: 0.25,
+                min_lr: 0.0,
+            },
+        );
 
         let p_a = var(&init, (2, 3));
         let mut a = AdamW::new(vec![("layers.0.w".into(), p_a.clone())], cfg.clone()).unwrap();
         for (s, g) in grads_seq.iter().enumerate() {
-            a.step(&grads_for(&[(&p_a, g)]), sched.lr(s as u64)).unwrap();
+            a.step(&grads_for(&[(&p_a, g)]), sched.lr(s as u64))
+                .unwrap();
         }
 
         let p_b = var(&init, (2, 3));
         let mut b = AdamW::new(vec![("layers.0.w".into(), p_b.clone())], cfg.clone()).unwrap();
         for (s, g) in grads_seq.iter().take(2).enumerate() {
-            b.step(&grads_for(&[(&p_b, g)]), sched.lr(s as u64)).unwrap();
+            b.step(&grads_for(&[(&p_b, g)]), sched.lr(s as u64))
+                .unwrap();
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("optim.safetensors");
@@ -574,7 +688,8 @@ mod tests {
         c.load(&path).unwrap();
         assert_eq!(c.step_count(), 2);
         for (s, g) in grads_seq.iter().enumerate().skip(2) {
-            c.step(&grads_for(&[(&p_c, g)]), sched.lr(c.step_count())).unwrap();
+            c.step(&grads_for(&[(&p_c, g)]), sched.lr(c.step_count()))
+                .unwrap();
             assert_eq!(c.step_count(), s as u64 + 1);
         }
         let bits = |v: &Var| values(v).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -585,16 +700,25 @@ mod tests {
     #[test]
     fn a_state_for_other_parameters_is_rejected() {
         let p = var(&[1.0, 2.0], (1, 2));
-        let opt = AdamW::new(vec![("fc.weight".into(), p.clone())], AdamWConfig::default()).unwrap();
+        let opt = AdamW::new(
+            vec![("fc.weight".into(), p.clone())],
+            AdamWConfig::default(),
+        )
+        .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("optim.safetensors");
         opt.save(&path).unwrap();
         let q = var(&[1.0, 2.0], (1, 2));
-        let mut other = AdamW::new(vec![("norm.weight".into(), q)], AdamWConfig::default()).unwrap();
+        let mut other =
+            AdamW::new(vec![("norm.weight".into(), q)], AdamWConfig::default()).unwrap();
         assert!(matches!(other.load(&path), Err(OptimError::State { .. })));
         let r = var(&[1.0, 2.0, 3.0], (1, 3));
-        let mut wrong_size = AdamW::new(vec![("fc.weight".into(), r)], AdamWConfig::default()).unwrap();
-        assert!(matches!(wrong_size.load(&path), Err(OptimError::State { .. })));
+        let mut wrong_size =
+            AdamW::new(vec![("fc.weight".into(), r)], AdamWConfig::default()).unwrap();
+        assert!(matches!(
+            wrong_size.load(&path),
+            Err(OptimError::State { .. })
+        ));
     }
 
     #[test]
@@ -608,19 +732,35 @@ mod tests {
             Err(OptimError::MissingGradient { name }) => assert_eq!(name, "b"),
             other => panic!("unexpected {other:?}"),
         }
-        assert_eq!(values(&a), vec![1.0], "a failed step must not move any parameter");
-        let mut lenient =
-            AdamW::new(params, AdamWConfig { skip_missing_grads: true, ..Default::default() }).unwrap();
+        assert_eq!(
+            values(&a),
+            vec![1.0],
+            "a failed step must not move any parameter"
+        );
+        let mut lenient = AdamW::new(
+            params,
+            AdamWConfig {
+                skip_missing_grads: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         lenient.step(&grads, 1e-3).unwrap();
         assert_ne!(values(&a), vec![1.0]);
         assert_eq!(values(&b), vec![2.0]);
         assert!(matches!(
-            AdamW::new(vec![("x".into(), a.clone()), ("x".into(), b)], AdamWConfig::default()),
+            AdamW::new(
+                vec![("x".into(), a.clone()), ("x".into(), b)],
+                AdamWConfig::default()
+            ),
             Err(OptimError::DuplicateName(_))
         ));
         let nan = grads_for(&[(&a, &[f32::NAN])]);
         let mut opt = AdamW::new(vec![("a".into(), a.clone())], AdamWConfig::default()).unwrap();
-        assert!(matches!(opt.step(&nan, 1e-3), Err(OptimError::NonFiniteGradNorm { .. })));
+        assert!(matches!(
+            opt.step(&nan, 1e-3),
+            Err(OptimError::NonFiniteGradNorm { .. })
+        ));
         assert_eq!(opt.step_count(), 0);
     }
 
@@ -638,7 +778,14 @@ mod tests {
         // End: the minimum, held afterwards.
         assert!(s.lr(1000).abs() < 1e-15);
         assert!(s.lr(5000).abs() < 1e-15);
-        let floor = CosineSchedule::new(1.0, 100, &ScheduleConfig { warmup_ratio: 0.0, min_lr: 0.1 });
+        let floor = CosineSchedule::new(
+            1.0,
+            100,
+            &ScheduleConfig {
+                warmup_ratio: 0.0,
+                min_lr: 0.1,
+            },
+        );
         assert!((floor.lr(0) - 1.0).abs() < 1e-12);
         assert!((floor.lr(50) - 0.55).abs() < 1e-12);
         assert!((floor.lr(100) - 0.1).abs() < 1e-12);
@@ -652,7 +799,13 @@ mod tests {
         assert_eq!(c.beta2, 0.999);
         assert_eq!(c.max_grad_norm, Some(1.0));
         assert!(serde_json::from_str::<AdamWConfig>(r#"{"learning_rate": 1e-3}"#).is_err());
-        let bad = AdamWConfig { beta1: 1.0, ..Default::default() };
-        assert!(matches!(bad.validate(), Err(OptimError::BadConfig { name: "beta1", .. })));
+        let bad = AdamWConfig {
+            beta1: 1.0,
+            ..Default::default()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(OptimError::BadConfig { name: "beta1", .. })
+        ));
     }
 }
