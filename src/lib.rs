@@ -3,6 +3,7 @@
 
 pub mod eval;
 pub mod model;
+pub mod nn;
 pub mod train;
 
 pub fn version() -> &'static str {
