@@ -1,6 +1,7 @@
 //! specauf: speculative decoding with masked block drafters (DFlash, Domino) trained with the
 //! Accept-Until-Fail objective.
 
+pub mod drafter;
 pub mod eval;
 pub mod model;
 pub mod nn;
