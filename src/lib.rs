@@ -1,10 +1,13 @@
 //! specauf: speculative decoding with masked block drafters (DFlash, Domino) trained with the
 //! Accept-Until-Fail objective.
 
+pub mod assets;
 pub mod drafter;
 pub mod eval;
 pub mod model;
 pub mod nn;
+pub mod spec;
+pub mod tokenizer;
 pub mod train;
 
 pub fn version() -> &'static str {
