@@ -1,1 +1,5 @@
+pub mod data;
+pub mod features;
+pub mod prepare;
+pub mod regenerate;
 pub mod sharegpt;
