@@ -4,6 +4,8 @@
 pub mod assets;
 pub mod eval;
 pub mod model;
+pub mod nn;
+pub mod spec;
 pub mod tokenizer;
 pub mod train;
 

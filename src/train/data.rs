@@ -922,9 +922,18 @@ impl Dataset {
         self.split
     }
 
-    /// Sequence `i` (a copy; see [`Dataset::input_ids`] and [`Dataset::loss_mask`] for views).
-    pub fn get(&self, i: usize) -> Result<Sequence, DataError> {
-        Ok(Sequence { input_ids: self.input_ids(i)?.to_vec(), loss_mask: self.loss_mask(i)?.to_vec() })
+    /// Sequence `i` (a copy; [`Dataset::input_ids`] and [`Dataset::loss_mask`] are views).
+    ///
+    /// Panics if `i >= len()`, like slice indexing; [`Dataset::try_get`] does not.
+    pub fn get(&self, i: usize) -> Sequence {
+        let r = self.offsets[i]..self.offsets[i + 1];
+        Sequence { input_ids: self.input_ids[r.clone()].to_vec(), loss_mask: self.loss_mask[r].to_vec() }
+    }
+
+    /// Sequence `i`, or [`DataError::IndexOutOfRange`].
+    pub fn try_get(&self, i: usize) -> Result<Sequence, DataError> {
+        self.range(i)?;
+        Ok(self.get(i))
     }
 
     pub fn input_ids(&self, i: usize) -> Result<&[u32], DataError> {

@@ -1,5 +1,10 @@
+//! Training: data → blocks → objective → LM head/CE → optimiser.
+
 pub mod data;
 pub mod features;
+pub mod head;
+pub mod objective;
+pub mod optim;
 pub mod prepare;
 pub mod regenerate;
 pub mod sharegpt;

@@ -25,7 +25,7 @@ use crate::train::data::{
     PrepareSettings, Sequence, SourceReport, Split, SplitInfo, TokenizerInfo,
 };
 use crate::train::features::{self, FeatureError};
-use crate::train::regenerate::{self, CacheKey, Outcome, RegenerateError, RegenerationCache, RegenerationProgress, Reply, ReplyRequest};
+use crate::train::regenerate::{self, CacheKey, Outcome, RegenerateError, RegenerationCache, RegenerationProgress, Reply, ReplyError, ReplyRequest};
 use crate::train::sharegpt::{self, ShareGptError};
 
 /// Default sequence length for the embedded default target.
@@ -85,7 +85,7 @@ pub struct PrepareReport {
 }
 
 /// A reply generator: prompt ids and request in, reply out. Shared by the worker threads.
-pub type ReplyFn<'a> = dyn Fn(&[u32], &ReplyRequest) -> Result<Reply, ModelError> + Sync + 'a;
+pub type ReplyFn<'a> = dyn Fn(&[u32], &ReplyRequest) -> Result<Reply, ReplyError> + Sync + 'a;
 
 /// Runs the pipeline with `target` for regeneration (if asked) and `feature_target` for the
 /// feature cache (if asked; it may be the same target, or one loaded with other weights).
@@ -96,7 +96,18 @@ pub fn prepare(
     feature_target: Option<&Target>,
     opts: &PrepareOptions,
 ) -> Result<PrepareReport, PrepareError> {
-    let reply = target.map(|t| move |p: &[u32], r: &ReplyRequest| regenerate::reply_with_target(t, p, r));
+    // Stop at the model's EOS ids and the tokenizer's (a chat model may name its end-of-turn
+    // token only in its tokenizer config).
+    let mut eos: Vec<u32> = target.map(|t| t.config().eos_token_ids.clone()).unwrap_or_default();
+    for &id in tok.eos_token_ids() {
+        if !eos.contains(&id) {
+            eos.push(id);
+        }
+    }
+    let eos = &eos;
+    let reply = target.map(|t| {
+        move |p: &[u32], r: &ReplyRequest| regenerate::reply_with_target(t, eos, p, r).map_err(ReplyError::from)
+    });
     match &reply {
         Some(f) => prepare_with(tok, model, Some(f), feature_target, opts),
         None => prepare_with(tok, model, None, feature_target, opts),

@@ -23,11 +23,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use candle_core::{Tensor, D};
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{KvCache, Logits, ModelError, Target};
+use crate::model::Target;
+use crate::spec::{generate, AcceptRule, FinishReason, GenerateConfig, SpecError};
 use crate::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
 use crate::train::data::{io_err, write_atomic, ChatExample, DataError};
 use crate::train::sharegpt::fnv1a64;
@@ -56,7 +55,7 @@ pub struct RegenerateSettings {
 }
 
 /// The decode loop of [`reply_with_target`].
-pub const GENERATOR: &str = "specauf-ar-v1";
+pub const GENERATOR: &str = "spec-driver-ar-v1";
 
 impl RegenerateSettings {
     pub fn greedy(max_new_tokens: usize) -> Self {
@@ -81,6 +80,9 @@ pub struct ReplyRequest {
     pub seed: u64,
 }
 
+/// Why a reply generator failed.
+pub type ReplyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A generated reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -93,10 +95,10 @@ pub struct Reply {
 #[derive(Debug, thiserror::Error)]
 pub enum RegenerateError {
     #[error("generating a reply for conversation {id}: {source}")]
-    Model {
+    Generate {
         id: String,
         #[source]
-        source: ModelError,
+        source: ReplyError,
     },
     #[error("conversation {id}: {source}")]
     Tokenizer {
@@ -157,7 +159,7 @@ pub fn regenerate_conversation<F>(
     reply: &F,
 ) -> Result<Outcome, RegenerateError>
 where
-    F: Fn(&[u32], &ReplyRequest) -> Result<Reply, ModelError> + ?Sized,
+    F: Fn(&[u32], &ReplyRequest) -> Result<Reply, ReplyError> + ?Sized,
 {
     let tok_err = |source| RegenerateError::Tokenizer { id: ex.id.clone(), source };
     let mut messages: Vec<ChatMessage> = Vec::with_capacity(ex.messages.len());
@@ -182,7 +184,7 @@ where
                     top_p: settings.top_p,
                     seed: turn_seed(settings.seed, &ex.id, turn),
                 };
-                let r = reply(&prompt, &req).map_err(|source| RegenerateError::Model { id: ex.id.clone(), source })?;
+                let r = reply(&prompt, &req).map_err(|source| RegenerateError::Generate { id: ex.id.clone(), source })?;
                 new_tokens += r.token_ids.len() + usize::from(r.stopped);
                 let text = tok.decode(&r.token_ids, false).map_err(tok_err)?;
                 messages.push(ChatMessage::assistant(text));
@@ -201,69 +203,24 @@ where
     Ok(Outcome::Done(RegeneratedRecord { id: ex.id.clone(), source_hash: source_hash(ex), messages, closed, new_tokens }))
 }
 
-/// Plain autoregressive decoding with the target (batch 1, one KV cache per call): prefill the
-/// prompt, then one token per forward until a stop token or `max_new_tokens`.
-///
-/// TODO(spec): replace the body by `spec::driver::generate(target, None, prompt, cfg)` once
-/// that branch lands; keep the seeding per request.
-pub fn reply_with_target(target: &Target, prompt: &[u32], req: &ReplyRequest) -> Result<Reply, ModelError> {
-    let eos = &target.config().eos_token_ids;
-    let mut cache: KvCache = target.new_cache();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(req.seed);
-    let mut logits = last_logits(target.forward(prompt, &mut cache, &[], Logits::Last)?.logits)?;
-    let mut out = Vec::with_capacity(req.max_new_tokens);
-    while out.len() < req.max_new_tokens {
-        let next = pick(&logits, req, &mut rng)?;
-        if eos.contains(&next) {
-            return Ok(Reply { token_ids: out, stopped: true });
-        }
-        out.push(next);
-        if out.len() == req.max_new_tokens {
-            break;
-        }
-        logits = last_logits(target.forward(&[next], &mut cache, &[], Logits::Last)?.logits)?;
+/// The target's reply through the one decode loop (`spec::driver::generate`, no proposer: plain
+/// autoregressive decoding), stopping at any of `eos_token_ids`.
+pub fn reply_with_target(target: &Target, eos_token_ids: &[u32], prompt: &[u32], req: &ReplyRequest) -> Result<Reply, SpecError> {
+    let cfg = GenerateConfig {
+        max_new_tokens: req.max_new_tokens,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        seed: req.seed,
+        eos_token_ids: eos_token_ids.to_vec(),
+        accept_rule: AcceptRule::SampleMatch,
+    };
+    let out = generate(target, None, prompt, &cfg)?;
+    let stopped = out.finish_reason == FinishReason::Eos;
+    let mut token_ids = out.token_ids;
+    if stopped {
+        token_ids.pop();
     }
-    Ok(Reply { token_ids: out, stopped: false })
-}
-
-fn last_logits(logits: Option<Tensor>) -> Result<Vec<f32>, ModelError> {
-    let l = logits.ok_or(ModelError::EmptyInput)?;
-    Ok(l.squeeze(0)?.to_vec1::<f32>()?)
-}
-
-/// argmax (first maximum) at temperature 0; else a draw from softmax(logits / T) restricted to
-/// the smallest set of top tokens whose mass reaches `top_p`.
-fn pick(logits: &[f32], req: &ReplyRequest, rng: &mut impl Rng) -> Result<u32, ModelError> {
-    if req.temperature <= 0.0 {
-        let mut best = 0usize;
-        for (i, &v) in logits.iter().enumerate() {
-            if v > logits[best] {
-                best = i;
-            }
-        }
-        return Ok(best as u32);
-    }
-    let t = Tensor::new(logits, &candle_core::Device::Cpu)?;
-    let probs = candle_nn::ops::softmax(&(t / req.temperature as f64)?, D::Minus1)?.to_vec1::<f32>()?;
-    let mut order: Vec<usize> = (0..probs.len()).collect();
-    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-    let mut kept = 0.0f32;
-    let mut n = 0;
-    for &i in &order {
-        kept += probs[i];
-        n += 1;
-        if kept >= req.top_p {
-            break;
-        }
-    }
-    let mut u = rng.gen::<f32>() * kept;
-    for &i in &order[..n] {
-        u -= probs[i];
-        if u <= 0.0 {
-            return Ok(i as u32);
-        }
-    }
-    Ok(order[n - 1] as u32)
+    Ok(Reply { token_ids, stopped })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -410,7 +367,7 @@ pub fn regenerate_all<F>(
     reply: &F,
 ) -> Result<Vec<Outcome>, RegenerateError>
 where
-    F: Fn(&[u32], &ReplyRequest) -> Result<Reply, ModelError> + Sync + ?Sized,
+    F: Fn(&[u32], &ReplyRequest) -> Result<Reply, ReplyError> + Sync + ?Sized,
 {
     let mut outcomes: Vec<Option<Outcome>> = examples.iter().map(|ex| cache.get(ex).cloned().map(Outcome::Done)).collect();
     let todo: Vec<usize> = (0..examples.len()).filter(|&i| outcomes[i].is_none()).collect();
