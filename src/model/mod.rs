@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod config;
 pub mod kv_cache;
+pub mod qgemm;
 pub mod target;
 pub mod weights;
 
