@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use specauf::drafter::dflash::{DFlashDrafter, DFlashInitConfig};
 use specauf::model::{load_model, WeightsMode};
-use specauf::train::trainer::default_mask_token;
+use specauf::train::trainer::{default_mask_token, init_final_norm_from_target};
 
 #[derive(clap::Args, Debug)]
 pub struct InitDrafterArgs {
@@ -35,6 +35,7 @@ pub fn run(a: InitDrafterArgs) -> anyhow::Result<()> {
     let mut init = DFlashInitConfig::new(a.layers, a.block_size, a.mask_token_id.unwrap_or_else(|| default_mask_token(&m.target)));
     init.target_layer_ids = a.target_layer_ids.clone();
     let drafter = DFlashDrafter::init_random(m.target.config(), &init, a.seed)?;
+    init_final_norm_from_target(&drafter.named_vars(), &m.target, drafter.mask_token_id())?;
     drafter.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
     let c = drafter.config();
     println!(

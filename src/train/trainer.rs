@@ -169,7 +169,31 @@ pub fn build_drafter(cfg: &TrainConfig, target: &Target) -> Result<Box<dyn Train
     }
     let mut init = DFlashInitConfig::new(spec.layers, spec.block_size, spec.mask_token_id.unwrap_or_else(|| default_mask_token(target)));
     init.target_layer_ids = spec.target_layer_ids.clone();
-    Ok(Box::new(DFlashDrafter::init_random(target.config(), &init, cfg.seed)?))
+    let drafter = DFlashDrafter::init_random(target.config(), &init, cfg.seed)?;
+    init_final_norm_from_target(&drafter.named_vars(), target, drafter.mask_token_id())?;
+    Ok(Box::new(drafter))
+}
+
+/// Scales the fresh drafter's final `norm` so that its untrained logits have unit spread.
+///
+/// Why: at initialisation the drafter's output at a MASK position is essentially the normalised
+/// MASK embedding (the layers start near zero), and with a tied LM head (SmolLM2) that row's dot
+/// product with itself dominates: the reference's all-ones init starts at a CE near 60 and spends
+/// its first steps unlearning it. With weight 1/σ, σ = std of the logits of the normalised MASK
+/// embedding, the untrained drafter starts near-uniform (CE ≈ ln V) on every target.
+pub fn init_final_norm_from_target(vars: &[(String, Var)], target: &Target, mask_token_id: u32) -> Result<(), TrainError> {
+    if let Some((_, var)) = vars.iter().find(|(n, _)| n == "norm.weight") {
+        let e = target.embed(&[mask_token_id])?;
+        let unit = e.broadcast_div(&e.sqr()?.mean_keepdim(1)?.sqrt()?)?;
+        let logits = target.lm_head(&unit)?;
+        let sigma = logits.flatten_all()?.to_vec1::<f32>()?;
+        let mean = sigma.iter().sum::<f32>() / sigma.len() as f32;
+        let std = (sigma.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / sigma.len() as f32).sqrt();
+        if std.is_finite() && std > 0.0 {
+            var.set(&(var.as_tensor().ones_like()? * (1.0 / std as f64))?)?;
+        }
+    }
+    Ok(())
 }
 
 /// The MASK token when a config does not name one: Qwen3's unused 151669 where the vocabulary
