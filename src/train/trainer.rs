@@ -229,10 +229,13 @@ impl<'a> FeatureSource<'a> {
         if let Some(t) = self.memory.get(&idx) {
             return Ok(t.to_dtype(DType::F32)?);
         }
-        let f = target_features(self.target, ids, &self.layer_ids)?;
-        let bytes = f.elem_count() * 2;
+        // Features are always rounded through f16, whether they were just computed or come from
+        // memory: a resumed run (empty memory) then sees exactly what the uninterrupted run saw.
+        let f16 = target_features(self.target, ids, &self.layer_ids)?.to_dtype(DType::F16)?;
+        let f = f16.to_dtype(DType::F32)?;
+        let bytes = f16.elem_count() * 2;
         if self.used_bytes + bytes <= self.budget_bytes {
-            self.memory.insert(idx, f.to_dtype(DType::F16)?);
+            self.memory.insert(idx, f16);
             self.used_bytes += bytes;
         }
         Ok(f)
