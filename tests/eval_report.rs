@@ -41,7 +41,10 @@ fn benchmarks() -> Vec<Benchmark> {
     };
     // Deliberately not in the canonical order: reports keep the order given.
     vec![
-        mk(BenchmarkName::Mbpp, vec![("m1", vec!["sort a list"]), ("m2", vec!["reverse a string"])]),
+        mk(
+            BenchmarkName::Mbpp,
+            vec![("m1", vec!["sort a list"]), ("m2", vec!["reverse a string"])],
+        ),
         mk(BenchmarkName::Gsm8k, vec![("g1", vec!["two plus two"])]),
         mk(BenchmarkName::MtBench, vec![("81", vec!["write a poem", "now shorter"])]),
     ]
@@ -58,7 +61,10 @@ fn evaluate() -> (tempfile::TempDir, Settings, EvalResults) {
     let first = ByteRenderer.render(&benches[0].requests[0].turns, &[]).unwrap();
     let ar = specauf::spec::generate(&target, None, &first, &specauf::spec::GenerateConfig::greedy(&target, MAX_NEW)).unwrap();
     let mut drafters = vec![
-        EvalDrafter::new("oracle", Box::new(OracleProposer::new(5, ar.token_ids.clone(), OracleErrors::At(vec![3, 9])))),
+        EvalDrafter::new(
+            "oracle",
+            Box::new(OracleProposer::new(5, ar.token_ids.clone(), OracleErrors::At(vec![3, 9]))),
+        ),
         EvalDrafter::new("fixed", Box::new(FixedProposer::new(3, 17))),
         EvalDrafter::new("random", Box::new(RandomProposer::uniform(4, 2))),
     ];
@@ -72,7 +78,15 @@ fn evaluate() -> (tempfile::TempDir, Settings, EvalResults) {
             trained_block_size: d.proposer.block_size(),
         })
         .collect();
-    let settings = Settings::describe("tests/fixtures/models/qwen3", "f32", drafter_settings, Some(2), &cfg, &results, "specauf eval --model qwen3-fixture");
+    let settings = Settings::describe(
+        "tests/fixtures/models/qwen3",
+        "f32",
+        drafter_settings,
+        Some(2),
+        &cfg,
+        &results,
+        "specauf eval --model qwen3-fixture",
+    );
     let dir = tempfile::tempdir().unwrap();
     report::write_all(dir.path(), &settings, &results).unwrap();
     (dir, settings, results)
@@ -101,12 +115,24 @@ fn results_json_has_the_documented_schema_in_evaluation_order() {
     assert_eq!(b[0]["requests"], 2);
 
     let runs = v["runs"].as_array().unwrap();
-    assert_eq!(runs.iter().map(|r| r["drafter"].as_str().unwrap()).collect::<Vec<_>>(), ["oracle", "fixed", "random"]);
+    assert_eq!(
+        runs.iter().map(|r| r["drafter"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["oracle", "fixed", "random"]
+    );
     for run in runs {
         let benches = run["benchmarks"].as_object().unwrap();
         for name in ["mbpp", "gsm8k", "mtbench"] {
             let x = &benches[name];
-            for key in ["tau", "tau_pooled", "accept_per_position", "accept_histogram", "requests", "ar_tokens_per_s", "spec_tokens_per_s", "speedup"] {
+            for key in [
+                "tau",
+                "tau_pooled",
+                "accept_per_position",
+                "accept_histogram",
+                "requests",
+                "ar_tokens_per_s",
+                "spec_tokens_per_s",
+                "speedup",
+            ] {
                 assert!(!x[key].is_null(), "{} {name}: no {key}", run["drafter"]);
             }
             assert!(x["tau"].as_f64().unwrap() >= 1.0);
@@ -123,7 +149,11 @@ fn results_json_has_the_documented_schema_in_evaluation_order() {
     assert_eq!(runs[0]["benchmarks"]["mbpp"]["accept_per_position"].as_array().unwrap().len(), 4);
     // Benchmarks keep their evaluation order inside each run's object.
     let first_run = text.find("\"oracle\"").unwrap();
-    let (m, g, t) = (text[first_run..].find("\"mbpp\"").unwrap(), text[first_run..].find("\"gsm8k\"").unwrap(), text[first_run..].find("\"mtbench\"").unwrap());
+    let (m, g, t) = (
+        text[first_run..].find("\"mbpp\"").unwrap(),
+        text[first_run..].find("\"gsm8k\"").unwrap(),
+        text[first_run..].find("\"mtbench\"").unwrap(),
+    );
     assert!(m < g && g < t, "order mbpp, gsm8k, mtbench");
     assert_eq!(v["exactness"]["checked"], true);
     assert_eq!(v["exactness"]["mismatches"], 0);
@@ -139,7 +169,18 @@ fn requests_jsonl_has_one_line_per_turn_of_every_run() {
     assert_eq!(lines.len(), 20);
     assert_eq!(lines.len(), results.records.len());
     for l in &lines {
-        for key in ["benchmark", "id", "turn", "drafter", "tau", "accept_lengths", "tokens", "decode_ms", "prefill_ms", "exact_match_vs_ar"] {
+        for key in [
+            "benchmark",
+            "id",
+            "turn",
+            "drafter",
+            "tau",
+            "accept_lengths",
+            "tokens",
+            "decode_ms",
+            "prefill_ms",
+            "exact_match_vs_ar",
+        ] {
             assert!(l.get(key).is_some(), "no {key}: {l}");
         }
         let tokens = l["tokens"].as_array().unwrap().len();
@@ -157,8 +198,18 @@ fn requests_jsonl_has_one_line_per_turn_of_every_run() {
 fn report_md_puts_the_drafters_side_by_side_and_names_the_stand_ins() {
     let (dir, settings, results) = evaluate();
     let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
-    assert!(md.contains("| benchmark | requests | AR tok/s | oracle τ | oracle speedup | fixed τ | fixed speedup | random τ | random speedup |"), "{md}");
-    let row = |name: &str| md.lines().find(|l| l.starts_with(&format!("| {name} |"))).unwrap_or_else(|| panic!("no {name} row:\n{md}")).to_string();
+    assert!(
+        md.contains(
+            "| benchmark | requests | AR tok/s | oracle τ | oracle speedup | fixed τ | fixed speedup | random τ | random speedup |"
+        ),
+        "{md}"
+    );
+    let row = |name: &str| {
+        md.lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no {name} row:\n{md}"))
+            .to_string()
+    };
     for name in ["mbpp", "gsm8k", "mtbench", "**average**"] {
         // name, requests, AR tok/s, then τ and speedup per drafter: 3 + 6 cells.
         assert_eq!(row(name).matches('|').count(), 10, "{}", row(name));
@@ -190,7 +241,11 @@ fn plot_svg_draws_bars_per_drafter_and_a_line_per_drafter() {
     }
     // 4 groups × 3 runs bars (plus legend swatches), and three acceptance lines.
     assert!(svg.matches("<rect").count() >= 12 + 3, "{} rects", svg.matches("<rect").count());
-    assert!(svg.matches("<polyline").count() >= 3, "{} polylines", svg.matches("<polyline").count());
+    assert!(
+        svg.matches("<polyline").count() >= 3,
+        "{} polylines",
+        svg.matches("<polyline").count()
+    );
     assert!(svg.len() > 5_000);
     // The oracle's τ label is printed above its mbpp bar.
     let tau = results.run("oracle").unwrap().benchmarks[0].1.tau;

@@ -17,9 +17,12 @@ use specauf::spec::{AcceptRule, Draft, FixedProposer, Proposer, RandomProposer, 
 
 /// Renders a conversation without a tokenizer: `[1] ([3] bytes(user) [4] answer [5])*`, the last
 /// turn ending at `[4]` where the answer starts. Records every call.
+/// (1-based turn, the answers passed in, the prompt ids returned) of one render.
+type RenderCall = (usize, Vec<Vec<u32>>, Vec<u32>);
+
 #[derive(Default)]
 struct ByteRenderer {
-    calls: RefCell<Vec<(usize, Vec<Vec<u32>>, Vec<u32>)>>,
+    calls: RefCell<Vec<RenderCall>>,
     /// When set, every call after the first n appends an extra token (a renderer that is not a
     /// function of its input, so runs see different prompts).
     drift_after: Option<usize>,
@@ -64,7 +67,10 @@ fn bench(name: BenchmarkName, requests: &[(&str, &[&str])]) -> Benchmark {
 
 fn two_benchmarks() -> Vec<Benchmark> {
     vec![
-        bench(BenchmarkName::Gsm8k, &[("g1", &["two plus two"]), ("g2", &["a train leaves at noon"])]),
+        bench(
+            BenchmarkName::Gsm8k,
+            &[("g1", &["two plus two"]), ("g2", &["a train leaves at noon"])],
+        ),
         bench(BenchmarkName::MtBench, &[("81", &["write a poem", "now shorter"])]),
     ]
 }
@@ -141,14 +147,21 @@ fn drafters_reproduce_ar_at_t0_and_no_request_is_flagged() {
         let recs = of(&res.records, label);
         assert_eq!(recs.len(), 4);
         for (r, a) in recs.iter().zip(&ar) {
-            assert_eq!((r.benchmark.as_str(), r.id.as_str(), r.turn), (a.benchmark.as_str(), a.id.as_str(), a.turn));
+            assert_eq!(
+                (r.benchmark.as_str(), r.id.as_str(), r.turn),
+                (a.benchmark.as_str(), a.id.as_str(), a.turn)
+            );
             assert_eq!(r.tokens, a.tokens, "{label} {} turn {}", r.id, r.turn);
             assert_eq!(r.exact_match_vs_ar, Some(true));
             assert_eq!(r.tokens.len(), 12);
         }
         let run = res.run(label).unwrap();
         assert_eq!(run.benchmarks.len(), 2);
-        assert_eq!(run.benchmark(BenchmarkName::MtBench).unwrap().requests, 2, "each MT-Bench turn is one request");
+        assert_eq!(
+            run.benchmark(BenchmarkName::MtBench).unwrap().requests,
+            2,
+            "each MT-Bench turn is one request"
+        );
         assert_eq!(run.average.requests, 4);
     }
     assert!(ar.iter().all(|r| r.exact_match_vs_ar.is_none() && r.tau == 1.0));
@@ -173,10 +186,20 @@ fn a_run_whose_tokens_differ_from_ar_is_flagged_and_counted() {
     let ar = &of(&res.records, AR_LABEL)[0];
     let d = &of(&res.records, "fixed")[0];
     let differ = ar.tokens != d.tokens;
-    assert!(differ, "the drifting renderer must change the drafter's output for this test to mean anything");
+    assert!(
+        differ,
+        "the drifting renderer must change the drafter's output for this test to mean anything"
+    );
     assert_eq!(d.exact_match_vs_ar, Some(false));
     assert_eq!(res.exact_mismatches, 1);
-    assert_eq!(res.run("fixed").unwrap().benchmark(BenchmarkName::HumanEval).unwrap().exact_mismatches, 1);
+    assert_eq!(
+        res.run("fixed")
+            .unwrap()
+            .benchmark(BenchmarkName::HumanEval)
+            .unwrap()
+            .exact_mismatches,
+        1
+    );
     assert_eq!(res.mismatched_records().count(), 1);
 }
 
@@ -200,18 +223,29 @@ fn one_ar_baseline_serves_every_drafter() {
     // 4 turns: AR generates each once, whatever the number of drafters; each drafter once too.
     assert_eq!(res.ar_generations, 4);
     assert_eq!(of(&res.records, AR_LABEL).len(), 4);
-    assert_eq!(*begins.borrow(), 3 * 4);
+    // Each drafter: one untimed warm-up generation, then the 4 turns.
+    assert_eq!(*begins.borrow(), 3 * (1 + 4));
     assert_eq!((obs.starts, obs.total, obs.done), (1, 4 * 4, 4 * 4));
     assert_eq!(res.runs.len(), 3);
     // Every run is compared with the same AR figures, and its speedup is the ratio of decode times.
     for name in [BenchmarkName::Gsm8k, BenchmarkName::MtBench] {
-        let ar_ms: f64 = res.records.iter().filter(|r| r.drafter == AR_LABEL && r.benchmark == name.as_str()).map(|r| r.decode_ms).sum();
+        let ar_ms: f64 = res
+            .records
+            .iter()
+            .filter(|r| r.drafter == AR_LABEL && r.benchmark == name.as_str())
+            .map(|r| r.decode_ms)
+            .sum();
         let first = res.runs[0].benchmark(name).unwrap().ar_tokens_per_s;
         for run in &res.runs {
             let b = run.benchmark(name).unwrap();
             assert_eq!(b.ar_tokens_per_s, first);
             assert!((b.ar_decode_ms - ar_ms).abs() < 1e-9);
-            let spec_ms: f64 = res.records.iter().filter(|r| r.drafter == run.drafter && r.benchmark == name.as_str()).map(|r| r.decode_ms).sum();
+            let spec_ms: f64 = res
+                .records
+                .iter()
+                .filter(|r| r.drafter == run.drafter && r.benchmark == name.as_str())
+                .map(|r| r.decode_ms)
+                .sum();
             assert!((b.speedup - ar_ms / spec_ms).abs() < 1e-9, "{} {name}", run.drafter);
         }
     }
@@ -231,18 +265,33 @@ fn mtbench_second_turn_is_conditioned_on_the_run_s_own_first_answer() {
         accept_rule: AcceptRule::Residual,
         ..cfg(&target, 10)
     };
-    let benchmarks = vec![bench(BenchmarkName::MtBench, &[("81", &["write a poem", "now shorter"]), ("82", &["plan a trip", "add a day"])])];
+    let benchmarks = vec![bench(
+        BenchmarkName::MtBench,
+        &[("81", &["write a poem", "now shorter"]), ("82", &["plan a trip", "add a day"])],
+    )];
     let res = runner::run(&target, &renderer, &mut drafters, &benchmarks, &cfg, &mut Silent).unwrap();
     assert!(!res.exactness_checked, "no exactness check at T > 0");
     assert_eq!(res.exact_mismatches, 0);
     let calls = renderer.calls.borrow();
     let mut own_answers_differ = false;
     for id in ["81", "82"] {
-        let ar1 = res.records.iter().find(|r| r.drafter == AR_LABEL && r.id == id && r.turn == 1).unwrap();
-        let d1 = res.records.iter().find(|r| r.drafter == "random" && r.id == id && r.turn == 1).unwrap();
+        let ar1 = res
+            .records
+            .iter()
+            .find(|r| r.drafter == AR_LABEL && r.id == id && r.turn == 1)
+            .unwrap();
+        let d1 = res
+            .records
+            .iter()
+            .find(|r| r.drafter == "random" && r.id == id && r.turn == 1)
+            .unwrap();
         own_answers_differ |= ar1.tokens != d1.tokens;
         for first in [ar1, d1] {
-            let second = res.records.iter().find(|r| r.drafter == first.drafter && r.id == id && r.turn == 2).unwrap();
+            let second = res
+                .records
+                .iter()
+                .find(|r| r.drafter == first.drafter && r.id == id && r.turn == 2)
+                .unwrap();
             // The turn-2 render of this run received exactly its own turn-1 tokens, and the
             // prompt it generated from has that render's length.
             let render = calls
@@ -255,7 +304,10 @@ fn mtbench_second_turn_is_conditioned_on_the_run_s_own_first_answer() {
             assert_eq!(render.1.len(), 1);
         }
     }
-    assert!(own_answers_differ, "the drafter's own answers must differ from AR's somewhere for this test to discriminate");
+    assert!(
+        own_answers_differ,
+        "the drafter's own answers must differ from AR's somewhere for this test to discriminate"
+    );
 }
 
 #[test]
@@ -294,8 +346,20 @@ fn a_lower_block_size_drafts_at_most_b_minus_1_tokens() {
     assert!(recs.iter().all(|r| r.accept_lengths.iter().all(|&a| (1..=3).contains(&a))));
     assert_eq!(res.run("fixed-b3").unwrap().block_size, 3);
     assert_eq!(res.exact_mismatches, 0);
-    let e = BlockSizeOverride::new("fixed", Box::new(FixedProposer::new(4, 1)), 5).err().unwrap();
-    assert!(matches!(e, EvalError::BlockSizeTooLarge { requested: 5, trained: 4, .. }), "{e}");
+    let e = BlockSizeOverride::new("fixed", Box::new(FixedProposer::new(4, 1)), 5)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            e,
+            EvalError::BlockSizeTooLarge {
+                requested: 5,
+                trained: 4,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(BlockSizeOverride::new("fixed", Box::new(FixedProposer::new(4, 1)), 0).is_err());
 }
 
@@ -314,7 +378,7 @@ fn bad_inputs_fail_before_any_generation() {
     let check = |mut drafters: Vec<EvalDrafter>, benchmarks: &[Benchmark], cfg: EvalConfig| -> EvalError {
         let renderer = ByteRenderer::default();
         let mut obs = CountingObserver::default();
-        let e = runner::run(&target, &renderer, &mut drafters, benchmarks, &cfg, &mut obs).err().expect("must fail");
+        let e = runner::run(&target, &renderer, &mut drafters, benchmarks, &cfg, &mut obs).expect_err("must fail");
         assert_eq!(obs.starts, 0, "{e}: the observer started");
         e
     };
@@ -324,11 +388,21 @@ fn bad_inputs_fail_before_any_generation() {
     assert!(matches!(e, EvalError::NoBenchmarks), "{e}");
     let empty = vec![bench(BenchmarkName::Mbpp, &[])];
     let e = check(vec![], &empty, c.clone());
-    assert!(matches!(e, EvalError::EmptyBenchmark { .. }) && e.to_string().contains("mbpp"), "{e}");
+    assert!(
+        matches!(e, EvalError::EmptyBenchmark { .. }) && e.to_string().contains("mbpp"),
+        "{e}"
+    );
     let twice = vec![ok[0].clone(), ok[0].clone()];
     let e = check(vec![], &twice, c.clone());
     assert!(matches!(e, EvalError::DuplicateBenchmark { .. }), "{e}");
-    let e = check(vec![EvalDrafter::new("a", counting(4, vec![])), EvalDrafter::new("a", counting(4, vec![]))], &ok, c.clone());
+    let e = check(
+        vec![
+            EvalDrafter::new("a", counting(4, vec![])),
+            EvalDrafter::new("a", counting(4, vec![])),
+        ],
+        &ok,
+        c.clone(),
+    );
     assert!(matches!(e, EvalError::DuplicateLabel { .. }), "{e}");
     let e = check(vec![EvalDrafter::new(AR_LABEL, counting(4, vec![]))], &ok, c.clone());
     assert!(matches!(e, EvalError::ReservedLabel), "{e}");
@@ -337,12 +411,52 @@ fn bad_inputs_fail_before_any_generation() {
     assert!(matches!(e, EvalError::TapOutOfRange { layer: 9, layers: 4, .. }), "{e}");
     let e = check(vec![EvalDrafter::new("zero", counting(0, vec![]))], &ok, c.clone());
     assert!(matches!(e, EvalError::ZeroBlockSize { .. }), "{e}");
-    let e = check(vec![], &ok, EvalConfig { max_new_tokens: 0, ..c.clone() });
+    let e = check(
+        vec![],
+        &ok,
+        EvalConfig {
+            max_new_tokens: 0,
+            ..c.clone()
+        },
+    );
     assert!(matches!(e, EvalError::InvalidConfig { .. }), "{e}");
-    let e = check(vec![], &ok, EvalConfig { temperature: -1.0, ..c.clone() });
+    let e = check(
+        vec![],
+        &ok,
+        EvalConfig {
+            temperature: -1.0,
+            ..c.clone()
+        },
+    );
     assert!(matches!(e, EvalError::InvalidConfig { .. }), "{e}");
-    let e = check(vec![EvalDrafter::new("a", counting(4, vec![]))], &ok, EvalConfig { max_new_tokens: 600, ..c.clone() });
+    let e = check(
+        vec![EvalDrafter::new("a", counting(4, vec![]))],
+        &ok,
+        EvalConfig {
+            max_new_tokens: 600,
+            ..c.clone()
+        },
+    );
     assert!(matches!(e, EvalError::NothingFits { .. }), "{e}");
     assert_eq!(*begins.borrow(), 0, "no drafter began a request");
     assert!("gsm9k".parse::<BenchmarkName>().unwrap_err().to_string().contains("valid names"));
+}
+
+#[test]
+fn a_dflash_drafter_reproduces_ar_through_the_runner() {
+    use specauf::drafter::{DFlashDrafter, DFlashProposer};
+    let target = target("qwen3");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/dflash/tiny-qwen3-b4");
+    let d = DFlashDrafter::load(&dir, target.config()).unwrap();
+    let mut drafters = vec![EvalDrafter::new("dflash", Box::new(DFlashProposer::new(d)))];
+    let renderer = ByteRenderer::default();
+    let res = runner::run(&target, &renderer, &mut drafters, &two_benchmarks(), &cfg(&target, 16), &mut Silent).unwrap();
+    assert_eq!(res.exact_mismatches, 0);
+    let run = res.run("dflash").unwrap();
+    assert_eq!(run.block_size, 4);
+    assert_eq!(run.average.accept_per_position.len(), 3);
+    for r in of(&res.records, "dflash") {
+        assert_eq!(r.exact_match_vs_ar, Some(true), "{} turn {}", r.id, r.turn);
+        assert!(r.draft_lengths.iter().all(|&k| k == 3));
+    }
 }

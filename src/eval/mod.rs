@@ -6,6 +6,6 @@
 //! - [`plot`]: τ per benchmark and acceptance per position, as SVG.
 
 pub mod datasets;
-pub mod runner;
 pub mod plot;
 pub mod report;
+pub mod runner;

@@ -74,7 +74,10 @@ fn draw<DB: DrawingBackend>(backend: DB, runs: &[RunResult], title: &str) -> Res
 }
 
 /// Grouped bars: one group per benchmark plus "average", one bar per run.
-fn draw_tau<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, runs: &[RunResult]) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+fn draw_tau<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[RunResult],
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let mut groups: Vec<String> = runs
         .first()
         .map(|r| r.benchmarks.iter().map(|(n, _)| n.to_string()).collect())
@@ -104,20 +107,28 @@ fn draw_tau<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, 
     for (i, name) in groups.iter().enumerate() {
         let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
         let half = (name.chars().count() as i32 * 7) / 2;
-        area.draw(&Text::new(name.clone(), (px - bx - half, py - by + 8), ("sans-serif", 13).into_font()))?;
+        area.draw(&Text::new(
+            name.clone(),
+            (px - bx - half, py - by + 8),
+            ("sans-serif", 13).into_font(),
+        ))?;
     }
     let width = 0.8 / runs.len().max(1) as f64;
     for (j, run) in runs.iter().enumerate() {
         let c = color(j);
         let bars: Vec<(f64, f64, f64)> = (0..n).map(|g| (g as f64 + 0.1 + j as f64 * width, value(run, g), width)).collect();
         chart
-            .draw_series(bars.iter().map(|&(x, y, w)| Rectangle::new([(x, 0.0), (x + w * 0.92, y)], c.filled())))?
+            .draw_series(
+                bars.iter()
+                    .map(|&(x, y, w)| Rectangle::new([(x, 0.0), (x + w * 0.92, y)], c.filled())),
+            )?
             .label(format!("{} (B = {})", run.drafter, run.block_size))
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
         if runs.len() <= 4 {
-            chart.draw_series(bars.iter().map(|&(x, y, w)| {
-                Text::new(format!("{y:.2}"), (x + w * 0.1, y + top * 0.04), ("sans-serif", 11).into_font())
-            }))?;
+            chart.draw_series(
+                bars.iter()
+                    .map(|&(x, y, w)| Text::new(format!("{y:.2}"), (x + w * 0.1, y + top * 0.04), ("sans-serif", 11).into_font())),
+            )?;
         }
     }
     chart
@@ -130,7 +141,10 @@ fn draw_tau<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, 
 }
 
 /// One line per run: acceptance rate at draft positions 1..B-1, pooled over benchmarks.
-fn draw_acceptance<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::Shift>, runs: &[RunResult]) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+fn draw_acceptance<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[RunResult],
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let positions = runs.iter().map(|r| r.average.accept_per_position.len()).max().unwrap_or(0).max(1);
     let mut chart = ChartBuilder::on(area)
         .caption("acceptance rate per draft position (all benchmarks)", ("sans-serif", 16))
@@ -147,7 +161,13 @@ fn draw_acceptance<DB: DrawingBackend>(area: &DrawingArea<DB, plotters::coord::S
         .draw()?;
     let mut labelled = false;
     for (j, run) in runs.iter().enumerate() {
-        let pts: Vec<(f64, f64)> = run.average.accept_per_position.iter().enumerate().map(|(i, &a)| (i as f64 + 1.0, a)).collect();
+        let pts: Vec<(f64, f64)> = run
+            .average
+            .accept_per_position
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| (i as f64 + 1.0, a))
+            .collect();
         if pts.is_empty() {
             continue;
         }

@@ -253,7 +253,10 @@ pub fn results_json(settings: &Settings, results: &EvalResults) -> Result<String
         },
         skipped: &results.skipped,
     };
-    let mut text = serde_json::to_string_pretty(&doc).map_err(|source| ReportError::Json { what: "results.json", source })?;
+    let mut text = serde_json::to_string_pretty(&doc).map_err(|source| ReportError::Json {
+        what: "results.json",
+        source,
+    })?;
     text.push('\n');
     Ok(text)
 }
@@ -262,7 +265,10 @@ pub fn results_json(settings: &Settings, results: &EvalResults) -> Result<String
 pub fn requests_jsonl(results: &EvalResults) -> Result<String, ReportError> {
     let mut out = String::new();
     for r in &results.records {
-        let line = serde_json::to_string(r).map_err(|source| ReportError::Json { what: "requests.jsonl", source })?;
+        let line = serde_json::to_string(r).map_err(|source| ReportError::Json {
+            what: "requests.jsonl",
+            source,
+        })?;
         out.push_str(&line);
         out.push('\n');
     }
@@ -281,7 +287,13 @@ pub fn render_markdown(settings: &Settings, results: &EvalResults) -> String {
     let _ = writeln!(
         s,
         "{} · specauf {} · {} ({} threads, {}/{}) · weights {}\n",
-        settings.date, settings.version, settings.machine.cpu_model, settings.machine.threads, settings.machine.os, settings.machine.arch, settings.weights
+        settings.date,
+        settings.version,
+        settings.machine.cpu_model,
+        settings.machine.threads,
+        settings.machine.os,
+        settings.machine.arch,
+        settings.weights
     );
     let _ = writeln!(s, "```sh\n{}\n```\n", settings.command_line);
     let blocks: Vec<String> = settings
@@ -303,7 +315,11 @@ pub fn render_markdown(settings: &Settings, results: &EvalResults) -> String {
         settings.top_p,
         settings.seed,
         fmt_limit(settings.limit),
-        if blocks.is_empty() { "AR only".to_string() } else { blocks.join(", ") }
+        if blocks.is_empty() {
+            "AR only".to_string()
+        } else {
+            blocks.join(", ")
+        }
     );
 
     // The table: rows = benchmarks + average; per run τ and speedup.
@@ -377,7 +393,10 @@ pub fn render_markdown(settings: &Settings, results: &EvalResults) -> String {
     }
 
     // What the benchmarks really are.
-    let _ = writeln!(s, "## Benchmarks\n\n| benchmark | source | requests | skipped (context) |\n|---|---|--:|--:|");
+    let _ = writeln!(
+        s,
+        "## Benchmarks\n\n| benchmark | source | conversations | skipped (context) |\n|---|---|--:|--:|"
+    );
     for b in &settings.benchmarks {
         let _ = writeln!(s, "| {} | {} | {} | {} |", b.name, b.source, b.requests, b.skipped_requests);
     }
@@ -449,7 +468,8 @@ pub fn write_all(dir: &Path, settings: &Settings, results: &EvalResults) -> Resu
         report_md: dir.join(REPORT_MD),
         plot_svg: dir.join(PLOT_SVG),
     };
-    let put = |path: &Path, text: &str| write_atomic(path, text.as_bytes()).map_err(|source| ReportError::Write { path: path.into(), source });
+    let put =
+        |path: &Path, text: &str| write_atomic(path, text.as_bytes()).map_err(|source| ReportError::Write { path: path.into(), source });
     put(&w.requests_jsonl, &requests_jsonl(results)?)?;
     plot::write_svg(&w.plot_svg, &results.runs, &plot_title(settings))?;
     put(&w.report_md, &render_markdown(settings, results))?;
@@ -459,7 +479,10 @@ pub fn write_all(dir: &Path, settings: &Settings, results: &EvalResults) -> Resu
 }
 
 fn plot_title(settings: &Settings) -> String {
-    format!("{}: max_new_tokens {}, T = {}", settings.model, settings.max_new_tokens, settings.temperature)
+    format!(
+        "{}: max_new_tokens {}, T = {}",
+        settings.model, settings.max_new_tokens, settings.temperature
+    )
 }
 
 /// Writes `<name>.<pid>.<n>.tmp` beside `path`, fsyncs it, renames it over `path`.

@@ -29,6 +29,8 @@
 //!   run, and counted ([`Skipped`]). Should a later turn still overflow at run time (a re-encoded
 //!   answer can be a few tokens longer than generated), that turn is dropped from the statistics
 //!   of every run, so that all runs are compared over the same turns.
+//! - **Warm-up.** Before anything is timed, AR and every drafter generate a few tokens from the
+//!   first prompt ([`EvalConfig::warmup_tokens`]), so that first-touch costs are charged to no run.
 //! - **Time.** Decode time is the driver's `decode_ms`: from the end of the prefill to the end of
 //!   the last cycle. It includes `first_draft_ms`, the drafter's first pass over the prompt
 //!   context, which the DFlash reference leaves off its clock; we charge it, because a user waits
@@ -96,14 +98,18 @@ pub enum EvalError {
         "no request of any benchmark fits the target's context of {max} positions with max_new_tokens \
          {max_new_tokens} and block size {block_size}; lower max_new_tokens"
     )]
-    NothingFits { max: usize, max_new_tokens: usize, block_size: usize },
+    NothingFits {
+        max: usize,
+        max_new_tokens: usize,
+        block_size: usize,
+    },
     #[error("{benchmark} request {id}, turn {turn}, run `{run}`: {source}")]
     Generate {
         benchmark: String,
         id: String,
         turn: usize,
         run: String,
-        source: SpecError,
+        source: Box<SpecError>,
     },
 }
 
@@ -225,6 +231,11 @@ pub struct EvalConfig {
     /// Generation stops at the first of these.
     pub eos_token_ids: Vec<u32>,
     pub accept_rule: AcceptRule,
+    /// Before anything is timed, AR and every drafter generate this many tokens from the first
+    /// evaluated prompt, and the result is dropped: the first forwards of a process pay for page
+    /// faults and weight packing, which would otherwise be charged to whichever run goes first
+    /// (AR). 0 = no warm-up.
+    pub warmup_tokens: usize,
 }
 
 impl EvalConfig {
@@ -237,6 +248,7 @@ impl EvalConfig {
             seed: 0,
             eos_token_ids: target.config().eos_token_ids.clone(),
             accept_rule: AcceptRule::SampleMatch,
+            warmup_tokens: 8,
         }
     }
 
@@ -378,7 +390,10 @@ impl EvalResults {
     }
     /// Conversations skipped before generation, per benchmark.
     pub fn skipped_requests(&self, name: BenchmarkName) -> usize {
-        self.skipped.iter().filter(|s| s.benchmark == name.as_str() && s.turn.is_none()).count()
+        self.skipped
+            .iter()
+            .filter(|s| s.benchmark == name.as_str() && s.turn.is_none())
+            .count()
     }
     /// Drafter turns at T = 0 whose tokens differ from AR's.
     pub fn mismatched_records(&self) -> impl Iterator<Item = &RequestRecord> {
@@ -406,10 +421,14 @@ pub fn validate(target: &Target, drafters: &[EvalDrafter], benchmarks: &[Benchma
     }
     for (i, b) in benchmarks.iter().enumerate() {
         if benchmarks[..i].iter().any(|o| o.name == b.name) {
-            return Err(EvalError::DuplicateBenchmark { benchmark: b.name.to_string() });
+            return Err(EvalError::DuplicateBenchmark {
+                benchmark: b.name.to_string(),
+            });
         }
         if b.requests.is_empty() {
-            return Err(EvalError::EmptyBenchmark { benchmark: b.name.to_string() });
+            return Err(EvalError::EmptyBenchmark {
+                benchmark: b.name.to_string(),
+            });
         }
         if let Some(r) = b.requests.iter().find(|r| r.turns.is_empty()) {
             return Err(EvalError::NoTurns {
@@ -423,7 +442,9 @@ pub fn validate(target: &Target, drafters: &[EvalDrafter], benchmarks: &[Benchma
             what: "max_new_tokens must be at least 1".into(),
         });
     }
-    cfg.sampling().validate().map_err(|e| EvalError::InvalidConfig { what: e.to_string() })?;
+    cfg.sampling()
+        .validate()
+        .map_err(|e| EvalError::InvalidConfig { what: e.to_string() })?;
     let layers = target.config().num_hidden_layers;
     for (i, d) in drafters.iter().enumerate() {
         if d.label.is_empty() || d.label == AR_LABEL {
@@ -485,6 +506,9 @@ pub fn run(
             block_size: block,
         });
     }
+    if cfg.warmup_tokens > 0 {
+        warm_up(target, renderer, drafters, &plan, cfg)?;
+    }
     let turn_runs: usize = plan.iter().flat_map(|(_, reqs)| reqs.iter().map(|r| r.turns.len())).sum::<usize>() * (1 + drafters.len());
     observer.start(turn_runs);
 
@@ -504,7 +528,17 @@ pub fn run(
             }
             for d in drafters.iter_mut() {
                 let label = d.label.clone();
-                let recs = run_conversation(target, renderer, Some((&label, d.proposer.as_mut())), *name, r, cfg, block, max_pos, &mut skipped)?;
+                let recs = run_conversation(
+                    target,
+                    renderer,
+                    Some((&label, d.proposer.as_mut())),
+                    *name,
+                    r,
+                    cfg,
+                    block,
+                    max_pos,
+                    &mut skipped,
+                )?;
                 for mut rec in recs {
                     let ar_tokens = records[first..]
                         .iter()
@@ -553,6 +587,46 @@ pub fn run(
         exactness_checked,
         exact_mismatches,
     })
+}
+
+/// Untimed generations of `cfg.warmup_tokens` from the first evaluated prompt, by AR and by every
+/// drafter; nothing of them is kept.
+fn warm_up(
+    target: &Target,
+    renderer: &dyn PromptRenderer,
+    drafters: &mut [EvalDrafter],
+    plan: &[(BenchmarkName, Vec<&BenchRequest>)],
+    cfg: &EvalConfig,
+) -> Result<(), EvalError> {
+    let Some((name, r)) = plan.iter().find_map(|(n, reqs)| reqs.first().map(|r| (*n, *r))) else {
+        return Ok(());
+    };
+    let prompt = renderer.render(&r.turns, &[]).map_err(|source| EvalError::Render {
+        benchmark: name.to_string(),
+        id: r.id.clone(),
+        turn: 1,
+        source,
+    })?;
+    let gcfg = GenerateConfig {
+        max_new_tokens: cfg.warmup_tokens.min(cfg.max_new_tokens),
+        temperature: cfg.temperature,
+        top_p: cfg.top_p,
+        seed: cfg.seed,
+        eos_token_ids: cfg.eos_token_ids.clone(),
+        accept_rule: cfg.accept_rule,
+    };
+    let fail = |run: &str, source: SpecError| EvalError::Generate {
+        benchmark: name.to_string(),
+        id: r.id.clone(),
+        turn: 1,
+        run: format!("{run} (warm-up)"),
+        source: Box::new(source),
+    };
+    generate(target, None, &prompt, &gcfg).map_err(|e| fail(AR_LABEL, e))?;
+    for d in drafters.iter_mut() {
+        generate(target, Some(d.proposer.as_mut()), &prompt, &gcfg).map_err(|e| fail(&d.label, e))?;
+    }
+    Ok(())
 }
 
 /// None when every turn of `r` fits the context; otherwise why not.
@@ -637,7 +711,10 @@ fn run_conversation(
                 benchmark: name.to_string(),
                 id: r.id.clone(),
                 turn: Some(turn),
-                reason: format!("run `{label}`: the prompt grew to {} tokens with its own answers; {needed} positions > context {max_pos}", prompt.len()),
+                reason: format!(
+                    "run `{label}`: the prompt grew to {} tokens with its own answers; {needed} positions > context {max_pos}",
+                    prompt.len()
+                ),
             });
             break;
         }
@@ -658,7 +735,7 @@ fn run_conversation(
             id: r.id.clone(),
             turn,
             run: label.clone(),
-            source,
+            source: Box::new(source),
         })?;
         answers.push(res.token_ids.clone());
         out.push(record(name, &r.id, turn, &label, res));
@@ -722,7 +799,10 @@ pub fn summarize(records: &[RequestRecord], label: &str, block_size: usize, orde
         let mut stats = AcceptStats::new();
         let (mut ar_dec, mut ar_pre, mut sp_dec, mut sp_pre) = (0.0, 0.0, 0.0, 0.0);
         let (mut ar_tok, mut sp_tok, mut tokens, mut mismatches) = (0usize, 0usize, 0usize, 0usize);
-        for r in records.iter().filter(|r| r.counted && r.drafter == label && r.benchmark == name.as_str()) {
+        for r in records
+            .iter()
+            .filter(|r| r.counted && r.drafter == label && r.benchmark == name.as_str())
+        {
             let Some(a) = ar.get(&(r.benchmark.as_str(), r.id.as_str(), r.turn)) else {
                 continue;
             };
@@ -827,7 +907,11 @@ mod tests {
 
     #[test]
     fn uncounted_turns_leave_every_run_s_statistics() {
-        let mut records = vec![rec(AR_LABEL, 1, &[1; 8], 9, 80.0), rec("d", 1, &[4, 4], 9, 20.0), rec(AR_LABEL, 2, &[1; 4], 5, 40.0)];
+        let mut records = vec![
+            rec(AR_LABEL, 1, &[1; 8], 9, 80.0),
+            rec("d", 1, &[4, 4], 9, 20.0),
+            rec(AR_LABEL, 2, &[1; 4], 5, 40.0),
+        ];
         records[2].counted = false;
         let r = summarize(&records, "d", 4, &[BenchmarkName::Gsm8k]);
         let b = r.benchmark(BenchmarkName::Gsm8k).unwrap();
