@@ -23,6 +23,10 @@ enum Command {
     InitDrafter(cli::init_drafter::InitDrafterArgs),
     /// Train a drafter (DFlash, Domino) with AUF or a baseline objective.
     Train(cli::train::TrainArgs),
+    /// Evaluate drafters against plain AR on the six benchmarks: τ, acceptance, speedup.
+    Eval(cli::eval::EvalArgs),
+    /// The whole pipeline on the embedded default: fetch, prepare, train (AUF), evaluate.
+    Quickstart(cli::quickstart::QuickstartArgs),
     /// Benchmarks (not timed tests): decode speed, training step speed.
     Bench(cli::bench::BenchArgs),
 }
@@ -35,6 +39,8 @@ fn main() {
         Command::Prepare(a) => cli::prepare::run(a),
         Command::Train(a) => cli::train::run(a),
         Command::InitDrafter(a) => cli::init_drafter::run(a),
+        Command::Eval(a) => cli::eval::run(a),
+        Command::Quickstart(a) => cli::quickstart::run(a),
         Command::Bench(a) => cli::bench::run(a),
     };
     if let Err(e) = result {
