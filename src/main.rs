@@ -27,6 +27,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// The whole pipeline on the embedded default: fetch, prepare, train (AUF), evaluate.
     Quickstart(cli::quickstart::QuickstartArgs),
+    /// Reproduce the paper's comparison at small scale (`experiment paper`).
+    Experiment(cli::experiment::ExperimentArgs),
     /// Benchmarks (not timed tests): decode speed, training step speed.
     Bench(cli::bench::BenchArgs),
 }
@@ -41,6 +43,7 @@ fn main() {
         Command::InitDrafter(a) => cli::init_drafter::run(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Quickstart(a) => cli::quickstart::run(a),
+        Command::Experiment(a) => cli::experiment::run(a),
         Command::Bench(a) => cli::bench::run(a),
     };
     if let Err(e) = result {

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod eval;
+pub mod experiment;
 pub mod fetch;
 pub mod generate;
 pub mod init_drafter;
