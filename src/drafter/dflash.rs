@@ -644,51 +644,55 @@ impl Attention {
         let q = ops::rms_norm(&linear(x, &self.q_proj)?.reshape((nb, bsz, nh, hd))?, &self.q_norm, self.eps)?;
         let k = ops::rms_norm(&linear(x, &self.k_proj)?.reshape((nb, bsz, nkv, hd))?, &self.k_norm, self.eps)?;
         let v = linear(x, &self.v_proj)?.reshape((nb, bsz, nkv, hd))?;
-        // 2. (nb, B, heads, hd) -> (nb, heads, B, hd), rotate at the block positions
-        let q = ops::rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        // 2. (nb, B, heads, hd) -> (nb, heads, B, hd), rotate at the block positions; the score
+        //    scale goes on q, the smallest operand
+        let q = (ops::rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
         let k = ops::rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        // 3. GQA grouping: query head h uses kv head h / g, so (nb, nh, B, hd) -> (nb, n_kv, g·B, hd)
-        let q = q.reshape((nb, nkv, g * bsz, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        // 4. scores against the own block: (nb, n_kv, g·B, B)
-        let s_self = (q.matmul(&k.t()?)? * scale)?;
-        // 5. scores against the shared context: (n_kv, nb·g·B, hd) x (n_kv, hd, T) -> (nb, n_kv, g·B, T)
-        let ctx = ctx.filter(|c| c.k.dim(1).map(|t| t > 0).unwrap_or(false));
-        let q_ctx = match ctx {
-            Some(_) => Some(q.transpose(0, 1)?.contiguous()?.reshape((nkv, nb * g * bsz, hd))?),
-            None => None,
+        // 3. kv-major layout, so that the context products need no copies of the large tensors.
+        //    Query head h uses kv head h / g: (nb, nh, B, hd) -> (n_kv, nb, g·B, hd)
+        let q = q.reshape((nb, nkv, g * bsz, hd))?.transpose(0, 1)?.contiguous()?;
+        let k = k.transpose(0, 1)?.contiguous()?; // (n_kv, nb, B, hd)
+        let v = v.permute((2, 0, 1, 3))?.contiguous()?; // (n_kv, nb, B, hd)
+        // 4. scores against the own block: (n_kv, nb, g·B, B)
+        let s_self = q.matmul(&k.t()?)?;
+        let ctx = match ctx {
+            Some(c) if c.k.dim(1)? > 0 => Some(c),
+            _ => None,
         };
-        let scores = match (ctx, &q_ctx) {
-            (Some(c), Some(qc)) => {
-                let t = c.k.dim(1)?;
-                let s = (qc.matmul(&c.k.t()?)? * scale)?.reshape((nkv, nb, g * bsz, t))?.transpose(0, 1)?;
-                let s = match ctx_bias {
-                    // (nb, T) -> (nb, 1, 1, T)
-                    Some(bias) => s.broadcast_add(&bias.reshape((nb, 1, 1, t))?)?,
-                    None => s,
-                };
-                Tensor::cat(&[&s, &s_self], D::Minus1)?
-            }
-            _ => s_self,
-        };
-        // 6. one softmax over [context ; own block]
-        let p = ops::softmax_last_dim(&scores)?;
-        let t = ctx.map(|c| c.k.dim(1)).transpose()?.unwrap_or(0);
-        let out_self = p.narrow(D::Minus1, t, bsz)?.matmul(&v)?;
         let out = match ctx {
+            None => ops::softmax_last_dim(&s_self)?.matmul(&v)?,
             Some(c) => {
-                // (nb, n_kv, g·B, T) -> (n_kv, nb·g·B, T) x (n_kv, T, hd) -> (nb, n_kv, g·B, hd)
-                let p_ctx = p.narrow(D::Minus1, 0, t)?.transpose(0, 1)?.contiguous()?.reshape((nkv, nb * g * bsz, t))?;
-                let o = p_ctx.matmul(&c.v)?.reshape((nkv, nb, g * bsz, hd))?.transpose(0, 1)?;
-                (out_self + o)?
+                // 5. scores against the shared context: (n_kv, nb·g·B, hd) x (n_kv, hd, T) -> (n_kv, nb, g·B, T)
+                let t = c.k.dim(1)?;
+                let s_ctx = q.reshape((nkv, nb * g * bsz, hd))?.matmul(&c.k.t()?)?.reshape((nkv, nb, g * bsz, t))?;
+                let s_ctx = match ctx_bias {
+                    // (nb, T) -> (1, nb, 1, T)
+                    Some(bias) => s_ctx.broadcast_add(&bias.reshape((1, nb, 1, t))?)?,
+                    None => s_ctx,
+                };
+                // 6. one softmax over [context ; own block]
+                let (p_ctx, p_self) = softmax_pair(&s_ctx, &s_self)?;
+                // 7. (n_kv, nb·g·B, T) x (n_kv, T, hd) + (n_kv, nb, g·B, B) x (n_kv, nb, B, hd)
+                let o_ctx = p_ctx.reshape((nkv, nb * g * bsz, t))?.matmul(&c.v)?.reshape((nkv, nb, g * bsz, hd))?;
+                (o_ctx + p_self.matmul(&v)?)?
             }
-            None => out_self,
         };
-        // 7. (nb, n_kv, g·B, hd) = (nb, nh, B, hd) -> (nb, B, nh, hd) -> (nb·B, nh·hd) -> (nb·B, H)
-        let out = out.reshape((nb, nh, bsz, hd))?.transpose(1, 2)?.contiguous()?.reshape((n, nh * hd))?;
+        // 8. (n_kv, nb, g·B, hd) -> (nb, B, n_kv, g, hd) = (nb·B, nh·hd) -> (nb·B, H)
+        let out = out.reshape((nkv, nb, g, bsz, hd))?.permute((1, 3, 0, 2, 4))?.contiguous()?.reshape((n, nh * hd))?;
         linear(&out, &self.o_proj)
     }
+}
+
+/// Softmax over the concatenation [a ; b] of the last dimensions, returned as its two parts,
+/// without building the concatenation (it would be the largest tensor of the step, copied in
+/// the forward and zero-padded twice in the backward). Same stabilisation as
+/// [`ops::softmax_last_dim`]: subtract the detached row maximum.
+fn softmax_pair(a: &Tensor, b: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let max = a.max_keepdim(D::Minus1)?.maximum(&b.max_keepdim(D::Minus1)?)?.detach();
+    let ea = a.broadcast_sub(&max)?.exp()?;
+    let eb = b.broadcast_sub(&max)?.exp()?;
+    let sum = (ea.sum_keepdim(D::Minus1)? + eb.sum_keepdim(D::Minus1)?)?;
+    Ok((ea.broadcast_div(&sum)?, eb.broadcast_div(&sum)?))
 }
 
 #[derive(Debug, Clone)]
