@@ -287,13 +287,13 @@ impl DFlashConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return Err(bad("num_attention_heads and num_key_value_heads must be > 0".into()));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(bad(format!("head_dim {} must be even and > 0", self.head_dim)));
         }
         if self.block_size < 2 {
@@ -732,6 +732,17 @@ pub fn context_visible(anchor: usize, j: usize) -> bool {
     j < anchor
 }
 
+/// One sequence of a training batch (see [`DFlashDrafter::forward_train`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TrainSequence<'a> {
+    /// (T, n_taps·H) target taps of the whole sequence.
+    pub features: &'a Tensor,
+    /// (nb) anchor positions, each < T.
+    pub anchors: &'a [usize],
+    /// (nb·B) block token ids.
+    pub block_ids: &'a [u32],
+}
+
 /// The drafter's context KV cache: per layer, K and V (n_kv, len, hd) of context positions
 /// 0..len. Block K/V are never stored.
 #[derive(Debug, Clone)]
@@ -751,6 +762,11 @@ impl DFlashCache {
     }
 
     /// Drops context positions len.. (no-op when len ≥ the cached length).
+    /// Whether any cached tensor carries an autograd graph (it never should).
+    pub fn tracks_gradients(&self) -> bool {
+        self.layers.iter().flatten().any(|kv| kv.k.track_op() || kv.v.track_op())
+    }
+
     pub fn crop(&mut self, len: usize) -> candle_core::Result<()> {
         if len >= self.len {
             return Ok(());
@@ -881,7 +897,7 @@ impl DFlashDrafter {
         let b = self.config.block_size;
         anchor_tokens
             .iter()
-            .flat_map(|&t| std::iter::once(t).chain(std::iter::repeat(self.config.mask_token_id).take(b - 1)))
+            .flat_map(|&t| std::iter::once(t).chain(std::iter::repeat_n(self.config.mask_token_id, b - 1)))
             .collect()
     }
 
@@ -1001,6 +1017,19 @@ impl DFlashDrafter {
         Ok(ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
     }
 
+    /// Training forward for a small batch of sequences, one after the other: the rows of every
+    /// sequence's blocks, concatenated in order, (Σ nb_i·B, H).
+    pub fn forward_train_batch(&self, target: &Target, batch: &[TrainSequence<'_>]) -> Result<Tensor, DrafterError> {
+        let parts = batch
+            .iter()
+            .map(|s| self.forward_train(target, s.features, s.anchors, s.block_ids))
+            .collect::<Result<Vec<_>, _>>()?;
+        if parts.is_empty() {
+            return Err(DrafterError::InputShape { what: "training batch", got: vec![0], expected: "at least one sequence".into() });
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
     /// An empty context cache.
     pub fn new_cache(&self) -> DFlashCache {
         DFlashCache { layers: vec![None; self.config.num_hidden_layers], len: 0 }
@@ -1021,10 +1050,13 @@ impl DFlashDrafter {
         let (cos, sin) = self.rotary.at(&positions)?;
         let c = self.context_feature(&features.detach())?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            // Detached: a cached row must not keep the autograd graph that made it (nor, through
+            // the concatenation, every earlier cache) alive for the whole request.
             let new = layer.self_attn.context_kv(&c, &cos, &sin)?;
+            let (k, v) = (new.k.detach(), new.v.detach());
             *slot = Some(match slot.take() {
-                None => new,
-                Some(old) => ContextKv { k: Tensor::cat(&[&old.k, &new.k], 1)?, v: Tensor::cat(&[&old.v, &new.v], 1)? },
+                None => ContextKv { k, v },
+                Some(old) => ContextKv { k: Tensor::cat(&[&old.k, &k], 1)?, v: Tensor::cat(&[&old.v, &v], 1)? },
             });
         }
         cache.len += n;
