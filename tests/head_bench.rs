@@ -1,9 +1,10 @@
-//! Timings of the chunked LM head on SmolLM2 shapes (H = 576, V = 49152, 32 anchors × 15 rows).
-//! Prints milliseconds; asserts only that the results are sane, never a time.
+//! Timings of the chunked LM head on SmolLM2 shapes (H = 576, V = 49152, 32 anchors × 15 rows),
+//! beside candle's own matmul and a naive candle autograd head. Prints milliseconds; asserts only
+//! that the results are sane, never a time (machines are noisy).
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor, Var, D};
 use specauf::train::head::{ChunkedHead, HeadConfig, HeadInput};
 use specauf::train::objective::{BlockLayout, Objective};
 
@@ -27,33 +28,41 @@ fn smollm2_head_timings_are_printed() {
     let dev = Device::Cpu;
     let h = Tensor::randn(0f32, 1.0, (n, hdim), &dev).unwrap();
     let w = Tensor::randn(0f32, 0.05, (vocab, hdim), &dev).unwrap();
-    // Labels: the argmax for the first positions of a block, random later, so AUF's support is a
-    // realistic prefix (about 5 of 15 rows).
-    let argmax: Vec<u32> = h
-        .matmul(&w.t().unwrap())
-        .unwrap()
-        .argmax(D::Minus1)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    // Labels: the argmax at the first 4 positions of a block, arbitrary later, so AUF's support is
+    // a realistic prefix (5 of 15 rows).
+    let logits = h.matmul(&w.t().unwrap()).unwrap();
+    let argmax: Vec<u32> = logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
     let labels: Vec<u32> = (0..n)
-        .map(|r| {
-            if r % 15 < 4 {
-                argmax[r]
-            } else {
-                ((r * 7919) % vocab) as u32
-            }
-        })
+        .map(|r| if r % 15 < 4 { argmax[r] } else { ((r * 7919) % vocab) as u32 })
         .collect();
     let valid = vec![true; n];
+    let flops = 2.0 * (n * hdim * vocab) as f64;
 
     let wt = w.t().unwrap();
     let matmul_ms = median_ms(|| drop(h.matmul(&wt).unwrap()), 3);
-    println!("candle h·Wᵀ ({n}×{hdim} · {hdim}×{vocab}): {matmul_ms:.1} ms");
+    println!(
+        "candle h·Wᵀ ({n}×{hdim} · {hdim}×{vocab}): {matmul_ms:.1} ms ({:.0} GFLOP/s)",
+        flops / matmul_ms / 1e6
+    );
 
-    for chunk_rows in [120usize, 240, 480] {
+    // Naive: full logits in the autograd graph, candle log_softmax, backward to h.
+    let label_t = Tensor::from_vec(labels.clone(), (n, 1), &dev).unwrap();
+    let naive_ms = median_ms(
+        || {
+            let hv = Var::from_tensor(&h).unwrap();
+            let logits = hv.as_tensor().matmul(&wt).unwrap();
+            let logsm = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+            let loss = logsm.gather(&label_t, 1).unwrap().neg().unwrap().mean_all().unwrap();
+            let grads = loss.backward().unwrap();
+            assert!(grads.get(hv.as_tensor()).is_some());
+        },
+        1,
+    );
+    println!("naive candle autograd head (full): {naive_ms:.1} ms");
+
+    for chunk_rows in [512usize] {
         let mut head = ChunkedHead::new(HeadConfig { chunk_rows });
-        for objective in [Objective::full(), Objective::decay(), Objective::auf()] {
+        for objective in [Objective::full(), Objective::auf()] {
             let obj = objective.resolve(block_size).unwrap();
             let input = HeadInput {
                 hidden: &h,
@@ -70,7 +79,8 @@ fn smollm2_head_timings_are_printed() {
             let out = out.unwrap();
             let support = out.rows.weights.iter().filter(|&&x| x > 0.0).count();
             println!(
-                "head chunk {chunk_rows:>3} {:<6} {ms:7.1} ms  support {support:>3}/{n}  loss {:.3}  ({:.0} rows/s)",
+                "chunked head, chunk {chunk_rows:>3}, {:<4}: {ms:6.1} ms  support {support:>3}/{n}  \
+                 loss {:.3}  ({:.0} rows/s)",
                 objective.name(),
                 out.loss,
                 n as f64 / ms * 1e3

@@ -4,17 +4,19 @@
 //! for all rows at once would be N × V floats (7680 rows × 151k vocab = 4.6 GB for the paper's
 //! batch), so this module never materialises them, and never puts them in an autograd graph:
 //!
-//! 1. For each chunk of whole blocks: logits = h_chunk · Wᵀ into a reused buffer; per row in plain
-//!    Rust, max, argmax, exp in place, Σexp → CE, correctness, p_gold.
+//! 1. For each chunk of whole blocks: logits = h_chunk · Wᵀ into a reused buffer; per row, in one
+//!    read (a blocked online softmax in plain Rust): max, argmax, Σexp → CE, correctness, p_gold.
 //! 2. The objective turns the chunk's statistics into weights block by block (every weight rule is
 //!    block-local; only the normaliser is global, and the gradient is linear in 1/normaliser).
 //! 3. Still in the chunk, for **support rows only** (w > 0): G = w·(softmax − onehot(label)), and
-//!    dL/dh rows = G · W. Rows with w = 0 are skipped entirely, which is AUF's saving: the gradient
-//!    is identical to the full computation because those rows contribute exactly zero.
+//!    dL/dh rows = G · W, with the softmax recomputed from the logits and the row statistics. Rows
+//!    with w = 0 are skipped entirely, which is AUF's saving: the gradient is identical to the full
+//!    computation because those rows contribute exactly zero.
 //! 4. After the last chunk, the loss and gradients are divided by the normaliser.
 //!
 //! Each chunk costs one (c × H × V) product forward and one (s × V × H) backward, s = support rows:
-//! the minimum. The products call the `gemm` crate directly (the kernel candle's CPU matmul uses,
+//! the minimum. Weights are detached, as in SpecForge: D-PACE's dependence of w on p_gold carries no
+//! gradient. The products call the `gemm` crate directly (the kernel candle's CPU matmul uses,
 //! with its AVX-512 path) so that the logits land in buffers reused across chunks and steps instead
 //! of a fresh zeroed allocation per chunk.
 //!
@@ -86,14 +88,16 @@ pub enum HeadError {
 #[serde(deny_unknown_fields)]
 pub struct HeadConfig {
     /// Rows per chunk, rounded down to whole blocks (at least one block). Each chunk needs
-    /// chunk_rows × V floats for the logits and as many for the gradient (DFlash), about 100 MB at
-    /// 256 rows and V = 49152. Default 256.
+    /// chunk_rows × V floats for the logits and as many for the gradient rows (DFlash; Domino twice
+    /// that): 2 × 100 MB at 512 rows and V = 49152, 2 × 310 MB for Qwen3's 151,936. Larger chunks run
+    /// the GEMMs faster (on 2 cores: 84 GFLOP/s at 128 rows, about 110 at 256, 130 at 480).
+    /// Default 512.
     #[serde(default = "default_chunk_rows")]
     pub chunk_rows: usize,
 }
 
 fn default_chunk_rows() -> usize {
-    256
+    512
 }
 
 impl Default for HeadConfig {
@@ -286,6 +290,12 @@ struct Mat<'a> {
     cs: usize,
 }
 
+impl<'a> Mat<'a> {
+    fn new(data: &'a [f32], rs: usize, cs: usize) -> Self {
+        Mat { data, rs, cs }
+    }
+}
+
 /// dst (m × n, row stride `dst_rs`, unit column stride) = [dst +] lhs (m × k) · rhs (k × n).
 #[allow(clippy::too_many_arguments)]
 fn gemm_f32(
@@ -379,66 +389,65 @@ fn internal_shape(what: &'static str, got: usize, needed: usize) -> HeadError {
 struct RowStat {
     ce: f32,
     p_gold: f32,
-    /// 1 / Σ exp(logit - max): the row buffer holds exp(logit - max) afterwards.
+    /// Row maximum of the logits and 1 / Σ exp(logit − max): softmax = exp(logit − max)·inv_sum.
+    max: f32,
     inv_sum: f32,
     correct: bool,
 }
 
-/// Splits `0..rows` over the worker threads and runs `f(range, rows_of_buf, rows_of_out)`.
+/// Splits `out` (rows × width) into one contiguous part of rows per worker thread and runs
+/// `f(row_range, part)` on each.
 fn for_row_parts<T: Send>(
     rows: usize,
     width: usize,
-    buf: &mut [f32],
     out: &mut [T],
-    f: impl Fn(Range<usize>, &mut [f32], &mut [T]) + Sync,
+    f: impl Fn(Range<usize>, &mut [T]) + Sync,
 ) {
     let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
     let per = rows.div_ceil(threads).max(1);
     if threads == 1 || rows <= per {
-        f(0..rows, &mut buf[..rows * width], &mut out[..rows]);
+        f(0..rows, &mut out[..rows * width]);
         return;
     }
     std::thread::scope(|scope| {
         let f = &f;
-        let mut rest_buf = &mut buf[..rows * width];
-        let mut rest_out = &mut out[..rows];
+        let mut rest = &mut out[..rows * width];
         let mut start = 0;
         while start < rows {
             let n = per.min(rows - start);
-            let (b, rb) = std::mem::take(&mut rest_buf).split_at_mut(n * width);
-            let (o, ro) = std::mem::take(&mut rest_out).split_at_mut(n);
-            rest_buf = rb;
-            rest_out = ro;
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(n * width);
+            rest = tail;
             let range = start..start + n;
-            scope.spawn(move || f(range, b, o));
+            scope.spawn(move || f(range, part));
             start += n;
         }
     });
 }
 
-/// Fills `stats` for the chunk rows in `buf` (rows × vocab logits, replaced by exp(logit - max)).
+/// Fills `stats` for the chunk's rows of logits `buf` (rows × vocab), reading it once.
 fn chunk_row_stats(
-    buf: &mut [f32],
+    buf: &[f32],
     vocab: usize,
     labels: &[u32],
     valid: &[bool],
     stats: &mut [RowStat],
 ) {
     let rows = labels.len();
-    for_row_parts(rows, vocab, buf, stats, |range, rows_buf, out| {
+    for_row_parts(rows, 1, stats, |range, out| {
         for (j, r) in range.enumerate() {
             let label = labels[r] as usize;
             if !valid[r] || label >= vocab {
                 out[j] = RowStat::default();
                 continue;
             }
-            let row = &mut rows_buf[j * vocab..(j + 1) * vocab];
-            let (max, argmax, sum, label_logit) = kernels::softmax_row(row, label);
-            // CE = logsumexp - logit[label] = ln Σ + max - logit[label].
-            let ce = sum.ln() + (max - label_logit);
+            let row = &buf[r * vocab..(r + 1) * vocab];
+            let (max, argmax, sum) = kernels::row_stats(row);
+            // CE = logsumexp − logit[label] = ln Σ + (max − logit[label]).
+            let ce = sum.ln() + (max - row[label]);
             out[j] = RowStat {
                 ce,
                 p_gold: (-ce).exp(),
+                max,
                 inv_sum: 1.0 / sum,
                 correct: argmax == label,
             };
@@ -446,10 +455,10 @@ fn chunk_row_stats(
     });
 }
 
-/// One term of a gradient row: scale · exp-row / Σ, from a chunk buffer.
+/// One term of a gradient row: coef · w · softmax, from a chunk's logits and row statistics.
 #[derive(Clone, Copy)]
 struct GradTerm<'a> {
-    probs: &'a [f32],
+    logits: &'a [f32],
     stats: &'a [RowStat],
     weights: &'a [f32],
     coef: f32,
@@ -464,25 +473,23 @@ fn build_grad_rows(
     vocab: usize,
     dst: &mut [f32],
 ) {
-    let mut ids: Vec<usize> = support.to_vec();
-    for_row_parts(support.len(), vocab, dst, &mut ids, |_, rows_buf, ids| {
-        for (j, &r) in ids.iter().enumerate() {
-            let out = &mut rows_buf[j * vocab..(j + 1) * vocab];
-            fn row<'a>(t: &GradTerm<'a>, r: usize, vocab: usize) -> &'a [f32] {
-                &t.probs[r * vocab..(r + 1) * vocab]
-            }
+    fn row<'a>(t: &GradTerm<'a>, r: usize, vocab: usize) -> &'a [f32] {
+        &t.logits[r * vocab..(r + 1) * vocab]
+    }
+    for_row_parts(support.len(), vocab, dst, |range, part| {
+        for (j, &r) in support[range].iter().enumerate() {
+            let out = &mut part[j * vocab..(j + 1) * vocab];
             let scale = |t: &GradTerm<'_>| t.coef * t.weights[r] * t.stats[r].inv_sum;
-            let mut onehot = 0.0f32;
             match terms {
-                [a] => kernels::scale_row(out, row(a, r, vocab), scale(a)),
-                [a, b] => {
-                    kernels::scale2_row(out, row(a, r, vocab), scale(a), row(b, r, vocab), scale(b))
-                }
+                [a] => kernels::softmax_scaled(out, row(a, r, vocab), a.stats[r].max, scale(a)),
+                [a, b] => kernels::softmax_scaled2(
+                    out,
+                    (row(a, r, vocab), a.stats[r].max, scale(a)),
+                    (row(b, r, vocab), b.stats[r].max, scale(b)),
+                ),
                 _ => out.fill(0.0),
             }
-            for t in terms {
-                onehot += t.coef * t.weights[r];
-            }
+            let onehot: f32 = terms.iter().map(|t| t.coef * t.weights[r]).sum();
             out[labels[r] as usize] -= onehot;
         }
     });
@@ -742,16 +749,9 @@ impl ChunkedHead {
         let mut stats_f = vec![RowStat::default(); c_max];
         let mut stats_b = vec![RowStat::default(); c_max];
 
-        let w_t = Mat {
-            data: w,
-            rs: 1,
-            cs: hdim,
-        }; // Wᵀ (H × V)
-        let w_m = Mat {
-            data: w,
-            rs: hdim,
-            cs: 1,
-        }; // W (V × H)
+        // The LM head as Wᵀ (H × V) for the forward and as W (V × H) for the backward.
+        let w_t = Mat::new(w, 1, hdim);
+        let w_m = Mat::new(w, hdim, 1);
 
         let mut r0 = 0;
         while r0 < n {
@@ -761,11 +761,7 @@ impl ChunkedHead {
             let valid = &input.valid[r0..r1];
 
             // 3. Logits: base = h·Wᵀ; final = base + a·W₂ᵀ (a zeroed on base-only rows).
-            let h_c = Mat {
-                data: &h[r0 * hdim..r1 * hdim],
-                rs: hdim,
-                cs: 1,
-            };
+            let h_c = Mat::new(&h[r0 * hdim..r1 * hdim], hdim, 1);
             gemm_f32(
                 c,
                 vocab,
@@ -787,16 +783,8 @@ impl ChunkedHead {
                     }
                 }
                 self.final_logits[..c * vocab].copy_from_slice(&self.base_logits[..c * vocab]);
-                let a_c = Mat {
-                    data: &self.delta_rows[..c * edim],
-                    rs: edim,
-                    cs: 1,
-                };
-                let w2_t = Mat {
-                    data: w2_view.slice(),
-                    rs: 1,
-                    cs: edim,
-                };
+                let a_c = Mat::new(&self.delta_rows[..c * edim], edim, 1);
+                let w2_t = Mat::new(w2_view.slice(), 1, edim);
                 gemm_f32(
                     c,
                     vocab,
@@ -809,16 +797,16 @@ impl ChunkedHead {
                 )?;
             }
 
-            // 4. Row statistics; buffers now hold exp(logit - max).
+            // 4. Row statistics (the buffers keep the logits).
             let has_delta = delta_tensors.is_some();
             {
                 let final_buf = if has_delta {
-                    &mut self.final_logits
+                    &self.final_logits
                 } else {
-                    &mut self.base_logits
+                    &self.base_logits
                 };
                 chunk_row_stats(
-                    &mut final_buf[..c * vocab],
+                    &final_buf[..c * vocab],
                     vocab,
                     labels,
                     valid,
@@ -828,7 +816,7 @@ impl ChunkedHead {
             fin.record_stats(r0, &stats_f[..c]);
             if let Some(b) = base.as_mut() {
                 chunk_row_stats(
-                    &mut self.base_logits[..c * vocab],
+                    &self.base_logits[..c * vocab],
                     vocab,
                     labels,
                     valid,
@@ -862,7 +850,7 @@ impl ChunkedHead {
                 &self.base_logits
             };
             let final_term = GradTerm {
-                probs: final_probs,
+                logits: final_probs,
                 stats: &stats_f[..c],
                 weights: &fin.weights[r0..r1],
                 coef: 1.0,
@@ -870,18 +858,10 @@ impl ChunkedHead {
             if coef_final > 0.0 && !support_f.is_empty() {
                 build_grad_rows(&support_f, &[final_term], labels, vocab, &mut self.grad_a);
                 let s = support_f.len();
-                let g = Mat {
-                    data: &self.grad_a[..s * vocab],
-                    rs: vocab,
-                    cs: 1,
-                };
+                let g = Mat::new(&self.grad_a[..s * vocab], vocab, 1);
                 if let (Some((_, _, _)), Some((_, w2_view))) = (&delta_tensors, &delta_views) {
                     // dL/da rows = G·W₂ ; dL/dW₂ += Gᵀ·a_support (base-only rows of a are zero).
-                    let w2 = Mat {
-                        data: w2_view.slice(),
-                        rs: edim,
-                        cs: 1,
-                    };
+                    let w2 = Mat::new(w2_view.slice(), edim, 1);
                     gemm_f32(s, edim, vocab, &mut self.small, edim, false, g, w2)?;
                     for (j, &r) in support_f.iter().enumerate() {
                         if (r0 + r) % p >= input.delta.map_or(0, |d| d.base_only_prefix) {
@@ -894,16 +874,8 @@ impl ChunkedHead {
                         a_s[j * edim..(j + 1) * edim]
                             .copy_from_slice(&self.delta_rows[r * edim..(r + 1) * edim]);
                     }
-                    let g_t = Mat {
-                        data: &self.grad_a[..s * vocab],
-                        rs: 1,
-                        cs: vocab,
-                    };
-                    let a_m = Mat {
-                        data: &a_s,
-                        rs: edim,
-                        cs: 1,
-                    };
+                    let g_t = Mat::new(&self.grad_a[..s * vocab], 1, vocab);
+                    let a_m = Mat::new(&a_s, edim, 1);
                     gemm_f32(vocab, edim, s, &mut g_weight, edim, true, g_t, a_m)?;
                 }
                 if !mixed {
@@ -914,7 +886,7 @@ impl ChunkedHead {
             if let Some(b) = base.as_ref() {
                 if coef_base > 0.0 {
                     let base_term = GradTerm {
-                        probs: &self.base_logits,
+                        logits: &self.base_logits,
                         stats: &stats_b[..c],
                         weights: &b.weights[r0..r1],
                         coef: if mixed { coef_base } else { 1.0 },
@@ -933,11 +905,7 @@ impl ChunkedHead {
                     if !support.is_empty() {
                         build_grad_rows(&support, &terms, labels, vocab, &mut self.grad_b);
                         let s = support.len();
-                        let g = Mat {
-                            data: &self.grad_b[..s * vocab],
-                            rs: vocab,
-                            cs: 1,
-                        };
+                        let g = Mat::new(&self.grad_b[..s * vocab], vocab, 1);
                         gemm_f32(s, hdim, vocab, &mut self.small, hdim, false, g, w_m)?;
                         scatter_add(acc, hdim, r0, &support, &self.small);
                     }
@@ -1006,37 +974,51 @@ impl ChunkedHead {
 mod kernels {
     const LANES: usize = 16;
 
+    /// a·b + c, fused where the caller was compiled with FMA (a libm call otherwise, so the
+    /// baseline build uses the plain expression).
+    #[inline(always)]
+    fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+        if FMA {
+            a.mul_add(b, c)
+        } else {
+            a * b + c
+        }
+    }
+
     /// exp(x) for x ≤ 0 (Cephes expf polynomial, about 1 ulp); x below -87.3 gives exp(-87.3) ≈ 1e-38
     /// instead of underflowing to a denormal.
     #[inline(always)]
-    fn exp_nonpositive(x: f32) -> f32 {
+    fn exp_nonpositive<const FMA: bool>(x: f32) -> f32 {
         const LOG2E: f32 = std::f32::consts::LOG2_E;
         // Adding 1.5·2^23 rounds to an integer n, kept in the low mantissa bits.
         const MAGIC: f32 = 12_582_912.0;
         const LN2_HI: f32 = 0.693_359_4;
         const LN2_LO: f32 = -2.121_944_4e-4;
         let x = if x < -87.3 { -87.3 } else { x };
-        let t = x * LOG2E + MAGIC;
+        let t = madd::<FMA>(x, LOG2E, MAGIC);
         let n = t - MAGIC;
-        let r = x - n * LN2_HI;
-        let r = r - n * LN2_LO;
+        let r = madd::<FMA>(n, -LN2_HI, x);
+        let r = madd::<FMA>(n, -LN2_LO, r);
         let mut q = 1.987_569_1e-4f32;
-        q = q * r + 1.398_199_9e-3;
-        q = q * r + 8.333_452e-3;
-        q = q * r + 4.166_579_6e-2;
-        q = q * r + 1.666_666_5e-1;
-        q = q * r + 0.5;
-        let y = q * r * r + r + 1.0;
+        q = madd::<FMA>(q, r, 1.398_199_9e-3);
+        q = madd::<FMA>(q, r, 8.333_452e-3);
+        q = madd::<FMA>(q, r, 4.166_579_6e-2);
+        q = madd::<FMA>(q, r, 1.666_666_5e-1);
+        q = madd::<FMA>(q, r, 0.5);
+        let y = madd::<FMA>(q, r * r, r) + 1.0;
         // 2^n from n's bits: n ∈ [-126, 0], so n + 127 is a valid normal exponent.
         let bits = t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23;
         y * f32::from_bits(bits)
     }
 
-    /// Returns (max, argmax, Σ exp(x - max), x[label]) and replaces the row by exp(x - max).
+    /// Elements per block of the one-pass statistics: small enough to stay in L1 between the max
+    /// scan and the exp scan of the block.
+    const BLOCK: usize = 1024;
+
     #[inline(always)]
-    fn softmax_row_impl(row: &mut [f32], label: usize) -> (f32, usize, f32, f32) {
+    fn lane_max(xs: &[f32]) -> f32 {
         let mut lanes = [f32::NEG_INFINITY; LANES];
-        let mut chunks = row.chunks_exact(LANES);
+        let mut chunks = xs.chunks_exact(LANES);
         for ch in &mut chunks {
             for j in 0..LANES {
                 lanes[j] = if ch[j] > lanes[j] { ch[j] } else { lanes[j] };
@@ -1048,69 +1030,128 @@ mod kernels {
                 max = x;
             }
         }
-        // First index of the maximum, as torch.argmax on the CPU.
-        let argmax = row.iter().position(|&x| x == max).unwrap_or(0);
-        let label_logit = row[label];
-        let mut sums = [0.0f32; LANES];
-        let mut chunks = row.chunks_exact_mut(LANES);
+        max
+    }
+
+    #[inline(always)]
+    fn lane_sum_exp<const FMA: bool>(xs: &[f32], max: f32) -> f32 {
+        let mut lanes = [0.0f32; LANES];
+        let mut chunks = xs.chunks_exact(LANES);
         for ch in &mut chunks {
             for j in 0..LANES {
-                let e = exp_nonpositive(ch[j] - max);
-                ch[j] = e;
-                sums[j] += e;
+                lanes[j] += exp_nonpositive::<FMA>(ch[j] - max);
             }
         }
+        let mut sum: f32 = chunks
+            .remainder()
+            .iter()
+            .map(|&x| exp_nonpositive::<FMA>(x - max))
+            .sum();
+        sum += lanes.iter().sum::<f32>();
+        sum
+    }
+
+    /// (max, first argmax, Σ exp(x − max)) in one read of the row: block by block, the running sum
+    /// is rescaled whenever a block raises the maximum.
+    #[inline(always)]
+    fn row_stats_impl<const FMA: bool>(row: &[f32]) -> (f32, usize, f32) {
+        let mut max = f32::NEG_INFINITY;
+        let mut argmax = 0usize;
         let mut sum = 0.0f32;
-        for x in chunks.into_remainder() {
-            *x = exp_nonpositive(*x - max);
-            sum += *x;
-        }
-        sum += sums.iter().sum::<f32>();
-        (max, argmax, sum, label_logit)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn softmax_row_avx512(row: &mut [f32], label: usize) -> (f32, usize, f32, f32) {
-        softmax_row_impl(row, label)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn softmax_row_avx2(row: &mut [f32], label: usize) -> (f32, usize, f32, f32) {
-        softmax_row_impl(row, label)
-    }
-
-    /// See [`softmax_row_impl`]; `label` must be < row.len().
-    pub(super) fn softmax_row(row: &mut [f32], label: usize) -> (f32, usize, f32, f32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512F (checked above).
-                return unsafe { softmax_row_avx512(row, label) };
+        for (b, block) in row.chunks(BLOCK).enumerate() {
+            let block_max = lane_max(block);
+            if block_max > max {
+                // Strictly greater: an equal maximum in a later block keeps the earlier index.
+                let at = block.iter().position(|&x| x == block_max).unwrap_or(0);
+                argmax = b * BLOCK + at;
+                if sum > 0.0 {
+                    sum *= exp_nonpositive::<FMA>(max - block_max);
+                }
+                max = block_max;
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU supports AVX2 and FMA (checked above).
-                return unsafe { softmax_row_avx2(row, label) };
+            sum += lane_sum_exp::<FMA>(block, max);
+        }
+        (max, argmax, sum)
+    }
+
+    /// out = a·exp(x − max).
+    #[inline(always)]
+    fn softmax_scaled_impl<const FMA: bool>(out: &mut [f32], x: &[f32], max: f32, a: f32) {
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = a * exp_nonpositive::<FMA>(x - max);
+        }
+    }
+
+    /// out = a·exp(x − mx) + b·exp(y − my).
+    #[inline(always)]
+    fn softmax_scaled2_impl<const FMA: bool>(
+        out: &mut [f32],
+        x: &[f32],
+        mx: f32,
+        a: f32,
+        y: &[f32],
+        my: f32,
+        b: f32,
+    ) {
+        for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
+            *o = madd::<FMA>(
+                a,
+                exp_nonpositive::<FMA>(x - mx),
+                b * exp_nonpositive::<FMA>(y - my),
+            );
+        }
+    }
+
+    /// Defines `$name` dispatching at run time to copies of `$imp` compiled for AVX-512F, for
+    /// AVX2+FMA, or for the baseline target.
+    macro_rules! multiversion {
+        ($name:ident, $imp:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+            pub(super) fn $name($($arg: $ty),*) -> $ret {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f,fma")]
+                    unsafe fn avx512($($arg: $ty),*) -> $ret {
+                        $imp::<true>($($arg),*)
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2($($arg: $ty),*) -> $ret {
+                        $imp::<true>($($arg),*)
+                    }
+                    if std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: the CPU supports AVX-512F and FMA (checked just above).
+                        return unsafe { avx512($($arg),*) };
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                        return unsafe { avx2($($arg),*) };
+                    }
+                }
+                $imp::<false>($($arg),*)
             }
-        }
-        softmax_row_impl(row, label)
+        };
     }
 
-    /// out = a·src.
-    pub(super) fn scale_row(out: &mut [f32], src: &[f32], a: f32) {
-        for (o, s) in out.iter_mut().zip(src) {
-            *o = a * *s;
-        }
+    multiversion!(row_stats, row_stats_impl, (row: &[f32]) -> (f32, usize, f32));
+    multiversion!(softmax_scaled_dispatch, softmax_scaled_impl, (out: &mut [f32], x: &[f32], max: f32, a: f32) -> ());
+    multiversion!(softmax_scaled2_dispatch, softmax_scaled2_impl,
+        (out: &mut [f32], x: &[f32], mx: f32, a: f32, y: &[f32], my: f32, b: f32) -> ());
+
+    /// out = a·exp(x − max) for a row of logits x with maximum `max`.
+    pub(super) fn softmax_scaled(out: &mut [f32], x: &[f32], max: f32, a: f32) {
+        softmax_scaled_dispatch(out, x, max, a)
     }
 
-    /// out = a·x + b·y.
-    pub(super) fn scale2_row(out: &mut [f32], x: &[f32], a: f32, y: &[f32], b: f32) {
-        for ((o, x), y) in out.iter_mut().zip(x).zip(y) {
-            *o = a * *x + b * *y;
-        }
+    /// out = a·exp(x − mx) + b·exp(y − my).
+    pub(super) fn softmax_scaled2(
+        out: &mut [f32],
+        (x, mx, a): (&[f32], f32, f32),
+        (y, my, b): (&[f32], f32, f32),
+    ) {
+        softmax_scaled2_dispatch(out, x, mx, a, y, my, b)
     }
 
     #[cfg(test)]
@@ -1121,13 +1162,41 @@ mod kernels {
             let mut x = -87.0f32;
             while x <= 0.0 {
                 let want = x.exp();
-                let got = super::exp_nonpositive(x);
-                worst = worst.max(((got - want) / want).abs());
+                for got in [
+                    super::exp_nonpositive::<false>(x),
+                    super::exp_nonpositive::<true>(x),
+                ] {
+                    worst = worst.max(((got - want) / want).abs());
+                }
                 x += 0.000_37;
             }
             assert!(worst < 5e-7, "worst relative error {worst}");
-            assert_eq!(super::exp_nonpositive(0.0), 1.0);
-            assert!(super::exp_nonpositive(-1000.0) > 0.0);
+            assert_eq!(super::exp_nonpositive::<false>(0.0), 1.0);
+            assert_eq!(super::exp_nonpositive::<true>(0.0), 1.0);
+            assert!(super::exp_nonpositive::<false>(-1000.0) > 0.0);
+        }
+
+        #[test]
+        fn one_pass_row_statistics_match_a_two_pass_computation() {
+            // Rising values make every block raise the maximum; a tie keeps the first index.
+            let mut row: Vec<f32> = (0..5000)
+                .map(|i| ((i * 37) % 101) as f32 * 0.05 + i as f32 * 1e-3)
+                .collect();
+            row[4321] = 20.0;
+            row[4400] = 20.0;
+            let (max, argmax, sum) = super::row_stats(&row);
+            let want_max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let want_sum: f64 = row.iter().map(|&x| ((x - want_max) as f64).exp()).sum();
+            assert_eq!(max, want_max);
+            assert_eq!(argmax, 4321);
+            assert!(
+                ((sum as f64 - want_sum) / want_sum).abs() < 1e-5,
+                "{sum} vs {want_sum}"
+            );
+            let mut out = vec![0.0; row.len()];
+            super::softmax_scaled(&mut out, &row, max, 1.0 / sum);
+            let total: f32 = out.iter().sum();
+            assert!((total - 1.0).abs() < 1e-4);
         }
     }
 }

@@ -195,6 +195,7 @@ pub struct CosineSchedule {
 }
 
 impl CosineSchedule {
+    /// The schedule for `total_steps` optimizer steps peaking at `base_lr`.
     pub fn new(base_lr: f64, total_steps: u64, config: &ScheduleConfig) -> Self {
         let ratio = config.warmup_ratio.clamp(0.0, 1.0);
         CosineSchedule {
@@ -202,6 +203,16 @@ impl CosineSchedule {
             min_lr: config.min_lr,
             warmup_steps: (ratio * total_steps as f64).floor() as u64,
             total_steps,
+        }
+    }
+
+    /// A constant learning rate (no warmup, no decay).
+    pub fn constant(lr: f64) -> Self {
+        CosineSchedule {
+            base_lr: lr,
+            min_lr: lr,
+            warmup_steps: 0,
+            total_steps: 0,
         }
     }
 
@@ -236,9 +247,11 @@ struct Param {
     v: Vec<f32>,
 }
 
-/// AdamW over named variables.
+/// AdamW over named variables, with its learning-rate schedule: the step count is the state that
+/// drives both, so a resumed run continues the schedule where it stopped.
 pub struct AdamW {
     config: AdamWConfig,
+    schedule: CosineSchedule,
     params: Vec<Param>,
     step: u64,
 }
@@ -261,8 +274,13 @@ fn grad_vec(grads: &GradStore, var: &Var) -> Result<Option<Vec<f32>>, OptimError
 }
 
 impl AdamW {
-    /// Optimizer over `params` (name, variable); names key the saved state.
-    pub fn new(params: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self, OptimError> {
+    /// Optimizer over `params` (name, variable); names key the saved state. The schedule's peak is
+    /// usually `config.lr`: `CosineSchedule::new(config.lr, total_steps, &ScheduleConfig::default())`.
+    pub fn new(
+        params: Vec<(String, Var)>,
+        config: AdamWConfig,
+        schedule: CosineSchedule,
+    ) -> Result<Self, OptimError> {
         config.validate()?;
         let mut seen = HashSet::new();
         let mut out = Vec::with_capacity(params.len());
@@ -286,6 +304,7 @@ impl AdamW {
         }
         Ok(AdamW {
             config,
+            schedule,
             params: out,
             step: 0,
         })
@@ -293,6 +312,15 @@ impl AdamW {
 
     pub fn config(&self) -> &AdamWConfig {
         &self.config
+    }
+
+    pub fn schedule(&self) -> &CosineSchedule {
+        &self.schedule
+    }
+
+    /// The learning rate the next [`AdamW::step`] will use.
+    pub fn current_lr(&self) -> f64 {
+        self.schedule.lr(self.step)
     }
 
     /// Steps taken so far (the index of the next step).
@@ -320,9 +348,15 @@ impl AdamW {
         Ok(sq.sqrt())
     }
 
-    /// One AdamW step at learning rate `lr` (take it from a [`CosineSchedule`]), after clipping the
-    /// global grad norm. On a non-finite norm nothing changes and an error is returned.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepStats, OptimError> {
+    /// One AdamW step at the schedule's learning rate, after clipping the global grad norm. On a
+    /// non-finite norm nothing changes and an error is returned.
+    pub fn step(&mut self, grads: &GradStore) -> Result<StepStats, OptimError> {
+        let lr = self.current_lr();
+        self.step_with_lr(grads, lr)
+    }
+
+    /// [`AdamW::step`] at an explicit learning rate (the schedule is bypassed, the step still counts).
+    pub fn step_with_lr(&mut self, grads: &GradStore, lr: f64) -> Result<StepStats, OptimError> {
         let mut gs = Vec::with_capacity(self.params.len());
         let mut sq = 0.0f64;
         for p in &self.params {
@@ -563,16 +597,22 @@ mod tests {
     fn grads_for(pairs: &[(&Var, &[f32])]) -> GradStore {
         let mut g = GradStore::default();
         for (v, values) in pairs {
-            g.insert(
-                v.as_tensor(),
-                Tensor::from_vec(values.to_vec(), v.shape(), &Device::Cpu).unwrap(),
-            );
+            let t = Tensor::from_vec(values.to_vec(), v.shape(), &Device::Cpu).unwrap();
+            g.insert(v.as_tensor(), t);
         }
         g
     }
 
     fn values(v: &Var) -> Vec<f32> {
         v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn adamw(params: &[(&str, &Var)], config: AdamWConfig, schedule: CosineSchedule) -> AdamW {
+        let params = params
+            .iter()
+            .map(|(n, v)| (n.to_string(), (*v).clone()))
+            .collect();
+        AdamW::new(params, config, schedule).unwrap()
     }
 
     #[test]
@@ -583,12 +623,12 @@ mod tests {
             ..Default::default()
         };
         let p = var(&[1.0, -2.0, 0.5, 0.0], (2, 2));
-        let mut opt = AdamW::new(vec![("w".into(), p.clone())], cfg).unwrap();
+        let mut opt = adamw(&[("w", &p)], cfg, CosineSchedule::constant(0.0));
         let g1 = [0.1f32, -0.3, 2.0, 0.0];
         let g2 = [-0.2f32, 0.4, 1.0, 1e-3];
         let lrs = [0.01f64, 0.005];
-        opt.step(&grads_for(&[(&p, &g1)]), lrs[0]).unwrap();
-        opt.step(&grads_for(&[(&p, &g2)]), lrs[1]).unwrap();
+        opt.step_with_lr(&grads_for(&[(&p, &g1)]), lrs[0]).unwrap();
+        opt.step_with_lr(&grads_for(&[(&p, &g2)]), lrs[1]).unwrap();
 
         // Reference in f64, written from the torch AdamW documentation.
         let (b1, b2, eps, wd) = (0.9f64, 0.999f64, 1e-8f64, 0.1f64);
@@ -617,15 +657,13 @@ mod tests {
     fn clipping_scales_the_global_gradient_norm_to_the_limit() {
         let a = var(&[0.0, 0.0], (1, 2));
         let b = var(&[0.0], (1, 1));
-        let mut opt = AdamW::new(
-            vec![("a".into(), a.clone()), ("b".into(), b.clone())],
-            AdamWConfig::default(),
-        )
-        .unwrap();
+        let sched = CosineSchedule::constant(1e-3);
+        let mut opt = adamw(&[("a", &a), ("b", &b)], AdamWConfig::default(), sched);
         // Global norm sqrt(3² + 4² + 12²) = 13 across two parameters.
         let grads = grads_for(&[(&a, &[3.0, 4.0]), (&b, &[12.0])]);
         assert!((opt.grad_norm(&grads).unwrap() - 13.0).abs() < 1e-9);
-        let stats = opt.step(&grads, 1e-3).unwrap();
+        let stats = opt.step(&grads).unwrap();
+        assert_eq!(stats.lr, 1e-3);
         assert!((stats.grad_norm - 13.0).abs() < 1e-9);
         assert!((stats.clip_scale - 1.0 / (13.0 + 1e-6)).abs() < 1e-12);
         // The first moment holds (1-β1)·clipped gradient.
@@ -642,7 +680,7 @@ mod tests {
         }
         // Below the limit nothing is scaled.
         let small = grads_for(&[(&a, &[0.3, 0.4]), (&b, &[0.0])]);
-        assert_eq!(opt.step(&small, 1e-3).unwrap().clip_scale, 1.0);
+        assert_eq!(opt.step(&small).unwrap().clip_scale, 1.0);
     }
 
     #[test]
@@ -659,24 +697,25 @@ mod tests {
             6e-4,
             4,
             &ScheduleConfig {
-                warmup_ratio: 0.25,
+                warmup_ratio: 0.5,
                 min_lr: 0.0,
             },
         );
+        let name = "layers.0.self_attn.q_proj.weight";
 
         let p_a = var(&init, (2, 3));
-        let mut a = AdamW::new(vec![("layers.0.w".into(), p_a.clone())], cfg.clone()).unwrap();
-        for (s, g) in grads_seq.iter().enumerate() {
-            a.step(&grads_for(&[(&p_a, g)]), sched.lr(s as u64))
-                .unwrap();
-        }
+        let mut a = adamw(&[(name, &p_a)], cfg.clone(), sched.clone());
+        let lrs_a: Vec<f64> = grads_seq
+            .iter()
+            .map(|g| a.step(&grads_for(&[(&p_a, g)])).unwrap().lr)
+            .collect();
 
         let p_b = var(&init, (2, 3));
-        let mut b = AdamW::new(vec![("layers.0.w".into(), p_b.clone())], cfg.clone()).unwrap();
-        for (s, g) in grads_seq.iter().take(2).enumerate() {
-            b.step(&grads_for(&[(&p_b, g)]), sched.lr(s as u64))
-                .unwrap();
-        }
+        let mut b = adamw(&[(name, &p_b)], cfg.clone(), sched.clone());
+        let mut lrs_c: Vec<f64> = grads_seq[..2]
+            .iter()
+            .map(|g| b.step(&grads_for(&[(&p_b, g)])).unwrap().lr)
+            .collect();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("optim.safetensors");
         b.save(&path).unwrap();
@@ -684,51 +723,64 @@ mod tests {
 
         // A fresh process: parameters come back from the model checkpoint, moments from the file.
         let p_c = var(&values(&p_b), (2, 3));
-        let mut c = AdamW::new(vec![("layers.0.w".into(), p_c.clone())], cfg).unwrap();
+        let mut c = adamw(&[(name, &p_c)], cfg, sched);
         c.load(&path).unwrap();
         assert_eq!(c.step_count(), 2);
-        for (s, g) in grads_seq.iter().enumerate().skip(2) {
-            c.step(&grads_for(&[(&p_c, g)]), sched.lr(c.step_count()))
-                .unwrap();
-            assert_eq!(c.step_count(), s as u64 + 1);
+        for g in &grads_seq[2..] {
+            lrs_c.push(c.step(&grads_for(&[(&p_c, g)])).unwrap().lr);
         }
         let bits = |v: &Var| values(v).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&p_a), bits(&p_c));
         assert_eq!(a.state_dict(), c.state_dict());
+        // The schedule resumes too: warmup, then the cosine, with no restart.
+        assert_eq!(lrs_a, lrs_c);
+        assert!(lrs_a[0] < lrs_a[1] && lrs_a[3] < lrs_a[2]);
     }
 
     #[test]
     fn a_state_for_other_parameters_is_rejected() {
+        let sched = CosineSchedule::constant(1e-3);
         let p = var(&[1.0, 2.0], (1, 2));
-        let opt = AdamW::new(
-            vec![("fc.weight".into(), p.clone())],
-            AdamWConfig::default(),
-        )
-        .unwrap();
+        let opt = adamw(&[("fc.weight", &p)], AdamWConfig::default(), sched.clone());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("optim.safetensors");
         opt.save(&path).unwrap();
         let q = var(&[1.0, 2.0], (1, 2));
-        let mut other =
-            AdamW::new(vec![("norm.weight".into(), q)], AdamWConfig::default()).unwrap();
+        let mut other = adamw(
+            &[("norm.weight", &q)],
+            AdamWConfig::default(),
+            sched.clone(),
+        );
         assert!(matches!(other.load(&path), Err(OptimError::State { .. })));
         let r = var(&[1.0, 2.0, 3.0], (1, 3));
-        let mut wrong_size =
-            AdamW::new(vec![("fc.weight".into(), r)], AdamWConfig::default()).unwrap();
+        let mut wrong_size = adamw(&[("fc.weight", &r)], AdamWConfig::default(), sched);
         assert!(matches!(
             wrong_size.load(&path),
             Err(OptimError::State { .. })
+        ));
+        let mut again = adamw(
+            &[("fc.weight", &p)],
+            AdamWConfig::default(),
+            CosineSchedule::constant(0.0),
+        );
+        assert!(matches!(
+            again.load(&dir.path().join("missing.safetensors")),
+            Err(OptimError::Io { .. })
         ));
     }
 
     #[test]
     fn a_parameter_without_gradient_is_an_error_unless_skipped() {
+        let sched = CosineSchedule::constant(1e-3);
         let a = var(&[1.0], (1, 1));
         let b = var(&[2.0], (1, 1));
-        let params = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
         let grads = grads_for(&[(&a, &[0.5])]);
-        let mut strict = AdamW::new(params.clone(), AdamWConfig::default()).unwrap();
-        match strict.step(&grads, 1e-3) {
+        let mut strict = adamw(
+            &[("a", &a), ("b", &b)],
+            AdamWConfig::default(),
+            sched.clone(),
+        );
+        match strict.step(&grads) {
             Err(OptimError::MissingGradient { name }) => assert_eq!(name, "b"),
             other => panic!("unexpected {other:?}"),
         }
@@ -737,28 +789,23 @@ mod tests {
             vec![1.0],
             "a failed step must not move any parameter"
         );
-        let mut lenient = AdamW::new(
-            params,
-            AdamWConfig {
-                skip_missing_grads: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        lenient.step(&grads, 1e-3).unwrap();
+        let lenient_cfg = AdamWConfig {
+            skip_missing_grads: true,
+            ..Default::default()
+        };
+        let mut lenient = adamw(&[("a", &a), ("b", &b)], lenient_cfg, sched.clone());
+        lenient.step(&grads).unwrap();
         assert_ne!(values(&a), vec![1.0]);
         assert_eq!(values(&b), vec![2.0]);
+        let dup = vec![("x".to_string(), a.clone()), ("x".to_string(), b)];
         assert!(matches!(
-            AdamW::new(
-                vec![("x".into(), a.clone()), ("x".into(), b)],
-                AdamWConfig::default()
-            ),
+            AdamW::new(dup, AdamWConfig::default(), sched.clone()),
             Err(OptimError::DuplicateName(_))
         ));
         let nan = grads_for(&[(&a, &[f32::NAN])]);
-        let mut opt = AdamW::new(vec![("a".into(), a.clone())], AdamWConfig::default()).unwrap();
+        let mut opt = adamw(&[("a", &a)], AdamWConfig::default(), sched);
         assert!(matches!(
-            opt.step(&nan, 1e-3),
+            opt.step(&nan),
             Err(OptimError::NonFiniteGradNorm { .. })
         ));
         assert_eq!(opt.step_count(), 0);
@@ -791,6 +838,7 @@ mod tests {
         assert!((floor.lr(100) - 0.1).abs() < 1e-12);
         // Monotone decreasing after warmup.
         assert!((40..1000).all(|t| s.lr(t + 1) <= s.lr(t)));
+        assert_eq!(CosineSchedule::constant(3e-4).lr(12345), 3e-4);
     }
 
     #[test]
