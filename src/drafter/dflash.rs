@@ -19,8 +19,11 @@
 //! # Training attention (SPEC §2)
 //! A query of block b (anchor a_b) sees context position j iff j < a_b ([`context_visible`]) and
 //! every position of its own block; blocks never see each other. The block part is computed block
-//! by block (a batched (B × B) product per block), so no (nb·B × nb·B) mask is ever built, and the
-//! context part is one product against the shared context keys plus an additive (nb, T) bias.
+//! by block (a batched (B × B) product per block), so no (nb·B × nb·B) mask is ever built; the
+//! context part is one product against the shared context keys plus an additive (nb, T) bias; one
+//! softmax spans both parts without concatenating them. Everything runs in a kv-head-major layout
+//! (n_kv, nb, g·B, ·) so that the largest tensor, the (nb·g·B × T) context scores, is never copied.
+//! Memory for nb blocks, context T and n_kv heads: about 6 × n_kv·nb·g·B·T floats per layer.
 //!
 //! # Inference
 //! [`DFlashCache`] holds the context K/V of every layer for positions 0..len. A draft call appends
