@@ -5,13 +5,16 @@
 //! - [`dflash`]: the DFlash drafter (config, model, training and inference forwards, KV cache).
 //! - [`checkpoint`]: the z-lab / SpecForge checkpoint format (config.json + model.safetensors),
 //!   random initialisation, and validation of the drafter/target pairing.
+//! - [`proposer`]: DFlash behind the decode loop's `Proposer` trait.
 
 pub mod checkpoint;
 pub mod dflash;
+pub mod proposer;
 
 pub use dflash::{
     build_target_layer_ids, context_visible, DFlashCache, DFlashConfig, DFlashDrafter, DFlashInitConfig,
 };
+pub use proposer::DFlashProposer;
 
 use crate::model::ModelError;
 
