@@ -698,3 +698,38 @@ impl Proposer for DominoProposer {
         self.context.commit(tokens, features, start)
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Training
+// ---------------------------------------------------------------------------------------------
+
+/// The trainer's view of Domino: all B positions are rows, the delta branch goes to the head,
+/// and position 0 (pure_draft_prefix_len) is base only. Everything else (objectives, λ schedule,
+/// optimiser, checkpoints) is the trainer's, shared with DFlash.
+impl crate::train::trainer::TrainableDrafter for DominoDrafter {
+    fn layout(&self) -> BlockLayout {
+        DominoDrafter::layout(self)
+    }
+    fn block_size(&self) -> usize {
+        DominoDrafter::block_size(self)
+    }
+    fn mask_token_id(&self) -> u32 {
+        DominoDrafter::mask_token_id(self)
+    }
+    fn target_layer_ids(&self) -> Vec<usize> {
+        DominoDrafter::target_layer_ids(self).to_vec()
+    }
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        DominoDrafter::named_vars(self)
+    }
+    fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<crate::train::trainer::TrainRows, crate::train::trainer::TrainError> {
+        let rows = DominoDrafter::train_rows(self, target, features, blocks)?;
+        Ok(crate::train::trainer::TrainRows { hidden: rows.hidden, delta: Some((rows.delta_input, rows.delta_weight)) })
+    }
+    fn save(&self, dir: &Path) -> Result<(), crate::train::trainer::TrainError> {
+        Ok(DominoDrafter::save(self, dir)?)
+    }
+    fn base_only_prefix(&self) -> usize {
+        self.config.pure_draft_prefix_len
+    }
+}
