@@ -222,6 +222,22 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let mut drafters: Vec<EvalDrafter> = Vec::new();
     let mut drafter_settings = Vec::new();
     for (label, dir) in &drafter_dirs {
+        if specauf::drafter::domino::is_domino_checkpoint(dir).unwrap_or(false) {
+            if a.block_size.is_some() {
+                bail!("--block-size is implemented for DFlash drafters only; {label} is a Domino drafter");
+            }
+            let d = specauf::drafter::domino::DominoDrafter::load(dir, &tc)
+                .with_context(|| format!("drafter {} does not fit model {}", dir.display(), a.model))?;
+            let proposer: Box<dyn Proposer> = Box::new(specauf::drafter::domino::DominoProposer::new(d));
+            drafter_settings.push(DrafterSetting {
+                label: label.clone(),
+                path: Some(dir.display().to_string()),
+                block_size: proposer.block_size(),
+                trained_block_size: proposer.block_size(),
+            });
+            drafters.push(EvalDrafter::new(label.clone(), proposer));
+            continue;
+        }
         let d = DFlashDrafter::load(dir, &tc).with_context(|| format!("drafter {} does not fit model {}", dir.display(), a.model))?;
         let trained = d.block_size();
         let d = match a.block_size {
