@@ -77,8 +77,17 @@ pub struct PrepareArgs {
 }
 
 pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
-    if a.regenerate.is_none() && a.features.is_none() && a.workers != 1 {
+    if a.regenerate.is_none() && a.workers != 1 {
         bail!("--workers only applies with --regenerate");
+    }
+    if a.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    // Each worker runs its own forward; candle's kernels would otherwise start one thread per
+    // core in every worker and spin against each other. Set before the first candle op reads it.
+    if a.workers > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", (cores / a.workers).max(1).to_string());
     }
     let data_path = if a.data == "sharegpt" {
         assets::file(&assets::SHAREGPT, assets::SHAREGPT_JSON).context("fetching the ShareGPT data (`specauf fetch --all`)")?
@@ -118,9 +127,9 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
     };
     let feature_model = match (&a.features, &gen_model) {
         (Some(_), Some(m)) if a.feature_weights == a.weights => Some(FeatureTarget::Same(m)),
-        (Some(_), _) => Some(FeatureTarget::Own(
+        (Some(_), _) => Some(FeatureTarget::Own(Box::new(
             load_model(&a.model, a.feature_weights).with_context(|| format!("loading model {} for features", a.model))?,
-        )),
+        ))),
         (None, _) => None,
     };
     let info;
@@ -216,5 +225,5 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
 
 enum FeatureTarget<'a> {
     Same(&'a specauf::model::LoadedModel),
-    Own(specauf::model::LoadedModel),
+    Own(Box<specauf::model::LoadedModel>),
 }

@@ -466,7 +466,7 @@ impl ShardWriter {
         }
         let mut text = serde_json::Value::Object(header).to_string().into_bytes();
         // Pad to 8 bytes with spaces, as the reference writer does, so the data is aligned.
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(b' ');
         }
         let tmp = tmp_path(path);

@@ -182,10 +182,9 @@ pub fn prepare_with(
         let todo = examples.len() - reused;
         let mut bar = Bar::new(opts.progress, todo as u64, "regenerate", "conv");
         let outcomes =
-            regenerate::regenerate_all(tok, &examples, rs, s.max_len, &mut cache, opts.workers, &mut bar, reply)?;
+            regenerate::regenerate_all(tok, &examples, &mut cache, opts.workers, &mut bar, reply)?;
         generated_tokens = bar.tokens;
         bar.finish();
-        regenerated = todo;
         let mut kept = Vec::with_capacity(examples.len());
         for o in outcomes {
             match o {
@@ -196,6 +195,7 @@ pub fn prepare_with(
                 Outcome::PromptTooLong => *skipped.entry("prompt_exceeds_max_len".into()).or_insert(0) += 1,
             }
         }
+        regenerated = kept.len() - reused;
         examples = kept;
         regenerate_seconds = t0.elapsed().as_secs_f64();
     }
