@@ -2,6 +2,7 @@
 //! Accept-Until-Fail objective.
 
 pub mod assets;
+pub mod drafter;
 pub mod eval;
 pub mod model;
 pub mod nn;

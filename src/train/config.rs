@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::head::HeadConfig;
+use super::head::{BaseSupport, HeadConfig};
 use super::objective::Objective;
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +158,10 @@ pub struct TrainConfig {
     /// Held-out sequences used by each evaluation.
     #[serde(default = "default_eval_seqs")]
     pub eval_sequences: usize,
+    /// Domino: which weights the base-branch CE uses: same-as-final (default: AUF's support
+    /// from the emitted logits applies to both terms), own-argmax, or unmasked.
+    #[serde(default)]
+    pub base_support: BaseSupport,
     /// Keep target features of seen sequences in memory (f16), up to this many MiB.
     #[serde(default = "default_feature_mem")]
     pub feature_cache_mib: usize,

@@ -1,5 +1,7 @@
 //! Training: data → blocks → objective → LM head/CE → optimiser.
 
+pub mod blocks;
+pub mod config;
 pub mod data;
 pub mod features;
 pub mod head;

@@ -22,7 +22,7 @@ use super::blocks::{build_blocks, sample_anchors, step_rng, Blocks};
 use super::config::TrainConfig;
 use super::data::{Dataset, Split};
 use super::features::{target_features, FeatureCache};
-use super::head::{ChunkedHead, HeadInput};
+use super::head::{BaseSupport, ChunkedHead, DeltaBranch, HeadInput};
 use super::objective::{BlockLayout, BlockMetrics, MetricCounts, ResolvedObjective};
 use super::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
 use crate::drafter::dflash::{DFlashDrafter, DFlashInitConfig};
@@ -100,6 +100,15 @@ struct CheckpointState {
     config_hash: String,
 }
 
+/// What a drafter's training forward hands to the head.
+pub struct TrainRows {
+    /// (rows, H) final hidden of the predicted positions, in the autograd graph.
+    pub hidden: Tensor,
+    /// Domino's correction branch: its last bias-free Linear's input (rows, E), in the graph,
+    /// and that Linear's weight (V, E) (the Var's tensor). None for DFlash.
+    pub delta: Option<(Tensor, Tensor)>,
+}
+
 /// A drafter the trainer can train. DFlash and Domino share everything else.
 pub trait TrainableDrafter {
     fn layout(&self) -> BlockLayout;
@@ -107,9 +116,21 @@ pub trait TrainableDrafter {
     fn mask_token_id(&self) -> u32;
     fn target_layer_ids(&self) -> Vec<usize>;
     fn named_vars(&self) -> Vec<(String, Var)>;
-    /// (rows, H) final hidden of the predicted positions, in the autograd graph.
-    fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<Tensor, TrainError>;
+    fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<TrainRows, TrainError>;
     fn save(&self, dir: &Path) -> Result<(), TrainError>;
+    /// Domino: predicted indices below this use the base logits only (pure_draft_prefix_len).
+    fn base_only_prefix(&self) -> usize {
+        0
+    }
+}
+
+/// Domino's λ in (1-λ)·CE_final + λ·CE_base: falls linearly from 1 at the first step to 0 at
+/// the last.
+pub fn base_ce_weight(step: u64, steps: u64) -> f32 {
+    if steps <= 1 {
+        return 0.0;
+    }
+    1.0 - step as f32 / (steps - 1) as f32
 }
 
 impl TrainableDrafter for DFlashDrafter {
@@ -128,9 +149,9 @@ impl TrainableDrafter for DFlashDrafter {
     fn named_vars(&self) -> Vec<(String, Var)> {
         DFlashDrafter::named_vars(self)
     }
-    fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<Tensor, TrainError> {
+    fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<TrainRows, TrainError> {
         let hidden = self.forward_train(target, features, &blocks.anchors, &blocks.block_ids)?;
-        Ok(self.predicted_rows(&hidden)?)
+        Ok(TrainRows { hidden: self.predicted_rows(&hidden)?, delta: None })
     }
     fn save(&self, dir: &Path) -> Result<(), TrainError> {
         Ok(DFlashDrafter::save(self, dir)?)
@@ -219,10 +240,19 @@ pub fn evaluate(
         }
         let blocks = build_blocks(&seq.input_ids, &seq.loss_mask, &anchors, drafter.block_size(), layout, drafter.mask_token_id());
         let feats = features.get(i, &seq.input_ids)?;
-        let rows = drafter.train_rows(target, &feats, &blocks)?.detach();
+        let rows = drafter.train_rows(target, &feats, &blocks)?;
+        let hidden = rows.hidden.detach();
+        let delta_vals = rows.delta.as_ref().map(|(i, w)| (i.detach(), w.detach()));
+        let delta = delta_vals.as_ref().map(|(input, weight)| DeltaBranch {
+            input,
+            weight,
+            base_ce_weight: 0.0,
+            base_only_prefix: drafter.base_only_prefix(),
+            base_support: BaseSupport::default(),
+        });
         let out = head.run(
             objective,
-            &HeadInput { hidden: &rows, lm_head, labels: &blocks.labels, valid: &blocks.valid, layout, num_sequences: 1, seed, delta: None },
+            &HeadInput { hidden: &hidden, lm_head, labels: &blocks.labels, valid: &blocks.valid, layout, num_sequences: 1, seed, delta },
         )?;
         counts.merge(&out.rows.metrics);
         loss_sum += out.loss as f64;
@@ -379,6 +409,8 @@ pub fn train(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions) -> Resul
         let mut tokens = 0usize;
         for micro in 0..cfg.grad_accum {
             let mut rows = Vec::new();
+            let mut delta_inputs = Vec::new();
+            let mut delta_weight = None;
             let (mut labels, mut valid) = (Vec::new(), Vec::new());
             let mut used = 0usize;
             for s in 0..cfg.batch_sequences {
@@ -398,7 +430,12 @@ pub fn train(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions) -> Resul
                 }
                 let blocks = build_blocks(&seq.input_ids, &seq.loss_mask, &anchors, drafter.block_size(), layout, drafter.mask_token_id());
                 let feats = features.get(idx, &seq.input_ids)?;
-                rows.push(drafter.train_rows(target, &feats, &blocks)?);
+                let r = drafter.train_rows(target, &feats, &blocks)?;
+                rows.push(r.hidden);
+                if let Some((input, weight)) = r.delta {
+                    delta_inputs.push(input);
+                    delta_weight = Some(weight);
+                }
                 labels.extend_from_slice(&blocks.labels);
                 valid.extend_from_slice(&blocks.valid);
                 used += 1;
@@ -408,12 +445,24 @@ pub fn train(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions) -> Resul
             }
             let hidden = Tensor::cat(&rows, 0)?;
             let values = hidden.detach();
+            let delta_graph = match (delta_inputs.is_empty(), &delta_weight) {
+                (false, Some(w)) => Some((Tensor::cat(&delta_inputs, 0)?, w.clone())),
+                _ => None,
+            };
+            let delta_vals = delta_graph.as_ref().map(|(i, w)| (i.detach(), w.detach()));
+            let delta = delta_vals.as_ref().map(|(input, weight)| DeltaBranch {
+                input,
+                weight,
+                base_ce_weight: base_ce_weight(step, cfg.steps),
+                base_only_prefix: drafter.base_only_prefix(),
+                base_support: cfg.base_support,
+            });
             let head_out = head.run(
                 &objective,
-                &HeadInput { hidden: &values, lm_head: &lm_head, labels: &labels, valid: &valid, layout, num_sequences: used, seed: cfg.seed ^ step, delta: None },
+                &HeadInput { hidden: &values, lm_head: &lm_head, labels: &labels, valid: &valid, layout, num_sequences: used, seed: cfg.seed ^ step, delta },
             )?;
             let scale = 1.0 / cfg.grad_accum as f64;
-            let surrogate = (head_out.surrogate(&hidden, None)? * scale)?;
+            let surrogate = (head_out.surrogate(&hidden, delta_graph.as_ref().map(|(i, w)| (i, w)))? * scale)?;
             let g = surrogate.backward()?;
             grads = Some(match grads {
                 None => g,
