@@ -17,6 +17,12 @@ enum Command {
     Fetch(cli::fetch::FetchArgs),
     /// Generate text with a target model, optionally with speculative decoding.
     Generate(cli::generate::GenerateArgs),
+    /// Tokenize chat data (optionally regenerating answers with the target) into training shards.
+    Prepare(cli::prepare::PrepareArgs),
+    /// Write an untrained DFlash drafter for a target.
+    InitDrafter(cli::init_drafter::InitDrafterArgs),
+    /// Train a drafter (DFlash, Domino) with AUF or a baseline objective.
+    Train(cli::train::TrainArgs),
     /// Benchmarks (not timed tests): decode speed, training step speed.
     Bench(cli::bench::BenchArgs),
 }
@@ -26,6 +32,9 @@ fn main() {
     let result = match cli.command {
         Command::Fetch(a) => cli::fetch::run(a),
         Command::Generate(a) => cli::generate::run(a),
+        Command::Prepare(a) => cli::prepare::run(a),
+        Command::Train(a) => cli::train::run(a),
+        Command::InitDrafter(a) => cli::init_drafter::run(a),
         Command::Bench(a) => cli::bench::run(a),
     };
     if let Err(e) = result {

@@ -18,6 +18,33 @@ pub struct BenchArgs {
 enum BenchWhat {
     /// Prefill and decode speed of the target, and the verify cost of a B-token forward.
     Decode(DecodeArgs),
+    /// Drafter training step time, tokens/s, peak memory and LM-head share, per objective.
+    Train(TrainBenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TrainBenchArgs {
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// Measure this trained drafter instead of a fresh one (AUF's support, and so its cost,
+    /// depends on how often the drafter is right).
+    #[arg(long)]
+    drafter: Option<std::path::PathBuf>,
+    /// Drafter layers (fresh drafter).
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Anchors (blocks) per sequence.
+    #[arg(long, default_value_t = 32)]
+    anchors: usize,
+    /// Sequence length.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    #[arg(long, value_delimiter = ',', default_values = ["full", "decay", "auf", "auf+decay", "dpace"])]
+    objectives: Vec<String>,
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -48,6 +75,7 @@ struct DecodeArgs {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         BenchWhat::Decode(a) => decode(a),
+        BenchWhat::Train(a) => train_bench(a),
     }
 }
 
@@ -120,6 +148,96 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
             );
         }
         drop(m);
+    }
+    Ok(())
+}
+
+fn train_bench(a: TrainBenchArgs) -> anyhow::Result<()> {
+    use specauf::train::blocks::{sample_anchors, step_rng};
+    use specauf::train::data::Sequence;
+    use specauf::train::features::target_features;
+    use specauf::train::head::{BaseSupport, ChunkedHead, HeadConfig};
+    use specauf::train::objective::Objective;
+    use specauf::train::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
+    use specauf::train::trainer::{default_mask_token, run_micro_batch, BatchItem, StepContext, TrainableDrafter};
+    use specauf::drafter::dflash::DFlashDrafter;
+
+    if a.runs == 0 || a.anchors == 0 || a.seq_len < 4 {
+        anyhow::bail!("--runs and --anchors must be at least 1 and --seq-len at least 4");
+    }
+    let m = load_model(&a.model, WeightsMode::Q8).with_context(|| format!("loading {}", a.model))?;
+    let target = &m.target;
+    // A real text repeated to the sequence length: the second half is the supervised answer.
+    let text = "Speculative decoding lets a small drafter propose several tokens that the target then verifies in one forward pass. ";
+    let mut ids = m.tokenizer.encode(&text.repeat(1 + a.seq_len / 16), false)?;
+    ids.truncate(a.seq_len);
+    if ids.len() < a.seq_len {
+        anyhow::bail!("could not build a {}-token sequence", a.seq_len);
+    }
+    let mask: Vec<u8> = (0..ids.len()).map(|i| u8::from(i >= ids.len() / 4)).collect();
+    let new_drafter = || -> anyhow::Result<DFlashDrafter> {
+        Ok(match &a.drafter {
+            Some(dir) => DFlashDrafter::load(dir, target.config())?,
+            None => DFlashDrafter::init_random_for(target.config(), a.layers, a.block_size, default_mask_token(target), 0)?,
+        })
+    };
+    let probe = new_drafter()?;
+    let features = target_features(target, &ids, probe.target_layer_ids())?;
+    let lm_head = target.lm_head_weight_f32()?;
+    eprintln!(
+        "bench train: {} with a {}-layer DFlash drafter (block {}, {} parameters), {} anchors × {} positions on a {}-token sequence, {} threads, medians of {} steps",
+        a.model,
+        probe.config().num_hidden_layers,
+        TrainableDrafter::block_size(&probe),
+        probe.config().num_parameters(),
+        a.anchors,
+        TrainableDrafter::block_size(&probe) - 1,
+        a.seq_len,
+        rayon::current_num_threads(),
+        a.runs
+    );
+    println!("| objective | step ms | supervised tokens/s | forward ms | LM head + CE ms | backward ms | head share | support/block | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for name in &a.objectives {
+        let objective: Objective = name.parse().map_err(|e| anyhow::anyhow!("objective {name:?}: {e}"))?;
+        let drafter = new_drafter()?;
+        let resolved = objective.resolve(TrainableDrafter::block_size(&drafter))?;
+        let mut head = ChunkedHead::new(HeadConfig::default());
+        let mut optim = AdamW::new(
+            TrainableDrafter::named_vars(&drafter),
+            AdamWConfig::default(),
+            CosineSchedule::new(6e-4, 1000, &ScheduleConfig::default()),
+        )?;
+        let ctx = StepContext { target, drafter: &drafter, objective: &resolved, lm_head: &lm_head, seed: 0, steps: 1000, base_support: BaseSupport::default() };
+        reset_peak_rss();
+        let (mut step_ms, mut fwd, mut hd, mut bwd, mut support, mut rate) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for run in 0..=a.runs {
+            let anchors = sample_anchors(&mask, a.anchors, &mut step_rng(0, run as u64, 0));
+            let items = [BatchItem { seq: Sequence { input_ids: ids.clone(), loss_mask: mask.clone() }, anchors, features: features.clone() }];
+            let t = Instant::now();
+            let out = run_micro_batch(&ctx, &mut head, &items, run as u64, 1.0)?;
+            optim.step(&out.grads)?;
+            let total = ms(t.elapsed());
+            if run > 0 {
+                step_ms.push(total);
+                fwd.push(out.forward_ms);
+                hd.push(out.head_ms);
+                bwd.push(out.backward_ms);
+                support.push(out.counts.summary().support_size as f64);
+                rate.push(out.tokens as f64 / (total / 1e3));
+            }
+        }
+        let step = median(&mut step_ms);
+        let head_ms = median(&mut hd);
+        println!(
+            "| {name} | {step:.0} | {:.0} | {:.0} | {head_ms:.0} | {:.0} | {:.0}% | {:.2} | {:.0} |",
+            median(&mut rate),
+            median(&mut fwd),
+            median(&mut bwd),
+            100.0 * head_ms / step,
+            median(&mut support),
+            peak_rss_bytes().map(mib).unwrap_or(f64::NAN)
+        );
     }
     Ok(())
 }

@@ -6,7 +6,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use specauf::model::{load_model, WeightsMode};
+use specauf::drafter::dflash::DFlashDrafter;
+use specauf::drafter::proposer::DFlashProposer;
 use specauf::spec::driver::{generate_streaming, GenerateConfig};
+use specauf::spec::proposer::Proposer;
 use specauf::tokenizer::ChatMessage;
 
 #[derive(clap::Args, Debug)]
@@ -37,6 +40,9 @@ pub struct GenerateArgs {
     /// Weights on CPU: q8 (fast, default), f32 (reference), native (GGUF types as stored).
     #[arg(long, value_enum, default_value_t = WeightsMode::Q8)]
     pub weights: WeightsMode,
+    /// A DFlash drafter directory (config.json + model.safetensors): speculative decoding.
+    #[arg(long)]
+    pub drafter: Option<std::path::PathBuf>,
     /// Print one JSON object on the last line of stdout instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -102,7 +108,15 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let res = generate_streaming(&m.target, None, &prompt_ids, &cfg, &mut on_tokens).context("generating")?;
+    let mut proposer = match &a.drafter {
+        Some(dir) => {
+            let d = DFlashDrafter::load(dir, m.target.config()).with_context(|| format!("loading drafter {}", dir.display()))?;
+            Some(DFlashProposer::new(d))
+        }
+        None => None,
+    };
+    let res = generate_streaming(&m.target, proposer.as_mut().map(|p| p as &mut dyn Proposer), &prompt_ids, &cfg, &mut on_tokens)
+        .context("generating")?;
     let text = m.tokenizer.decode(&res.token_ids, true).context("decoding the output")?;
     let n = res.token_ids.len();
     let tokens_per_s = if res.decode_ms > 0.0 { (n.saturating_sub(1)) as f64 / (res.decode_ms / 1e3) } else { 0.0 };
@@ -118,6 +132,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             "decode_ms": res.decode_ms,
             "load_ms": load_ms,
             "weights": a.weights,
+            "tau": res.tau,
+            "cycles": res.cycles,
+            "accept_lengths": res.accept_lengths,
+            "block_size": res.block_size,
         });
         println!("{v}");
     } else {
@@ -127,12 +145,13 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         println!();
         let _ = std::io::stdout().flush();
         eprintln!(
-            "[{} prompt tokens, {n} new tokens; load {:.0} ms, prefill {:.0} ms, decode {:.1} tokens/s, finish: {:?}]",
+            "[{} prompt tokens, {n} new tokens; load {:.0} ms, prefill {:.0} ms, decode {:.1} tokens/s, finish: {:?}{}]",
             prompt_ids.len(),
             load_ms,
             res.prefill_ms,
             tokens_per_s,
-            res.finish_reason
+            res.finish_reason,
+            if a.drafter.is_some() { format!(", tau {:.2} over {} cycles (block {})", res.tau, res.cycles, res.block_size) } else { String::new() }
         );
     }
     Ok(())

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod config;
 pub mod kv_cache;
 pub mod load;
+pub mod qgemm;
 pub mod target;
 pub mod weights;
 

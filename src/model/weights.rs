@@ -1,13 +1,16 @@
 //! Where weights come from (an HF safetensors directory or a GGUF file) and how linears hold
-//! them: f32, or quantized blocks multiplied directly by candle's `QMatMul`.
+//! them: f32, int8 blocks for the batch-invariant kernel in `qgemm`, or quantized blocks
+//! multiplied directly by candle's `QMatMul`.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::qgemm::{QGemmError, QLinearOp, QMatrix};
 use super::ModelError;
 
 /// How linear weights are held on CPU.
@@ -16,8 +19,9 @@ use super::ModelError;
 pub enum WeightsMode {
     /// Everything dequantized to f32: the reference path, and the one training reads.
     F32,
-    /// Linears quantized to Q8_0 (GGUF types without a fast CPU kernel, such as Q4_1, are
-    /// re-quantized; f32/bf16 safetensors are quantized at load). The fast decode path.
+    /// Linears as symmetric int8 blocks of 32 (Q8_0 GGUF blocks as stored; other quantized
+    /// types and f32/bf16 safetensors quantized at load) run by `qgemm`'s batch-invariant
+    /// kernel. The fast decode and verify path.
     #[default]
     Q8,
     /// Keep each GGUF tensor in its stored type.
@@ -36,6 +40,7 @@ pub struct Linear {
 enum LinearWeight {
     F32(Tensor),
     Quant(QMatMul),
+    Int8(QLinearOp),
 }
 
 impl Linear {
@@ -48,6 +53,7 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::F32(w) => x.matmul(&w.t()?)?,
             LinearWeight::Quant(q) => q.forward(x)?,
+            LinearWeight::Int8(op) => x.contiguous()?.apply_op1_no_bwd(op)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -62,6 +68,10 @@ impl Linear {
             LinearWeight::Quant(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu),
             LinearWeight::Quant(QMatMul::Tensor(t)) => Ok(t.clone()),
             LinearWeight::Quant(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32),
+            LinearWeight::Int8(op) => {
+                let w = &op.0;
+                Tensor::from_vec(w.dequantize(), (w.out_features(), w.in_features()), &Device::Cpu)
+            }
         }
     }
 }
@@ -171,28 +181,27 @@ impl WeightSource {
         if mode == WeightsMode::F32 || (!is_gguf && mode == WeightsMode::Native) {
             return Ok(LinearWeight::F32(self.tensor(name, &[out, inp])?));
         }
+        let int8 = |r: Result<QMatrix, QGemmError>, display: String| match r {
+            Ok(m) => Ok(LinearWeight::Int8(QLinearOp(Arc::new(m)))),
+            Err(QGemmError::Candle(e)) => Err(ModelError::Candle(e)),
+            Err(e) => Err(ModelError::Corrupt { path: display, what: e.to_string() }),
+        };
+        if mode == WeightsMode::Q8 && !is_gguf {
+            let w = self.tensor(name, &[out, inp])?.flatten_all()?.to_vec1::<f32>()?;
+            return int8(QMatrix::quantize(name, &w, out, inp), self.display());
+        }
         if inp % 32 != 0 {
             // Q8_0 blocks are 32 wide along the input dimension.
             return Ok(LinearWeight::F32(self.tensor(name, &[out, inp])?));
         }
         let q = self.qtensor(name)?;
         check_shape(&self.display(), name, q.shape().dims(), &[out, inp])?;
-        let q = match (mode, q.dtype()) {
-            (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
-                return Ok(LinearWeight::F32(q.dequantize(&Device::Cpu)?));
-            }
-            (WeightsMode::Q8, d) if !has_fast_cpu_kernel(d) => {
-                QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
-            }
-            _ => q,
-        };
-        Ok(LinearWeight::Quant(QMatMul::from_qtensor(q)?))
+        match (mode, q.dtype()) {
+            (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => Ok(LinearWeight::F32(q.dequantize(&Device::Cpu)?)),
+            (WeightsMode::Q8, _) => int8(QMatrix::from_qtensor(name, &q), self.display()),
+            _ => Ok(LinearWeight::Quant(QMatMul::from_qtensor(q)?)),
+        }
     }
-}
-
-/// Types for which candle has SIMD dot products on x86 (the others fall back to scalar code).
-fn has_fast_cpu_kernel(d: GgmlDType) -> bool {
-    matches!(d, GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q8K)
 }
 
 fn check_shape(path: &str, name: &str, got: &[usize], want: &[usize]) -> Result<(), ModelError> {

@@ -10,3 +10,4 @@ pub mod optim;
 pub mod prepare;
 pub mod regenerate;
 pub mod sharegpt;
+pub mod trainer;

@@ -169,7 +169,31 @@ pub fn build_drafter(cfg: &TrainConfig, target: &Target) -> Result<Box<dyn Train
     }
     let mut init = DFlashInitConfig::new(spec.layers, spec.block_size, spec.mask_token_id.unwrap_or_else(|| default_mask_token(target)));
     init.target_layer_ids = spec.target_layer_ids.clone();
-    Ok(Box::new(DFlashDrafter::init_random(target.config(), &init, cfg.seed)?))
+    let drafter = DFlashDrafter::init_random(target.config(), &init, cfg.seed)?;
+    init_final_norm_from_target(&drafter.named_vars(), target, drafter.mask_token_id())?;
+    Ok(Box::new(drafter))
+}
+
+/// Scales the fresh drafter's final `norm` so that its untrained logits have unit spread.
+///
+/// Why: at initialisation the drafter's output at a MASK position is essentially the normalised
+/// MASK embedding (the layers start near zero), and with a tied LM head (SmolLM2) that row's dot
+/// product with itself dominates: the reference's all-ones init starts at a CE near 60 and spends
+/// its first steps unlearning it. With weight 1/σ, σ = std of the logits of the normalised MASK
+/// embedding, the untrained drafter starts near-uniform (CE ≈ ln V) on every target.
+pub fn init_final_norm_from_target(vars: &[(String, Var)], target: &Target, mask_token_id: u32) -> Result<(), TrainError> {
+    if let Some((_, var)) = vars.iter().find(|(n, _)| n == "norm.weight") {
+        let e = target.embed(&[mask_token_id])?;
+        let unit = e.broadcast_div(&e.sqr()?.mean_keepdim(1)?.sqrt()?)?;
+        let logits = target.lm_head(&unit)?;
+        let sigma = logits.flatten_all()?.to_vec1::<f32>()?;
+        let mean = sigma.iter().sum::<f32>() / sigma.len() as f32;
+        let std = (sigma.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / sigma.len() as f32).sqrt();
+        if std.is_finite() && std > 0.0 {
+            var.set(&(var.as_tensor().ones_like()? * (1.0 / std as f64))?)?;
+        }
+    }
+    Ok(())
 }
 
 /// The MASK token when a config does not name one: Qwen3's unused 151669 where the vocabulary
@@ -205,10 +229,13 @@ impl<'a> FeatureSource<'a> {
         if let Some(t) = self.memory.get(&idx) {
             return Ok(t.to_dtype(DType::F32)?);
         }
-        let f = target_features(self.target, ids, &self.layer_ids)?;
-        let bytes = f.elem_count() * 2;
+        // Features are always rounded through f16, whether they were just computed or come from
+        // memory: a resumed run (empty memory) then sees exactly what the uninterrupted run saw.
+        let f16 = target_features(self.target, ids, &self.layer_ids)?.to_dtype(DType::F16)?;
+        let f = f16.to_dtype(DType::F32)?;
+        let bytes = f16.elem_count() * 2;
         if self.used_bytes + bytes <= self.budget_bytes {
-            self.memory.insert(idx, f.to_dtype(DType::F16)?);
+            self.memory.insert(idx, f16);
             self.used_bytes += bytes;
         }
         Ok(f)
@@ -404,15 +431,13 @@ pub fn train(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions) -> Resul
         let step = state.step;
         let t0 = Instant::now();
         let mut grads: Option<GradStore> = None;
+
         let mut counts = MetricCounts::new(layout);
         let mut loss = 0f32;
         let mut tokens = 0usize;
+        let ctx = StepContext { target, drafter: drafter.as_ref(), objective: &objective, lm_head: &lm_head, seed: cfg.seed, steps: cfg.steps, base_support: cfg.base_support };
         for micro in 0..cfg.grad_accum {
-            let mut rows = Vec::new();
-            let mut delta_inputs = Vec::new();
-            let mut delta_weight = None;
-            let (mut labels, mut valid) = (Vec::new(), Vec::new());
-            let mut used = 0usize;
+            let mut items = Vec::with_capacity(cfg.batch_sequences);
             for s in 0..cfg.batch_sequences {
                 let epoch = state.cursor / n_train;
                 if epoch != order_epoch {
@@ -428,60 +453,20 @@ pub fn train(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions) -> Resul
                 if anchors.is_empty() {
                     continue;
                 }
-                let blocks = build_blocks(&seq.input_ids, &seq.loss_mask, &anchors, drafter.block_size(), layout, drafter.mask_token_id());
                 let feats = features.get(idx, &seq.input_ids)?;
-                let r = drafter.train_rows(target, &feats, &blocks)?;
-                rows.push(r.hidden);
-                if let Some((input, weight)) = r.delta {
-                    delta_inputs.push(input);
-                    delta_weight = Some(weight);
-                }
-                labels.extend_from_slice(&blocks.labels);
-                valid.extend_from_slice(&blocks.valid);
-                used += 1;
+                items.push(BatchItem { seq, anchors, features: feats });
             }
-            if rows.is_empty() {
+            if items.is_empty() {
                 continue;
             }
-            let hidden = Tensor::cat(&rows, 0)?;
-            let values = hidden.detach();
-            let delta_graph = match (delta_inputs.is_empty(), &delta_weight) {
-                (false, Some(w)) => Some((Tensor::cat(&delta_inputs, 0)?, w.clone())),
-                _ => None,
-            };
-            let delta_vals = delta_graph.as_ref().map(|(i, w)| (i.detach(), w.detach()));
-            let delta = delta_vals.as_ref().map(|(input, weight)| DeltaBranch {
-                input,
-                weight,
-                base_ce_weight: base_ce_weight(step, cfg.steps),
-                base_only_prefix: drafter.base_only_prefix(),
-                base_support: cfg.base_support,
-            });
-            let head_out = head.run(
-                &objective,
-                &HeadInput { hidden: &values, lm_head: &lm_head, labels: &labels, valid: &valid, layout, num_sequences: used, seed: cfg.seed ^ step, delta },
-            )?;
-            let scale = 1.0 / cfg.grad_accum as f64;
-            let surrogate = (head_out.surrogate(&hidden, delta_graph.as_ref().map(|(i, w)| (i, w)))? * scale)?;
-            let g = surrogate.backward()?;
+            let out = run_micro_batch(&ctx, &mut head, &items, step, 1.0 / cfg.grad_accum as f64)?;
             grads = Some(match grads {
-                None => g,
-                Some(mut acc) => {
-                    for (_, var) in drafter.named_vars() {
-                        if let Some(new) = g.get(var.as_tensor()) {
-                            let sum = match acc.get(var.as_tensor()) {
-                                Some(old) => (old + new)?,
-                                None => new.clone(),
-                            };
-                            acc.insert(var.as_tensor(), sum);
-                        }
-                    }
-                    acc
-                }
+                None => out.grads,
+                Some(acc) => add_grads(acc, out.grads, &drafter.named_vars())?,
             });
-            counts.merge(&head_out.rows.metrics);
-            loss += head_out.loss / cfg.grad_accum as f32;
-            tokens += labels.len();
+            counts.merge(&out.counts);
+            loss += out.loss / cfg.grad_accum as f32;
+            tokens += out.tokens;
         }
         let Some(grads) = grads else {
             return Err(TrainError::Setup("no sequence in the batch has an anchor position; check the loss masks of the prepared data".into()));
@@ -530,6 +515,106 @@ pub fn train(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions) -> Resul
     drafter.save(&final_dir)?;
     let eval_after = last.as_ref().and_then(|l| l.eval.clone());
     Ok(RunSummary { steps_done: state.step, final_dir: Some(final_dir), last, eval_before, eval_after })
+}
+
+/// What one training step needs besides the batch.
+pub struct StepContext<'a> {
+    pub target: &'a Target,
+    pub drafter: &'a dyn TrainableDrafter,
+    pub objective: &'a ResolvedObjective,
+    pub lm_head: &'a Tensor,
+    pub seed: u64,
+    /// Total steps of the run (Domino's λ schedule).
+    pub steps: u64,
+    pub base_support: BaseSupport,
+}
+
+/// One sequence of a micro-batch with its anchors and target features.
+pub struct BatchItem {
+    pub seq: super::data::Sequence,
+    pub anchors: Vec<usize>,
+    pub features: Tensor,
+}
+
+/// Loss, gradients and metrics of one micro-batch, with where the time went.
+pub struct MicroBatchOut {
+    pub loss: f32,
+    pub grads: GradStore,
+    pub counts: MetricCounts,
+    /// Supervised rows.
+    pub tokens: usize,
+    pub forward_ms: f64,
+    pub head_ms: f64,
+    pub backward_ms: f64,
+}
+
+/// Forward of every sequence, one head call over all rows (so the objective normalises over
+/// the whole micro-batch), and the backward of the surrogate scaled by `scale`.
+pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut ChunkedHead, items: &[BatchItem], step: u64, scale: f64) -> Result<MicroBatchOut, TrainError> {
+    let drafter = ctx.drafter;
+    let layout = drafter.layout();
+    let t0 = Instant::now();
+    let mut rows = Vec::with_capacity(items.len());
+    let mut delta_inputs = Vec::new();
+    let mut delta_weight = None;
+    let (mut labels, mut valid) = (Vec::new(), Vec::new());
+    for item in items {
+        let blocks = build_blocks(&item.seq.input_ids, &item.seq.loss_mask, &item.anchors, drafter.block_size(), layout, drafter.mask_token_id());
+        let r = drafter.train_rows(ctx.target, &item.features, &blocks)?;
+        rows.push(r.hidden);
+        if let Some((input, weight)) = r.delta {
+            delta_inputs.push(input);
+            delta_weight = Some(weight);
+        }
+        labels.extend_from_slice(&blocks.labels);
+        valid.extend_from_slice(&blocks.valid);
+    }
+    let hidden = Tensor::cat(&rows, 0)?;
+    let values = hidden.detach();
+    let delta_graph = match (delta_inputs.is_empty(), &delta_weight) {
+        (false, Some(w)) => Some((Tensor::cat(&delta_inputs, 0)?, w.clone())),
+        _ => None,
+    };
+    let delta_vals = delta_graph.as_ref().map(|(i, w)| (i.detach(), w.detach()));
+    let delta = delta_vals.as_ref().map(|(input, weight)| DeltaBranch {
+        input,
+        weight,
+        base_ce_weight: base_ce_weight(step, ctx.steps),
+        base_only_prefix: drafter.base_only_prefix(),
+        base_support: ctx.base_support,
+    });
+    let t1 = Instant::now();
+    let head_out = head.run(
+        ctx.objective,
+        &HeadInput { hidden: &values, lm_head: ctx.lm_head, labels: &labels, valid: &valid, layout, num_sequences: items.len(), seed: ctx.seed ^ step, delta },
+    )?;
+    let t2 = Instant::now();
+    let surrogate = (head_out.surrogate(&hidden, delta_graph.as_ref().map(|(i, w)| (i, w)))? * scale)?;
+    let grads = surrogate.backward()?;
+    let t3 = Instant::now();
+    Ok(MicroBatchOut {
+        loss: head_out.loss,
+        grads,
+        counts: head_out.rows.metrics.clone(),
+        tokens: labels.len(),
+        forward_ms: (t1 - t0).as_secs_f64() * 1e3,
+        head_ms: (t2 - t1).as_secs_f64() * 1e3,
+        backward_ms: (t3 - t2).as_secs_f64() * 1e3,
+    })
+}
+
+/// Sums two gradient stores over the drafter's variables.
+fn add_grads(mut acc: GradStore, new: GradStore, vars: &[(String, Var)]) -> Result<GradStore, TrainError> {
+    for (_, var) in vars {
+        if let Some(g) = new.get(var.as_tensor()) {
+            let sum = match acc.get(var.as_tensor()) {
+                Some(old) => (old + g)?,
+                None => g.clone(),
+            };
+            acc.insert(var.as_tensor(), sum);
+        }
+    }
+    Ok(acc)
 }
 
 fn ckpt_dir(root: &Path, step: u64) -> PathBuf {
