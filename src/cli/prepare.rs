@@ -184,13 +184,15 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
 
     let m = &report.manifest;
     let s = &m.source;
+    let malformed: usize = s.skipped_records.values().sum();
     println!(
-        "loaded {} conversations ({} in the benchmark hold-out, {} share banners dropped{}), selected {}",
+        "loaded {} conversations ({} malformed records skipped{}; {} in the benchmark hold-out), selected {} ({} share banners dropped)",
         s.loaded,
-        s.heldout_excluded,
-        s.share_banners_dropped,
+        malformed,
         if s.truncated_tail { ", file cut off mid-record" } else { "" },
-        s.selected
+        s.heldout_excluded,
+        s.selected,
+        s.share_banners_dropped,
     );
     if m.settings.regenerate.is_some() {
         let tps = report.generated_tokens as f64 / report.regenerate_seconds.max(1e-9);
@@ -214,7 +216,7 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
     }
     if !m.skipped.is_empty() {
         let list: Vec<String> = m.skipped.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!("skipped: {}", list.join(", "));
+        println!("selected conversations without a sequence: {}", list.join(", "));
     }
     if m.features.is_some() {
         println!("features cached in {:.1} s", report.feature_seconds);

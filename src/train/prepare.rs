@@ -139,11 +139,12 @@ pub fn prepare_with(
 
     // 1. load and select
     let loaded = sharegpt::load(&opts.data_path)?;
-    let mut skipped: BTreeMap<String, usize> = loaded.skipped.clone();
+    let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
     let mut source = SourceReport {
         path: opts.data_path.display().to_string(),
         loaded: loaded.conversations.len(),
         truncated_tail: loaded.truncated_tail,
+        skipped_records: loaded.skipped.clone(),
         ..SourceReport::default()
     };
     let mut examples: Vec<ChatExample> = Vec::new();
