@@ -128,8 +128,13 @@ pub fn prepare_with(
     if s.regenerate.is_some() && reply.is_none() {
         return Err(PrepareError::NoGenerator);
     }
-    if s.features.is_some() && feature_target.is_none() {
-        return Err(PrepareError::NoFeatureTarget);
+    if let Some(fs) = &s.features {
+        let target = feature_target.ok_or(PrepareError::NoFeatureTarget)?;
+        // Checked before any work: a bad layer id would otherwise surface after regeneration.
+        let layers = target.config().num_hidden_layers;
+        if let Some(&bad) = fs.target_layer_ids.iter().find(|&&l| l >= layers) {
+            return Err(ModelError::LayerOutOfRange { layer: bad, layers }.into());
+        }
     }
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
     let manifest_path = opts.out.join(data::MANIFEST_FILE);
@@ -342,10 +347,6 @@ fn write_features(
     opts: &PrepareOptions,
     keep_files: &mut Vec<String>,
 ) -> Result<FeatureInfo, PrepareError> {
-    let layers = target.config().num_hidden_layers;
-    if let Some(&bad) = fs.target_layer_ids.iter().find(|&&l| l >= layers) {
-        return Err(ModelError::LayerOutOfRange { layer: bad, layers }.into());
-    }
     let total: usize = by_split.values().flat_map(|v| v.iter().map(|(_, q)| q.len())).sum();
     let mut bar = Bar::new(opts.progress, total as u64, "features", "tok");
     let mut shards = BTreeMap::new();
