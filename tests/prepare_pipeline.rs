@@ -2,7 +2,7 @@
 //! 256-id character tokenizer written here (so that generated ids decode and re-encode
 //! exactly), resumption, shards, the feature cache, and the checks that refuse stale data.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use specauf::model::load::{load_info, load_model};
 use specauf::model::WeightsMode;
