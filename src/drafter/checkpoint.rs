@@ -22,7 +22,7 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
 /// Writes `<path>.tmp` in the same directory, fsyncs it, renames it over `path`, fsyncs the dir.
-fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<(), DrafterError> {
+pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<(), DrafterError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
@@ -78,21 +78,7 @@ impl DFlashDrafter {
 
     /// Writes `dir/config.json` and `dir/model.safetensors` (f32), each atomically.
     pub fn save(&self, dir: &Path) -> Result<(), DrafterError> {
-        std::fs::create_dir_all(dir).map_err(|e| DrafterError::io(dir, e))?;
-        let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        for (name, var) in self.named_vars() {
-            tensors.insert(name, var.as_tensor().detach().contiguous()?);
-        }
-        write_atomically(&dir.join(WEIGHTS_FILE), |tmp| {
-            candle_core::safetensors::save(&tensors, tmp).map_err(std::io::Error::other)
-        })?;
-        let json = self.config().to_json();
-        write_atomically(&dir.join(CONFIG_FILE), |tmp| {
-            let mut f = std::fs::File::create(tmp)?;
-            f.write_all(json.as_bytes())?;
-            f.write_all(b"\n")
-        })?;
-        Ok(())
+        write_checkpoint(dir, &self.named_vars(), &self.config().to_json())
     }
 
     /// Reads a checkpoint and checks it against `target`: hidden size, vocabulary, tapped layers
@@ -101,38 +87,62 @@ impl DFlashDrafter {
     pub fn load(dir: &Path, target: &TargetConfig) -> Result<Self, DrafterError> {
         let config = DFlashConfig::read(dir)?;
         config.check_target(target)?;
-        let path = dir.join(WEIGHTS_FILE);
-        let p = path.display().to_string();
-        if !path.is_file() {
-            return Err(DrafterError::io(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors in the drafter directory")));
-        }
-        let raw = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| DrafterError::Json {
-            path: p.clone(),
-            what: format!("not a readable safetensors file: {e}"),
-        })?;
-        let expected = config.tensor_shapes();
-        for name in raw.keys() {
-            if !expected.iter().any(|(n, _)| n == name) {
-                return Err(DrafterError::UnexpectedTensor { path: p.clone(), name: name.clone() });
-            }
-        }
-        let mut tensors = HashMap::new();
-        for (name, shape) in expected {
-            let t = raw.get(&name).ok_or_else(|| DrafterError::MissingTensor { path: p.clone(), name: name.clone() })?;
-            if !matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-                return Err(DrafterError::UnsupportedDtype { path: p.clone(), name, dtype: format!("{:?}", t.dtype()) });
-            }
-            if t.dims() != shape.as_slice() {
-                return Err(DrafterError::ShapeMismatch { path: p.clone(), name, expected: shape, got: t.dims().to_vec() });
-            }
-            tensors.insert(name, t.to_dtype(DType::F32)?);
-        }
+        let tensors = read_weights(dir, &config.tensor_shapes())?;
         Self::from_tensors(config, tensors)
     }
 }
 
+/// Writes `dir/model.safetensors` (the vars' values, f32) and `dir/config.json`, each atomically.
+pub(crate) fn write_checkpoint(dir: &Path, vars: &[(String, candle_core::Var)], config_json: &str) -> Result<(), DrafterError> {
+    std::fs::create_dir_all(dir).map_err(|e| DrafterError::io(dir, e))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, var) in vars {
+        tensors.insert(name.clone(), var.as_tensor().detach().contiguous()?);
+    }
+    write_atomically(&dir.join(WEIGHTS_FILE), |tmp| {
+        candle_core::safetensors::save(&tensors, tmp).map_err(std::io::Error::other)
+    })?;
+    write_atomically(&dir.join(CONFIG_FILE), |tmp| {
+        let mut f = std::fs::File::create(tmp)?;
+        f.write_all(config_json.as_bytes())?;
+        f.write_all(b"\n")
+    })?;
+    Ok(())
+}
+
+/// Reads `dir/model.safetensors`, which must hold exactly the `expected` (name, shape) tensors
+/// in f32, bf16 or f16; returns them as f32.
+pub(crate) fn read_weights(dir: &Path, expected: &[(String, Vec<usize>)]) -> Result<HashMap<String, Tensor>, DrafterError> {
+    let path = dir.join(WEIGHTS_FILE);
+    let p = path.display().to_string();
+    if !path.is_file() {
+        return Err(DrafterError::io(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors in the drafter directory")));
+    }
+    let raw = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| DrafterError::Json {
+        path: p.clone(),
+        what: format!("not a readable safetensors file: {e}"),
+    })?;
+    for name in raw.keys() {
+        if !expected.iter().any(|(n, _)| n == name) {
+            return Err(DrafterError::UnexpectedTensor { path: p.clone(), name: name.clone() });
+        }
+    }
+    let mut tensors = HashMap::new();
+    for (name, shape) in expected {
+        let t = raw.get(name).ok_or_else(|| DrafterError::MissingTensor { path: p.clone(), name: name.clone() })?;
+        if !matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+            return Err(DrafterError::UnsupportedDtype { path: p.clone(), name: name.clone(), dtype: format!("{:?}", t.dtype()) });
+        }
+        if t.dims() != shape.as_slice() {
+            return Err(DrafterError::ShapeMismatch { path: p.clone(), name: name.clone(), expected: shape.clone(), got: t.dims().to_vec() });
+        }
+        tensors.insert(name.clone(), t.to_dtype(DType::F32)?);
+    }
+    Ok(tensors)
+}
+
 /// One N(0, 1) draw (Box–Muller; rand 0.8 has no normal distribution without rand_distr).
-fn standard_normal(rng: &mut ChaCha8Rng) -> f64 {
+pub(crate) fn standard_normal(rng: &mut ChaCha8Rng) -> f64 {
     let u1: f64 = 1.0 - rng.gen::<f64>(); // (0, 1]
     let u2: f64 = rng.gen();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()

@@ -3,17 +3,22 @@
 //! (SPEC §2 "Shared frozen weights"). Only the drafter's own layers are trainable.
 //!
 //! - [`dflash`]: the DFlash drafter (config, model, training and inference forwards, KV cache).
+//! - [`domino`]: the Domino drafter (the DFlash backbone plus a GRU logit correction), its
+//!   checkpoint format and proposer.
 //! - [`checkpoint`]: the z-lab / SpecForge checkpoint format (config.json + model.safetensors),
 //!   random initialisation, and validation of the drafter/target pairing.
 //! - [`proposer`]: DFlash behind the decode loop's `Proposer` trait.
 
 pub mod checkpoint;
 pub mod dflash;
+pub mod domino;
 pub mod proposer;
 
 pub use dflash::{
     build_target_layer_ids, context_visible, DFlashCache, DFlashConfig, DFlashDrafter, DFlashInitConfig,
+    TrainSequence,
 };
+pub use domino::{DominoConfig, DominoDrafter, DominoInitConfig, DominoProposer};
 pub use proposer::DFlashProposer;
 
 use crate::model::ModelError;

@@ -48,6 +48,16 @@ impl DFlashProposer {
     pub fn cache(&self) -> &DFlashCache {
         &self.cache
     }
+
+    /// Appends the pending context rows (the prompt's, or the last commit's) and returns the
+    /// cache, which then holds positions 0..start of the next block. Drafters built on the DFlash
+    /// backbone (Domino) call this in their own `propose`.
+    pub fn sync_context(&mut self) -> Result<&DFlashCache, SpecError> {
+        if let Some(f) = self.pending.take() {
+            self.drafter.extend_context(&mut self.cache, &f).map_err(SpecError::proposer)?;
+        }
+        Ok(&self.cache)
+    }
 }
 
 fn missing_features(what: &'static str) -> SpecError {
@@ -84,9 +94,7 @@ impl Proposer for DFlashProposer {
     }
 
     fn propose(&mut self, target: &Target, last_token: u32, start: usize) -> Result<Draft, SpecError> {
-        if let Some(f) = self.pending.take() {
-            self.drafter.extend_context(&mut self.cache, &f).map_err(SpecError::proposer)?;
-        }
+        self.sync_context()?;
         let tokens = self.drafter.draft(target, &self.cache, last_token, start).map_err(SpecError::proposer)?;
         Ok(Draft::tokens(tokens))
     }

@@ -22,7 +22,8 @@ pub struct Blocks {
     pub anchors: Vec<usize>,
     /// (n_blocks · B) block input ids: the anchor token, then the MASK token.
     pub block_ids: Vec<u32>,
-    /// (n_blocks · P) gold labels, P = predicted positions per block (0 where invalid).
+    /// (n_blocks · P) gold labels, P = predicted positions per block: the token x_{a+1+i}
+    /// whenever it lies inside the sequence, valid or not (0 past the end).
     pub labels: Vec<u32>,
     /// (n_blocks · P) validity of each label.
     pub valid: Vec<bool>,
@@ -64,8 +65,10 @@ pub fn build_blocks(ids: &[u32], loss_mask: &[u8], anchors: &[usize], block_size
             // Predicted index i predicts x_{a+1+i} in both layouts: DFlash's block position
             // 1+i predicts the token at its own position, Domino's position i the next one.
             let t = a + 1 + i;
+            // An invalid label inside the sequence keeps its gold token (Domino's GRU consumes
+            // it: the labels are the block's teacher-forced tokens); past the end it is 0.
             let ok = t < ids.len() && loss_mask[t] != 0;
-            labels.push(if ok { ids[t] } else { 0 });
+            labels.push(ids.get(t).copied().unwrap_or(0));
             valid.push(ok);
         }
     }
@@ -123,6 +126,7 @@ mod tests {
         let b = build_blocks(&ids, &mask, &[1], 6, BlockLayout::dflash(6), 9);
         // positions 2,3,4,5,6: 3 is unmasked (mid-block invalid), 6 is past the end
         assert_eq!(b.valid, vec![true, false, true, true, false]);
-        assert_eq!(b.labels, vec![102, 0, 104, 105, 0]);
+        // The unsupervised mid-block label keeps its gold token; past the end it is 0.
+        assert_eq!(b.labels, vec![102, 103, 104, 105, 0]);
     }
 }

@@ -26,6 +26,7 @@ use super::head::{BaseSupport, ChunkedHead, DeltaBranch, HeadInput};
 use super::objective::{BlockLayout, BlockMetrics, MetricCounts, ResolvedObjective};
 use super::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
 use crate::drafter::dflash::{DFlashDrafter, DFlashInitConfig};
+use crate::drafter::domino::{is_domino_checkpoint, DominoDrafter, DominoInitConfig};
 use crate::model::{LoadedModel, Target};
 
 #[derive(Debug, thiserror::Error)]
@@ -161,17 +162,41 @@ impl TrainableDrafter for DFlashDrafter {
 /// Builds the drafter a config asks for: from `init_from`, or fresh for the target.
 pub fn build_drafter(cfg: &TrainConfig, target: &Target) -> Result<Box<dyn TrainableDrafter>, TrainError> {
     let spec = &cfg.drafter;
-    if spec.kind != "dflash" {
-        return Err(TrainError::Setup(format!("drafter.kind {:?} is not available in this build; use \"dflash\"", spec.kind)));
-    }
     if let Some(dir) = &spec.init_from {
-        return Ok(Box::new(DFlashDrafter::load(dir, target.config())?));
+        let domino = is_domino_checkpoint(dir)?;
+        if domino != (spec.kind == "domino") {
+            return Err(TrainError::Setup(format!(
+                "drafter.kind is {:?} but init_from {} holds a {} checkpoint; set drafter.kind to match it",
+                spec.kind,
+                dir.display(),
+                if domino { "domino" } else { "dflash" }
+            )));
+        }
+        return load_drafter(dir, target);
     }
     let mut init = DFlashInitConfig::new(spec.layers, spec.block_size, spec.mask_token_id.unwrap_or_else(|| default_mask_token(target)));
     init.target_layer_ids = spec.target_layer_ids.clone();
-    let drafter = DFlashDrafter::init_random(target.config(), &init, cfg.seed)?;
+    let drafter: Box<dyn TrainableDrafter> = match spec.kind.as_str() {
+        "dflash" => Box::new(DFlashDrafter::init_random(target.config(), &init, cfg.seed)?),
+        "domino" => {
+            let mut init = DominoInitConfig::new(init);
+            init.gru_hidden_dim = spec.gru_hidden_dim;
+            init.emb_dim = spec.emb_dim;
+            Box::new(DominoDrafter::init_random(target.config(), &init, cfg.seed)?)
+        }
+        other => return Err(TrainError::Setup(format!("drafter.kind {other:?} is unknown; use \"dflash\" or \"domino\""))),
+    };
     init_final_norm_from_target(&drafter.named_vars(), target, drafter.mask_token_id())?;
-    Ok(Box::new(drafter))
+    Ok(drafter)
+}
+
+/// Loads a drafter checkpoint as the kind its config.json names (Domino or DFlash).
+pub fn load_drafter(dir: &Path, target: &Target) -> Result<Box<dyn TrainableDrafter>, TrainError> {
+    Ok(if is_domino_checkpoint(dir)? {
+        Box::new(DominoDrafter::load(dir, target.config())?)
+    } else {
+        Box::new(DFlashDrafter::load(dir, target.config())?)
+    })
 }
 
 /// Scales the fresh drafter's final `norm` so that its untrained logits have unit spread.
@@ -375,7 +400,7 @@ pub fn train(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions) -> Resul
         None
     };
     let drafter: Box<dyn TrainableDrafter> = match &latest {
-        Some(s) => Box::new(DFlashDrafter::load(&ckpt_dir(&ckpt_root, s.step), target.config())?),
+        Some(s) => load_drafter(&ckpt_dir(&ckpt_root, s.step), target)?,
         None => build_drafter(cfg, target)?,
     };
     let layout = drafter.layout();
