@@ -202,9 +202,10 @@ fn shards_round_trip_to_the_tokenized_conversations_and_held_out_ones_never_appe
     assert_eq!(m.source.heldout_excluded, 1);
     assert_eq!(m.source.selected, 12);
     // Malformed records are counted by reason, never fatal.
-    assert_eq!(m.skipped.get("bad_json"), Some(&1));
-    assert_eq!(m.skipped.get("unknown_role"), Some(&1));
-    assert_eq!(m.skipped.get("empty_content"), Some(&1));
+    assert_eq!(m.source.skipped_records.get("bad_json"), Some(&1));
+    assert_eq!(m.source.skipped_records.get("unknown_role"), Some(&1));
+    assert_eq!(m.source.skipped_records.get("empty_content"), Some(&1));
+    assert!(m.skipped.is_empty(), "every selected conversation fits: {:?}", m.skipped);
 
     let loaded = specauf::train::sharegpt::load(&data).unwrap();
     let (train, eval) = (Dataset::open(&out, Split::Train).unwrap(), Dataset::open(&out, Split::Eval).unwrap());
@@ -379,4 +380,32 @@ fn a_reply_generator_closure_drives_regeneration_without_a_model() {
         let masked: Vec<u32> = seq.input_ids.iter().zip(&seq.loss_mask).filter(|(_, &m)| m == 1).map(|(&t, _)| t).collect();
         assert_eq!(tok.decode(&masked, false).unwrap(), "Hello there, friend.<|im_end|>".repeat(2));
     }
+}
+
+#[test]
+fn a_conversation_whose_first_prompt_fills_the_window_is_skipped_before_generation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ids, _) = ids(2);
+    let long = "many words ".repeat(200);
+    let lines = [
+        serde_json::json!({"id": ids[0], "conversations": [{"from": "human", "value": long}, {"from": "gpt", "value": "x"}]}),
+        serde_json::json!({"id": ids[1], "conversations": [{"from": "human", "value": "Hi!"}, {"from": "gpt", "value": "Hello."}]}),
+    ];
+    let data = tmp.path().join("data.jsonl");
+    std::fs::write(&data, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
+    let (tok, id) = smollm2();
+    let prompts = std::sync::Mutex::new(Vec::new());
+    let fake = |prompt: &[u32], req: &ReplyRequest| -> Result<Reply, ReplyError> {
+        prompts.lock().unwrap().push((prompt.len(), req.max_new_tokens));
+        Ok(Reply { token_ids: tok.encode("Hello to you too.", false).unwrap(), stopped: true })
+    };
+    let mut s = settings(2, Some(RegenerateSettings::greedy(500)));
+    s.eval_fraction = 0.0;
+    let r = prepare_with(&tok, &id, Some(&fake), None, &options(&data, &tmp.path().join("out"), s)).unwrap();
+    assert_eq!(r.manifest.skipped.get("prompt_exceeds_max_len"), Some(&1));
+    assert_eq!(r.manifest.splits[&Split::Train].sequences, 1);
+    let prompts = prompts.into_inner().unwrap();
+    assert_eq!(prompts.len(), 1, "the long prompt is never generated for");
+    // The reply budget is what still fits in max_len (160), not the 500 asked.
+    assert_eq!(prompts[0].0 + prompts[0].1, 160);
 }

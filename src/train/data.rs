@@ -466,7 +466,7 @@ impl ShardWriter {
         }
         let mut text = serde_json::Value::Object(header).to_string().into_bytes();
         // Pad to 8 bytes with spaces, as the reference writer does, so the data is aligned.
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(b' ');
         }
         let tmp = tmp_path(path);
@@ -630,7 +630,9 @@ pub struct Manifest {
     /// the same way has the same hash; the trainer compares it to detect a stale dataset.
     pub settings_hash: String,
     pub source: SourceReport,
-    /// Conversations that yielded no sequence, by reason (loader reasons and tokenization ones).
+    /// Selected conversations that yielded no sequence, by reason ([`SequenceError::reason`],
+    /// `prompt_exceeds_max_len` from regeneration). Malformed records of the file are counted in
+    /// `source.skipped_records`.
     pub skipped: BTreeMap<String, usize>,
     pub splits: BTreeMap<Split, SplitInfo>,
     pub features: Option<FeatureInfo>,
@@ -700,7 +702,10 @@ impl FeatureDtype {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SourceReport {
     pub path: String,
+    /// Usable conversations in the file.
     pub loaded: usize,
+    /// Records of the whole file the loader skipped, by reason (`sharegpt::SkipReason`).
+    pub skipped_records: BTreeMap<String, usize>,
     pub truncated_tail: bool,
     /// Conversations of the benchmark hold-out (`sharegpt::is_heldout`), never used.
     pub heldout_excluded: usize,

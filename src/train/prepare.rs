@@ -128,8 +128,13 @@ pub fn prepare_with(
     if s.regenerate.is_some() && reply.is_none() {
         return Err(PrepareError::NoGenerator);
     }
-    if s.features.is_some() && feature_target.is_none() {
-        return Err(PrepareError::NoFeatureTarget);
+    if let Some(fs) = &s.features {
+        let target = feature_target.ok_or(PrepareError::NoFeatureTarget)?;
+        // Checked before any work: a bad layer id would otherwise surface after regeneration.
+        let layers = target.config().num_hidden_layers;
+        if let Some(&bad) = fs.target_layer_ids.iter().find(|&&l| l >= layers) {
+            return Err(ModelError::LayerOutOfRange { layer: bad, layers }.into());
+        }
     }
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
     let manifest_path = opts.out.join(data::MANIFEST_FILE);
@@ -139,11 +144,12 @@ pub fn prepare_with(
 
     // 1. load and select
     let loaded = sharegpt::load(&opts.data_path)?;
-    let mut skipped: BTreeMap<String, usize> = loaded.skipped.clone();
+    let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
     let mut source = SourceReport {
         path: opts.data_path.display().to_string(),
         loaded: loaded.conversations.len(),
         truncated_tail: loaded.truncated_tail,
+        skipped_records: loaded.skipped.clone(),
         ..SourceReport::default()
     };
     let mut examples: Vec<ChatExample> = Vec::new();
@@ -182,10 +188,9 @@ pub fn prepare_with(
         let todo = examples.len() - reused;
         let mut bar = Bar::new(opts.progress, todo as u64, "regenerate", "conv");
         let outcomes =
-            regenerate::regenerate_all(tok, &examples, rs, s.max_len, &mut cache, opts.workers, &mut bar, reply)?;
+            regenerate::regenerate_all(tok, &examples, &mut cache, opts.workers, &mut bar, reply)?;
         generated_tokens = bar.tokens;
         bar.finish();
-        regenerated = todo;
         let mut kept = Vec::with_capacity(examples.len());
         for o in outcomes {
             match o {
@@ -196,6 +201,7 @@ pub fn prepare_with(
                 Outcome::PromptTooLong => *skipped.entry("prompt_exceeds_max_len".into()).or_insert(0) += 1,
             }
         }
+        regenerated = kept.len() - reused;
         examples = kept;
         regenerate_seconds = t0.elapsed().as_secs_f64();
     }
@@ -341,12 +347,8 @@ fn write_features(
     opts: &PrepareOptions,
     keep_files: &mut Vec<String>,
 ) -> Result<FeatureInfo, PrepareError> {
-    let layers = target.config().num_hidden_layers;
-    if let Some(&bad) = fs.target_layer_ids.iter().find(|&&l| l >= layers) {
-        return Err(ModelError::LayerOutOfRange { layer: bad, layers }.into());
-    }
     let total: usize = by_split.values().flat_map(|v| v.iter().map(|(_, q)| q.len())).sum();
-    let bar = Bar::new(opts.progress, total as u64, "features", "tok");
+    let mut bar = Bar::new(opts.progress, total as u64, "features", "tok");
     let mut shards = BTreeMap::new();
     for (&split, seqs) in by_split {
         let mut infos = Vec::new();
@@ -360,7 +362,7 @@ fn write_features(
                 &fs.target_layer_ids,
                 fs.dtype,
                 settings_hash,
-                &mut |n| bar.bar.inc(n as u64),
+                &mut |n| bar.inc(n as u64),
             )?;
             keep_files.push(info.file.clone());
             infos.push(info);
@@ -390,25 +392,59 @@ fn remove_other_shards(dir: &Path, keep: &[String]) -> Result<(), DataError> {
     Ok(())
 }
 
-/// A progress bar counting items, with a tokens/s message for regeneration.
+/// A progress bar counting items, with a tokens/s message for regeneration. When stderr is
+/// not a terminal (a run in the background, output to a log), indicatif draws nothing, so a
+/// plain status line is printed every [`LOG_EVERY`] instead.
 struct Bar {
     bar: ProgressBar,
+    what: String,
+    unit: String,
     tokens: usize,
     started: Instant,
+    /// Some(last line printed) when logging plain lines.
+    log: Option<Instant>,
 }
+
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Bar {
     fn new(show: bool, len: u64, what: &str, unit: &str) -> Self {
-        let bar = if show { ProgressBar::new(len) } else { ProgressBar::hidden() };
+        use std::io::IsTerminal;
+        let tty = std::io::stderr().is_terminal();
+        let bar = if show && tty { ProgressBar::new(len) } else { ProgressBar::hidden() };
+        bar.set_length(len);
         let template = format!("{what:>10} {{bar:30}} {{pos}}/{{len}} {unit} [{{elapsed_precise}}<{{eta_precise}}] {{per_sec}} {{msg}}");
         if let Ok(style) = ProgressStyle::with_template(&template) {
             bar.set_style(style);
         }
-        Bar { bar, tokens: 0, started: Instant::now() }
+        let started = Instant::now();
+        Bar { bar, what: what.to_string(), unit: unit.to_string(), tokens: 0, started, log: (show && !tty).then_some(started) }
+    }
+
+    fn inc(&mut self, n: u64) {
+        self.bar.inc(n);
+        if let Some(last) = self.log {
+            if last.elapsed() >= LOG_EVERY {
+                self.log = Some(Instant::now());
+                self.print_line();
+            }
+        }
+    }
+
+    fn print_line(&self) {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        let (pos, len) = (self.bar.position(), self.bar.length().unwrap_or(0));
+        let rate = pos as f64 / secs;
+        let eta = if rate > 0.0 { len.saturating_sub(pos) as f64 / rate } else { f64::NAN };
+        let tokens = if self.tokens > 0 { format!(", {:.1} tok/s", self.tokens as f64 / secs) } else { String::new() };
+        eprintln!("{}: {pos}/{len} {} in {secs:.0} s ({rate:.2} {}/s{tokens}, eta {eta:.0} s)", self.what, self.unit, self.unit);
     }
 
     fn finish(&self) {
         self.bar.finish();
+        if self.log.is_some() {
+            self.print_line();
+        }
     }
 }
 
@@ -417,6 +453,6 @@ impl RegenerationProgress for Bar {
         self.tokens += new_tokens;
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
         self.bar.set_message(format!("{:.1} tok/s", self.tokens as f64 / secs));
-        self.bar.inc(1);
+        self.inc(1);
     }
 }
