@@ -23,6 +23,12 @@ enum Command {
     InitDrafter(cli::init_drafter::InitDrafterArgs),
     /// Train a drafter (DFlash, Domino) with AUF or a baseline objective.
     Train(cli::train::TrainArgs),
+    /// Evaluate drafters against plain AR on the six benchmarks: τ, acceptance, speedup.
+    Eval(cli::eval::EvalArgs),
+    /// The whole pipeline on the embedded default: fetch, prepare, train (AUF), evaluate.
+    Quickstart(cli::quickstart::QuickstartArgs),
+    /// Reproduce the paper's comparison at small scale (`experiment paper`).
+    Experiment(cli::experiment::ExperimentArgs),
     /// Benchmarks (not timed tests): decode speed, training step speed.
     Bench(cli::bench::BenchArgs),
 }
@@ -35,6 +41,9 @@ fn main() {
         Command::Prepare(a) => cli::prepare::run(a),
         Command::Train(a) => cli::train::run(a),
         Command::InitDrafter(a) => cli::init_drafter::run(a),
+        Command::Eval(a) => cli::eval::run(a),
+        Command::Quickstart(a) => cli::quickstart::run(a),
+        Command::Experiment(a) => cli::experiment::run(a),
         Command::Bench(a) => cli::bench::run(a),
     };
     if let Err(e) = result {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use specauf::drafter::{DFlashConfig, DFlashDrafter, DFlashInitConfig};
+use specauf::drafter::{DFlashConfig, DFlashDrafter, DFlashInitConfig, TrainSequence};
 use specauf::model::{load_target, Logits, ModelLocation, Target, WeightsMode};
 
 fn fixture(family: &str) -> PathBuf {
@@ -184,6 +184,7 @@ fn the_cache_crops_back_and_a_block_must_start_where_the_context_ends() {
     d.extend_context(&mut cache, &feats).unwrap();
     let err = d.forward_block(&target, &cache, &d.block_ids(&[ids[8]]), 8).unwrap_err();
     assert!(matches!(err, specauf::drafter::DrafterError::ContextGap { cached: 12, start: 8 }), "{err}");
+    assert!(!cache.tracks_gradients(), "the inference cache must hold plain values");
     cache.crop(8).unwrap();
     let cropped = d.forward_block(&target, &cache, &d.block_ids(&[ids[8]]), 8).unwrap();
     let mut fresh = d.new_cache();
@@ -295,4 +296,49 @@ fn predicted_rows_drop_each_blocks_anchor_row() {
     let first: Vec<f32> = rows.narrow(0, 3, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(first[0], (5 * 64) as f32, "row 3 is block 1, position 1");
     let _ = DFlashConfig::fc_in(d.config());
+}
+
+#[test]
+fn a_batch_is_its_sequences_one_after_the_other() {
+    let target = target("qwen2");
+    let taps = vec![0usize, 1];
+    let d = drafter(&target, 1, 4, taps.clone(), 8);
+    let (ids1, ids2) = (tokens(18, 256, 1), tokens(11, 256, 2));
+    let (f1, f2) = (features(&target, &ids1, &taps), features(&target, &ids2, &taps));
+    let (a1, a2) = (vec![2usize, 9, 15], vec![6usize]);
+    let b1 = d.block_ids(&a1.iter().map(|&a| ids1[a]).collect::<Vec<_>>());
+    let b2 = d.block_ids(&a2.iter().map(|&a| ids2[a]).collect::<Vec<_>>());
+    let batch = d
+        .forward_train_batch(
+            &target,
+            &[
+                TrainSequence { features: &f1, anchors: &a1, block_ids: &b1 },
+                TrainSequence { features: &f2, anchors: &a2, block_ids: &b2 },
+            ],
+        )
+        .unwrap();
+    let one = d.forward_train(&target, &f1, &a1, &b1).unwrap();
+    let two = d.forward_train(&target, &f2, &a2, &b2).unwrap();
+    assert_eq!(batch.dims(), &[16, 64]);
+    assert_eq!(max_abs_diff(&batch.narrow(0, 0, 12).unwrap(), &one), 0.0);
+    assert_eq!(max_abs_diff(&batch.narrow(0, 12, 4).unwrap(), &two), 0.0);
+}
+
+#[test]
+fn bad_training_inputs_are_refused_with_typed_errors() {
+    use specauf::drafter::DrafterError;
+    let target = target("qwen3");
+    let taps = vec![1usize, 2];
+    let d = drafter(&target, 1, 4, taps.clone(), 2);
+    let ids = tokens(10, 256, 3);
+    let f = features(&target, &ids, &taps);
+    let ok_ids = d.block_ids(&[ids[3]]);
+    let err = d.forward_train(&target, &f, &[10], &ok_ids).unwrap_err();
+    assert!(matches!(err, DrafterError::AnchorOutOfRange { anchor: 10, block: 0, len: 10 }), "{err}");
+    let err = d.forward_train(&target, &f, &[3, 4], &ok_ids).unwrap_err();
+    assert!(matches!(err, DrafterError::InputShape { what: "block token ids", .. }), "{err}");
+    let err = d.forward_train(&target, &f.narrow(1, 0, 64).unwrap(), &[3], &ok_ids).unwrap_err();
+    assert!(matches!(err, DrafterError::InputShape { what: "context features", .. }), "{err}");
+    let err = d.forward_train(&target, &f, &[3], &[ids[3], 5, 5, 999]).unwrap_err();
+    assert!(matches!(err, DrafterError::TokenOutOfRange { token: 999, vocab: 256 }), "{err}");
 }

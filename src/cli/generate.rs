@@ -108,14 +108,19 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let mut proposer = match &a.drafter {
+    let mut proposer: Option<Box<dyn Proposer>> = match &a.drafter {
+        Some(dir) if specauf::drafter::domino::is_domino_checkpoint(dir).unwrap_or(false) => {
+            let d = specauf::drafter::domino::DominoDrafter::load(dir, m.target.config())
+                .with_context(|| format!("loading drafter {}", dir.display()))?;
+            Some(Box::new(specauf::drafter::domino::DominoProposer::new(d)))
+        }
         Some(dir) => {
             let d = DFlashDrafter::load(dir, m.target.config()).with_context(|| format!("loading drafter {}", dir.display()))?;
-            Some(DFlashProposer::new(d))
+            Some(Box::new(DFlashProposer::new(d)))
         }
         None => None,
     };
-    let res = generate_streaming(&m.target, proposer.as_mut().map(|p| p as &mut dyn Proposer), &prompt_ids, &cfg, &mut on_tokens)
+    let res = generate_streaming(&m.target, proposer.as_mut().map(|p| &mut **p as &mut dyn Proposer), &prompt_ids, &cfg, &mut on_tokens)
         .context("generating")?;
     let text = m.tokenizer.decode(&res.token_ids, true).context("decoding the output")?;
     let n = res.token_ids.len();

@@ -19,8 +19,11 @@
 //! # Training attention (SPEC §2)
 //! A query of block b (anchor a_b) sees context position j iff j < a_b ([`context_visible`]) and
 //! every position of its own block; blocks never see each other. The block part is computed block
-//! by block (a batched (B × B) product per block), so no (nb·B × nb·B) mask is ever built, and the
-//! context part is one product against the shared context keys plus an additive (nb, T) bias.
+//! by block (a batched (B × B) product per block), so no (nb·B × nb·B) mask is ever built; the
+//! context part is one product against the shared context keys plus an additive (nb, T) bias; one
+//! softmax spans both parts without concatenating them. Everything runs in a kv-head-major layout
+//! (n_kv, nb, g·B, ·) so that the largest tensor, the (nb·g·B × T) context scores, is never copied.
+//! Memory for nb blocks, context T and n_kv heads: about 6 × n_kv·nb·g·B·T floats per layer.
 //!
 //! # Inference
 //! [`DFlashCache`] holds the context K/V of every layer for positions 0..len. A draft call appends
@@ -287,13 +290,13 @@ impl DFlashConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return Err(bad("num_attention_heads and num_key_value_heads must be > 0".into()));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(bad(format!("head_dim {} must be even and > 0", self.head_dim)));
         }
         if self.block_size < 2 {
@@ -644,51 +647,55 @@ impl Attention {
         let q = ops::rms_norm(&linear(x, &self.q_proj)?.reshape((nb, bsz, nh, hd))?, &self.q_norm, self.eps)?;
         let k = ops::rms_norm(&linear(x, &self.k_proj)?.reshape((nb, bsz, nkv, hd))?, &self.k_norm, self.eps)?;
         let v = linear(x, &self.v_proj)?.reshape((nb, bsz, nkv, hd))?;
-        // 2. (nb, B, heads, hd) -> (nb, heads, B, hd), rotate at the block positions
-        let q = ops::rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        // 2. (nb, B, heads, hd) -> (nb, heads, B, hd), rotate at the block positions; the score
+        //    scale goes on q, the smallest operand
+        let q = (ops::rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
         let k = ops::rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        // 3. GQA grouping: query head h uses kv head h / g, so (nb, nh, B, hd) -> (nb, n_kv, g·B, hd)
-        let q = q.reshape((nb, nkv, g * bsz, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        // 4. scores against the own block: (nb, n_kv, g·B, B)
-        let s_self = (q.matmul(&k.t()?)? * scale)?;
-        // 5. scores against the shared context: (n_kv, nb·g·B, hd) x (n_kv, hd, T) -> (nb, n_kv, g·B, T)
-        let ctx = ctx.filter(|c| c.k.dim(1).map(|t| t > 0).unwrap_or(false));
-        let q_ctx = match ctx {
-            Some(_) => Some(q.transpose(0, 1)?.contiguous()?.reshape((nkv, nb * g * bsz, hd))?),
-            None => None,
+        // 3. kv-major layout, so that the context products need no copies of the large tensors.
+        //    Query head h uses kv head h / g: (nb, nh, B, hd) -> (n_kv, nb, g·B, hd)
+        let q = q.reshape((nb, nkv, g * bsz, hd))?.transpose(0, 1)?.contiguous()?;
+        let k = k.transpose(0, 1)?.contiguous()?; // (n_kv, nb, B, hd)
+        let v = v.permute((2, 0, 1, 3))?.contiguous()?; // (n_kv, nb, B, hd)
+        // 4. scores against the own block: (n_kv, nb, g·B, B)
+        let s_self = q.matmul(&k.t()?)?;
+        let ctx = match ctx {
+            Some(c) if c.k.dim(1)? > 0 => Some(c),
+            _ => None,
         };
-        let scores = match (ctx, &q_ctx) {
-            (Some(c), Some(qc)) => {
-                let t = c.k.dim(1)?;
-                let s = (qc.matmul(&c.k.t()?)? * scale)?.reshape((nkv, nb, g * bsz, t))?.transpose(0, 1)?;
-                let s = match ctx_bias {
-                    // (nb, T) -> (nb, 1, 1, T)
-                    Some(bias) => s.broadcast_add(&bias.reshape((nb, 1, 1, t))?)?,
-                    None => s,
-                };
-                Tensor::cat(&[&s, &s_self], D::Minus1)?
-            }
-            _ => s_self,
-        };
-        // 6. one softmax over [context ; own block]
-        let p = ops::softmax_last_dim(&scores)?;
-        let t = ctx.map(|c| c.k.dim(1)).transpose()?.unwrap_or(0);
-        let out_self = p.narrow(D::Minus1, t, bsz)?.matmul(&v)?;
         let out = match ctx {
+            None => ops::softmax_last_dim(&s_self)?.matmul(&v)?,
             Some(c) => {
-                // (nb, n_kv, g·B, T) -> (n_kv, nb·g·B, T) x (n_kv, T, hd) -> (nb, n_kv, g·B, hd)
-                let p_ctx = p.narrow(D::Minus1, 0, t)?.transpose(0, 1)?.contiguous()?.reshape((nkv, nb * g * bsz, t))?;
-                let o = p_ctx.matmul(&c.v)?.reshape((nkv, nb, g * bsz, hd))?.transpose(0, 1)?;
-                (out_self + o)?
+                // 5. scores against the shared context: (n_kv, nb·g·B, hd) x (n_kv, hd, T) -> (n_kv, nb, g·B, T)
+                let t = c.k.dim(1)?;
+                let s_ctx = q.reshape((nkv, nb * g * bsz, hd))?.matmul(&c.k.t()?)?.reshape((nkv, nb, g * bsz, t))?;
+                let s_ctx = match ctx_bias {
+                    // (nb, T) -> (1, nb, 1, T)
+                    Some(bias) => s_ctx.broadcast_add(&bias.reshape((1, nb, 1, t))?)?,
+                    None => s_ctx,
+                };
+                // 6. one softmax over [context ; own block]
+                let (p_ctx, p_self) = softmax_pair(&s_ctx, &s_self)?;
+                // 7. (n_kv, nb·g·B, T) x (n_kv, T, hd) + (n_kv, nb, g·B, B) x (n_kv, nb, B, hd)
+                let o_ctx = p_ctx.reshape((nkv, nb * g * bsz, t))?.matmul(&c.v)?.reshape((nkv, nb, g * bsz, hd))?;
+                (o_ctx + p_self.matmul(&v)?)?
             }
-            None => out_self,
         };
-        // 7. (nb, n_kv, g·B, hd) = (nb, nh, B, hd) -> (nb, B, nh, hd) -> (nb·B, nh·hd) -> (nb·B, H)
-        let out = out.reshape((nb, nh, bsz, hd))?.transpose(1, 2)?.contiguous()?.reshape((n, nh * hd))?;
+        // 8. (n_kv, nb, g·B, hd) -> (nb, B, n_kv, g, hd) = (nb·B, nh·hd) -> (nb·B, H)
+        let out = out.reshape((nkv, nb, g, bsz, hd))?.permute((1, 3, 0, 2, 4))?.contiguous()?.reshape((n, nh * hd))?;
         linear(&out, &self.o_proj)
     }
+}
+
+/// Softmax over the concatenation [a ; b] of the last dimensions, returned as its two parts,
+/// without building the concatenation (it would be the largest tensor of the step, copied in
+/// the forward and zero-padded twice in the backward). Same stabilisation as
+/// [`ops::softmax_last_dim`]: subtract the detached row maximum.
+fn softmax_pair(a: &Tensor, b: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let max = a.max_keepdim(D::Minus1)?.maximum(&b.max_keepdim(D::Minus1)?)?.detach();
+    let ea = a.broadcast_sub(&max)?.exp()?;
+    let eb = b.broadcast_sub(&max)?.exp()?;
+    let sum = (ea.sum_keepdim(D::Minus1)? + eb.sum_keepdim(D::Minus1)?)?;
+    Ok((ea.broadcast_div(&sum)?, eb.broadcast_div(&sum)?))
 }
 
 #[derive(Debug, Clone)]
@@ -728,6 +735,17 @@ pub fn context_visible(anchor: usize, j: usize) -> bool {
     j < anchor
 }
 
+/// One sequence of a training batch (see [`DFlashDrafter::forward_train`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TrainSequence<'a> {
+    /// (T, n_taps·H) target taps of the whole sequence.
+    pub features: &'a Tensor,
+    /// (nb) anchor positions, each < T.
+    pub anchors: &'a [usize],
+    /// (nb·B) block token ids.
+    pub block_ids: &'a [u32],
+}
+
 /// The drafter's context KV cache: per layer, K and V (n_kv, len, hd) of context positions
 /// 0..len. Block K/V are never stored.
 #[derive(Debug, Clone)]
@@ -747,6 +765,11 @@ impl DFlashCache {
     }
 
     /// Drops context positions len.. (no-op when len ≥ the cached length).
+    /// Whether any cached tensor carries an autograd graph (it never should).
+    pub fn tracks_gradients(&self) -> bool {
+        self.layers.iter().flatten().any(|kv| kv.k.track_op() || kv.v.track_op())
+    }
+
     pub fn crop(&mut self, len: usize) -> candle_core::Result<()> {
         if len >= self.len {
             return Ok(());
@@ -877,7 +900,7 @@ impl DFlashDrafter {
         let b = self.config.block_size;
         anchor_tokens
             .iter()
-            .flat_map(|&t| std::iter::once(t).chain(std::iter::repeat(self.config.mask_token_id).take(b - 1)))
+            .flat_map(|&t| std::iter::once(t).chain(std::iter::repeat_n(self.config.mask_token_id, b - 1)))
             .collect()
     }
 
@@ -997,6 +1020,19 @@ impl DFlashDrafter {
         Ok(ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
     }
 
+    /// Training forward for a small batch of sequences, one after the other: the rows of every
+    /// sequence's blocks, concatenated in order, (Σ nb_i·B, H).
+    pub fn forward_train_batch(&self, target: &Target, batch: &[TrainSequence<'_>]) -> Result<Tensor, DrafterError> {
+        let parts = batch
+            .iter()
+            .map(|s| self.forward_train(target, s.features, s.anchors, s.block_ids))
+            .collect::<Result<Vec<_>, _>>()?;
+        if parts.is_empty() {
+            return Err(DrafterError::InputShape { what: "training batch", got: vec![0], expected: "at least one sequence".into() });
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
     /// An empty context cache.
     pub fn new_cache(&self) -> DFlashCache {
         DFlashCache { layers: vec![None; self.config.num_hidden_layers], len: 0 }
@@ -1017,10 +1053,13 @@ impl DFlashDrafter {
         let (cos, sin) = self.rotary.at(&positions)?;
         let c = self.context_feature(&features.detach())?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            // Detached: a cached row must not keep the autograd graph that made it (nor, through
+            // the concatenation, every earlier cache) alive for the whole request.
             let new = layer.self_attn.context_kv(&c, &cos, &sin)?;
+            let (k, v) = (new.k.detach(), new.v.detach());
             *slot = Some(match slot.take() {
-                None => new,
-                Some(old) => ContextKv { k: Tensor::cat(&[&old.k, &new.k], 1)?, v: Tensor::cat(&[&old.v, &new.v], 1)? },
+                None => ContextKv { k, v },
+                Some(old) => ContextKv { k: Tensor::cat(&[&old.k, &k], 1)?, v: Tensor::cat(&[&old.v, &v], 1)? },
             });
         }
         cache.len += n;

@@ -16,6 +16,7 @@ pub mod proposer;
 
 pub use dflash::{
     build_target_layer_ids, context_visible, DFlashCache, DFlashConfig, DFlashDrafter, DFlashInitConfig,
+    TrainSequence,
 };
 pub use domino::{DominoConfig, DominoDrafter, DominoInitConfig, DominoProposer};
 pub use proposer::DFlashProposer;
