@@ -321,6 +321,11 @@ impl Gru {
         Ok(Self { weight_ih, weight_hh, hidden: g3 / 3 })
     }
 
+    /// The same GRU on detached weights: no autograd graph is recorded (inference).
+    pub fn detached(&self) -> Self {
+        Self { weight_ih: self.weight_ih.detach(), weight_hh: self.weight_hh.detach(), hidden: self.hidden }
+    }
+
     /// G.
     pub fn hidden_size(&self) -> usize {
         self.hidden
@@ -616,18 +621,20 @@ impl DominoDrafter {
         let b = self.block_size();
         let (h, g) = (self.config.backbone.hidden_size, self.gru.hidden_size());
         let vocab = self.config.backbone.vocab_size;
+        // Inference builds no autograd graph: the branch's weights are used detached.
+        let (gru, proj_in) = (self.gru.detached(), self.proj_in.detach());
         // 1. backbone once: (B, H); positions 0..B-2 predict inside the verify block
-        let z = self.backbone.forward_block(target, cache, &self.backbone.block_ids(&[last_token]), start)?.narrow(0, 0, b - 1)?;
+        let z = self.backbone.forward_block(target, cache, &self.backbone.block_ids(&[last_token]), start)?.narrow(0, 0, b - 1)?.detach();
         // 2. base logits (B-1, V), and embed_proj.0's z part for every position at once (B-1, E)
         let base: Vec<Vec<f32>> = target.lm_head(&z)?.to_vec2()?;
-        let z_proj = linear(&z, &self.proj_in.narrow(1, 0, h)?)?;
-        let w_state = self.proj_in.narrow(1, h, g)?.contiguous()?;
+        let z_proj = linear(&z, &proj_in.narrow(1, 0, h)?)?;
+        let w_state = proj_in.narrow(1, h, g)?.contiguous()?;
         // 3. the GRU, one step per consumed token, its state carried across positions
-        let mut state = self.gru.zero_state(1)?;
+        let mut state = gru.zero_state(1)?;
         let mut token = last_token;
         let mut out = Vec::with_capacity(b - 1);
         for (k, base_k) in base.into_iter().enumerate() {
-            state = self.gru.step(&self.gru.input_gates(&target.embed(&[token])?)?, &state)?;
+            state = gru.step(&gru.input_gates(&target.embed(&[token])?)?, &state)?;
             let mut logits = base_k;
             if k >= self.config.pure_draft_prefix_len {
                 // (1, E) activations of embed_proj.2, then logits += W₂ · a
