@@ -38,7 +38,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -321,6 +321,11 @@ impl Gru {
         Ok(Self { weight_ih, weight_hh, hidden: g3 / 3 })
     }
 
+    /// The same GRU on detached weights: no autograd graph is recorded (inference).
+    pub fn detached(&self) -> Self {
+        Self { weight_ih: self.weight_ih.detach(), weight_hh: self.weight_hh.detach(), hidden: self.hidden }
+    }
+
     /// G.
     pub fn hidden_size(&self) -> usize {
         self.hidden
@@ -584,9 +589,7 @@ impl DominoDrafter {
     /// Drafts the B-1 tokens after `last_token` (at position `start`), greedily: one backbone
     /// forward, then the GRU stepped over [last, d_1, ...] and argmax(base + delta) per position.
     pub fn draft(&self, target: &Target, cache: &DFlashCache, last_token: u32, start: usize) -> Result<Vec<u32>, DrafterError> {
-        self.decode_block(target, cache, last_token, start, |_, logits| {
-            Ok(logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?.first().copied().unwrap_or(0))
-        })
+        self.decode_block(target, cache, last_token, start, |_, logits| Ok(argmax(logits)))
     }
 
     /// The inference logits of block positions 0..B-2 when the drafter's tokens are `next`
@@ -599,13 +602,13 @@ impl DominoDrafter {
         }
         let mut rows = Vec::with_capacity(b - 1);
         self.decode_block(target, cache, last_token, start, |k, logits| {
-            rows.push(logits.clone());
+            rows.push(Tensor::from_slice(logits, (1, logits.len()), &Device::Cpu)?);
             Ok(next[k])
         })?;
         Ok(Tensor::cat(&rows, 0)?)
     }
 
-    /// One inference block. `pick(k, logits_k (1, V))` chooses the token at block position k+1,
+    /// One inference block. `pick(k, logits_k (V))` chooses the token at block position k+1,
     /// which the GRU consumes next. Returns the B-1 picked tokens.
     fn decode_block(
         &self,
@@ -613,30 +616,31 @@ impl DominoDrafter {
         cache: &DFlashCache,
         last_token: u32,
         start: usize,
-        mut pick: impl FnMut(usize, &Tensor) -> Result<u32, DrafterError>,
+        mut pick: impl FnMut(usize, &[f32]) -> Result<u32, DrafterError>,
     ) -> Result<Vec<u32>, DrafterError> {
         let b = self.block_size();
         let (h, g) = (self.config.backbone.hidden_size, self.gru.hidden_size());
         let vocab = self.config.backbone.vocab_size;
+        // Inference builds no autograd graph: the branch's weights are used detached.
+        let (gru, proj_in) = (self.gru.detached(), self.proj_in.detach());
         // 1. backbone once: (B, H); positions 0..B-2 predict inside the verify block
-        let z = self.backbone.forward_block(target, cache, &self.backbone.block_ids(&[last_token]), start)?.narrow(0, 0, b - 1)?;
+        let z = self.backbone.forward_block(target, cache, &self.backbone.block_ids(&[last_token]), start)?.narrow(0, 0, b - 1)?.detach();
         // 2. base logits (B-1, V), and embed_proj.0's z part for every position at once (B-1, E)
-        let base = target.lm_head(&z)?;
-        let z_proj = linear(&z, &self.proj_in.narrow(1, 0, h)?)?;
-        let w_state = self.proj_in.narrow(1, h, g)?.contiguous()?;
+        let base: Vec<Vec<f32>> = target.lm_head(&z)?.to_vec2()?;
+        let z_proj = linear(&z, &proj_in.narrow(1, 0, h)?)?;
+        let w_state = proj_in.narrow(1, h, g)?.contiguous()?;
         // 3. the GRU, one step per consumed token, its state carried across positions
-        let mut state = self.gru.zero_state(1)?;
+        let mut state = gru.zero_state(1)?;
         let mut token = last_token;
         let mut out = Vec::with_capacity(b - 1);
-        for k in 0..b - 1 {
-            state = self.gru.step(&self.gru.input_gates(&target.embed(&[token])?)?, &state)?;
-            let base_k = base.narrow(0, k, 1)?;
-            let logits = if k < self.config.pure_draft_prefix_len {
-                base_k
-            } else {
+        for (k, base_k) in base.into_iter().enumerate() {
+            state = gru.step(&gru.input_gates(&target.embed(&[token])?)?, &state)?;
+            let mut logits = base_k;
+            if k >= self.config.pure_draft_prefix_len {
+                // (1, E) activations of embed_proj.2, then logits += W₂ · a
                 let a = ops::silu(&(z_proj.narrow(0, k, 1)? + linear(&state, &w_state)?)?)?;
-                (base_k + linear(&a, &self.proj_out)?)?
-            };
+                add_delta(&mut logits, &self.proj_out, &a)?;
+            }
             token = pick(k, &logits)?;
             if token as usize >= vocab {
                 return Err(DrafterError::TokenOutOfRange { token, vocab });
@@ -645,6 +649,57 @@ impl DominoDrafter {
         }
         Ok(out)
     }
+}
+
+/// The first index of the largest value.
+fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// logits (V) += W₂ · a for W₂ (V, E) and a (1, E): a dot product per vocabulary row, read in
+/// place from the weight's storage (candle's matmul would pack a copy of W₂ for a one-row
+/// product). Memory-bound: every drafted token streams all of W₂ (SmolLM2, E = 128: 25 MB).
+fn add_delta(logits: &mut [f32], w2: &Tensor, a: &Tensor) -> Result<(), DrafterError> {
+    let a: Vec<f32> = a.flatten_all()?.to_vec1()?;
+    let e = a.len();
+    let (guard, layout) = w2.storage_and_layout();
+    if let (candle_core::Storage::Cpu(cpu), Some((lo, hi))) = (&*guard, layout.contiguous_offsets()) {
+        let w = &cpu.as_slice::<f32>()?[lo..hi];
+        if w.len() == logits.len() * e {
+            for (row, out) in w.chunks_exact(e).zip(logits.iter_mut()) {
+                *out += dot(row, &a);
+            }
+            return Ok(());
+        }
+    }
+    drop(guard);
+    // Any other layout or device: the plain product.
+    let a = Tensor::from_vec(a, (1, e), w2.device())?;
+    let delta: Vec<f32> = linear(&a, w2)?.flatten_all()?.to_vec1()?;
+    for (x, d) in logits.iter_mut().zip(delta) {
+        *x += d;
+    }
+    Ok(())
+}
+
+/// Σ x·y with eight independent partial sums, so the compiler vectorises it.
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (a, b) in xc.zip(yc) {
+        for i in 0..8 {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    let tail: f32 = xr.iter().zip(yr).map(|(a, b)| a * b).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 // ---------------------------------------------------------------------------------------------
