@@ -1,24 +1,36 @@
-//! Per-matmul timings of the int8 kernel (src/model/qgemm.rs) beside candle's QMatMul over the
-//! same Q8_0 weights, on SmolLM2-135M shapes, interleaved in one run so machine load hits both.
+//! The int8 kernel (src/model/qgemm.rs) beside candle's QMatMul over the same Q8_0 weights,
+//! interleaved in one run so machine load hits both.
 //!
-//! cargo run --release --example bench_qgemm [-- reps]
-//! Prints medians in µs, and the weight-read rate (GB/s) of the int8 kernel.
+//! cargo run --release --example bench_qgemm [-- [--reps N] [--no-model] [--model PATH.gguf]]
+//!
+//! 1. Per-matmul medians (µs) on SmolLM2-135M shapes for m = 1, 4, 16.
+//! 2. Whole model (default: the SmolLM2 Q4_1 GGUF from the asset cache): the GGUF is written
+//!    again as Q8_0 to a temp dir, then `WeightsMode::Q8` on the original (int8 kernel; its
+//!    Q4_1 → Q8_0 conversion gives the same blocks) runs beside `WeightsMode::Native` on the
+//!    Q8_0 copy (candle QMatMul). Reports prefill of 256 tokens, decode ms/token and a 16-token
+//!    forward (all logits) at context 256, medians over rounds (candle prefills once: it takes
+//!    seconds); checks that the 16-token
+//!    forward gives the bits of 16 decode steps.
 
 use std::time::Instant;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use specauf::model::qgemm::{Exec, Kernel, QMatrix};
+use specauf::model::{load_target, KvCache, Logits, ModelLocation, Target, WeightsMode};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
-fn main() -> anyhow::Result<()> {
-    let reps: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(15);
-    println!("rayon threads {}, load {}", rayon::current_num_threads(), std::fs::read_to_string("/proc/loadavg")?.trim());
-    println!("{:>12} {:>3} {:>10} {:>10} {:>10} {:>10} {:>8}", "shape", "m", "candle µs", "int8 µs", "int8 1t µs", "portable", "GB/s");
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+fn matmuls(reps: usize) -> anyhow::Result<()> {
+    println!("== per matmul (medians of {reps}), rayon threads {}, load {}", rayon::current_num_threads(), load());
+    println!("{:>12} {:>3} {:>10} {:>10} {:>10} {:>10} {:>8}", "in->out", "m", "candle µs", "int8 µs", "int8 1t µs", "avx2 µs", "GB/s");
     for (out, inp) in [(576usize, 576usize), (1536, 576), (576, 1536), (49152, 576)] {
         let w = Tensor::randn(0f32, 0.05, (out, inp), &Device::Cpu)?;
         let qt = QTensor::quantize(&w, GgmlDType::Q8_0)?;
@@ -40,13 +52,14 @@ fn main() -> anyhow::Result<()> {
                 let t = Instant::now();
                 ours.matmul_with(&xv, m, &mut y, Exec { kernel: Kernel::Auto, threads: 1 })?;
                 t1.push(t.elapsed().as_secs_f64());
-                if rep < portable_reps {
+                if rep < portable_reps && Kernel::Avx2.available() {
                     let t = Instant::now();
                     ours.matmul_with(&xv, m, &mut y, Exec { kernel: Kernel::Avx2, threads: 0 })?;
                     tp.push(t.elapsed().as_secs_f64());
                 }
             }
-            let (c, o, o1, p) = (median(tc), median(to), median(t1), median(tp));
+            let (c, o, o1) = (median(tc), median(to), median(t1));
+            let p = if tp.is_empty() { f64::NAN } else { median(tp) };
             println!(
                 "{:>12} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>8.1}",
                 format!("{inp}->{out}"),
@@ -60,4 +73,166 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes `src` again with every Q4/Q5/K-quant tensor as Q8_0 (F32 tensors stay), as candle's
+/// Q8 mode used to convert them; Q/K keep the GGUF row order, so the copy loads the same way.
+fn write_q8_0_copy(src: &std::path::Path, dst: &std::path::Path) -> anyhow::Result<()> {
+    let mut f = std::fs::File::open(src)?;
+    let content = gguf_file::Content::read(&mut f)?;
+    let mut tensors = Vec::new();
+    for name in content.tensor_infos.keys() {
+        let q = content.tensor(&mut f, name, &Device::Cpu)?;
+        let q = match q.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q8_0 => q,
+            _ => QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?,
+        };
+        tensors.push((name.clone(), q));
+    }
+    let meta: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tens: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(dst)?);
+    gguf_file::write(&mut out, &meta, &tens)?;
+    Ok(())
+}
+
+/// CPU seconds used by this process so far (all threads): on a shared machine, wall time
+/// includes waiting for the CPU; CPU time does not (but includes rayon's spinning).
+fn cpu_time() -> f64 {
+    #[repr(C)]
+    struct Timespec {
+        sec: i64,
+        nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+    }
+    const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec (two 64-bit fields on x86_64 Linux).
+    let rc = unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc == 0 {
+        ts.sec as f64 + ts.nsec as f64 * 1e-9
+    } else {
+        f64::NAN
+    }
+}
+
+/// Wall and CPU seconds of each timed call.
+#[derive(Default)]
+struct Times {
+    prefill: Vec<(f64, f64)>,
+    decode: Vec<(f64, f64)>,
+    verify: Vec<(f64, f64)>,
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (T, (f64, f64)) {
+    let (w, c) = (Instant::now(), cpu_time());
+    let r = f();
+    (r, (w.elapsed().as_secs_f64(), cpu_time() - c))
+}
+
+fn medians(v: &[(f64, f64)]) -> (f64, f64) {
+    (median(v.iter().map(|x| x.0).collect()), median(v.iter().map(|x| x.1).collect()))
+}
+
+/// One round: prefill 256 (if `prefill`, else the cache is cut back to the prompt), `steps`
+/// decode steps, then `verifies` 16-token forwards at context 256.
+fn round(target: &Target, cache: &mut KvCache, prompt: &[u32], prefill: bool, steps: usize, verifies: usize, t: &mut Times) -> anyhow::Result<()> {
+    if prefill {
+        *cache = target.new_cache();
+        let (r, dt) = timed(|| target.forward(prompt, cache, &[], Logits::Last));
+        r?;
+        t.prefill.push(dt);
+    }
+    cache.truncate(prompt.len());
+    for i in 0..steps {
+        let (r, dt) = timed(|| target.forward(&[(i * 101 + 200) as u32], cache, &[], Logits::Last));
+        r?;
+        t.decode.push(dt);
+    }
+    for _ in 0..verifies {
+        cache.truncate(prompt.len());
+        let (r, dt) = timed(|| target.forward(&prompt[..16], cache, &[], Logits::All));
+        r?;
+        t.verify.push(dt);
+    }
+    Ok(())
+}
+
+fn whole_model(path: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let q8 = tmp.path().join("model-q8_0.gguf");
+    write_q8_0_copy(path, &q8)?;
+    let ours = load_target(&ModelLocation::from_path(path)?, WeightsMode::Q8)?;
+    let theirs = load_target(&ModelLocation::from_path(&q8)?, WeightsMode::Native)?;
+    let prompt: Vec<u32> = (0..256).map(|i| (i * 37 % 40000 + 100) as u32).collect();
+
+    // The same weights: logits agree up to float summation order.
+    let (mut c1, mut c2) = (ours.new_cache(), theirs.new_cache());
+    let a = ours.forward(&prompt[..32], &mut c1, &[], Logits::All)?.logits.unwrap_or(Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu)?);
+    let b = theirs.forward(&prompt[..32], &mut c2, &[], Logits::All)?.logits.unwrap_or(Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu)?);
+    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let agree = a.argmax(1)?.eq(&b.argmax(1)?)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    println!("int8 kernel vs candle QMatMul, same Q8_0 weights, 32 tokens: max |Δlogit| {diff:.3e}, argmax agrees at {agree}/32");
+
+    // The verify contract on the real model: 16 tokens in one forward == 16 single steps.
+    let mut c1 = ours.new_cache();
+    ours.forward(&prompt[..200], &mut c1, &[], Logits::None)?;
+    let chunk = ours.forward(&prompt[200..216], &mut c1, &[], Logits::All)?.logits.ok_or_else(|| anyhow::anyhow!("no logits"))?;
+    c1.truncate(200);
+    let mut steps = Vec::new();
+    for &tok in &prompt[200..216] {
+        steps.push(ours.forward(&[tok], &mut c1, &[], Logits::All)?.logits.ok_or_else(|| anyhow::anyhow!("no logits"))?);
+    }
+    let steps = Tensor::cat(&steps, 0)?;
+    let bits_equal = chunk.flatten_all()?.to_vec1::<f32>()?.iter().zip(steps.flatten_all()?.to_vec1::<f32>()?).all(|(x, y)| x.to_bits() == y.to_bits());
+    println!("16-token forward == 16 decode steps, bit for bit: {bits_equal}");
+    anyhow::ensure!(bits_equal, "the int8 path broke batch invariance on the real model");
+
+    println!("== whole model, {rounds} rounds interleaved, load before {}", load());
+    let (mut t_ours, mut t_theirs) = (Times::default(), Times::default());
+    let (mut c_ours, mut c_theirs) = (ours.new_cache(), theirs.new_cache());
+    for r in 0..rounds {
+        // candle's prefill of 256 tokens takes seconds: once.
+        round(&ours, &mut c_ours, &prompt, true, 32, 8, &mut t_ours)?;
+        round(&theirs, &mut c_theirs, &prompt, r == 0, 8, 2, &mut t_theirs)?;
+    }
+    for (name, t) in [("int8 kernel (Q8)", &t_ours), ("candle QMatMul Q8_0 (Native)", &t_theirs)] {
+        let ((p, pc), (d, dc), (v, vc)) = (medians(&t.prefill), medians(&t.decode), medians(&t.verify));
+        println!(
+            "{name:>30}: prefill-256 {:.0} tok/s ({:.0} ms), decode {:.2} ms/token ({:.1} tok/s), 16-token forward {:.2} ms = {:.2}× decode",
+            256.0 / p,
+            p * 1e3,
+            d * 1e3,
+            1.0 / d,
+            v * 1e3,
+            v / d
+        );
+        println!(
+            "{:>30}  CPU time: prefill {:.0} ms, decode {:.2} ms, 16-token forward {:.2} ms = {:.2}× decode",
+            "",
+            pc * 1e3,
+            dc * 1e3,
+            vc * 1e3,
+            vc / dc
+        );
+    }
+    println!("load after {}", load());
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let reps: usize = flag("--reps").map(|s| s.parse()).transpose()?.unwrap_or(15);
+    matmuls(reps)?;
+    if args.iter().any(|a| a == "--no-model") {
+        return Ok(());
+    }
+    let path = match flag("--model") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => specauf::assets::file(&specauf::assets::SMOLLM2, specauf::assets::SMOLLM2_GGUF)?,
+    };
+    whole_model(&path, 3)
 }

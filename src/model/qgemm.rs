@@ -217,12 +217,13 @@ impl QMatrix {
             return Err(QGemmError::NonFinite { name: name.into(), row: i / inp, col: i % inp });
         }
         let mut m = Self::empty(out, inp);
-        let mut q = [0i8; BLOCK];
+        // The activation quantizer applies the same rule as `quantize_block`, vectorized.
+        let (mut q, mut d, mut corr) = (vec![0i8; m.blocks * BLOCK], vec![0f32; m.blocks], vec![0i32; m.blocks]);
         for row in 0..out {
-            for b in 0..m.blocks {
-                let src = &w[row * inp + b * BLOCK..row * inp + inp.min((b + 1) * BLOCK)];
-                let d = quantize_block(src, &mut q);
-                m.set_block(row, b, &q, d);
+            quantize_row(&w[row * inp..(row + 1) * inp], &mut q, &mut d, &mut corr);
+            for (b, (qb, &db)) in q.chunks_exact(BLOCK).zip(&d).enumerate() {
+                let qb: &[i8; BLOCK] = qb.try_into().expect("chunks_exact gives BLOCK");
+                m.set_block(row, b, qb, db);
             }
         }
         Ok(m)
@@ -387,23 +388,16 @@ fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
 fn quantize_row_generic(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
     for (b, ((qb, db), cb)) in q.chunks_exact_mut(BLOCK).zip(d.iter_mut()).zip(corr.iter_mut()).enumerate() {
         let src = &x[(b * BLOCK).min(x.len())..x.len().min((b + 1) * BLOCK)];
-        let mut amax = 0f32;
-        // A NaN or infinity must reach the output, not be rounded away into int8.
-        let mut finite = true;
-        for v in src {
-            amax = amax.max(v.abs());
-            finite &= v.abs() <= f32::MAX;
-        }
-        let (scale, id) = if finite { q8_0_scale(amax) } else { (f32::NAN, 0.0) };
         let qb: &mut [i8; BLOCK] = qb.try_into().expect("chunks_exact gives BLOCK");
-        qb.fill(0);
-        let mut sum = 0i32;
-        for (qi, v) in qb.iter_mut().zip(src) {
-            *qi = (v * id).round().clamp(-127.0, 127.0) as i8;
-            sum += *qi as i32;
+        if src.iter().all(|v| v.is_finite()) {
+            *db = quantize_block(src, qb);
+            *cb = -128 * qb.iter().map(|&v| v as i32).sum::<i32>();
+        } else {
+            // A NaN or infinity must reach the output, not be rounded away into int8.
+            qb.fill(0);
+            *db = f32::NAN;
+            *cb = 0;
         }
-        *db = scale;
-        *cb = -128 * sum;
     }
 }
 
@@ -495,24 +489,46 @@ mod vnni {
                 _mm512_load_si512(p.add(7)),
             ];
             let dw = _mm512_load_ps(p.add(8) as *const f32);
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let o = i * a.blocks + b;
-                let x = xq.add(o * BLOCK) as *const i32;
-                // Two exact integer chains, so consecutive vpdpbusd do not wait on each other.
-                let mut s0 = _mm512_set1_epi32(*xc.add(o));
-                let mut s1 = _mm512_setzero_si512();
-                s0 = _mm512_dpbusd_epi32(s0, w[0], _mm512_set1_epi32(x.read_unaligned()));
-                s1 = _mm512_dpbusd_epi32(s1, w[1], _mm512_set1_epi32(x.add(1).read_unaligned()));
-                s0 = _mm512_dpbusd_epi32(s0, w[2], _mm512_set1_epi32(x.add(2).read_unaligned()));
-                s1 = _mm512_dpbusd_epi32(s1, w[3], _mm512_set1_epi32(x.add(3).read_unaligned()));
-                s0 = _mm512_dpbusd_epi32(s0, w[4], _mm512_set1_epi32(x.add(4).read_unaligned()));
-                s1 = _mm512_dpbusd_epi32(s1, w[5], _mm512_set1_epi32(x.add(5).read_unaligned()));
-                s0 = _mm512_dpbusd_epi32(s0, w[6], _mm512_set1_epi32(x.add(6).read_unaligned()));
-                s1 = _mm512_dpbusd_epi32(s1, w[7], _mm512_set1_epi32(x.add(7).read_unaligned()));
-                let isum = _mm512_add_epi32(s0, s1);
-                let sc = _mm512_mul_ps(dw, _mm512_set1_ps(*xd.add(o)));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, *acc);
+            // One row of x against the tile; written out per row (not a loop over `acc`) so the
+            // R accumulators stay in registers.
+            macro_rules! row {
+                ($i:literal) => {
+                    if $i < R {
+                        let o = $i * a.blocks + b;
+                        let x = xq.add(o * BLOCK) as *const i32;
+                        // Two exact integer chains, so consecutive vpdpbusd do not wait on each other.
+                        let mut s0 = _mm512_set1_epi32(*xc.add(o));
+                        let mut s1 = _mm512_setzero_si512();
+                        s0 = _mm512_dpbusd_epi32(s0, w[0], _mm512_set1_epi32(x.read_unaligned()));
+                        s1 = _mm512_dpbusd_epi32(s1, w[1], _mm512_set1_epi32(x.add(1).read_unaligned()));
+                        s0 = _mm512_dpbusd_epi32(s0, w[2], _mm512_set1_epi32(x.add(2).read_unaligned()));
+                        s1 = _mm512_dpbusd_epi32(s1, w[3], _mm512_set1_epi32(x.add(3).read_unaligned()));
+                        s0 = _mm512_dpbusd_epi32(s0, w[4], _mm512_set1_epi32(x.add(4).read_unaligned()));
+                        s1 = _mm512_dpbusd_epi32(s1, w[5], _mm512_set1_epi32(x.add(5).read_unaligned()));
+                        s0 = _mm512_dpbusd_epi32(s0, w[6], _mm512_set1_epi32(x.add(6).read_unaligned()));
+                        s1 = _mm512_dpbusd_epi32(s1, w[7], _mm512_set1_epi32(x.add(7).read_unaligned()));
+                        let isum = _mm512_add_epi32(s0, s1);
+                        let sc = _mm512_mul_ps(dw, _mm512_set1_ps(*xd.add(o)));
+                        acc[$i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, acc[$i]);
+                    }
+                };
             }
+            row!(0);
+            row!(1);
+            row!(2);
+            row!(3);
+            row!(4);
+            row!(5);
+            row!(6);
+            row!(7);
+            row!(8);
+            row!(9);
+            row!(10);
+            row!(11);
+            row!(12);
+            row!(13);
+            row!(14);
+            row!(15);
         }
         let mask: __mmask16 = if job.valid >= TILE { 0xffff } else { (1u16 << job.valid) - 1 };
         for (i, acc) in acc.iter().enumerate() {
