@@ -23,10 +23,12 @@
 //! the same sequence (f32::mul_add is a correctly rounded fma), so every kernel gives the same bits.
 //!
 //! Weight layout: output rows are grouped in tiles of 16 (the last one padded with zero rows).
-//! For each (tile, block) one 576-byte record: 8 lines of 64 bytes holding the weights as
-//! u8 = q + 128, line k holding inputs 4k..4k+4 of the block for outputs 0..16
-//! (`[k][o][j]`, j < 4: one `vpdpbusd` lane per output), then one line of 16 f32 scales.
-//! The records of a tile follow each other, so a tile streams through memory once.
+//! For each tile and each pair of blocks one 1088-byte record of 17 lines of 64 bytes: per
+//! block 8 lines holding the weights as u8 = q + 128, line k holding inputs 4k..4k+4 of the
+//! block for outputs 0..16 (`[k][o][j]`, j < 4: one `vpdpbusd` lane per output), then one line
+//! with the 16 scales of each block as f16 (exact: the scale rule rounds them to f16, and
+//! f16 → f32 is exact; f32 scales would add 6% to every weight read). The records of a tile
+//! follow each other, so a tile streams through memory once.
 //!
 //! Why weights carry the +128 offset (not the activations): `vpdpbusd` multiplies u8 by s8, so
 //! one side must be unsigned. Σ (qw + 128)·qx = Σ qw·qx + 128·Σ qx, and the correction
@@ -44,8 +46,20 @@ pub const BLOCK: usize = 32;
 pub const TILE: usize = 16;
 /// Rows of x processed against one weight tile while it sits in registers.
 pub const MAX_ROWS: usize = 16;
-/// 64-byte lines per (tile, block) record: 8 of weights, 1 of scales.
-const LINES: usize = 9;
+/// 64-byte lines per (tile, block pair) record: 8 of weights per block, 1 of scales.
+const PAIR_LINES: usize = 17;
+
+/// Line of block b's first weight line, within its tile's records.
+#[inline(always)]
+fn weights_line(b: usize) -> usize {
+    b / 2 * PAIR_LINES + b % 2 * 8
+}
+
+/// Line holding block b's scales (in its half), within its tile's records.
+#[inline(always)]
+fn scales_line(b: usize) -> usize {
+    b / 2 * PAIR_LINES + 16
+}
 /// Below this many (row, tile, block) steps a call runs on the calling thread: splitting a
 /// small product costs more in wake-ups than it saves (measured in examples/bench_qgemm.rs).
 const MIN_PARALLEL_WORK: usize = 2048;
@@ -113,7 +127,8 @@ impl Kernel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exec {
     pub kernel: Kernel,
-    /// 0: rayon's pool size, with small products kept on the calling thread; n: at most n parts.
+    /// 0: split across rayon's pool, with small products kept on the calling thread;
+    /// n: split into at most n parts (1: the calling thread only).
     pub threads: usize,
 }
 
@@ -134,7 +149,7 @@ pub struct QMatrix {
     inp: usize,
     tiles: usize,
     blocks: usize,
-    /// tiles · blocks records of `LINES` lines.
+    /// tiles · ⌈blocks/2⌉ records of `PAIR_LINES` lines.
     data: Vec<Line>,
 }
 
@@ -191,21 +206,31 @@ impl QMatrix {
         let tiles = out.div_ceil(TILE);
         let blocks = inp.div_ceil(BLOCK);
         // Padding rows and padding inputs hold q = 0 (u8 128) and d = 0.
-        let mut data = vec![Line([128u8; 64]); tiles * blocks * LINES];
-        for rec in data.chunks_mut(LINES) {
-            rec[8] = Line([0u8; 64]);
+        let mut data = vec![Line([128u8; 64]); tiles * blocks.div_ceil(2) * PAIR_LINES];
+        for rec in data.chunks_mut(PAIR_LINES) {
+            rec[16] = Line([0u8; 64]);
         }
         QMatrix { out, inp, tiles, blocks, data }
     }
 
-    /// Stores q (int8) and d for output row `row`, block `b`.
+    /// The records of output tile t.
+    fn tile_lines(&self, t: usize) -> &[Line] {
+        let n = self.blocks.div_ceil(2) * PAIR_LINES;
+        &self.data[t * n..(t + 1) * n]
+    }
+
+    /// Stores q (int8) and d (an f16 value, see `q8_0_scale`) for output row `row`, block `b`.
     fn set_block(&mut self, row: usize, b: usize, q: &[i8; BLOCK], d: f32) {
         let (t, o) = (row / TILE, row % TILE);
-        let rec = &mut self.data[(t * self.blocks + b) * LINES..][..LINES];
+        let base = t * self.blocks.div_ceil(2) * PAIR_LINES;
+        let w = base + weights_line(b);
         for (i, &qi) in q.iter().enumerate() {
-            rec[i / 4].0[o * 4 + i % 4] = (qi as i16 + 128) as u8;
+            self.data[w + i / 4].0[o * 4 + i % 4] = (qi as i16 + 128) as u8;
         }
-        rec[8].0[o * 4..o * 4 + 4].copy_from_slice(&d.to_ne_bytes());
+        let at = b % 2 * 32 + o * 2;
+        debug_assert_eq!(half::f16::from_f32(d).to_f32().to_bits(), d.to_bits(), "scale {d} is not an f16 value");
+        let bits = half::f16::from_f32(d).to_bits().to_le_bytes();
+        self.data[base + scales_line(b)].0[at..at + 2].copy_from_slice(&bits);
     }
 
     /// Quantizes an f32 (out, in) row-major weight. `name` is for error messages.
@@ -265,11 +290,11 @@ impl QMatrix {
         let mut w = vec![0f32; self.out * self.inp];
         for row in 0..self.out {
             let (t, o) = (row / TILE, row % TILE);
+            let lines = self.tile_lines(t);
             for col in 0..self.inp {
                 let (b, i) = (col / BLOCK, col % BLOCK);
-                let rec = &self.data[(t * self.blocks + b) * LINES..][..LINES];
-                let q = rec[i / 4].0[o * 4 + i % 4] as i32 - 128;
-                w[row * self.inp + col] = q as f32 * scale(&rec[8], o);
+                let q = lines[weights_line(b) + i / 4].0[o * 4 + i % 4] as i32 - 128;
+                w[row * self.inp + col] = q as f32 * scale(lines, b, o);
             }
         }
         w
@@ -294,9 +319,11 @@ impl QMatrix {
         }
         let acts = QActs::quantize(x, m, self.inp, self.blocks);
         let pool = rayon::current_num_threads().max(1);
+        // Four parts per thread: on a shared machine a descheduled thread's share is stolen
+        // by the others instead of holding up the call.
         let parts = match exec.threads {
-            0 if m * self.tiles * self.blocks < MIN_PARALLEL_WORK => 1,
-            0 => pool,
+            0 if m * self.tiles * self.blocks < MIN_PARALLEL_WORK || pool == 1 => 1,
+            0 => 4 * pool,
             n => n,
         }
         .min(self.tiles);
@@ -323,7 +350,7 @@ impl QMatrix {
     /// `y` points to m · out f32 that no one else writes in these tiles' columns.
     unsafe fn tiles_range(&self, kernel: Kernel, acts: &QActs, t0: usize, t1: usize, y: OutPtr) {
         for t in t0..t1 {
-            let rec = &self.data[t * self.blocks * LINES..(t + 1) * self.blocks * LINES];
+            let rec = self.tile_lines(t);
             let valid = TILE.min(self.out - t * TILE);
             let mut r0 = 0;
             while r0 < acts.rows {
@@ -349,9 +376,12 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// The scale of block b, output o, from a tile's records.
 #[inline(always)]
-fn scale(line: &Line, o: usize) -> f32 {
-    f32::from_ne_bytes([line.0[o * 4], line.0[o * 4 + 1], line.0[o * 4 + 2], line.0[o * 4 + 3]])
+fn scale(lines: &[Line], b: usize, o: usize) -> f32 {
+    let line = &lines[scales_line(b)].0;
+    let at = b % 2 * 32 + o * 2;
+    half::f16::from_le_bytes([line[at], line[at + 1]]).to_f32()
 }
 
 /// x quantized row by row: (rows, blocks, 32) int8, a scale per (row, block), and the
@@ -403,7 +433,7 @@ fn quantize_row_generic(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]
 
 /// One weight tile against up to MAX_ROWS rows of x.
 struct TileJob<'a> {
-    /// The tile's `blocks` records.
+    /// The tile's records (`tile_lines`).
     rec: &'a [Line],
     blocks: usize,
     acts: &'a QActs,
@@ -428,7 +458,7 @@ mod portable {
             let r = job.r0 + i;
             let mut acc = [0f32; TILE];
             for b in 0..job.blocks {
-                let rec = &job.rec[b * LINES..(b + 1) * LINES];
+                let rec = &job.rec[weights_line(b)..][..8];
                 let xq = &a.q[(r * a.blocks + b) * BLOCK..][..BLOCK];
                 let dx = a.d[r * a.blocks + b];
                 let mut isum = [0i32; TILE];
@@ -441,7 +471,7 @@ mod portable {
                     }
                 }
                 for o in 0..TILE {
-                    acc[o] = (isum[o] as f32).mul_add(scale(&rec[8], o) * dx, acc[o]);
+                    acc[o] = (isum[o] as f32).mul_add(scale(job.rec, b, o) * dx, acc[o]);
                 }
             }
             // SAFETY (caller): dst row i has `valid` writable elements.
@@ -477,7 +507,7 @@ mod vnni {
         let xc = a.corr.as_ptr().add(job.r0 * a.blocks);
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..job.blocks {
-            let p = rec.add(b * LINES);
+            let p = rec.add(weights_line(b));
             let w = [
                 _mm512_load_si512(p),
                 _mm512_load_si512(p.add(1)),
@@ -488,7 +518,9 @@ mod vnni {
                 _mm512_load_si512(p.add(6)),
                 _mm512_load_si512(p.add(7)),
             ];
-            let dw = _mm512_load_ps(p.add(8) as *const f32);
+            // 16 f16 scales, the low or high half of the pair's scale line, widened exactly.
+            let sp = (rec.add(scales_line(b)) as *const __m256i).add(b % 2);
+            let dw = _mm512_cvtph_ps(_mm256_load_si256(sp));
             // One row of x against the tile; written out per row (not a loop over `acc`) so the
             // R accumulators stay in registers.
             macro_rules! row {
