@@ -1,16 +1,18 @@
-//! The int8 kernel (src/model/qgemm.rs) beside candle's QMatMul over the same Q8_0 weights,
-//! interleaved in one run so machine load hits both.
+//! The qgemm kernels (src/model/qgemm.rs) beside candle's QMatMul over the same Q8_0 weights,
+//! interleaved in one run so machine load hits all of them.
 //!
 //! cargo run --release --example bench_qgemm [-- [--reps N] [--no-model] [--model PATH.gguf]]
+//! One thread: RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1 (candle's quantized matmul has its own
+//! spinning thread pool, sized once from these variables; on an oversubscribed machine its
+//! barriers can cost more than the work).
 //!
 //! 1. Per-matmul medians (µs) on SmolLM2-135M shapes for m = 1, 4, 16.
-//! 2. Whole model (default: the SmolLM2 Q4_1 GGUF from the asset cache): the GGUF is written
-//!    again as Q8_0 to a temp dir, then `WeightsMode::Q8` on the original (int8 kernel; its
-//!    Q4_1 → Q8_0 conversion gives the same blocks) runs beside `WeightsMode::Native` on the
-//!    Q8_0 copy (candle QMatMul). Reports prefill of 256 tokens, decode ms/token and a 16-token
-//!    forward (all logits) at context 256, medians over rounds (candle prefills once: it takes
-//!    seconds); checks that the 16-token
-//!    forward gives the bits of 16 decode steps.
+//! 2. Whole model (default: the SmolLM2 Q4_1 GGUF from the asset cache): `WeightsMode::Q8`
+//!    (qgemm int8) and `WeightsMode::Native` (qgemm Q4_1) on the GGUF beside candle's QMatMul
+//!    on a Q8_0 copy written to a temp dir (`Native` on a Q8_0 file; the same blocks as the
+//!    int8 path). Checks accuracy against f32 mode and that a 16-token forward gives the bits of
+//!    16 decode steps; reports prefill of 256 tokens, decode ms/token and a 16-token forward
+//!    (all logits) at context 256, medians over rounds (candle prefills once: it takes seconds).
 
 use std::time::Instant;
 
@@ -29,18 +31,28 @@ fn load() -> String {
 }
 
 fn matmuls(reps: usize) -> anyhow::Result<()> {
-    println!("== per matmul (medians of {reps}), rayon threads {}, load {}", rayon::current_num_threads(), load());
-    println!("{:>12} {:>3} {:>10} {:>10} {:>10} {:>10} {:>8}", "in->out", "m", "candle µs", "int8 µs", "int8 1t µs", "avx2 µs", "GB/s");
+    println!(
+        "== per matmul (medians of {reps}), rayon threads {}, RAYON_NUM_THREADS={:?} CANDLE_NUM_THREADS={:?}, load {}",
+        rayon::current_num_threads(),
+        std::env::var("RAYON_NUM_THREADS").ok(),
+        std::env::var("CANDLE_NUM_THREADS").ok(),
+        load()
+    );
+    println!(
+        "{:>12} {:>3} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "in->out", "m", "candle µs", "int8 µs", "int8 1t µs", "q4_1 µs", "avx2 µs", "int8 GB/s", "q4_1 GB/s"
+    );
     for (out, inp) in [(576usize, 576usize), (1536, 576), (576, 1536), (49152, 576)] {
         // Enough copies of the weight that a call never finds its weights in L2 left by the
         // previous call, as in a model whose 150 MB of weights stream through every token.
         let copies = (16_000_000 / (out * inp)).max(1);
-        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        let (mut ours, mut q4, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..copies {
             let w = Tensor::randn(0f32, 0.05, (out, inp), &Device::Cpu)?;
             let qt = QTensor::quantize(&w, GgmlDType::Q8_0)?;
             ours.push(QMatrix::from_qtensor("w", &qt)?);
             theirs.push(QMatMul::from_qtensor(qt)?);
+            q4.push(QMatrix::from_q4_1("w", &QTensor::quantize(&w, GgmlDType::Q4_1)?)?);
         }
         let mut next = 0usize;
         let mut pick = || {
@@ -51,10 +63,10 @@ fn matmuls(reps: usize) -> anyhow::Result<()> {
             let xv: Vec<f32> = (0..m * inp).map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0).collect();
             let x = Tensor::from_vec(xv.clone(), (m, inp), &Device::Cpu)?;
             let mut y = vec![0f32; m * out];
-            let (mut tc, mut to, mut t1, mut tp) = (vec![], vec![], vec![], vec![]);
+            let (mut tc, mut to, mut t1, mut t4, mut tp) = (vec![], vec![], vec![], vec![], vec![]);
             let portable_reps = if out * inp * m > 4_000_000 { 1 } else { 3 };
             for rep in 0..reps {
-                let (c, o, o1, p) = (pick(), pick(), pick(), pick());
+                let (c, o, o1, o4, p) = (pick(), pick(), pick(), pick(), pick());
                 let t = Instant::now();
                 std::hint::black_box(theirs[c].forward(&x)?);
                 tc.push(t.elapsed().as_secs_f64());
@@ -64,23 +76,28 @@ fn matmuls(reps: usize) -> anyhow::Result<()> {
                 let t = Instant::now();
                 ours[o1].matmul_with(&xv, m, &mut y, Exec { kernel: Kernel::Auto, threads: 1 })?;
                 t1.push(t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                q4[o4].matmul(&xv, m, &mut y)?;
+                t4.push(t.elapsed().as_secs_f64());
                 if rep < portable_reps && Kernel::Avx2.available() {
                     let t = Instant::now();
                     ours[p].matmul_with(&xv, m, &mut y, Exec { kernel: Kernel::Avx2, threads: 0 })?;
                     tp.push(t.elapsed().as_secs_f64());
                 }
             }
-            let (c, o, o1) = (median(tc), median(to), median(t1));
+            let (c, o, o1, o4) = (median(tc), median(to), median(t1), median(t4));
             let p = if tp.is_empty() { f64::NAN } else { median(tp) };
             println!(
-                "{:>12} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>8.1}",
+                "{:>12} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>9.1}",
                 format!("{inp}->{out}"),
                 m,
                 c * 1e6,
                 o * 1e6,
                 o1 * 1e6,
+                o4 * 1e6,
                 p * 1e6,
-                ours[0].bytes() as f64 / o / 1e9
+                ours[0].bytes() as f64 / o / 1e9,
+                q4[0].bytes() as f64 / o4 / 1e9
             );
         }
     }
@@ -172,48 +189,74 @@ fn round(target: &Target, cache: &mut KvCache, prompt: &[u32], prefill: bool, st
     Ok(())
 }
 
+fn max_diff_and_agreement(a: &Tensor, b: &Tensor) -> anyhow::Result<(f32, usize)> {
+    let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let agree = a.argmax(1)?.to_vec1::<u32>()?.iter().zip(b.argmax(1)?.to_vec1::<u32>()?).filter(|(x, y)| **x == *y).count();
+    Ok((diff, agree))
+}
+
+fn logits(t: &Target, ids: &[u32]) -> anyhow::Result<Tensor> {
+    let mut cache = t.new_cache();
+    t.forward(ids, &mut cache, &[], Logits::All)?.logits.ok_or_else(|| anyhow::anyhow!("no logits"))
+}
+
+/// The verify contract on the real model: 16 tokens in one forward == 16 single steps.
+fn verify_is_bit_exact(t: &Target, prompt: &[u32]) -> anyhow::Result<bool> {
+    let mut cache = t.new_cache();
+    t.forward(&prompt[..200], &mut cache, &[], Logits::None)?;
+    let chunk = t.forward(&prompt[200..216], &mut cache, &[], Logits::All)?.logits.ok_or_else(|| anyhow::anyhow!("no logits"))?;
+    cache.truncate(200);
+    let mut steps = Vec::new();
+    for &tok in &prompt[200..216] {
+        steps.push(t.forward(&[tok], &mut cache, &[], Logits::All)?.logits.ok_or_else(|| anyhow::anyhow!("no logits"))?);
+    }
+    let (a, b) = (chunk.flatten_all()?.to_vec1::<f32>()?, Tensor::cat(&steps, 0)?.flatten_all()?.to_vec1::<f32>()?);
+    Ok(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()))
+}
+
 fn whole_model(path: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let q8 = tmp.path().join("model-q8_0.gguf");
     write_q8_0_copy(path, &q8)?;
-    let ours = load_target(&ModelLocation::from_path(path)?, WeightsMode::Q8)?;
-    let theirs = load_target(&ModelLocation::from_path(&q8)?, WeightsMode::Native)?;
+    let loc = ModelLocation::from_path(path)?;
+    let targets = [
+        ("qgemm int8 (Q8)", load_target(&loc, WeightsMode::Q8)?),
+        ("qgemm Q4_1 (Native)", load_target(&loc, WeightsMode::Native)?),
+        ("candle QMatMul Q8_0", load_target(&ModelLocation::from_path(&q8)?, WeightsMode::Native)?),
+    ];
     let prompt: Vec<u32> = (0..256).map(|i| (i * 37 % 40000 + 100) as u32).collect();
 
-    // The same weights: logits agree up to float summation order.
-    let (mut c1, mut c2) = (ours.new_cache(), theirs.new_cache());
-    let a = ours.forward(&prompt[..32], &mut c1, &[], Logits::All)?.logits.unwrap_or(Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu)?);
-    let b = theirs.forward(&prompt[..32], &mut c2, &[], Logits::All)?.logits.unwrap_or(Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu)?);
-    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    let agree = a.argmax(1)?.eq(&b.argmax(1)?)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()?;
-    println!("int8 kernel vs candle QMatMul, same Q8_0 weights, 32 tokens: max |Δlogit| {diff:.3e}, argmax agrees at {agree}/32");
-
-    // The verify contract on the real model: 16 tokens in one forward == 16 single steps.
-    let mut c1 = ours.new_cache();
-    ours.forward(&prompt[..200], &mut c1, &[], Logits::None)?;
-    let chunk = ours.forward(&prompt[200..216], &mut c1, &[], Logits::All)?.logits.ok_or_else(|| anyhow::anyhow!("no logits"))?;
-    c1.truncate(200);
-    let mut steps = Vec::new();
-    for &tok in &prompt[200..216] {
-        steps.push(ours.forward(&[tok], &mut c1, &[], Logits::All)?.logits.ok_or_else(|| anyhow::anyhow!("no logits"))?);
+    // Accuracy: against f32 on the dequantized GGUF weights (what Q4_1 encodes exactly).
+    {
+        let reference = logits(&load_target(&loc, WeightsMode::F32)?, &prompt[..64])?;
+        for (name, t) in &targets {
+            let (d, agree) = max_diff_and_agreement(&logits(t, &prompt[..64])?, &reference)?;
+            println!("{name:>22} vs f32 mode, 64 tokens: max |Δlogit| {d:.3}, argmax agrees at {agree}/64");
+        }
     }
-    let steps = Tensor::cat(&steps, 0)?;
-    let bits_equal = chunk.flatten_all()?.to_vec1::<f32>()?.iter().zip(steps.flatten_all()?.to_vec1::<f32>()?).all(|(x, y)| x.to_bits() == y.to_bits());
-    println!("16-token forward == 16 decode steps, bit for bit: {bits_equal}");
-    anyhow::ensure!(bits_equal, "the int8 path broke batch invariance on the real model");
+    for (name, t) in &targets[..2] {
+        let exact = verify_is_bit_exact(t, &prompt)?;
+        println!("{name:>22}: 16-token forward == 16 decode steps, bit for bit: {exact}");
+        anyhow::ensure!(exact, "{name} broke batch invariance on the real model");
+    }
 
     println!("== whole model, {rounds} rounds interleaved, load before {}", load());
-    let (mut t_ours, mut t_theirs) = (Times::default(), Times::default());
-    let (mut c_ours, mut c_theirs) = (ours.new_cache(), theirs.new_cache());
+    let mut times: Vec<Times> = targets.iter().map(|_| Times::default()).collect();
+    let mut caches: Vec<KvCache> = targets.iter().map(|(_, t)| t.new_cache()).collect();
     for r in 0..rounds {
-        // candle's prefill of 256 tokens takes seconds: once.
-        round(&ours, &mut c_ours, &prompt, true, 32, 8, &mut t_ours)?;
-        round(&theirs, &mut c_theirs, &prompt, r == 0, 8, 2, &mut t_theirs)?;
+        for (i, (name, t)) in targets.iter().enumerate() {
+            if name.starts_with("candle") {
+                // candle's prefill of 256 tokens takes seconds: once.
+                round(t, &mut caches[i], &prompt, r == 0, 8, 2, &mut times[i])?;
+            } else {
+                round(t, &mut caches[i], &prompt, true, 32, 8, &mut times[i])?;
+            }
+        }
     }
-    for (name, t) in [("int8 kernel (Q8)", &t_ours), ("candle QMatMul Q8_0 (Native)", &t_theirs)] {
+    for ((name, _), t) in targets.iter().zip(&times) {
         let ((p, pc), (d, dc), (v, vc)) = (medians(&t.prefill), medians(&t.decode), medians(&t.verify));
         println!(
-            "{name:>30}: prefill-256 {:.0} tok/s ({:.0} ms), decode {:.2} ms/token ({:.1} tok/s), 16-token forward {:.2} ms = {:.2}× decode",
+            "{name:>22}: prefill-256 {:.0} tok/s ({:.0} ms), decode {:.2} ms/token ({:.1} tok/s), 16-token forward {:.2} ms = {:.2}× decode",
             256.0 / p,
             p * 1e3,
             d * 1e3,
@@ -222,7 +265,7 @@ fn whole_model(path: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
             v / d
         );
         println!(
-            "{:>30}  CPU time: prefill {:.0} ms, decode {:.2} ms, 16-token forward {:.2} ms = {:.2}× decode",
+            "{:>22}  CPU time: prefill {:.0} ms, decode {:.2} ms, 16-token forward {:.2} ms = {:.2}× decode",
             "",
             pc * 1e3,
             dc * 1e3,
