@@ -4,6 +4,8 @@
 
 use super::{f16_at, Format, TileJob, BLOCK, TILE};
 
+// Indices o (output lane) and j (input in a lane) mirror the layout; iterators would hide it.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn tile_generic(job: &TileJob) {
     let (a, f) = (job.acts, job.format);
