@@ -2,8 +2,11 @@
 //! Accept-Until-Fail objective.
 
 pub mod assets;
+pub mod drafter;
 pub mod eval;
 pub mod model;
+pub mod nn;
+pub mod spec;
 pub mod tokenizer;
 pub mod train;
 

@@ -1,1 +1,53 @@
-fn main() { println!("{}", specauf::version()); }
+//! The `specauf` command line: one file per command under src/cli/.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "specauf", version, about = "Train masked block drafters (DFlash, Domino) with Accept-Until-Fail, and run exact speculative decoding with them", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download and verify the embedded default model and the data sets (into $SPECAUF_HOME).
+    Fetch(cli::fetch::FetchArgs),
+    /// Generate text with a target model, optionally with speculative decoding.
+    Generate(cli::generate::GenerateArgs),
+    /// Tokenize chat data (optionally regenerating answers with the target) into training shards.
+    Prepare(cli::prepare::PrepareArgs),
+    /// Write an untrained DFlash drafter for a target.
+    InitDrafter(cli::init_drafter::InitDrafterArgs),
+    /// Train a drafter (DFlash, Domino) with AUF or a baseline objective.
+    Train(cli::train::TrainArgs),
+    /// Evaluate drafters against plain AR on the six benchmarks: τ, acceptance, speedup.
+    Eval(cli::eval::EvalArgs),
+    /// The whole pipeline on the embedded default: fetch, prepare, train (AUF), evaluate.
+    Quickstart(cli::quickstart::QuickstartArgs),
+    /// Reproduce the paper's comparison at small scale (`experiment paper`).
+    Experiment(cli::experiment::ExperimentArgs),
+    /// Benchmarks (not timed tests): decode speed, training step speed.
+    Bench(cli::bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fetch(a) => cli::fetch::run(a),
+        Command::Generate(a) => cli::generate::run(a),
+        Command::Prepare(a) => cli::prepare::run(a),
+        Command::Train(a) => cli::train::run(a),
+        Command::InitDrafter(a) => cli::init_drafter::run(a),
+        Command::Eval(a) => cli::eval::run(a),
+        Command::Quickstart(a) => cli::quickstart::run(a),
+        Command::Experiment(a) => cli::experiment::run(a),
+        Command::Bench(a) => cli::bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -116,6 +116,9 @@ fn isa() -> Isa {
     }
 }
 
+/// Below this many multiply-adds attention stays on one thread.
+const PARALLEL_MIN_WORK: usize = 8 << 20;
+
 /// Attention for `n` new queries at positions start..start+n.
 /// q: (n, heads, hd) row-major; kv: the layer cache holding at least start+n positions with
 /// `capacity` rows per KV head. Returns (n, heads·hd).
@@ -124,7 +127,7 @@ pub fn causal_attention(q: &[f32], kv: &LayerKv, n: usize, start: usize, heads: 
     let scale = 1.0 / (hd as f32).sqrt();
     let isa = isa();
     let mut out = vec![0f32; n * heads * hd];
-    out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
+    let work = |scores: &mut Vec<f32>, (idx, o): (usize, &mut [f32])| {
         let (i, h) = (idx / heads, idx % heads);
         let g = h / groups;
         let qrow = &q[idx * hd..(idx + 1) * hd];
@@ -140,6 +143,18 @@ pub fn causal_attention(q: &[f32], kv: &LayerKv, n: usize, start: usize, heads: 
             Isa::Avx2 => unsafe { attend_one_avx2(qrow, k, v, len, hd, scale, scores, o) },
             Isa::Generic => attend_one(qrow, k, v, len, hd, scale, scores, o),
         }
-    });
+    };
+    // Small problems (decode, verify) run on the calling thread: waking a second pool next to
+    // candle's spinning matmul workers costs more than the work. Each (query, head) is computed
+    // the same way on either path, so the choice does not change a single bit.
+    let flops = n * heads * (start + n) * hd;
+    if flops < PARALLEL_MIN_WORK {
+        let mut scores = Vec::new();
+        for item in out.chunks_mut(hd).enumerate() {
+            work(&mut scores, item);
+        }
+    } else {
+        out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, work);
+    }
     out
 }

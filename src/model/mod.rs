@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod config;
 pub mod kv_cache;
+pub mod load;
 pub mod qgemm;
 pub mod target;
 pub mod weights;
@@ -15,6 +16,7 @@ use candle_core::quantized::gguf_file;
 
 pub use config::{Family, TargetConfig};
 pub use kv_cache::KvCache;
+pub use load::{load_model, LoadError, LoadedModel, DEFAULT_MODEL};
 pub use target::{ForwardOutput, Logits, Target};
 pub use weights::{WeightSource, WeightsMode};
 

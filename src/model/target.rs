@@ -190,6 +190,11 @@ impl Target {
         KvCache::new(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim)
     }
 
+    /// The final RMSNorm weight (hidden), applied before the LM head.
+    pub fn final_norm_weight(&self) -> &Tensor {
+        &self.norm.weight
+    }
+
     /// The frozen embedding matrix, (vocab, hidden) f32.
     pub fn embed_weight(&self) -> &Tensor {
         &self.embed

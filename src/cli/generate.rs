@@ -1,0 +1,163 @@
+//! `specauf generate`: text generation with the target, through the one decode loop
+//! (plain AR when no drafter is given).
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use specauf::model::{load_model, WeightsMode};
+use specauf::drafter::dflash::DFlashDrafter;
+use specauf::drafter::proposer::DFlashProposer;
+use specauf::spec::driver::{generate_streaming, GenerateConfig};
+use specauf::spec::proposer::Proposer;
+use specauf::tokenizer::ChatMessage;
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// `smollm2` (the embedded default, fetched on first use), an HF directory
+    /// (config.json + *.safetensors + tokenizer.json) or a .gguf file.
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    /// Render the prompt as a user turn with the model's chat template (as HF
+    /// apply_chat_template with add_generation_prompt=True).
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message (with --chat); without it the template's default system prompt, if any.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Weights on CPU: q8 (fast, default), f32 (reference), native (GGUF types as stored).
+    #[arg(long, value_enum, default_value_t = WeightsMode::Q8)]
+    pub weights: WeightsMode,
+    /// A DFlash drafter directory (config.json + model.safetensors): speculative decoding.
+    #[arg(long)]
+    pub drafter: Option<std::path::PathBuf>,
+    /// Print one JSON object on the last line of stdout instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    if a.prompt.is_empty() {
+        bail!("the prompt is empty; pass some text with --prompt");
+    }
+    if a.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        bail!("--temperature must be a finite number >= 0 (0 = greedy)");
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    let t = Instant::now();
+    let m = load_model(&a.model, a.weights).with_context(|| format!("loading model {}", a.model))?;
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let prompt_ids = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(ChatMessage::system(s.clone()));
+        }
+        messages.push(ChatMessage::user(a.prompt.clone()));
+        m.tokenizer.encode_chat(&messages, true).context("rendering the chat template")?
+    } else {
+        m.tokenizer.encode(&a.prompt, true).context("tokenizing the prompt")?
+    };
+    if prompt_ids.is_empty() {
+        bail!("the prompt tokenizes to no tokens");
+    }
+    let mut eos = m.target.config().eos_token_ids.clone();
+    for &id in m.tokenizer.eos_token_ids() {
+        if !eos.contains(&id) {
+            eos.push(id);
+        }
+    }
+    let mut cfg = GenerateConfig::greedy(&m.target, a.max_new_tokens);
+    cfg.temperature = a.temperature;
+    cfg.top_p = a.top_p;
+    cfg.seed = a.seed;
+    cfg.eos_token_ids = eos;
+
+    let mut all: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let tokenizer = &m.tokenizer;
+    let stream = !a.json;
+    let mut out = std::io::stdout();
+    let mut on_tokens = |chunk: &[u32]| {
+        if !stream {
+            return;
+        }
+        all.extend_from_slice(chunk);
+        // Decode the whole output and print what is new, holding back an incomplete UTF-8 tail.
+        if let Ok(text) = tokenizer.decode(&all, true) {
+            if text.len() > printed && !text.ends_with('\u{FFFD}') && text.is_char_boundary(printed) {
+                let _ = write!(out, "{}", &text[printed..]);
+                let _ = out.flush();
+                printed = text.len();
+            }
+        }
+    };
+    let mut proposer: Option<Box<dyn Proposer>> = match &a.drafter {
+        Some(dir) if specauf::drafter::domino::is_domino_checkpoint(dir).unwrap_or(false) => {
+            let d = specauf::drafter::domino::DominoDrafter::load(dir, m.target.config())
+                .with_context(|| format!("loading drafter {}", dir.display()))?;
+            Some(Box::new(specauf::drafter::domino::DominoProposer::new(d)))
+        }
+        Some(dir) => {
+            let d = DFlashDrafter::load(dir, m.target.config()).with_context(|| format!("loading drafter {}", dir.display()))?;
+            Some(Box::new(DFlashProposer::new(d)))
+        }
+        None => None,
+    };
+    let res = generate_streaming(&m.target, proposer.as_mut().map(|p| &mut **p as &mut dyn Proposer), &prompt_ids, &cfg, &mut on_tokens)
+        .context("generating")?;
+    let text = m.tokenizer.decode(&res.token_ids, true).context("decoding the output")?;
+    let n = res.token_ids.len();
+    let tokens_per_s = if res.decode_ms > 0.0 { (n.saturating_sub(1)) as f64 / (res.decode_ms / 1e3) } else { 0.0 };
+    if a.json {
+        let v = serde_json::json!({
+            "model": m.name,
+            "prompt_ids": prompt_ids,
+            "token_ids": res.token_ids,
+            "text": text,
+            "finish_reason": res.finish_reason,
+            "tokens_per_s": tokens_per_s,
+            "prefill_ms": res.prefill_ms,
+            "decode_ms": res.decode_ms,
+            "load_ms": load_ms,
+            "weights": a.weights,
+            "tau": res.tau,
+            "cycles": res.cycles,
+            "accept_lengths": res.accept_lengths,
+            "block_size": res.block_size,
+        });
+        println!("{v}");
+    } else {
+        if printed < text.len() && text.is_char_boundary(printed) {
+            print!("{}", &text[printed..]);
+        }
+        println!();
+        let _ = std::io::stdout().flush();
+        eprintln!(
+            "[{} prompt tokens, {n} new tokens; load {:.0} ms, prefill {:.0} ms, decode {:.1} tokens/s, finish: {:?}{}]",
+            prompt_ids.len(),
+            load_ms,
+            res.prefill_ms,
+            tokens_per_s,
+            res.finish_reason,
+            if a.drafter.is_some() { format!(", tau {:.2} over {} cycles (block {})", res.tau, res.cycles, res.block_size) } else { String::new() }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! One file per command.
+
+pub mod bench;
+pub mod eval;
+pub mod experiment;
+pub mod fetch;
+pub mod generate;
+pub mod init_drafter;
+pub mod prepare;
+pub mod quickstart;
+pub mod train;
+pub mod util;

@@ -1,0 +1,92 @@
+//! Masked block drafters. They own no embedding and no LM head: block inputs are the target's
+//! frozen token embeddings and draft logits come from the target's frozen `lm_head`
+//! (SPEC §2 "Shared frozen weights"). Only the drafter's own layers are trainable.
+//!
+//! - [`dflash`]: the DFlash drafter (config, model, training and inference forwards, KV cache).
+//! - [`domino`]: the Domino drafter (the DFlash backbone plus a GRU logit correction), its
+//!   checkpoint format and proposer.
+//! - [`checkpoint`]: the z-lab / SpecForge checkpoint format (config.json + model.safetensors),
+//!   random initialisation, and validation of the drafter/target pairing.
+//! - [`proposer`]: DFlash behind the decode loop's `Proposer` trait.
+
+pub mod checkpoint;
+pub mod dflash;
+pub mod domino;
+pub mod proposer;
+
+pub use dflash::{
+    build_target_layer_ids, context_visible, DFlashCache, DFlashConfig, DFlashDrafter, DFlashInitConfig,
+    TrainSequence,
+};
+pub use domino::{DominoConfig, DominoDrafter, DominoInitConfig, DominoProposer};
+pub use proposer::DFlashProposer;
+
+use crate::model::ModelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrafterError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: not valid JSON for a drafter config: {what}")]
+    Json { path: String, what: String },
+    #[error(
+        "{path}: unknown config key `{key}`; it may change the model (a DFlash2, tree or other \
+         variant), so it is refused rather than ignored. Remove it, or if it is harmless HF \
+         bookkeeping add it to HF_BOOKKEEPING_KEYS in src/drafter/dflash.rs"
+    )]
+    UnknownConfigKey { path: String, key: String },
+    #[error("{path}: invalid drafter config: {what}")]
+    InvalidConfig { path: String, what: String },
+    #[error("{path}: unsupported drafter: {what}")]
+    Unsupported { path: String, what: String },
+    #[error("{path}: tensor {name} is missing; a DFlash checkpoint needs every tensor of SPEC §2")]
+    MissingTensor { path: String, name: String },
+    #[error("{path}: unexpected tensor {name}; this is not a plain DFlash drafter checkpoint")]
+    UnexpectedTensor { path: String, name: String },
+    #[error("{path}: tensor {name} has shape {got:?}, expected {expected:?} from config.json")]
+    ShapeMismatch { path: String, name: String, expected: Vec<usize>, got: Vec<usize> },
+    #[error("{path}: tensor {name} has dtype {dtype}; supported are f32, bf16 and f16")]
+    UnsupportedDtype { path: String, name: String, dtype: String },
+    #[error(
+        "the drafter's hidden size is {drafter} but the target's is {target}: the drafter shares the \
+         target's embeddings and LM head, so it must be trained for this target"
+    )]
+    HiddenSizeMismatch { drafter: usize, target: usize },
+    #[error("the drafter's vocab_size is {drafter} but the target's is {target}; use a drafter trained for this target")]
+    VocabMismatch { drafter: usize, target: usize },
+    #[error(
+        "target_layer_ids contains layer {layer}, but the target has {target_layers} layers \
+         (0..{target_layers}); use a drafter trained for this target or fix target_layer_ids"
+    )]
+    TargetLayerOutOfRange { layer: usize, target_layers: usize },
+    #[error("the drafter was trained for a target with {drafter} layers (num_target_layers) but this target has {target}")]
+    TargetDepthMismatch { drafter: usize, target: usize },
+    #[error(
+        "mask_token_id {mask_token_id} is outside the target vocabulary of {vocab}; pick an unused or \
+         reserved id of the target's vocabulary (SmolLM2: 16, Qwen3: 151669)"
+    )]
+    MaskTokenOutOfRange { mask_token_id: u32, vocab: usize },
+    #[error("{what} has shape {got:?}, expected {expected}")]
+    InputShape { what: &'static str, got: Vec<usize>, expected: String },
+    #[error("anchor {anchor} of block {block} is outside the sequence of {len} positions")]
+    AnchorOutOfRange { anchor: usize, block: usize, len: usize },
+    #[error("token id {token} is outside the target vocabulary of {vocab}")]
+    TokenOutOfRange { token: u32, vocab: usize },
+    #[error(
+        "the drafter cache holds context positions 0..{cached} but the block starts at {start}; \
+         the context must cover exactly the positions before the block (SPEC §2 reference loop)"
+    )]
+    ContextGap { cached: usize, start: usize },
+    #[error("position {needed} exceeds the drafter's max_position_embeddings {max}")]
+    ContextOverflow { needed: usize, max: usize },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl DrafterError {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        DrafterError::Io { path: path.display().to_string(), source }
+    }
+}

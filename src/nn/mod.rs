@@ -1,0 +1,3 @@
+//! Neural-network building blocks shared by the drafters.
+
+pub mod ops;

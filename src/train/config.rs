@@ -1,0 +1,326 @@
+//! The training configuration: a typed tree with documented defaults. Unknown keys are errors
+//! at every level; `--set a.b=value` overrides are applied to the JSON tree before it is typed,
+//! so they are checked the same way. The resolved config is written into the run directory
+//! before the first step.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::head::{BaseSupport, HeadConfig};
+use super::objective::Objective;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("--set {arg:?}: {message}")]
+    BadOverride { arg: String, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The drafter to train: either a fresh one of this shape, or `init_from` a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DrafterSpec {
+    /// `dflash` or `domino`.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Drafter decoder layers.
+    #[serde(default = "default_layers")]
+    pub layers: usize,
+    /// Block size B (B-1 draft tokens per cycle).
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    /// Target layers whose hidden states condition the drafter; default per SPEC §2.
+    #[serde(default)]
+    pub target_layer_ids: Option<Vec<usize>>,
+    /// The MASK token; default: the target's documented spare id (SmolLM2: 16).
+    #[serde(default)]
+    pub mask_token_id: Option<u32>,
+    /// Start from this drafter's weights (DFlash format); the shape fields above are then taken
+    /// from its config.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+    /// Domino only: GRU hidden size G and embed_proj width E.
+    #[serde(default)]
+    pub gru_hidden_dim: Option<usize>,
+    #[serde(default)]
+    pub emb_dim: Option<usize>,
+}
+
+fn default_kind() -> String {
+    "dflash".into()
+}
+fn default_layers() -> usize {
+    2
+}
+fn default_block_size() -> usize {
+    8
+}
+
+impl Default for DrafterSpec {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults deserialize")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSpec {
+    /// Peak learning rate (SpecForge DFlash recipe: 6e-4).
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Fraction of steps of linear warmup before the cosine decay.
+    #[serde(default = "default_warmup")]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip.
+    #[serde(default = "default_clip")]
+    pub clip: f64,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+}
+
+fn default_lr() -> f64 {
+    6e-4
+}
+fn default_warmup() -> f64 {
+    0.04
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
+impl Default for OptimSpec {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("defaults deserialize")
+    }
+}
+
+/// Everything a training run needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Target: `smollm2` or a path.
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// A directory written by `specauf prepare`.
+    pub data: PathBuf,
+    /// The run directory (checkpoints, metrics.jsonl, final/).
+    pub out: PathBuf,
+    #[serde(default)]
+    pub drafter: DrafterSpec,
+    /// The weighted-CE objective: {"type": "auf"}, {"type": "decay", "gamma": 7}, ...
+    #[serde(default = "default_objective")]
+    pub objective: Objective,
+    #[serde(default)]
+    pub optim: OptimSpec,
+    #[serde(default)]
+    pub head: HeadConfig,
+    /// Optimizer steps.
+    #[serde(default = "default_steps")]
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    #[serde(default = "default_batch")]
+    pub batch_sequences: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "default_accum")]
+    pub grad_accum: usize,
+    /// Anchors (blocks) drawn per sequence and step (paper: 512).
+    #[serde(default = "default_anchors")]
+    pub num_anchors: usize,
+    #[serde(default)]
+    pub seed: u64,
+    /// Write a resumable checkpoint every N steps (and at the end).
+    #[serde(default = "default_ckpt")]
+    pub checkpoint_every: u64,
+    /// Evaluate on the held-out split every N steps (0 = only at the end).
+    #[serde(default = "default_eval_every")]
+    pub eval_every: u64,
+    /// Held-out sequences used by each evaluation.
+    #[serde(default = "default_eval_seqs")]
+    pub eval_sequences: usize,
+    /// Domino: which weights the base-branch CE uses: same-as-final (default: AUF's support
+    /// from the emitted logits applies to both terms), own-argmax, or unmasked.
+    #[serde(default)]
+    pub base_support: BaseSupport,
+    /// Keep target features of seen sequences in memory (f16), up to this many MiB.
+    #[serde(default = "default_feature_mem")]
+    pub feature_cache_mib: usize,
+}
+
+fn default_model() -> String {
+    crate::model::DEFAULT_MODEL.into()
+}
+fn default_objective() -> Objective {
+    Objective::auf()
+}
+fn default_steps() -> u64 {
+    300
+}
+fn default_batch() -> usize {
+    2
+}
+fn default_accum() -> usize {
+    1
+}
+fn default_anchors() -> usize {
+    32
+}
+fn default_ckpt() -> u64 {
+    50
+}
+fn default_eval_every() -> u64 {
+    100
+}
+fn default_eval_seqs() -> usize {
+    32
+}
+fn default_feature_mem() -> usize {
+    4096
+}
+
+impl TrainConfig {
+    /// Reads a JSON config file and applies `key=value` overrides (dotted keys; values parsed
+    /// as JSON, falling back to a string).
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut tree = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .map_err(|e| ConfigError::Parse { path: p.display().to_string(), message: e.to_string() })?
+            }
+            None => serde_json::json!({}),
+        };
+        for arg in overrides {
+            apply_override(&mut tree, arg)?;
+        }
+        let where_ = path.map(|p| p.display().to_string()).unwrap_or_else(|| "--set".into());
+        let cfg: TrainConfig = serde_json::from_value(tree)
+            .map_err(|e| ConfigError::Parse { path: where_, message: format!("{e} (see `specauf train --help` for the keys)") })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.steps == 0 {
+            return bad("steps must be at least 1");
+        }
+        if self.batch_sequences == 0 || self.grad_accum == 0 {
+            return bad("batch_sequences and grad_accum must be at least 1");
+        }
+        if self.num_anchors == 0 {
+            return bad("num_anchors must be at least 1");
+        }
+        if self.drafter.block_size < 2 {
+            return bad("drafter.block_size must be at least 2");
+        }
+        if self.drafter.layers == 0 {
+            return bad("drafter.layers must be at least 1");
+        }
+        if !["dflash", "domino"].contains(&self.drafter.kind.as_str()) {
+            return bad("drafter.kind must be \"dflash\" or \"domino\"");
+        }
+        if !(self.optim.lr > 0.0) || !(0.0..1.0).contains(&self.optim.warmup_ratio) {
+            return bad("optim.lr must be > 0 and optim.warmup_ratio in [0, 1)");
+        }
+        if self.checkpoint_every == 0 {
+            return bad("checkpoint_every must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+fn apply_override(tree: &mut serde_json::Value, arg: &str) -> Result<(), ConfigError> {
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| ConfigError::BadOverride { arg: arg.into(), message: "expected key=value".into() })?;
+    if key.is_empty() {
+        return Err(ConfigError::BadOverride { arg: arg.into(), message: "empty key".into() });
+    }
+    let value = serde_json::from_str::<serde_json::Value>(raw).unwrap_or_else(|_| serde_json::Value::String(raw.to_string()));
+    // `objective=auf` / `objective=decay:7` are shorthands for the tagged form.
+    let value = if key == "objective" {
+        match &value {
+            serde_json::Value::String(s) => {
+                let o: Objective = s.parse().map_err(|e| ConfigError::BadOverride { arg: arg.into(), message: format!("{e}") })?;
+                serde_json::to_value(o).map_err(|e| ConfigError::BadOverride { arg: arg.into(), message: e.to_string() })?
+            }
+            _ => value,
+        }
+    } else {
+        value
+    };
+    let mut node = tree;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let obj = node
+            .as_object_mut()
+            .ok_or_else(|| ConfigError::BadOverride { arg: arg.into(), message: format!("{} is not a table", parts[..i].join(".")) })?;
+        if i + 1 == parts.len() {
+            obj.insert(part.to_string(), value);
+            return Ok(());
+        }
+        node = obj.entry(part.to_string()).or_insert_with(|| serde_json::json!({}));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = TrainConfig::load(None, &["data=/d".into(), "out=/o".into(), "stepz=3".into()]).unwrap_err();
+        assert!(err.to_string().contains("stepz"), "{err}");
+        let err = TrainConfig::load(None, &["data=/d".into(), "out=/o".into(), "optim.lrr=1".into()]).unwrap_err();
+        assert!(err.to_string().contains("lrr"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_required_key_is_named() {
+        let err = TrainConfig::load(None, &["out=/o".into()]).unwrap_err();
+        assert!(err.to_string().contains("data"), "{err}");
+    }
+
+    #[test]
+    fn overrides_reach_nested_keys_and_objective_shorthands() {
+        let cfg = TrainConfig::load(
+            None,
+            &["data=/d".into(), "out=/o".into(), "optim.lr=0.001".into(), "drafter.layers=3".into(), "objective=decay:7".into()],
+        )
+        .unwrap();
+        assert_eq!(cfg.optim.lr, 0.001);
+        assert_eq!(cfg.drafter.layers, 3);
+        assert_eq!(cfg.objective.name(), "decay");
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let cfg = TrainConfig::load(None, &["data=/d".into(), "out=/o".into()]).unwrap();
+        assert_eq!(cfg.optim.lr, 6e-4);
+        assert_eq!(cfg.optim.warmup_ratio, 0.04);
+        assert_eq!(cfg.optim.clip, 1.0);
+        assert_eq!(cfg.objective.name(), "auf");
+    }
+}

@@ -1,0 +1,422 @@
+//! The `prepare` pipeline: conversations → (regenerated replies) → masked token sequences →
+//! train/eval shards (→ feature cache) → manifest.
+//!
+//! 1. Load ShareGPT JSON/JSONL; malformed records are skipped and counted by the loader.
+//!    Conversations of the benchmark hold-out (`sharegpt::is_heldout`) are never used; share-site
+//!    banner system turns are dropped; the first `max_turns` exchanges are kept; the first
+//!    `max_conversations` remaining conversations, in file order, are selected.
+//! 2. Optionally regenerate every assistant turn with the target (`regenerate.rs`, cached).
+//! 3. Tokenize with the assistant-only loss mask, cut to `max_len` (`data.rs`).
+//! 4. Split by conversation id (`data::is_eval`), write shards of about `shard_tokens` tokens.
+//! 5. Optionally write the feature cache (`features.rs`).
+//! 6. Write `manifest.json` last. The old manifest is removed first, so a run that fails half
+//!    way never leaves a manifest that describes files it overwrote.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::model::{ModelError, Target};
+use crate::tokenizer::Tokenizer;
+use crate::train::data::{
+    self, io_err, tokenize_chat, ChatExample, DataError, FeatureInfo, FeatureSettings, Manifest, ModelIdentity,
+    PrepareSettings, Sequence, SourceReport, Split, SplitInfo, TokenizerInfo,
+};
+use crate::train::features::{self, FeatureError};
+use crate::train::regenerate::{self, CacheKey, Outcome, RegenerateError, RegenerationCache, RegenerationProgress, Reply, ReplyError, ReplyRequest};
+use crate::train::sharegpt::{self, ShareGptError};
+
+/// Default sequence length for the embedded default target.
+pub const DEFAULT_MAX_LEN: usize = 512;
+/// Default target size of a shard, in tokens.
+pub const DEFAULT_SHARD_TOKENS: usize = 1 << 18;
+
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
+    /// The ShareGPT JSON/JSONL file.
+    pub data_path: PathBuf,
+    pub settings: PrepareSettings,
+    /// Regeneration threads, each with its own KV cache over the shared target.
+    pub workers: usize,
+    pub shard_tokens: usize,
+    pub out: PathBuf,
+    /// Draw progress bars (on stderr, when it is a terminal).
+    pub progress: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Source(#[from] ShareGptError),
+    #[error("{path}: no conversation left to use ({why}); pass other data or a larger --max-conversations")]
+    NothingSelected { path: PathBuf, why: String },
+    #[error("no conversation produced a training sequence (skipped: {skipped}); try a larger --max-len")]
+    NoSequences { skipped: String },
+    #[error("--regenerate needs the target's weights, but none were given")]
+    NoGenerator,
+    #[error("--features needs the target's weights, but none were given")]
+    NoFeatureTarget,
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Regenerate(#[from] RegenerateError),
+    #[error(transparent)]
+    Features(#[from] FeatureError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// What a run did, beyond the manifest.
+#[derive(Debug, Clone)]
+pub struct PrepareReport {
+    pub manifest: Manifest,
+    /// Conversations regenerated in this run, and reused from `regenerated.jsonl`.
+    pub regenerated: usize,
+    pub reused: usize,
+    pub regenerate_seconds: f64,
+    /// New tokens generated in this run.
+    pub generated_tokens: usize,
+    pub feature_seconds: f64,
+    pub total_seconds: f64,
+}
+
+/// A reply generator: prompt ids and request in, reply out. Shared by the worker threads.
+pub type ReplyFn<'a> = dyn Fn(&[u32], &ReplyRequest) -> Result<Reply, ReplyError> + Sync + 'a;
+
+/// Runs the pipeline with `target` for regeneration (if asked) and `feature_target` for the
+/// feature cache (if asked; it may be the same target, or one loaded with other weights).
+pub fn prepare(
+    tok: &Tokenizer,
+    model: &ModelIdentity,
+    target: Option<&Target>,
+    feature_target: Option<&Target>,
+    opts: &PrepareOptions,
+) -> Result<PrepareReport, PrepareError> {
+    // Stop at the model's EOS ids and the tokenizer's (a chat model may name its end-of-turn
+    // token only in its tokenizer config).
+    let mut eos: Vec<u32> = target.map(|t| t.config().eos_token_ids.clone()).unwrap_or_default();
+    for &id in tok.eos_token_ids() {
+        if !eos.contains(&id) {
+            eos.push(id);
+        }
+    }
+    let eos = &eos;
+    let reply = target.map(|t| {
+        move |p: &[u32], r: &ReplyRequest| regenerate::reply_with_target(t, eos, p, r).map_err(ReplyError::from)
+    });
+    match &reply {
+        Some(f) => prepare_with(tok, model, Some(f), feature_target, opts),
+        None => prepare_with(tok, model, None, feature_target, opts),
+    }
+}
+
+/// [`prepare`] with any reply generator (tests use a cheap deterministic one).
+pub fn prepare_with(
+    tok: &Tokenizer,
+    model: &ModelIdentity,
+    reply: Option<&ReplyFn<'_>>,
+    feature_target: Option<&Target>,
+    opts: &PrepareOptions,
+) -> Result<PrepareReport, PrepareError> {
+    let started = Instant::now();
+    let s = &opts.settings;
+    validate(s, opts)?;
+    if s.regenerate.is_some() && reply.is_none() {
+        return Err(PrepareError::NoGenerator);
+    }
+    if s.features.is_some() && feature_target.is_none() {
+        return Err(PrepareError::NoFeatureTarget);
+    }
+    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    let manifest_path = opts.out.join(data::MANIFEST_FILE);
+    if manifest_path.exists() {
+        std::fs::remove_file(&manifest_path).map_err(io_err(&manifest_path))?;
+    }
+
+    // 1. load and select
+    let loaded = sharegpt::load(&opts.data_path)?;
+    let mut skipped: BTreeMap<String, usize> = loaded.skipped.clone();
+    let mut source = SourceReport {
+        path: opts.data_path.display().to_string(),
+        loaded: loaded.conversations.len(),
+        truncated_tail: loaded.truncated_tail,
+        ..SourceReport::default()
+    };
+    let mut examples: Vec<ChatExample> = Vec::new();
+    for conv in &loaded.conversations {
+        if sharegpt::is_heldout(conv) {
+            source.heldout_excluded += 1;
+            continue;
+        }
+        if s.max_conversations.is_some_and(|m| examples.len() >= m) {
+            continue;
+        }
+        let (ex, banner) = ChatExample::from_conversation(conv, s.max_turns);
+        source.share_banners_dropped += usize::from(banner);
+        examples.push(ex);
+    }
+    source.selected = examples.len();
+    if examples.is_empty() {
+        return Err(PrepareError::NothingSelected {
+            path: opts.data_path.clone(),
+            why: format!("{} loaded, {} in the benchmark hold-out", source.loaded, source.heldout_excluded),
+        });
+    }
+
+    // 2. regenerate
+    let (mut regenerated, mut reused, mut generated_tokens, mut regenerate_seconds) = (0, 0, 0, 0.0);
+    if let (Some(rs), Some(reply)) = (&s.regenerate, reply) {
+        let t0 = Instant::now();
+        let key = CacheKey {
+            model_fingerprint: model.fingerprint.clone(),
+            settings: rs.clone(),
+            max_len: s.max_len,
+            max_turns: s.max_turns,
+        };
+        let mut cache = RegenerationCache::open(&opts.out, &key)?;
+        reused = examples.iter().filter(|ex| cache.get(ex).is_some()).count();
+        let todo = examples.len() - reused;
+        let mut bar = Bar::new(opts.progress, todo as u64, "regenerate", "conv");
+        let outcomes =
+            regenerate::regenerate_all(tok, &examples, rs, s.max_len, &mut cache, opts.workers, &mut bar, reply)?;
+        generated_tokens = bar.tokens;
+        bar.finish();
+        regenerated = todo;
+        let mut kept = Vec::with_capacity(examples.len());
+        for o in outcomes {
+            match o {
+                Outcome::Done(rec) => {
+                    source.regenerated_new_tokens += rec.new_tokens;
+                    kept.push(rec.example());
+                }
+                Outcome::PromptTooLong => *skipped.entry("prompt_exceeds_max_len".into()).or_insert(0) += 1,
+            }
+        }
+        examples = kept;
+        regenerate_seconds = t0.elapsed().as_secs_f64();
+    }
+
+    // 3. tokenize
+    let mut by_split: BTreeMap<Split, Vec<(String, Sequence)>> = BTreeMap::new();
+    by_split.insert(Split::Train, Vec::new());
+    by_split.insert(Split::Eval, Vec::new());
+    for ex in &examples {
+        match tokenize_chat(tok, ex, s.max_len) {
+            Ok(seq) => {
+                let split = if data::is_eval(&ex.id, s.eval_fraction) { Split::Eval } else { Split::Train };
+                by_split.entry(split).or_default().push((ex.id.clone(), seq));
+            }
+            Err(e) => *skipped.entry(e.reason().to_string()).or_insert(0) += 1,
+        }
+    }
+    if by_split.values().all(Vec::is_empty) {
+        return Err(PrepareError::NoSequences {
+            skipped: skipped.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", "),
+        });
+    }
+
+    // 4. token shards
+    let tokenizer = TokenizerInfo::of(tok);
+    let settings_hash = data::settings_hash(model, &tokenizer, s);
+    let mut splits = BTreeMap::new();
+    let mut groups: BTreeMap<Split, Vec<Vec<usize>>> = BTreeMap::new();
+    let mut keep_files = Vec::new();
+    for (&split, seqs) in &by_split {
+        let shards = shard_groups(seqs.iter().map(|(_, q)| q.len()), opts.shard_tokens);
+        let mut info = SplitInfo::default();
+        for (k, group) in shards.iter().enumerate() {
+            let members: Vec<(&str, &Sequence)> = group.iter().map(|&i| (seqs[i].0.as_str(), &seqs[i].1)).collect();
+            let path = opts.out.join(format!("{}-{k:05}.safetensors", split.as_str()));
+            let shard = data::write_token_shard(&path, split, &members, &settings_hash)?;
+            keep_files.push(shard.file.clone());
+            info.sequences += shard.sequences;
+            info.tokens += shard.tokens;
+            info.loss_tokens += members.iter().map(|(_, q)| q.loss_tokens()).sum::<usize>();
+            info.shards.push(shard);
+        }
+        splits.insert(split, info);
+        groups.insert(split, shards);
+    }
+
+    // 5. features
+    let mut feature_seconds = 0.0;
+    let features = match (&s.features, feature_target) {
+        (Some(fs), Some(target)) => {
+            let t0 = Instant::now();
+            let info = write_features(target, fs, &by_split, &groups, &settings_hash, opts, &mut keep_files)?;
+            feature_seconds = t0.elapsed().as_secs_f64();
+            Some(info)
+        }
+        _ => None,
+    };
+    remove_other_shards(&opts.out, &keep_files)?;
+
+    // 6. manifest
+    let manifest = Manifest {
+        format: data::MANIFEST_FORMAT.to_string(),
+        version: data::MANIFEST_VERSION,
+        created_by: format!("specauf {}", crate::version()),
+        model: model.clone(),
+        tokenizer,
+        settings: s.clone(),
+        settings_hash,
+        source,
+        skipped,
+        splits,
+        features,
+    };
+    manifest.write(&opts.out)?;
+    Ok(PrepareReport {
+        manifest,
+        regenerated,
+        reused,
+        regenerate_seconds,
+        generated_tokens,
+        feature_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn validate(s: &PrepareSettings, opts: &PrepareOptions) -> Result<(), PrepareError> {
+    if s.max_len < 2 {
+        return Err(PrepareError::Invalid(format!("--max-len {} must be at least 2", s.max_len)));
+    }
+    if !(0.0..=1.0).contains(&s.eval_fraction) {
+        return Err(PrepareError::Invalid(format!("--eval-fraction {} must lie in [0, 1]", s.eval_fraction)));
+    }
+    if s.max_turns == Some(0) {
+        return Err(PrepareError::Invalid("--max-turns must be at least 1".into()));
+    }
+    if opts.shard_tokens == 0 {
+        return Err(PrepareError::Invalid("shard size must be at least one token".into()));
+    }
+    if let Some(r) = &s.regenerate {
+        if r.max_new_tokens == 0 {
+            return Err(PrepareError::Invalid("--max-new-tokens must be at least 1".into()));
+        }
+        if r.mode == regenerate::RegenerateMode::Sample && (r.temperature <= 0.0 || !(r.top_p > 0.0 && r.top_p <= 1.0)) {
+            return Err(PrepareError::Invalid(format!(
+                "sampling needs --temperature > 0 and --top-p in (0, 1] (got {} and {})",
+                r.temperature, r.top_p
+            )));
+        }
+    }
+    if let Some(f) = &s.features {
+        if f.target_layer_ids.is_empty() {
+            return Err(PrepareError::Invalid("--features needs at least one layer id".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Consecutive groups of sequence indices, each closed once it reaches `shard_tokens` tokens.
+fn shard_groups(lens: impl Iterator<Item = usize>, shard_tokens: usize) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut current = Vec::new();
+    let mut tokens = 0usize;
+    for (i, len) in lens.enumerate() {
+        current.push(i);
+        tokens += len;
+        if tokens >= shard_tokens {
+            groups.push(std::mem::take(&mut current));
+            tokens = 0;
+        }
+    }
+    if !current.is_empty() {
+        groups.push(current);
+    }
+    groups
+}
+
+fn write_features(
+    target: &Target,
+    fs: &FeatureSettings,
+    by_split: &BTreeMap<Split, Vec<(String, Sequence)>>,
+    groups: &BTreeMap<Split, Vec<Vec<usize>>>,
+    settings_hash: &str,
+    opts: &PrepareOptions,
+    keep_files: &mut Vec<String>,
+) -> Result<FeatureInfo, PrepareError> {
+    let layers = target.config().num_hidden_layers;
+    if let Some(&bad) = fs.target_layer_ids.iter().find(|&&l| l >= layers) {
+        return Err(ModelError::LayerOutOfRange { layer: bad, layers }.into());
+    }
+    let total: usize = by_split.values().flat_map(|v| v.iter().map(|(_, q)| q.len())).sum();
+    let bar = Bar::new(opts.progress, total as u64, "features", "tok");
+    let mut shards = BTreeMap::new();
+    for (&split, seqs) in by_split {
+        let mut infos = Vec::new();
+        for (k, group) in groups.get(&split).map(Vec::as_slice).unwrap_or(&[]).iter().enumerate() {
+            let members: Vec<&Sequence> = group.iter().map(|&i| &seqs[i].1).collect();
+            let path = opts.out.join(features::feature_shard_name(split, k));
+            let info = features::write_feature_shard(
+                &path,
+                target,
+                &members,
+                &fs.target_layer_ids,
+                fs.dtype,
+                settings_hash,
+                &mut |n| bar.bar.inc(n as u64),
+            )?;
+            keep_files.push(info.file.clone());
+            infos.push(info);
+        }
+        shards.insert(split, infos);
+    }
+    bar.finish();
+    Ok(FeatureInfo {
+        target_layer_ids: fs.target_layer_ids.clone(),
+        dtype: fs.dtype,
+        weights: fs.weights,
+        dim: fs.target_layer_ids.len() * target.config().hidden_size,
+        shards,
+    })
+}
+
+/// Removes shard files of `dir` that this run did not write (an earlier run's extra shards).
+fn remove_other_shards(dir: &Path, keep: &[String]) -> Result<(), DataError> {
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = ["train-", "eval-", "features-"].iter().any(|p| name.starts_with(p)) && name.ends_with(".safetensors");
+        if ours && !keep.contains(&name) {
+            std::fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A progress bar counting items, with a tokens/s message for regeneration.
+struct Bar {
+    bar: ProgressBar,
+    tokens: usize,
+    started: Instant,
+}
+
+impl Bar {
+    fn new(show: bool, len: u64, what: &str, unit: &str) -> Self {
+        let bar = if show { ProgressBar::new(len) } else { ProgressBar::hidden() };
+        let template = format!("{what:>10} {{bar:30}} {{pos}}/{{len}} {unit} [{{elapsed_precise}}<{{eta_precise}}] {{per_sec}} {{msg}}");
+        if let Ok(style) = ProgressStyle::with_template(&template) {
+            bar.set_style(style);
+        }
+        Bar { bar, tokens: 0, started: Instant::now() }
+    }
+
+    fn finish(&self) {
+        self.bar.finish();
+    }
+}
+
+impl RegenerationProgress for Bar {
+    fn conversation_done(&mut self, new_tokens: usize) {
+        self.tokens += new_tokens;
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        self.bar.set_message(format!("{:.1} tok/s", self.tokens as f64 / secs));
+        self.bar.inc(1);
+    }
+}

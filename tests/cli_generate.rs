@@ -1,0 +1,67 @@
+//! `specauf generate` end to end: JSON output, and a clear error with a non-zero exit code for
+//! every bad input (never a panic).
+
+use std::process::Command;
+
+fn specauf() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_specauf"))
+}
+
+fn run_fail(args: &[&str]) -> String {
+    let out = specauf().args(args).output().expect("run specauf");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{args:?} should fail; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    stderr
+}
+
+#[test]
+fn generate_json_reports_ids_text_and_speed() {
+    let out = specauf()
+        .args(["generate", "--model", "smollm2", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "12", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last = stdout.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    for key in ["prompt_ids", "token_ids", "text", "tokens_per_s", "prefill_ms"] {
+        assert!(v.get(key).is_some(), "missing {key} in {last}");
+    }
+    // HF renders SmolLM2's default system turn: 37 prompt ids ending with the assistant header.
+    let ids = v["prompt_ids"].as_array().unwrap();
+    assert_eq!(ids.len(), 37);
+    assert!(!v["text"].as_str().unwrap().is_empty(), "{last}");
+    assert!(v["token_ids"].as_array().unwrap().len() <= 12);
+}
+
+#[test]
+fn bad_inputs_fail_with_a_clear_message() {
+    let e = run_fail(&["generate", "--prompt", ""]);
+    assert!(e.contains("empty"), "{e}");
+    let e = run_fail(&["generate", "--model", "/no/such/model", "--prompt", "hi"]);
+    assert!(e.contains("no such file"), "{e}");
+    let long = "word ".repeat(9000);
+    let e = run_fail(&["generate", "--prompt", &long, "--max-new-tokens", "4"]);
+    assert!(e.contains("context"), "{e}");
+    let e = run_fail(&["generate", "--prompt", "hi", "--max-new-tokens", "0"]);
+    assert!(e.contains("max-new-tokens"), "{e}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    // a truncated GGUF
+    let gguf = std::fs::read(specauf::assets::file(&specauf::assets::SMOLLM2, specauf::assets::SMOLLM2_GGUF).unwrap()).unwrap();
+    let cut = tmp.path().join("cut.gguf");
+    std::fs::write(&cut, &gguf[..gguf.len() / 3]).unwrap();
+    let e = run_fail(&["generate", "--model", cut.to_str().unwrap(), "--prompt", "hi"]);
+    assert!(e.contains("truncated"), "{e}");
+    // an HF dir with an unsupported architecture
+    let dir = tmp.path().join("neox");
+    std::fs::create_dir(&dir).unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen3");
+    let cfg = std::fs::read_to_string(fixture.join("config.json")).unwrap().replace("\"qwen3\"", "\"gpt_neox\"");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    std::fs::copy(fixture.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let e = run_fail(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "hi"]);
+    assert!(e.contains("unsupported"), "{e}");
+}

@@ -1,0 +1,93 @@
+//! Shared by the integration tests: the tiny llama fixture target with a 256-id character
+//! tokenizer and a chat template, and small ShareGPT-style data files.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use specauf::train::sharegpt::id_is_heldout;
+
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// The tiny llama fixture (vocab 256, eos 2) with a character-level tokenizer of exactly 256
+/// ids: 0 `<unk>`, 1 `<|im_start|>`, 2 `<|im_end|>`, then single characters.
+pub fn tiny_model_dir(root: &Path) -> PathBuf {
+    let dir = root.join("tiny-llama");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+    }
+    let mut chars: Vec<char> = vec!['\n', '\t'];
+    chars.extend((0x20u32..0x7f).filter_map(char::from_u32));
+    chars.extend((0xa1u32..0x100).filter_map(char::from_u32));
+    chars.extend((0x391u32..0x3ca).filter_map(char::from_u32).filter(|c| c.is_alphabetic()));
+    chars.extend((0x410u32..0x450).filter_map(char::from_u32));
+    chars.truncate(253);
+    let mut vocab = serde_json::Map::new();
+    let specials = ["<unk>", "<|im_start|>", "<|im_end|>"];
+    for (i, s) in specials.iter().enumerate() {
+        vocab.insert(s.to_string(), i.into());
+    }
+    for (i, c) in chars.iter().enumerate() {
+        vocab.insert(c.to_string(), (i + 3).into());
+    }
+    assert_eq!(vocab.len(), 256);
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": {"type": "Fuse"},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let config = serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "chat_template": CHATML});
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    dir
+}
+
+/// `n` conversation ids outside the benchmark hold-out, and one inside it.
+pub fn ids(n: usize) -> (Vec<String>, String) {
+    let mut out = Vec::new();
+    let mut heldout = None;
+    for i in 0.. {
+        let id = format!("conv{i}");
+        if id_is_heldout(&id) {
+            heldout.get_or_insert(id);
+        } else if out.len() < n {
+            out.push(id);
+        }
+        if out.len() == n && heldout.is_some() {
+            break;
+        }
+    }
+    (out, heldout.unwrap())
+}
+
+/// A JSONL file of `n` usable two-exchange conversations, one held-out one, and `bad` malformed
+/// records of different kinds.
+pub fn write_data(root: &Path, n: usize, bad: bool) -> PathBuf {
+    let (ids, heldout) = ids(n);
+    let mut lines = Vec::new();
+    for (k, id) in ids.iter().chain(std::iter::once(&heldout)).enumerate() {
+        let rec = serde_json::json!({"id": id, "conversations": [
+            {"from": "human", "value": format!("Question number {k}: what is {k} plus {k}?")},
+            {"from": "gpt", "value": format!("It is {}. Anything else?", 2 * k)},
+            {"from": "human", "value": "Now tell me a short story."},
+            {"from": "gpt", "value": "Once upon a time there was a tiny model."},
+        ]});
+        lines.push(rec.to_string());
+        if bad && k == 1 {
+            lines.push("{not json".to_string());
+            lines.push(r#"{"id": "e1", "conversations": [{"from": "alien", "value": "?"}, {"from": "gpt", "value": "!"}]}"#.into());
+            lines.push(r#"{"id": "e2", "conversations": [{"from": "human", "value": "  "}, {"from": "gpt", "value": "!"}]}"#.into());
+        }
+    }
+    let path = root.join("data.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+

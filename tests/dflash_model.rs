@@ -1,0 +1,344 @@
+//! The DFlash drafter's forwards on the tiny fixture targets (hidden 64): the training mask, the
+//! alignment of the training path with the inference path, and gradients.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use specauf::drafter::{DFlashConfig, DFlashDrafter, DFlashInitConfig, TrainSequence};
+use specauf::model::{load_target, Logits, ModelLocation, Target, WeightsMode};
+
+fn fixture(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(family)
+}
+
+fn target(family: &str) -> Target {
+    load_target(&ModelLocation::from_path(&fixture(family)).unwrap(), WeightsMode::F32).unwrap()
+}
+
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.gen_range(3..vocab as u32)).collect()
+}
+
+/// (T, n_taps·H): the target's taps of `ids` at `layers`, concatenated.
+fn features(target: &Target, ids: &[u32], layers: &[usize]) -> Tensor {
+    let mut cache = target.new_cache();
+    let out = target.forward(ids, &mut cache, layers, Logits::None).unwrap();
+    Tensor::cat(&out.taps, 1).unwrap()
+}
+
+/// A random drafter whose weights are scaled up from the HF init (std 0.02) so that every path
+/// (context vs block, each layer) moves the output by far more than float noise.
+fn drafter(target: &Target, layers: usize, block_size: usize, taps: Vec<usize>, seed: u64) -> DFlashDrafter {
+    let mut init = DFlashInitConfig::new(layers, block_size, 5);
+    init.target_layer_ids = Some(taps);
+    let d = DFlashDrafter::init_random(target.config(), &init, seed).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+    for (name, var) in d.named_vars() {
+        let t = var.as_tensor();
+        let scaled = if t.rank() == 1 {
+            // Norm weights: ones plus noise, so their gradients are not symmetric.
+            let n = t.elem_count();
+            let noise: Vec<f32> = (0..n).map(|_| rng.gen_range(0.5..1.5)).collect();
+            Tensor::from_vec(noise, t.dims(), t.device()).unwrap()
+        } else {
+            (t * 5.0).unwrap()
+        };
+        var.set(&scaled).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    d
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn block_rows(h: &Tensor, b: usize, block_size: usize) -> Tensor {
+    h.narrow(0, b * block_size, block_size).unwrap()
+}
+
+#[test]
+fn training_mask_sees_earlier_context_and_its_own_block_only() {
+    let anchors = [0usize, 3, 7, 7, 11];
+    let (bs, t) = (4usize, 13usize);
+    let dense = DFlashDrafter::training_mask_dense(&anchors, bs, t);
+    assert_eq!(dense.len(), anchors.len() * bs);
+    for (row, visible) in dense.iter().enumerate() {
+        let block = row / bs;
+        assert_eq!(visible.len(), t + anchors.len() * bs);
+        for (col, &v) in visible.iter().enumerate() {
+            // SPEC §2, in words: context j iff j < a_b; every position of the own block; no other block.
+            let want = if col < t { col < anchors[block] } else { (col - t) / bs == block };
+            assert_eq!(v, want, "row {row} (block {block}, anchor {}), column {col}", anchors[block]);
+        }
+    }
+    // The additive bias the forward uses agrees with the predicate.
+    let bias: Vec<Vec<f32>> = DFlashDrafter::training_context_bias(&anchors, t).unwrap().to_vec2().unwrap();
+    for (b, row) in bias.iter().enumerate() {
+        for (j, &x) in row.iter().enumerate() {
+            assert_eq!(x == 0.0, j < anchors[b], "block {b}, context {j}: bias {x}");
+        }
+    }
+}
+
+#[test]
+fn a_block_cannot_see_other_blocks_or_context_at_or_after_its_anchor() {
+    let target = target("qwen3");
+    let (bs, taps) = (4usize, vec![1usize, 3]);
+    let d = drafter(&target, 2, bs, taps.clone(), 11);
+    let ids = tokens(24, 256, 1);
+    let feats = features(&target, &ids, &taps);
+    let anchors = [5usize, 12, 17];
+    let block_ids = d.block_ids(&anchors.iter().map(|&a| ids[a]).collect::<Vec<_>>());
+    let base = d.forward_train(&target, &feats, &anchors, &block_ids).unwrap();
+    let probe = 1; // block anchored at 12
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let perturb_rows = |rows: std::ops::Range<usize>, rng: &mut ChaCha8Rng| -> Tensor {
+        let mut v: Vec<Vec<f32>> = feats.to_vec2().unwrap();
+        for r in rows {
+            for x in v[r].iter_mut() {
+                *x += rng.gen_range(-3.0..3.0);
+            }
+        }
+        let w = v[0].len();
+        Tensor::from_vec(v.concat(), (24, w), &candle_core::Device::Cpu).unwrap()
+    };
+
+    // Features at the anchor and after it (the anchor's own feature would leak x_{a+1}).
+    let f = perturb_rows(12..24, &mut rng);
+    let h = d.forward_train(&target, &f, &anchors, &block_ids).unwrap();
+    let same = max_abs_diff(&block_rows(&h, probe, bs), &block_rows(&base, probe, bs));
+    assert!(same < 1e-6, "block 1 changed by {same} when context at positions >= its anchor changed");
+    assert!(max_abs_diff(&block_rows(&h, 2, bs), &block_rows(&base, 2, bs)) > 1e-3, "block 2 (anchor 17) must see positions 12..16");
+
+    // Only the anchor's own feature.
+    let f = perturb_rows(12..13, &mut rng);
+    let h = d.forward_train(&target, &f, &anchors, &block_ids).unwrap();
+    let same = max_abs_diff(&block_rows(&h, probe, bs), &block_rows(&base, probe, bs));
+    assert!(same < 1e-6, "block 1 changed by {same} when only its anchor's feature changed");
+
+    // Other blocks' tokens.
+    let mut other = block_ids.clone();
+    for b in [0usize, 2] {
+        for i in 0..bs {
+            other[b * bs + i] = (other[b * bs + i] + 17) % 256;
+        }
+    }
+    let h = d.forward_train(&target, &feats, &anchors, &other).unwrap();
+    let same = max_abs_diff(&block_rows(&h, probe, bs), &block_rows(&base, probe, bs));
+    assert!(same < 1e-6, "block 1 changed by {same} when other blocks' tokens changed");
+    assert!(max_abs_diff(&block_rows(&h, 0, bs), &block_rows(&base, 0, bs)) > 1e-3, "block 0's own tokens must matter");
+
+    // A context position just before the anchor does matter.
+    let f = perturb_rows(11..12, &mut rng);
+    let h = d.forward_train(&target, &f, &anchors, &block_ids).unwrap();
+    let changed = max_abs_diff(&block_rows(&h, probe, bs), &block_rows(&base, probe, bs));
+    assert!(changed > 1e-3, "block 1 did not react ({changed}) to the context at position 11 < anchor 12");
+    // And so does the block's own MASK position content (bidirectional within the block).
+    let mut own = block_ids.clone();
+    own[probe * bs + bs - 1] = 7;
+    let h = d.forward_train(&target, &feats, &anchors, &own).unwrap();
+    let row0 = |t: &Tensor| t.narrow(0, probe * bs, 1).unwrap();
+    assert!(max_abs_diff(&row0(&h), &row0(&base)) > 1e-3, "block position 0 must see the block's last position");
+}
+
+#[test]
+fn training_forward_equals_inference_forward_at_every_anchor() {
+    for (family, taps) in [("qwen3", vec![0usize, 2, 3]), ("llama", vec![1usize]), ("qwen2", vec![0usize, 1])] {
+        let target = target(family);
+        for bs in [4usize, 8] {
+            let d = drafter(&target, 2, bs, taps.clone(), 21);
+            let ids = tokens(30, 256, 3);
+            let feats = features(&target, &ids, &taps);
+            // Anchor 0 has no context at all; 13 and 13 repeat an anchor; 29 is the last position.
+            let anchors = [0usize, 6, 13, 13, 22, 29];
+            let block_ids = d.block_ids(&anchors.iter().map(|&a| ids[a]).collect::<Vec<_>>());
+            let train = d.forward_train(&target, &feats, &anchors, &block_ids).unwrap();
+            assert_eq!(train.dims(), &[anchors.len() * bs, 64]);
+            for (b, &a) in anchors.iter().enumerate() {
+                let mut cache = d.new_cache();
+                // The context arrives in two pieces, as it does across decode cycles.
+                let cut = a / 2;
+                d.extend_context(&mut cache, &feats.narrow(0, 0, cut).unwrap()).unwrap();
+                d.extend_context(&mut cache, &feats.narrow(0, cut, a - cut).unwrap()).unwrap();
+                assert_eq!(cache.len(), a);
+                let infer = d.forward_block(&target, &cache, &block_ids[b * bs..(b + 1) * bs], a).unwrap();
+                let diff = max_abs_diff(&block_rows(&train, b, bs), &infer);
+                println!("{family} B={bs} anchor {a}: max |Δ| train vs infer = {diff:.2e}");
+                assert!(diff < 1e-4, "{family} B={bs}: block at anchor {a} differs between training and inference by {diff}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_cache_crops_back_and_a_block_must_start_where_the_context_ends() {
+    let target = target("qwen3");
+    let taps = vec![1usize, 2];
+    let d = drafter(&target, 1, 4, taps.clone(), 5);
+    let ids = tokens(12, 256, 4);
+    let feats = features(&target, &ids, &taps);
+    let mut cache = d.new_cache();
+    d.extend_context(&mut cache, &feats).unwrap();
+    let err = d.forward_block(&target, &cache, &d.block_ids(&[ids[8]]), 8).unwrap_err();
+    assert!(matches!(err, specauf::drafter::DrafterError::ContextGap { cached: 12, start: 8 }), "{err}");
+    assert!(!cache.tracks_gradients(), "the inference cache must hold plain values");
+    cache.crop(8).unwrap();
+    let cropped = d.forward_block(&target, &cache, &d.block_ids(&[ids[8]]), 8).unwrap();
+    let mut fresh = d.new_cache();
+    d.extend_context(&mut fresh, &feats.narrow(0, 0, 8).unwrap()).unwrap();
+    let direct = d.forward_block(&target, &fresh, &d.block_ids(&[ids[8]]), 8).unwrap();
+    assert_eq!(max_abs_diff(&cropped, &direct), 0.0);
+    let draft = d.draft(&target, &fresh, ids[8], 8).unwrap();
+    assert_eq!(draft.len(), 3);
+    // The draft is the argmax of the target's head over block positions 1..B-1.
+    let logits = target.lm_head(&direct.narrow(0, 1, 3).unwrap()).unwrap();
+    let want: Vec<u32> = logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+    assert_eq!(draft, want);
+}
+
+/// Σ r ⊙ (h · Wᵀ) over the predicted rows: logits through the target's frozen f32 head.
+fn head_loss(d: &DFlashDrafter, target: &Target, h: &Tensor, seed: u64) -> Tensor {
+    let rows = d.predicted_rows(h).unwrap();
+    let w = target.lm_head_weight_f32().unwrap();
+    let logits = rows.matmul(&w.t().unwrap()).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let r: Vec<f32> = (0..logits.elem_count()).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let r = Tensor::from_vec(r, logits.dims(), logits.device()).unwrap();
+    (logits * r).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn every_trainable_tensor_receives_a_nonzero_gradient() {
+    let target = target("qwen3");
+    let taps = vec![0usize, 3];
+    // The plain HF init, as training starts from it.
+    let mut init = DFlashInitConfig::new(2, 4, 5);
+    init.target_layer_ids = Some(taps.clone());
+    let d = DFlashDrafter::init_random(target.config(), &init, 3).unwrap();
+    let ids = tokens(20, 256, 5);
+    let feats = features(&target, &ids, &taps);
+    let anchors = [4usize, 9, 15];
+    let block_ids = d.block_ids(&anchors.iter().map(|&a| ids[a]).collect::<Vec<_>>());
+    let h = d.forward_train(&target, &feats, &anchors, &block_ids).unwrap();
+    let grads = head_loss(&d, &target, &h, 1).backward().unwrap();
+    let vars = d.named_vars();
+    assert_eq!(vars.len(), d.config().tensor_shapes().len());
+    for (name, var) in vars {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient reached it"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+        println!("{name}: |grad| = {norm:.3e}");
+        assert!(norm > 1e-8 && norm.is_finite(), "{name}: gradient norm {norm}");
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let target = target("llama");
+    let taps = vec![0usize, 2];
+    let d = drafter(&target, 2, 4, taps.clone(), 31);
+    let ids = tokens(14, 256, 6);
+    let feats = features(&target, &ids, &taps);
+    let anchors = [3usize, 8];
+    let block_ids = d.block_ids(&anchors.iter().map(|&a| ids[a]).collect::<Vec<_>>());
+    let loss = |d: &DFlashDrafter| -> Tensor {
+        let h = d.forward_train(&target, &feats, &anchors, &block_ids).unwrap();
+        head_loss(d, &target, &h, 2)
+    };
+    let grads = loss(&d).backward().unwrap();
+    let vars: std::collections::HashMap<String, Var> = d.named_vars().into_iter().collect();
+    let checked = [
+        "fc.weight",
+        "hidden_norm.weight",
+        "layers.0.self_attn.q_proj.weight",
+        "layers.0.self_attn.k_proj.weight",
+        "layers.0.self_attn.v_proj.weight",
+        "layers.0.self_attn.k_norm.weight",
+        "layers.1.self_attn.o_proj.weight",
+        "layers.1.mlp.down_proj.weight",
+        "layers.1.post_attention_layernorm.weight",
+        "norm.weight",
+    ];
+    for name in checked {
+        let var = &vars[name];
+        let g: Vec<f32> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        // The largest-gradient coordinate and one fixed other coordinate.
+        let big = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+        for idx in [big, g.len() / 3] {
+            let eps = 1e-2f32;
+            let at = |delta: f32| -> f64 {
+                let mut v = base.clone();
+                v[idx] += delta;
+                var.set(&Tensor::from_vec(v, var.as_tensor().dims(), var.as_tensor().device()).unwrap()).unwrap();
+                let l = loss(&d).to_scalar::<f32>().unwrap() as f64;
+                var.set(&Tensor::from_vec(base.clone(), var.as_tensor().dims(), var.as_tensor().device()).unwrap()).unwrap();
+                l
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+            let ad = g[idx] as f64;
+            println!("{name}[{idx}]: autograd {ad:.5e}, finite difference {fd:.5e}");
+            let tol = 2e-2 * ad.abs().max(fd.abs()) + 2e-3;
+            assert!((fd - ad).abs() < tol, "{name}[{idx}]: autograd {ad} vs finite difference {fd}");
+        }
+    }
+}
+
+#[test]
+fn predicted_rows_drop_each_blocks_anchor_row() {
+    let target = target("qwen3");
+    let d = drafter(&target, 1, 4, vec![1], 1);
+    let h = Tensor::arange(0f32, (3 * 4 * 64) as f32, &candle_core::Device::Cpu).unwrap().reshape((12, 64)).unwrap();
+    let rows = d.predicted_rows(&h).unwrap();
+    assert_eq!(rows.dims(), &[9, 64]);
+    let first: Vec<f32> = rows.narrow(0, 3, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(first[0], (5 * 64) as f32, "row 3 is block 1, position 1");
+    let _ = DFlashConfig::fc_in(d.config());
+}
+
+#[test]
+fn a_batch_is_its_sequences_one_after_the_other() {
+    let target = target("qwen2");
+    let taps = vec![0usize, 1];
+    let d = drafter(&target, 1, 4, taps.clone(), 8);
+    let (ids1, ids2) = (tokens(18, 256, 1), tokens(11, 256, 2));
+    let (f1, f2) = (features(&target, &ids1, &taps), features(&target, &ids2, &taps));
+    let (a1, a2) = (vec![2usize, 9, 15], vec![6usize]);
+    let b1 = d.block_ids(&a1.iter().map(|&a| ids1[a]).collect::<Vec<_>>());
+    let b2 = d.block_ids(&a2.iter().map(|&a| ids2[a]).collect::<Vec<_>>());
+    let batch = d
+        .forward_train_batch(
+            &target,
+            &[
+                TrainSequence { features: &f1, anchors: &a1, block_ids: &b1 },
+                TrainSequence { features: &f2, anchors: &a2, block_ids: &b2 },
+            ],
+        )
+        .unwrap();
+    let one = d.forward_train(&target, &f1, &a1, &b1).unwrap();
+    let two = d.forward_train(&target, &f2, &a2, &b2).unwrap();
+    assert_eq!(batch.dims(), &[16, 64]);
+    assert_eq!(max_abs_diff(&batch.narrow(0, 0, 12).unwrap(), &one), 0.0);
+    assert_eq!(max_abs_diff(&batch.narrow(0, 12, 4).unwrap(), &two), 0.0);
+}
+
+#[test]
+fn bad_training_inputs_are_refused_with_typed_errors() {
+    use specauf::drafter::DrafterError;
+    let target = target("qwen3");
+    let taps = vec![1usize, 2];
+    let d = drafter(&target, 1, 4, taps.clone(), 2);
+    let ids = tokens(10, 256, 3);
+    let f = features(&target, &ids, &taps);
+    let ok_ids = d.block_ids(&[ids[3]]);
+    let err = d.forward_train(&target, &f, &[10], &ok_ids).unwrap_err();
+    assert!(matches!(err, DrafterError::AnchorOutOfRange { anchor: 10, block: 0, len: 10 }), "{err}");
+    let err = d.forward_train(&target, &f, &[3, 4], &ok_ids).unwrap_err();
+    assert!(matches!(err, DrafterError::InputShape { what: "block token ids", .. }), "{err}");
+    let err = d.forward_train(&target, &f.narrow(1, 0, 64).unwrap(), &[3], &ok_ids).unwrap_err();
+    assert!(matches!(err, DrafterError::InputShape { what: "context features", .. }), "{err}");
+    let err = d.forward_train(&target, &f, &[3], &[ids[3], 5, 5, 999]).unwrap_err();
+    assert!(matches!(err, DrafterError::TokenOutOfRange { token: 999, vocab: 256 }), "{err}");
+}

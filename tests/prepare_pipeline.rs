@@ -1,0 +1,382 @@
+//! `prepare` end to end on small inputs: regeneration with the tiny llama fixture target and a
+//! 256-id character tokenizer written here (so that generated ids decode and re-encode
+//! exactly), resumption, shards, the feature cache, and the checks that refuse stale data.
+
+use std::path::{Path, PathBuf};
+
+use specauf::model::load::{load_info, load_model};
+use specauf::model::WeightsMode;
+use specauf::train::data::{
+    tokenize_chat, ChatExample, DataError, Dataset, FeatureDtype, FeatureSettings, Manifest, ModelIdentity, PrepareSettings,
+    Split,
+};
+use specauf::train::features::{target_features, FeatureCache, FeatureError};
+use specauf::train::prepare::{prepare, prepare_with, PrepareError, PrepareOptions, PrepareReport};
+use specauf::train::regenerate::{RegenerateError, RegenerateSettings, Reply, ReplyError, ReplyRequest, REGENERATED_FILE};
+use specauf::train::sharegpt::{id_is_heldout, ShareGptError};
+
+mod common;
+use common::{ids, tiny_model_dir, write_data};
+
+fn settings(max_conversations: usize, regenerate: Option<RegenerateSettings>) -> PrepareSettings {
+    PrepareSettings {
+        data: "data.jsonl".into(),
+        max_conversations: Some(max_conversations),
+        max_len: 160,
+        max_turns: Some(2),
+        eval_fraction: 0.25,
+        seed: 7,
+        regenerate,
+        features: None,
+    }
+}
+
+fn options(data: &Path, out: &Path, settings: PrepareSettings) -> PrepareOptions {
+    PrepareOptions {
+        data_path: data.to_path_buf(),
+        settings,
+        workers: 1,
+        shard_tokens: 300,
+        out: out.to_path_buf(),
+        progress: false,
+    }
+}
+
+fn sample(max_new_tokens: usize) -> RegenerateSettings {
+    let mut s = RegenerateSettings::greedy(max_new_tokens);
+    s.mode = specauf::train::regenerate::RegenerateMode::Sample;
+    s.temperature = 0.8;
+    s.top_p = 0.95;
+    s
+}
+
+fn run_tiny(model_dir: &Path, data: &Path, out: &Path, settings: PrepareSettings, workers: usize) -> Result<PrepareReport, PrepareError> {
+    let m = load_model(model_dir.to_str().unwrap(), WeightsMode::F32).unwrap();
+    let id = ModelIdentity::of(&m).unwrap();
+    let mut opts = options(data, out, settings);
+    opts.workers = workers;
+    prepare(&m.tokenizer, &id, Some(&m.target), Some(&m.target), &opts)
+}
+
+/// Every file of a prepared directory, by name.
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn regeneration_resumed_after_a_limit_writes_the_same_files_as_one_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(tmp.path());
+    let data = write_data(tmp.path(), 8, false);
+    let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
+
+    let r = run_tiny(&model, &data, &whole, settings(8, Some(sample(12))), 1).unwrap();
+    assert_eq!((r.regenerated, r.reused), (8, 0));
+    assert!(r.generated_tokens > 0);
+
+    let first = run_tiny(&model, &data, &resumed, settings(3, Some(sample(12))), 1).unwrap();
+    assert_eq!((first.regenerated, first.reused), (3, 0));
+    let rest = run_tiny(&model, &data, &resumed, settings(8, Some(sample(12))), 1).unwrap();
+    assert_eq!((rest.regenerated, rest.reused), (5, 3));
+    assert_eq!(files(&whole), files(&resumed));
+
+    // A third run regenerates nothing.
+    let again = run_tiny(&model, &data, &resumed, settings(8, Some(sample(12))), 1).unwrap();
+    assert_eq!((again.regenerated, again.reused, again.generated_tokens), (0, 8, 0));
+    assert_eq!(files(&whole), files(&resumed));
+}
+
+#[test]
+fn a_killed_run_leaves_a_partial_line_that_the_rerun_cuts_and_redoes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(tmp.path());
+    let data = write_data(tmp.path(), 5, false);
+    let (whole, killed) = (tmp.path().join("whole"), tmp.path().join("killed"));
+    run_tiny(&model, &data, &whole, settings(5, Some(RegenerateSettings::greedy(10))), 1).unwrap();
+
+    run_tiny(&model, &data, &killed, settings(2, Some(RegenerateSettings::greedy(10))), 1).unwrap();
+    let cache = killed.join(REGENERATED_FILE);
+    let mut text = std::fs::read_to_string(&cache).unwrap();
+    text.push_str(r#"{"id": "conv9", "source_hash": 1, "messa"#);
+    std::fs::write(&cache, text).unwrap();
+    std::fs::remove_file(killed.join("manifest.json")).unwrap();
+    let r = run_tiny(&model, &data, &killed, settings(5, Some(RegenerateSettings::greedy(10))), 1).unwrap();
+    assert_eq!((r.regenerated, r.reused), (3, 2));
+    assert_eq!(files(&whole), files(&killed));
+}
+
+#[test]
+fn worker_threads_produce_the_same_dataset_as_one_thread() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(tmp.path());
+    let data = write_data(tmp.path(), 6, false);
+    let (one, three) = (tmp.path().join("one"), tmp.path().join("three"));
+    run_tiny(&model, &data, &one, settings(6, Some(sample(10))), 1).unwrap();
+    run_tiny(&model, &data, &three, settings(6, Some(sample(10))), 3).unwrap();
+    let sorted_lines = |d: &Path| {
+        let mut l: Vec<String> = std::fs::read_to_string(d.join(REGENERATED_FILE)).unwrap().lines().map(String::from).collect();
+        l.sort();
+        l
+    };
+    assert_eq!(sorted_lines(&one), sorted_lines(&three));
+    let shards = |d: &Path| files(d).into_iter().filter(|(n, _)| n.ends_with(".safetensors") || n == "manifest.json").collect::<Vec<_>>();
+    assert_eq!(shards(&one), shards(&three));
+}
+
+#[test]
+fn a_rerun_with_other_regeneration_settings_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(tmp.path());
+    let data = write_data(tmp.path(), 2, false);
+    let out = tmp.path().join("out");
+    run_tiny(&model, &data, &out, settings(2, Some(RegenerateSettings::greedy(6))), 1).unwrap();
+    let err = run_tiny(&model, &data, &out, settings(2, Some(RegenerateSettings::greedy(9))), 1).unwrap_err();
+    let PrepareError::Regenerate(RegenerateError::SettingsChanged { what, .. }) = &err else { panic!("{err}") };
+    assert!(what.contains("max_new_tokens"), "{what}");
+}
+
+#[test]
+fn regenerated_replies_are_the_targets_and_their_masks_cover_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model_dir(tmp.path());
+    let data = write_data(tmp.path(), 3, false);
+    let out = tmp.path().join("out");
+    let mut s = settings(3, Some(RegenerateSettings::greedy(6)));
+    s.eval_fraction = 0.0;
+    run_tiny(&model_dir, &data, &out, s, 1).unwrap();
+    let m = load_model(model_dir.to_str().unwrap(), WeightsMode::F32).unwrap();
+    let ds = Dataset::open(&out, Split::Train).unwrap();
+    assert_eq!(ds.len(), 3);
+    for line in std::fs::read_to_string(out.join(REGENERATED_FILE)).unwrap().lines() {
+        let rec: specauf::train::regenerate::RegeneratedRecord = serde_json::from_str(line).unwrap();
+        // The user turns are the source's; each reply is the target's greedy continuation.
+        assert!(rec.messages[0].content.starts_with("Question number"));
+        let prompt = m.tokenizer.encode_chat(&rec.messages[..1], true).unwrap();
+        let req = ReplyRequest { max_new_tokens: 6, temperature: 0.0, top_p: 1.0, seed: 0 };
+        let reply = specauf::train::regenerate::reply_with_target(&m.target, &[2], &prompt, &req).unwrap();
+        assert_eq!(m.tokenizer.encode(&rec.messages[1].content, false).unwrap(), reply.token_ids);
+        assert_eq!(rec.closed[0], reply.stopped);
+        let i = (0..ds.len()).find(|&i| ds.conversation_id(i).unwrap() == rec.id).unwrap();
+        let seq = ds.get(i);
+        assert_eq!(seq, tokenize_chat(&m.tokenizer, &rec.example(), 160).unwrap());
+        let first_reply: Vec<u32> = seq
+            .input_ids
+            .iter()
+            .zip(&seq.loss_mask)
+            .skip(prompt.len())
+            .take_while(|(_, &mk)| mk == 1)
+            .map(|(&t, _)| t)
+            .collect();
+        let mut want = reply.token_ids.clone();
+        if reply.stopped {
+            want.push(2);
+        }
+        assert_eq!(first_reply, want);
+    }
+}
+
+/// The SmolLM2 tokenizer without its weights: enough for tokenization-only runs.
+fn smollm2() -> (specauf::tokenizer::Tokenizer, ModelIdentity) {
+    let info = load_info("smollm2").expect("fetching SmolLM2");
+    let id = ModelIdentity::from_parts(&info.name, &info.location, &info.config).unwrap();
+    (info.tokenizer, id)
+}
+
+#[test]
+fn shards_round_trip_to_the_tokenized_conversations_and_held_out_ones_never_appear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 12, true);
+    let out = tmp.path().join("out");
+    let (tok, id) = smollm2();
+    let mut s = settings(100, None);
+    s.max_turns = None;
+    s.eval_fraction = 0.3;
+    let r = prepare_with(&tok, &id, None, None, &options(&data, &out, s)).unwrap();
+    let m = &r.manifest;
+    assert_eq!(m.source.heldout_excluded, 1);
+    assert_eq!(m.source.selected, 12);
+    // Malformed records are counted by reason, never fatal.
+    assert_eq!(m.skipped.get("bad_json"), Some(&1));
+    assert_eq!(m.skipped.get("unknown_role"), Some(&1));
+    assert_eq!(m.skipped.get("empty_content"), Some(&1));
+
+    let loaded = specauf::train::sharegpt::load(&data).unwrap();
+    let (train, eval) = (Dataset::open(&out, Split::Train).unwrap(), Dataset::open(&out, Split::Eval).unwrap());
+    assert_eq!(train.len() + eval.len(), 12);
+    assert!(!train.is_empty() && !eval.is_empty(), "a 0.3 eval fraction over 12 ids should fill both splits");
+    assert!(m.splits[&Split::Train].shards.len() > 1, "300-token shards should split the train part");
+    for ds in [&train, &eval] {
+        assert_eq!(ds.total_tokens(), m.splits[&ds.split()].tokens);
+        for i in 0..ds.len() {
+            let cid = ds.conversation_id(i).unwrap();
+            assert!(!id_is_heldout(cid));
+            assert_eq!(specauf::train::data::is_eval(cid, 0.3), ds.split() == Split::Eval);
+            let conv = loaded.conversations.iter().find(|c| c.id == cid).unwrap();
+            let (ex, _) = ChatExample::from_conversation(conv, None);
+            assert_eq!(ds.get(i), tokenize_chat(&tok, &ex, 160).unwrap());
+        }
+        assert!(matches!(ds.try_get(ds.len()), Err(DataError::IndexOutOfRange { .. })));
+    }
+}
+
+#[test]
+fn a_file_with_no_usable_conversation_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, id) = smollm2();
+    let path = tmp.path().join("bad.jsonl");
+    std::fs::write(&path, "{not json\n{\"id\": \"a\", \"conversations\": [{\"from\": \"gpt\", \"value\": \"x\"}]}\n").unwrap();
+    let err = prepare_with(&tok, &id, None, None, &options(&path, &tmp.path().join("o"), settings(5, None))).unwrap_err();
+    assert!(matches!(err, PrepareError::Source(ShareGptError::NoUsableConversation { .. })), "{err}");
+
+    // Only held-out conversations: usable for evaluation, never for training.
+    let (_, heldout) = ids(0);
+    std::fs::write(&path, format!("{{\"id\": \"{heldout}\", \"conversations\": [{{\"from\": \"human\", \"value\": \"q\"}}, {{\"from\": \"gpt\", \"value\": \"a\"}}]}}\n")).unwrap();
+    let err = prepare_with(&tok, &id, None, None, &options(&path, &tmp.path().join("o"), settings(5, None))).unwrap_err();
+    assert!(matches!(err, PrepareError::NothingSelected { .. }), "{err}");
+    assert!(err.to_string().contains("hold-out"), "{err}");
+}
+
+fn max_rel_err(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0.0, f32::max)
+}
+
+#[test]
+fn the_feature_cache_equals_online_features_within_storage_precision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model_dir(tmp.path());
+    let data = write_data(tmp.path(), 5, false);
+    let m = load_model(model_dir.to_str().unwrap(), WeightsMode::F32).unwrap();
+    let id = ModelIdentity::of(&m).unwrap();
+    for (dtype, tol) in [(FeatureDtype::F16, 1e-3), (FeatureDtype::Bf16, 8e-3)] {
+        let out = tmp.path().join(format!("{dtype:?}"));
+        let mut s = settings(5, None);
+        s.eval_fraction = 0.3;
+        s.features = Some(FeatureSettings { target_layer_ids: vec![2, 0], dtype, weights: WeightsMode::F32 });
+        prepare(&m.tokenizer, &id, None, Some(&m.target), &options(&data, &out, s)).unwrap();
+        for split in [Split::Train, Split::Eval] {
+            let ds = Dataset::open(&out, split).unwrap();
+            let cache = FeatureCache::open(&out, split, &id, &[2, 0]).unwrap();
+            assert_eq!(cache.len(), ds.len());
+            assert_eq!(cache.dim(), 2 * m.target.config().hidden_size);
+            for i in 0..ds.len() {
+                let cached = cache.get(i).unwrap();
+                let online = target_features(&m.target, ds.input_ids(i).unwrap(), &[2, 0]).unwrap();
+                assert_eq!(cached.dims(), online.dims());
+                let err = max_rel_err(&cached, &online);
+                assert!(err <= tol, "{dtype:?} sequence {i}: error {err} > {tol}");
+                assert!(err > 0.0 || dtype == FeatureDtype::F16, "bf16 storage should not be exact");
+            }
+        }
+        // Other layers, or another model, are refused.
+        let err = FeatureCache::open(&out, Split::Train, &id, &[0, 2]).unwrap_err();
+        assert!(matches!(err, FeatureError::LayerMismatch { .. }), "{err}");
+        let mut other = id.clone();
+        other.fingerprint = "0123".into();
+        let err = FeatureCache::open(&out, Split::Train, &other, &[2, 0]).unwrap_err();
+        assert!(matches!(err, FeatureError::Data(DataError::ModelMismatch { .. })), "{err}");
+    }
+}
+
+#[test]
+fn a_stale_or_tampered_dataset_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 6, false);
+    let (tok, id) = smollm2();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    prepare_with(&tok, &id, None, None, &options(&data, &a, settings(6, None))).unwrap();
+    let mut other = settings(6, None);
+    other.max_len = 150;
+    prepare_with(&tok, &id, None, None, &options(&data, &b, other)).unwrap();
+    assert!(Dataset::open(&a, Split::Train).is_ok());
+
+    // A manifest edited by hand no longer matches its own hash.
+    let manifest_path = a.join("manifest.json");
+    let original = std::fs::read_to_string(&manifest_path).unwrap();
+    let mut edited: serde_json::Value = serde_json::from_str(&original).unwrap();
+    edited["settings"]["max_len"] = 4096.into();
+    std::fs::write(&manifest_path, edited.to_string()).unwrap();
+    assert!(matches!(Dataset::open(&a, Split::Train), Err(DataError::Stale { .. })));
+    std::fs::write(&manifest_path, &original).unwrap();
+
+    // A shard from another run (other settings) is refused even where its size matches.
+    let shard = Manifest::read(&a).unwrap().splits[&Split::Train].shards[0].file.clone();
+    let saved = std::fs::read(a.join(&shard)).unwrap();
+    std::fs::copy(b.join(&shard), a.join(&shard)).unwrap();
+    let err = Dataset::open(&a, Split::Train).unwrap_err();
+    assert!(matches!(err, DataError::Stale { .. }), "{err}");
+    let mut patched = saved.clone();
+    let at = patched.windows(8).position(|w| w == b"settings").unwrap();
+    let hash_at = at + patched[at..].iter().position(|&c| c.is_ascii_hexdigit()).unwrap();
+    patched[hash_at] = if patched[hash_at] == b'0' { b'1' } else { b'0' };
+    std::fs::write(a.join(&shard), &patched).unwrap();
+    let err = Dataset::open(&a, Split::Train).unwrap_err();
+    assert!(matches!(err, DataError::Stale { .. }), "{err}");
+    std::fs::write(a.join(&shard), &saved).unwrap();
+    assert!(Dataset::open(&a, Split::Train).is_ok());
+
+    // The trainer's model check.
+    let m = Manifest::read(&a).unwrap();
+    assert!(m.check_model(&a, &id).is_ok());
+    let mut other_model = id.clone();
+    other_model.hidden_size += 1;
+    assert!(matches!(m.check_model(&a, &other_model), Err(DataError::ModelMismatch { .. })));
+
+    // No manifest: an unfinished run.
+    std::fs::remove_file(&manifest_path).unwrap();
+    assert!(matches!(Dataset::open(&a, Split::Train), Err(DataError::NoManifest { .. })));
+}
+
+#[test]
+fn the_eval_split_is_a_stable_function_of_the_conversation_id() {
+    use specauf::train::data::is_eval;
+    let ids: Vec<String> = (0..2000).map(|i| format!("id{i}")).collect();
+    let n = ids.iter().filter(|id| is_eval(id, 0.05)).count();
+    assert!((60..=140).contains(&n), "{n} of 2000 in a 5% split");
+    assert!(ids.iter().all(|id| !is_eval(id, 0.0)));
+    assert!(ids.iter().all(|id| is_eval(id, 1.0)));
+    // Chunks of one ShareGPT conversation fall on the same side.
+    for base in ["AbC1234", "Zz9Yy8X", "q1w2e3r"] {
+        let sides: Vec<bool> = (0..5).map(|k| is_eval(&format!("{base}_{k}"), 0.5)).collect();
+        assert!(sides.iter().all(|&s| s == sides[0]), "{base}: {sides:?}");
+    }
+}
+
+#[test]
+fn a_reply_generator_closure_drives_regeneration_without_a_model() {
+    // The regeneration code only needs prompt ids -> reply ids: a fake generator that echoes
+    // the prompt's last tokens shows the per-turn seeds and limits it is called with.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 3, false);
+    let (tok, id) = smollm2();
+    let calls = std::sync::Mutex::new(Vec::new());
+    let fake = |prompt: &[u32], req: &ReplyRequest| -> Result<Reply, ReplyError> {
+        calls.lock().unwrap().push((prompt.len(), req.max_new_tokens, req.seed));
+        let hello = tok.encode("Hello there, friend.", false).unwrap();
+        Ok(Reply { token_ids: hello, stopped: true })
+    };
+    let out = tmp.path().join("out");
+    let mut s = settings(3, Some(RegenerateSettings::greedy(50)));
+    s.eval_fraction = 0.0;
+    let r = prepare_with(&tok, &id, Some(&fake), None, &options(&data, &out, s)).unwrap();
+    assert_eq!(r.regenerated, 3);
+    let calls = calls.into_inner().unwrap();
+    assert_eq!(calls.len(), 6, "two exchanges per conversation");
+    assert!(calls.iter().all(|&(_, max_new, _)| max_new == 50));
+    let seeds: std::collections::HashSet<u64> = calls.iter().map(|c| c.2).collect();
+    assert_eq!(seeds.len(), 6, "every turn has its own seed");
+    let ds = Dataset::open(&out, Split::Train).unwrap();
+    for i in 0..ds.len() {
+        let seq = ds.get(i);
+        let masked: Vec<u32> = seq.input_ids.iter().zip(&seq.loss_mask).filter(|(_, &m)| m == 1).map(|(&t, _)| t).collect();
+        assert_eq!(tok.decode(&masked, false).unwrap(), "Hello there, friend.<|im_end|>".repeat(2));
+    }
+}
