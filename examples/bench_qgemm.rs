@@ -1,5 +1,5 @@
-//! The qgemm kernels (src/model/qgemm.rs) beside candle's QMatMul over the same Q8_0 weights,
-//! interleaved in one run so machine load hits all of them.
+//! The qgemm kernels (src/model/qgemm.rs) beside candle's QMatMul over the same Q8_0 weights
+//! and the other weight modes, interleaved in one run so machine load hits all of them.
 //!
 //! cargo run --release --example bench_qgemm [-- [--reps N] [--no-model] [--model PATH.gguf]]
 //! One thread: RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1 (candle's quantized matmul has its own
@@ -7,19 +7,19 @@
 //! barriers can cost more than the work).
 //!
 //! 1. Per-matmul medians (µs) on SmolLM2-135M shapes for m = 1, 4, 16.
-//! 2. Whole model (default: the SmolLM2 Q4_1 GGUF from the asset cache): `WeightsMode::Q8`
-//!    (qgemm int8) and `WeightsMode::Native` (qgemm Q4_1) on the GGUF beside candle's QMatMul
-//!    on a Q8_0 copy written to a temp dir (`Native` on a Q8_0 file; the same blocks as the
-//!    int8 path). Checks accuracy against f32 mode and that a 16-token forward gives the bits of
-//!    16 decode steps; reports prefill of 256 tokens, decode ms/token and a 16-token forward
-//!    (all logits) at context 256, medians over rounds (candle prefills once: it takes seconds).
+//! 2. Whole model (default: the SmolLM2 Q4_1 GGUF from the asset cache) in `WeightsMode::Q8`
+//!    (qgemm int8), `Native` (qgemm Q4_1 layers, int8 Q8_0 head) and `F32`, interleaved.
+//!    Checks accuracy against f32 mode and that a 16-token forward gives the bits of 16 decode
+//!    steps; reports prefill of 256 tokens, decode ms/token and a 16-token forward (all logits)
+//!    at context 256, medians over rounds. (Commit 3116d0b of this file also ran candle's
+//!    QMatMul on a Q8_0 copy of the model; that path no longer exists in any mode.)
 
 use std::time::Instant;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use specauf::model::qgemm::{Exec, Kernel, QMatrix};
-use specauf::model::{load_target, KvCache, Logits, ModelLocation, Target, WeightsMode};
+use specauf::model::{load_target, Logits, ModelLocation, Target, WeightsMode};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -104,27 +104,6 @@ fn matmuls(reps: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `src` again with every Q4/Q5/K-quant tensor as Q8_0 (F32 tensors stay), as candle's
-/// Q8 mode used to convert them; Q/K keep the GGUF row order, so the copy loads the same way.
-fn write_q8_0_copy(src: &std::path::Path, dst: &std::path::Path) -> anyhow::Result<()> {
-    let mut f = std::fs::File::open(src)?;
-    let content = gguf_file::Content::read(&mut f)?;
-    let mut tensors = Vec::new();
-    for name in content.tensor_infos.keys() {
-        let q = content.tensor(&mut f, name, &Device::Cpu)?;
-        let q = match q.dtype() {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q8_0 => q,
-            _ => QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?,
-        };
-        tensors.push((name.clone(), q));
-    }
-    let meta: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tens: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut out = std::io::BufWriter::new(std::fs::File::create(dst)?);
-    gguf_file::write(&mut out, &meta, &tens)?;
-    Ok(())
-}
-
 /// CPU seconds used by this process so far (all threads): on a shared machine, wall time
 /// includes waiting for the CPU; CPU time does not (but includes rayon's spinning).
 fn cpu_time() -> f64 {
@@ -165,16 +144,13 @@ fn medians(v: &[(f64, f64)]) -> (f64, f64) {
     (median(v.iter().map(|x| x.0).collect()), median(v.iter().map(|x| x.1).collect()))
 }
 
-/// One round: prefill 256 (if `prefill`, else the cache is cut back to the prompt), `steps`
-/// decode steps, then `verifies` 16-token forwards at context 256.
-fn round(target: &Target, cache: &mut KvCache, prompt: &[u32], prefill: bool, steps: usize, verifies: usize, t: &mut Times) -> anyhow::Result<()> {
-    if prefill {
-        *cache = target.new_cache();
-        let (r, dt) = timed(|| target.forward(prompt, cache, &[], Logits::Last));
-        r?;
-        t.prefill.push(dt);
-    }
-    cache.truncate(prompt.len());
+/// One round: prefill the prompt (256 tokens), `steps` decode steps, then `verifies` 16-token
+/// forwards at context 256.
+fn round(target: &Target, prompt: &[u32], steps: usize, verifies: usize, t: &mut Times) -> anyhow::Result<()> {
+    let cache = &mut target.new_cache();
+    let (r, dt) = timed(|| target.forward(prompt, cache, &[], Logits::Last));
+    r?;
+    t.prefill.push(dt);
     for i in 0..steps {
         let (r, dt) = timed(|| target.forward(&[(i * 101 + 200) as u32], cache, &[], Logits::Last));
         r?;
@@ -215,48 +191,39 @@ fn verify_is_bit_exact(t: &Target, prompt: &[u32]) -> anyhow::Result<bool> {
 }
 
 fn whole_model(path: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let q8 = tmp.path().join("model-q8_0.gguf");
-    write_q8_0_copy(path, &q8)?;
     let loc = ModelLocation::from_path(path)?;
     let targets = [
-        ("qgemm int8 (Q8)", load_target(&loc, WeightsMode::Q8)?),
-        ("qgemm Q4_1 (Native)", load_target(&loc, WeightsMode::Native)?),
-        ("candle QMatMul Q8_0", load_target(&ModelLocation::from_path(&q8)?, WeightsMode::Native)?),
+        ("Q8 (qgemm int8)", load_target(&loc, WeightsMode::Q8)?),
+        ("Native (qgemm Q4_1)", load_target(&loc, WeightsMode::Native)?),
+        ("F32 (candle f32 matmul)", load_target(&loc, WeightsMode::F32)?),
     ];
     let prompt: Vec<u32> = (0..256).map(|i| (i * 37 % 40000 + 100) as u32).collect();
 
     // Accuracy: against f32 on the dequantized GGUF weights (what Q4_1 encodes exactly).
     {
-        let reference = logits(&load_target(&loc, WeightsMode::F32)?, &prompt[..64])?;
-        for (name, t) in &targets {
+        let reference = logits(&targets[2].1, &prompt[..64])?;
+        for (name, t) in &targets[..2] {
             let (d, agree) = max_diff_and_agreement(&logits(t, &prompt[..64])?, &reference)?;
-            println!("{name:>22} vs f32 mode, 64 tokens: max |Δlogit| {d:.3}, argmax agrees at {agree}/64");
+            println!("{name:>23} vs f32 mode, 64 tokens: max |Δlogit| {d:.3}, argmax agrees at {agree}/64");
         }
     }
     for (name, t) in &targets[..2] {
         let exact = verify_is_bit_exact(t, &prompt)?;
-        println!("{name:>22}: 16-token forward == 16 decode steps, bit for bit: {exact}");
+        println!("{name:>23}: 16-token forward == 16 decode steps, bit for bit: {exact}");
         anyhow::ensure!(exact, "{name} broke batch invariance on the real model");
     }
 
     println!("== whole model, {rounds} rounds interleaved, load before {}", load());
     let mut times: Vec<Times> = targets.iter().map(|_| Times::default()).collect();
-    let mut caches: Vec<KvCache> = targets.iter().map(|(_, t)| t.new_cache()).collect();
-    for r in 0..rounds {
-        for (i, (name, t)) in targets.iter().enumerate() {
-            if name.starts_with("candle") {
-                // candle's prefill of 256 tokens takes seconds: once.
-                round(t, &mut caches[i], &prompt, r == 0, 8, 2, &mut times[i])?;
-            } else {
-                round(t, &mut caches[i], &prompt, true, 32, 8, &mut times[i])?;
-            }
+    for _ in 0..rounds {
+        for ((_, t), times) in targets.iter().zip(&mut times) {
+            round(t, &prompt, 32, 8, times)?;
         }
     }
     for ((name, _), t) in targets.iter().zip(&times) {
         let ((p, pc), (d, dc), (v, vc)) = (medians(&t.prefill), medians(&t.decode), medians(&t.verify));
         println!(
-            "{name:>22}: prefill-256 {:.0} tok/s ({:.0} ms), decode {:.2} ms/token ({:.1} tok/s), 16-token forward {:.2} ms = {:.2}× decode",
+            "{name:>23}: prefill-256 {:.0} tok/s ({:.0} ms), decode {:.2} ms/token ({:.1} tok/s), 16-token forward {:.2} ms = {:.2}× decode",
             256.0 / p,
             p * 1e3,
             d * 1e3,
@@ -265,7 +232,7 @@ fn whole_model(path: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
             v / d
         );
         println!(
-            "{:>22}  CPU time: prefill {:.0} ms, decode {:.2} ms, 16-token forward {:.2} ms = {:.2}× decode",
+            "{:>23}  CPU time: prefill {:.0} ms, decode {:.2} ms, 16-token forward {:.2} ms = {:.2}× decode",
             "",
             pc * 1e3,
             dc * 1e3,
