@@ -58,8 +58,9 @@ pub const BLOCK: usize = 32;
 pub const TILE: usize = 16;
 /// Rows of x processed against one weight tile while it sits in registers.
 pub const MAX_ROWS: usize = 16;
-/// Below this many (row, tile, block) steps a call runs on the calling thread: splitting a
-/// small product costs more in wake-ups than it saves (measured in examples/bench_qgemm.rs).
+/// Below this many (row, tile, block) steps (about 20 µs of work) a call runs on the calling
+/// thread: rayon's dispatch costs a few µs, and on a loaded 2-core machine a second thread
+/// often is not free anyway (examples/bench_qgemm.rs shows 1- vs 2-thread times side by side).
 const MIN_PARALLEL_WORK: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
