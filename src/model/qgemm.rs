@@ -1,16 +1,20 @@
-//! A batch-invariant int8 linear for CPU: `y = x Wᵀ` with W quantized to symmetric int8 blocks
-//! of 32 along the input dimension and x quantized the same way, row by row, at call time.
-//! Both use Q8_0's rule (see `q8_0_scale`), so a product is ggml's Q8_0 × Q8_0 dot up to the
-//! order of the float sums.
+//! A batch-invariant quantized linear for CPU: `y = x Wᵀ` with W in blocks of 32 along the
+//! input dimension and x quantized to int8 blocks of 32, row by row, at call time.
 //!
-//! The math, for output element (r, o) over input blocks b = 0..nb:
+//! Two weight formats share the activations, the tiling and the invariance argument:
+//! - `Format::Int8`: q ∈ [-127, 127], w = d·q (Q8_0's rule, see `q8_0_scale`), so a product is
+//!   ggml's Q8_0 × Q8_0 dot up to the order of the float sums.
+//! - `Format::Q4_1`: q ∈ [0, 15], w = d·q + m, GGUF Q4_1 blocks kept as stored (41% fewer
+//!   bytes per weight read than Int8, and no re-quantization of a Q4_1 checkpoint).
+//!
+//! The math, for output element (r, o) over input blocks b = 0..nb (x ≈ dx·qx per block):
 //!
 //! ```text
 //! acc = 0
-//! for b in 0..nb:                     // always this order
-//!     isum = Σ_{i<32} qw[o, 32b+i] · qx[r, 32b+i]       // exact i32
-//!     acc  = fma(f32(isum), dw[o, b] · dx[r, b], acc)    // one rounding for the product of
-//!                                                        // scales, one for the fma
+//! for b in 0..nb:                                          // always this order
+//!     isum = Σ_{i<32} qw[o, 32b+i] · qx[r, 32b+i]           // exact i32
+//!     acc  = fma(f32(isum), dw[o, b] · dx[r, b], acc)
+//!     Q4_1 only: acc = fma(mw[o, b], sx[r, b], acc)         // sx = dx · Σ qx
 //! y[r, o] = acc
 //! ```
 //!
@@ -23,20 +27,30 @@
 //! the same sequence (f32::mul_add is a correctly rounded fma), so every kernel gives the same bits.
 //!
 //! Weight layout: output rows are grouped in tiles of 16 (the last one padded with zero rows).
-//! For each (tile, block) one 576-byte record: 8 lines of 64 bytes holding the weights as
-//! u8 = q + 128, line k holding inputs 4k..4k+4 of the block for outputs 0..16
-//! (`[k][o][j]`, j < 4: one `vpdpbusd` lane per output), then one line of 16 f32 scales.
+//! For each tile and each pair of blocks one record of 64-byte lines; a lane of a line holds 4
+//! consecutive inputs of one output (`[k][o][j]`, j < 4), which is what one `vpdpbusd` lane
+//! multiplies:
+//! - Int8: per block 8 lines of u8 = q + 128 (line k: inputs 4k..4k+4), then one line with
+//!   each block's 16 scales as f16 (17 lines per pair).
+//! - Q4_1: per block 4 lines of nibbles (line k: inputs 4k..4k+4 low, 16+4k.. high), then one
+//!   line of scales d and one of offsets m, f16 (10 lines per pair).
+//!
+//! f16 scales are exact: Int8 scales are rounded to f16 by the scale rule, Q4_1 stores f16.
 //! The records of a tile follow each other, so a tile streams through memory once.
 //!
-//! Why weights carry the +128 offset (not the activations): `vpdpbusd` multiplies u8 by s8, so
-//! one side must be unsigned. Σ (qw + 128)·qx = Σ qw·qx + 128·Σ qx, and the correction
+//! Why Int8 weights carry the +128 offset (not the activations): `vpdpbusd` multiplies u8 by
+//! s8, so one side must be unsigned. Σ (qw + 128)·qx = Σ qw·qx + 128·Σ qx, and the correction
 //! −128·Σ qx is a per-(row, block) scalar computed with the activations, which costs no weight
-//! bandwidth (storing per-block weight sums instead would add 12% to every read).
+//! bandwidth. Q4_1 nibbles are unsigned already.
 
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 /// Inputs per quantization block.
 pub const BLOCK: usize = 32;
@@ -44,10 +58,9 @@ pub const BLOCK: usize = 32;
 pub const TILE: usize = 16;
 /// Rows of x processed against one weight tile while it sits in registers.
 pub const MAX_ROWS: usize = 16;
-/// 64-byte lines per (tile, block) record: 8 of weights, 1 of scales.
-const LINES: usize = 9;
-/// Below this many (row, tile, block) steps a call runs on the calling thread: splitting a
-/// small product costs more in wake-ups than it saves (measured in examples/bench_qgemm.rs).
+/// Below this many (row, tile, block) steps (about 20 µs of work) a call runs on the calling
+/// thread: rayon's dispatch costs a few µs, and on a loaded 2-core machine a second thread
+/// often is not free anyway (examples/bench_qgemm.rs shows 1- vs 2-thread times side by side).
 const MIN_PARALLEL_WORK: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,8 +69,8 @@ pub enum QGemmError {
     WeightLen { name: String, got: usize, out: usize, inp: usize },
     #[error("weight of {name} has a non-finite value at row {row}, column {col}; the checkpoint is corrupt")]
     NonFinite { name: String, row: usize, col: usize },
-    #[error("{name}: cannot convert a {dtype:?} tensor of shape {shape:?}; expected a 2-d (out, in) weight")]
-    BadTensor { name: String, dtype: GgmlDType, shape: Vec<usize> },
+    #[error("{name}: cannot convert a {dtype:?} tensor of shape {shape:?}; expected a 2-d (out, in) weight{what}")]
+    BadTensor { name: String, dtype: GgmlDType, shape: Vec<usize>, what: String },
     #[error("input has {got} values, not m = {m} rows of in_features = {inp}")]
     InputLen { got: usize, m: usize, inp: usize },
     #[error("output has {got} values, expected m = {m} rows of out_features = {out}")]
@@ -113,7 +126,8 @@ impl Kernel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exec {
     pub kernel: Kernel,
-    /// 0: rayon's pool size, with small products kept on the calling thread; n: at most n parts.
+    /// 0: split across rayon's pool, with small products kept on the calling thread;
+    /// n: split into at most n parts (1: the calling thread only).
     pub threads: usize,
 }
 
@@ -123,28 +137,81 @@ impl Default for Exec {
     }
 }
 
+/// How weights are stored (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Symmetric int8, w = d·q.
+    Int8,
+    /// GGUF Q4_1, w = d·q + m with q ∈ [0, 15].
+    Q4_1,
+}
+
+impl Format {
+    /// 64-byte lines per (tile, block pair) record.
+    const fn pair_lines(self) -> usize {
+        match self {
+            Format::Int8 => 17,
+            Format::Q4_1 => 10,
+        }
+    }
+
+    /// Lines of weights per block.
+    const fn block_lines(self) -> usize {
+        match self {
+            Format::Int8 => 8,
+            Format::Q4_1 => 4,
+        }
+    }
+
+    /// Line of block b's first weight line, within its tile's records.
+    #[inline(always)]
+    fn weights_line(self, b: usize) -> usize {
+        b / 2 * self.pair_lines() + b % 2 * self.block_lines()
+    }
+
+    /// Line holding block b's 16 f16 scales (in half b % 2), within its tile's records.
+    #[inline(always)]
+    fn scales_line(self, b: usize) -> usize {
+        b / 2 * self.pair_lines() + 2 * self.block_lines()
+    }
+
+    /// Q4_1: line holding block b's 16 f16 offsets m (in half b % 2).
+    #[inline(always)]
+    fn mins_line(self, b: usize) -> usize {
+        self.scales_line(b) + 1
+    }
+}
+
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 struct Line([u8; 64]);
 
-/// An (out, in) weight in the tiled int8 layout described in the module docs.
+/// The f16 at `half` (0 or 1) of a line holding two blocks' 16 values, output o.
+#[inline(always)]
+fn f16_at(line: &Line, half: usize, o: usize) -> f32 {
+    let at = half * 32 + o * 2;
+    half::f16::from_le_bytes([line.0[at], line.0[at + 1]]).to_f32()
+}
+
+/// An (out, in) weight in the tiled layout described in the module docs.
 #[derive(Clone)]
 pub struct QMatrix {
+    format: Format,
     out: usize,
     inp: usize,
     tiles: usize,
     blocks: usize,
-    /// tiles · blocks records of `LINES` lines.
+    /// tiles · ⌈blocks/2⌉ records of `format.pair_lines()` lines.
     data: Vec<Line>,
 }
 
 impl std::fmt::Debug for QMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "QMatrix({}x{}, int8 blocks of {BLOCK})", self.out, self.inp)
+        write!(f, "QMatrix({}x{}, {:?} blocks of {BLOCK})", self.out, self.inp, self.format)
     }
 }
 
-/// Q8_0's scale rule, for weights and activations alike: q = round-half-away(x · (127/amax))
+/// Q8_0's scale rule, for Int8 weights and all activations: q = round-half-away(x · (127/amax))
 /// with the f32 scale amax/127, and the scale kept as its nearest f16 (returned first, widened
 /// to f32 exactly; the second value is the multiplier for q). Keeping ggml's rule makes the
 /// kernel compute what ggml/candle's Q8_0 vec_dot computes up to float summation order, so the
@@ -173,6 +240,11 @@ fn quantize_block(src: &[f32], q: &mut [i8; BLOCK]) -> f32 {
     d
 }
 
+fn f16_exact(v: f32) -> [u8; 2] {
+    debug_assert_eq!(half::f16::from_f32(v).to_f32().to_bits(), v.to_bits(), "{v} is not an f16 value");
+    half::f16::from_f32(v).to_bits().to_le_bytes()
+}
+
 impl QMatrix {
     pub fn out_features(&self) -> usize {
         self.out
@@ -182,33 +254,69 @@ impl QMatrix {
         self.inp
     }
 
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
     /// Bytes the kernel streams per call (weights + scales).
     pub fn bytes(&self) -> usize {
         self.data.len() * 64
     }
 
-    fn empty(out: usize, inp: usize) -> Self {
+    fn empty(format: Format, out: usize, inp: usize) -> Self {
         let tiles = out.div_ceil(TILE);
         let blocks = inp.div_ceil(BLOCK);
-        // Padding rows and padding inputs hold q = 0 (u8 128) and d = 0.
-        let mut data = vec![Line([128u8; 64]); tiles * blocks * LINES];
-        for rec in data.chunks_mut(LINES) {
-            rec[8] = Line([0u8; 64]);
+        // Padding rows and padding inputs have weight 0: Int8 q = 0 (u8 128) with d = 0,
+        // Q4_1 q = 0 with d = m = 0.
+        let fill = match format {
+            Format::Int8 => 128u8,
+            Format::Q4_1 => 0,
+        };
+        let pl = format.pair_lines();
+        let mut data = vec![Line([fill; 64]); tiles * blocks.div_ceil(2) * pl];
+        for rec in data.chunks_mut(pl) {
+            for line in &mut rec[2 * format.block_lines()..] {
+                *line = Line([0u8; 64]);
+            }
         }
-        QMatrix { out, inp, tiles, blocks, data }
+        QMatrix { format, out, inp, tiles, blocks, data }
     }
 
-    /// Stores q (int8) and d for output row `row`, block `b`.
-    fn set_block(&mut self, row: usize, b: usize, q: &[i8; BLOCK], d: f32) {
-        let (t, o) = (row / TILE, row % TILE);
-        let rec = &mut self.data[(t * self.blocks + b) * LINES..][..LINES];
+    /// The records of output tile t.
+    fn tile_lines(&self, t: usize) -> &[Line] {
+        let n = self.blocks.div_ceil(2) * self.format.pair_lines();
+        &self.data[t * n..(t + 1) * n]
+    }
+
+    /// (first line of row's tile, lane o) for output row `row`.
+    fn place(&self, row: usize) -> (usize, usize) {
+        (row / TILE * self.blocks.div_ceil(2) * self.format.pair_lines(), row % TILE)
+    }
+
+    /// Int8: stores q and d (an f16 value, see `q8_0_scale`) for output row `row`, block `b`.
+    fn set_block_int8(&mut self, row: usize, b: usize, q: &[i8; BLOCK], d: f32) {
+        let (base, o) = self.place(row);
+        let (f, half) = (self.format, b % 2);
         for (i, &qi) in q.iter().enumerate() {
-            rec[i / 4].0[o * 4 + i % 4] = (qi as i16 + 128) as u8;
+            self.data[base + f.weights_line(b) + i / 4].0[o * 4 + i % 4] = (qi as i16 + 128) as u8;
         }
-        rec[8].0[o * 4..o * 4 + 4].copy_from_slice(&d.to_ne_bytes());
+        let at = half * 32 + o * 2;
+        self.data[base + f.scales_line(b)].0[at..at + 2].copy_from_slice(&f16_exact(d));
     }
 
-    /// Quantizes an f32 (out, in) row-major weight. `name` is for error messages.
+    /// Q4_1: stores q (each < 16), d and m (f16 values) for output row `row`, block `b`.
+    fn set_block_q4_1(&mut self, row: usize, b: usize, q: &[u8; BLOCK], d: f32, m: f32) {
+        let (base, o) = self.place(row);
+        let (f, half) = (self.format, b % 2);
+        for i in 0..16 {
+            self.data[base + f.weights_line(b) + i / 4].0[o * 4 + i % 4] = q[i] | (q[i + 16] << 4);
+        }
+        let at = half * 32 + o * 2;
+        self.data[base + f.scales_line(b)].0[at..at + 2].copy_from_slice(&f16_exact(d));
+        self.data[base + f.mins_line(b)].0[at..at + 2].copy_from_slice(&f16_exact(m));
+    }
+
+    /// Quantizes an f32 (out, in) row-major weight to Int8. `name` is for error messages.
     pub fn quantize(name: &str, w: &[f32], out: usize, inp: usize) -> Result<Self, QGemmError> {
         if w.len() != out * inp {
             return Err(QGemmError::WeightLen { name: name.into(), got: w.len(), out, inp });
@@ -216,35 +324,32 @@ impl QMatrix {
         if let Some(i) = w.iter().position(|v| !v.is_finite()) {
             return Err(QGemmError::NonFinite { name: name.into(), row: i / inp, col: i % inp });
         }
-        let mut m = Self::empty(out, inp);
-        let mut q = [0i8; BLOCK];
+        let mut m = Self::empty(Format::Int8, out, inp);
+        // The activation quantizer applies the same rule as `quantize_block`, vectorized.
+        let (mut q, mut d, mut corr) = (vec![0i8; m.blocks * BLOCK], vec![0f32; m.blocks], vec![0i32; m.blocks]);
         for row in 0..out {
-            for b in 0..m.blocks {
-                let src = &w[row * inp + b * BLOCK..row * inp + inp.min((b + 1) * BLOCK)];
-                let d = quantize_block(src, &mut q);
-                m.set_block(row, b, &q, d);
+            quantize_row(&w[row * inp..(row + 1) * inp], &mut q, &mut d, &mut corr);
+            for (b, (qb, &db)) in q.chunks_exact(BLOCK).zip(&d).enumerate() {
+                let qb: &[i8; BLOCK] = qb.try_into().expect("chunks_exact gives BLOCK");
+                m.set_block_int8(row, b, qb, db);
             }
         }
         Ok(m)
     }
 
-    /// Converts a candle QTensor of HF shape (out, in). Q8_0 blocks are taken as they are (the
-    /// f16 scale widened to f32 exactly), so the weights equal candle's; other types are
-    /// dequantized and quantized again with `quantize`.
+    /// Converts a candle QTensor of HF shape (out, in) to Int8. Q8_0 blocks are taken as they
+    /// are, so the weights equal candle's; other types are dequantized and quantized again with
+    /// `quantize` (for Q4_1 that is what candle's Q8_0 conversion gives too).
     pub fn from_qtensor(name: &str, qt: &QTensor) -> Result<Self, QGemmError> {
-        let dims = qt.shape().dims().to_vec();
-        let bad = || QGemmError::BadTensor { name: name.into(), dtype: qt.dtype(), shape: dims.clone() };
-        let &[out, inp] = dims.as_slice() else { return Err(bad()) };
+        let (out, inp) = dims2(name, qt)?;
         if qt.dtype() != GgmlDType::Q8_0 || inp % BLOCK != 0 {
             let w = qt.dequantize(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
             return Self::quantize(name, &w, out, inp);
         }
         let raw = qt.data()?;
         const BYTES: usize = 2 + BLOCK; // f16 d, then 32 × i8
-        if raw.len() != out * inp / BLOCK * BYTES {
-            return Err(bad());
-        }
-        let mut m = Self::empty(out, inp);
+        let mut m = Self::empty(Format::Int8, out, inp);
+        check_len(name, qt, raw.len(), out * inp / BLOCK * BYTES)?;
         let mut q = [0i8; BLOCK];
         for (i, blk) in raw.chunks_exact(BYTES).enumerate() {
             let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
@@ -254,21 +359,65 @@ impl QMatrix {
             for (qi, &byte) in q.iter_mut().zip(&blk[2..]) {
                 *qi = byte as i8;
             }
-            m.set_block(i / m.blocks, i % m.blocks, &q, d);
+            m.set_block_int8(i / m.blocks, i % m.blocks, &q, d);
         }
         Ok(m)
     }
 
-    /// The weight the kernel multiplies by, as f32 (out, in) row-major: q · d.
+    /// Converts a GGUF Q4_1 QTensor of HF shape (out, in), keeping its blocks as they are.
+    pub fn from_q4_1(name: &str, qt: &QTensor) -> Result<Self, QGemmError> {
+        let (out, inp) = dims2(name, qt)?;
+        if qt.dtype() != GgmlDType::Q4_1 || inp % BLOCK != 0 {
+            return Err(QGemmError::BadTensor {
+                name: name.into(),
+                dtype: qt.dtype(),
+                shape: vec![out, inp],
+                what: " of type Q4_1 with in a multiple of 32".into(),
+            });
+        }
+        let raw = qt.data()?;
+        const BYTES: usize = 4 + BLOCK / 2; // f16 d, f16 m, then 32 nibbles
+        let mut m = Self::empty(Format::Q4_1, out, inp);
+        check_len(name, qt, raw.len(), out * inp / BLOCK * BYTES)?;
+        let mut q = [0u8; BLOCK];
+        for (i, blk) in raw.chunks_exact(BYTES).enumerate() {
+            let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+            let mn = half::f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+            if !d.is_finite() || !mn.is_finite() {
+                return Err(QGemmError::NonFinite { name: name.into(), row: i / m.blocks, col: i % m.blocks * BLOCK });
+            }
+            // ggml: byte j holds input j in its low nibble and input j + 16 in its high one.
+            for (j, &byte) in blk[4..].iter().enumerate() {
+                q[j] = byte & 0x0f;
+                q[j + 16] = byte >> 4;
+            }
+            m.set_block_q4_1(i / m.blocks, i % m.blocks, &q, d, mn);
+        }
+        Ok(m)
+    }
+
+    /// The weight the kernel multiplies by, as f32 (out, in) row-major: d·q (Int8) or d·q + m
+    /// (Q4_1, rounded once, as ggml dequantizes).
     pub fn dequantize(&self) -> Vec<f32> {
+        let f = self.format;
         let mut w = vec![0f32; self.out * self.inp];
         for row in 0..self.out {
             let (t, o) = (row / TILE, row % TILE);
+            let lines = self.tile_lines(t);
             for col in 0..self.inp {
                 let (b, i) = (col / BLOCK, col % BLOCK);
-                let rec = &self.data[(t * self.blocks + b) * LINES..][..LINES];
-                let q = rec[i / 4].0[o * 4 + i % 4] as i32 - 128;
-                w[row * self.inp + col] = q as f32 * scale(&rec[8], o);
+                let d = f16_at(&lines[f.scales_line(b)], b % 2, o);
+                w[row * self.inp + col] = match f {
+                    Format::Int8 => {
+                        let q = lines[f.weights_line(b) + i / 4].0[o * 4 + i % 4] as i32 - 128;
+                        q as f32 * d
+                    }
+                    Format::Q4_1 => {
+                        let byte = lines[f.weights_line(b) + i % 16 / 4].0[o * 4 + i % 4];
+                        let q = if i < 16 { byte & 0x0f } else { byte >> 4 };
+                        q as f32 * d + f16_at(&lines[f.mins_line(b)], b % 2, o)
+                    }
+                };
             }
         }
         w
@@ -293,9 +442,11 @@ impl QMatrix {
         }
         let acts = QActs::quantize(x, m, self.inp, self.blocks);
         let pool = rayon::current_num_threads().max(1);
+        // Four parts per thread: on a shared machine a descheduled thread's share is stolen
+        // by the others instead of holding up the call.
         let parts = match exec.threads {
-            0 if m * self.tiles * self.blocks < MIN_PARALLEL_WORK => 1,
-            0 => pool,
+            0 if m * self.tiles * self.blocks < MIN_PARALLEL_WORK || pool == 1 => 1,
+            0 => 4 * pool,
             n => n,
         }
         .min(self.tiles);
@@ -322,13 +473,13 @@ impl QMatrix {
     /// `y` points to m · out f32 that no one else writes in these tiles' columns.
     unsafe fn tiles_range(&self, kernel: Kernel, acts: &QActs, t0: usize, t1: usize, y: OutPtr) {
         for t in t0..t1 {
-            let rec = &self.data[t * self.blocks * LINES..(t + 1) * self.blocks * LINES];
+            let rec = self.tile_lines(t);
             let valid = TILE.min(self.out - t * TILE);
             let mut r0 = 0;
             while r0 < acts.rows {
                 let rows = MAX_ROWS.min(acts.rows - r0);
                 let dst = y.0.add(r0 * self.out + t * TILE);
-                let job = TileJob { rec, blocks: self.blocks, acts, r0, rows, dst, ldy: self.out, valid };
+                let job = TileJob { format: self.format, rec, blocks: self.blocks, acts, r0, rows, dst, ldy: self.out, valid };
                 match kernel {
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Vnni => vnni::tile(&job),
@@ -342,38 +493,60 @@ impl QMatrix {
     }
 }
 
+fn dims2(name: &str, qt: &QTensor) -> Result<(usize, usize), QGemmError> {
+    match qt.shape().dims() {
+        &[out, inp] => Ok((out, inp)),
+        dims => Err(QGemmError::BadTensor { name: name.into(), dtype: qt.dtype(), shape: dims.to_vec(), what: String::new() }),
+    }
+}
+
+fn check_len(name: &str, qt: &QTensor, got: usize, want: usize) -> Result<(), QGemmError> {
+    if got != want {
+        return Err(QGemmError::BadTensor {
+            name: name.into(),
+            dtype: qt.dtype(),
+            shape: qt.shape().dims().to_vec(),
+            what: format!(" (its data has {got} bytes, expected {want})"),
+        });
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 // SAFETY: threads write disjoint column ranges (see matmul_with).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-#[inline(always)]
-fn scale(line: &Line, o: usize) -> f32 {
-    f32::from_ne_bytes([line.0[o * 4], line.0[o * 4 + 1], line.0[o * 4 + 2], line.0[o * 4 + 3]])
-}
-
-/// x quantized row by row: (rows, blocks, 32) int8, a scale per (row, block), and the
-/// correction −128·Σq per (row, block) that undoes the weights' +128 offset.
+/// x quantized row by row: (rows, blocks, 32) int8 and per (row, block) the scale dx, the
+/// correction −128·Σqx that undoes the Int8 weights' +128 offset, and sx = dx·Σqx, which
+/// carries the Q4_1 offsets m.
 struct QActs {
     rows: usize,
     blocks: usize,
     q: Vec<i8>,
     d: Vec<f32>,
     corr: Vec<i32>,
+    sx: Vec<f32>,
 }
 
 impl QActs {
     fn quantize(x: &[f32], m: usize, inp: usize, blocks: usize) -> Self {
-        let mut a = QActs { rows: m, blocks, q: vec![0; m * blocks * BLOCK], d: vec![0.0; m * blocks], corr: vec![0; m * blocks] };
+        let n = m * blocks;
+        let mut a = QActs { rows: m, blocks, q: vec![0; n * BLOCK], d: vec![0.0; n], corr: vec![0; n], sx: vec![0.0; n] };
         let rows = a.q.chunks_mut(blocks * BLOCK).zip(a.d.chunks_mut(blocks)).zip(a.corr.chunks_mut(blocks));
         for (r, ((q, d), corr)) in rows.enumerate() {
             quantize_row(&x[r * inp..(r + 1) * inp], q, d, corr);
+        }
+        for ((sx, &d), &c) in a.sx.iter_mut().zip(&a.d).zip(&a.corr) {
+            *sx = d * (-c / 128) as f32;
         }
         a
     }
 }
 
+/// Quantizes one row with `quantize_block`'s rule; a block holding a NaN or an infinity gets
+/// scale NaN (so it reaches the output instead of being rounded away into int8) and q = 0.
 fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
@@ -387,29 +560,22 @@ fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
 fn quantize_row_generic(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
     for (b, ((qb, db), cb)) in q.chunks_exact_mut(BLOCK).zip(d.iter_mut()).zip(corr.iter_mut()).enumerate() {
         let src = &x[(b * BLOCK).min(x.len())..x.len().min((b + 1) * BLOCK)];
-        let mut amax = 0f32;
-        // A NaN or infinity must reach the output, not be rounded away into int8.
-        let mut finite = true;
-        for v in src {
-            amax = amax.max(v.abs());
-            finite &= v.abs() <= f32::MAX;
-        }
-        let (scale, id) = if finite { q8_0_scale(amax) } else { (f32::NAN, 0.0) };
         let qb: &mut [i8; BLOCK] = qb.try_into().expect("chunks_exact gives BLOCK");
-        qb.fill(0);
-        let mut sum = 0i32;
-        for (qi, v) in qb.iter_mut().zip(src) {
-            *qi = (v * id).round().clamp(-127.0, 127.0) as i8;
-            sum += *qi as i32;
+        if src.iter().all(|v| v.is_finite()) {
+            *db = quantize_block(src, qb);
+            *cb = -128 * qb.iter().map(|&v| v as i32).sum::<i32>();
+        } else {
+            qb.fill(0);
+            *db = f32::NAN;
+            *cb = 0;
         }
-        *db = scale;
-        *cb = -128 * sum;
     }
 }
 
 /// One weight tile against up to MAX_ROWS rows of x.
 struct TileJob<'a> {
-    /// The tile's `blocks` records.
+    format: Format,
+    /// The tile's records (`tile_lines`).
     rec: &'a [Line],
     blocks: usize,
     acts: &'a QActs,
@@ -422,199 +588,13 @@ struct TileJob<'a> {
     valid: usize,
 }
 
-mod portable {
-    use super::*;
-
-    /// The reference kernel: the integer dot as a plain sum, then the same fma sequence as the
-    /// SIMD kernel.
-    #[inline(always)]
-    pub(super) unsafe fn tile_generic(job: &TileJob) {
-        let a = job.acts;
-        for i in 0..job.rows {
-            let r = job.r0 + i;
-            let mut acc = [0f32; TILE];
-            for b in 0..job.blocks {
-                let rec = &job.rec[b * LINES..(b + 1) * LINES];
-                let xq = &a.q[(r * a.blocks + b) * BLOCK..][..BLOCK];
-                let dx = a.d[r * a.blocks + b];
-                let mut isum = [0i32; TILE];
-                for k in 0..8 {
-                    let w = &rec[k].0;
-                    for o in 0..TILE {
-                        for j in 0..4 {
-                            isum[o] += (w[o * 4 + j] as i32 - 128) * xq[4 * k + j] as i32;
-                        }
-                    }
-                }
-                for o in 0..TILE {
-                    acc[o] = (isum[o] as f32).mul_add(scale(&rec[8], o) * dx, acc[o]);
-                }
-            }
-            // SAFETY (caller): dst row i has `valid` writable elements.
-            let dst = std::slice::from_raw_parts_mut(job.dst.add(i * job.ldy), job.valid);
-            dst.copy_from_slice(&acc[..job.valid]);
-        }
-    }
-
-    pub(super) unsafe fn tile(job: &TileJob) {
-        tile_generic(job)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile_avx2(job: &TileJob) {
-        tile_generic(job)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod vnni {
-    use super::*;
-    use std::arch::x86_64::*;
-
-    /// R rows against one weight tile: the 8 weight registers and the tile's scales are loaded
-    /// once per block and serve all R rows; one f32 accumulator register per row.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn rows<const R: usize>(job: &TileJob) {
-        let a = job.acts;
-        let rec = job.rec.as_ptr() as *const __m512i;
-        let xq = a.q.as_ptr().add(job.r0 * a.blocks * BLOCK);
-        let xd = a.d.as_ptr().add(job.r0 * a.blocks);
-        let xc = a.corr.as_ptr().add(job.r0 * a.blocks);
-        let mut acc = [_mm512_setzero_ps(); R];
-        for b in 0..job.blocks {
-            let p = rec.add(b * LINES);
-            let w = [
-                _mm512_load_si512(p),
-                _mm512_load_si512(p.add(1)),
-                _mm512_load_si512(p.add(2)),
-                _mm512_load_si512(p.add(3)),
-                _mm512_load_si512(p.add(4)),
-                _mm512_load_si512(p.add(5)),
-                _mm512_load_si512(p.add(6)),
-                _mm512_load_si512(p.add(7)),
-            ];
-            let dw = _mm512_load_ps(p.add(8) as *const f32);
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let o = i * a.blocks + b;
-                let x = xq.add(o * BLOCK) as *const i32;
-                // Two exact integer chains, so consecutive vpdpbusd do not wait on each other.
-                let mut s0 = _mm512_set1_epi32(*xc.add(o));
-                let mut s1 = _mm512_setzero_si512();
-                s0 = _mm512_dpbusd_epi32(s0, w[0], _mm512_set1_epi32(x.read_unaligned()));
-                s1 = _mm512_dpbusd_epi32(s1, w[1], _mm512_set1_epi32(x.add(1).read_unaligned()));
-                s0 = _mm512_dpbusd_epi32(s0, w[2], _mm512_set1_epi32(x.add(2).read_unaligned()));
-                s1 = _mm512_dpbusd_epi32(s1, w[3], _mm512_set1_epi32(x.add(3).read_unaligned()));
-                s0 = _mm512_dpbusd_epi32(s0, w[4], _mm512_set1_epi32(x.add(4).read_unaligned()));
-                s1 = _mm512_dpbusd_epi32(s1, w[5], _mm512_set1_epi32(x.add(5).read_unaligned()));
-                s0 = _mm512_dpbusd_epi32(s0, w[6], _mm512_set1_epi32(x.add(6).read_unaligned()));
-                s1 = _mm512_dpbusd_epi32(s1, w[7], _mm512_set1_epi32(x.add(7).read_unaligned()));
-                let isum = _mm512_add_epi32(s0, s1);
-                let sc = _mm512_mul_ps(dw, _mm512_set1_ps(*xd.add(o)));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sc, *acc);
-            }
-        }
-        let mask: __mmask16 = if job.valid >= TILE { 0xffff } else { (1u16 << job.valid) - 1 };
-        for (i, acc) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(job.dst.add(i * job.ldy), mask, *acc);
-        }
-    }
-
-    /// `quantize_row_generic` in AVX-512, with the same bits: the same IEEE products, and
-    /// round-half-away-from-zero (`f32::round`) as trunc plus a step where |frac| ≥ 0.5 (the
-    /// fraction x − trunc(x) is exact for |x| < 2²³).
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
-        let n = x.len();
-        let blocks = d.len();
-        debug_assert!(q.len() == blocks * BLOCK && corr.len() == blocks && n <= blocks * BLOCK);
-        let half = _mm512_set1_ps(0.5);
-        let one = _mm512_set1_ps(1.0);
-        let lim = _mm512_set1_ps(127.0);
-        let big = _mm512_set1_ps(f32::MAX);
-        for b in 0..blocks {
-            let base = b * BLOCK;
-            // Masked loads read only x[..n]; lanes past the end are zero (a padded last block).
-            let m0 = lanes(n, base);
-            let m1 = lanes(n, base + 16);
-            let v0 = _mm512_maskz_loadu_ps(m0, x.as_ptr().wrapping_add(base));
-            let v1 = _mm512_maskz_loadu_ps(m1, x.as_ptr().wrapping_add(base + 16));
-            let a0 = _mm512_abs_ps(v0);
-            let a1 = _mm512_abs_ps(v1);
-            let finite = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(a0, big) & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(a1, big);
-            if finite != 0xffff {
-                // NaN or infinity in the block: scale NaN, q = 0, as the generic code does.
-                q[base..base + BLOCK].fill(0);
-                d[b] = f32::NAN;
-                corr[b] = 0;
-                continue;
-            }
-            let amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
-            let (scale, id) = q8_0_scale(amax);
-            let idv = _mm512_set1_ps(id);
-            let round = |v: __m512| {
-                let s = _mm512_mul_ps(v, idv);
-                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(s);
-                let frac = _mm512_abs_ps(_mm512_sub_ps(s, t));
-                let step = _mm512_castsi512_ps(_mm512_or_si512(
-                    _mm512_castps_si512(one),
-                    _mm512_and_si512(_mm512_castps_si512(s), _mm512_set1_epi32(i32::MIN)),
-                ));
-                let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, half);
-                let r = _mm512_mask_add_ps(t, up, t, step);
-                _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(r, lim), _mm512_sub_ps(_mm512_setzero_ps(), lim)))
-            };
-            let i0 = round(v0);
-            let i1 = round(v1);
-            let dst = q.as_mut_ptr().add(base) as *mut __m128i;
-            _mm_storeu_si128(dst, _mm512_cvtepi32_epi8(i0));
-            _mm_storeu_si128(dst.add(1), _mm512_cvtepi32_epi8(i1));
-            d[b] = scale;
-            corr[b] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
-        }
-    }
-
-    /// Mask of the lanes start..start+16 that lie below n.
-    #[inline(always)]
-    fn lanes(n: usize, start: usize) -> __mmask16 {
-        match n.saturating_sub(start) {
-            0 => 0,
-            k if k >= 16 => 0xffff,
-            k => ((1u32 << k) - 1) as __mmask16,
-        }
-    }
-
-    /// # Safety
-    /// The CPU has avx512f, avx512bw and avx512vnni (checked by `Kernel::resolve`).
-    pub(super) unsafe fn tile(job: &TileJob) {
-        match job.rows {
-            1 => rows::<1>(job),
-            2 => rows::<2>(job),
-            3 => rows::<3>(job),
-            4 => rows::<4>(job),
-            5 => rows::<5>(job),
-            6 => rows::<6>(job),
-            7 => rows::<7>(job),
-            8 => rows::<8>(job),
-            9 => rows::<9>(job),
-            10 => rows::<10>(job),
-            11 => rows::<11>(job),
-            12 => rows::<12>(job),
-            13 => rows::<13>(job),
-            14 => rows::<14>(job),
-            15 => rows::<15>(job),
-            _ => rows::<16>(job),
-        }
-    }
-}
-
 /// `x (.., in) -> (.., out)` as a candle op, so `Linear` can call the kernel without copies.
 #[derive(Debug, Clone)]
 pub struct QLinearOp(pub Arc<QMatrix>);
 
 impl CustomOp1 for QLinearOp {
     fn name(&self) -> &'static str {
-        "qgemm-int8"
+        "qgemm"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -655,10 +635,27 @@ mod tests {
         [Kernel::Vnni, Kernel::Avx2, Kernel::Portable].into_iter().filter(|k| k.available()).collect()
     }
 
+    fn qtensor(out: usize, inp: usize, seed: u64, dtype: GgmlDType) -> QTensor {
+        let t = candle_core::Tensor::from_vec(rand_vec(out * inp, seed), (out, inp), &candle_core::Device::Cpu).unwrap();
+        QTensor::quantize(&t, dtype).unwrap()
+    }
+
+    /// A weight of either format. Q4_1 needs `inp` to be a multiple of 32.
+    fn matrix(format: Format, out: usize, inp: usize, seed: u64) -> QMatrix {
+        match format {
+            Format::Int8 => QMatrix::quantize("w", &rand_vec(out * inp, seed), out, inp).unwrap(),
+            Format::Q4_1 => QMatrix::from_q4_1("w", &qtensor(out, inp, seed, GgmlDType::Q4_1)).unwrap(),
+        }
+    }
+
     fn run(w: &QMatrix, x: &[f32], m: usize, exec: Exec) -> Vec<f32> {
         let mut y = vec![0f32; m * w.out_features()];
         w.matmul_with(x, m, &mut y, exec).unwrap();
         y
+    }
+
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
     }
 
     /// The same quantized math in f64: dequantized weights times dequantized activations.
@@ -685,17 +682,18 @@ mod tests {
 
     #[test]
     fn every_kernel_matches_an_f64_reference_of_the_same_quantized_math() {
-        for &(out, inp) in &[(48usize, 64usize), (37, 96), (20, 50)] {
-            let w = QMatrix::quantize("w", &rand_vec(out * inp, 1), out, inp).unwrap();
+        let cases = [(Format::Int8, 48usize, 64usize), (Format::Int8, 37, 96), (Format::Int8, 20, 50), (Format::Q4_1, 37, 96), (Format::Q4_1, 64, 160)];
+        for (seed, &(format, out, inp)) in cases.iter().enumerate() {
+            let w = matrix(format, out, inp, seed as u64);
             let m = 5;
-            let x = rand_vec(m * inp, 2);
+            let x = rand_vec(m * inp, 100 + seed as u64);
             let want = reference(&w, &x, m);
             let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
             for k in kernels() {
                 let got = run(&w, &x, m, Exec { kernel: k, threads: 1 });
                 for (g, e) in got.iter().zip(&want) {
                     let err = (*g as f64 - e).abs();
-                    assert!(err <= 1e-5 * scale.max(1e-30), "{k:?} {out}x{inp}: {g} vs {e} (|err| {err}, scale {scale})");
+                    assert!(err <= 1e-5 * scale, "{k:?} {format:?} {out}x{inp}: {g} vs {e} (|err| {err}, scale {scale})");
                 }
             }
         }
@@ -723,19 +721,29 @@ mod tests {
 
     #[test]
     fn rows_of_a_batch_are_bit_identical_to_single_row_calls() {
-        let shapes = [(192usize, 576usize), (576, 576), (576, 1536), (1536, 576), (40, 64), (33, 100), (4096 + 8, 64)];
-        for (si, &(out, inp)) in shapes.iter().enumerate() {
-            let w = QMatrix::quantize("w", &rand_vec(out * inp, 10 + si as u64), out, inp).unwrap();
+        let shapes = [
+            (Format::Int8, 192usize, 576usize),
+            (Format::Int8, 576, 576),
+            (Format::Int8, 576, 1536),
+            (Format::Int8, 1536, 576),
+            (Format::Int8, 40, 64),
+            (Format::Int8, 33, 100),
+            (Format::Int8, 4096 + 8, 64),
+            (Format::Q4_1, 192, 576),
+            (Format::Q4_1, 576, 1536),
+            (Format::Q4_1, 4096 + 8, 96),
+        ];
+        for (si, &(format, out, inp)) in shapes.iter().enumerate() {
+            let w = matrix(format, out, inp, 10 + si as u64);
             let x = rand_vec(20 * inp, 20 + si as u64);
             let singles: Vec<Vec<f32>> = (0..20).map(|r| run(&w, &x[r * inp..(r + 1) * inp], 1, Exec::default())).collect();
             for m in 1..=20 {
                 for threads in [1, 2, 3] {
                     let y = run(&w, &x[..m * inp], m, Exec { kernel: Kernel::Auto, threads });
                     for r in 0..m {
-                        let row = &y[r * out..(r + 1) * out];
                         assert!(
-                            row.iter().zip(&singles[r]).all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "{out}x{inp}: row {r} of an m={m} call on {threads} threads differs from the m=1 call"
+                            same_bits(&y[r * out..(r + 1) * out], &singles[r]),
+                            "{format:?} {out}x{inp}: row {r} of an m={m} call on {threads} threads differs from the m=1 call"
                         );
                     }
                 }
@@ -745,14 +753,22 @@ mod tests {
 
     #[test]
     fn all_kernels_give_the_same_bits() {
-        for &(out, inp, m) in &[(1536usize, 576usize, 17usize), (200, 1536, 3), (49, 64, 16), (21, 45, 2)] {
-            let w = QMatrix::quantize("w", &rand_vec(out * inp, 7), out, inp).unwrap();
+        let cases = [
+            (Format::Int8, 1536usize, 576usize, 17usize),
+            (Format::Int8, 200, 1536, 3),
+            (Format::Int8, 49, 64, 16),
+            (Format::Int8, 21, 45, 2),
+            (Format::Q4_1, 1536, 576, 17),
+            (Format::Q4_1, 49, 96, 16),
+            (Format::Q4_1, 21, 64, 1),
+        ];
+        for (seed, &(format, out, inp, m)) in cases.iter().enumerate() {
+            let w = matrix(format, out, inp, 7 + seed as u64);
             let x = rand_vec(m * inp, 8);
             let base = run(&w, &x, m, Exec { kernel: Kernel::Portable, threads: 1 });
             for k in kernels() {
                 let y = run(&w, &x, m, Exec { kernel: k, threads: 2 });
-                let same = y.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{k:?} differs from the portable kernel on {out}x{inp}, m={m}");
+                assert!(same_bits(&y, &base), "{k:?} differs from the portable kernel on {format:?} {out}x{inp}, m={m}");
             }
         }
     }
@@ -760,33 +776,48 @@ mod tests {
     #[test]
     fn q8_0_qtensors_convert_without_changing_a_weight() {
         let (out, inp) = (48, 96);
-        let src = candle_core::Tensor::from_vec(rand_vec(out * inp, 5), (out, inp), &candle_core::Device::Cpu).unwrap();
-        let qt = QTensor::quantize(&src, GgmlDType::Q8_0).unwrap();
+        let qt = qtensor(out, inp, 5, GgmlDType::Q8_0);
         let want = qt.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let got = QMatrix::from_qtensor("w", &qt).unwrap().dequantize();
-        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "Q8_0 blocks changed in conversion");
+        let got = QMatrix::from_qtensor("w", &qt).unwrap();
+        assert_eq!(got.format(), Format::Int8);
+        assert!(same_bits(&got.dequantize(), &want), "Q8_0 blocks changed in conversion");
         // Through the f32 route (dequantize, quantize again) the weights are the same too.
         let again = QMatrix::quantize("w", &want, out, inp).unwrap().dequantize();
-        assert!(again.iter().zip(&want).all(|(a, b)| a == b), "re-quantizing Q8_0 values is not idempotent");
+        assert!(same_bits(&again, &want), "re-quantizing Q8_0 values is not idempotent");
         // And quantizing the f32 source follows candle's Q8_0 rule exactly.
-        let ours = QMatrix::quantize("w", &src.flatten_all().unwrap().to_vec1::<f32>().unwrap(), out, inp).unwrap().dequantize();
-        assert!(ours.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "quantize differs from candle's Q8_0");
+        let ours = QMatrix::quantize("w", &rand_vec(out * inp, 5), out, inp).unwrap().dequantize();
+        assert!(same_bits(&ours, &want), "quantize differs from candle's Q8_0");
+    }
+
+    #[test]
+    fn q4_1_qtensors_convert_without_changing_a_weight() {
+        for (out, inp) in [(48usize, 96usize), (17, 64)] {
+            let qt = qtensor(out, inp, 6, GgmlDType::Q4_1);
+            let want = qt.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = QMatrix::from_q4_1("w", &qt).unwrap();
+            assert_eq!(got.format(), Format::Q4_1);
+            assert!(same_bits(&got.dequantize(), &want), "Q4_1 blocks changed in conversion ({out}x{inp})");
+            assert!(got.bytes() * 17 < QMatrix::from_qtensor("w", &qt).unwrap().bytes() * 10 + 1, "Q4_1 should read fewer bytes");
+        }
+        let err = QMatrix::from_q4_1("blk.0.w", &qtensor(16, 64, 1, GgmlDType::Q8_0)).unwrap_err();
+        assert!(matches!(err, QGemmError::BadTensor { .. }) && err.to_string().contains("Q4_1"), "{err}");
     }
 
     #[test]
     fn non_finite_inputs_reach_the_output_and_bad_weights_are_refused() {
         let (out, inp) = (16, 64);
         let mut src = rand_vec(out * inp, 4);
-        let w = QMatrix::quantize("w", &src, out, inp).unwrap();
-        let mut x = rand_vec(inp, 6);
-        x[40] = f32::NAN;
-        let y = run(&w, &x, 1, Exec::default());
-        assert!(y.iter().all(|v| v.is_nan()), "a NaN input must not vanish in int8 rounding");
+        for w in [QMatrix::quantize("w", &src, out, inp).unwrap(), matrix(Format::Q4_1, out, inp, 4)] {
+            let mut x = rand_vec(inp, 6);
+            x[40] = f32::NAN;
+            let y = run(&w, &x, 1, Exec::default());
+            assert!(y.iter().all(|v| v.is_nan()), "{:?}: a NaN input must not vanish in int8 rounding", w.format());
+            let err = w.matmul(&x[..10], 1, &mut [0.0; 16]).unwrap_err();
+            assert!(matches!(err, QGemmError::InputLen { .. }), "{err}");
+        }
         src[3 * inp + 5] = f32::INFINITY;
         let err = QMatrix::quantize("blk.0.w", &src, out, inp).unwrap_err();
         assert!(matches!(err, QGemmError::NonFinite { row: 3, col: 5, .. }), "{err}");
-        let err = w.matmul(&x[..10], 1, &mut [0.0; 16]).unwrap_err();
-        assert!(matches!(err, QGemmError::InputLen { .. }), "{err}");
     }
 
     #[test]

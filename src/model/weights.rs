@@ -1,6 +1,6 @@
 //! Where weights come from (an HF safetensors directory or a GGUF file) and how linears hold
-//! them: f32, int8 blocks for the batch-invariant kernel in `qgemm`, or quantized blocks
-//! multiplied directly by candle's `QMatMul`.
+//! them: f32, int8 or Q4_1 blocks for the batch-invariant kernel in `qgemm`, or quantized
+//! blocks multiplied directly by candle's `QMatMul`.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -24,7 +24,8 @@ pub enum WeightsMode {
     /// kernel. The fast decode and verify path.
     #[default]
     Q8,
-    /// Keep each GGUF tensor in its stored type.
+    /// Keep each GGUF tensor in its stored type: Q8_0 and Q4_1 run by `qgemm` (batch-invariant;
+    /// Q4_1 reads 41% fewer bytes than Q8_0), other types by candle's `QMatMul`.
     Native,
 }
 
@@ -40,7 +41,7 @@ pub struct Linear {
 enum LinearWeight {
     F32(Tensor),
     Quant(QMatMul),
-    Int8(QLinearOp),
+    Blocks(QLinearOp),
 }
 
 impl Linear {
@@ -53,7 +54,7 @@ impl Linear {
         let y = match &self.weight {
             LinearWeight::F32(w) => x.matmul(&w.t()?)?,
             LinearWeight::Quant(q) => q.forward(x)?,
-            LinearWeight::Int8(op) => x.contiguous()?.apply_op1_no_bwd(op)?,
+            LinearWeight::Blocks(op) => x.contiguous()?.apply_op1_no_bwd(op)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -68,7 +69,7 @@ impl Linear {
             LinearWeight::Quant(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu),
             LinearWeight::Quant(QMatMul::Tensor(t)) => Ok(t.clone()),
             LinearWeight::Quant(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32),
-            LinearWeight::Int8(op) => {
+            LinearWeight::Blocks(op) => {
                 let w = &op.0;
                 Tensor::from_vec(w.dequantize(), (w.out_features(), w.in_features()), &Device::Cpu)
             }
@@ -181,14 +182,14 @@ impl WeightSource {
         if mode == WeightsMode::F32 || (!is_gguf && mode == WeightsMode::Native) {
             return Ok(LinearWeight::F32(self.tensor(name, &[out, inp])?));
         }
-        let int8 = |r: Result<QMatrix, QGemmError>, display: String| match r {
-            Ok(m) => Ok(LinearWeight::Int8(QLinearOp(Arc::new(m)))),
+        let qgemm = |r: Result<QMatrix, QGemmError>, display: String| match r {
+            Ok(m) => Ok(LinearWeight::Blocks(QLinearOp(Arc::new(m)))),
             Err(QGemmError::Candle(e)) => Err(ModelError::Candle(e)),
             Err(e) => Err(ModelError::Corrupt { path: display, what: e.to_string() }),
         };
         if mode == WeightsMode::Q8 && !is_gguf {
             let w = self.tensor(name, &[out, inp])?.flatten_all()?.to_vec1::<f32>()?;
-            return int8(QMatrix::quantize(name, &w, out, inp), self.display());
+            return qgemm(QMatrix::quantize(name, &w, out, inp), self.display());
         }
         if inp % 32 != 0 {
             // Q8_0 blocks are 32 wide along the input dimension.
@@ -198,7 +199,8 @@ impl WeightSource {
         check_shape(&self.display(), name, q.shape().dims(), &[out, inp])?;
         match (mode, q.dtype()) {
             (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => Ok(LinearWeight::F32(q.dequantize(&Device::Cpu)?)),
-            (WeightsMode::Q8, _) => int8(QMatrix::from_qtensor(name, &q), self.display()),
+            (WeightsMode::Q8, _) | (WeightsMode::Native, GgmlDType::Q8_0) => qgemm(QMatrix::from_qtensor(name, &q), self.display()),
+            (WeightsMode::Native, GgmlDType::Q4_1) => qgemm(QMatrix::from_q4_1(name, &q), self.display()),
             _ => Ok(LinearWeight::Quant(QMatMul::from_qtensor(q)?)),
         }
     }
