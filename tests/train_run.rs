@@ -1,38 +1,13 @@
 //! The trainer end to end on the tiny llama fixture target: resume is bit-exact, a tiny drafter
 //! overfits a tiny fixed set, every trainable tensor gets a gradient, bad configs are refused.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use specauf::model::load::load_model;
-use specauf::model::{LoadedModel, WeightsMode};
 use specauf::train::config::TrainConfig;
-use specauf::train::data::{ModelIdentity, PrepareSettings};
-use specauf::train::prepare::{prepare, PrepareOptions};
 use specauf::train::trainer::{train, RunOptions, StepMetrics};
 
 mod common;
-use common::{tiny_model_dir, write_data};
-
-fn prepared(root: &Path, conversations: usize) -> (LoadedModel, PathBuf) {
-    let model_dir = tiny_model_dir(root);
-    let data = write_data(root, conversations, false);
-    let m = load_model(model_dir.to_str().unwrap(), WeightsMode::F32).unwrap();
-    let id = ModelIdentity::of(&m).unwrap();
-    let out = root.join("prepared");
-    let settings = PrepareSettings {
-        data: "data.jsonl".into(),
-        max_conversations: Some(conversations),
-        max_len: 160,
-        max_turns: Some(2),
-        eval_fraction: 0.2,
-        seed: 1,
-        regenerate: None,
-        features: None,
-    };
-    let opts = PrepareOptions { data_path: data, settings, workers: 1, shard_tokens: 4096, out: out.clone(), progress: false };
-    prepare(&m.tokenizer, &id, None, None, &opts).unwrap();
-    (m, out)
-}
+use common::prepared;
 
 fn config(data: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
     let mut sets: Vec<String> = vec![

@@ -91,3 +91,28 @@ pub fn write_data(root: &Path, n: usize, bad: bool) -> PathBuf {
     path
 }
 
+
+/// The tiny llama target with its tokenizer, and `conversations` of [`write_data`] prepared
+/// (no regeneration) into `root/prepared`.
+pub fn prepared(root: &Path, conversations: usize) -> (specauf::model::LoadedModel, PathBuf) {
+    use specauf::train::data::{ModelIdentity, PrepareSettings};
+    use specauf::train::prepare::{prepare, PrepareOptions};
+    let model_dir = tiny_model_dir(root);
+    let data = write_data(root, conversations, false);
+    let m = specauf::model::load::load_model(model_dir.to_str().unwrap(), specauf::model::WeightsMode::F32).unwrap();
+    let id = ModelIdentity::of(&m).unwrap();
+    let out = root.join("prepared");
+    let settings = PrepareSettings {
+        data: "data.jsonl".into(),
+        max_conversations: Some(conversations),
+        max_len: 160,
+        max_turns: Some(2),
+        eval_fraction: 0.2,
+        seed: 1,
+        regenerate: None,
+        features: None,
+    };
+    let opts = PrepareOptions { data_path: data, settings, workers: 1, shard_tokens: 4096, out: out.clone(), progress: false };
+    prepare(&m.tokenizer, &id, None, None, &opts).unwrap();
+    (m, out)
+}
