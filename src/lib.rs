@@ -4,6 +4,7 @@
 pub mod assets;
 pub mod drafter;
 pub mod eval;
+pub mod fsutil;
 pub mod model;
 pub mod nn;
 pub mod spec;

@@ -423,19 +423,7 @@ fn tmp_path(dest: &Path) -> PathBuf {
 
 /// Writes a temporary file beside `path`, fsyncs, renames over `path`.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    if let Some(parent) = path.parent() {
-        // Makes the rename itself durable; not every file system allows opening a directory.
-        if let Ok(d) = File::open(parent) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    crate::fsutil::write_atomic(path, bytes).map_err(io_err(path))
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

@@ -364,14 +364,7 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + 
 
 /// Writes `bytes` to `<path>.tmp` in the same directory, fsyncs and renames it over `path`.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
-    let tmp = tmp_path(path);
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    sync_dir(path);
-    Ok(())
+    crate::fsutil::write_atomic(path, bytes).map_err(io_err(path))
 }
 
 pub(crate) fn tmp_path(path: &Path) -> PathBuf {

@@ -511,7 +511,7 @@ impl AdamW {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })?;
-        write_atomically(path, &data).map_err(io)
+        crate::fsutil::write_atomic(path, &data).map_err(io)
     }
 
     /// Reads a state written by [`AdamW::save`].
@@ -563,26 +563,6 @@ impl AdamW {
         self.check_state(&state, path)?;
         self.load_state_dict(&state)
     }
-}
-
-/// Writes `<path>.tmp` in the same directory, fsyncs it and renames it over `path`.
-fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

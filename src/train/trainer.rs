@@ -347,13 +347,9 @@ fn config_hash(cfg: &TrainConfig) -> String {
     format!("{:016x}", crate::train::sharegpt::fnv1a64(text.as_bytes()))
 }
 
+/// [`crate::fsutil::write_atomic`] with this module's error.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    Ok(())
+    crate::fsutil::write_atomic(path, bytes).map_err(io_err(path))
 }
 
 /// Trains a drafter as `cfg` says, writing everything under `cfg.out`.
