@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
-use specauf::eval::experiment::{bootstrap, paired, point_estimates, table, write_training_curves, Arm, ArmSummary, BenchTau, RequestTau};
+use specauf::eval::experiment::{bootstrap, check_findings, paired, point_estimates, table, write_training_curves, Arm, ArmSummary, BenchTau, RequestTau};
 use specauf::model::WeightsMode;
 use specauf::train::trainer::StepMetrics;
 
@@ -31,6 +31,11 @@ pub struct ExperimentArgs {
     /// Use this already prepared dataset instead of preparing one.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Train this many arms at once, each a `specauf train` child process with
+    /// cores/jobs threads (its log in arms/NAME/train.log). On 2 cores, 2 one-thread jobs
+    /// train about a third more steps per second than one two-thread job.
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,38 +128,32 @@ pub fn run(a: ExperimentArgs) -> anyhow::Result<()> {
     }
 
     // 2. Every arm, identical but for drafter and objective.
+    if a.jobs == 0 {
+        bail!("--jobs must be at least 1");
+    }
+    let mut pending = Vec::new();
     for (i, arm) in cfg.arms.iter().enumerate() {
         let dir = out.join("arms").join(&arm.name);
         if dir.join("final/model.safetensors").is_file() {
             eprintln!("arm {}/{} {}: trained (cached)", i + 1, cfg.arms.len(), arm.name);
-            continue;
+        } else {
+            pending.push(arm);
         }
-        eprintln!("arm {}/{} {}: training", i + 1, cfg.arms.len(), arm.name);
-        let t = &cfg.train;
-        train::run(train::TrainArgs {
-            config: None,
-            set: vec![
-                format!("model={}", cfg.model),
-                format!("data={}", data.display()),
-                format!("out={}", dir.display()),
-                format!("steps={}", t.steps),
-                format!("objective={}", arm.objective),
-                format!("drafter.kind={}", arm.drafter),
-                format!("drafter.layers={}", t.layers),
-                format!("drafter.block_size={}", t.block_size),
-                format!("drafter.target_layer_ids={:?}", t.target_layer_ids),
-                format!("num_anchors={}", t.num_anchors),
-                format!("batch_sequences={}", t.batch_sequences),
-                format!("optim.lr={}", t.lr),
-                format!("seed={}", t.seed),
-                "checkpoint_every=50".into(),
-                format!("eval_every={}", t.steps),
-                "eval_sequences=12".into(),
-            ],
-            resume: dir.join("config.json").is_file(),
-            weights: WeightsMode::Q8,
-        })
-        .with_context(|| format!("training arm {}", arm.name))?;
+    }
+    if a.jobs == 1 {
+        for arm in &pending {
+            let dir = out.join("arms").join(&arm.name);
+            eprintln!("arm {}: training", arm.name);
+            train::run(train::TrainArgs {
+                config: None,
+                set: arm_settings(&cfg, arm, &data, &dir),
+                resume: dir.join("config.json").is_file(),
+                weights: WeightsMode::Q8,
+            })
+            .with_context(|| format!("training arm {}", arm.name))?;
+        }
+    } else if !pending.is_empty() {
+        train_in_parallel(&cfg, &pending, &data, &out, a.jobs)?;
     }
 
     // 3. One evaluation of every arm on the same prompts (one shared AR baseline).
@@ -180,10 +179,110 @@ pub fn run(a: ExperimentArgs) -> anyhow::Result<()> {
 
     // 4. Summary with bootstrap intervals.
     let config_json: serde_json::Value = serde_json::from_str(&text)?;
-    summarize(&cfg, &config_json, &out, &eval_dir, &a.docs, &command)
+    summarize(&cfg, &a.config, &config_json, &out, &eval_dir, &a.docs, &command)
 }
 
-fn summarize(cfg: &PaperConfig, config_json: &serde_json::Value, out: &Path, eval_dir: &Path, docs: &Path, command: &str) -> anyhow::Result<()> {
+/// The `--set` overrides of one arm: everything but drafter kind and objective is the
+/// experiment's, so arms differ only there.
+fn arm_settings(cfg: &PaperConfig, arm: &Arm, data: &Path, dir: &Path) -> Vec<String> {
+    let t = &cfg.train;
+    vec![
+        format!("model={}", cfg.model),
+        format!("data={}", data.display()),
+        format!("out={}", dir.display()),
+        format!("steps={}", t.steps),
+        format!("objective={}", arm.objective),
+        format!("drafter.kind={}", arm.drafter),
+        format!("drafter.layers={}", t.layers),
+        format!("drafter.block_size={}", t.block_size),
+        format!("drafter.target_layer_ids={:?}", t.target_layer_ids),
+        format!("num_anchors={}", t.num_anchors),
+        format!("batch_sequences={}", t.batch_sequences),
+        format!("optim.lr={}", t.lr),
+        format!("seed={}", t.seed),
+        "checkpoint_every=50".into(),
+        format!("eval_every={}", t.steps),
+        "eval_sequences=12".into(),
+    ]
+}
+
+/// Trains `arms` as `specauf train` child processes, at most `jobs` at a time, each with
+/// cores/jobs threads. One progress bar follows the steps of all of them (their metrics.jsonl);
+/// a failed arm is reported with the tail of its log after the others have finished, so that no
+/// finished work is lost; rerunning resumes it.
+fn train_in_parallel(cfg: &PaperConfig, arms: &[&Arm], data: &Path, out: &Path, jobs: usize) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the specauf binary to run the arms")?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = (cores / jobs).max(1);
+    eprintln!("training {} arms, {jobs} at a time, {threads} thread(s) each; logs in <arm>/train.log", arms.len());
+    let pb = super::util::progress_bar(cfg.train.steps * arms.len() as u64, "arms");
+    let steps_done = |dir: &Path| -> u64 {
+        std::fs::read_to_string(dir.join("metrics.jsonl")).map(|t| t.lines().filter(|l| !l.trim().is_empty()).count() as u64).unwrap_or(0)
+    };
+    let mut queue: std::collections::VecDeque<&Arm> = arms.iter().copied().collect();
+    let mut running: Vec<(&Arm, std::process::Child)> = Vec::new();
+    let mut failed: Vec<(String, String)> = Vec::new();
+    loop {
+        while running.len() < jobs {
+            let Some(arm) = queue.pop_front() else { break };
+            let dir = out.join("arms").join(&arm.name);
+            std::fs::create_dir_all(&dir)?;
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("train.log"))?;
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("train");
+            for s in arm_settings(cfg, arm, data, &dir) {
+                cmd.arg("--set").arg(s);
+            }
+            if dir.join("config.json").is_file() {
+                cmd.arg("--resume");
+            }
+            cmd.env("RAYON_NUM_THREADS", threads.to_string())
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            let child = cmd.spawn().with_context(|| format!("starting the training of arm {}", arm.name))?;
+            pb.println(format!("arm {}: training (pid {})", arm.name, child.id()));
+            running.push((arm, child));
+        }
+        if running.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let mut still = Vec::new();
+        for (arm, mut child) in running {
+            match child.try_wait()? {
+                None => still.push((arm, child)),
+                Some(status) => {
+                    let dir = out.join("arms").join(&arm.name);
+                    if status.success() && dir.join("final/model.safetensors").is_file() {
+                        pb.println(format!("arm {}: trained", arm.name));
+                    } else {
+                        let log = std::fs::read_to_string(dir.join("train.log")).unwrap_or_default();
+                        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                        let tail: Vec<&str> = tail.into_iter().rev().collect();
+                        pb.println(format!("arm {}: FAILED ({status})", arm.name));
+                        failed.push((arm.name.clone(), tail.join("\n")));
+                    }
+                }
+            }
+        }
+        running = still;
+        let done: u64 = arms.iter().map(|arm| steps_done(&out.join("arms").join(&arm.name)).min(cfg.train.steps)).sum();
+        pb.set_position(done);
+    }
+    pb.finish_and_clear();
+    if !failed.is_empty() {
+        let detail: Vec<String> = failed.iter().map(|(n, t)| format!("arm {n}:\n{t}")).collect();
+        bail!(
+            "{} arm(s) failed; the others are kept. Fix the cause and rerun the same command to resume:\n{}",
+            failed.len(),
+            detail.join("\n")
+        );
+    }
+    Ok(())
+}
+
+fn summarize(cfg: &PaperConfig, config_path: &Path, config_json: &serde_json::Value, out: &Path, eval_dir: &Path, docs: &Path, command: &str) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(eval_dir.join("requests.jsonl")).context("reading requests.jsonl")?;
     let records: Vec<RequestTau> = text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
     let t = table(&records);
@@ -217,15 +316,24 @@ fn summarize(cfg: &PaperConfig, config_json: &serde_json::Value, out: &Path, eva
         arms_json.insert(arm.name.clone(), serde_json::to_value(&s)?);
         summaries.push((arm.name.clone(), s));
     }
-    let comparisons: Vec<_> = [("dflash-auf", "dflash-decay"), ("dflash-auf+decay", "dflash-decay"), ("dflash-auf+decay", "dflash-auf"), ("domino-auf", "domino-decay")]
+    let comparisons: Vec<_> = [
+        ("dflash-auf", "dflash-decay"),
+        ("dflash-auf+decay", "dflash-decay"),
+        ("dflash-auf+decay", "dflash-auf"),
+        ("dflash-auf", "dflash-full"),
+        ("dflash-auf", "dflash-dpace"),
+        ("domino-auf", "domino-decay"),
+    ]
         .iter()
         .filter_map(|(x, y)| paired(&t, &boots, x, y))
         .collect();
+    let findings = check_findings(&summaries, &comparisons);
     std::fs::create_dir_all(docs)?;
     let machine = specauf::eval::report::Machine::detect();
     let json = serde_json::json!({
         "arms": arms_json,
         "comparisons": comparisons,
+        "findings": findings,
         "command": command,
         "machine": machine,
         "date": specauf::eval::report::utc_now_rfc3339(),
@@ -257,6 +365,34 @@ fn summarize(cfg: &PaperConfig, config_json: &serde_json::Value, out: &Path, eva
             s.support_size,
             s.accept_len
         ));
+    }
+    let t = &cfg.train;
+    md.push_str(&format!(
+        "\nBudget ({config}): the target's greedy answers to {conv} ShareGPT prompts (≤ {new_tok} new tokens, prompts ≤ {max_len} tokens), \
+         {layers}-layer drafters of the target's width tapping target layers {taps:?}, B = {b}, {steps} steps × {seqs} sequence(s) × {anchors} anchors, \
+         lr {lr} (cosine, 4% warmup), seed {seed}; evaluation on {limit} prompts per benchmark (MT-Bench: both turns), {eval_tok} new tokens, T = 0. \
+         acc, support and accept length are measured on the held-out split at the end of training.\n",
+        config = config_path.display(),
+        conv = cfg.data.conversations,
+        new_tok = cfg.data.max_new_tokens,
+        max_len = cfg.data.max_len,
+        layers = t.layers,
+        taps = t.target_layer_ids,
+        b = t.block_size,
+        steps = t.steps,
+        seqs = t.batch_sequences,
+        anchors = t.num_anchors,
+        lr = t.lr,
+        seed = t.seed,
+        limit = cfg.eval.limit,
+        eval_tok = cfg.eval.max_new_tokens,
+    ));
+    md.push_str("\n## The paper's findings, checked on this run\n\n| finding | verdict | evidence |\n|---|---|---|\n");
+    for f in &findings {
+        md.push_str(&format!("| {} | **{}** | {} |\n", f.claim, f.verdict.label(), f.evidence));
+    }
+    if docs.join("investigation.md").is_file() {
+        md.push_str("\nWhat we found when a finding did not hold, and why: [investigation.md](investigation.md).\n");
     }
     md.push_str("\n## Paired comparisons (same requests, paired bootstrap of the average τ)\n\n| a vs b | Δ avg τ | relative | 95% CI of Δ | benchmarks where a > b |\n|---|---|---|---|---|\n");
     for c in &comparisons {

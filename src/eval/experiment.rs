@@ -184,6 +184,119 @@ pub fn paired(t: &Table, boots: &BTreeMap<String, (BTreeMap<String, [f64; 2]>, [
     })
 }
 
+/// How one of the paper's findings fared in this run.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Held,
+    /// Same direction as the paper, but not on every benchmark or not outside the noise.
+    Partly,
+    NotHeld,
+    /// The arms compared made the same predictions on every request (or an arm is missing):
+    /// the run cannot tell either way.
+    NotTestable,
+}
+
+impl Verdict {
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Held => "held",
+            Verdict::Partly => "partly held",
+            Verdict::NotHeld => "did not hold",
+            Verdict::NotTestable => "not testable here",
+        }
+    }
+}
+
+/// One claim of the paper, checked against this run's numbers.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Finding {
+    pub claim: String,
+    pub verdict: Verdict,
+    pub evidence: String,
+}
+
+fn identical(d: &PairedDiff) -> bool {
+    d.diff == 0.0 && d.ci == [0.0, 0.0]
+}
+
+/// Checks the paper's three findings (SPEC §3, the list) on a run's summaries and paired
+/// differences: AUF > decay on every benchmark and on average (per backbone); decay reaches the
+/// higher shared-mask accuracy yet the lower τ (per backbone); AUF+decay ≈ AUF on DFlash
+/// (the 95% interval of the difference holds 0, or the difference is under 1% of τ).
+pub fn check_findings(arms: &[(String, ArmSummary)], comparisons: &[PairedDiff]) -> Vec<Finding> {
+    let arm = |n: &str| arms.iter().find(|(a, _)| a == n).map(|(_, s)| s);
+    let cmp = |a: &str, b: &str| comparisons.iter().find(|c| c.a == a && c.b == b);
+    let mut out = Vec::new();
+    for (backbone, paper) in [("dflash", "+8.7%"), ("domino", "+4.7%")] {
+        let (auf, decay) = (format!("{backbone}-auf"), format!("{backbone}-decay"));
+        let claim = format!("AUF > decay on {backbone}, on every benchmark and on average (paper: {paper} relative)");
+        out.push(match cmp(&auf, &decay) {
+            None => Finding { claim, verdict: Verdict::NotTestable, evidence: format!("arms {auf} / {decay} not in this run") },
+            Some(d) if identical(d) => Finding {
+                claim,
+                verdict: Verdict::NotTestable,
+                evidence: "both arms produced the same τ on every request".into(),
+            },
+            Some(d) => {
+                let verdict = if d.diff > 0.0 && d.ci[0] > 0.0 && d.benchmarks_won == d.benchmarks {
+                    Verdict::Held
+                } else if d.diff > 0.0 {
+                    Verdict::Partly
+                } else {
+                    Verdict::NotHeld
+                };
+                Finding {
+                    claim,
+                    verdict,
+                    evidence: format!(
+                        "Δ avg τ {:+.3} ({:+.1}%), 95% CI [{:+.3}, {:+.3}], higher on {}/{} benchmarks",
+                        d.diff,
+                        100.0 * d.relative,
+                        d.ci[0],
+                        d.ci[1],
+                        d.benchmarks_won,
+                        d.benchmarks
+                    ),
+                }
+            }
+        });
+        let claim = format!("decay reaches higher shared-mask accuracy yet lower τ than AUF on {backbone}");
+        out.push(match (arm(&auf), arm(&decay)) {
+            (Some(a), Some(d)) => {
+                let higher_acc = d.acc > a.acc;
+                let lower_tau = d.average_tau < a.average_tau;
+                let verdict = match (higher_acc, lower_tau) {
+                    (true, true) => Verdict::Held,
+                    _ if d.acc == a.acc && d.average_tau == a.average_tau => Verdict::NotTestable,
+                    (true, false) | (false, true) => Verdict::Partly,
+                    (false, false) => Verdict::NotHeld,
+                };
+                Finding {
+                    claim,
+                    verdict,
+                    evidence: format!(
+                        "held-out acc decay {:.3} vs auf {:.3}; average τ decay {:.3} vs auf {:.3}",
+                        d.acc, a.acc, d.average_tau, a.average_tau
+                    ),
+                }
+            }
+            _ => Finding { claim, verdict: Verdict::NotTestable, evidence: format!("arms {auf} / {decay} not in this run") },
+        });
+    }
+    let claim = "AUF+decay ≈ AUF on dflash".to_string();
+    out.push(match cmp("dflash-auf+decay", "dflash-auf") {
+        None => Finding { claim, verdict: Verdict::NotTestable, evidence: "arms dflash-auf+decay / dflash-auf not in this run".into() },
+        Some(d) if identical(d) => Finding { claim, verdict: Verdict::NotTestable, evidence: "both arms produced the same τ on every request".into() },
+        Some(d) => Finding {
+            claim,
+            verdict: if (d.ci[0] <= 0.0 && d.ci[1] >= 0.0) || d.relative.abs() < 0.01 { Verdict::Held } else { Verdict::NotHeld },
+            evidence: format!("Δ avg τ {:+.3} ({:+.1}%), 95% CI [{:+.3}, {:+.3}]", d.diff, 100.0 * d.relative, d.ci[0], d.ci[1]),
+        },
+    });
+    out
+}
+
 /// Training curves: per arm, (step, loss) and (step, shared-mask acc), smoothed by a moving
 /// average of `window` steps; held-out accept length where evaluated.
 pub fn write_training_curves(path: &Path, curves: &[(String, Vec<(u64, f64, f64)>)], window: usize) -> Result<(), String> {
@@ -241,6 +354,48 @@ pub fn write_training_curves(path: &Path, curves: &[(String, Vec<(u64, f64, f64)
 
 #[cfg(test)]
 mod tests {
+
+    fn summary(acc: f64, tau: f64) -> ArmSummary {
+        ArmSummary {
+            drafter: "dflash".into(),
+            objective: "x".into(),
+            benchmarks: BTreeMap::new(),
+            average_tau: tau,
+            average_tau_ci: [tau, tau],
+            acc,
+            support_size: 1.0,
+            accept_len: 1.0,
+        }
+    }
+
+    fn diff(a: &str, b: &str, d: f64, ci: [f64; 2], won: usize) -> PairedDiff {
+        PairedDiff { a: a.into(), b: b.into(), diff: d, relative: d / 2.0, ci, benchmarks_won: won, benchmarks: 6 }
+    }
+
+    #[test]
+    fn findings_are_judged_from_the_paired_differences_and_the_held_out_accuracy() {
+        let arms = vec![
+            ("dflash-decay".to_string(), summary(0.30, 2.0)),
+            ("dflash-auf".to_string(), summary(0.25, 2.2)),
+            ("domino-decay".to_string(), summary(0.20, 2.0)),
+            ("domino-auf".to_string(), summary(0.25, 1.9)),
+        ];
+        let cmps = vec![
+            diff("dflash-auf", "dflash-decay", 0.2, [0.1, 0.3], 6),
+            diff("domino-auf", "domino-decay", 0.05, [-0.01, 0.1], 4),
+            diff("dflash-auf+decay", "dflash-auf", 0.0, [0.0, 0.0], 0),
+        ];
+        let f = check_findings(&arms, &cmps);
+        let verdicts: Vec<Verdict> = f.iter().map(|x| x.verdict).collect();
+        assert_eq!(
+            verdicts,
+            vec![Verdict::Held, Verdict::Held, Verdict::Partly, Verdict::NotHeld, Verdict::NotTestable],
+            "{f:#?}"
+        );
+        assert!(f[0].evidence.contains("6/6"), "{}", f[0].evidence);
+        let negative = vec![diff("dflash-auf", "dflash-decay", -0.1, [-0.2, -0.05], 0)];
+        assert_eq!(check_findings(&arms, &negative)[0].verdict, Verdict::NotHeld);
+    }
     use super::*;
 
     fn rec(arm: &str, b: &str, id: usize, tau: f64) -> RequestTau {
