@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
-use specauf::eval::experiment::{bootstrap, check_findings, paired, point_estimates, table, write_training_curves, Arm, ArmSummary, BenchTau, RequestTau};
+use specauf::eval::experiment::{bootstrap, check_findings, paired, point_estimates, table, write_training_curves, Arm, CurvePoint, ArmSummary, BenchTau, RequestTau};
 use specauf::model::WeightsMode;
 use specauf::train::trainer::StepMetrics;
 
@@ -296,7 +296,13 @@ fn summarize(cfg: &PaperConfig, config_path: &Path, config_json: &serde_json::Va
         let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
         let metrics: Vec<StepMetrics> = lines.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
         let held_out = metrics.iter().rev().find_map(|m| m.eval.clone());
-        curves.push((arm.name.clone(), metrics.iter().map(|m| (m.step, m.loss as f64, m.acc as f64)).collect::<Vec<_>>()));
+        curves.push((
+            arm.name.clone(),
+            metrics
+                .iter()
+                .map(|m| CurvePoint { step: m.step, loss: m.loss as f64, acc: m.acc as f64, accept_len: m.accept_len as f64 })
+                .collect::<Vec<_>>(),
+        ));
         let (per, avg) = point_estimates(&t, &arm.name);
         let (cis, avg_ci, _) = boots.get(&arm.name).cloned().unwrap_or_default();
         let benchmarks: BTreeMap<String, BenchTau> = per
@@ -340,7 +346,7 @@ fn summarize(cfg: &PaperConfig, config_path: &Path, config_json: &serde_json::Va
         "config": config_json,
     });
     specauf::eval::report::write_atomic(&docs.join("results.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
-    write_training_curves(&docs.join("training_curves.svg"), &curves, 20).map_err(|e| anyhow::anyhow!("training curves: {e}"))?;
+    write_training_curves(&docs.join("training_curves.svg"), &curves, 50).map_err(|e| anyhow::anyhow!("training curves: {e}"))?;
     let _ = std::fs::copy(eval_dir.join("plot.svg"), docs.join("results_eval.svg"));
 
     // results.md in the paper's layout: rows = arms, columns = benchmarks + average.

@@ -297,16 +297,28 @@ pub fn check_findings(arms: &[(String, ArmSummary)], comparisons: &[PairedDiff])
     out
 }
 
-/// Training curves: per arm, (step, loss) and (step, shared-mask acc), smoothed by a moving
-/// average of `window` steps; held-out accept length where evaluated.
-pub fn write_training_curves(path: &Path, curves: &[(String, Vec<(u64, f64, f64)>)], window: usize) -> Result<(), String> {
+/// One training step of an arm, as plotted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CurvePoint {
+    pub step: u64,
+    pub loss: f64,
+    /// Token accuracy on the shared block mask.
+    pub acc: f64,
+    /// In-block accept length (1 + leading run of correct positions).
+    pub accept_len: f64,
+}
+
+/// Training curves, three panels side by side: loss, shared-mask accuracy and in-block accept
+/// length per arm, each smoothed by a moving average of `window` steps. The last two side by
+/// side show the paper's point: an arm can lead on accuracy and trail on accept length.
+pub fn write_training_curves(path: &Path, curves: &[(String, Vec<CurvePoint>)], window: usize) -> Result<(), String> {
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (1200, 460)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, (1500, 460)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let (left, right) = root.split_horizontally(600);
+        let panels = root.split_evenly((1, 3));
         let colors = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(127, 127, 127)];
-        let max_step = curves.iter().flat_map(|(_, c)| c.iter().map(|p| p.0)).max().unwrap_or(1) as f64;
+        let max_step = curves.iter().flat_map(|(_, c)| c.iter().map(|p| p.step)).max().unwrap_or(1) as f64;
         let smooth = |v: &[(u64, f64)]| -> Vec<(f64, f64)> {
             v.iter()
                 .enumerate()
@@ -317,18 +329,25 @@ pub fn write_training_curves(path: &Path, curves: &[(String, Vec<(u64, f64, f64)
                 })
                 .collect()
         };
-        for (panel, title, pick) in [(&left, "training loss (moving average)", 0usize), (&right, "shared-mask token accuracy (moving average)", 1)] {
-            let series: Vec<(String, Vec<(f64, f64)>)> = curves
-                .iter()
-                .map(|(n, c)| (n.clone(), smooth(&c.iter().map(|p| (p.0, if pick == 0 { p.1 } else { p.2 })).collect::<Vec<_>>())))
-                .collect();
+        let titles = ["training loss", "shared-mask token accuracy", "in-block accept length"];
+        for (pick, (panel, title)) in panels.iter().zip(titles).enumerate() {
+            let value = |p: &CurvePoint| match pick {
+                0 => p.loss,
+                1 => p.acc,
+                _ => p.accept_len,
+            };
+            let series: Vec<(String, Vec<(f64, f64)>)> =
+                curves.iter().map(|(n, c)| (n.clone(), smooth(&c.iter().map(|p| (p.step, value(p))).collect::<Vec<_>>()))).collect();
             let ymax = series.iter().flat_map(|(_, s)| s.iter().map(|p| p.1)).fold(0.0f64, f64::max).max(1e-3) * 1.05;
+            // Accept length starts at 1 by definition: zoom on what is above it.
+            let ymin = if pick == 2 { series.iter().flat_map(|(_, s)| s.iter().map(|p| p.1)).fold(f64::INFINITY, f64::min).min(1.0) } else { 0.0 };
+            let title = format!("{title} ({window}-step moving average)");
             let mut chart = ChartBuilder::on(panel)
-                .caption(title, ("sans-serif", 18))
+                .caption(title, ("sans-serif", 16))
                 .margin(12)
                 .x_label_area_size(36)
                 .y_label_area_size(48)
-                .build_cartesian_2d(0.0..max_step, 0.0..ymax)
+                .build_cartesian_2d(0.0..max_step, ymin..ymax)
                 .map_err(|e| e.to_string())?;
             chart.configure_mesh().x_desc("step").draw().map_err(|e| e.to_string())?;
             for (i, (name, s)) in series.iter().enumerate() {
@@ -343,7 +362,7 @@ pub fn write_training_curves(path: &Path, curves: &[(String, Vec<(u64, f64, f64)
                 .configure_series_labels()
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
-                .position(if pick == 0 { SeriesLabelPosition::UpperRight } else { SeriesLabelPosition::LowerRight })
+                .position(if pick == 0 { SeriesLabelPosition::UpperRight } else { SeriesLabelPosition::UpperLeft })
                 .draw()
                 .map_err(|e| e.to_string())?;
         }
