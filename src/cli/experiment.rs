@@ -347,7 +347,22 @@ fn summarize(cfg: &PaperConfig, config_path: &Path, config_json: &serde_json::Va
     });
     specauf::eval::report::write_atomic(&docs.join("results.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
     write_training_curves(&docs.join("training_curves.svg"), &curves, 50).map_err(|e| anyhow::anyhow!("training curves: {e}"))?;
-    let _ = std::fs::copy(eval_dir.join("plot.svg"), docs.join("results_eval.svg"));
+    // τ per benchmark and acceptance per position of every arm, redrawn from the evaluation's
+    // records (so a summary rerun picks up plot changes without re-evaluating).
+    let full: Vec<specauf::eval::runner::RequestRecord> =
+        text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>().context("reading requests.jsonl")?;
+    let order: Vec<specauf::eval::datasets::BenchmarkName> = cfg.eval.benchmarks.iter().filter_map(|b| b.parse().ok()).collect();
+    let runs: Vec<_> = cfg
+        .arms
+        .iter()
+        .map(|arm| specauf::eval::runner::summarize(&full, &arm.name, cfg.train.block_size, &order))
+        .collect();
+    specauf::eval::plot::write_svg(
+        &docs.join("results_eval.svg"),
+        &runs,
+        &format!("{}: {} prompts per benchmark, max_new_tokens {}, T = 0", cfg.model, cfg.eval.limit, cfg.eval.max_new_tokens),
+    )
+    .map_err(|e| anyhow::anyhow!("plotting the evaluation: {e}"))?;
 
     // results.md in the paper's layout: rows = arms, columns = benchmarks + average.
     let benches: Vec<String> = cfg.eval.benchmarks.clone();
@@ -398,7 +413,7 @@ fn summarize(cfg: &PaperConfig, config_path: &Path, config_json: &serde_json::Va
         md.push_str(&format!("| {} | **{}** | {} |\n", f.claim, f.verdict.label(), f.evidence));
     }
     if docs.join("investigation.md").is_file() {
-        md.push_str("\nWhat we found when a finding did not hold, and why: [investigation.md](investigation.md).\n");
+        md.push_str("\nInvestigation notes (what we checked when a run disagreed with the paper): [investigation.md](investigation.md).\n");
     }
     md.push_str("\n## Paired comparisons (same requests, paired bootstrap of the average τ)\n\n| a vs b | Δ avg τ | relative | 95% CI of Δ | benchmarks where a > b |\n|---|---|---|---|---|\n");
     for c in &comparisons {

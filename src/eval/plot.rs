@@ -94,18 +94,21 @@ fn draw_tau<DB: DrawingBackend>(
         .flat_map(|r| (0..groups.len()).map(move |g| value(r, g)))
         .fold(1.0f64, f64::max);
     let n = groups.len();
+    // τ is at least 1 by definition (every cycle emits the target's own token), so the bars
+    // start at 1 = "no gain"; the headroom above the tallest bar keeps the legend off the bars.
+    let ymax = 1.0 + ((top - 1.0) * (1.25 + 0.07 * runs.len() as f64)).max(0.1);
     let mut chart = ChartBuilder::on(area)
         .caption("τ (average emitted length per cycle)", ("sans-serif", 16))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(44)
-        .build_cartesian_2d(0.0..n as f64, 0.0..top * 1.15)?;
-    chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("τ").draw()?;
+        .build_cartesian_2d(0.0..n as f64, 1.0..ymax)?;
+    chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("τ (1 = no draft accepted)").draw()?;
     // Group names under the axis, centred on their groups (a continuous axis cannot place its
     // own labels at the centres); drawn on the panel, which does not clip to the plotting area.
     let (bx, by) = area.get_base_pixel();
     for (i, name) in groups.iter().enumerate() {
-        let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+        let (px, py) = chart.backend_coord(&(i as f64 + 0.5, 1.0));
         let half = (name.chars().count() as i32 * 7) / 2;
         area.draw(&Text::new(
             name.clone(),
@@ -120,14 +123,14 @@ fn draw_tau<DB: DrawingBackend>(
         chart
             .draw_series(
                 bars.iter()
-                    .map(|&(x, y, w)| Rectangle::new([(x, 0.0), (x + w * 0.92, y)], c.filled())),
+                    .map(|&(x, y, w)| Rectangle::new([(x, 1.0), (x + w * 0.92, y)], c.filled())),
             )?
             .label(format!("{} (B = {})", run.drafter, run.block_size))
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
         if runs.len() <= 4 {
             chart.draw_series(
                 bars.iter()
-                    .map(|&(x, y, w)| Text::new(format!("{y:.2}"), (x + w * 0.1, y + top * 0.04), ("sans-serif", 11).into_font())),
+                    .map(|&(x, y, w)| Text::new(format!("{y:.2}"), (x + w * 0.1, y + (ymax - 1.0) * 0.04), ("sans-serif", 11).into_font())),
             )?;
         }
     }
@@ -146,12 +149,16 @@ fn draw_acceptance<DB: DrawingBackend>(
     runs: &[RunResult],
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let positions = runs.iter().map(|r| r.average.accept_per_position.len()).max().unwrap_or(0).max(1);
+    // Zoom on the rates that occur (weak drafters would be a flat line on a 0..1 axis), with
+    // headroom for the legend.
+    let top = runs.iter().flat_map(|r| r.average.accept_per_position.iter().copied()).filter(|a| a.is_finite()).fold(0.0f64, f64::max);
+    let ymax = (top * (1.25 + 0.07 * runs.len() as f64)).clamp(0.05, 1.05);
     let mut chart = ChartBuilder::on(area)
         .caption("acceptance rate per draft position (all benchmarks)", ("sans-serif", 16))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(44)
-        .build_cartesian_2d(0.5..positions as f64 + 0.5, 0.0..1.05)?;
+        .build_cartesian_2d(0.5..positions as f64 + 0.5, 0.0..ymax)?;
     chart
         .configure_mesh()
         .x_labels(positions.min(16))

@@ -265,7 +265,7 @@ impl EvalConfig {
 }
 
 /// One turn of one run.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RequestRecord {
     pub benchmark: String,
     pub id: String,
