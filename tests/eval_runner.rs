@@ -460,3 +460,58 @@ fn a_dflash_drafter_reproduces_ar_through_the_runner() {
         assert!(r.draft_lengths.iter().all(|&k| k == 3));
     }
 }
+
+/// Keeps every finished request, and on a second run hands back those it was told to resume.
+#[derive(Default)]
+struct Journaling {
+    entries: Vec<runner::RequestEntry>,
+    resume_from: Vec<runner::RequestEntry>,
+    resumed: usize,
+}
+
+impl EvalObserver for Journaling {
+    fn resumed(&mut self, benchmark: BenchmarkName, id: &str) -> Option<runner::RequestEntry> {
+        let i = self.resume_from.iter().position(|e| e.benchmark == benchmark.to_string() && e.id == id)?;
+        self.resumed += 1;
+        Some(self.resume_from.remove(i))
+    }
+    fn request_done(&mut self, entry: &runner::RequestEntry) -> Result<(), EvalError> {
+        self.entries.push(entry.clone());
+        Ok(())
+    }
+}
+
+#[test]
+fn an_interrupted_evaluation_resumes_from_its_finished_requests_without_running_them_again() {
+    let target = target("qwen3");
+    let renderer = ByteRenderer::default();
+    let begins = Rc::new(RefCell::new(0usize));
+    let mut drafters = vec![EvalDrafter::new(
+        "fixed",
+        Box::new(Counting { inner: FixedProposer::new(3, 17), begins: begins.clone(), taps: vec![] }),
+    )];
+    let benchmarks = two_benchmarks();
+    let mut first = Journaling::default();
+    let full = runner::run(&target, &renderer, &mut drafters, &benchmarks, &cfg(&target, 12), &mut first).unwrap();
+    assert_eq!(first.entries.len(), 3, "one entry per request");
+    let begins_full = *begins.borrow();
+
+    // "Interrupted" after the first two requests: the second run gets those two back.
+    let mut second = Journaling { resume_from: first.entries[..2].to_vec(), ..Default::default() };
+    *begins.borrow_mut() = 0;
+    let resumed = runner::run(&target, &renderer, &mut drafters, &benchmarks, &cfg(&target, 12), &mut second).unwrap();
+    assert_eq!(second.resumed, 2);
+    assert_eq!(second.entries.len(), 1, "only the unfinished request is run and recorded");
+    let begins_resumed = *begins.borrow();
+    assert!(begins_resumed < begins_full, "resumed requests must not be generated again ({begins_resumed} vs {begins_full} begins)");
+    // Same records, hence the same figures (τ, tokens; timings of the resumed requests are theirs).
+    assert_eq!(resumed.records.len(), full.records.len());
+    for (a, b) in resumed.records.iter().zip(&full.records) {
+        assert_eq!((&a.benchmark, &a.id, a.turn, &a.drafter, &a.tokens, a.tau), (&b.benchmark, &b.id, b.turn, &b.drafter, &b.tokens, b.tau));
+    }
+    for (a, b) in resumed.records.iter().take(4).zip(&full.records) {
+        assert_eq!(a.decode_ms, b.decode_ms, "a resumed record is taken as it was measured");
+    }
+    assert_eq!(resumed.exact_mismatches, 0);
+    assert_eq!(resumed.ar_generations, full.ar_generations);
+}

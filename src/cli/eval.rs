@@ -6,14 +6,16 @@
 //! benchmark names and data, the model, every drafter against the model (vocabulary, hidden size,
 //! tapped layers), the block-size override, the chat template, and the context of every request.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use specauf::assets;
 use specauf::drafter::{DFlashDrafter, DFlashProposer};
 use specauf::eval::datasets::{self, Benchmark, BenchmarkName};
 use specauf::eval::report::{self, DrafterSetting, Settings};
-use specauf::eval::runner::{self, ChatRenderer, EvalConfig, EvalDrafter, EvalObserver, RequestRecord};
+use specauf::eval::runner::{self, ChatRenderer, EvalConfig, EvalDrafter, EvalError, EvalObserver, RequestEntry, RequestRecord};
 use specauf::model::{load_model, WeightsMode};
 use specauf::spec::{AcceptRule, Proposer};
 
@@ -171,17 +173,117 @@ fn dflash_at_block_size(d: &DFlashDrafter, block_size: usize) -> anyhow::Result<
     Ok(out)
 }
 
-/// A progress bar over requests × runs, showing the current run's running τ.
-struct Progress(indicatif::ProgressBar);
+/// A progress bar over requests × runs, showing the current run's running τ; and the journal of
+/// finished requests, so that an interrupted evaluation resumes where it stopped.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    journal: Journal,
+}
 
 impl EvalObserver for Progress {
     fn start(&mut self, total: usize) {
-        self.0.set_length(total as u64);
+        self.bar.set_length(total as u64);
     }
     fn turn_done(&mut self, r: &RequestRecord, running_tau: f64) {
-        self.0.inc(1);
-        self.0.set_message(format!("{} {} τ {running_tau:.2}", r.benchmark, r.drafter));
+        self.bar.inc(1);
+        self.bar.set_message(format!("{} {} τ {running_tau:.2}", r.benchmark, r.drafter));
     }
+    fn resumed(&mut self, benchmark: BenchmarkName, id: &str) -> Option<RequestEntry> {
+        self.journal.done.remove(&(benchmark.to_string(), id.to_string()))
+    }
+    fn request_done(&mut self, entry: &RequestEntry) -> Result<(), EvalError> {
+        self.journal.append(entry).map_err(|e| EvalError::InvalidConfig {
+            what: format!("cannot record finished requests in {}: {e}", self.journal.path.display()),
+        })
+    }
+}
+
+/// `OUT/requests.partial.jsonl`: a header line with the evaluation's settings, then one line per
+/// finished request (every run of it). Removed once the results are written.
+struct Journal {
+    path: PathBuf,
+    done: HashMap<(String, String), RequestEntry>,
+    file: std::fs::File,
+}
+
+impl Journal {
+    const FILE: &'static str = "requests.partial.jsonl";
+
+    /// Opens the journal in `out`, keeping the requests of an interrupted run with the same
+    /// `settings`; refuses one written with other settings (its records would not be comparable).
+    fn open(out: &Path, settings: &serde_json::Value) -> anyhow::Result<Journal> {
+        let path = out.join(Self::FILE);
+        let mut done = HashMap::new();
+        let mut kept = Vec::new();
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let mut lines = text.lines();
+            let header: Option<serde_json::Value> = lines.next().and_then(|l| serde_json::from_str(l).ok());
+            let Some(header) = header.filter(|h| h.get("journal").and_then(|j| j.as_str()) == Some("specauf-eval")) else {
+                bail!("{} is not a readable evaluation journal (cut off or overwritten); delete it to start over", path.display());
+            };
+            if header.get("settings") != Some(settings) {
+                bail!(
+                    "{} holds a partial evaluation with other settings (model, weights, drafters, benchmarks, limit or \
+                     generation settings differ); delete it to start over, or choose another --out",
+                    path.display()
+                );
+            }
+            for line in lines {
+                // A line cut off by the interruption ends the journal: that request runs again.
+                let Ok(entry) = serde_json::from_str::<RequestEntry>(line) else { break };
+                kept.push(line.to_string());
+                done.insert((entry.benchmark.clone(), entry.id.clone()), entry);
+            }
+        }
+        // Rewrite header + complete entries (dropping a cut-off tail), then append to it.
+        let mut body = serde_json::to_string(&serde_json::json!({ "journal": "specauf-eval", "settings": settings }))?;
+        body.push('\n');
+        for line in &kept {
+            body.push_str(line);
+            body.push('\n');
+        }
+        specauf::fsutil::write_atomic(&path, body.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Journal { path, done, file })
+    }
+
+    fn append(&mut self, entry: &RequestEntry) -> std::io::Result<()> {
+        let mut line = serde_json::to_string(entry).map_err(std::io::Error::other)?;
+        line.push('\n');
+        self.file.write_all(line.as_bytes())?;
+        self.file.flush()
+    }
+}
+
+/// What must match for a partial evaluation to be resumed: everything that changes a record.
+fn journal_settings(a: &EvalArgs, model: &str, drafters: &[(String, PathBuf)]) -> serde_json::Value {
+    let drafters: Vec<serde_json::Value> = drafters
+        .iter()
+        .map(|(label, dir)| {
+            let meta = std::fs::metadata(dir.join("model.safetensors")).ok();
+            let modified = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            serde_json::json!({
+                "label": label,
+                "dir": dir.display().to_string(),
+                "bytes": meta.map(|m| m.len()),
+                "modified_ns": modified.map(|d| d.as_nanos().to_string()),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "model": model,
+        "weights": format!("{:?}", a.weights),
+        "drafters": drafters,
+        "benchmarks": a.benchmarks,
+        "limit": a.limit,
+        "max_new_tokens": a.max_new_tokens,
+        "temperature": a.temperature,
+        "top_p": a.top_p,
+        "block_size": a.block_size,
+        "seed": a.seed,
+        "system": a.system,
+    })
 }
 
 /// The command line as typed, quoted for a POSIX shell where needed.
@@ -291,15 +393,28 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     );
 
     // 3. Generate.
-    let mut progress = Progress(progress_bar(0, "eval"));
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let journal = Journal::open(&out_dir, &journal_settings(&a, &m.name, &drafter_dirs))?;
+    if !journal.done.is_empty() {
+        eprintln!(
+            "eval: resuming an interrupted evaluation: {} requests already done (kept in {})",
+            journal.done.len(),
+            journal.path.display()
+        );
+    }
+    let journal_path = journal.path.clone();
+    let mut progress = Progress { bar: progress_bar(0, "eval"), journal };
     let results = runner::run(&m.target, &renderer, &mut drafters, &benchmarks, &cfg, &mut progress)?;
-    progress.0.finish_and_clear();
+    progress.bar.finish_and_clear();
 
     // 4. Write, then summarise.
     let weights = serde_json::to_value(a.weights)?.as_str().unwrap_or("q8").to_string();
     let settings = Settings::describe(&m.name, &weights, drafter_settings, a.limit, &cfg, &results, &command_line());
     let written =
         report::write_all(&out_dir, &settings, &results).with_context(|| format!("writing the results to {}", out_dir.display()))?;
+    drop(progress);
+    // The results hold every request now; the journal has done its job.
+    let _ = std::fs::remove_file(&journal_path);
     for run in &results.runs {
         let per: Vec<String> = run
             .benchmarks

@@ -295,7 +295,7 @@ pub struct RequestRecord {
 }
 
 /// A conversation, or one turn of it, left out of the evaluation.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Skipped {
     pub benchmark: String,
     pub id: String,
@@ -407,6 +407,27 @@ pub trait EvalObserver {
     fn start(&mut self, _total: usize) {}
     /// Called after every turn of every run, with the running τ of that run on that benchmark.
     fn turn_done(&mut self, _record: &RequestRecord, _running_tau: f64) {}
+    /// A request finished by an earlier, interrupted run of this same evaluation: its records are
+    /// taken as they are and the request is not generated again.
+    fn resumed(&mut self, _benchmark: BenchmarkName, _id: &str) -> Option<RequestEntry> {
+        None
+    }
+    /// Called once a request has been run by AR and every drafter (its turns' `counted` flags
+    /// final), so that it can be kept for a resume.
+    fn request_done(&mut self, _entry: &RequestEntry) -> Result<(), EvalError> {
+        Ok(())
+    }
+}
+
+/// Everything one request produced: the records of every run and turn, and the turns skipped
+/// at run time. The unit an interrupted evaluation resumes by: AR and the drafters of one
+/// request always come from the same process, so their timings stay paired.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RequestEntry {
+    pub benchmark: String,
+    pub id: String,
+    pub records: Vec<RequestRecord>,
+    pub skipped: Vec<Skipped>,
 }
 
 /// An observer that does nothing.
@@ -519,6 +540,25 @@ pub fn run(
     for (name, reqs) in &plan {
         for r in reqs {
             let first = records.len();
+            if let Some(entry) = observer.resumed(*name, &r.id) {
+                let runs = 1 + drafters.len();
+                if entry.benchmark != name.to_string() || entry.id != r.id || entry.records.len() > runs * r.turns.len() {
+                    return Err(EvalError::InvalidConfig {
+                        what: format!("the resumed entry for {name} {} does not belong to this evaluation", r.id),
+                    });
+                }
+                for rec in entry.records {
+                    let t = note_tau(&mut running, *name, &rec);
+                    observer.turn_done(&rec, t);
+                    if rec.drafter == AR_LABEL {
+                        ar_generations += 1;
+                    }
+                    records.push(rec);
+                }
+                skipped.extend(entry.skipped);
+                continue;
+            }
+            let skipped_before = skipped.len();
             let ar = run_conversation(target, renderer, None, *name, r, cfg, block, max_pos, &mut skipped)?;
             ar_generations += ar.len();
             for rec in ar {
@@ -561,6 +601,12 @@ pub fn run(
                     }
                 }
             }
+            observer.request_done(&RequestEntry {
+                benchmark: name.to_string(),
+                id: r.id.clone(),
+                records: records[first..].to_vec(),
+                skipped: skipped[skipped_before..].to_vec(),
+            })?;
         }
     }
 
