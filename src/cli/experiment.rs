@@ -95,7 +95,8 @@ pub fn run(a: ExperimentArgs) -> anyhow::Result<()> {
         None => specauf::assets::home()?.join("experiments").join(&a.name),
     };
     std::fs::create_dir_all(&out)?;
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    // As a user would type it (the binary as `specauf`, wherever it was built).
+    let command = std::iter::once("specauf".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
     eprintln!("experiment {}: {} arms, working folder {}", a.name, cfg.arms.len(), out.display());
 
     // 1. Shared data: the target's own greedy answers, with cached features.
@@ -368,7 +369,12 @@ fn summarize(cfg: &PaperConfig, config_path: &Path, config_json: &serde_json::Va
     let benches: Vec<String> = cfg.eval.benchmarks.clone();
     let mut md = String::new();
     md.push_str("# The paper's comparison at small scale (SmolLM2-135M target, CPU)\n\n");
-    md.push_str(&format!("Command: `{command}`\n\nMachine: {} ({} threads), {}.\n\n", machine.cpu_model, machine.threads, specauf::eval::report::utc_now_rfc3339()));
+    md.push_str(&format!(
+        "Command: `{command}` (training and evaluation are cached in the working folder: a rerun only redoes what is missing, then this summary)\n\nMachine: {} ({} threads); summary written {}.\n\n",
+        machine.cpu_model,
+        machine.threads,
+        specauf::eval::report::utc_now_rfc3339()
+    ));
     md.push_str("τ = mean accepted drafts + 1 per cycle (T = 0, block size from the config); each cell is the mean over requests with a 95% bootstrap interval over requests. Stand-ins: gsm8k = GSM-Symbolic, math500 = CHAMP, mbpp = CodeI/O prompts, alpaca = held-out ShareGPT first turns.\n\n");
     md.push_str(&format!("| arm | {} | average | acc (shared mask) | support/block | held-out accept len |\n|---|{}---|---|---|---|\n", benches.join(" | "), "---|".repeat(benches.len())));
     for (name, s) in &summaries {
