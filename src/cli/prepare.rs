@@ -52,9 +52,9 @@ pub struct PrepareArgs {
     /// Cap on the tokens of one regenerated reply (also capped by what fits in --max-len).
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// Regeneration threads sharing the target, each with its own KV cache (and one kernel
-    /// thread each unless RAYON_NUM_THREADS is set). On 2 cores, 2 workers measured the same
-    /// as 1; more help where there are more cores than one decode uses.
+    /// Regeneration threads sharing the target, each with its own KV cache and its own pool of
+    /// cores/workers kernel threads. On 2 cores, 2 workers measured the same as 1; more help
+    /// where there are more cores than one decode uses.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
     /// Weights for regeneration: q8 (fast), f32 (reference), native (GGUF types as stored).
@@ -84,12 +84,6 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
     }
     if a.workers == 0 {
         bail!("--workers must be at least 1");
-    }
-    // Each worker runs its own forward; candle's kernels would otherwise start one thread per
-    // core in every worker and spin against each other. Set before the first candle op reads it.
-    if a.workers > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        std::env::set_var("RAYON_NUM_THREADS", (cores / a.workers).max(1).to_string());
     }
     let data_path = if a.data == "sharegpt" {
         assets::file(&assets::SHAREGPT, assets::SHAREGPT_JSON).context("fetching the ShareGPT data (`specauf fetch --all`)")?

@@ -22,7 +22,9 @@
 //! interleaved pairs, machine shared, load 7–10): 1 worker (candle's 2-thread kernels) 37.6 s
 //! mean, 2 workers (1 kernel thread each) 38.3 s: no difference within the noise, and the same
 //! CPU time per token (~25 ms). The outputs are identical either way. The default is 1 worker;
-//! more pay off on machines with more cores than one decode can use.
+//! more pay off on machines with more cores than one decode can use. With several workers each
+//! runs in its own rayon pool of cores/workers threads; the global pool is left alone, so the
+//! stages that follow in the same process (features, training, evaluation) use every core.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -391,17 +393,30 @@ where
     let (tx, rx) = mpsc::channel::<(usize, Result<Outcome, RegenerateError>)>();
     let result = std::thread::scope(|scope| -> Result<(), RegenerateError> {
         let mut handles = Vec::new();
-        for _ in 0..workers.max(1).min(todo.len().max(1)) {
+        let n_workers = workers.max(1).min(todo.len().max(1));
+        // Several workers: each runs its kernels in its own pool of cores/workers threads, so
+        // that they do not spin against each other, and the process's global pool (used by
+        // whatever runs after the regeneration) keeps every core.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_worker = (cores / n_workers).max(1);
+        for _ in 0..n_workers {
             let tx = tx.clone();
             let (todo, next, stop) = (&todo, &next, &stop);
             handles.push(scope.spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let k = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&i) = todo.get(k) else { break };
-                    let r = regenerate_conversation(tok, &examples[i], settings, max_len, reply);
-                    if tx.send((i, r)).is_err() {
-                        break;
+                let work = move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&i) = todo.get(k) else { break };
+                        let r = regenerate_conversation(tok, &examples[i], settings, max_len, reply);
+                        if tx.send((i, r)).is_err() {
+                            break;
+                        }
                     }
+                };
+                let pool = (n_workers > 1).then(|| rayon::ThreadPoolBuilder::new().num_threads(per_worker).build().ok()).flatten();
+                match pool {
+                    Some(pool) => pool.install(work),
+                    None => work(),
                 }
             }));
         }
