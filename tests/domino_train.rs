@@ -6,40 +6,15 @@ use std::path::Path;
 use specauf::drafter::domino::is_domino_checkpoint;
 use specauf::drafter::{DFlashDrafter, DominoDrafter};
 use specauf::train::config::TrainConfig;
-use specauf::train::trainer::{train, RunOptions, StepMetrics};
+use specauf::train::trainer::{train, RunOptions};
 
 mod common;
-use common::prepared;
+use common::{prepared, read_metrics as metrics, tiny_train_config};
 
 fn config(data: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
-    let mut sets: Vec<String> = vec![
-        format!("data={}", data.display()),
-        format!("out={}", out.display()),
-        "model=unused".into(),
-        "drafter.kind=domino".into(),
-        "drafter.layers=1".into(),
-        "drafter.block_size=4".into(),
-        "drafter.mask_token_id=0".into(),
-        "drafter.gru_hidden_dim=16".into(),
-        "drafter.emb_dim=8".into(),
-        "num_anchors=8".into(),
-        "batch_sequences=2".into(),
-        "eval_sequences=4".into(),
-    ];
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    TrainConfig::load(None, &sets).unwrap()
-}
-
-fn metrics(run: &Path) -> Vec<StepMetrics> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut m: StepMetrics = serde_json::from_str(l).unwrap();
-            m.tokens_per_s = 0.0; // wall-clock, not part of the result
-            m
-        })
-        .collect()
+    let mut sets = vec!["drafter.kind=domino", "drafter.gru_hidden_dim=16", "drafter.emb_dim=8"];
+    sets.extend_from_slice(extra);
+    tiny_train_config(data, out, &sets)
 }
 
 #[test]

@@ -1,41 +1,11 @@
 //! The trainer end to end on the tiny llama fixture target: resume is bit-exact, a tiny drafter
 //! overfits a tiny fixed set, every trainable tensor gets a gradient, bad configs are refused.
 
-use std::path::Path;
-
 use specauf::train::config::TrainConfig;
-use specauf::train::trainer::{train, RunOptions, StepMetrics};
+use specauf::train::trainer::{train, RunOptions};
 
 mod common;
-use common::prepared;
-
-fn config(data: &Path, out: &Path, extra: &[&str]) -> TrainConfig {
-    let mut sets: Vec<String> = vec![
-        format!("data={}", data.display()),
-        format!("out={}", out.display()),
-        format!("model={}", "unused"),
-        "drafter.layers=1".into(),
-        "drafter.block_size=4".into(),
-        "drafter.mask_token_id=0".into(),
-        "num_anchors=8".into(),
-        "batch_sequences=2".into(),
-        "eval_sequences=4".into(),
-    ];
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    TrainConfig::load(None, &sets).unwrap()
-}
-
-fn metrics(run: &Path) -> Vec<StepMetrics> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut m: StepMetrics = serde_json::from_str(l).unwrap();
-            m.tokens_per_s = 0.0; // wall-clock, not part of the result
-            m
-        })
-        .collect()
-}
+use common::{prepared, read_metrics as metrics, tiny_train_config as config};
 
 #[test]
 fn resume_after_an_interruption_reproduces_the_uninterrupted_run_bit_for_bit() {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
-use specauf::eval::experiment::{bootstrap, check_findings, paired, point_estimates, table, write_training_curves, Arm, CurvePoint, ArmSummary, BenchTau, RequestTau};
+use specauf::eval::experiment::{bootstrap, check_findings, paired, point_estimates, table, write_training_curves, Arm, ArmSummary, CurvePoint, BenchTau, RequestTau};
 use specauf::model::WeightsMode;
 use specauf::train::trainer::StepMetrics;
 
@@ -259,10 +259,9 @@ fn train_in_parallel(cfg: &PaperConfig, arms: &[&Arm], data: &Path, out: &Path, 
                         pb.println(format!("arm {}: trained", arm.name));
                     } else {
                         let log = std::fs::read_to_string(dir.join("train.log")).unwrap_or_default();
-                        let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                        let tail: Vec<&str> = tail.into_iter().rev().collect();
+                        let lines: Vec<&str> = log.lines().collect();
                         pb.println(format!("arm {}: FAILED ({status})", arm.name));
-                        failed.push((arm.name.clone(), tail.join("\n")));
+                        failed.push((arm.name.clone(), lines[lines.len().saturating_sub(5)..].join("\n")));
                     }
                 }
             }
@@ -285,7 +284,9 @@ fn train_in_parallel(cfg: &PaperConfig, arms: &[&Arm], data: &Path, out: &Path, 
 
 fn summarize(cfg: &PaperConfig, config_path: &Path, config_json: &serde_json::Value, out: &Path, eval_dir: &Path, docs: &Path, command: &str) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(eval_dir.join("requests.jsonl")).context("reading requests.jsonl")?;
-    let records: Vec<RequestTau> = text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let full: Vec<specauf::eval::runner::RequestRecord> =
+        text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>().context("reading requests.jsonl")?;
+    let records: Vec<RequestTau> = full.iter().map(RequestTau::from).collect();
     let t = table(&records);
     let names: Vec<String> = cfg.arms.iter().map(|a| a.name.clone()).collect();
     let boots = bootstrap(&t, &names, cfg.eval.bootstrap_samples, 0);
@@ -350,8 +351,6 @@ fn summarize(cfg: &PaperConfig, config_path: &Path, config_json: &serde_json::Va
     write_training_curves(&docs.join("training_curves.svg"), &curves, 50).map_err(|e| anyhow::anyhow!("training curves: {e}"))?;
     // τ per benchmark and acceptance per position of every arm, redrawn from the evaluation's
     // records (so a summary rerun picks up plot changes without re-evaluating).
-    let full: Vec<specauf::eval::runner::RequestRecord> =
-        text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>().context("reading requests.jsonl")?;
     let order: Vec<specauf::eval::datasets::BenchmarkName> = cfg.eval.benchmarks.iter().filter_map(|b| b.parse().ok()).collect();
     let runs: Vec<_> = cfg
         .arms

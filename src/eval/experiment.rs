@@ -33,6 +33,12 @@ pub struct RequestTau {
     pub counted: bool,
 }
 
+impl From<&crate::eval::runner::RequestRecord> for RequestTau {
+    fn from(r: &crate::eval::runner::RequestRecord) -> Self {
+        RequestTau { benchmark: r.benchmark.clone(), id: r.id.clone(), turn: r.turn, drafter: r.drafter.clone(), tau: r.tau, counted: r.counted }
+    }
+}
+
 fn yes() -> bool {
     true
 }

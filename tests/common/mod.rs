@@ -116,3 +116,34 @@ pub fn prepared(root: &Path, conversations: usize) -> (specauf::model::LoadedMod
     prepare(&m.tokenizer, &id, None, None, &opts).unwrap();
     (m, out)
 }
+
+/// A training config for the tiny fixture target (a 1-layer DFlash drafter, B = 4, 2 sequences ×
+/// 8 anchors); `extra` are `--set` overrides applied after these.
+pub fn tiny_train_config(data: &Path, out: &Path, extra: &[&str]) -> specauf::train::config::TrainConfig {
+    let mut sets: Vec<String> = vec![
+        format!("data={}", data.display()),
+        format!("out={}", out.display()),
+        "model=unused".into(),
+        "drafter.layers=1".into(),
+        "drafter.block_size=4".into(),
+        "drafter.mask_token_id=0".into(),
+        "num_anchors=8".into(),
+        "batch_sequences=2".into(),
+        "eval_sequences=4".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    specauf::train::config::TrainConfig::load(None, &sets).unwrap()
+}
+
+/// A run's metrics.jsonl, with the wall-clock field zeroed (it is not part of the result).
+pub fn read_metrics(run: &Path) -> Vec<specauf::train::trainer::StepMetrics> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut m: specauf::train::trainer::StepMetrics = serde_json::from_str(l).unwrap();
+            m.tokens_per_s = 0.0;
+            m
+        })
+        .collect()
+}
