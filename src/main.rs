@@ -35,6 +35,8 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // Work reached from anywhere (the asset fetcher on a model's first use) reports here.
+    specauf::util::progress::set_global(std::sync::Arc::new(cli::progress::Bars::new()));
     let result = match cli.command {
         Command::Fetch(a) => cli::fetch::run(a),
         Command::Generate(a) => cli::generate::run(a),

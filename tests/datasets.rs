@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use specauf::eval::datasets::{self, BenchmarkName, DatasetError, ALPACA_MAX_PROMPT_CHARS};
-use specauf::train::sharegpt::{self, is_heldout, Role};
+use specauf::data::sharegpt::{self, is_heldout, Role};
 
 fn assets() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/assets")

@@ -205,7 +205,8 @@ fn our_drafter_config_refuses_an_unknown_key_and_names_it() {
     let ok = DFlashInitConfig::from_json_str(r#"{"num_hidden_layers": 2, "block_size": 8, "mask_token_id": 16}"#, "train.json").unwrap();
     assert_eq!((ok.num_hidden_layers, ok.block_size, ok.mask_token_id, ok.target_layer_ids), (2, 8, 16, None));
     let defaults = DFlashInitConfig::from_json_str(r#"{"mask_token_id": 16}"#, "train.json").unwrap();
-    assert_eq!((defaults.num_hidden_layers, defaults.block_size), (5, 16));
+    // One source of the defaults: the drafter module's, which the training config also reads.
+    assert_eq!((defaults.num_hidden_layers, defaults.block_size), (specauf::drafter::DEFAULT_LAYERS, specauf::drafter::DEFAULT_BLOCK_SIZE));
     let err = DFlashInitConfig::from_json_str(r#"{"num_layers": 2, "mask_token_id": 16}"#, "train.json").unwrap_err();
     assert!(err.to_string().contains("num_layers"), "{err}");
 }

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use specauf::drafter::domino::{is_domino_checkpoint, Gru};
+use specauf::drafter::domino::Gru;
+use specauf::drafter::DrafterKind;
 use specauf::drafter::{DFlashDrafter, DFlashInitConfig, DominoConfig, DominoDrafter, DominoInitConfig};
 use specauf::model::{load_target, Logits, ModelLocation, Target, WeightsMode};
-use specauf::train::blocks::build_blocks;
+use specauf::drafter::blocks::build_blocks;
 use specauf::train::head::{BaseSupport, ChunkedHead, DeltaBranch, HeadConfig, HeadInput};
 use specauf::train::objective::Objective;
 
@@ -308,7 +309,7 @@ fn save_and_load_round_trip_with_the_specforge_names() {
     let d = drafter(&target, 4, taps.clone(), 13);
     let dir = tempfile::tempdir().unwrap();
     d.save(dir.path()).unwrap();
-    assert!(is_domino_checkpoint(dir.path()).unwrap());
+    assert_eq!(DrafterKind::of_checkpoint(dir.path()).unwrap(), DrafterKind::Domino);
 
     let raw = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     let (h, g, e, v) = (64usize, 24usize, 16usize, 256usize);
@@ -353,7 +354,7 @@ fn save_and_load_round_trip_with_the_specforge_names() {
     assert!(matches!(&err, specauf::drafter::DrafterError::UnknownConfigKey { key, .. } if key.starts_with("dflash_config.")), "{err}");
     let dflash_dir = tempfile::tempdir().unwrap();
     d.backbone().save(dflash_dir.path()).unwrap();
-    assert!(!is_domino_checkpoint(dflash_dir.path()).unwrap());
+    assert_eq!(DrafterKind::of_checkpoint(dflash_dir.path()).unwrap(), DrafterKind::DFlash);
     let err = DominoDrafter::load(dflash_dir.path(), target.config()).unwrap_err();
     assert!(err.to_string().contains("DominoDraftModel"), "{err}");
     // A checkpoint for another target is refused at load.

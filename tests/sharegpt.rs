@@ -1,7 +1,7 @@
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use specauf::train::sharegpt::{
+use specauf::data::sharegpt::{
     self, fnv1a64, heldout_group, id_is_heldout, is_heldout, Conversation, LoadReport, Role,
     ShareGptError, Turn,
 };

@@ -4,7 +4,6 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -347,7 +346,7 @@ impl Unpacker<'_> {
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
-        let tmp = tmp_path(&dest);
+        let tmp = crate::util::fs::tmp_sibling(&dest);
         let result = (|| {
             let mut out = File::create(&tmp).map_err(io_err(&tmp))?;
             let mut hasher = Sha256::new();
@@ -409,21 +408,9 @@ impl Unpacker<'_> {
     }
 }
 
-/// `<name>.<pid>.<n>.tmp` beside `dest`: unique per writer, never trusted by a reader.
-fn tmp_path(dest: &Path) -> PathBuf {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut name = dest
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".{}.{n}.tmp", std::process::id()));
-    dest.with_file_name(name)
-}
-
 /// Writes a temporary file beside `path`, fsyncs, renames over `path`.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::fsutil::write_atomic(path, bytes).map_err(io_err(path))
+    crate::util::fs::write_atomic(path, bytes).map_err(io_err(path))
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

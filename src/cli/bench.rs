@@ -153,13 +153,15 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
 }
 
 fn train_bench(a: TrainBenchArgs) -> anyhow::Result<()> {
-    use specauf::train::blocks::{sample_anchors, step_rng};
-    use specauf::train::data::Sequence;
-    use specauf::train::features::target_features;
+    use specauf::drafter::blocks::{sample_anchors, step_rng};
+    use specauf::data::Sequence;
+    use specauf::data::features::target_features;
     use specauf::train::head::{BaseSupport, ChunkedHead, HeadConfig};
     use specauf::train::objective::Objective;
     use specauf::train::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
-    use specauf::train::trainer::{default_mask_token, run_micro_batch, BatchItem, StepContext, TrainableDrafter};
+    use specauf::drafter::default_mask_token;
+    use specauf::train::trainable::TrainableDrafter;
+    use specauf::train::trainer::{run_micro_batch, BatchItem, StepContext};
     use specauf::drafter::dflash::DFlashDrafter;
 
     if a.runs == 0 || a.anchors == 0 || a.seq_len < 4 {
@@ -178,7 +180,7 @@ fn train_bench(a: TrainBenchArgs) -> anyhow::Result<()> {
     let new_drafter = || -> anyhow::Result<DFlashDrafter> {
         Ok(match &a.drafter {
             Some(dir) => DFlashDrafter::load(dir, target.config())?,
-            None => DFlashDrafter::init_random_for(target.config(), a.layers, a.block_size, default_mask_token(target), 0)?,
+            None => DFlashDrafter::init_random_for(target.config(), a.layers, a.block_size, default_mask_token(target.config()), 0)?,
         })
     };
     let probe = new_drafter()?;

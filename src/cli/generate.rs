@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use specauf::model::{load_model, WeightsMode};
-use specauf::drafter::dflash::DFlashDrafter;
-use specauf::drafter::proposer::DFlashProposer;
+use specauf::drafter::AnyDrafter;
 use specauf::spec::driver::{generate_streaming, GenerateConfig};
 use specauf::spec::proposer::Proposer;
 use specauf::tokenizer::ChatMessage;
@@ -38,11 +37,14 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Weights on CPU: q8 (fast, default), f32 (reference), native (GGUF types as stored).
-    #[arg(long, value_enum, default_value_t = WeightsMode::Q8)]
+    #[arg(long, default_value_t = WeightsMode::Q8)]
     pub weights: WeightsMode,
-    /// A DFlash drafter directory (config.json + model.safetensors): speculative decoding.
+    /// A drafter directory (DFlash or Domino: config.json + model.safetensors): speculative decoding.
     #[arg(long)]
     pub drafter: Option<std::path::PathBuf>,
+    /// Verify blocks of B tokens instead of the drafter's trained block size (only lower).
+    #[arg(long, requires = "drafter")]
+    pub block_size: Option<usize>,
     /// Print one JSON object on the last line of stdout instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -77,12 +79,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if prompt_ids.is_empty() {
         bail!("the prompt tokenizes to no tokens");
     }
-    let mut eos = m.target.config().eos_token_ids.clone();
-    for &id in m.tokenizer.eos_token_ids() {
-        if !eos.contains(&id) {
-            eos.push(id);
-        }
-    }
+    let eos = m.eos_token_ids();
     let mut cfg = GenerateConfig::greedy(&m.target, a.max_new_tokens);
     cfg.temperature = a.temperature;
     cfg.top_p = a.top_p;
@@ -108,15 +105,14 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let mut proposer: Option<Box<dyn Proposer>> = match &a.drafter {
-        Some(dir) if specauf::drafter::domino::is_domino_checkpoint(dir).unwrap_or(false) => {
-            let d = specauf::drafter::domino::DominoDrafter::load(dir, m.target.config())
-                .with_context(|| format!("loading drafter {}", dir.display()))?;
-            Some(Box::new(specauf::drafter::domino::DominoProposer::new(d)))
-        }
+    let mut proposer: Option<Box<dyn Proposer + Send>> = match &a.drafter {
         Some(dir) => {
-            let d = DFlashDrafter::load(dir, m.target.config()).with_context(|| format!("loading drafter {}", dir.display()))?;
-            Some(Box::new(DFlashProposer::new(d)))
+            let d = AnyDrafter::load(dir, m.target.config()).with_context(|| format!("loading drafter {}", dir.display()))?;
+            let d = match a.block_size {
+                Some(b) => d.at_block_size(b).with_context(|| format!("drafter {}", dir.display()))?,
+                None => d,
+            };
+            Some(d.into_proposer())
         }
         None => None,
     };

@@ -1,23 +1,25 @@
-//! `specauf init-drafter`: write an untrained DFlash drafter for a target (tests, and the
-//! starting point of training).
+//! `specauf init-drafter`: write an untrained drafter for a target (tests, and the starting
+//! point of training).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use specauf::drafter::dflash::{DFlashDrafter, DFlashInitConfig};
-use specauf::model::{load_model, WeightsMode};
-use specauf::train::trainer::{default_mask_token, init_final_norm_from_target};
+use specauf::drafter::{DrafterKind, DEFAULT_BLOCK_SIZE, DEFAULT_LAYERS};
+use specauf::pipeline::stages::{self, InitPlan};
 
 #[derive(clap::Args, Debug)]
 pub struct InitDrafterArgs {
     #[arg(long, default_value = "smollm2")]
     pub model: String,
-    /// Output directory (config.json + model.safetensors, the DFlash format).
+    /// Output directory (config.json + model.safetensors, the DFlash / SpecForge format).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 2)]
+    /// `dflash` or `domino`.
+    #[arg(long, default_value_t = DrafterKind::DFlash)]
+    pub kind: DrafterKind,
+    #[arg(long, default_value_t = DEFAULT_LAYERS)]
     pub layers: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
     pub block_size: usize,
     /// Default: Qwen3's unused 151669 where the vocabulary has it, else 16 (SmolLM2's
     /// `<empty_output>`).
@@ -31,21 +33,28 @@ pub struct InitDrafterArgs {
 }
 
 pub fn run(a: InitDrafterArgs) -> anyhow::Result<()> {
-    let m = load_model(&a.model, WeightsMode::Q8).with_context(|| format!("loading {}", a.model))?;
-    let mut init = DFlashInitConfig::new(a.layers, a.block_size, a.mask_token_id.unwrap_or_else(|| default_mask_token(&m.target)));
-    init.target_layer_ids = a.target_layer_ids.clone();
-    let drafter = DFlashDrafter::init_random(m.target.config(), &init, a.seed)?;
-    init_final_norm_from_target(&drafter.named_vars(), &m.target, drafter.mask_token_id())?;
-    drafter.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
-    let c = drafter.config();
+    let plan = InitPlan {
+        model: a.model,
+        out: a.out,
+        kind: a.kind,
+        layers: a.layers,
+        block_size: a.block_size,
+        mask_token_id: a.mask_token_id,
+        target_layer_ids: a.target_layer_ids,
+        seed: a.seed,
+    };
+    let d = stages::init_drafter(&plan).with_context(|| format!("writing {}", plan.out.display()))?;
+    let params: usize = d.named_vars().iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
     println!(
-        "untrained DFlash drafter ({} layers, block {}, target layers {:?}, mask token {}, {} parameters) written to {}",
-        c.num_hidden_layers,
-        c.block_size,
-        drafter.target_layer_ids(),
-        drafter.mask_token_id(),
-        c.num_parameters(),
-        a.out.display()
+        "untrained {} drafter ({} layers, block {}, target layers {:?}, mask token {}, {} parameters) written to {}",
+        d.kind(),
+        d.num_layers(),
+        d.block_size(),
+        d.target_layer_ids(),
+        d.mask_token_id(),
+        params,
+        plan.out.display()
     );
     Ok(())
 }
+

@@ -7,6 +7,7 @@ pub mod fetch;
 pub mod generate;
 pub mod init_drafter;
 pub mod prepare;
+pub mod progress;
 pub mod quickstart;
 pub mod train;
 pub mod util;

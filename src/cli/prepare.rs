@@ -1,18 +1,16 @@
 //! `specauf prepare`: chat conversations → masked token shards (+ regenerated replies, + a
-//! feature cache) for drafter training. See `specauf::train::prepare` for the pipeline.
+//! feature cache) for drafter training. See `specauf::data::prepare` for the pipeline.
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
-use specauf::assets;
-use specauf::model::load::load_info;
-use specauf::model::{load_model, WeightsMode, DEFAULT_MODEL};
-use specauf::train::data::{FeatureDtype, FeatureSettings, ModelIdentity, PrepareSettings, Split};
-use specauf::train::prepare::{prepare, PrepareOptions, DEFAULT_MAX_LEN, DEFAULT_SHARD_TOKENS};
-use specauf::train::regenerate::{RegenerateMode, RegenerateSettings, GENERATOR};
+use specauf::data::prepare::DEFAULT_SHARD_TOKENS;
+use specauf::data::regenerate::RegenerateMode;
+use specauf::data::{FeatureDtype, Split};
+use specauf::model::{WeightsMode, DEFAULT_MODEL};
+use specauf::pipeline::stages::{self, PreparePlan};
+use specauf::util::Observer;
 
-/// Sequence length for targets other than the embedded default.
-const DEFAULT_MAX_LEN_OTHER: usize = 2048;
+use super::progress::Bars;
 
 #[derive(clap::Args, Debug)]
 pub struct PrepareArgs {
@@ -37,20 +35,20 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub max_turns: Option<usize>,
     /// Fraction of conversations (by id hash) in the eval split.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = PreparePlan::DEFAULT_EVAL_FRACTION)]
     pub eval_fraction: f64,
     /// Replace each assistant turn by the target's own reply: `greedy` or `sample`. Cached in
     /// OUT/regenerated.jsonl; a rerun resumes.
-    #[arg(long, value_enum)]
+    #[arg(long)]
     pub regenerate: Option<RegenerateMode>,
     /// Sampling temperature (with --regenerate sample).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = PreparePlan::DEFAULT_TEMPERATURE)]
     pub temperature: f32,
     /// Nucleus mass (with --regenerate sample); 1 = off.
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
     /// Cap on the tokens of one regenerated reply (also capped by what fits in --max-len).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = PreparePlan::DEFAULT_MAX_NEW_TOKENS)]
     pub max_new_tokens: usize,
     /// Regeneration threads sharing the target, each with its own KV cache and its own pool of
     /// cores/workers kernel threads. On 2 cores, 2 workers measured the same as 1; more help
@@ -58,17 +56,17 @@ pub struct PrepareArgs {
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
     /// Weights for regeneration: q8 (fast), f32 (reference), native (GGUF types as stored).
-    #[arg(long, value_enum, default_value_t = WeightsMode::Q8)]
+    #[arg(long, default_value_t = WeightsMode::Q8)]
     pub weights: WeightsMode,
     /// Cache the target's hidden states after these layers (comma-separated ids, HF convention),
     /// e.g. 1,8,14: training then skips the target forward.
     #[arg(long, value_delimiter = ',')]
     pub features: Option<Vec<usize>>,
-    /// Storage type of the feature cache.
-    #[arg(long, value_enum, default_value_t = FeatureDtype::F16)]
+    /// Storage type of the feature cache: f16 or bf16.
+    #[arg(long, default_value_t = FeatureDtype::F16)]
     pub feature_dtype: FeatureDtype,
     /// Weights for the feature forward (f32 matches the trainer's online features).
-    #[arg(long, value_enum, default_value_t = WeightsMode::F32)]
+    #[arg(long, default_value_t = WeightsMode::F32)]
     pub feature_weights: WeightsMode,
     /// Seed of sampled regeneration.
     #[arg(long, default_value_t = 0)]
@@ -78,106 +76,40 @@ pub struct PrepareArgs {
     pub shard_tokens: usize,
 }
 
-pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
-    if a.regenerate.is_none() && a.workers != 1 {
-        bail!("--workers only applies with --regenerate");
-    }
-    if a.workers == 0 {
-        bail!("--workers must be at least 1");
-    }
-    let data_path = if a.data == "sharegpt" {
-        assets::file(&assets::SHAREGPT, assets::SHAREGPT_JSON).context("fetching the ShareGPT data (`specauf fetch --all`)")?
-    } else {
-        PathBuf::from(&a.data)
-    };
-    let max_len = a.max_len.unwrap_or(if a.model == DEFAULT_MODEL { DEFAULT_MAX_LEN } else { DEFAULT_MAX_LEN_OTHER });
-    let max_turns = a.max_turns.or(a.regenerate.map(|_| 1));
-    let regenerate = a.regenerate.map(|mode| RegenerateSettings {
-        mode,
-        temperature: if mode == RegenerateMode::Greedy { 0.0 } else { a.temperature },
-        top_p: if mode == RegenerateMode::Greedy { 1.0 } else { a.top_p },
-        max_new_tokens: a.max_new_tokens,
-        seed: a.seed,
-        generator: GENERATOR.to_string(),
-    });
-    let features = a.features.clone().map(|ids| FeatureSettings {
-        target_layer_ids: ids,
-        dtype: a.feature_dtype,
-        weights: a.feature_weights,
-    });
-    let settings = PrepareSettings {
-        data: a.data.clone(),
-        max_conversations: a.max_conversations,
-        max_len,
-        max_turns,
-        eval_fraction: a.eval_fraction,
-        seed: a.seed,
-        regenerate,
-        features,
-    };
-
-    // The weights are read only when something runs the target.
-    let gen_model = match a.regenerate {
-        Some(_) => Some(load_model(&a.model, a.weights).with_context(|| format!("loading model {}", a.model))?),
-        None => None,
-    };
-    let feature_model = match (&a.features, &gen_model) {
-        (Some(_), Some(m)) if a.feature_weights == a.weights => Some(FeatureTarget::Same(m)),
-        (Some(_), _) => Some(FeatureTarget::Own(Box::new(
-            load_model(&a.model, a.feature_weights).with_context(|| format!("loading model {} for features", a.model))?,
-        ))),
-        (None, _) => None,
-    };
-    let info;
-    let (tok, identity) = match (&gen_model, &feature_model) {
-        (Some(m), _) => (&m.tokenizer, ModelIdentity::of(m)?),
-        (None, Some(FeatureTarget::Own(m))) => (&m.tokenizer, ModelIdentity::of(m)?),
-        _ => {
-            info = load_info(&a.model).with_context(|| format!("loading the tokenizer of {}", a.model))?;
-            (&info.tokenizer, ModelIdentity::from_parts(&info.name, &info.location, &info.config)?)
+impl PrepareArgs {
+    fn plan(self) -> PreparePlan {
+        PreparePlan {
+            model: self.model,
+            data: self.data,
+            out: self.out,
+            max_conversations: self.max_conversations,
+            max_len: self.max_len,
+            max_turns: self.max_turns,
+            eval_fraction: self.eval_fraction,
+            regenerate: self.regenerate,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            workers: self.workers,
+            weights: self.weights,
+            features: self.features,
+            feature_dtype: self.feature_dtype,
+            feature_weights: self.feature_weights,
+            seed: self.seed,
+            shard_tokens: self.shard_tokens,
         }
-    };
-    let feature_target = feature_model.as_ref().map(|f| match f {
-        FeatureTarget::Same(m) => &m.target,
-        FeatureTarget::Own(m) => &m.target,
-    });
-
-    eprintln!(
-        "prepare: model {} ({} layers, hidden {}), data {}, max_len {max_len}, max_turns {}, eval {:.1}%, out {}",
-        identity.name,
-        identity.num_hidden_layers,
-        identity.hidden_size,
-        data_path.display(),
-        max_turns.map_or("all".to_string(), |t| t.to_string()),
-        a.eval_fraction * 100.0,
-        a.out.display()
-    );
-    if let Some(r) = &settings.regenerate {
-        eprintln!(
-            "prepare: regenerating replies ({:?}, T {}, top-p {}, ≤ {} new tokens, {} worker(s), {:?} weights)",
-            r.mode, r.temperature, r.top_p, r.max_new_tokens, a.workers, a.weights
-        );
     }
-    if let Some(f) = &settings.features {
-        let dim = f.target_layer_ids.len() * identity.hidden_size;
-        eprintln!(
-            "prepare: caching features of layers {:?} ({dim} values a token, {} bytes a token in {:?})",
-            f.target_layer_ids,
-            dim * 2,
-            f.dtype
-        );
-    }
-    let opts = PrepareOptions {
-        data_path,
-        settings,
-        workers: a.workers,
-        shard_tokens: a.shard_tokens,
-        out: a.out.clone(),
-        progress: true,
-    };
-    let report = prepare(tok, &identity, gen_model.as_ref().map(|m| &m.target), feature_target, &opts)
-        .with_context(|| format!("preparing {}", a.out.display()))?;
+}
 
+pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
+    let plan = a.plan();
+    let report = stages::prepare(&plan, Observer(std::sync::Arc::new(Bars::new())))?;
+    print_report(&report, &plan.out);
+    Ok(())
+}
+
+/// What a prepare run did, on stdout.
+pub fn print_report(report: &specauf::data::prepare::PrepareReport, out: &std::path::Path) {
     let m = &report.manifest;
     let s = &m.source;
     let malformed: usize = s.skipped_records.values().sum();
@@ -217,11 +149,5 @@ pub fn run(a: PrepareArgs) -> anyhow::Result<()> {
     if m.features.is_some() {
         println!("features cached in {:.1} s", report.feature_seconds);
     }
-    println!("wrote {} in {:.1} s (settings hash {})", a.out.join("manifest.json").display(), report.total_seconds, &m.settings_hash[..16]);
-    Ok(())
-}
-
-enum FeatureTarget<'a> {
-    Same(&'a specauf::model::LoadedModel),
-    Own(Box<specauf::model::LoadedModel>),
+    println!("wrote {} in {:.1} s (settings hash {})", out.join("manifest.json").display(), report.total_seconds, &m.settings_hash[..16]);
 }

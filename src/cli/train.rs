@@ -2,19 +2,21 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-use specauf::model::{load_model, WeightsMode};
+use specauf::model::WeightsMode;
+use specauf::pipeline::stages;
 use specauf::train::config::TrainConfig;
-use specauf::train::trainer::{train, RunOptions};
+
+use super::progress::Bars;
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Config keys (JSON; every key optional except data and out):\n  \
 model (smollm2), data, out, steps (300), batch_sequences (2), grad_accum (1), num_anchors (32), seed (0),\n  \
 checkpoint_every (50), eval_every (100), eval_sequences (32), feature_cache_mib (4096),\n  \
 objective ({\"type\":\"auf\"}; also full, decay[:gamma], auf+decay[:gamma], dpace[:alpha], dpace-prefix[:alpha]),\n  \
-drafter.{kind (dflash), layers (2), block_size (8), target_layer_ids, mask_token_id, init_from},\n  \
+drafter.{kind (dflash | domino), layers (2), block_size (8), target_layer_ids, mask_token_id, init_from},\n  \
 optim.{lr (6e-4), warmup_ratio (0.04), weight_decay (0), clip (1.0), beta1 (0.9), beta2 (0.999), eps (1e-8)},\n  \
-head.chunk_rows (512)")]
+head.chunk_rows (512)\n\
+`specauf train --print-config --set data=D --set out=O` prints the resolved config with every default.")]
 pub struct TrainArgs {
     /// A JSON training config (see below); `--set` alone works too.
     #[arg(long)]
@@ -26,30 +28,20 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     /// Target weights for the feature forward (default q8, as served).
-    #[arg(long, value_enum, default_value_t = WeightsMode::Q8)]
+    #[arg(long, default_value_t = WeightsMode::Q8)]
     pub weights: WeightsMode,
+    /// Print the resolved config (every default filled in) and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let cfg = TrainConfig::load(a.config.as_deref(), &a.set)?;
-    let model = load_model(&cfg.model, a.weights).with_context(|| format!("loading {}", cfg.model))?;
-    let tc = model.target.config();
-    eprintln!(
-        "train: target {} ({} layers, hidden {}), drafter {} with {} layers, block {}, objective {}, {} steps × {} sequences × {} anchors = {} supervised rows/step; run dir {}",
-        cfg.model,
-        tc.num_hidden_layers,
-        tc.hidden_size,
-        cfg.drafter.kind,
-        cfg.drafter.layers,
-        cfg.drafter.block_size,
-        cfg.objective.name(),
-        cfg.steps,
-        cfg.batch_sequences * cfg.grad_accum,
-        cfg.num_anchors,
-        cfg.batch_sequences * cfg.grad_accum * cfg.num_anchors * (cfg.drafter.block_size - 1),
-        cfg.out.display()
-    );
-    let summary = train(&model, &cfg, &RunOptions { resume: a.resume, stop_after: None, progress: true })?;
+    if a.print_config {
+        println!("{}", serde_json::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    let summary = stages::train(&cfg, a.weights, a.resume, &Bars::new())?;
     if let (Some(b), Some(after)) = (&summary.eval_before, &summary.eval_after) {
         eprintln!(
             "held-out: in-block accept length {:.3} -> {:.3}, acc {:.3} -> {:.3} ({} blocks)",

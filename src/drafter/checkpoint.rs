@@ -21,22 +21,9 @@ use crate::model::TargetConfig;
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
-/// Writes `<path>.tmp` in the same directory, fsyncs it, renames it over `path`, fsyncs the dir.
+/// [`crate::util::fs::write_atomic_with`] with this module's error.
 pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<(), DrafterError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let io = |e| DrafterError::io(path, e);
-    write(&tmp).map_err(io)?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        // Persist the rename; not every filesystem lets a directory be fsynced.
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    crate::util::fs::write_atomic_with(path, write).map_err(|e| DrafterError::io(path, e))
 }
 
 impl DFlashDrafter {

@@ -80,10 +80,10 @@ pub struct DFlashConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DFlashInitConfig {
-    /// Drafter depth. Default 5 (the paper).
+    /// Drafter depth. Default [`super::DEFAULT_LAYERS`] (the paper's is 5).
     #[serde(default = "default_layers")]
     pub num_hidden_layers: usize,
-    /// Tokens per block, anchor included. Default 16 (the paper).
+    /// Tokens per block, anchor included. Default [`super::DEFAULT_BLOCK_SIZE`] (the paper's is 16).
     #[serde(default = "default_block_size")]
     pub block_size: usize,
     /// Required: an id of the target vocabulary that never occurs in text (Qwen3 151669,
@@ -107,10 +107,10 @@ pub struct DFlashInitConfig {
 }
 
 fn default_layers() -> usize {
-    5
+    super::DEFAULT_LAYERS
 }
 fn default_block_size() -> usize {
-    16
+    super::DEFAULT_BLOCK_SIZE
 }
 
 impl DFlashInitConfig {

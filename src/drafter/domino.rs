@@ -50,7 +50,7 @@ use super::DrafterError;
 use crate::model::{Target, TargetConfig};
 use crate::nn::ops;
 use crate::spec::{Draft, Proposer, SpecError};
-use crate::train::blocks::Blocks;
+use super::blocks::Blocks;
 use crate::train::objective::BlockLayout;
 
 // ---------------------------------------------------------------------------------------------
@@ -261,21 +261,6 @@ impl DominoConfig {
         let text = std::fs::read_to_string(&path).map_err(|e| DrafterError::io(&path, e))?;
         Self::from_json_str(&text, &path.display().to_string())
     }
-}
-
-/// Whether the checkpoint in `dir` is a Domino drafter (its config names `DominoDraftModel` or
-/// `projector_type: "domino"`); otherwise it is taken for a DFlash one.
-pub fn is_domino_checkpoint(dir: &Path) -> Result<bool, DrafterError> {
-    let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| DrafterError::io(&path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| DrafterError::Json { path: path.display().to_string(), what: e.to_string() })?;
-    let arch = v
-        .get("architectures")
-        .and_then(|a| a.as_array())
-        .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(ARCHITECTURE)));
-    let projector = v.get("dflash_config").and_then(|d| d.get("projector_type")).and_then(|p| p.as_str()) == Some(PROJECTOR_TYPE);
-    Ok(arch || projector)
 }
 
 const GRU_IH: &str = "prefix_gru.weight_ih_l0";
@@ -754,37 +739,3 @@ impl Proposer for DominoProposer {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Training
-// ---------------------------------------------------------------------------------------------
-
-/// The trainer's view of Domino: all B positions are rows, the delta branch goes to the head,
-/// and position 0 (pure_draft_prefix_len) is base only. Everything else (objectives, λ schedule,
-/// optimiser, checkpoints) is the trainer's, shared with DFlash.
-impl crate::train::trainer::TrainableDrafter for DominoDrafter {
-    fn layout(&self) -> BlockLayout {
-        DominoDrafter::layout(self)
-    }
-    fn block_size(&self) -> usize {
-        DominoDrafter::block_size(self)
-    }
-    fn mask_token_id(&self) -> u32 {
-        DominoDrafter::mask_token_id(self)
-    }
-    fn target_layer_ids(&self) -> Vec<usize> {
-        DominoDrafter::target_layer_ids(self).to_vec()
-    }
-    fn named_vars(&self) -> Vec<(String, Var)> {
-        DominoDrafter::named_vars(self)
-    }
-    fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<crate::train::trainer::TrainRows, crate::train::trainer::TrainError> {
-        let rows = DominoDrafter::train_rows(self, target, features, blocks)?;
-        Ok(crate::train::trainer::TrainRows { hidden: rows.hidden, delta: Some((rows.delta_input, rows.delta_weight)) })
-    }
-    fn save(&self, dir: &Path) -> Result<(), crate::train::trainer::TrainError> {
-        Ok(DominoDrafter::save(self, dir)?)
-    }
-    fn base_only_prefix(&self) -> usize {
-        self.config.pure_draft_prefix_len
-    }
-}

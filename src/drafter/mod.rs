@@ -2,6 +2,9 @@
 //! frozen token embeddings and draft logits come from the target's frozen `lm_head`
 //! (SPEC §2 "Shared frozen weights"). Only the drafter's own layers are trainable.
 //!
+//! - [`AnyDrafter`]: the one place that tells DFlash from Domino: load a checkpoint as its kind,
+//!   build a fresh one, lower its block size, put it behind the decode loop's `Proposer`.
+//! - [`blocks`]: the training block layout: anchors, block inputs, labels, validity.
 //! - [`dflash`]: the DFlash drafter (config, model, training and inference forwards, KV cache).
 //! - [`domino`]: the Domino drafter (the DFlash backbone plus a GRU logit correction), its
 //!   checkpoint format and proposer.
@@ -9,17 +12,28 @@
 //!   random initialisation, and validation of the drafter/target pairing.
 //! - [`proposer`]: DFlash behind the decode loop's `Proposer` trait.
 
+pub mod any;
+pub mod blocks;
 pub mod checkpoint;
 pub mod dflash;
 pub mod domino;
 pub mod proposer;
 
+pub use any::{default_mask_token, AnyDrafter, DrafterInit, DrafterKind};
 pub use dflash::{
     build_target_layer_ids, context_visible, DFlashCache, DFlashConfig, DFlashDrafter, DFlashInitConfig,
     TrainSequence,
 };
 pub use domino::{DominoConfig, DominoDrafter, DominoInitConfig, DominoProposer};
 pub use proposer::DFlashProposer;
+
+/// Depth of a new drafter unless a config says otherwise: 2 layers, the shape that pays on a
+/// 2-core CPU for the embedded default target (the paper's is 5, for Qwen3-8B on GPUs). The one
+/// source of this default: the training config, `init-drafter` and the quickstart read it.
+pub const DEFAULT_LAYERS: usize = 2;
+/// Block size B of a new drafter unless a config says otherwise (the paper's is 16): on 2 CPU
+/// cores a 16-token verify costs too much for the τ a small drafter reaches.
+pub const DEFAULT_BLOCK_SIZE: usize = 8;
 
 use crate::model::ModelError;
 

@@ -36,7 +36,8 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use crate::train::sharegpt::{self, fnv1a64, heldout_group, ShareGptError};
+use crate::data::sharegpt::{self, heldout_group, ShareGptError};
+use crate::util::{fnv1a64, splitmix64};
 
 /// The checked-in GSM-Symbolic draw (written by `tools/make_gsm_symbolic.py`).
 const GSM_SYMBOLIC_JSONL: &str = include_str!("../../data/benchmarks/gsm_symbolic.jsonl");
@@ -287,13 +288,6 @@ pub fn select_subset(
         .collect()
 }
 
-/// SplitMix64 finaliser: spreads FNV's weak low bits before ranking.
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
 
 /// GSM8K / MATH-500 prompt.
 pub fn math_prompt(question: &str) -> String {

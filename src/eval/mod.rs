@@ -6,7 +6,7 @@
 //! - [`plot`]: τ per benchmark and acceptance per position, as SVG.
 
 pub mod datasets;
-pub mod experiment;
+pub mod journal;
 pub mod plot;
 pub mod report;
 pub mod runner;

@@ -483,7 +483,7 @@ fn plot_title(settings: &Settings) -> String {
     )
 }
 
-pub use crate::fsutil::write_atomic;
+pub use crate::util::fs::write_atomic;
 
 /// The current time, UTC, as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn utc_now_rfc3339() -> String {

@@ -52,7 +52,6 @@ use crate::spec::proposer::{Draft, Proposer};
 use crate::spec::sampling::{AcceptRule, SamplingParams};
 use crate::spec::SpecError;
 use crate::tokenizer::{ChatMessage, Tokenizer};
-use crate::train::sharegpt::fnv1a64;
 
 /// The label of the shared autoregressive baseline in records and reports.
 pub const AR_LABEL: &str = "ar";
@@ -716,15 +715,7 @@ fn fits(
 
 /// The seed of one turn: shared by every run of it, different across turns and requests.
 fn turn_seed(seed: u64, name: BenchmarkName, id: &str, turn: usize) -> u64 {
-    let key = format!("{}\u{0}{id}\u{0}{turn}", name.as_str());
-    splitmix64(seed ^ fnv1a64(key.as_bytes()))
-}
-
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    crate::util::turn_seed(seed, name.as_str(), id, turn)
 }
 
 /// Runs every turn of one conversation for one run (None = AR). Stops at the first turn that does

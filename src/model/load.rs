@@ -31,6 +31,26 @@ pub struct LoadedModel {
     pub location: ModelLocation,
 }
 
+impl LoadedModel {
+    /// The ids that end a generation: see [`stop_token_ids`].
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        stop_token_ids(&self.target.config().eos_token_ids, &self.tokenizer)
+    }
+}
+
+/// The model config's EOS ids, then the tokenizer's that are not among them: a chat model may
+/// name its end-of-turn token (`<|im_end|>`) only in its tokenizer config. The one place that
+/// merges the two; generation, evaluation and regeneration all stop at these.
+pub fn stop_token_ids(config_eos: &[u32], tok: &Tokenizer) -> Vec<u32> {
+    let mut eos = config_eos.to_vec();
+    for &id in tok.eos_token_ids() {
+        if !eos.contains(&id) {
+            eos.push(id);
+        }
+    }
+    eos
+}
+
 /// Resolves `spec` to a location, fetching the embedded default if needed.
 pub fn resolve(spec: &str) -> Result<ModelLocation, LoadError> {
     if spec == DEFAULT_MODEL {

@@ -14,7 +14,7 @@ use super::qgemm::{QGemmError, QLinearOp, QMatrix};
 use super::ModelError;
 
 /// How linear weights are held on CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightsMode {
     /// Everything dequantized to f32: the reference path, and the one training reads.
@@ -28,6 +28,8 @@ pub enum WeightsMode {
     /// Q4_1 reads 41% fewer bytes than Q8_0), other types by candle's `QMatMul`.
     Native,
 }
+
+crate::named_enum!(WeightsMode, "weights mode", ["q8", "f32", "native"]);
 
 /// A linear layer `y = x Wᵀ + b` with W of HF shape (out, in).
 #[derive(Debug, Clone)]

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::head::{BaseSupport, HeadConfig};
 use super::objective::Objective;
+use crate::drafter::DrafterKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -28,7 +29,7 @@ pub enum ConfigError {
 pub struct DrafterSpec {
     /// `dflash` or `domino`.
     #[serde(default = "default_kind")]
-    pub kind: String,
+    pub kind: DrafterKind,
     /// Drafter decoder layers.
     #[serde(default = "default_layers")]
     pub layers: usize,
@@ -52,14 +53,14 @@ pub struct DrafterSpec {
     pub emb_dim: Option<usize>,
 }
 
-fn default_kind() -> String {
-    "dflash".into()
+fn default_kind() -> DrafterKind {
+    DrafterKind::DFlash
 }
 fn default_layers() -> usize {
-    2
+    crate::drafter::DEFAULT_LAYERS
 }
 fn default_block_size() -> usize {
-    8
+    crate::drafter::DEFAULT_BLOCK_SIZE
 }
 
 impl Default for DrafterSpec {
@@ -199,6 +200,30 @@ fn default_feature_mem() -> usize {
 }
 
 impl TrainConfig {
+    /// A config with every default, training on the prepared data in `data` into the run
+    /// directory `out`. The defaults are the serde defaults above, the one source.
+    pub fn new(data: &Path, out: &Path) -> Self {
+        TrainConfig {
+            model: default_model(),
+            data: data.to_path_buf(),
+            out: out.to_path_buf(),
+            drafter: DrafterSpec::default(),
+            objective: default_objective(),
+            optim: OptimSpec::default(),
+            head: HeadConfig::default(),
+            steps: default_steps(),
+            batch_sequences: default_batch(),
+            grad_accum: default_accum(),
+            num_anchors: default_anchors(),
+            seed: 0,
+            checkpoint_every: default_ckpt(),
+            eval_every: default_eval_every(),
+            eval_sequences: default_eval_seqs(),
+            base_support: BaseSupport::default(),
+            feature_cache_mib: default_feature_mem(),
+        }
+    }
+
     /// Reads a JSON config file and applies `key=value` overrides (dotted keys; values parsed
     /// as JSON, falling back to a string).
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
@@ -236,9 +261,6 @@ impl TrainConfig {
         }
         if self.drafter.layers == 0 {
             return bad("drafter.layers must be at least 1");
-        }
-        if !["dflash", "domino"].contains(&self.drafter.kind.as_str()) {
-            return bad("drafter.kind must be \"dflash\" or \"domino\"");
         }
         if !(self.optim.lr > 0.0) || !(0.0..1.0).contains(&self.optim.warmup_ratio) {
             return bad("optim.lr must be > 0 and optim.warmup_ratio in [0, 1)");

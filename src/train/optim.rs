@@ -511,7 +511,7 @@ impl AdamW {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })?;
-        crate::fsutil::write_atomic(path, &data).map_err(io)
+        crate::util::fs::write_atomic(path, &data).map_err(io)
     }
 
     /// Reads a state written by [`AdamW::save`].

@@ -9,8 +9,8 @@
 //! uninterrupted run would have.
 
 use std::collections::HashMap;
-use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
@@ -18,16 +18,18 @@ use candle_core::{DType, Tensor, Var};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use super::blocks::{build_blocks, sample_anchors, step_rng, Blocks};
+use super::checkpoint::{io_err, CheckpointState, RunDir};
 use super::config::TrainConfig;
-use super::data::{Dataset, Split};
-use super::features::{target_features, FeatureCache};
 use super::head::{BaseSupport, ChunkedHead, DeltaBranch, HeadInput};
-use super::objective::{BlockLayout, BlockMetrics, MetricCounts, ResolvedObjective};
+use super::objective::{BlockMetrics, MetricCounts, ResolvedObjective};
 use super::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
-use crate::drafter::dflash::{DFlashDrafter, DFlashInitConfig};
-use crate::drafter::domino::{is_domino_checkpoint, DominoDrafter, DominoInitConfig};
+use super::trainable::{base_ce_weight, build_drafter, trainable, TrainableDrafter};
+use crate::data::features::{target_features, FeatureCache};
+use crate::data::{Dataset, ModelIdentity, Split};
+use crate::drafter::blocks::{build_blocks, sample_anchors, step_rng};
+use crate::drafter::AnyDrafter;
 use crate::model::{LoadedModel, Target};
+use crate::util::progress::{Progress, Silent, Unit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -38,9 +40,9 @@ pub enum TrainError {
     #[error(transparent)]
     Config(#[from] super::config::ConfigError),
     #[error(transparent)]
-    Data(#[from] super::data::DataError),
+    Data(#[from] crate::data::DataError),
     #[error(transparent)]
-    Features(#[from] super::features::FeatureError),
+    Features(#[from] crate::data::features::FeatureError),
     #[error(transparent)]
     Drafter(#[from] crate::drafter::DrafterError),
     #[error(transparent)]
@@ -53,10 +55,6 @@ pub enum TrainError {
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.display().to_string(), source }
 }
 
 /// One line of RUN/metrics.jsonl.
@@ -88,147 +86,6 @@ pub struct EvalMetrics {
     pub support_size: f32,
     pub acc_per_position: Vec<f32>,
     pub blocks: usize,
-}
-
-/// What a checkpoint records besides weights and optimizer state.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct CheckpointState {
-    step: u64,
-    /// Sequences consumed so far (the data cursor).
-    cursor: u64,
-    /// Lines of metrics.jsonl that belong to steps ≤ step.
-    metrics_lines: usize,
-    config_hash: String,
-}
-
-/// What a drafter's training forward hands to the head.
-pub struct TrainRows {
-    /// (rows, H) final hidden of the predicted positions, in the autograd graph.
-    pub hidden: Tensor,
-    /// Domino's correction branch: its last bias-free Linear's input (rows, E), in the graph,
-    /// and that Linear's weight (V, E) (the Var's tensor). None for DFlash.
-    pub delta: Option<(Tensor, Tensor)>,
-}
-
-/// A drafter the trainer can train. DFlash and Domino share everything else.
-pub trait TrainableDrafter {
-    fn layout(&self) -> BlockLayout;
-    fn block_size(&self) -> usize;
-    fn mask_token_id(&self) -> u32;
-    fn target_layer_ids(&self) -> Vec<usize>;
-    fn named_vars(&self) -> Vec<(String, Var)>;
-    fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<TrainRows, TrainError>;
-    fn save(&self, dir: &Path) -> Result<(), TrainError>;
-    /// Domino: predicted indices below this use the base logits only (pure_draft_prefix_len).
-    fn base_only_prefix(&self) -> usize {
-        0
-    }
-}
-
-/// Domino's λ in (1-λ)·CE_final + λ·CE_base: falls linearly from 1 at the first step to 0 at
-/// the last.
-pub fn base_ce_weight(step: u64, steps: u64) -> f32 {
-    if steps <= 1 {
-        return 0.0;
-    }
-    1.0 - step as f32 / (steps - 1) as f32
-}
-
-impl TrainableDrafter for DFlashDrafter {
-    fn layout(&self) -> BlockLayout {
-        BlockLayout::dflash(self.block_size())
-    }
-    fn block_size(&self) -> usize {
-        DFlashDrafter::block_size(self)
-    }
-    fn mask_token_id(&self) -> u32 {
-        DFlashDrafter::mask_token_id(self)
-    }
-    fn target_layer_ids(&self) -> Vec<usize> {
-        DFlashDrafter::target_layer_ids(self).to_vec()
-    }
-    fn named_vars(&self) -> Vec<(String, Var)> {
-        DFlashDrafter::named_vars(self)
-    }
-    fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<TrainRows, TrainError> {
-        let hidden = self.forward_train(target, features, &blocks.anchors, &blocks.block_ids)?;
-        Ok(TrainRows { hidden: self.predicted_rows(&hidden)?, delta: None })
-    }
-    fn save(&self, dir: &Path) -> Result<(), TrainError> {
-        Ok(DFlashDrafter::save(self, dir)?)
-    }
-}
-
-/// Builds the drafter a config asks for: from `init_from`, or fresh for the target.
-pub fn build_drafter(cfg: &TrainConfig, target: &Target) -> Result<Box<dyn TrainableDrafter>, TrainError> {
-    let spec = &cfg.drafter;
-    if let Some(dir) = &spec.init_from {
-        let domino = is_domino_checkpoint(dir)?;
-        if domino != (spec.kind == "domino") {
-            return Err(TrainError::Setup(format!(
-                "drafter.kind is {:?} but init_from {} holds a {} checkpoint; set drafter.kind to match it",
-                spec.kind,
-                dir.display(),
-                if domino { "domino" } else { "dflash" }
-            )));
-        }
-        return load_drafter(dir, target);
-    }
-    let mut init = DFlashInitConfig::new(spec.layers, spec.block_size, spec.mask_token_id.unwrap_or_else(|| default_mask_token(target)));
-    init.target_layer_ids = spec.target_layer_ids.clone();
-    let drafter: Box<dyn TrainableDrafter> = match spec.kind.as_str() {
-        "dflash" => Box::new(DFlashDrafter::init_random(target.config(), &init, cfg.seed)?),
-        "domino" => {
-            let mut init = DominoInitConfig::new(init);
-            init.gru_hidden_dim = spec.gru_hidden_dim;
-            init.emb_dim = spec.emb_dim;
-            Box::new(DominoDrafter::init_random(target.config(), &init, cfg.seed)?)
-        }
-        other => return Err(TrainError::Setup(format!("drafter.kind {other:?} is unknown; use \"dflash\" or \"domino\""))),
-    };
-    init_final_norm_from_target(&drafter.named_vars(), target, drafter.mask_token_id())?;
-    Ok(drafter)
-}
-
-/// Loads a drafter checkpoint as the kind its config.json names (Domino or DFlash).
-pub fn load_drafter(dir: &Path, target: &Target) -> Result<Box<dyn TrainableDrafter>, TrainError> {
-    Ok(if is_domino_checkpoint(dir)? {
-        Box::new(DominoDrafter::load(dir, target.config())?)
-    } else {
-        Box::new(DFlashDrafter::load(dir, target.config())?)
-    })
-}
-
-/// Scales the fresh drafter's final `norm` so that its untrained logits have unit spread.
-///
-/// Why: at initialisation the drafter's output at a MASK position is essentially the normalised
-/// MASK embedding (the layers start near zero), and with a tied LM head (SmolLM2) that row's dot
-/// product with itself dominates: the reference's all-ones init starts at a CE near 60 and spends
-/// its first steps unlearning it. With weight 1/σ, σ = std of the logits of the normalised MASK
-/// embedding, the untrained drafter starts near-uniform (CE ≈ ln V) on every target.
-pub fn init_final_norm_from_target(vars: &[(String, Var)], target: &Target, mask_token_id: u32) -> Result<(), TrainError> {
-    if let Some((_, var)) = vars.iter().find(|(n, _)| n == "norm.weight") {
-        let e = target.embed(&[mask_token_id])?;
-        let unit = e.broadcast_div(&e.sqr()?.mean_keepdim(1)?.sqrt()?)?;
-        let logits = target.lm_head(&unit)?;
-        let sigma = logits.flatten_all()?.to_vec1::<f32>()?;
-        let mean = sigma.iter().sum::<f32>() / sigma.len() as f32;
-        let std = (sigma.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / sigma.len() as f32).sqrt();
-        if std.is_finite() && std > 0.0 {
-            var.set(&(var.as_tensor().ones_like()? * (1.0 / std as f64))?)?;
-        }
-    }
-    Ok(())
-}
-
-/// The MASK token when a config does not name one: Qwen3's unused 151669 where the vocabulary
-/// has it, else id 16 (SmolLM2's `<empty_output>`, which never occurs in text; ASSETS.md).
-pub fn default_mask_token(target: &Target) -> u32 {
-    if target.config().vocab_size > 151_669 {
-        151_669
-    } else {
-        16
-    }
 }
 
 /// Target features of sequences: from the prepared cache on disk when it has the right layers,
@@ -328,8 +185,6 @@ pub struct RunOptions {
     pub resume: bool,
     /// Stop (as if killed) after this step; for tests of resume.
     pub stop_after: Option<u64>,
-    /// Show a progress bar.
-    pub progress: bool,
 }
 
 /// What a finished (or stopped) run returns.
@@ -342,167 +197,216 @@ pub struct RunSummary {
     pub eval_after: Option<EvalMetrics>,
 }
 
-fn config_hash(cfg: &TrainConfig) -> String {
-    let text = serde_json::to_string(cfg).unwrap_or_default();
-    format!("{:016x}", crate::train::sharegpt::fnv1a64(text.as_bytes()))
+/// The objective of a run, resolved for the drafter actually trained: its default decay γ
+/// follows that drafter's block size, which differs from `cfg.drafter.block_size` when the run
+/// starts from `init_from` or resumes a checkpoint of another shape.
+pub fn objective_for(cfg: &TrainConfig, drafter: &dyn TrainableDrafter) -> Result<ResolvedObjective, TrainError> {
+    Ok(cfg.objective.resolve(drafter.block_size())?)
 }
 
-/// [`crate::fsutil::write_atomic`] with this module's error.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    crate::fsutil::write_atomic(path, bytes).map_err(io_err(path))
-}
-
-/// Trains a drafter as `cfg` says, writing everything under `cfg.out`.
+/// Trains a drafter as `cfg` says, writing everything under `cfg.out`; reports nothing.
 pub fn train(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary, TrainError> {
-    let target = &model.target;
-    let out = &cfg.out;
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    let cfg_path = out.join("config.json");
-    let hash = config_hash(cfg);
-    let cfg_json = serde_json::to_string_pretty(cfg).map_err(|e| TrainError::Setup(e.to_string()))?;
-    let ckpt_root = out.join("checkpoints");
-    let latest_path = ckpt_root.join("latest.json");
-    if cfg_path.exists() && !opts.resume {
-        return Err(TrainError::Setup(format!(
-            "{} already holds a run; pass --resume to continue it, or choose another --out",
-            out.display()
-        )));
-    }
-    if opts.resume && cfg_path.exists() {
-        let saved = std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?;
-        let saved: TrainConfig = serde_json::from_str(&saved).map_err(|e| TrainError::Setup(format!("{}: {e}", cfg_path.display())))?;
-        if config_hash(&saved) != hash {
-            return Err(TrainError::Setup(format!(
-                "--resume: the config differs from the one saved in {}; resume with the same config or start a new --out",
-                cfg_path.display()
-            )));
-        }
-    }
-    write_atomically(&cfg_path, cfg_json.as_bytes())?;
+    train_with(model, cfg, opts, &Silent)
+}
 
-    // 1. Data and the drafter.
-    let train_data = Dataset::open(&cfg.data, Split::Train)?;
-    let eval_data = Dataset::open(&cfg.data, Split::Eval).ok().filter(|d| d.len() > 0);
-    if train_data.len() == 0 {
-        return Err(TrainError::Setup(format!("{}: the training split is empty", cfg.data.display())));
-    }
-    let objective = cfg.objective.resolve(cfg.drafter.block_size)?;
-    let mut state = CheckpointState { step: 0, cursor: 0, metrics_lines: 0, config_hash: hash.clone() };
-    let latest = if opts.resume && latest_path.exists() {
-        let text = std::fs::read_to_string(&latest_path).map_err(io_err(&latest_path))?;
-        let s: CheckpointState = serde_json::from_str(&text).map_err(|e| TrainError::Setup(format!("{}: {e}", latest_path.display())))?;
-        Some(s)
-    } else {
-        None
-    };
-    let drafter: Box<dyn TrainableDrafter> = match &latest {
-        Some(s) => load_drafter(&ckpt_dir(&ckpt_root, s.step), target)?,
-        None => build_drafter(cfg, target)?,
-    };
-    let layout = drafter.layout();
-    let layer_ids = drafter.target_layer_ids();
-    let disk = FeatureCache::open(&cfg.data, Split::Train, &model_identity(model)?, &layer_ids).ok();
-    let mut features = FeatureSource::new(target, layer_ids.clone(), disk, cfg.feature_cache_mib);
-    let mut eval_features = FeatureSource::new(target, layer_ids, None, cfg.feature_cache_mib / 4);
-    let lm_head = target.lm_head_weight_f32()?;
-    let mut head = ChunkedHead::new(cfg.head.clone());
-    let adam_cfg = AdamWConfig {
-        lr: cfg.optim.lr,
-        beta1: cfg.optim.beta1,
-        beta2: cfg.optim.beta2,
-        eps: cfg.optim.eps,
-        weight_decay: cfg.optim.weight_decay,
-        max_grad_norm: Some(cfg.optim.clip),
-        skip_missing_grads: false,
-    };
-    let schedule = CosineSchedule::new(cfg.optim.lr, cfg.steps, &ScheduleConfig { warmup_ratio: cfg.optim.warmup_ratio, min_lr: 0.0 });
-    let mut optim = AdamW::new(drafter.named_vars(), adam_cfg, schedule)?;
-    let metrics_path = out.join("metrics.jsonl");
-    if let Some(s) = &latest {
-        optim.load(&ckpt_dir(&ckpt_root, s.step).join("optimizer.safetensors"))?;
-        truncate_lines(&metrics_path, s.metrics_lines)?;
-        state = s.clone();
-    } else {
-        std::fs::write(&metrics_path, b"").map_err(io_err(&metrics_path))?;
-    }
-    let eval_before = match (&eval_data, latest.is_none()) {
-        (Some(d), true) => Some(evaluate(target, drafter.as_ref(), &objective, &mut head, &lm_head, d, &mut eval_features, cfg.eval_sequences, cfg.num_anchors, cfg.seed)?),
-        _ => None,
-    };
+/// [`train`], reporting each step to `progress`.
+pub fn train_with(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, progress: &dyn Progress) -> Result<RunSummary, TrainError> {
+    // 1. Run directory, data, drafter, optimiser (from the latest checkpoint when resuming).
+    let run = RunDir::open(cfg, opts.resume)?;
+    let mut session = Session::new(model, cfg, &run)?;
+    let mut state = run.start_state();
+    run.reset_metrics()?;
+    let eval_before = if run.latest.is_none() { session.held_out()? } else { None };
 
-    // 2. The loop.
-    let pb = if opts.progress {
-        let pb = indicatif::ProgressBar::new(cfg.steps);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template("train [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        pb.set_position(state.step);
-        pb
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    // 2. The loop: one optimizer step, metrics line, checkpoint when due.
+    let metrics_path = run.metrics_path();
     let mut metrics_file = std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
-    let n_train = train_data.len() as u64;
-    let mut order_epoch = u64::MAX;
-    let mut order: Vec<usize> = Vec::new();
+    progress.phase("train", Some(cfg.steps), state.step, Unit::Items);
     let mut last = None;
     while state.step < cfg.steps {
-        let step = state.step;
+        let line = session.step(&mut state)?;
+        let json = serde_json::to_string(&line).map_err(|e| TrainError::Setup(e.to_string()))?;
+        writeln!(metrics_file, "{json}").and_then(|()| metrics_file.flush()).map_err(io_err(&metrics_path))?;
+        state.metrics_lines += 1;
+        progress.update(
+            state.step,
+            &format!("loss {:.3} acc {:.3} accept {:.2} {:.0} tok/s", line.loss, line.acc, line.accept_len, line.tokens_per_s),
+        );
+        last = Some(line);
+        if state.step % cfg.checkpoint_every == 0 || state.step == cfg.steps {
+            run.save(session.drafter.as_ref(), &session.optim, &state)?;
+        }
+        if opts.stop_after == Some(state.step) && state.step < cfg.steps {
+            progress.finish(false);
+            return Ok(RunSummary { steps_done: state.step, final_dir: None, last, eval_before, eval_after: None });
+        }
+    }
+    progress.finish(true);
+
+    // 3. The trained drafter, in the DFlash / SpecForge format.
+    let final_dir = run.out.join("final");
+    session.drafter.save(&final_dir)?;
+    let eval_after = last.as_ref().and_then(|l| l.eval.clone());
+    Ok(RunSummary { steps_done: state.step, final_dir: Some(final_dir), last, eval_before, eval_after })
+}
+
+/// Everything a run holds between steps.
+struct Session<'a> {
+    cfg: &'a TrainConfig,
+    target: &'a Target,
+    train_data: Dataset,
+    eval_data: Option<Dataset>,
+    drafter: Box<dyn TrainableDrafter>,
+    objective: ResolvedObjective,
+    features: FeatureSource<'a>,
+    eval_features: FeatureSource<'a>,
+    lm_head: Tensor,
+    head: ChunkedHead,
+    optim: AdamW,
+    /// The data order of `order_epoch` (a seeded shuffle per epoch).
+    order: Vec<usize>,
+    order_epoch: u64,
+}
+
+impl<'a> Session<'a> {
+    fn new(model: &'a LoadedModel, cfg: &'a TrainConfig, run: &RunDir) -> Result<Self, TrainError> {
+        let target = &model.target;
+        let train_data = Dataset::open(&cfg.data, Split::Train)?;
+        let eval_data = Dataset::open(&cfg.data, Split::Eval).ok().filter(|d| d.len() > 0);
+        if train_data.len() == 0 {
+            return Err(TrainError::Setup(format!("{}: the training split is empty", cfg.data.display())));
+        }
+        let drafter: AnyDrafter = match &run.latest {
+            Some(s) => AnyDrafter::load(&run.checkpoint(s.step), target.config())?,
+            None => build_drafter(cfg, target)?,
+        };
+        let drafter = trainable(drafter);
+        let objective = objective_for(cfg, drafter.as_ref())?;
+        let layer_ids = drafter.target_layer_ids();
+        let disk = FeatureCache::open(&cfg.data, Split::Train, &ModelIdentity::of(model)?, &layer_ids).ok();
+        let features = FeatureSource::new(target, layer_ids.clone(), disk, cfg.feature_cache_mib);
+        let eval_features = FeatureSource::new(target, layer_ids, None, cfg.feature_cache_mib / 4);
+        let adam_cfg = AdamWConfig {
+            lr: cfg.optim.lr,
+            beta1: cfg.optim.beta1,
+            beta2: cfg.optim.beta2,
+            eps: cfg.optim.eps,
+            weight_decay: cfg.optim.weight_decay,
+            max_grad_norm: Some(cfg.optim.clip),
+            skip_missing_grads: false,
+        };
+        let schedule = CosineSchedule::new(cfg.optim.lr, cfg.steps, &ScheduleConfig { warmup_ratio: cfg.optim.warmup_ratio, min_lr: 0.0 });
+        let mut optim = AdamW::new(drafter.named_vars(), adam_cfg, schedule)?;
+        if let Some(s) = &run.latest {
+            optim.load(&run.checkpoint(s.step).join("optimizer.safetensors"))?;
+        }
+        Ok(Session {
+            cfg,
+            target,
+            train_data,
+            eval_data,
+            drafter,
+            objective,
+            features,
+            eval_features,
+            lm_head: target.lm_head_weight_f32()?,
+            head: ChunkedHead::new(cfg.head.clone()),
+            optim,
+            order: Vec::new(),
+            order_epoch: u64::MAX,
+        })
+    }
+
+    /// Held-out metrics, when the data has an eval split.
+    fn held_out(&mut self) -> Result<Option<EvalMetrics>, TrainError> {
+        let Some(d) = &self.eval_data else { return Ok(None) };
+        let c = self.cfg;
+        Ok(Some(evaluate(
+            self.target,
+            self.drafter.as_ref(),
+            &self.objective,
+            &mut self.head,
+            &self.lm_head,
+            d,
+            &mut self.eval_features,
+            c.eval_sequences,
+            c.num_anchors,
+            c.seed,
+        )?))
+    }
+
+    /// The next sequence of the seeded per-epoch order; advances the cursor.
+    fn next_sequence(&mut self, state: &mut CheckpointState) -> usize {
+        let n = self.train_data.len() as u64;
+        let epoch = state.cursor / n;
+        if epoch != self.order_epoch {
+            self.order = (0..self.train_data.len()).collect();
+            self.order.shuffle(&mut step_rng(self.cfg.seed ^ 0xDA7A, epoch, 0));
+            self.order_epoch = epoch;
+        }
+        let idx = self.order[(state.cursor % n) as usize];
+        state.cursor += 1;
+        idx
+    }
+
+    /// One micro-batch's sequences with their anchors (drawn from (seed, step, slot)) and features.
+    fn micro_batch(&mut self, state: &mut CheckpointState, micro: usize) -> Result<Vec<BatchItem>, TrainError> {
+        let c = self.cfg;
+        let mut items = Vec::with_capacity(c.batch_sequences);
+        for s in 0..c.batch_sequences {
+            let idx = self.next_sequence(state);
+            let seq = self.train_data.get(idx);
+            let slot = (micro * c.batch_sequences + s) as u64;
+            let anchors = sample_anchors(&seq.loss_mask, c.num_anchors, &mut step_rng(c.seed, state.step, slot));
+            if anchors.is_empty() {
+                continue;
+            }
+            let features = self.features.get(idx, &seq.input_ids)?;
+            items.push(BatchItem { seq, anchors, features });
+        }
+        Ok(items)
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches, then the held-out evaluation when due.
+    fn step(&mut self, state: &mut CheckpointState) -> Result<StepMetrics, TrainError> {
+        let c = self.cfg;
         let t0 = Instant::now();
         let mut grads: Option<GradStore> = None;
-
-        let mut counts = MetricCounts::new(layout);
-        let mut loss = 0f32;
-        let mut tokens = 0usize;
-        let ctx = StepContext { target, drafter: drafter.as_ref(), objective: &objective, lm_head: &lm_head, seed: cfg.seed, steps: cfg.steps, base_support: cfg.base_support };
-        for micro in 0..cfg.grad_accum {
-            let mut items = Vec::with_capacity(cfg.batch_sequences);
-            for s in 0..cfg.batch_sequences {
-                let epoch = state.cursor / n_train;
-                if epoch != order_epoch {
-                    order = (0..train_data.len()).collect();
-                    order.shuffle(&mut step_rng(cfg.seed ^ 0xDA7A, epoch, 0));
-                    order_epoch = epoch;
-                }
-                let idx = order[(state.cursor % n_train) as usize];
-                state.cursor += 1;
-                let seq = train_data.get(idx);
-                let slot = (micro * cfg.batch_sequences + s) as u64;
-                let anchors = sample_anchors(&seq.loss_mask, cfg.num_anchors, &mut step_rng(cfg.seed, step, slot));
-                if anchors.is_empty() {
-                    continue;
-                }
-                let feats = features.get(idx, &seq.input_ids)?;
-                items.push(BatchItem { seq, anchors, features: feats });
-            }
+        let mut counts = MetricCounts::new(self.drafter.layout());
+        let (mut loss, mut tokens) = (0f32, 0usize);
+        for micro in 0..c.grad_accum {
+            let items = self.micro_batch(state, micro)?;
             if items.is_empty() {
                 continue;
             }
-            let out = run_micro_batch(&ctx, &mut head, &items, step, 1.0 / cfg.grad_accum as f64)?;
+            let ctx = StepContext {
+                target: self.target,
+                drafter: self.drafter.as_ref(),
+                objective: &self.objective,
+                lm_head: &self.lm_head,
+                seed: c.seed,
+                steps: c.steps,
+                base_support: c.base_support,
+            };
+            let out = run_micro_batch(&ctx, &mut self.head, &items, state.step, 1.0 / c.grad_accum as f64)?;
             grads = Some(match grads {
                 None => out.grads,
-                Some(acc) => add_grads(acc, out.grads, &drafter.named_vars())?,
+                Some(acc) => add_grads(acc, out.grads, &self.drafter.named_vars())?,
             });
             counts.merge(&out.counts);
-            loss += out.loss / cfg.grad_accum as f32;
+            loss += out.loss / c.grad_accum as f32;
             tokens += out.tokens;
         }
         let Some(grads) = grads else {
             return Err(TrainError::Setup("no sequence in the batch has an anchor position; check the loss masks of the prepared data".into()));
         };
-        let stats = optim.step(&grads)?;
+        let stats = self.optim.step(&grads)?;
         let secs = t0.elapsed().as_secs_f64();
         let m = counts.summary();
         state.step += 1;
-        let eval = match &eval_data {
-            Some(d) if (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || state.step == cfg.steps => {
-                Some(evaluate(target, drafter.as_ref(), &objective, &mut head, &lm_head, d, &mut eval_features, cfg.eval_sequences, cfg.num_anchors, cfg.seed)?)
-            }
-            _ => None,
-        };
-        let line = StepMetrics {
+        let due = (c.eval_every > 0 && state.step % c.eval_every == 0) || state.step == c.steps;
+        let eval = if due { self.held_out()? } else { None };
+        Ok(StepMetrics {
             step: state.step,
             loss,
             acc: m.acc,
@@ -515,27 +419,8 @@ pub fn train(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions) -> Resul
             tokens_per_s: tokens as f64 / secs,
             tokens,
             eval,
-        };
-        let json = serde_json::to_string(&line).map_err(|e| TrainError::Setup(e.to_string()))?;
-        writeln!(metrics_file, "{json}").map_err(io_err(&metrics_path))?;
-        metrics_file.flush().map_err(io_err(&metrics_path))?;
-        state.metrics_lines += 1;
-        pb.set_position(state.step);
-        pb.set_message(format!("loss {:.3} acc {:.3} accept {:.2} {:.0} tok/s", line.loss, line.acc, line.accept_len, line.tokens_per_s));
-        last = Some(line);
-        if state.step % cfg.checkpoint_every == 0 || state.step == cfg.steps {
-            save_checkpoint(&ckpt_root, drafter.as_ref(), &optim, &state)?;
-        }
-        if opts.stop_after == Some(state.step) && state.step < cfg.steps {
-            pb.abandon();
-            return Ok(RunSummary { steps_done: state.step, final_dir: None, last, eval_before, eval_after: None });
-        }
+        })
     }
-    pb.finish();
-    let final_dir = out.join("final");
-    drafter.save(&final_dir)?;
-    let eval_after = last.as_ref().and_then(|l| l.eval.clone());
-    Ok(RunSummary { steps_done: state.step, final_dir: Some(final_dir), last, eval_before, eval_after })
 }
 
 /// What one training step needs besides the batch.
@@ -552,7 +437,7 @@ pub struct StepContext<'a> {
 
 /// One sequence of a micro-batch with its anchors and target features.
 pub struct BatchItem {
-    pub seq: super::data::Sequence,
+    pub seq: crate::data::Sequence,
     pub anchors: Vec<usize>,
     pub features: Tensor,
 }
@@ -638,44 +523,3 @@ fn add_grads(mut acc: GradStore, new: GradStore, vars: &[(String, Var)]) -> Resu
     Ok(acc)
 }
 
-fn ckpt_dir(root: &Path, step: u64) -> PathBuf {
-    root.join(format!("step-{step:06}"))
-}
-
-/// Weights, optimizer state and the cursor, then `latest.json` last: a kill at any moment
-/// leaves the previous checkpoint valid.
-fn save_checkpoint(root: &Path, drafter: &dyn TrainableDrafter, optim: &AdamW, state: &CheckpointState) -> Result<(), TrainError> {
-    let dir = ckpt_dir(root, state.step);
-    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    drafter.save(&dir)?;
-    optim.save(&dir.join("optimizer.safetensors"))?;
-    let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Setup(e.to_string()))?;
-    write_atomically(&dir.join("state.json"), json.as_bytes())?;
-    write_atomically(&root.join("latest.json"), json.as_bytes())?;
-    // Keep the two newest checkpoints.
-    if let Ok(entries) = std::fs::read_dir(root) {
-        let mut steps: Vec<u64> = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse().ok()))
-            .collect();
-        steps.sort_unstable();
-        for s in steps.iter().rev().skip(2) {
-            let _ = std::fs::remove_dir_all(ckpt_dir(root, *s));
-        }
-    }
-    Ok(())
-}
-
-fn truncate_lines(path: &Path, keep: usize) -> Result<(), TrainError> {
-    let file = std::fs::File::open(path).map_err(io_err(path))?;
-    let lines: Vec<String> = std::io::BufReader::new(file).lines().take(keep).collect::<Result<_, _>>().map_err(io_err(path))?;
-    let mut text = lines.join("\n");
-    if !text.is_empty() {
-        text.push('\n');
-    }
-    write_atomically(path, text.as_bytes())
-}
-
-fn model_identity(model: &LoadedModel) -> Result<super::data::ModelIdentity, TrainError> {
-    Ok(super::data::ModelIdentity::of(model)?)
-}

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use specauf::train::sharegpt::id_is_heldout;
+use specauf::data::sharegpt::id_is_heldout;
 
 const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
@@ -95,8 +95,8 @@ pub fn write_data(root: &Path, n: usize, bad: bool) -> PathBuf {
 /// The tiny llama target with its tokenizer, and `conversations` of [`write_data`] prepared
 /// (no regeneration) into `root/prepared`.
 pub fn prepared(root: &Path, conversations: usize) -> (specauf::model::LoadedModel, PathBuf) {
-    use specauf::train::data::{ModelIdentity, PrepareSettings};
-    use specauf::train::prepare::{prepare, PrepareOptions};
+    use specauf::data::{ModelIdentity, PrepareSettings};
+    use specauf::data::prepare::{prepare, PrepareOptions};
     let model_dir = tiny_model_dir(root);
     let data = write_data(root, conversations, false);
     let m = specauf::model::load::load_model(model_dir.to_str().unwrap(), specauf::model::WeightsMode::F32).unwrap();
@@ -112,7 +112,7 @@ pub fn prepared(root: &Path, conversations: usize) -> (specauf::model::LoadedMod
         regenerate: None,
         features: None,
     };
-    let opts = PrepareOptions { data_path: data, settings, workers: 1, shard_tokens: 4096, out: out.clone(), progress: false };
+    let opts = PrepareOptions { data_path: data, settings, workers: 1, shard_tokens: 4096, out: out.clone(), progress: Default::default() };
     prepare(&m.tokenizer, &id, None, None, &opts).unwrap();
     (m, out)
 }

@@ -16,17 +16,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::model::{ModelError, Target};
 use crate::tokenizer::Tokenizer;
-use crate::train::data::{
+use crate::data::{
     self, io_err, tokenize_chat, ChatExample, DataError, FeatureInfo, FeatureSettings, Manifest, ModelIdentity,
     PrepareSettings, Sequence, SourceReport, Split, SplitInfo, TokenizerInfo,
 };
-use crate::train::features::{self, FeatureError};
-use crate::train::regenerate::{self, CacheKey, Outcome, RegenerateError, RegenerationCache, RegenerationProgress, Reply, ReplyError, ReplyRequest};
-use crate::train::sharegpt::{self, ShareGptError};
+use crate::data::features::{self, FeatureError};
+use crate::data::regenerate::{self, CacheKey, Outcome, RegenerateError, RegenerationCache, RegenerationProgress, Reply, ReplyError, ReplyRequest};
+use crate::data::sharegpt::{self, ShareGptError};
+use crate::util::progress::{Observer, Progress, Unit};
 
 /// Default sequence length for the embedded default target.
 pub const DEFAULT_MAX_LEN: usize = 512;
@@ -42,8 +42,8 @@ pub struct PrepareOptions {
     pub workers: usize,
     pub shard_tokens: usize,
     pub out: PathBuf,
-    /// Draw progress bars (on stderr, when it is a terminal).
-    pub progress: bool,
+    /// Where regeneration and feature extraction report their progress.
+    pub progress: Observer,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,12 +98,7 @@ pub fn prepare(
 ) -> Result<PrepareReport, PrepareError> {
     // Stop at the model's EOS ids and the tokenizer's (a chat model may name its end-of-turn
     // token only in its tokenizer config).
-    let mut eos: Vec<u32> = target.map(|t| t.config().eos_token_ids.clone()).unwrap_or_default();
-    for &id in tok.eos_token_ids() {
-        if !eos.contains(&id) {
-            eos.push(id);
-        }
-    }
+    let eos = crate::model::load::stop_token_ids(target.map(|t| t.config().eos_token_ids.as_slice()).unwrap_or_default(), tok);
     let eos = &eos;
     let reply = target.map(|t| {
         move |p: &[u32], r: &ReplyRequest| regenerate::reply_with_target(t, eos, p, r).map_err(ReplyError::from)
@@ -186,7 +181,7 @@ pub fn prepare_with(
         let mut cache = RegenerationCache::open(&opts.out, &key)?;
         reused = examples.iter().filter(|ex| cache.get(ex).is_some()).count();
         let todo = examples.len() - reused;
-        let mut bar = Bar::new(opts.progress, todo as u64, "regenerate", "conv");
+        let mut bar = Phase::new(&*opts.progress, todo as u64, "regenerate", Unit::Items);
         let outcomes =
             regenerate::regenerate_all(tok, &examples, &mut cache, opts.workers, &mut bar, reply)?;
         generated_tokens = bar.tokens;
@@ -348,7 +343,7 @@ fn write_features(
     keep_files: &mut Vec<String>,
 ) -> Result<FeatureInfo, PrepareError> {
     let total: usize = by_split.values().flat_map(|v| v.iter().map(|(_, q)| q.len())).sum();
-    let mut bar = Bar::new(opts.progress, total as u64, "features", "tok");
+    let mut bar = Phase::new(&*opts.progress, total as u64, "features", Unit::Tokens);
     let mut shards = BTreeMap::new();
     for (&split, seqs) in by_split {
         let mut infos = Vec::new();
@@ -392,67 +387,39 @@ fn remove_other_shards(dir: &Path, keep: &[String]) -> Result<(), DataError> {
     Ok(())
 }
 
-/// A progress bar counting items, with a tokens/s message for regeneration. When stderr is
-/// not a terminal (a run in the background, output to a log), indicatif draws nothing, so a
-/// plain status line is printed every [`LOG_EVERY`] instead.
-struct Bar {
-    bar: ProgressBar,
-    what: String,
-    unit: String,
+/// One phase of the pipeline as seen by the observer: items done, and for regeneration the
+/// new tokens and their rate.
+struct Phase<'a> {
+    progress: &'a dyn Progress,
+    done: u64,
     tokens: usize,
     started: Instant,
-    /// Some(last line printed) when logging plain lines.
-    log: Option<Instant>,
 }
 
-const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
-
-impl Bar {
-    fn new(show: bool, len: u64, what: &str, unit: &str) -> Self {
-        use std::io::IsTerminal;
-        let tty = std::io::stderr().is_terminal();
-        let bar = if show && tty { ProgressBar::new(len) } else { ProgressBar::hidden() };
-        bar.set_length(len);
-        let template = format!("{what:>10} {{bar:30}} {{pos}}/{{len}} {unit} [{{elapsed_precise}}<{{eta_precise}}] {{per_sec}} {{msg}}");
-        if let Ok(style) = ProgressStyle::with_template(&template) {
-            bar.set_style(style);
-        }
-        let started = Instant::now();
-        Bar { bar, what: what.to_string(), unit: unit.to_string(), tokens: 0, started, log: (show && !tty).then_some(started) }
+impl<'a> Phase<'a> {
+    fn new(progress: &'a dyn Progress, len: u64, what: &str, unit: Unit) -> Self {
+        progress.phase(what, Some(len), 0, unit);
+        Phase { progress, done: 0, tokens: 0, started: Instant::now() }
     }
 
     fn inc(&mut self, n: u64) {
-        self.bar.inc(n);
-        if let Some(last) = self.log {
-            if last.elapsed() >= LOG_EVERY {
-                self.log = Some(Instant::now());
-                self.print_line();
-            }
-        }
-    }
-
-    fn print_line(&self) {
-        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
-        let (pos, len) = (self.bar.position(), self.bar.length().unwrap_or(0));
-        let rate = pos as f64 / secs;
-        let eta = if rate > 0.0 { len.saturating_sub(pos) as f64 / rate } else { f64::NAN };
-        let tokens = if self.tokens > 0 { format!(", {:.1} tok/s", self.tokens as f64 / secs) } else { String::new() };
-        eprintln!("{}: {pos}/{len} {} in {secs:.0} s ({rate:.2} {}/s{tokens}, eta {eta:.0} s)", self.what, self.unit, self.unit);
+        self.done += n;
+        let status = if self.tokens > 0 {
+            format!("{:.1} tok/s", self.tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9))
+        } else {
+            String::new()
+        };
+        self.progress.update(self.done, &status);
     }
 
     fn finish(&self) {
-        self.bar.finish();
-        if self.log.is_some() {
-            self.print_line();
-        }
+        self.progress.finish(true);
     }
 }
 
-impl RegenerationProgress for Bar {
+impl RegenerationProgress for Phase<'_> {
     fn conversation_done(&mut self, new_tokens: usize) {
         self.tokens += new_tokens;
-        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
-        self.bar.set_message(format!("{:.1} tok/s", self.tokens as f64 / secs));
         self.inc(1);
     }
 }

@@ -38,11 +38,11 @@ use serde::{Deserialize, Serialize};
 use crate::model::Target;
 use crate::spec::{generate, AcceptRule, FinishReason, GenerateConfig, SpecError};
 use crate::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
-use crate::train::data::{io_err, write_atomic, ChatExample, DataError};
-use crate::train::sharegpt::fnv1a64;
+use crate::data::{io_err, write_atomic, ChatExample, DataError};
+use crate::util::fnv1a64;
 
 /// How replies are decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RegenerateMode {
     /// argmax at every step: the target's own greedy output.
@@ -50,6 +50,8 @@ pub enum RegenerateMode {
     /// Sampling at `temperature` with nucleus `top_p`.
     Sample,
 }
+
+crate::named_enum!(RegenerateMode, "regeneration mode", ["greedy", "sample"]);
 
 /// What regenerated replies depend on (besides the model and the prompts).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,7 +159,7 @@ pub fn source_hash(ex: &ChatExample) -> u64 {
 
 /// The seed of one turn's reply.
 pub fn turn_seed(seed: u64, id: &str, turn: usize) -> u64 {
-    fnv1a64(format!("{seed}:{id}:{turn}").as_bytes())
+    crate::util::turn_seed(seed, "regenerate", id, turn)
 }
 
 /// Regenerates the assistant turns of `ex` with `reply` (prompt ids, request) -> reply.

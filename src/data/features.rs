@@ -14,7 +14,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::{KvCache, Logits, ModelError, Target};
-use crate::train::data::{
+use crate::data::{
     offsets_bytes, open_checked, DataError, FeatureDtype, FeatureInfo, Manifest, ModelIdentity, Sequence, Shard,
     ShardDtype, ShardInfo, ShardWriter, Split,
 };
@@ -188,7 +188,7 @@ impl FeatureCache {
         &self.info
     }
 
-    /// Features of sequence `i` of the split (the same index as [`crate::train::data::Dataset::get`]):
+    /// Features of sequence `i` of the split (the same index as [`crate::data::Dataset::get`]):
     /// (T_i, n·H) f32.
     pub fn get(&self, i: usize) -> Result<Tensor, FeatureError> {
         let k = self.shards.partition_point(|(_, _, start)| *start <= i).saturating_sub(1);

@@ -210,15 +210,7 @@ pub fn heldout_group(id: &str) -> &str {
     id
 }
 
-/// 64-bit FNV-1a.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
+pub use crate::util::fnv1a64;
 
 /// Loads conversations from a ShareGPT JSON array or JSONL file.
 ///

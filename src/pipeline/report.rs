@@ -10,6 +10,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::experiment::PaperConfig;
+use super::stages::StageError;
+use crate::train::trainer::StepMetrics;
+
 /// One arm of the experiment as configured.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -374,7 +378,194 @@ pub fn write_training_curves(path: &Path, curves: &[(String, Vec<CurvePoint>)], 
         }
         root.present().map_err(|e| e.to_string())?;
     }
-    super::report::write_atomic(path, svg.as_bytes()).map_err(|e| e.to_string())
+    crate::util::fs::write_atomic(path, svg.as_bytes()).map_err(|e| e.to_string())
+}
+
+
+/// What the experiment's summary is made from.
+#[derive(Clone, Copy)]
+pub struct Summary<'a> {
+    pub cfg: &'a PaperConfig,
+    pub config_path: &'a Path,
+    pub config_json: &'a serde_json::Value,
+    /// The working folder (arms/NAME/metrics.jsonl).
+    pub out: &'a Path,
+    pub eval_dir: &'a Path,
+    pub docs: &'a Path,
+    pub command: &'a str,
+}
+
+impl Summary<'_> {
+    /// Reads the arms' metrics and the evaluation's records, writes results.json, the plots and
+    /// results.md into `docs`, and returns results.md.
+    pub fn write(&self) -> Result<String, StageError> {
+    let Summary { cfg, config_path, config_json, out, eval_dir, docs, command } = *self;
+    let io = |path: &Path| { let path = path.to_path_buf(); move |source| StageError::Io { path, source } };
+    let invalid = |what: &str| { let what = what.to_string(); move |e: serde_json::Error| StageError::Invalid(format!("{what}: {e}")) };
+    let requests = eval_dir.join("requests.jsonl");
+    let text = std::fs::read_to_string(&requests).map_err(io(&requests))?;
+    let full: Vec<crate::eval::runner::RequestRecord> =
+        text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>().map_err(invalid("reading requests.jsonl"))?;
+    let records: Vec<RequestTau> = full.iter().map(RequestTau::from).collect();
+    let t = table(&records);
+    let names: Vec<String> = cfg.arms.iter().map(|a| a.name.clone()).collect();
+    let boots = bootstrap(&t, &names, cfg.eval.bootstrap_samples, 0);
+    let mut arms_json = serde_json::Map::new();
+    let mut summaries: Vec<(String, ArmSummary)> = Vec::new();
+    let mut curves = Vec::new();
+    for arm in &cfg.arms {
+        let run = out.join("arms").join(&arm.name);
+        let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+        let metrics: Vec<StepMetrics> = lines.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let held_out = metrics.iter().rev().find_map(|m| m.eval.clone());
+        curves.push((
+            arm.name.clone(),
+            metrics
+                .iter()
+                .map(|m| CurvePoint { step: m.step, loss: m.loss as f64, acc: m.acc as f64, accept_len: m.accept_len as f64 })
+                .collect::<Vec<_>>(),
+        ));
+        let (per, avg) = point_estimates(&t, &arm.name);
+        let (cis, avg_ci, _) = boots.get(&arm.name).cloned().unwrap_or_default();
+        let benchmarks: BTreeMap<String, BenchTau> = per
+            .iter()
+            .map(|(b, (tau, n))| (b.clone(), BenchTau { tau: *tau, tau_ci: cis.get(b).copied().unwrap_or([f64::NAN; 2]), requests: *n }))
+            .collect();
+        let s = ArmSummary {
+            drafter: arm.drafter.clone(),
+            objective: arm.objective.clone(),
+            benchmarks,
+            average_tau: avg,
+            average_tau_ci: avg_ci,
+            acc: held_out.as_ref().map(|e| e.acc as f64).unwrap_or(f64::NAN),
+            support_size: held_out.as_ref().map(|e| e.support_size as f64).unwrap_or(f64::NAN),
+            accept_len: held_out.as_ref().map(|e| e.accept_len as f64).unwrap_or(f64::NAN),
+        };
+        arms_json.insert(arm.name.clone(), serde_json::to_value(&s).map_err(invalid("arm summary"))?);
+        summaries.push((arm.name.clone(), s));
+    }
+    let comparisons: Vec<_> = [
+        ("dflash-auf", "dflash-decay"),
+        ("dflash-auf+decay", "dflash-decay"),
+        ("dflash-auf+decay", "dflash-auf"),
+        ("dflash-auf", "dflash-full"),
+        ("dflash-auf", "dflash-dpace"),
+        ("domino-auf", "domino-decay"),
+    ]
+        .iter()
+        .filter_map(|(x, y)| paired(&t, &boots, x, y))
+        .collect();
+    let findings = check_findings(&summaries, &comparisons);
+    std::fs::create_dir_all(docs).map_err(io(docs))?;
+    let machine = crate::eval::report::Machine::detect();
+    let json = serde_json::json!({
+        "arms": arms_json,
+        "comparisons": comparisons,
+        "findings": findings,
+        "command": command,
+        "machine": machine,
+        "date": crate::eval::report::utc_now_rfc3339(),
+        "config": config_json,
+    });
+    let results_json = docs.join("results.json");
+    crate::util::fs::write_atomic(&results_json, serde_json::to_string_pretty(&json).map_err(invalid("results.json"))?.as_bytes()).map_err(io(&results_json))?;
+    write_training_curves(&docs.join("training_curves.svg"), &curves, 50).map_err(|e| StageError::Invalid(format!("training curves: {e}")))?;
+    // τ per benchmark and acceptance per position of every arm, redrawn from the evaluation's
+    // records (so a summary rerun picks up plot changes without re-evaluating).
+    let order: Vec<crate::eval::datasets::BenchmarkName> = cfg.eval.benchmarks.iter().filter_map(|b| b.parse().ok()).collect();
+    let runs: Vec<_> = cfg
+        .arms
+        .iter()
+        .map(|arm| crate::eval::runner::summarize(&full, &arm.name, cfg.train.block_size, &order))
+        .collect();
+    crate::eval::plot::write_svg(
+        &docs.join("results_eval.svg"),
+        &runs,
+        &format!("{}: {} prompts per benchmark, max_new_tokens {}, T = 0", cfg.model, cfg.eval.limit, cfg.eval.max_new_tokens),
+    )
+    .map_err(|e| StageError::Invalid(format!("plotting the evaluation: {e}")))?;
+
+    let md = render_markdown(cfg, config_path, docs, command, &machine, &summaries, &findings, &comparisons);
+    let results_md = docs.join("results.md");
+    crate::util::fs::write_atomic(&results_md, md.as_bytes()).map_err(io(&results_md))?;
+    Ok(md)
+    }
+}
+
+/// results.md in the paper's layout: rows = arms, columns = benchmarks + average; then the
+/// budget, the findings and the paired comparisons.
+#[allow(clippy::too_many_arguments)]
+fn render_markdown(
+    cfg: &PaperConfig,
+    config_path: &Path,
+    docs: &Path,
+    command: &str,
+    machine: &crate::eval::report::Machine,
+    summaries: &[(String, ArmSummary)],
+    findings: &[Finding],
+    comparisons: &[PairedDiff],
+) -> String {
+    let benches: Vec<String> = cfg.eval.benchmarks.clone();
+    let mut md = String::new();
+    md.push_str("# The paper's comparison at small scale (SmolLM2-135M target, CPU)\n\n");
+    md.push_str(&format!(
+        "Command: `{command}` (training and evaluation are cached in the working folder: a rerun only redoes what is missing, then this summary)\n\nMachine: {} ({} threads); summary written {}.\n\n",
+        machine.cpu_model,
+        machine.threads,
+        crate::eval::report::utc_now_rfc3339()
+    ));
+    md.push_str("τ = mean accepted drafts + 1 per cycle (T = 0, block size from the config); each cell is the mean over requests with a 95% bootstrap interval over requests. Stand-ins: gsm8k = GSM-Symbolic, math500 = CHAMP, mbpp = CodeI/O prompts, alpaca = held-out ShareGPT first turns.\n\n");
+    md.push_str(&format!("| arm | {} | average | acc (shared mask) | support/block | held-out accept len |\n|---|{}---|---|---|---|\n", benches.join(" | "), "---|".repeat(benches.len())));
+    for (name, s) in summaries {
+        let cells: Vec<String> = benches
+            .iter()
+            .map(|b| s.benchmarks.get(b).map(|x| format!("{:.2} [{:.2}, {:.2}]", x.tau, x.tau_ci[0], x.tau_ci[1])).unwrap_or_else(|| "–".into()))
+            .collect();
+        md.push_str(&format!(
+            "| {name} | {} | **{:.3}** [{:.3}, {:.3}] | {:.3} | {:.2} | {:.3} |\n",
+            cells.join(" | "),
+            s.average_tau,
+            s.average_tau_ci[0],
+            s.average_tau_ci[1],
+            s.acc,
+            s.support_size,
+            s.accept_len
+        ));
+    }
+    let t = &cfg.train;
+    md.push_str(&format!(
+        "\nBudget ({config}): the target's greedy answers to {conv} ShareGPT prompts (≤ {new_tok} new tokens, prompts ≤ {max_len} tokens), \
+         {layers}-layer drafters of the target's width tapping target layers {taps:?}, B = {b}, {steps} steps × {seqs} sequence(s) × {anchors} anchors, \
+         lr {lr} (cosine, 4% warmup), seed {seed}; evaluation on {limit} prompts per benchmark (MT-Bench: both turns), {eval_tok} new tokens, T = 0. \
+         acc, support and accept length are measured on the held-out split at the end of training.\n",
+        config = config_path.display(),
+        conv = cfg.data.conversations,
+        new_tok = cfg.data.max_new_tokens,
+        max_len = cfg.data.max_len,
+        layers = t.layers,
+        taps = t.target_layer_ids,
+        b = t.block_size,
+        steps = t.steps,
+        seqs = t.batch_sequences,
+        anchors = t.num_anchors,
+        lr = t.lr,
+        seed = t.seed,
+        limit = cfg.eval.limit,
+        eval_tok = cfg.eval.max_new_tokens,
+    ));
+    md.push_str("\n## The paper's findings, checked on this run\n\n| finding | verdict | evidence |\n|---|---|---|\n");
+    for f in findings {
+        md.push_str(&format!("| {} | **{}** | {} |\n", f.claim, f.verdict.label(), f.evidence));
+    }
+    if docs.join("investigation.md").is_file() {
+        md.push_str("\nInvestigation notes (what we checked when a run disagreed with the paper): [investigation.md](investigation.md).\n");
+    }
+    md.push_str("\n## Paired comparisons (same requests, paired bootstrap of the average τ)\n\n| a vs b | Δ avg τ | relative | 95% CI of Δ | benchmarks where a > b |\n|---|---|---|---|---|\n");
+    for c in comparisons {
+        md.push_str(&format!("| {} vs {} | {:+.3} | {:+.1}% | [{:+.3}, {:+.3}] | {}/{} |\n", c.a, c.b, c.diff, 100.0 * c.relative, c.ci[0], c.ci[1], c.benchmarks_won, c.benchmarks));
+    }
+    md.push_str("\n![training curves](training_curves.svg)\n\n![τ per benchmark and acceptance per position](results_eval.svg)\n");
+    md
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use rand::seq::index::sample;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::objective::BlockLayout;
+use crate::train::objective::BlockLayout;
 
 /// One sequence's blocks, ready for the drafter and the head.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,14 @@
+//! Jobs built from the typed stages: the quickstart and the paper's experiment. The stages take
+//! typed plans (no strings to parse back) and report through observers; the CLI builds the plans
+//! from arguments and draws.
+//!
+//! - [`stages`]: prepare, train and evaluate as functions of typed plans.
+//! - [`quickstart`]: the whole pipeline on the embedded default.
+//! - [`experiment`]: the paper's comparison: config, arms, parallel training.
+//! - [`report`]: the experiment's statistics (bootstrap, paired comparisons, findings), plots
+//!   and results.md.
+
+pub mod experiment;
+pub mod quickstart;
+pub mod report;
+pub mod stages;

@@ -1,0 +1,527 @@
+//! The pipeline's stages as functions of typed plans: [`prepare`], [`train`], [`init_drafter`],
+//! [`evaluate`]. The CLI builds a plan from its arguments; the quickstart and the experiment
+//! build them in code. Each stage loads what it needs, checks everything before the long work,
+//! reports through a [`Progress`] observer and returns what it did; none prints.
+//!
+//! Every default of a plan is set in its `new` (one source), and the CLI's flags show them.
+
+use std::path::{Path, PathBuf};
+
+use crate::assets::{self, AssetError};
+use crate::data::prepare::{PrepareError, PrepareOptions, PrepareReport, DEFAULT_MAX_LEN, DEFAULT_SHARD_TOKENS};
+use crate::data::regenerate::{RegenerateMode, RegenerateSettings, GENERATOR};
+use crate::data::{FeatureDtype, FeatureSettings, ModelIdentity, PrepareSettings};
+use crate::drafter::{AnyDrafter, DFlashInitConfig, DrafterError, DrafterInit, DrafterKind};
+use crate::eval::datasets::{self, Benchmark, BenchmarkName};
+use crate::eval::journal::{Journal, JournalError, JournaledObserver};
+use crate::eval::report::{self, DrafterSetting, ReportError, Settings, Written};
+use crate::eval::runner::{self, ChatRenderer, EvalConfig, EvalDrafter, EvalError, EvalResults};
+use crate::model::load::load_info;
+use crate::model::{load_model, LoadError, LoadedModel, WeightsMode, DEFAULT_MODEL};
+use crate::spec::AcceptRule;
+use crate::train::config::TrainConfig;
+use crate::train::trainable::init_final_norm_from_target;
+use crate::train::trainer::{train_with, RunOptions, RunSummary, TrainError};
+use crate::util::progress::{Observer, Progress};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("loading model {name}: {source}")]
+    Model { name: String, source: LoadError },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what}: {source}")]
+    Asset { what: String, source: AssetError },
+    #[error("drafter {path}: {source}")]
+    Drafter { path: String, source: DrafterError },
+    #[error("loading benchmark {name}: {source}")]
+    Benchmark { name: BenchmarkName, source: datasets::DatasetError },
+    #[error("preparing {path}: {source}")]
+    Prepare { path: PathBuf, source: PrepareError },
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("writing the results to {path}: {source}")]
+    Report { path: PathBuf, source: ReportError },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+fn load(name: &str, weights: WeightsMode) -> Result<LoadedModel, StageError> {
+    load_model(name, weights).map_err(|source| StageError::Model { name: name.to_string(), source })
+}
+
+// ---------------------------------------------------------------------------------------------
+// prepare
+
+/// Sequence length for targets other than the embedded default.
+pub const DEFAULT_MAX_LEN_OTHER: usize = 2048;
+
+/// What `prepare` makes: conversations → (regenerated replies) → shards (→ feature cache).
+#[derive(Debug, Clone)]
+pub struct PreparePlan {
+    /// `smollm2`, an HF directory or a .gguf file.
+    pub model: String,
+    /// `sharegpt` (fetched on first use) or a ShareGPT-style JSON / JSONL file.
+    pub data: String,
+    pub out: PathBuf,
+    /// The first N usable conversations, in file order (None: all).
+    pub max_conversations: Option<usize>,
+    /// Tokens per sequence (None: [`DEFAULT_MAX_LEN`] for smollm2, [`DEFAULT_MAX_LEN_OTHER`] else).
+    pub max_len: Option<usize>,
+    /// Exchanges kept per conversation (None: 1 when regenerating, else all).
+    pub max_turns: Option<usize>,
+    pub eval_fraction: f64,
+    pub regenerate: Option<RegenerateMode>,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub max_new_tokens: usize,
+    pub workers: usize,
+    /// Weights for regeneration.
+    pub weights: WeightsMode,
+    /// Cache the target's hidden states after these layers.
+    pub features: Option<Vec<usize>>,
+    pub feature_dtype: FeatureDtype,
+    /// Weights for the feature forward.
+    pub feature_weights: WeightsMode,
+    pub seed: u64,
+    pub shard_tokens: usize,
+}
+
+impl PreparePlan {
+    pub const DEFAULT_EVAL_FRACTION: f64 = 0.05;
+    pub const DEFAULT_TEMPERATURE: f32 = 0.8;
+    pub const DEFAULT_MAX_NEW_TOKENS: usize = 256;
+
+    pub fn new(model: &str, data: &str, out: &Path) -> Self {
+        PreparePlan {
+            model: model.to_string(),
+            data: data.to_string(),
+            out: out.to_path_buf(),
+            max_conversations: None,
+            max_len: None,
+            max_turns: None,
+            eval_fraction: Self::DEFAULT_EVAL_FRACTION,
+            regenerate: None,
+            temperature: Self::DEFAULT_TEMPERATURE,
+            top_p: 1.0,
+            max_new_tokens: Self::DEFAULT_MAX_NEW_TOKENS,
+            workers: 1,
+            weights: WeightsMode::Q8,
+            features: None,
+            feature_dtype: FeatureDtype::F16,
+            feature_weights: WeightsMode::F32,
+            seed: 0,
+            shard_tokens: DEFAULT_SHARD_TOKENS,
+        }
+    }
+
+    fn settings(&self) -> PrepareSettings {
+        let max_len = self.max_len.unwrap_or(if self.model == DEFAULT_MODEL { DEFAULT_MAX_LEN } else { DEFAULT_MAX_LEN_OTHER });
+        let regenerate = self.regenerate.map(|mode| RegenerateSettings {
+            mode,
+            temperature: if mode == RegenerateMode::Greedy { 0.0 } else { self.temperature },
+            top_p: if mode == RegenerateMode::Greedy { 1.0 } else { self.top_p },
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+            generator: GENERATOR.to_string(),
+        });
+        let features = self.features.clone().map(|ids| FeatureSettings {
+            target_layer_ids: ids,
+            dtype: self.feature_dtype,
+            weights: self.feature_weights,
+        });
+        PrepareSettings {
+            data: self.data.clone(),
+            max_conversations: self.max_conversations,
+            max_len,
+            max_turns: self.max_turns.or(self.regenerate.map(|_| 1)),
+            eval_fraction: self.eval_fraction,
+            seed: self.seed,
+            regenerate,
+            features,
+        }
+    }
+}
+
+/// Runs the prepare pipeline. The target's weights are read only when something runs the target
+/// (regeneration, features); the feature forward shares the regeneration model when the weights
+/// modes agree.
+pub fn prepare(plan: &PreparePlan, progress: Observer) -> Result<PrepareReport, StageError> {
+    if plan.regenerate.is_none() && plan.workers != 1 {
+        return Err(StageError::Invalid("--workers only applies with --regenerate".into()));
+    }
+    if plan.workers == 0 {
+        return Err(StageError::Invalid("--workers must be at least 1".into()));
+    }
+    let data_path = if plan.data == "sharegpt" {
+        assets::file(&assets::SHAREGPT, assets::SHAREGPT_JSON)
+            .map_err(|source| StageError::Asset { what: "fetching the ShareGPT data (`specauf fetch --all`)".into(), source })?
+    } else {
+        PathBuf::from(&plan.data)
+    };
+    let gen_model = match plan.regenerate {
+        Some(_) => Some(load(&plan.model, plan.weights)?),
+        None => None,
+    };
+    let own_feature_model = match (&plan.features, &gen_model) {
+        (Some(_), Some(_)) if plan.feature_weights == plan.weights => None,
+        (Some(_), _) => Some(load(&plan.model, plan.feature_weights)?),
+        (None, _) => None,
+    };
+    let feature_model = own_feature_model.as_ref().or(if plan.features.is_some() { gen_model.as_ref() } else { None });
+    let info;
+    let (tok, identity) = match gen_model.as_ref().or(feature_model) {
+        Some(m) => (&m.tokenizer, ModelIdentity::of(m).map_err(prep_err(plan))?),
+        None => {
+            info = load_info(&plan.model).map_err(|source| StageError::Model { name: plan.model.clone(), source })?;
+            (&info.tokenizer, ModelIdentity::from_parts(&info.name, &info.location, &info.config).map_err(prep_err(plan))?)
+        }
+    };
+    let settings = plan.settings();
+    progress.note(&format!(
+        "prepare: model {} ({} layers, hidden {}), data {}, max_len {}, max_turns {}, eval {:.1}%, out {}",
+        identity.name,
+        identity.num_hidden_layers,
+        identity.hidden_size,
+        data_path.display(),
+        settings.max_len,
+        settings.max_turns.map_or("all".to_string(), |t| t.to_string()),
+        plan.eval_fraction * 100.0,
+        plan.out.display()
+    ));
+    if let Some(r) = &settings.regenerate {
+        progress.note(&format!(
+            "prepare: regenerating replies ({:?}, T {}, top-p {}, ≤ {} new tokens, {} worker(s), {} weights)",
+            r.mode, r.temperature, r.top_p, r.max_new_tokens, plan.workers, plan.weights
+        ));
+    }
+    if let Some(f) = &settings.features {
+        let dim = f.target_layer_ids.len() * identity.hidden_size;
+        progress.note(&format!(
+            "prepare: caching features of layers {:?} ({dim} values a token, {} bytes a token in {})",
+            f.target_layer_ids,
+            dim * 2,
+            f.dtype
+        ));
+    }
+    let opts = PrepareOptions { data_path, settings, workers: plan.workers, shard_tokens: plan.shard_tokens, out: plan.out.clone(), progress };
+    crate::data::prepare::prepare(tok, &identity, gen_model.as_ref().map(|m| &m.target), feature_model.map(|m| &m.target), &opts)
+        .map_err(|source| StageError::Prepare { path: plan.out.clone(), source })
+}
+
+fn prep_err(plan: &PreparePlan) -> impl Fn(crate::model::ModelError) -> StageError + '_ {
+    move |e| StageError::Prepare { path: plan.out.clone(), source: PrepareError::Model(e) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// train, init-drafter
+
+/// Trains a drafter as `cfg` says; the target's feature forward runs in `weights`.
+pub fn train(cfg: &TrainConfig, weights: WeightsMode, resume: bool, progress: &dyn Progress) -> Result<RunSummary, StageError> {
+    let model = load(&cfg.model, weights)?;
+    let tc = model.target.config();
+    progress.note(&format!(
+        "train: target {} ({} layers, hidden {}), drafter {} with {} layers, block {}, objective {}, {} steps × {} sequences × {} anchors = {} supervised rows/step; run dir {}",
+        cfg.model,
+        tc.num_hidden_layers,
+        tc.hidden_size,
+        cfg.drafter.kind,
+        cfg.drafter.layers,
+        cfg.drafter.block_size,
+        cfg.objective.name(),
+        cfg.steps,
+        cfg.batch_sequences * cfg.grad_accum,
+        cfg.num_anchors,
+        cfg.batch_sequences * cfg.grad_accum * cfg.num_anchors * (cfg.drafter.block_size - 1),
+        cfg.out.display()
+    ));
+    Ok(train_with(&model, cfg, &RunOptions { resume, stop_after: None }, progress)?)
+}
+
+/// What `init-drafter` writes: an untrained drafter for a target.
+#[derive(Debug, Clone)]
+pub struct InitPlan {
+    pub model: String,
+    pub out: PathBuf,
+    pub kind: DrafterKind,
+    pub layers: usize,
+    pub block_size: usize,
+    /// None: [`crate::drafter::default_mask_token`].
+    pub mask_token_id: Option<u32>,
+    /// None: the DFlash reference's choice for the depths (DESIGN §2).
+    pub target_layer_ids: Option<Vec<usize>>,
+    pub seed: u64,
+}
+
+impl InitPlan {
+    pub fn new(model: &str, out: &Path) -> Self {
+        InitPlan {
+            model: model.to_string(),
+            out: out.to_path_buf(),
+            kind: DrafterKind::DFlash,
+            layers: crate::drafter::DEFAULT_LAYERS,
+            block_size: crate::drafter::DEFAULT_BLOCK_SIZE,
+            mask_token_id: None,
+            target_layer_ids: None,
+            seed: 0,
+        }
+    }
+}
+
+/// Writes an untrained drafter (the same initialisation as a training run's first step).
+pub fn init_drafter(plan: &InitPlan) -> Result<AnyDrafter, StageError> {
+    let m = load(&plan.model, WeightsMode::Q8)?;
+    let tc = m.target.config();
+    let mut backbone = DFlashInitConfig::new(plan.layers, plan.block_size, plan.mask_token_id.unwrap_or_else(|| crate::drafter::default_mask_token(tc)));
+    backbone.target_layer_ids = plan.target_layer_ids.clone();
+    let init = DrafterInit { kind: plan.kind, backbone, gru_hidden_dim: None, emb_dim: None };
+    let drafter_err = |source| StageError::Drafter { path: plan.out.display().to_string(), source };
+    let drafter = AnyDrafter::init_random(tc, &init, plan.seed).map_err(drafter_err)?;
+    init_final_norm_from_target(&drafter.named_vars(), &m.target, drafter.mask_token_id())?;
+    drafter.save(&plan.out).map_err(drafter_err)?;
+    Ok(drafter)
+}
+
+// ---------------------------------------------------------------------------------------------
+// evaluate
+
+/// What `eval` runs: AR and each drafter on the same requests.
+#[derive(Debug, Clone)]
+pub struct EvalPlan {
+    pub model: String,
+    /// (label, checkpoint folder); empty: AR alone.
+    pub drafters: Vec<(String, PathBuf)>,
+    pub benchmarks: Vec<BenchmarkName>,
+    /// Requests per benchmark, a seeded subset (None: all).
+    pub limit: Option<usize>,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// Verify blocks of this size instead of each drafter's trained size (only lower).
+    pub block_size: Option<usize>,
+    pub seed: u64,
+    pub weights: WeightsMode,
+    /// A system message for every request (None: the template's default).
+    pub system: Option<String>,
+    pub out: PathBuf,
+    /// The command line as typed, recorded in the report.
+    pub command: String,
+}
+
+impl EvalPlan {
+    pub const DEFAULT_MAX_NEW_TOKENS: usize = 256;
+
+    pub fn new(model: &str, out: &Path) -> Self {
+        EvalPlan {
+            model: model.to_string(),
+            drafters: Vec::new(),
+            benchmarks: BenchmarkName::ALL.to_vec(),
+            limit: None,
+            max_new_tokens: Self::DEFAULT_MAX_NEW_TOKENS,
+            temperature: 0.0,
+            top_p: 1.0,
+            block_size: None,
+            seed: 0,
+            weights: WeightsMode::Q8,
+            system: None,
+            out: out.to_path_buf(),
+            command: String::new(),
+        }
+    }
+
+    /// Everything that can be wrong with the plan before anything is loaded.
+    pub fn validate(&self) -> Result<(), StageError> {
+        let bad = |m: &str| Err(StageError::Invalid(m.to_string()));
+        if self.max_new_tokens == 0 {
+            return bad("--max-new-tokens must be at least 1");
+        }
+        if self.limit == Some(0) {
+            return bad("--limit 0 selects no request; give a positive limit, or leave it out for whole benchmarks");
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("--temperature must be a finite number >= 0 (0 = greedy)");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("--top-p must be in (0, 1]");
+        }
+        if self.block_size.is_some_and(|b| b < 2) {
+            return bad("--block-size must be at least 2: a block is [last, MASK × (B-1)] and drafts B-1 tokens");
+        }
+        if self.benchmarks.is_empty() {
+            return bad("--benchmarks is empty; name at least one of gsm8k, math500, humaneval, mbpp, mtbench, alpaca");
+        }
+        if self.out.is_file() {
+            return Err(StageError::Invalid(format!("--out {} is a file; give a folder", self.out.display())));
+        }
+        Ok(())
+    }
+
+    /// What must match for a partial evaluation to be resumed: everything that changes a record.
+    fn journal_settings(&self, model: &str) -> serde_json::Value {
+        let drafters: Vec<serde_json::Value> = self
+            .drafters
+            .iter()
+            .map(|(label, dir)| {
+                let meta = std::fs::metadata(dir.join("model.safetensors")).ok();
+                let modified =
+                    meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                serde_json::json!({
+                    "label": label,
+                    "dir": dir.display().to_string(),
+                    "bytes": meta.map(|m| m.len()),
+                    "modified_ns": modified.map(|d| d.as_nanos().to_string()),
+                })
+            })
+            .collect();
+        let benchmarks: Vec<&str> = self.benchmarks.iter().map(|b| b.as_str()).collect();
+        serde_json::json!({
+            "model": model,
+            "weights": format!("{:?}", self.weights),
+            "drafters": drafters,
+            "benchmarks": benchmarks,
+            "limit": self.limit,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "block_size": self.block_size,
+            "seed": self.seed,
+            "system": self.system,
+        })
+    }
+}
+
+/// What an evaluation produced.
+pub struct EvalOutcome {
+    pub results: EvalResults,
+    pub written: Written,
+    /// Requests resumed from an interrupted run.
+    pub resumed: usize,
+}
+
+impl EvalOutcome {
+    /// The contract: at T = 0 every drafter reproduces AR token for token. An error naming the
+    /// mismatched requests otherwise.
+    pub fn check_exact(&self, weights: WeightsMode) -> Result<(), StageError> {
+        let r = &self.results;
+        if !(r.exactness_checked && r.exact_mismatches > 0) {
+            return Ok(());
+        }
+        let which: Vec<String> = r
+            .mismatched_records()
+            .filter(|x| x.counted)
+            .map(|x| format!("{} {} turn {} ({})", x.benchmark, x.id, x.turn, x.drafter))
+            .collect();
+        Err(StageError::Invalid(format!(
+            "{} drafter requests differ from AR at T = 0 ({}); speculative decoding must reproduce the target's greedy output \
+             token for token (see {}){}",
+            r.exact_mismatches,
+            which.join("; "),
+            self.written.report_md.display(),
+            if weights == WeightsMode::F32 { "; with --weights f32 a near-tie can flip between a block and a one-token forward" } else { "" }
+        )))
+    }
+}
+
+/// Fetches the benchmark data (if needed) and loads every benchmark.
+fn load_benchmarks(names: &[BenchmarkName], limit: Option<usize>, seed: u64) -> Result<Vec<Benchmark>, StageError> {
+    let home = assets::home().map_err(|source| StageError::Asset { what: "locating $SPECAUF_HOME".into(), source })?;
+    let root = home.join("assets");
+    let mut out = Vec::new();
+    for &name in names {
+        for (package, _) in name.required_assets() {
+            let p = assets::ALL.iter().find(|p| p.name == *package).ok_or_else(|| {
+                StageError::Invalid(format!("benchmark {name} needs package {package}, which the asset table does not list"))
+            })?;
+            assets::ensure(p).map_err(|source| StageError::Asset { what: format!("fetching the data of {name}"), source })?;
+        }
+        out.push(datasets::load(name, &root, limit, seed).map_err(|source| StageError::Benchmark { name, source })?);
+    }
+    Ok(out)
+}
+
+/// Loads every drafter, checked against the target, at the plan's block size.
+fn load_drafters(plan: &EvalPlan, m: &LoadedModel) -> Result<(Vec<EvalDrafter<'static>>, Vec<DrafterSetting>), StageError> {
+    let (mut drafters, mut settings) = (Vec::new(), Vec::new());
+    for (label, dir) in &plan.drafters {
+        let err = |source| StageError::Drafter { path: dir.display().to_string(), source };
+        let d = AnyDrafter::load(dir, m.target.config()).map_err(err)?;
+        let trained = d.block_size();
+        let d = match plan.block_size {
+            Some(b) => d.at_block_size(b).map_err(err)?,
+            None => d,
+        };
+        settings.push(DrafterSetting {
+            label: label.clone(),
+            path: Some(dir.display().to_string()),
+            block_size: d.block_size(),
+            trained_block_size: trained,
+        });
+        drafters.push(EvalDrafter::new(label.clone(), d.into_proposer()));
+    }
+    Ok((drafters, settings))
+}
+
+/// Evaluates AR and every drafter on the plan's benchmarks, resuming an interrupted run from its
+/// journal, and writes results.json, requests.jsonl, report.md and plot.svg into `plan.out`.
+pub fn evaluate(plan: &EvalPlan, progress: &dyn Progress) -> Result<EvalOutcome, StageError> {
+    // 1. Everything loaded and checked before the first generation.
+    plan.validate()?;
+    let benchmarks = load_benchmarks(&plan.benchmarks, plan.limit, plan.seed)?;
+    let m = load(&plan.model, plan.weights)?;
+    if !m.tokenizer.has_chat_template() {
+        return Err(StageError::Invalid(format!(
+            "model {} has no chat template; the benchmarks are chat prompts (give a model whose tokenizer_config.json or GGUF carries one)",
+            plan.model
+        )));
+    }
+    let (mut drafters, drafter_settings) = load_drafters(plan, &m)?;
+    let cfg = EvalConfig {
+        max_new_tokens: plan.max_new_tokens,
+        temperature: plan.temperature,
+        top_p: plan.top_p,
+        seed: plan.seed,
+        eos_token_ids: m.eos_token_ids(),
+        accept_rule: AcceptRule::SampleMatch,
+        warmup_tokens: 8,
+    };
+    let renderer = ChatRenderer { tokenizer: &m.tokenizer, system: plan.system.clone() };
+    runner::validate(&m.target, &drafters, &benchmarks, &cfg)?;
+    let tc = m.target.config();
+    let requests: usize = benchmarks.iter().map(|b| b.requests.len()).sum();
+    progress.note(&format!(
+        "eval: model {} ({} layers, context {}), weights {}, {} threads; runs: AR{}; {} benchmarks, {requests} requests, max_new_tokens {}, T = {}",
+        m.name,
+        tc.num_hidden_layers,
+        tc.max_position_embeddings,
+        plan.weights,
+        candle_core::utils::get_num_threads(),
+        drafter_settings.iter().map(|d| format!(", {} (B = {})", d.label, d.block_size)).collect::<String>(),
+        benchmarks.len(),
+        plan.max_new_tokens,
+        plan.temperature,
+    ));
+
+    // 2. Generate, journaling finished requests.
+    std::fs::create_dir_all(&plan.out).map_err(|source| StageError::Io { path: plan.out.clone(), source })?;
+    let journal = Journal::open(&plan.out, &plan.journal_settings(&m.name))?;
+    let resumed = journal.resumable();
+    if resumed > 0 {
+        progress.note(&format!(
+            "eval: resuming an interrupted evaluation: {resumed} requests already done (kept in {})",
+            journal.path().display()
+        ));
+    }
+    let mut observer = JournaledObserver::new(journal, progress);
+    let results = runner::run(&m.target, &renderer, &mut drafters, &benchmarks, &cfg, &mut observer)?;
+    progress.finish(false);
+
+    // 3. Write; the results hold every request now, so the journal goes.
+    let settings = Settings::describe(&m.name, &plan.weights.to_string(), drafter_settings, plan.limit, &cfg, &results, &plan.command);
+    let written = report::write_all(&plan.out, &settings, &results).map_err(|source| StageError::Report { path: plan.out.clone(), source })?;
+    observer.journal.remove();
+    Ok(EvalOutcome { results, written, resumed })
+}

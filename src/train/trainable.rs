@@ -1,0 +1,157 @@
+//! The trainer's view of a drafter. DFlash and Domino share everything else (objectives, the
+//! chunked head, the optimiser, checkpoints): a drafter only says how its blocks are laid out
+//! and turns one sequence's blocks into the rows the head scores.
+
+use std::path::Path;
+
+use candle_core::{Tensor, Var};
+
+use super::trainer::TrainError;
+use crate::drafter::blocks::Blocks;
+use crate::drafter::{AnyDrafter, DFlashDrafter, DFlashInitConfig, DominoDrafter, DrafterInit, DrafterKind};
+use crate::model::Target;
+use crate::train::config::TrainConfig;
+use crate::train::objective::BlockLayout;
+
+/// What a drafter's training forward hands to the head.
+pub struct TrainRows {
+    /// (rows, H) final hidden of the predicted positions, in the autograd graph.
+    pub hidden: Tensor,
+    /// Domino's correction branch: its last bias-free Linear's input (rows, E), in the graph,
+    /// and that Linear's weight (V, E) (the Var's tensor). None for DFlash.
+    pub delta: Option<(Tensor, Tensor)>,
+}
+
+/// A drafter the trainer can train.
+pub trait TrainableDrafter {
+    fn layout(&self) -> BlockLayout;
+    fn block_size(&self) -> usize;
+    fn mask_token_id(&self) -> u32;
+    fn target_layer_ids(&self) -> Vec<usize>;
+    fn named_vars(&self) -> Vec<(String, Var)>;
+    fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<TrainRows, TrainError>;
+    fn save(&self, dir: &Path) -> Result<(), TrainError>;
+    /// Domino: predicted indices below this use the base logits only (pure_draft_prefix_len).
+    fn base_only_prefix(&self) -> usize {
+        0
+    }
+}
+
+/// DFlash: positions 1..B-1 of each block are rows; no correction branch.
+impl TrainableDrafter for DFlashDrafter {
+    fn layout(&self) -> BlockLayout {
+        BlockLayout::dflash(self.block_size())
+    }
+    fn block_size(&self) -> usize {
+        DFlashDrafter::block_size(self)
+    }
+    fn mask_token_id(&self) -> u32 {
+        DFlashDrafter::mask_token_id(self)
+    }
+    fn target_layer_ids(&self) -> Vec<usize> {
+        DFlashDrafter::target_layer_ids(self).to_vec()
+    }
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        DFlashDrafter::named_vars(self)
+    }
+    fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<TrainRows, TrainError> {
+        let hidden = self.forward_train(target, features, &blocks.anchors, &blocks.block_ids)?;
+        Ok(TrainRows { hidden: self.predicted_rows(&hidden)?, delta: None })
+    }
+    fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        Ok(DFlashDrafter::save(self, dir)?)
+    }
+}
+
+/// Domino: all B positions are rows, the delta branch goes to the head, and position 0
+/// (pure_draft_prefix_len) is base only.
+impl TrainableDrafter for DominoDrafter {
+    fn layout(&self) -> BlockLayout {
+        BlockLayout::domino(self.block_size())
+    }
+    fn block_size(&self) -> usize {
+        DominoDrafter::block_size(self)
+    }
+    fn mask_token_id(&self) -> u32 {
+        DominoDrafter::mask_token_id(self)
+    }
+    fn target_layer_ids(&self) -> Vec<usize> {
+        DominoDrafter::target_layer_ids(self).to_vec()
+    }
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        DominoDrafter::named_vars(self)
+    }
+    fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<TrainRows, TrainError> {
+        let rows = DominoDrafter::train_rows(self, target, features, blocks)?;
+        Ok(TrainRows { hidden: rows.hidden, delta: Some((rows.delta_input, rows.delta_weight)) })
+    }
+    fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        Ok(DominoDrafter::save(self, dir)?)
+    }
+    fn base_only_prefix(&self) -> usize {
+        self.config().pure_draft_prefix_len
+    }
+}
+
+/// The trainable view of a loaded or fresh drafter.
+pub fn trainable(d: AnyDrafter) -> Box<dyn TrainableDrafter> {
+    match d {
+        AnyDrafter::DFlash(d) => Box::new(d),
+        AnyDrafter::Domino(d) => Box::new(d),
+    }
+}
+
+/// Domino's λ in (1-λ)·CE_final + λ·CE_base: falls linearly from 1 at the first step to 0 at
+/// the last.
+pub fn base_ce_weight(step: u64, steps: u64) -> f32 {
+    if steps <= 1 {
+        return 0.0;
+    }
+    1.0 - step as f32 / (steps - 1) as f32
+}
+
+/// The drafter a config asks for: loaded from `init_from` (whose kind must match
+/// `drafter.kind`), or fresh for the target.
+pub fn build_drafter(cfg: &TrainConfig, target: &Target) -> Result<AnyDrafter, TrainError> {
+    let spec = &cfg.drafter;
+    if let Some(dir) = &spec.init_from {
+        let found = DrafterKind::of_checkpoint(dir)?;
+        if found != spec.kind {
+            return Err(TrainError::Setup(format!(
+                "drafter.kind is {:?} but init_from {} holds a {found} checkpoint; set drafter.kind to match it",
+                spec.kind.as_str(),
+                dir.display(),
+            )));
+        }
+        return Ok(AnyDrafter::load(dir, target.config())?);
+    }
+    let mask = spec.mask_token_id.unwrap_or_else(|| crate::drafter::default_mask_token(target.config()));
+    let mut backbone = DFlashInitConfig::new(spec.layers, spec.block_size, mask);
+    backbone.target_layer_ids = spec.target_layer_ids.clone();
+    let init = DrafterInit { kind: spec.kind, backbone, gru_hidden_dim: spec.gru_hidden_dim, emb_dim: spec.emb_dim };
+    let drafter = AnyDrafter::init_random(target.config(), &init, cfg.seed)?;
+    init_final_norm_from_target(&drafter.named_vars(), target, drafter.mask_token_id())?;
+    Ok(drafter)
+}
+
+/// Scales the fresh drafter's final `norm` so that its untrained logits have unit spread.
+///
+/// Why: at initialisation the drafter's output at a MASK position is essentially the normalised
+/// MASK embedding (the layers start near zero), and with a tied LM head (SmolLM2) that row's dot
+/// product with itself dominates: the reference's all-ones init starts at a CE near 60 and spends
+/// its first steps unlearning it. With weight 1/σ, σ = std of the logits of the normalised MASK
+/// embedding, the untrained drafter starts near-uniform (CE ≈ ln V) on every target.
+pub fn init_final_norm_from_target(vars: &[(String, Var)], target: &Target, mask_token_id: u32) -> Result<(), TrainError> {
+    if let Some((_, var)) = vars.iter().find(|(n, _)| n == "norm.weight") {
+        let e = target.embed(&[mask_token_id])?;
+        let unit = e.broadcast_div(&e.sqr()?.mean_keepdim(1)?.sqrt()?)?;
+        let logits = target.lm_head(&unit)?;
+        let sigma = logits.flatten_all()?.to_vec1::<f32>()?;
+        let mean = sigma.iter().sum::<f32>() / sigma.len() as f32;
+        let std = (sigma.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / sigma.len() as f32).sqrt();
+        if std.is_finite() && std > 0.0 {
+            var.set(&(var.as_tensor().ones_like()? * (1.0 / std as f64))?)?;
+        }
+    }
+    Ok(())
+}
