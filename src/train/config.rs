@@ -73,41 +73,22 @@ impl Default for DrafterSpec {
 #[serde(deny_unknown_fields)]
 pub struct OptimSpec {
     /// Peak learning rate (SpecForge DFlash recipe: 6e-4).
-    #[serde(default = "default_lr")]
+    #[serde(default = "super::optim::default_lr")]
     pub lr: f64,
     /// Fraction of steps of linear warmup before the cosine decay.
-    #[serde(default = "default_warmup")]
+    #[serde(default = "super::optim::default_warmup_ratio")]
     pub warmup_ratio: f64,
     #[serde(default)]
     pub weight_decay: f64,
     /// Global gradient-norm clip.
-    #[serde(default = "default_clip")]
+    #[serde(default = "super::optim::default_clip")]
     pub clip: f64,
-    #[serde(default = "default_beta1")]
+    #[serde(default = "super::optim::default_beta1")]
     pub beta1: f64,
-    #[serde(default = "default_beta2")]
+    #[serde(default = "super::optim::default_beta2")]
     pub beta2: f64,
-    #[serde(default = "default_eps")]
+    #[serde(default = "super::optim::default_eps")]
     pub eps: f64,
-}
-
-fn default_lr() -> f64 {
-    6e-4
-}
-fn default_warmup() -> f64 {
-    0.04
-}
-fn default_clip() -> f64 {
-    1.0
-}
-fn default_beta1() -> f64 {
-    0.9
-}
-fn default_beta2() -> f64 {
-    0.999
-}
-fn default_eps() -> f64 {
-    1e-8
 }
 
 impl Default for OptimSpec {

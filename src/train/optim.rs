@@ -58,23 +58,45 @@ pub enum OptimError {
     Candle(#[from] candle_core::Error),
 }
 
-fn default_lr() -> f64 {
-    6e-4
+// The optimizer defaults (SpecForge's DFlash recipe, see the module doc), defined once: the
+// serde defaults and `Default` impls of [`AdamWConfig`] and [`ScheduleConfig`] below, and the
+// training config's `optim` section (`super::config::OptimSpec`), all take them from here.
+// Weight decay and the minimum lr default to 0 everywhere.
+
+/// Peak learning rate.
+pub const DEFAULT_LR: f64 = 6e-4;
+/// AdamW β1 (torch's default).
+pub const DEFAULT_BETA1: f64 = 0.9;
+/// AdamW β2 (torch's default).
+pub const DEFAULT_BETA2: f64 = 0.999;
+/// AdamW ε (torch's default).
+pub const DEFAULT_EPS: f64 = 1e-8;
+/// Global L2 gradient-norm clip.
+pub const DEFAULT_MAX_GRAD_NORM: f64 = 1.0;
+/// Fraction of the steps spent in linear warmup.
+pub const DEFAULT_WARMUP_RATIO: f64 = 0.04;
+
+pub(crate) fn default_lr() -> f64 {
+    DEFAULT_LR
 }
-fn default_beta1() -> f64 {
-    0.9
+pub(crate) fn default_beta1() -> f64 {
+    DEFAULT_BETA1
 }
-fn default_beta2() -> f64 {
-    0.999
+pub(crate) fn default_beta2() -> f64 {
+    DEFAULT_BETA2
 }
-fn default_eps() -> f64 {
-    1e-8
+pub(crate) fn default_eps() -> f64 {
+    DEFAULT_EPS
+}
+/// The clip as the training config writes it (a plain number; [`AdamWConfig`] takes an Option).
+pub(crate) fn default_clip() -> f64 {
+    DEFAULT_MAX_GRAD_NORM
 }
 fn default_max_grad_norm() -> Option<f64> {
-    Some(1.0)
+    Some(DEFAULT_MAX_GRAD_NORM)
 }
-fn default_warmup_ratio() -> f64 {
-    0.04
+pub(crate) fn default_warmup_ratio() -> f64 {
+    DEFAULT_WARMUP_RATIO
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -819,6 +841,19 @@ mod tests {
         // Monotone decreasing after warmup.
         assert!((40..1000).all(|t| s.lr(t + 1) <= s.lr(t)));
         assert_eq!(CosineSchedule::constant(3e-4).lr(12345), 3e-4);
+    }
+
+    #[test]
+    fn the_training_config_takes_its_optimizer_defaults_from_here() {
+        let spec = crate::train::config::OptimSpec::default();
+        let adam = AdamWConfig::default();
+        let schedule = ScheduleConfig::default();
+        assert_eq!(
+            (spec.lr, spec.beta1, spec.beta2, spec.eps, spec.weight_decay),
+            (adam.lr, adam.beta1, adam.beta2, adam.eps, adam.weight_decay)
+        );
+        assert_eq!(Some(spec.clip), adam.max_grad_norm);
+        assert_eq!(spec.warmup_ratio, schedule.warmup_ratio);
     }
 
     #[test]
