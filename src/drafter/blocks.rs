@@ -1,5 +1,5 @@
 //! From sequences to training blocks: anchor sampling, block inputs, labels and validity
-//! (SPEC §3).
+//! (DESIGN §3).
 //!
 //! A block anchored at position a holds `[x_a, MASK × (B-1)]` at positions a..a+B-1.
 //! DFlash: block position k = 1..B-1 predicts x_{a+k}. Domino (`shift_label`): k = 0..B-1
@@ -13,7 +13,28 @@ use rand::seq::index::sample;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::train::objective::BlockLayout;
+use serde::{Deserialize, Serialize};
+
+/// Layout of the rows of a batch: `positions_per_block` consecutive rows per block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockLayout {
+    /// Predicted positions (rows) per block: B-1 for DFlash, B for Domino.
+    pub positions_per_block: usize,
+    /// Block position of predicted index 0: 1 for DFlash (position 0 is the anchor), 0 for Domino.
+    pub first_position: usize,
+}
+
+impl BlockLayout {
+    /// DFlash: positions 1..B-1 of a block of size B are predicted.
+    pub fn dflash(block_size: usize) -> Self {
+        BlockLayout { positions_per_block: block_size.saturating_sub(1), first_position: 1 }
+    }
+
+    /// Domino (`shift_label`): positions 0..B-1 are predicted (position k predicts x_{a+k+1}).
+    pub fn domino(block_size: usize) -> Self {
+        BlockLayout { positions_per_block: block_size, first_position: 0 }
+    }
+}
 
 /// One sequence's blocks, ready for the drafter and the head.
 #[derive(Debug, Clone, PartialEq)]

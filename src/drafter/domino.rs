@@ -50,8 +50,7 @@ use super::DrafterError;
 use crate::model::{Target, TargetConfig};
 use crate::nn::ops;
 use crate::spec::{Draft, Proposer, SpecError};
-use super::blocks::Blocks;
-use crate::train::objective::BlockLayout;
+use super::blocks::{BlockLayout, Blocks};
 
 // ---------------------------------------------------------------------------------------------
 // Config

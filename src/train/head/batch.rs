@@ -29,7 +29,7 @@ pub(super) fn check_rows(input: &HeadInput<'_>) -> Result<(usize, usize, usize),
     }
     let layout = input.layout;
     let p = layout.positions_per_block;
-    layout.blocks(n, "hidden rows")?;
+    crate::train::objective::layout::blocks_in(layout, n, "hidden rows")?;
     for (row, (&label, &v)) in input.labels.iter().zip(input.valid).enumerate() {
         if v && label as usize >= vocab {
             return Err(HeadError::LabelOutOfRange {

@@ -103,7 +103,7 @@ impl MetricCounts {
         correct: &[bool],
         weights: &[f32],
     ) -> Result<Self, ObjectiveError> {
-        let blocks = layout.blocks(valid.len(), "valid")?;
+        let blocks = super::layout::blocks_in(layout, valid.len(), "valid")?;
         check_len(layout, blocks, "correct", correct.len())?;
         check_len(layout, blocks, "weights", weights.len())?;
         let p = layout.positions_per_block;

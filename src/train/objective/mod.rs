@@ -40,7 +40,7 @@
 //!   require an explicit γ rather than an invented interpolation.
 
 mod definition;
-mod layout;
+pub mod layout;
 mod metrics;
 mod resolve;
 #[cfg(test)]

@@ -151,7 +151,7 @@ impl ResolvedObjective {
         seed: u64,
     ) -> Result<Weights, ObjectiveError> {
         let rows = stats.valid.len();
-        let blocks = layout.blocks(rows, "valid")?;
+        let blocks = super::layout::blocks_in(layout, rows, "valid")?;
         check_len(layout, blocks, "correct", stats.correct.len())?;
         check_len(layout, blocks, "p_gold", stats.p_gold.len())?;
         let per_block = layout.positions_per_block;
