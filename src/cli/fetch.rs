@@ -1,4 +1,4 @@
-//! `specauf fetch [--all]`: download and verify the models and data sets (see ASSETS.md).
+//! `specauf fetch [--all]`: download and verify the models and data sets (see DESIGN §6).
 
 use std::path::Path;
 

@@ -1,4 +1,4 @@
-//! Regenerating assistant turns with the target itself (SPEC §3: the drafter learns best from
+//! Regenerating assistant turns with the target itself (DESIGN §3: the drafter learns best from
 //! the target's own responses).
 //!
 //! For each conversation, the user turns are kept and every assistant turn is replaced by the

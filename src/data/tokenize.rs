@@ -47,7 +47,7 @@ impl Sequence {
     }
 
     /// Whether some position p has `loss_mask[p] = loss_mask[p+1] = 1`: the condition for a
-    /// DFlash anchor (SPEC §3), without which the sequence teaches nothing.
+    /// DFlash anchor (DESIGN §3), without which the sequence teaches nothing.
     pub fn has_anchor_position(&self) -> bool {
         self.loss_mask.windows(2).any(|w| w[0] == 1 && w[1] == 1)
     }

@@ -1,7 +1,7 @@
 //! DFlash checkpoints in the z-lab / SpecForge format, and new drafters.
 //!
 //! A checkpoint directory holds `config.json` ([`DFlashConfig::to_json`]) and `model.safetensors`
-//! with exactly the tensors of [`DFlashConfig::tensor_shapes`] (SPEC §2 names, no prefix, no
+//! with exactly the tensors of [`DFlashConfig::tensor_shapes`] (DESIGN §2 names, no prefix, no
 //! embedding, no head). Writes are atomic (`<name>.tmp`, fsync, rename); reads accept f32, bf16
 //! and f16 tensors and convert them to f32. Loading validates the drafter against the target it
 //! will run with, before any generation.

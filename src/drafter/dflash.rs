@@ -1,4 +1,4 @@
-//! The DFlash block drafter (SPEC §2), read top to bottom: config → rotary → MLP → attention →
+//! The DFlash block drafter (DESIGN §2), read top to bottom: config → rotary → MLP → attention →
 //! layer → model (training forward, inference forward with its context KV cache).
 //!
 //! # The model
@@ -16,7 +16,7 @@
 //! k_proj/v_proj. Only the layers, `fc`, `hidden_norm` and `norm` are trainable; they live in a
 //! candle `VarMap` under their checkpoint names.
 //!
-//! # Training attention (SPEC §2)
+//! # Training attention (DESIGN §2)
 //! A query of block b (anchor a_b) sees context position j iff j < a_b ([`context_visible`]) and
 //! every position of its own block; blocks never see each other. The block part is computed block
 //! by block (a batched (B × B) product per block), so no (nb·B × nb·B) mask is ever built; the
@@ -735,17 +735,6 @@ pub fn context_visible(anchor: usize, j: usize) -> bool {
     j < anchor
 }
 
-/// One sequence of a training batch (see [`DFlashDrafter::forward_train`]).
-#[derive(Debug, Clone, Copy)]
-pub struct TrainSequence<'a> {
-    /// (T, n_taps·H) target taps of the whole sequence.
-    pub features: &'a Tensor,
-    /// (nb) anchor positions, each < T.
-    pub anchors: &'a [usize],
-    /// (nb·B) block token ids.
-    pub block_ids: &'a [u32],
-}
-
 /// The drafter's context KV cache: per layer, K and V (n_kv, len, hd) of context positions
 /// 0..len. Block K/V are never stored.
 #[derive(Debug, Clone)]
@@ -764,22 +753,9 @@ impl DFlashCache {
         self.len == 0
     }
 
-    /// Drops context positions len.. (no-op when len ≥ the cached length).
     /// Whether any cached tensor carries an autograd graph (it never should).
     pub fn tracks_gradients(&self) -> bool {
         self.layers.iter().flatten().any(|kv| kv.k.track_op() || kv.v.track_op())
-    }
-
-    pub fn crop(&mut self, len: usize) -> candle_core::Result<()> {
-        if len >= self.len {
-            return Ok(());
-        }
-        for kv in self.layers.iter_mut().flatten() {
-            kv.k = kv.k.narrow(1, 0, len)?;
-            kv.v = kv.v.narrow(1, 0, len)?;
-        }
-        self.len = len;
-        Ok(())
     }
 }
 
@@ -952,23 +928,6 @@ impl DFlashDrafter {
         Tensor::from_vec(bias, (anchors.len(), t), &Device::Cpu)
     }
 
-    /// The full training attention mask the forward implements, as booleans: row r = b·B + i
-    /// (query i of block b), column c < T a context position, column T + b'·B + i' a block key.
-    /// For tests and documentation; the forward never builds it.
-    pub fn training_mask_dense(anchors: &[usize], block_size: usize, t: usize) -> Vec<Vec<bool>> {
-        let nb = anchors.len();
-        let mut rows = Vec::with_capacity(nb * block_size);
-        for (b, &a) in anchors.iter().enumerate() {
-            for _ in 0..block_size {
-                let mut row: Vec<bool> = (0..t).map(|j| context_visible(a, j)).collect();
-                // Block keys: a block sees exactly its own rows (the per-block product of step 4).
-                row.extend((0..nb * block_size).map(|c| c / block_size == b));
-                rows.push(row);
-            }
-        }
-        rows
-    }
-
     /// Training forward for one sequence.
     ///
     /// `features` (T, n_taps·H): the target's taps of the whole sequence; `anchors` (nb): block
@@ -1018,19 +977,6 @@ impl DFlashDrafter {
         }
         // 4. final norm (nb·B, H)
         Ok(ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
-    }
-
-    /// Training forward for a small batch of sequences, one after the other: the rows of every
-    /// sequence's blocks, concatenated in order, (Σ nb_i·B, H).
-    pub fn forward_train_batch(&self, target: &Target, batch: &[TrainSequence<'_>]) -> Result<Tensor, DrafterError> {
-        let parts = batch
-            .iter()
-            .map(|s| self.forward_train(target, s.features, s.anchors, s.block_ids))
-            .collect::<Result<Vec<_>, _>>()?;
-        if parts.is_empty() {
-            return Err(DrafterError::InputShape { what: "training batch", got: vec![0], expected: "at least one sequence".into() });
-        }
-        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// An empty context cache.

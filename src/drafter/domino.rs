@@ -1,4 +1,4 @@
-//! The Domino drafter (SPEC §4): the DFlash backbone unchanged, plus a GRU logit correction.
+//! The Domino drafter (DESIGN §4): the DFlash backbone unchanged, plus a GRU logit correction.
 //!
 //! # The model
 //! ```text
@@ -578,7 +578,9 @@ impl DominoDrafter {
 
     /// The inference logits of block positions 0..B-2 when the drafter's tokens are `next`
     /// (B-1 tokens: the GRU consumes [last, next[0], ..., next[B-3]]): (B-1, V). With `next` the
-    /// gold tokens this is the teacher-forced training output of the same block.
+    /// gold tokens this is the teacher-forced training output of the same block. Not a serving
+    /// API: it exists so that tests can check that inference and training compute the same block.
+    #[doc(hidden)]
     pub fn block_logits_forced(&self, target: &Target, cache: &DFlashCache, last_token: u32, start: usize, next: &[u32]) -> Result<Tensor, DrafterError> {
         let b = self.block_size();
         if next.len() != b - 1 {

@@ -1,6 +1,6 @@
 //! Masked block drafters. They own no embedding and no LM head: block inputs are the target's
 //! frozen token embeddings and draft logits come from the target's frozen `lm_head`
-//! (SPEC §2 "Shared frozen weights"). Only the drafter's own layers are trainable.
+//! (DESIGN §2 "Shared frozen weights"). Only the drafter's own layers are trainable.
 //!
 //! - [`AnyDrafter`]: the one place that tells DFlash from Domino: load a checkpoint as its kind,
 //!   build a fresh one, lower its block size, put it behind the decode loop's `Proposer`.
@@ -22,7 +22,6 @@ pub mod proposer;
 pub use any::{default_mask_token, AnyDrafter, DrafterInit, DrafterKind};
 pub use dflash::{
     build_target_layer_ids, context_visible, DFlashCache, DFlashConfig, DFlashDrafter, DFlashInitConfig,
-    TrainSequence,
 };
 pub use domino::{DominoConfig, DominoDrafter, DominoInitConfig, DominoProposer};
 pub use proposer::DFlashProposer;
@@ -53,7 +52,7 @@ pub enum DrafterError {
     InvalidConfig { path: String, what: String },
     #[error("{path}: unsupported drafter: {what}")]
     Unsupported { path: String, what: String },
-    #[error("{path}: tensor {name} is missing; a DFlash checkpoint needs every tensor of SPEC §2")]
+    #[error("{path}: tensor {name} is missing; a DFlash checkpoint needs every tensor of DESIGN §2")]
     MissingTensor { path: String, name: String },
     #[error("{path}: unexpected tensor {name}; this is not a plain DFlash drafter checkpoint")]
     UnexpectedTensor { path: String, name: String },
@@ -88,7 +87,7 @@ pub enum DrafterError {
     TokenOutOfRange { token: u32, vocab: usize },
     #[error(
         "the drafter cache holds context positions 0..{cached} but the block starts at {start}; \
-         the context must cover exactly the positions before the block (SPEC §2 reference loop)"
+         the context must cover exactly the positions before the block (DESIGN §2 reference loop)"
     )]
     ContextGap { cached: usize, start: usize },
     #[error("position {needed} exceeds the drafter's max_position_embeddings {max}")]

@@ -1,5 +1,5 @@
 //! DFlash behind the decode loop's [`Proposer`] trait, with the z-lab `dflash_generate`
-//! semantics (SPEC §2 "Reference loop semantics"):
+//! semantics (DESIGN §2 "Reference loop semantics"):
 //!
 //! - `begin`: the prompt's taps become the first context (positions 0..prompt_len); they are
 //!   appended at the first `propose`, as the reference feeds them with its first draft call.

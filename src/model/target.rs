@@ -6,7 +6,7 @@
 //! before the final norm). The target is frozen, so its fast fused ops (rms_norm, rope,
 //! softmax) are fine here; training paths use `crate::nn::ops`.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 use super::config::TargetConfig;
 use super::attention::causal_attention;
@@ -306,14 +306,3 @@ impl Attention {
     }
 }
 
-/// Mean negative log-likelihood of `ids[1..]` given the prefix, from all-position logits.
-pub fn mean_nll(logits: &Tensor, ids: &[u32]) -> candle_core::Result<f32> {
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let logp = logp.to_vec2::<f32>()?;
-    let n = ids.len();
-    let mut total = 0.0;
-    for i in 0..n - 1 {
-        total -= logp[i][ids[i + 1] as usize];
-    }
-    Ok(total / (n - 1) as f32)
-}

@@ -230,7 +230,7 @@ fn identical(d: &PairedDiff) -> bool {
     d.diff == 0.0 && d.ci == [0.0, 0.0]
 }
 
-/// Checks the paper's three findings (SPEC §3, the list) on a run's summaries and paired
+/// Checks the paper's three findings (DESIGN §3, the list) on a run's summaries and paired
 /// differences: AUF > decay on every benchmark and on average (per backbone); decay reaches the
 /// higher shared-mask accuracy yet the lower τ (per backbone); AUF+decay ≈ AUF on DFlash
 /// (the 95% interval of the difference holds 0, or the difference is under 1% of τ).

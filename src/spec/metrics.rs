@@ -1,4 +1,4 @@
-//! Acceptance metrics over many requests (SPEC §1).
+//! Acceptance metrics over many requests (DESIGN §1).
 //!
 //! - τ of one request = mean over its cycles of acc+1; a benchmark's τ = mean over requests.
 //! - pooled τ = total emitted (Σ acc+1) / total cycles.

@@ -4,7 +4,7 @@
 //! sample-and-match, residual rejection), [`driver`] (the loop), [`sampling`] (logits → token,
 //! position-keyed randomness), [`metrics`] (τ, histograms, per-position acceptance).
 //!
-//! # The algorithm (z-lab/dflash `dflash_generate`, SPEC §1–2)
+//! # The algorithm (z-lab/dflash `dflash_generate`, DESIGN §1–2)
 //!
 //! ```text
 //! prefill(prompt)            -> first token y0 (from the last prompt logits; it belongs to no cycle)

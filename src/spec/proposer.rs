@@ -1,6 +1,6 @@
 //! The drafter behind a trait, and three reference proposers for tests and sanity checks.
 //!
-//! A proposer sees the request as the driver commits it (DFlash reference semantics, SPEC §2):
+//! A proposer sees the request as the driver commits it (DFlash reference semantics, DESIGN §2):
 //! - `begin`: the prompt and the tapped target features of every prompt position;
 //! - `propose`: the last committed token (not yet run through the target) and its position
 //!   `start`; it returns up to B-1 draft tokens for positions start+1..;

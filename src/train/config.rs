@@ -36,7 +36,7 @@ pub struct DrafterSpec {
     /// Block size B (B-1 draft tokens per cycle).
     #[serde(default = "default_block_size")]
     pub block_size: usize,
-    /// Target layers whose hidden states condition the drafter; default per SPEC §2.
+    /// Target layers whose hidden states condition the drafter; default per DESIGN §2.
     #[serde(default)]
     pub target_layer_ids: Option<Vec<usize>>,
     /// The MASK token; default: the target's documented spare id (SmolLM2: 16).

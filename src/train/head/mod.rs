@@ -126,7 +126,7 @@ impl Default for HeadConfig {
     }
 }
 
-/// Which weights Domino's base-branch CE uses (SPEC §4).
+/// Which weights Domino's base-branch CE uses (DESIGN §4).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BaseSupport {

@@ -1,5 +1,5 @@
 //! The training metrics: counts that merge across chunks, micro-batches and steps, and their
-//! summary (SPEC §3 "Metrics to log").
+//! summary (DESIGN §3 "Metrics to log").
 
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +25,7 @@ pub struct MetricCounts {
     pub correct_per_position: Vec<usize>,
 }
 
-/// Per-batch training metrics (SPEC §3 "Metrics to log").
+/// Per-batch training metrics (DESIGN §3 "Metrics to log").
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BlockMetrics {
     /// argmax == label over all valid positions (DFlash's `acc`).

@@ -1,7 +1,7 @@
 //! Training objectives: which predicted block positions the weighted CE counts, and how much.
 //!
 //! Every objective is one weighted cross-entropy `L = Σ w·CE / normaliser` over all blocks of a
-//! batch, with weights computed without gradient (SPEC §3):
+//! batch, with weights computed without gradient (DESIGN §3):
 //!
 //! | objective      | w at predicted index i (0-based)                                            | normaliser |
 //! |----------------|-----------------------------------------------------------------------------|------------|
@@ -26,7 +26,7 @@
 //! Every weight rule is written in terms of the predicted index `i`, so both conventions share one
 //! routine; `first_position` only labels the per-position metrics.
 //!
-//! # Choices where the paper is silent (SPEC §3 "uncertain points"), all options with these defaults
+//! # Choices where the paper is silent (DESIGN §3 "uncertain points"), all options with these defaults
 //! - AUF failure is `argmax != label` ([`FailureRule::Argmax`]); [`FailureRule::Sample`] instead draws
 //!   c ~ Bernoulli(p_gold), which is exactly "a sample from the drafter equals the label".
 //! - An invalid position in mid-block is transparent (`invalid_transparent = true`): it neither

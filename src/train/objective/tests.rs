@@ -37,7 +37,7 @@ fn random_batch(rng: &mut ChaCha8Rng, blocks: usize, p: usize) -> (Vec<bool>, Ve
     (valid, correct, p_gold)
 }
 
-/// The SPEC §3 formulas, written per position with explicit products and sums.
+/// The DESIGN §3 formulas, written per position with explicit products and sums.
 fn naive_weights(obj: &Objective, gamma: f32, v: &[bool], c: &[bool], p: &[f32]) -> Vec<f32> {
     let n = v.len();
     let vf = |i: usize| if v[i] { 1.0f32 } else { 0.0 };

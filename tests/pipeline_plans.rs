@@ -1,0 +1,103 @@
+//! The pipeline's typed plans build exactly the configs that the command-line strings used to
+//! (so runs started before the change resume, and give the same numbers), every default has one
+//! source, and the objective's default γ follows the drafter actually trained.
+
+use std::path::Path;
+
+use specauf::drafter::{AnyDrafter, DFlashInitConfig, DrafterInit, DrafterKind};
+use specauf::pipeline::experiment::PaperConfig;
+use specauf::pipeline::quickstart::QuickstartPlan;
+use specauf::train::config::TrainConfig;
+use specauf::train::trainable::{build_drafter, trainable};
+use specauf::train::trainer::objective_for;
+
+mod common;
+
+fn from_sets(sets: &[String]) -> TrainConfig {
+    TrainConfig::load(None, sets).unwrap()
+}
+
+#[test]
+fn a_new_config_holds_the_same_defaults_as_a_parsed_one() {
+    let (data, out) = (Path::new("/d"), Path::new("/o"));
+    assert_eq!(TrainConfig::new(data, out), from_sets(&["data=/d".into(), "out=/o".into()]));
+}
+
+#[test]
+fn the_quickstart_trains_the_config_its_set_strings_described() {
+    let plan = QuickstartPlan::new(Path::new("/q"));
+    let sets: Vec<String> = vec![
+        "data=/q/data".into(),
+        "out=/q/train".into(),
+        format!("steps={}", plan.steps),
+        "objective=auf".into(),
+        "drafter.layers=2".into(),
+        "drafter.block_size=8".into(),
+        "drafter.target_layer_ids=[1, 27]".into(),
+        "num_anchors=32".into(),
+        "batch_sequences=2".into(),
+        "optim.lr=0.002".into(),
+        "checkpoint_every=50".into(),
+        "eval_every=80".into(),
+        "eval_sequences=8".into(),
+    ];
+    assert_eq!(plan.train_config(), from_sets(&sets));
+}
+
+#[test]
+fn each_experiment_arm_trains_the_config_its_set_strings_described() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/paper.json");
+    let (cfg, _) = PaperConfig::read(&path).unwrap();
+    let t = &cfg.train;
+    for arm in &cfg.arms {
+        let (data, dir) = (Path::new("/data"), Path::new("/arms").join(&arm.name));
+        let sets: Vec<String> = vec![
+            format!("model={}", cfg.model),
+            "data=/data".into(),
+            format!("out={}", dir.display()),
+            format!("steps={}", t.steps),
+            format!("objective={}", arm.objective),
+            format!("drafter.kind={}", arm.drafter),
+            format!("drafter.layers={}", t.layers),
+            format!("drafter.block_size={}", t.block_size),
+            format!("drafter.target_layer_ids={:?}", t.target_layer_ids),
+            format!("num_anchors={}", t.num_anchors),
+            format!("batch_sequences={}", t.batch_sequences),
+            format!("optim.lr={}", t.lr),
+            format!("seed={}", t.seed),
+            "checkpoint_every=50".into(),
+            format!("eval_every={}", t.steps),
+            "eval_sequences=12".into(),
+        ];
+        assert_eq!(cfg.arm_config(arm, data, &dir).unwrap(), from_sets(&sets), "arm {}", arm.name);
+    }
+}
+
+#[test]
+fn an_experiment_config_with_an_unknown_arm_kind_is_refused_with_its_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/paper.json")).unwrap();
+    let bad = src.replacen("\"drafter\": \"dflash\"", "\"drafter\": \"eagle\"", 1);
+    assert_ne!(bad, src, "the fixture changed: no dflash arm to corrupt");
+    let p = tmp.path().join("bad.json");
+    std::fs::write(&p, bad).unwrap();
+    let err = PaperConfig::read(&p).err().expect("an unknown drafter kind must be refused").to_string();
+    assert!(err.contains("eagle") && err.contains("dflash"), "{err}");
+}
+
+#[test]
+fn the_default_decay_gamma_follows_the_trained_drafters_block_size_not_the_configs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = common::prepared(tmp.path(), 4);
+    // A B = 8 drafter to start from, while the config still says B = 16.
+    let init = DrafterInit { kind: DrafterKind::DFlash, backbone: DFlashInitConfig::new(1, 8, 0), gru_hidden_dim: None, emb_dim: None };
+    let start = tmp.path().join("start");
+    AnyDrafter::init_random(m.target.config(), &init, 0).unwrap().save(&start).unwrap();
+    let mut cfg = common::tiny_train_config(&data, &tmp.path().join("run"), &["objective=decay", "drafter.block_size=16"]);
+    cfg.drafter.init_from = Some(start);
+    let drafter = trainable(build_drafter(&cfg, &m.target).unwrap());
+    assert_eq!(drafter.block_size(), 8);
+    let resolved = objective_for(&cfg, drafter.as_ref()).unwrap();
+    assert_eq!(resolved, cfg.objective.resolve(8).unwrap(), "γ must be B = 8's default (4)");
+    assert_ne!(resolved, cfg.objective.resolve(16).unwrap(), "γ of the config's B = 16 (7) was the bug");
+}
