@@ -110,12 +110,6 @@ pub fn default_gamma(block_size: usize) -> Option<f32> {
     }
 }
 
-impl Default for Objective {
-    /// `decay`, the DFlash default the paper compares against.
-    fn default() -> Self {
-        Objective::decay()
-    }
-}
 
 impl Objective {
     pub fn full() -> Self {
