@@ -130,6 +130,39 @@ fn the_gru_matches_a_naive_loop_over_pytorch_equations() {
     }
 }
 
+/// Why Domino keeps its own GRU rather than `candle_nn::rnn::GRU`: the same equations, values and
+/// gradients (checked here), but ours takes the input projections of a whole sequence as one
+/// product (`input_gates`) and lets inference feed one precomputed step at a time, where
+/// candle-nn recomputes x·W_ih inside every step. This test is the evidence that they agree.
+#[test]
+fn our_gru_gives_candle_nns_states_and_gradients() {
+    use candle_nn::rnn::{GRUConfig, RNN};
+    let max_abs_diff = |a: &Tensor, b: &Tensor| -> f64 { (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap() };
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let (i, g, t, n) = (5usize, 4usize, 6usize, 3usize);
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let reference = candle_nn::rnn::gru(i, g, GRUConfig::default_no_bias(), vb).unwrap();
+    let vars = varmap.data().lock().unwrap().clone();
+    let (w_ih, w_hh) = (vars["weight_ih_l0"].clone(), vars["weight_hh_l0"].clone());
+    w_ih.set(&to_tensor(&random_matrix(3 * g, i, 1.0, &mut rng))).unwrap();
+    w_hh.set(&to_tensor(&random_matrix(3 * g, g, 1.0, &mut rng))).unwrap();
+    let x = Tensor::new((0..n).map(|_| random_matrix(t, i, 1.5, &mut rng)).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+    let probe = Tensor::new((0..n).map(|_| random_matrix(t, g, 1.0, &mut rng)).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+
+    let ours = Gru::new(w_ih.as_tensor().clone(), w_hh.as_tensor().clone()).unwrap().forward(&x).unwrap();
+    let states = reference.seq(&x).unwrap();
+    let theirs = Tensor::stack(&states.iter().map(|s| s.h().clone()).collect::<Vec<_>>(), 1).unwrap();
+    assert!(max_abs_diff(&ours, &theirs) < 1e-12, "states differ by {}", max_abs_diff(&ours, &theirs));
+
+    let g_ours = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_theirs = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, var) in [("weight_ih", &w_ih), ("weight_hh", &w_hh)] {
+        let (a, b) = (g_ours.get(var.as_tensor()).unwrap(), g_theirs.get(var.as_tensor()).unwrap());
+        assert!(max_abs_diff(a, b) < 1e-12, "{name} gradients differ by {}", max_abs_diff(a, b));
+    }
+}
+
 #[test]
 fn the_gru_gradient_matches_finite_differences() {
     let mut rng = ChaCha8Rng::seed_from_u64(8);

@@ -66,6 +66,10 @@ fn style(name: &str, total: Option<u64>, unit: Unit) -> ProgressStyle {
 impl Phase {
     fn log_line(&self) {
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        if self.total.is_none() {
+            eprintln!("{}: {secs:.0} s {}", self.name, self.status);
+            return;
+        }
         let rate = self.done as f64 / secs;
         let total = self.total.map(|t| format!("/{t}")).unwrap_or_default();
         let eta = match self.total {

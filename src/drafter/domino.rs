@@ -284,6 +284,11 @@ fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// ```
 /// `weight_ih` (3G, I) and `weight_hh` (3G, G) stack the r, z, n rows. Differentiable in any float
 /// dtype (sigmoid and tanh have backward passes).
+///
+/// Why not `candle_nn::rnn::GRU`: it computes the same states and gradients (tests/domino_model.rs
+/// `our_gru_gives_candle_nns_states_and_gradients`), but it recomputes x·W_ih inside every step;
+/// here a whole sequence's input projections are one product ([`Gru::input_gates`]), and
+/// inference feeds one precomputed step at a time as the drafter picks tokens.
 #[derive(Debug, Clone)]
 pub struct Gru {
     weight_ih: Tensor,
