@@ -1,6 +1,7 @@
 //! The target decoder: one implementation for the Llama, Qwen2 and Qwen3 families.
 //!
-//! Batch size is 1. A forward takes a chunk of new tokens, places them after the cached
+//! A forward takes a chunk of new tokens of one sequence ([`Target::forward`]) or of several
+//! sequences, each with its own cache ([`Target::forward_batch`]), places them after the cached
 //! positions, and returns logits for every new position plus the hidden states after any
 //! requested decoder layers (HF indexing: tap i is the output of layer i, `hidden_states[i+1]`,
 //! before the final norm). The target is frozen, so its fast fused ops (rms_norm, rope,
@@ -217,53 +218,157 @@ impl Target {
         self.lm_head.forward(hidden)
     }
 
-    /// Runs `tokens` at positions cache.len().. and appends their K/V to the cache.
+    /// Runs `tokens` at positions cache.len().. and appends their K/V to the cache: the
+    /// one-item case of [`Target::forward_batch`] (same code, same bits).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, taps: &[usize], logits: Logits) -> Result<ForwardOutput, ModelError> {
-        let n = tokens.len();
-        if n == 0 {
-            return Err(ModelError::EmptyInput);
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::TokenOutOfRange { token: bad, vocab: self.cfg.vocab_size });
-        }
-        if let Some(&bad) = taps.iter().find(|&&l| l >= self.cfg.num_hidden_layers) {
-            return Err(ModelError::LayerOutOfRange { layer: bad, layers: self.cfg.num_hidden_layers });
-        }
-        let start = cache.len();
-        if start + n > self.cfg.max_position_embeddings {
-            return Err(ModelError::ContextOverflow { needed: start + n, max: self.cfg.max_position_embeddings });
-        }
+        let mut items = [BatchItem { tokens, cache, taps, logits }];
+        self.forward_batch(&mut items)?.pop().ok_or(ModelError::EmptyInput)
+    }
+
+    /// One forward over several sequences, each with its own cache: item i's `tokens` run at
+    /// positions `cache.len()..` of its own cache, and item i gets its own [`ForwardOutput`].
+    ///
+    /// The embedding, the norms, every linear (q/k/v/o, MLP, LM head) and the elementwise ops
+    /// run once over the concatenated rows of all items (Σ nᵢ rows), which costs about what one
+    /// item costs when decode is memory-bound (every weight is read once per call). RoPE uses
+    /// each row's own position, and attention runs per item over its own cache.
+    ///
+    /// Batch invariance: in the `q8` and `native` modes (linears in `qgemm`, or candle's
+    /// `QMatMul`, both of which quantize and reduce each row on its own) every item's output is
+    /// bit-identical to [`Target::forward`] on that item alone (tests/target_batch.rs). The `f32`
+    /// mode is not: its matmuls go through candle's gemm, whose tiling and reduction order
+    /// depend on the number of rows; measured on the tiny fixtures (tests/target_batch.rs), items
+    /// of a 5-sequence batch differ from their lone forward by 5e-6 to 7e-6 in logits and taps:
+    /// close, not bit-identical, so T = 0 outputs may differ where two logits nearly tie.
+    ///
+    /// Every item is checked before any cache is touched, so an error leaves all caches as
+    /// they were.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<ForwardOutput>, ModelError> {
+        let spans = self.plan_rows(items)?;
+        let Some(total) = spans.last().map(|s| s.row + s.n) else {
+            return Ok(Vec::new());
+        };
+        // (Σn, hd/2) each: the rows of every item at its own positions.
         let (cos, sin) = {
             let mut rope = self.rope.lock().map_err(|_| ModelError::Poisoned)?;
-            rope.at(start, n)?
+            let mut cos = Vec::with_capacity(spans.len());
+            let mut sin = Vec::with_capacity(spans.len());
+            for s in &spans {
+                let (c, si) = rope.at(s.start, s.n)?;
+                cos.push(c);
+                sin.push(si);
+            }
+            (Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?)
         };
-        cache.reserve(n);
-        // 1. (n,) -> (n, H)
-        let mut x = self.embed(tokens)?;
-        let mut tapped: Vec<Option<Tensor>> = vec![None; taps.len()];
+        for item in items.iter_mut() {
+            item.cache.reserve(item.tokens.len());
+        }
+        // 1. (Σn,) -> (Σn, H)
+        let ids: Vec<u32> = items.iter().flat_map(|it| it.tokens.iter().copied()).collect();
+        let mut x = self.embed(&ids)?;
+        // The residual stream after every layer some item taps: (Σn, H).
+        let mut tapped: Vec<Option<Tensor>> = vec![None; self.layers.len()];
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, i, cache, &cos, &sin)?;
-            for (slot, &t) in tapped.iter_mut().zip(taps) {
-                if t == i {
-                    *slot = Some(x.clone());
-                }
+            x = layer.forward(&x, i, items, &spans, &cos, &sin)?;
+            if items.iter().any(|it| it.taps.contains(&i)) {
+                tapped[i] = Some(x.clone());
             }
         }
-        cache.advance(n);
-        let logits = match logits {
-            Logits::None => None,
-            Logits::All => Some(self.lm_head.forward(&self.norm.forward(&x)?)?),
-            Logits::Last => Some(self.lm_head.forward(&self.norm.forward(&x.narrow(0, n - 1, 1)?)?)?),
-        };
-        let taps = tapped.into_iter().map(|t| t.ok_or(ModelError::Poisoned)).collect::<Result<Vec<_>, _>>()?;
-        Ok(ForwardOutput { logits, taps })
+        for item in items.iter_mut() {
+            item.cache.advance(item.tokens.len());
+        }
+        debug_assert_eq!(x.dim(0)?, total);
+        let logits = self.batch_logits(&x, items, &spans)?;
+        let mut outs = Vec::with_capacity(items.len());
+        for ((item, s), logits) in items.iter().zip(&spans).zip(logits) {
+            let taps = item
+                .taps
+                .iter()
+                .map(|&l| match &tapped[l] {
+                    Some(t) => Ok(t.narrow(0, s.row, s.n)?),
+                    None => Err(ModelError::Poisoned),
+                })
+                .collect::<Result<Vec<_>, ModelError>>()?;
+            outs.push(ForwardOutput { logits, taps });
+        }
+        Ok(outs)
+    }
+
+    /// Checks every item and lays out its rows in the concatenated batch.
+    fn plan_rows(&self, items: &[BatchItem<'_>]) -> Result<Vec<Span>, ModelError> {
+        let mut spans = Vec::with_capacity(items.len());
+        let mut row = 0;
+        for item in items {
+            let n = item.tokens.len();
+            if n == 0 {
+                return Err(ModelError::EmptyInput);
+            }
+            if let Some(&bad) = item.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                return Err(ModelError::TokenOutOfRange { token: bad, vocab: self.cfg.vocab_size });
+            }
+            if let Some(&bad) = item.taps.iter().find(|&&l| l >= self.cfg.num_hidden_layers) {
+                return Err(ModelError::LayerOutOfRange { layer: bad, layers: self.cfg.num_hidden_layers });
+            }
+            let start = item.cache.len();
+            if start + n > self.cfg.max_position_embeddings {
+                return Err(ModelError::ContextOverflow { needed: start + n, max: self.cfg.max_position_embeddings });
+            }
+            spans.push(Span { row, n, start });
+            row += n;
+        }
+        Ok(spans)
+    }
+
+    /// Final norm and LM head over exactly the rows the items ask for, in one call; returns
+    /// each item's (m_i, vocab) logits.
+    fn batch_logits(&self, x: &Tensor, items: &[BatchItem<'_>], spans: &[Span]) -> Result<Vec<Option<Tensor>>, ModelError> {
+        let mut rows: Vec<u32> = Vec::new();
+        let mut ranges = Vec::with_capacity(items.len());
+        for (item, s) in items.iter().zip(spans) {
+            let (first, m) = match item.logits {
+                Logits::None => (s.row, 0),
+                Logits::All => (s.row, s.n),
+                Logits::Last => (s.row + s.n - 1, 1),
+            };
+            ranges.push((rows.len(), m));
+            rows.extend((first..first + m).map(|r| r as u32));
+        }
+        if rows.is_empty() {
+            return Ok(vec![None; items.len()]);
+        }
+        // (Σm, H) -> (Σm, vocab)
+        let picked = x.index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
+        let all = self.lm_head.forward(&self.norm.forward(&picked)?)?;
+        ranges
+            .into_iter()
+            .map(|(off, m)| if m == 0 { Ok(None) } else { Ok(Some(all.narrow(0, off, m)?)) })
+            .collect()
     }
 }
 
+/// One sequence's part of [`Target::forward_batch`].
+pub struct BatchItem<'a> {
+    /// New tokens, placed at positions `cache.len()..`.
+    pub tokens: &'a [u32],
+    /// This sequence's cache; the tokens' K/V are appended to it.
+    pub cache: &'a mut KvCache,
+    /// Layers whose outputs to return for this item's rows.
+    pub taps: &'a [usize],
+    pub logits: Logits,
+}
+
+/// Where an item's rows sit in the batch: rows row..row+n, positions start..start+n.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    row: usize,
+    n: usize,
+    start: usize,
+}
+
 impl Layer {
-    fn forward(&self, x: &Tensor, idx: usize, cache: &mut KvCache, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, idx: usize, items: &mut [BatchItem<'_>], spans: &[Span], cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.input_norm.forward(x)?;
-        let h = self.attn.forward(&h, idx, cache, cos, sin)?;
+        let h = self.attn.forward(&h, idx, items, spans, cos, sin)?;
         let x = (x + h)?;
         let h = self.post_norm.forward(&x)?;
         let h = self.mlp.forward(&h)?;
@@ -279,17 +384,19 @@ impl Mlp {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, idx: usize, cache: &mut KvCache, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    /// x: (Σn, H) rows of every item; cos/sin: (Σn, hd/2) at each row's own position.
+    fn forward(&self, x: &Tensor, idx: usize, items: &mut [BatchItem<'_>], spans: &[Span], cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         let n = x.dim(0)?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        // 1. (n, H) -> (n, heads, hd)
+        // 1. (Σn, H) -> (Σn, heads, hd)
         let q = self.q_proj.forward(x)?.reshape((n, nh, hd))?;
         let k = self.k_proj.forward(x)?.reshape((n, nkv, hd))?;
         let v = self.v_proj.forward(x)?.reshape((n, nkv, hd))?;
         // 2. per-head q/k norm (Qwen3) before RoPE
         let q = match &self.q_norm { Some(nm) => nm.forward(&q)?, None => q };
         let k = match &self.k_norm { Some(nm) => nm.forward(&k)?, None => k };
-        // 3. rotate: rope wants (1, heads, n, hd); back to (n, heads, hd) row-major
+        // 3. rotate: rope wants (1, heads, Σn, hd); back to (Σn, heads, hd) row-major. Each row
+        //    is rotated by its own cos/sin row, independently of the others.
         let rot = |t: Tensor| -> candle_core::Result<Vec<f32>> {
             let r = candle_nn::rotary_emb::rope(&t.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?;
             r.squeeze(0)?.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1::<f32>()
@@ -297,12 +404,16 @@ impl Attention {
         let q = rot(q)?;
         let k = rot(k)?;
         let v = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        // 4. append to the cache, attend over each query's causal prefix
-        let start = cache.len();
-        cache.write(idx, &k, &v, n);
-        let out = causal_attention(&q, cache.layer(idx), n, start, nh, nkv, hd, cache.capacity());
-        // 5. (n, heads·hd) -> (n, H)
+        // 4. per item: append its rows to its cache, attend over each query's causal prefix
+        let mut out = Vec::with_capacity(n * nh * hd);
+        for (item, s) in items.iter_mut().zip(spans) {
+            let (qa, kva) = (s.row * nh * hd, s.row * nkv * hd);
+            let (qb, kvb) = (qa + s.n * nh * hd, kva + s.n * nkv * hd);
+            item.cache.write(idx, &k[kva..kvb], &v[kva..kvb], s.n);
+            let cache = &*item.cache;
+            out.extend(causal_attention(&q[qa..qb], cache.layer(idx), s.n, s.start, nh, nkv, hd, cache.capacity()));
+        }
+        // 5. (Σn, heads·hd) -> (Σn, H)
         self.o_proj.forward(&Tensor::from_vec(out, (n, nh * hd), &Device::Cpu)?)
     }
 }
-
