@@ -1,7 +1,10 @@
 //! The decode loop: prefill → (draft → verify → commit)* for any proposer, or none (plain AR).
 //!
 //! [`Generation`] holds one request's state and runs one cycle per [`Generation::step`];
-//! [`generate`] and [`generate_streaming`] drive it to the end. See the module docs of
+//! [`generate`] and [`generate_streaming`] drive it to the end. A cycle is three phases
+//! (draft the block, verify it in a target forward, consume the verify output), so that
+//! [`super::batch`] can put the verify forwards of many generations into one batched forward;
+//! `step` is the batch of one. See the module docs of
 //! [`crate::spec`] for the algorithm and its invariant.
 //!
 //! Stopping follows the DFlash reference exactly, so that τ is comparable:
@@ -21,7 +24,7 @@ use super::proposer::Proposer;
 use super::sampling::{AcceptRule, SamplingParams};
 use super::verifier::Verifier;
 use super::SpecError;
-use crate::model::{KvCache, Logits, Target};
+use crate::model::{BatchItem, ForwardOutput, KvCache, Logits, Target};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenerateConfig {
@@ -111,6 +114,19 @@ pub struct Cycle {
     /// The acc + 1 tokens committed (accepted drafts, then the bonus), before any cut at
     /// EOS or at the token limit.
     pub committed: Vec<u32>,
+}
+
+/// A drafted block waiting for its verify forward (between phases 1 and 3 of a cycle).
+pub(super) struct PendingVerify {
+    /// Position of block[0], the last committed token.
+    start: usize,
+    /// [last, d1..dk]
+    block: Vec<u32>,
+    /// The drafter's (k, V) probabilities, if it reports them.
+    probs: Option<Tensor>,
+    /// When the cycle began (before `propose`).
+    t0: Instant,
+    draft_ms: f64,
 }
 
 /// One request in flight.
@@ -222,16 +238,27 @@ impl<'a> Generation<'a> {
         })
     }
 
-    /// Runs one draft → verify → commit cycle.
+    /// Runs one draft → verify → commit cycle: the batch-of-one case of
+    /// [`super::batch::step_all`], so a lone request and a batched one run the same code.
     pub fn step(&mut self) -> Result<Cycle, SpecError> {
+        let mut results = super::batch::step_all(&mut [self])?;
+        results.pop().ok_or(SpecError::Finished)?
+    }
+
+    /// The target this generation decodes with.
+    pub fn target(&self) -> &'a Target {
+        self.target
+    }
+
+    /// Phase 1 of a cycle: draft k ≤ B-1 tokens for positions start+1..=start+k and check
+    /// them; returns the block [last, d1..dk] the target must verify at start..=start+k.
+    pub(super) fn draft_block(&mut self) -> Result<PendingVerify, SpecError> {
         if self.finished {
             return Err(SpecError::Finished);
         }
         let vocab = self.target.config().vocab_size;
         let last = *self.committed.last().ok_or(SpecError::Finished)?;
         let start = self.prompt_len + self.committed.len() - 1;
-
-        // 1. draft: k ≤ B-1 tokens for positions start+1..=start+k
         let t0 = Instant::now();
         let draft = match self.proposer.as_deref_mut() {
             Some(p) => Some(p.propose(self.target, last, start)?),
@@ -256,18 +283,27 @@ impl<'a> Generation<'a> {
                 vocab,
             });
         }
-
-        // 2. verify: the block [last, d1..dk] at positions start..=start+k in one forward;
-        //    logits (k+1, V), taps k+1 × (k+1, H)
-        let t1 = Instant::now();
         let mut block = Vec::with_capacity(drafts.len() + 1);
         block.push(last);
         block.extend_from_slice(&drafts);
-        let out = self.target.forward(&block, &mut self.cache, &self.taps, Logits::All)?;
+        Ok(PendingVerify { start, block, probs, t0, draft_ms })
+    }
+
+    /// Phase 2: the verify forward's request for `pending`: its block, this generation's
+    /// cache and taps, logits at every block position: (k+1, V), taps k+1 × (k+1, H).
+    pub(super) fn verify_item<'s>(&'s mut self, pending: &'s PendingVerify) -> BatchItem<'s> {
+        BatchItem { tokens: &pending.block, cache: &mut self.cache, taps: &self.taps, logits: Logits::All }
+    }
+
+    /// Phase 3: consumes the verify forward's output for `pending` (`t1`: when that forward
+    /// began): accept, commit, crop the cache, feed the proposer, record, decide to stop.
+    pub(super) fn finish_cycle(&mut self, pending: PendingVerify, out: ForwardOutput, t1: Instant) -> Result<Cycle, SpecError> {
+        let PendingVerify { start, block, probs, t0, draft_ms } = pending;
+        let drafts = &block[1..];
         let logits = out.logits.ok_or(SpecError::InvalidConfig {
             what: "the target returned no verify logits".into(),
         })?;
-        let verdict = match self.verifier.verify(&drafts, probs.as_ref(), &logits, self.committed.len()) {
+        let verdict = match self.verifier.verify(drafts, probs.as_ref(), &logits, self.committed.len()) {
             Ok(v) => v,
             Err(e) => {
                 // Keep the invariant for a caller that inspects the cache after the error.
@@ -277,8 +313,8 @@ impl<'a> Generation<'a> {
         };
         let acc = verdict.accepted;
 
-        // 3. commit d1..d_acc and the bonus; the cache keeps positions 0..start+acc+1, i.e.
-        //    everything but the bonus, which the next block starts with.
+        // commit d1..d_acc and the bonus; the cache keeps positions 0..start+acc+1, i.e.
+        // everything but the bonus, which the next block starts with.
         let mut new_tokens = drafts[..acc].to_vec();
         new_tokens.push(verdict.bonus);
         self.committed.extend_from_slice(&new_tokens);
@@ -307,7 +343,7 @@ impl<'a> Generation<'a> {
         self.accept_lengths.push(acc + 1);
         self.draft_lengths.push(drafts.len());
 
-        // 4. stop after this cycle on an EOS anywhere in the output, or past the limit.
+        // stop after this cycle on an EOS anywhere in the output, or past the limit.
         self.eos_seen |= new_tokens.iter().any(|t| self.cfg.eos_token_ids.contains(t));
         self.finished = self.eos_seen || self.committed.len() > self.cfg.max_new_tokens;
         Ok(Cycle {

@@ -1,7 +1,8 @@
 //! Speculative decoding: one loop for every drafter, and for plain autoregressive decoding.
 //!
 //! Split by responsibility: [`proposer`] (the drafter behind a trait), [`verifier`] (greedy,
-//! sample-and-match, residual rejection), [`driver`] (the loop), [`sampling`] (logits → token,
+//! sample-and-match, residual rejection), [`driver`] (the loop), [`batch`] (the loop over many
+//! requests, their verify forwards batched), [`sampling`] (logits → token,
 //! position-keyed randomness), [`metrics`] (τ, histograms, per-position acceptance).
 //!
 //! # The algorithm (z-lab/dflash `dflash_generate`, DESIGN §1–2)
@@ -39,12 +40,14 @@
 //! with the same seed produce the same tokens, whatever the drafter proposes (up to float
 //! differences between a block forward and a one-token forward).
 
+pub mod batch;
 pub mod driver;
 pub mod metrics;
 pub mod proposer;
 pub mod sampling;
 pub mod verifier;
 
+pub use batch::{generate_batch, step_all, BatchRequest};
 pub use driver::{generate, generate_streaming, Cycle, FinishReason, GenerateConfig, GenerateOutput, Generation};
 pub use metrics::{AcceptStats, MetricsSummary};
 pub use proposer::{Draft, FixedProposer, OracleErrors, OracleProposer, Proposer, RandomProposer};
@@ -88,6 +91,8 @@ pub enum SpecError {
     NonFiniteLogits { index: usize },
     #[error("the generation has already finished; start a new one")]
     Finished,
+    #[error("the generations of one batch use different targets; batch only generations of the same target")]
+    MixedTargets,
     #[error("proposer: {0}")]
     Proposer(Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]

@@ -17,6 +17,11 @@ static SINGLE_THREAD: Once = Once::new();
 /// shared 2-core machine its thread pool makes these microsecond-sized forwards ~10x slower.
 /// (Set before any candle work; every test calls this first, and `Once` holds the others.)
 pub fn target(family: &str) -> Target {
+    target_in(family, WeightsMode::F32)
+}
+
+/// Like [`target`], in weights mode `mode`.
+pub fn target_in(family: &str, mode: WeightsMode) -> Target {
     SINGLE_THREAD.call_once(|| {
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             std::env::set_var("RAYON_NUM_THREADS", "1");
@@ -24,7 +29,7 @@ pub fn target(family: &str) -> Target {
     });
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(family);
     let loc = ModelLocation::from_path(&dir).unwrap_or_else(|e| panic!("fixture {family}: {e}"));
-    model::load_target(&loc, WeightsMode::F32).unwrap_or_else(|e| panic!("fixture {family}: {e}"))
+    model::load_target(&loc, mode).unwrap_or_else(|e| panic!("fixture {family}: {e}"))
 }
 
 /// A deterministic prompt of `n` tokens.
