@@ -36,6 +36,7 @@ fn options(data: &Path, out: &Path, settings: PrepareSettings) -> PrepareOptions
         data_path: data.to_path_buf(),
         settings,
         workers: 1,
+        batch: 1,
         shard_tokens: 300,
         out: out.to_path_buf(),
         progress: Default::default(),
@@ -127,6 +128,50 @@ fn worker_threads_produce_the_same_dataset_as_one_thread() {
     assert_eq!(sorted_lines(&one), sorted_lines(&three));
     let shards = |d: &Path| files(d).into_iter().filter(|(n, _)| n.ends_with(".safetensors") || n == "manifest.json").collect::<Vec<_>>();
     assert_eq!(shards(&one), shards(&three));
+}
+
+/// The dataset files that do not depend on the order conversations finished in: shards,
+/// manifest, and the regenerated lines sorted.
+fn dataset(d: &Path) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
+    let mut lines: Vec<String> = std::fs::read_to_string(d.join(REGENERATED_FILE)).unwrap().lines().map(String::from).collect();
+    lines.sort();
+    let shards = files(d).into_iter().filter(|(n, _)| n.ends_with(".safetensors") || n == "manifest.json").collect();
+    (shards, lines)
+}
+
+#[test]
+fn batched_regeneration_writes_the_same_dataset_as_single_stream_regeneration() {
+    // q8: the target's batched forward is batch-invariant, so prepare decodes in batches; the
+    // reference is today's single-stream path (a closure over `reply_with_target`, one reply
+    // at a time, through prepare_with).
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model_dir(tmp.path());
+    let data = write_data(tmp.path(), 7, false);
+    let m = load_model(model.to_str().unwrap(), WeightsMode::Q8).unwrap();
+    assert!(m.target.is_batch_invariant());
+    let id = ModelIdentity::of(&m).unwrap();
+    let eos = specauf::model::stop_token_ids(&m.target.config().eos_token_ids, &m.tokenizer);
+    let single = |p: &[u32], r: &ReplyRequest| -> Result<Reply, ReplyError> {
+        specauf::data::regenerate::reply_with_target(&m.target, &eos, p, r).map_err(ReplyError::from)
+    };
+    for (name, rs) in [("greedy", RegenerateSettings::greedy(12)), ("sample", sample(12))] {
+        let reference = tmp.path().join(format!("{name}-single"));
+        prepare_with(&m.tokenizer, &id, Some(&single), None, &options(&data, &reference, settings(7, Some(rs.clone())))).unwrap();
+        let want = dataset(&reference);
+        assert_eq!(want.1.len(), 7);
+        for (workers, batch) in [(1, 1), (1, 3), (1, 16), (2, 2)] {
+            let out = tmp.path().join(format!("{name}-{workers}x{batch}"));
+            let mut opts = options(&data, &out, settings(7, Some(rs.clone())));
+            (opts.workers, opts.batch) = (workers, batch);
+            let r = prepare(&m.tokenizer, &id, Some(&m.target), None, &opts).unwrap();
+            assert_eq!(r.regenerated, 7);
+            assert!(dataset(&out) == want, "{name}: {workers} worker(s) × batch {batch} differ from single-stream regeneration");
+        }
+        // The cache made in batches is the single-stream one: a single-stream rerun reuses it.
+        let out = tmp.path().join(format!("{name}-1x16"));
+        let r = prepare_with(&m.tokenizer, &id, Some(&single), None, &options(&data, &out, settings(7, Some(rs)))).unwrap();
+        assert_eq!((r.regenerated, r.reused), (0, 7));
+    }
 }
 
 #[test]

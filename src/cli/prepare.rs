@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use specauf::data::prepare::DEFAULT_SHARD_TOKENS;
-use specauf::data::regenerate::RegenerateMode;
+use specauf::data::regenerate::{RegenerateMode, DEFAULT_BATCH};
 use specauf::data::{FeatureDtype, Split};
 use specauf::model::{WeightsMode, DEFAULT_MODEL};
 use specauf::pipeline::stages::{self, PreparePlan};
@@ -55,6 +55,11 @@ pub struct PrepareArgs {
     /// where there are more cores than one decode uses.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Conversations each worker regenerates together: their replies share every target
+    /// forward, which costs about one reply's on a memory-bound CPU (q8/native weights; f32
+    /// decodes one at a time). Replies are identical whatever the batch.
+    #[arg(long, default_value_t = DEFAULT_BATCH)]
+    pub batch: usize,
     /// Weights for regeneration: q8 (fast), f32 (reference), native (GGUF types as stored).
     #[arg(long, default_value_t = WeightsMode::Q8)]
     pub weights: WeightsMode,
@@ -91,6 +96,7 @@ impl PrepareArgs {
             top_p: self.top_p,
             max_new_tokens: self.max_new_tokens,
             workers: self.workers,
+            batch: self.batch,
             weights: self.weights,
             features: self.features,
             feature_dtype: self.feature_dtype,

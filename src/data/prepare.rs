@@ -24,7 +24,10 @@ use crate::data::{
     PrepareSettings, Sequence, SourceReport, Split, SplitInfo, TokenizerInfo,
 };
 use crate::data::features::{self, FeatureError};
-use crate::data::regenerate::{self, CacheKey, Outcome, RegenerateError, RegenerationCache, RegenerationProgress, Reply, ReplyError, ReplyRequest};
+use crate::data::regenerate::{
+    self, CacheKey, EngineFactory, FnReplies, Outcome, RegenerateError, RegenerationCache, RegenerationProgress, Reply, ReplyEngine, ReplyError,
+    ReplyRequest, RegenerateSettings, Schedule, TargetReplies,
+};
 use crate::data::sharegpt::{self, ShareGptError};
 use crate::util::progress::{Observer, Progress, Unit};
 
@@ -38,8 +41,11 @@ pub struct PrepareOptions {
     /// The ShareGPT JSON/JSONL file.
     pub data_path: PathBuf,
     pub settings: PrepareSettings,
-    /// Regeneration threads, each with its own KV cache over the shared target.
+    /// Regeneration threads, each with its own engine over the shared target.
     pub workers: usize,
+    /// Conversations each regeneration thread decodes together (their replies share every
+    /// target forward; see `regenerate::DEFAULT_BATCH`).
+    pub batch: usize,
     pub shard_tokens: usize,
     pub out: PathBuf,
     /// Where regeneration and feature extraction report their progress.
@@ -89,6 +95,10 @@ pub type ReplyFn<'a> = dyn Fn(&[u32], &ReplyRequest) -> Result<Reply, ReplyError
 
 /// Runs the pipeline with `target` for regeneration (if asked) and `feature_target` for the
 /// feature cache (if asked; it may be the same target, or one loaded with other weights).
+///
+/// Regeneration decodes `opts.batch` conversations together per worker ([`TargetReplies`]) when
+/// the target's forward is batch-invariant (`q8`, `native`), and one at a time otherwise
+/// (`f32`), so that the replies, and the cache of them, never depend on the batch.
 pub fn prepare(
     tok: &Tokenizer,
     model: &ModelIdentity,
@@ -100,16 +110,16 @@ pub fn prepare(
     // token only in its tokenizer config).
     let eos = crate::model::load::stop_token_ids(target.map(|t| t.config().eos_token_ids.as_slice()).unwrap_or_default(), tok);
     let eos = &eos;
-    let reply = target.map(|t| {
-        move |p: &[u32], r: &ReplyRequest| regenerate::reply_with_target(t, eos, p, r).map_err(ReplyError::from)
-    });
-    match &reply {
-        Some(f) => prepare_with(tok, model, Some(f), feature_target, opts),
-        None => prepare_with(tok, model, None, feature_target, opts),
+    let engines = target.map(|t| move || Box::new(TargetReplies::new(t, eos)) as Box<dyn ReplyEngine + '_>);
+    let batch = if target.is_some_and(|t| t.is_batch_invariant()) { opts.batch } else { 1 };
+    match &engines {
+        Some(f) => prepare_engines(tok, model, Some(f), batch, feature_target, opts),
+        None => prepare_engines(tok, model, None, batch, feature_target, opts),
     }
 }
 
-/// [`prepare`] with any reply generator (tests use a cheap deterministic one).
+/// [`prepare`] with any reply generator (tests use a cheap deterministic one), one reply at a
+/// time per worker.
 pub fn prepare_with(
     tok: &Tokenizer,
     model: &ModelIdentity,
@@ -117,10 +127,37 @@ pub fn prepare_with(
     feature_target: Option<&Target>,
     opts: &PrepareOptions,
 ) -> Result<PrepareReport, PrepareError> {
+    match reply {
+        Some(f) => {
+            let engines = move || Box::new(FnReplies::new(f)) as Box<dyn ReplyEngine + '_>;
+            prepare_engines(tok, model, Some(&engines), opts.batch, feature_target, opts)
+        }
+        None => prepare_engines(tok, model, None, opts.batch, feature_target, opts),
+    }
+}
+
+/// What the regeneration step hands on.
+#[derive(Default)]
+struct Regenerated {
+    regenerated: usize,
+    reused: usize,
+    generated_tokens: usize,
+    seconds: f64,
+}
+
+/// The pipeline, with reply engines from `engines` decoding `batch` conversations together.
+fn prepare_engines(
+    tok: &Tokenizer,
+    model: &ModelIdentity,
+    engines: Option<&EngineFactory<'_>>,
+    batch: usize,
+    feature_target: Option<&Target>,
+    opts: &PrepareOptions,
+) -> Result<PrepareReport, PrepareError> {
     let started = Instant::now();
     let s = &opts.settings;
     validate(s, opts)?;
-    if s.regenerate.is_some() && reply.is_none() {
+    if s.regenerate.is_some() && engines.is_none() {
         return Err(PrepareError::NoGenerator);
     }
     if let Some(fs) = &s.features {
@@ -138,67 +175,15 @@ pub fn prepare_with(
     }
 
     // 1. load and select
-    let loaded = sharegpt::load(&opts.data_path)?;
+    let (mut examples, mut source) = select(opts)?;
     let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
-    let mut source = SourceReport {
-        path: opts.data_path.display().to_string(),
-        loaded: loaded.conversations.len(),
-        truncated_tail: loaded.truncated_tail,
-        skipped_records: loaded.skipped.clone(),
-        ..SourceReport::default()
-    };
-    let mut examples: Vec<ChatExample> = Vec::new();
-    for conv in &loaded.conversations {
-        if sharegpt::is_heldout(conv) {
-            source.heldout_excluded += 1;
-            continue;
-        }
-        if s.max_conversations.is_some_and(|m| examples.len() >= m) {
-            continue;
-        }
-        let (ex, banner) = ChatExample::from_conversation(conv, s.max_turns);
-        source.share_banners_dropped += usize::from(banner);
-        examples.push(ex);
-    }
-    source.selected = examples.len();
-    if examples.is_empty() {
-        return Err(PrepareError::NothingSelected {
-            path: opts.data_path.clone(),
-            why: format!("{} loaded, {} in the benchmark hold-out", source.loaded, source.heldout_excluded),
-        });
-    }
 
     // 2. regenerate
-    let (mut regenerated, mut reused, mut generated_tokens, mut regenerate_seconds) = (0, 0, 0, 0.0);
-    if let (Some(rs), Some(reply)) = (&s.regenerate, reply) {
-        let t0 = Instant::now();
-        let key = CacheKey {
-            model_fingerprint: model.fingerprint.clone(),
-            settings: rs.clone(),
-            max_len: s.max_len,
-            max_turns: s.max_turns,
-        };
-        let mut cache = RegenerationCache::open(&opts.out, &key)?;
-        reused = examples.iter().filter(|ex| cache.get(ex).is_some()).count();
-        let todo = examples.len() - reused;
-        let mut bar = Phase::new(&*opts.progress, todo as u64, "regenerate", Unit::Items);
-        let outcomes =
-            regenerate::regenerate_all(tok, &examples, &mut cache, opts.workers, &mut bar, reply)?;
-        generated_tokens = bar.tokens;
-        bar.finish();
-        let mut kept = Vec::with_capacity(examples.len());
-        for o in outcomes {
-            match o {
-                Outcome::Done(rec) => {
-                    source.regenerated_new_tokens += rec.new_tokens;
-                    kept.push(rec.example());
-                }
-                Outcome::PromptTooLong => *skipped.entry("prompt_exceeds_max_len".into()).or_insert(0) += 1,
-            }
-        }
-        regenerated = kept.len() - reused;
+    let mut regen = Regenerated::default();
+    if let (Some(rs), Some(engines)) = (&s.regenerate, engines) {
+        let (kept, r) = regenerate_step(tok, model, rs, engines, batch, opts, &examples, &mut source, &mut skipped)?;
         examples = kept;
-        regenerate_seconds = t0.elapsed().as_secs_f64();
+        regen = r;
     }
 
     // 3. tokenize
@@ -273,13 +258,85 @@ pub fn prepare_with(
     manifest.write(&opts.out)?;
     Ok(PrepareReport {
         manifest,
-        regenerated,
-        reused,
-        regenerate_seconds,
-        generated_tokens,
+        regenerated: regen.regenerated,
+        reused: regen.reused,
+        regenerate_seconds: regen.seconds,
+        generated_tokens: regen.generated_tokens,
         feature_seconds,
         total_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Step 2: regenerates the replies of `examples` (cached in `opts.out`); returns the
+/// conversations kept, with their new replies.
+#[allow(clippy::too_many_arguments)]
+fn regenerate_step(
+    tok: &Tokenizer,
+    model: &ModelIdentity,
+    rs: &RegenerateSettings,
+    engines: &EngineFactory<'_>,
+    batch: usize,
+    opts: &PrepareOptions,
+    examples: &[ChatExample],
+    source: &mut SourceReport,
+    skipped: &mut BTreeMap<String, usize>,
+) -> Result<(Vec<ChatExample>, Regenerated), PrepareError> {
+    let t0 = Instant::now();
+    let s = &opts.settings;
+    let key = CacheKey { model_fingerprint: model.fingerprint.clone(), settings: rs.clone(), max_len: s.max_len, max_turns: s.max_turns };
+    let mut cache = RegenerationCache::open(&opts.out, &key)?;
+    let reused = examples.iter().filter(|ex| cache.get(ex).is_some()).count();
+    let mut bar = Phase::new(&*opts.progress, (examples.len() - reused) as u64, "regenerate", Unit::Items);
+    let schedule = Schedule { workers: opts.workers, batch };
+    let outcomes = regenerate::regenerate_all(tok, examples, &mut cache, schedule, &mut bar, engines)?;
+    bar.finish();
+    let mut kept = Vec::with_capacity(examples.len());
+    for o in outcomes {
+        match o {
+            Outcome::Done(rec) => {
+                source.regenerated_new_tokens += rec.new_tokens;
+                kept.push(rec.example());
+            }
+            Outcome::PromptTooLong => *skipped.entry("prompt_exceeds_max_len".into()).or_insert(0) += 1,
+        }
+    }
+    let regen = Regenerated { regenerated: kept.len() - reused, reused, generated_tokens: bar.tokens, seconds: t0.elapsed().as_secs_f64() };
+    Ok((kept, regen))
+}
+
+/// Step 1: loads the conversations and selects those to use (none of the hold-out).
+fn select(opts: &PrepareOptions) -> Result<(Vec<ChatExample>, SourceReport), PrepareError> {
+    let s = &opts.settings;
+    let loaded = sharegpt::load(&opts.data_path)?;
+    let mut source = SourceReport {
+        path: opts.data_path.display().to_string(),
+        loaded: loaded.conversations.len(),
+        truncated_tail: loaded.truncated_tail,
+        skipped_records: loaded.skipped.clone(),
+        ..SourceReport::default()
+    };
+    let mut examples: Vec<ChatExample> = Vec::new();
+    for conv in &loaded.conversations {
+        if sharegpt::is_heldout(conv) {
+            source.heldout_excluded += 1;
+            continue;
+        }
+        if s.max_conversations.is_some_and(|m| examples.len() >= m) {
+            continue;
+        }
+        let (ex, banner) = ChatExample::from_conversation(conv, s.max_turns);
+        source.share_banners_dropped += usize::from(banner);
+        examples.push(ex);
+    }
+    source.selected = examples.len();
+    if examples.is_empty() {
+        return Err(PrepareError::NothingSelected {
+            path: opts.data_path.clone(),
+            why: format!("{} loaded, {} in the benchmark hold-out", source.loaded, source.heldout_excluded),
+        });
+    }
+
+    Ok((examples, source))
 }
 
 fn validate(s: &PrepareSettings, opts: &PrepareOptions) -> Result<(), PrepareError> {
@@ -291,6 +348,9 @@ fn validate(s: &PrepareSettings, opts: &PrepareOptions) -> Result<(), PrepareErr
     }
     if s.max_turns == Some(0) {
         return Err(PrepareError::Invalid("--max-turns must be at least 1".into()));
+    }
+    if opts.workers == 0 || opts.batch == 0 {
+        return Err(PrepareError::Invalid(format!("--workers {} and --batch {} must be at least 1", opts.workers, opts.batch)));
     }
     if opts.shard_tokens == 0 {
         return Err(PrepareError::Invalid("shard size must be at least one token".into()));

@@ -16,15 +16,23 @@
 //! past `max_len` are cut from the sequence anyway); a turn whose prompt already fills
 //! `max_len` ends the conversation there.
 //!
-//! Threads: the target decodes batch 1, so [`regenerate_all`] runs `workers` threads over the
-//! shared `&Target` (it is `Sync`), each call with its own KV cache. Measured on the 2-core
-//! development machine (SmolLM2 Q8, 12 ShareGPT conversations, ≤ 96 new tokens, greedy; seven
-//! interleaved pairs, machine shared, load 7–10): 1 worker (candle's 2-thread kernels) 37.6 s
-//! mean, 2 workers (1 kernel thread each) 38.3 s: no difference within the noise, and the same
-//! CPU time per token (~25 ms). The outputs are identical either way. The default is 1 worker;
-//! more pay off on machines with more cores than one decode can use. With several workers each
-//! runs in its own rayon pool of cores/workers threads; the global pool is left alone, so the
-//! stages that follow in the same process (features, training, evaluation) use every core.
+//! Batches: a conversation is a [`ConversationRun`] that asks for one reply at a time, and
+//! [`regenerate_all`] keeps `batch` conversations in flight per worker. Their replies are
+//! decoded together by a [`ReplyEngine`]: [`TargetReplies`] runs one batched target forward
+//! per cycle over every reply in flight (`spec::step_all`); a conversation whose reply
+//! finishes asks for its next turn (or leaves, and the next conversation takes its place)
+//! while the others go on. With batch-invariant weights (q8, native) every reply is bit for
+//! bit the one-at-a-time reply, so the cache key (settings, `GENERATOR`) is unchanged and
+//! caches made either way are interchangeable; `prepare` decodes one at a time with f32.
+//! Decode on CPU is memory-bound, so one forward over 16 rows costs little more than one row;
+//! see `DEFAULT_BATCH` for the measurement.
+//!
+//! Threads: `workers` threads each run their own engine over the shared `&Target` (it is
+//! `Sync`), each in its own rayon pool of cores/workers threads; the global pool is left
+//! alone, so the stages that follow in the same process use every core. Before batching,
+//! measured on the 2-core development machine (SmolLM2 Q8, 12 ShareGPT conversations, ≤ 96
+//! new tokens, greedy; load 7–10), 1 worker took 37.6 s and 2 workers 38.3 s: workers only pay
+//! off with more cores than one decode uses; the batch is what pays off on a small machine.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -36,7 +44,7 @@ use std::sync::mpsc;
 use serde::{Deserialize, Serialize};
 
 use crate::model::Target;
-use crate::spec::{generate, AcceptRule, FinishReason, GenerateConfig, SpecError};
+use crate::spec::{generate, step_all, AcceptRule, FinishReason, GenerateConfig, GenerateOutput, Generation, SpecError};
 use crate::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
 use crate::data::{io_err, write_atomic, ChatExample, DataError};
 use crate::util::fnv1a64;
@@ -162,7 +170,8 @@ pub fn turn_seed(seed: u64, id: &str, turn: usize) -> u64 {
     crate::util::turn_seed(seed, "regenerate", id, turn)
 }
 
-/// Regenerates the assistant turns of `ex` with `reply` (prompt ids, request) -> reply.
+/// Regenerates the assistant turns of `ex` with `reply` (prompt ids, request) -> reply: the
+/// one-conversation driver of [`ConversationRun`] (the batched one is [`regenerate_all`]).
 pub fn regenerate_conversation<F>(
     tok: &Tokenizer,
     ex: &ChatExample,
@@ -173,67 +182,216 @@ pub fn regenerate_conversation<F>(
 where
     F: Fn(&[u32], &ReplyRequest) -> Result<Reply, ReplyError> + ?Sized,
 {
-    let tok_err = |source| RegenerateError::Tokenizer { id: ex.id.clone(), source };
-    let mut messages: Vec<ChatMessage> = Vec::with_capacity(ex.messages.len());
-    let mut closed = Vec::new();
-    let mut new_tokens = 0usize;
-    let mut turn = 0usize;
-    for m in &ex.messages {
-        match m.role.as_str() {
-            "assistant" => {
-                let prompt = tok.encode_chat(&messages, true).map_err(tok_err)?;
-                // A reply needs two tokens inside the window to give an anchor position.
-                if prompt.len() + 2 > max_len {
-                    messages.pop();
-                    break;
-                }
-                let req = ReplyRequest {
-                    max_new_tokens: settings.max_new_tokens.min(max_len - prompt.len()).max(1),
-                    temperature: match settings.mode {
-                        RegenerateMode::Greedy => 0.0,
-                        RegenerateMode::Sample => settings.temperature,
-                    },
-                    top_p: settings.top_p,
-                    seed: turn_seed(settings.seed, &ex.id, turn),
-                };
-                let r = reply(&prompt, &req).map_err(|source| RegenerateError::Generate { id: ex.id.clone(), source })?;
-                new_tokens += r.token_ids.len() + usize::from(r.stopped);
-                let text = tok.decode(&r.token_ids, false).map_err(tok_err)?;
-                messages.push(ChatMessage::assistant(text));
-                closed.push(r.stopped);
-                turn += 1;
+    let mut run = ConversationRun::new(ex, settings, max_len);
+    while let Some((prompt, req)) = run.next_request(tok)? {
+        let r = reply(&prompt, &req).map_err(|source| RegenerateError::Generate { id: ex.id.clone(), source })?;
+        run.give_reply(tok, r)?;
+    }
+    Ok(run.finish())
+}
+
+/// One conversation being regenerated, one reply at a time: [`ConversationRun::next_request`]
+/// says what to generate next, [`ConversationRun::give_reply`] hands the reply back. Splitting
+/// the conversation this way lets [`regenerate_all`] decode the replies of many conversations
+/// in one batch while each conversation's turns stay in order.
+pub struct ConversationRun<'e> {
+    ex: &'e ChatExample,
+    settings: &'e RegenerateSettings,
+    max_len: usize,
+    /// Index of the next source message to look at.
+    next: usize,
+    /// The conversation so far: source user/system turns, regenerated assistant turns.
+    messages: Vec<ChatMessage>,
+    closed: Vec<bool>,
+    new_tokens: usize,
+    /// A prompt filled max_len, or every message was used.
+    ended: bool,
+}
+
+impl<'e> ConversationRun<'e> {
+    pub fn new(ex: &'e ChatExample, settings: &'e RegenerateSettings, max_len: usize) -> Self {
+        let messages = Vec::with_capacity(ex.messages.len());
+        ConversationRun { ex, settings, max_len, next: 0, messages, closed: Vec::new(), new_tokens: 0, ended: false }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.ex.id
+    }
+
+    /// The next reply to generate (prompt ids, request), or None when the conversation is
+    /// complete. Call [`ConversationRun::give_reply`] with the reply before asking again.
+    pub fn next_request(&mut self, tok: &Tokenizer) -> Result<Option<(Vec<u32>, ReplyRequest)>, RegenerateError> {
+        while !self.ended {
+            let Some(m) = self.ex.messages.get(self.next) else { break };
+            self.next += 1;
+            if m.role != "assistant" {
+                self.messages.push(m.clone());
+                continue;
             }
-            _ => messages.push(m.clone()),
+            let prompt = tok.encode_chat(&self.messages, true).map_err(|source| RegenerateError::Tokenizer { id: self.ex.id.clone(), source })?;
+            // A reply needs two tokens inside the window to give an anchor position.
+            if prompt.len() + 2 > self.max_len {
+                self.messages.pop();
+                break;
+            }
+            let s = self.settings;
+            let req = ReplyRequest {
+                max_new_tokens: s.max_new_tokens.min(self.max_len - prompt.len()).max(1),
+                temperature: match s.mode {
+                    RegenerateMode::Greedy => 0.0,
+                    RegenerateMode::Sample => s.temperature,
+                },
+                top_p: s.top_p,
+                seed: turn_seed(s.seed, &self.ex.id, self.closed.len()),
+            };
+            return Ok(Some((prompt, req)));
         }
+        self.ended = true;
+        Ok(None)
     }
-    while messages.last().is_some_and(|m| m.role != "assistant") {
-        messages.pop();
+
+    /// Appends the reply to the request [`ConversationRun::next_request`] returned last.
+    pub fn give_reply(&mut self, tok: &Tokenizer, r: Reply) -> Result<(), RegenerateError> {
+        self.new_tokens += r.token_ids.len() + usize::from(r.stopped);
+        let text = tok.decode(&r.token_ids, false).map_err(|source| RegenerateError::Tokenizer { id: self.ex.id.clone(), source })?;
+        self.messages.push(ChatMessage::assistant(text));
+        self.closed.push(r.stopped);
+        Ok(())
     }
-    if closed.is_empty() {
-        return Ok(Outcome::PromptTooLong);
+
+    /// The conversation up to its last regenerated reply.
+    pub fn finish(mut self) -> Outcome {
+        while self.messages.last().is_some_and(|m| m.role != "assistant") {
+            self.messages.pop();
+        }
+        if self.closed.is_empty() {
+            return Outcome::PromptTooLong;
+        }
+        let ex = self.ex;
+        Outcome::Done(RegeneratedRecord { id: ex.id.clone(), source_hash: source_hash(ex), messages: self.messages, closed: self.closed, new_tokens: self.new_tokens })
     }
-    Ok(Outcome::Done(RegeneratedRecord { id: ex.id.clone(), source_hash: source_hash(ex), messages, closed, new_tokens }))
 }
 
 /// The target's reply through the one decode loop (`spec::driver::generate`, no proposer: plain
-/// autoregressive decoding), stopping at any of `eos_token_ids`.
+/// autoregressive decoding), stopping at any of `eos_token_ids`. [`TargetReplies`] decodes
+/// the same replies several at a time.
 pub fn reply_with_target(target: &Target, eos_token_ids: &[u32], prompt: &[u32], req: &ReplyRequest) -> Result<Reply, SpecError> {
-    let cfg = GenerateConfig {
+    Ok(reply_of(generate(target, None, prompt, &reply_config(eos_token_ids, req))?))
+}
+
+fn reply_config(eos_token_ids: &[u32], req: &ReplyRequest) -> GenerateConfig {
+    GenerateConfig {
         max_new_tokens: req.max_new_tokens,
         temperature: req.temperature,
         top_p: req.top_p,
         seed: req.seed,
         eos_token_ids: eos_token_ids.to_vec(),
         accept_rule: AcceptRule::SampleMatch,
-    };
-    let out = generate(target, None, prompt, &cfg)?;
+    }
+}
+
+/// The reply without its stop token.
+fn reply_of(out: GenerateOutput) -> Reply {
     let stopped = out.finish_reason == FinishReason::Eos;
     let mut token_ids = out.token_ids;
     if stopped {
         token_ids.pop();
     }
-    Ok(Reply { token_ids, stopped })
+    Reply { token_ids, stopped }
 }
+
+/// Decodes replies, possibly several at a time. Replies are named by a caller's `key`.
+pub trait ReplyEngine {
+    /// Starts the reply to `prompt`.
+    fn begin(&mut self, key: usize, prompt: &[u32], req: &ReplyRequest) -> Result<(), ReplyError>;
+    /// Replies started and not yet returned by `step`.
+    fn in_flight(&self) -> usize;
+    /// Advances every reply in flight and returns those that finished (each with its own
+    /// result). An outer error concerns every reply in flight.
+    fn step(&mut self) -> Result<Vec<(usize, Result<Reply, ReplyError>)>, ReplyError>;
+}
+
+/// The target's replies, decoded together: every cycle verifies the last token of each reply
+/// in flight in one batched forward (`spec::step_all`). Each reply is the one
+/// [`reply_with_target`] gives alone, bit for bit when the target is batch-invariant
+/// ([`Target::is_batch_invariant`]; `prepare` decodes one at a time otherwise).
+pub struct TargetReplies<'a> {
+    target: &'a Target,
+    eos_token_ids: &'a [u32],
+    /// (key, its generation)
+    gens: Vec<(usize, Generation<'a>)>,
+}
+
+impl<'a> TargetReplies<'a> {
+    pub fn new(target: &'a Target, eos_token_ids: &'a [u32]) -> Self {
+        TargetReplies { target, eos_token_ids, gens: Vec::new() }
+    }
+}
+
+impl ReplyEngine for TargetReplies<'_> {
+    fn begin(&mut self, key: usize, prompt: &[u32], req: &ReplyRequest) -> Result<(), ReplyError> {
+        let g = Generation::start(self.target, None, prompt, &reply_config(self.eos_token_ids, req))?;
+        self.gens.push((key, g));
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.gens.len()
+    }
+
+    fn step(&mut self) -> Result<Vec<(usize, Result<Reply, ReplyError>)>, ReplyError> {
+        let cycles = {
+            let mut gens: Vec<&mut Generation<'_>> = self.gens.iter_mut().map(|(_, g)| g).collect();
+            step_all(&mut gens)?
+        };
+        let mut done = Vec::new();
+        let mut still = Vec::with_capacity(self.gens.len());
+        for ((key, g), cycle) in std::mem::take(&mut self.gens).into_iter().zip(cycles) {
+            match cycle {
+                Err(e) => done.push((key, Err(e.into()))),
+                Ok(_) if g.is_finished() => done.push((key, Ok(reply_of(g.finish())))),
+                Ok(_) => still.push((key, g)),
+            }
+        }
+        self.gens = still;
+        Ok(done)
+    }
+}
+
+/// A one-reply-at-a-time generator (a closure) as a [`ReplyEngine`]: `begin` generates the
+/// whole reply, the next `step` returns it.
+pub struct FnReplies<'f, F: ?Sized> {
+    reply: &'f F,
+    ready: Vec<(usize, Result<Reply, ReplyError>)>,
+}
+
+impl<'f, F: ?Sized> FnReplies<'f, F> {
+    pub fn new(reply: &'f F) -> Self {
+        FnReplies { reply, ready: Vec::new() }
+    }
+}
+
+impl<F> ReplyEngine for FnReplies<'_, F>
+where
+    F: Fn(&[u32], &ReplyRequest) -> Result<Reply, ReplyError> + ?Sized,
+{
+    fn begin(&mut self, key: usize, prompt: &[u32], req: &ReplyRequest) -> Result<(), ReplyError> {
+        let r = (self.reply)(prompt, req);
+        self.ready.push((key, r));
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ready.len()
+    }
+
+    fn step(&mut self) -> Result<Vec<(usize, Result<Reply, ReplyError>)>, ReplyError> {
+        Ok(std::mem::take(&mut self.ready))
+    }
+}
+
+/// Makes one [`ReplyEngine`] per regeneration worker.
+pub type EngineFactory<'a> = dyn Fn() -> Box<dyn ReplyEngine + 'a> + Sync + 'a;
 
 // ---------------------------------------------------------------------------------------------
 // The on-disk cache
@@ -370,21 +528,37 @@ impl RegenerationProgress for () {
     fn conversation_done(&mut self, _new_tokens: usize) {}
 }
 
-/// Regenerates every example not yet in `cache` with `workers` threads sharing `reply` (each
-/// call has its own KV cache), with the cache's settings and max_len, appending each finished
-/// conversation to the cache as it comes. Returns one outcome per example, in example order.
-/// The first error stops the workers; what finished before it stays cached.
-pub fn regenerate_all<F>(
+/// How many conversations one regeneration worker decodes together by default (`--batch`).
+/// Measured on the 2-core development machine with SmolLM2 Q8 (see the module doc): the
+/// throughput grows up to 16, where one weight tile of `qgemm` holds 16 rows.
+pub const DEFAULT_BATCH: usize = 16;
+
+/// How [`regenerate_all`] schedules its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// Threads, each with its own engine (and its own pool of cores/workers kernel threads).
+    pub workers: usize,
+    /// Conversations each worker keeps in flight, their replies decoded together.
+    pub batch: usize,
+}
+
+/// What a worker sends back: (example index, its outcome).
+type Done = (usize, Result<Outcome, RegenerateError>);
+
+/// Regenerates every example not yet in `cache`, with the cache's settings and max_len:
+/// `schedule.workers` threads, each with its own engine from `engines`, each keeping up to
+/// `schedule.batch` conversations in flight. Each finished conversation is appended to the
+/// cache as it comes. Returns one outcome per example, in example order; no outcome depends
+/// on the schedule (given a batch-invariant engine). The first error stops the workers; what
+/// finished before it stays cached.
+pub fn regenerate_all(
     tok: &Tokenizer,
     examples: &[ChatExample],
     cache: &mut RegenerationCache,
-    workers: usize,
+    schedule: Schedule,
     progress: &mut dyn RegenerationProgress,
-    reply: &F,
-) -> Result<Vec<Outcome>, RegenerateError>
-where
-    F: Fn(&[u32], &ReplyRequest) -> Result<Reply, ReplyError> + Sync + ?Sized,
-{
+    engines: &EngineFactory<'_>,
+) -> Result<Vec<Outcome>, RegenerateError> {
     // Owned copies: `cache` is appended to while the workers read these.
     let (settings, max_len) = (cache.key.settings.clone(), cache.key.max_len);
     let settings = &settings;
@@ -392,10 +566,10 @@ where
     let todo: Vec<usize> = (0..examples.len()).filter(|&i| outcomes[i].is_none()).collect();
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
-    let (tx, rx) = mpsc::channel::<(usize, Result<Outcome, RegenerateError>)>();
+    let (tx, rx) = mpsc::channel::<Done>();
     let result = std::thread::scope(|scope| -> Result<(), RegenerateError> {
         let mut handles = Vec::new();
-        let n_workers = workers.max(1).min(todo.len().max(1));
+        let n_workers = schedule.workers.max(1).min(todo.len().max(1));
         // Several workers: each runs its kernels in its own pool of cores/workers threads, so
         // that they do not spin against each other, and the process's global pool (used by
         // whatever runs after the regeneration) keeps every core.
@@ -403,18 +577,9 @@ where
         let per_worker = (cores / n_workers).max(1);
         for _ in 0..n_workers {
             let tx = tx.clone();
-            let (todo, next, stop) = (&todo, &next, &stop);
+            let worker = Worker { tok, examples, todo: &todo, next: &next, stop: &stop, settings, max_len, batch: schedule.batch.max(1) };
             handles.push(scope.spawn(move || {
-                let work = move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        let k = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&i) = todo.get(k) else { break };
-                        let r = regenerate_conversation(tok, &examples[i], settings, max_len, reply);
-                        if tx.send((i, r)).is_err() {
-                            break;
-                        }
-                    }
-                };
+                let work = move || worker.run(engines().as_mut(), &tx);
                 let pool = (n_workers > 1).then(|| rayon::ThreadPoolBuilder::new().num_threads(per_worker).build().ok()).flatten();
                 match pool {
                     Some(pool) => pool.install(work),
@@ -423,29 +588,7 @@ where
             }));
         }
         drop(tx);
-        let mut first_err = None;
-        for (i, r) in rx {
-            match r {
-                Ok(o) => {
-                    if let Outcome::Done(rec) = &o {
-                        progress.conversation_done(rec.new_tokens);
-                        if first_err.is_none() {
-                            if let Err(e) = cache.append(rec.clone()) {
-                                stop.store(true, Ordering::Relaxed);
-                                first_err = Some(e);
-                            }
-                        }
-                    } else {
-                        progress.conversation_done(0);
-                    }
-                    outcomes[i] = Some(o);
-                }
-                Err(e) => {
-                    stop.store(true, Ordering::Relaxed);
-                    first_err.get_or_insert(e);
-                }
-            }
-        }
+        let first_err = collect(rx, cache, &stop, progress, &mut outcomes);
         for h in handles {
             h.join().map_err(|_| RegenerateError::WorkerPanicked)?;
         }
@@ -453,4 +596,114 @@ where
     });
     result?;
     outcomes.into_iter().map(|o| o.ok_or(RegenerateError::WorkerPanicked)).collect()
+}
+
+/// On the calling thread: stores each outcome, appends finished conversations to the cache,
+/// reports progress; returns the first error (after which the workers are told to stop).
+fn collect(
+    rx: mpsc::Receiver<Done>,
+    cache: &mut RegenerationCache,
+    stop: &AtomicBool,
+    progress: &mut dyn RegenerationProgress,
+    outcomes: &mut [Option<Outcome>],
+) -> Option<RegenerateError> {
+    let mut first_err = None;
+    for (i, r) in rx {
+        match r {
+            Ok(o) => {
+                if let Outcome::Done(rec) = &o {
+                    progress.conversation_done(rec.new_tokens);
+                    if first_err.is_none() {
+                        if let Err(e) = cache.append(rec.clone()) {
+                            stop.store(true, Ordering::Relaxed);
+                            first_err = Some(e);
+                        }
+                    }
+                } else {
+                    progress.conversation_done(0);
+                }
+                outcomes[i] = Some(o);
+            }
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err
+}
+
+/// One regeneration thread: takes conversations from the shared queue and keeps up to `batch`
+/// of them in flight in its engine.
+struct Worker<'w> {
+    tok: &'w Tokenizer,
+    examples: &'w [ChatExample],
+    todo: &'w [usize],
+    next: &'w AtomicUsize,
+    stop: &'w AtomicBool,
+    settings: &'w RegenerateSettings,
+    max_len: usize,
+    batch: usize,
+}
+
+impl<'w> Worker<'w> {
+    fn run(&self, engine: &mut dyn ReplyEngine, tx: &mpsc::Sender<Done>) {
+        // Conversations whose reply is in flight, by example index.
+        let mut runs: HashMap<usize, ConversationRun<'w>> = HashMap::new();
+        while !self.stop.load(Ordering::Relaxed) {
+            // 1. fill the batch from the queue
+            while runs.len() < self.batch {
+                let k = self.next.fetch_add(1, Ordering::Relaxed);
+                let Some(&i) = self.todo.get(k) else { break };
+                let run = ConversationRun::new(&self.examples[i], self.settings, self.max_len);
+                if let Some(run) = self.advance(i, run, engine, tx) {
+                    runs.insert(i, run);
+                }
+            }
+            if runs.is_empty() {
+                break;
+            }
+            // 2. one cycle of every reply in flight; finished replies move their conversation on
+            let finished = match engine.step() {
+                Ok(f) => f,
+                Err(source) => {
+                    let i = runs.keys().copied().min().unwrap_or(0);
+                    let _ = tx.send((i, Err(RegenerateError::Generate { id: self.examples[i].id.clone(), source })));
+                    return;
+                }
+            };
+            for (i, reply) in finished {
+                let Some(mut run) = runs.remove(&i) else { continue };
+                let next = match reply {
+                    Ok(r) => run.give_reply(self.tok, r).map(|_| run),
+                    Err(source) => Err(RegenerateError::Generate { id: run.id().to_string(), source }),
+                };
+                match next {
+                    Ok(run) => {
+                        if let Some(run) = self.advance(i, run, engine, tx) {
+                            runs.insert(i, run);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send((i, Err(e)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts conversation `i`'s next reply in the engine and gives the run back, or sends its
+    /// outcome (complete, or failed) and gives nothing back.
+    fn advance(&self, i: usize, mut run: ConversationRun<'w>, engine: &mut dyn ReplyEngine, tx: &mpsc::Sender<Done>) -> Option<ConversationRun<'w>> {
+        let r = match run.next_request(self.tok) {
+            Ok(Some((prompt, req))) => match engine.begin(i, &prompt, &req) {
+                Ok(()) => return Some(run),
+                Err(source) => Err(RegenerateError::Generate { id: run.id().to_string(), source }),
+            },
+            Ok(None) => Ok(run.finish()),
+            Err(e) => Err(e),
+        };
+        let _ = tx.send((i, r));
+        None
+    }
 }

@@ -191,6 +191,16 @@ impl Target {
         KvCache::new(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim)
     }
 
+    /// Whether [`Target::forward_batch`] gives every item exactly its lone forward's bits: every
+    /// linear is batch-invariant (q8, and native on quantized GGUF tensors; not f32).
+    pub fn is_batch_invariant(&self) -> bool {
+        self.lm_head.is_batch_invariant()
+            && self.layers.iter().all(|l| {
+                let a = &l.attn;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate, &l.mlp.up, &l.mlp.down].iter().all(|w| w.is_batch_invariant())
+            })
+    }
+
     /// The final RMSNorm weight (hidden), applied before the LM head.
     pub fn final_norm_weight(&self) -> &Tensor {
         &self.norm.weight

@@ -51,6 +51,13 @@ impl Linear {
         self.out_features
     }
 
+    /// Whether row r of an m-row `forward` is bit-identical to a one-row call on that row:
+    /// true for `qgemm` blocks and candle's `QMatMul` (both quantize and reduce each row on its
+    /// own), false for f32 weights (candle's gemm tiles by the row count).
+    pub fn is_batch_invariant(&self) -> bool {
+        !matches!(self.weight, LinearWeight::F32(_) | LinearWeight::Quant(QMatMul::Tensor(_) | QMatMul::TensorF16(_)))
+    }
+
     /// x: (n, in) -> (n, out)
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {

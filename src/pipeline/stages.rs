@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::assets::{self, AssetError};
 use crate::data::prepare::{PrepareError, PrepareOptions, PrepareReport, DEFAULT_MAX_LEN, DEFAULT_SHARD_TOKENS};
-use crate::data::regenerate::{RegenerateMode, RegenerateSettings, GENERATOR};
+use crate::data::regenerate::{RegenerateMode, RegenerateSettings, DEFAULT_BATCH, GENERATOR};
 use crate::data::{FeatureDtype, FeatureSettings, ModelIdentity, PrepareSettings};
 use crate::drafter::{AnyDrafter, DFlashInitConfig, DrafterError, DrafterInit, DrafterKind};
 use crate::eval::datasets::{self, Benchmark, BenchmarkName};
@@ -80,6 +80,8 @@ pub struct PreparePlan {
     pub top_p: f32,
     pub max_new_tokens: usize,
     pub workers: usize,
+    /// Conversations each regeneration worker decodes together.
+    pub batch: usize,
     /// Weights for regeneration.
     pub weights: WeightsMode,
     /// Cache the target's hidden states after these layers.
@@ -110,6 +112,7 @@ impl PreparePlan {
             top_p: 1.0,
             max_new_tokens: Self::DEFAULT_MAX_NEW_TOKENS,
             workers: 1,
+            batch: DEFAULT_BATCH,
             weights: WeightsMode::Q8,
             features: None,
             feature_dtype: FeatureDtype::F16,
@@ -157,6 +160,9 @@ pub fn prepare(plan: &PreparePlan, progress: Observer) -> Result<PrepareReport, 
     if plan.workers == 0 {
         return Err(StageError::Invalid("--workers must be at least 1".into()));
     }
+    if plan.batch == 0 {
+        return Err(StageError::Invalid("--batch must be at least 1".into()));
+    }
     let data_path = if plan.data == "sharegpt" {
         assets::file(&assets::SHAREGPT, assets::SHAREGPT_JSON)
             .map_err(|source| StageError::Asset { what: "fetching the ShareGPT data (`specauf fetch --all`)".into(), source })?
@@ -195,8 +201,19 @@ pub fn prepare(plan: &PreparePlan, progress: Observer) -> Result<PrepareReport, 
     ));
     if let Some(r) = &settings.regenerate {
         progress.note(&format!(
-            "prepare: regenerating replies ({:?}, T {}, top-p {}, ≤ {} new tokens, {} worker(s), {} weights)",
-            r.mode, r.temperature, r.top_p, r.max_new_tokens, plan.workers, plan.weights
+            "prepare: regenerating replies ({:?}, T {}, top-p {}, ≤ {} new tokens, {} worker(s) × batch {}{}, {} weights)",
+            r.mode,
+            r.temperature,
+            r.top_p,
+            r.max_new_tokens,
+            plan.workers,
+            plan.batch,
+            if gen_model.as_ref().is_some_and(|m| !m.target.is_batch_invariant()) {
+                " (these weights are not batch-invariant: decoding one at a time)"
+            } else {
+                ""
+            },
+            plan.weights
         ));
     }
     if let Some(f) = &settings.features {
@@ -208,7 +225,7 @@ pub fn prepare(plan: &PreparePlan, progress: Observer) -> Result<PrepareReport, 
             f.dtype
         ));
     }
-    let opts = PrepareOptions { data_path, settings, workers: plan.workers, shard_tokens: plan.shard_tokens, out: plan.out.clone(), progress };
+    let opts = PrepareOptions { data_path, settings, workers: plan.workers, batch: plan.batch, shard_tokens: plan.shard_tokens, out: plan.out.clone(), progress };
     crate::data::prepare::prepare(tok, &identity, gen_model.as_ref().map(|m| &m.target), feature_model.map(|m| &m.target), &opts)
         .map_err(|source| StageError::Prepare { path: plan.out.clone(), source })
 }
