@@ -157,3 +157,31 @@ fn a_bad_item_fails_the_batch_before_any_cache_moves() {
     assert_eq!((good.len(), bad.len()), (3, 0));
     assert!(target.forward_batch(&mut []).unwrap().is_empty());
 }
+
+#[test]
+fn a_wide_batch_attends_its_items_in_parallel_and_still_matches_each_lone_forward() {
+    // 16 sequences at context ~300: enough attention work for forward_batch to attend the items
+    // on several threads.
+    let m = load_model("smollm2", WeightsMode::Q8).expect("load the embedded default");
+    let target = &m.target;
+    let prompt: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 1000) % 49152).collect();
+    let mut base = target.new_cache();
+    target.forward(&prompt, &mut base, &[], Logits::None).unwrap();
+    let mut batched: Vec<KvCache> = (0..16).map(|i| {
+        let mut c = base.clone();
+        c.truncate(300 - i);
+        c
+    }).collect();
+    let mut alone = batched.clone();
+    let tokens: Vec<[u32; 1]> = (0..16u32).map(|i| [i * 1000 + 17]).collect();
+    let mut items: Vec<BatchItem> = batched
+        .iter_mut()
+        .zip(&tokens)
+        .map(|(cache, t)| BatchItem { tokens: t, cache, taps: &[], logits: Logits::Last })
+        .collect();
+    let got = target.forward_batch(&mut items).unwrap();
+    for (i, (cache, t)) in alone.iter_mut().zip(&tokens).enumerate() {
+        let want = target.forward(t, cache, &[], Logits::Last).unwrap();
+        assert_eq!(bits(got[i].logits.as_ref().unwrap()), bits(want.logits.as_ref().unwrap()), "item {i}");
+    }
+}

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use anyhow::Context;
-use specauf::model::{load_model, Logits, WeightsMode};
+use specauf::model::{load_model, BatchItem, Logits, WeightsMode};
 
 use super::util::{median, mib, ms, peak_rss_bytes, reset_peak_rss};
 
@@ -67,6 +67,10 @@ struct DecodeArgs {
     /// Decode steps per run.
     #[arg(long, default_value_t = 32)]
     steps: usize,
+    /// Batch sizes of the batched-decode rows: one step decodes one token of each of B
+    /// sequences (each with its own cache at --context) in one forward.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]
+    batches: Vec<usize>,
     /// Print one JSON object per mode instead of a table.
     #[arg(long)]
     json: bool,
@@ -80,8 +84,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {
-    if a.runs == 0 || a.context == 0 || a.verify == 0 || a.steps == 0 {
-        anyhow::bail!("--runs, --context, --verify and --steps must be at least 1");
+    if a.runs == 0 || a.context == 0 || a.verify == 0 || a.steps == 0 || a.batches.contains(&0) {
+        anyhow::bail!("--runs, --context, --verify, --steps and every --batches value must be at least 1");
     }
     eprintln!(
         "bench decode: model {}, {} runs, prefill {} tokens, {} decode steps and a {}-token verify at context {}, {} threads",
@@ -97,6 +101,8 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         println!("| weights | load s | prefill tok/s | decode tok/s | decode ms/step | verify {} ms | verify ÷ decode step | peak RSS MiB |", a.verify);
         println!("|---|---|---|---|---|---|---|---|");
     }
+    // (mode, B, median ms per batched step), printed after the main table.
+    let mut batched_rows = Vec::new();
     for mode in &a.weights {
         reset_peak_rss();
         let t = Instant::now();
@@ -133,12 +139,15 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         }
         let (prefill, step, verify) = (median(&mut prefill), median(&mut step), median(&mut verify));
         let peak = peak_rss_bytes().map(mib).unwrap_or(f64::NAN);
+        let batched = batched_decode(target, &prompt, &block, &a)?;
         if a.json {
+            let rows: Vec<_> = batched.iter().map(|&(b, ms)| serde_json::json!({"batch": b, "step_ms": ms, "tokens_per_s": b as f64 * 1e3 / ms})).collect();
             println!(
                 "{}",
                 serde_json::json!({"weights": mode, "load_s": load_s, "prefill_tokens_per_s": prefill,
                     "decode_tokens_per_s": 1e3 / step, "decode_ms": step, "verify_tokens": a.verify,
-                    "verify_ms": verify, "verify_over_decode": verify / step, "peak_rss_mib": peak})
+                    "verify_ms": verify, "verify_over_decode": verify / step, "peak_rss_mib": peak,
+                    "batched_decode": rows})
             );
         } else {
             println!(
@@ -147,9 +156,52 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
                 verify / step
             );
         }
+        batched_rows.extend(batched.into_iter().map(|(b, ms)| (*mode, b, ms)));
         drop(m);
     }
+    if !a.json {
+        println!("\nBatched decode (one step: one token of each of B sequences at context {}, one forward_batch):\n", a.context);
+        println!("| weights | B | ms/step | tokens/s | tokens/s ÷ B=1 |");
+        println!("|---|---|---|---|---|");
+        for &(mode, b, step_ms) in &batched_rows {
+            let one = batched_rows.iter().find(|r| r.0 == mode && r.1 == 1).map(|r| 1e3 / r.2);
+            let rate = b as f64 * 1e3 / step_ms;
+            let ratio = one.map_or("-".to_string(), |o| format!("{:.2}", rate / o));
+            println!("| {mode:?} | {b} | {step_ms:.2} | {rate:.1} | {ratio} |");
+        }
+    }
     Ok(())
+}
+
+/// Median ms of one batched decode step for each B in `a.batches`: B caches prefilled with
+/// `prompt`, each step one token per sequence through one `forward_batch` (last logits).
+fn batched_decode(target: &specauf::model::Target, prompt: &[u32], block: &[u32], a: &DecodeArgs) -> anyhow::Result<Vec<(usize, f64)>> {
+    let mut prefilled = target.new_cache();
+    target.forward(prompt, &mut prefilled, &[], Logits::None)?;
+    let mut rows = Vec::new();
+    for &b in &a.batches {
+        let mut caches: Vec<_> = (0..b).map(|_| prefilled.clone()).collect();
+        let mut steps = Vec::new();
+        // The first step is a warm-up (cache growth, page faults).
+        for s in 0..=a.steps {
+            let tokens: Vec<[u32; 1]> = (0..b).map(|i| [block[(s + i) % block.len()]]).collect();
+            let mut items: Vec<BatchItem> = caches
+                .iter_mut()
+                .zip(&tokens)
+                .map(|(cache, t)| {
+                    cache.truncate(a.context);
+                    BatchItem { tokens: t, cache, taps: &[], logits: Logits::Last }
+                })
+                .collect();
+            let t = Instant::now();
+            target.forward_batch(&mut items)?;
+            if s > 0 {
+                steps.push(ms(t.elapsed()));
+            }
+        }
+        rows.push((b, median(&mut steps)));
+    }
+    Ok(rows)
 }
 
 fn train_bench(a: TrainBenchArgs) -> anyhow::Result<()> {

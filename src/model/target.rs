@@ -8,6 +8,7 @@
 //! softmax) are fine here; training paths use `crate::nn::ops`.
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use super::config::TargetConfig;
 use super::attention::causal_attention;
@@ -367,6 +368,10 @@ pub struct BatchItem<'a> {
     pub logits: Logits,
 }
 
+/// Below this many attention multiply-adds (all items of a layer together) the items of a
+/// batch are attended one after the other on the calling thread.
+const PARALLEL_ITEMS_MIN_WORK: usize = 1 << 20;
+
 /// Where an item's rows sit in the batch: rows row..row+n, positions start..start+n.
 #[derive(Debug, Clone, Copy)]
 struct Span {
@@ -414,15 +419,28 @@ impl Attention {
         let q = rot(q)?;
         let k = rot(k)?;
         let v = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        // 4. per item: append its rows to its cache, attend over each query's causal prefix
-        let mut out = Vec::with_capacity(n * nh * hd);
+        // 4. per item: append its rows to its cache, then attend over each query's causal
+        //    prefix in that item's cache. Items are independent and each is computed the same
+        //    way on any thread, so running several items in parallel changes no bit; it pays
+        //    when the batch holds many sequences (decode attention of one item is too small to
+        //    split, and `causal_attention` keeps it on one thread).
         for (item, s) in items.iter_mut().zip(spans) {
-            let (qa, kva) = (s.row * nh * hd, s.row * nkv * hd);
-            let (qb, kvb) = (qa + s.n * nh * hd, kva + s.n * nkv * hd);
+            let kva = s.row * nkv * hd;
+            let kvb = kva + s.n * nkv * hd;
             item.cache.write(idx, &k[kva..kvb], &v[kva..kvb], s.n);
-            let cache = &*item.cache;
-            out.extend(causal_attention(&q[qa..qb], cache.layer(idx), s.n, s.start, nh, nkv, hd, cache.capacity()));
         }
+        let attend = |(item, s): (&BatchItem<'_>, &Span)| {
+            let qa = s.row * nh * hd;
+            let cache = &*item.cache;
+            causal_attention(&q[qa..qa + s.n * nh * hd], cache.layer(idx), s.n, s.start, nh, nkv, hd, cache.capacity())
+        };
+        let work: usize = spans.iter().map(|s| s.n * nh * (s.start + s.n) * hd).sum();
+        let parts: Vec<Vec<f32>> = if items.len() > 1 && work >= PARALLEL_ITEMS_MIN_WORK {
+            items.par_iter().zip(spans.par_iter()).map(attend).collect()
+        } else {
+            items.iter().zip(spans).map(attend).collect()
+        };
+        let out = parts.concat();
         // 5. (Σn, heads·hd) -> (Σn, H)
         self.o_proj.forward(&Tensor::from_vec(out, (n, nh * hd), &Device::Cpu)?)
     }
