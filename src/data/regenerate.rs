@@ -24,8 +24,8 @@
 //! while the others go on. With batch-invariant weights (q8, native) every reply is bit for
 //! bit the one-at-a-time reply, so the cache key (settings, `GENERATOR`) is unchanged and
 //! caches made either way are interchangeable; `prepare` decodes one at a time with f32.
-//! Decode on CPU is memory-bound, so one forward over 16 rows costs little more than one row;
-//! see `DEFAULT_BATCH` for the measurement.
+//! Decode on CPU is mostly memory-bound, so one forward over 16 rows costs a few rows' time;
+//! see `DEFAULT_BATCH` for the measurements.
 //!
 //! Threads: `workers` threads each run their own engine over the shared `&Target` (it is
 //! `Sync`), each in its own rayon pool of cores/workers threads; the global pool is left
@@ -529,8 +529,17 @@ impl RegenerationProgress for () {
 }
 
 /// How many conversations one regeneration worker decodes together by default (`--batch`).
-/// Measured on the 2-core development machine with SmolLM2 Q8 (see the module doc): the
-/// throughput grows up to 16, where one weight tile of `qgemm` holds 16 rows.
+///
+/// Measured on the shared 2-core development machine (AMD EPYC, AVX-512 VNNI; load 2–5 from
+/// other jobs), SmolLM2 Q8, `prepare --data sharegpt --max-conversations 32 --regenerate
+/// greedy --max-new-tokens 96 --max-len 320` (25 conversations regenerated, 2155 new tokens),
+/// medians of 3 interleaved runs, new tokens/s: before batching 74.9; batch 1 74.9; batch 4
+/// 141.5; batch 16 182.0 (2.4×). A later, quieter series: batch 8 201, 16 217, 32 200. The
+/// replies, shards and cache key were identical in every run. Batch 16 is also where one
+/// `qgemm` weight tile serves all rows (`MAX_ROWS`), and `bench decode` measures one
+/// 16-sequence step at 4.8–5.0× the tokens/s of one sequence; what keeps regeneration below
+/// that is the prefill of each new turn (compute-bound, not shared) and the last replies of
+/// a run, which decode in a thinning batch.
 pub const DEFAULT_BATCH: usize = 16;
 
 /// How [`regenerate_all`] schedules its work.
