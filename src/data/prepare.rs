@@ -119,6 +119,75 @@ pub fn prepare_with(
 ) -> Result<PrepareReport, PrepareError> {
     let started = Instant::now();
     let s = &opts.settings;
+    // 0. Every setting is refused before the output folder is touched; then the old manifest goes.
+    check_inputs(s, opts, reply, feature_target)?;
+    clear_manifest(&opts.out)?;
+
+    // 1. load and select
+    let mut sel = select(s, opts)?;
+
+    // 2. regenerate (the examples become the regenerated ones)
+    let regen = match (&s.regenerate, reply) {
+        (Some(rs), Some(reply)) => regenerate_selected(tok, model, rs, reply, opts, &mut sel)?,
+        _ => Regeneration::default(),
+    };
+
+    // 3. tokenize: split → [(conversation id, sequence)]
+    let by_split = tokenize_selected(tok, &sel.examples, s, &mut sel.skipped)?;
+
+    // 4. token shards; `groups`: split → per shard, the indices of its sequences in `by_split`
+    let tokenizer = TokenizerInfo::of(tok);
+    let settings_hash = data::settings_hash(model, &tokenizer, s);
+    let mut keep_files = Vec::new();
+    let (splits, groups) = write_token_shards(&by_split, &settings_hash, opts, &mut keep_files)?;
+
+    // 5. features
+    let mut feature_seconds = 0.0;
+    let features = match (&s.features, feature_target) {
+        (Some(fs), Some(target)) => {
+            let t0 = Instant::now();
+            let info = write_features(target, fs, &by_split, &groups, &settings_hash, opts, &mut keep_files)?;
+            feature_seconds = t0.elapsed().as_secs_f64();
+            Some(info)
+        }
+        _ => None,
+    };
+    remove_other_shards(&opts.out, &keep_files)?;
+
+    // 6. manifest
+    let manifest = Manifest {
+        format: data::MANIFEST_FORMAT.to_string(),
+        version: data::MANIFEST_VERSION,
+        created_by: format!("specauf {}", crate::version()),
+        model: model.clone(),
+        tokenizer,
+        settings: s.clone(),
+        settings_hash,
+        source: sel.source,
+        skipped: sel.skipped,
+        splits,
+        features,
+    };
+    manifest.write(&opts.out)?;
+    Ok(PrepareReport {
+        manifest,
+        regenerated: regen.regenerated,
+        reused: regen.reused,
+        regenerate_seconds: regen.seconds,
+        generated_tokens: regen.generated_tokens,
+        feature_seconds,
+        total_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The settings, and the inputs they ask for. A bad layer id is caught here, not after an hour
+/// of regeneration.
+fn check_inputs(
+    s: &PrepareSettings,
+    opts: &PrepareOptions,
+    reply: Option<&ReplyFn<'_>>,
+    feature_target: Option<&Target>,
+) -> Result<(), PrepareError> {
     validate(s, opts)?;
     if s.regenerate.is_some() && reply.is_none() {
         return Err(PrepareError::NoGenerator);
@@ -131,15 +200,32 @@ pub fn prepare_with(
             return Err(ModelError::LayerOutOfRange { layer: bad, layers }.into());
         }
     }
-    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
-    let manifest_path = opts.out.join(data::MANIFEST_FILE);
+    Ok(())
+}
+
+/// Creates `out` and removes its manifest, so that a run that fails half way never leaves a
+/// manifest that describes files it overwrote.
+fn clear_manifest(out: &Path) -> Result<(), PrepareError> {
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let manifest_path = out.join(data::MANIFEST_FILE);
     if manifest_path.exists() {
         std::fs::remove_file(&manifest_path).map_err(io_err(&manifest_path))?;
     }
+    Ok(())
+}
 
-    // 1. load and select
+/// The conversations a run uses, what became of the others, and the manifest's skip counts
+/// (reason → conversations), which the later phases add to.
+struct Selected {
+    source: SourceReport,
+    examples: Vec<ChatExample>,
+    skipped: BTreeMap<String, usize>,
+}
+
+/// Phase 1: the first `max_conversations` conversations outside the hold-out, in file order,
+/// cut to `max_turns` exchanges and without share-site banners.
+fn select(s: &PrepareSettings, opts: &PrepareOptions) -> Result<Selected, PrepareError> {
     let loaded = sharegpt::load(&opts.data_path)?;
-    let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
     let mut source = SourceReport {
         path: opts.data_path.display().to_string(),
         loaded: loaded.conversations.len(),
@@ -167,45 +253,73 @@ pub fn prepare_with(
             why: format!("{} loaded, {} in the benchmark hold-out", source.loaded, source.heldout_excluded),
         });
     }
+    Ok(Selected { source, examples, skipped: BTreeMap::new() })
+}
 
-    // 2. regenerate
-    let (mut regenerated, mut reused, mut generated_tokens, mut regenerate_seconds) = (0, 0, 0, 0.0);
-    if let (Some(rs), Some(reply)) = (&s.regenerate, reply) {
-        let t0 = Instant::now();
-        let key = CacheKey {
-            model_fingerprint: model.fingerprint.clone(),
-            settings: rs.clone(),
-            max_len: s.max_len,
-            max_turns: s.max_turns,
-        };
-        let mut cache = RegenerationCache::open(&opts.out, &key)?;
-        reused = examples.iter().filter(|ex| cache.get(ex).is_some()).count();
-        let todo = examples.len() - reused;
-        let mut bar = Phase::new(&*opts.progress, todo as u64, "regenerate", Unit::Items);
-        let outcomes =
-            regenerate::regenerate_all(tok, &examples, &mut cache, opts.workers, &mut bar, reply)?;
-        generated_tokens = bar.tokens;
-        bar.finish();
-        let mut kept = Vec::with_capacity(examples.len());
-        for o in outcomes {
-            match o {
-                Outcome::Done(rec) => {
-                    source.regenerated_new_tokens += rec.new_tokens;
-                    kept.push(rec.example());
-                }
-                Outcome::PromptTooLong => *skipped.entry("prompt_exceeds_max_len".into()).or_insert(0) += 1,
+/// What phase 2 did, for the report.
+#[derive(Default)]
+struct Regeneration {
+    /// Conversations regenerated in this run, and reused from the cache.
+    regenerated: usize,
+    reused: usize,
+    /// New tokens generated in this run.
+    generated_tokens: usize,
+    seconds: f64,
+}
+
+/// Phase 2: regenerates every selected conversation not yet in the cache of `opts.out` and
+/// replaces the examples by the regenerated ones; a prompt longer than `max_len` drops its
+/// conversation (counted in `sel.skipped`).
+fn regenerate_selected(
+    tok: &Tokenizer,
+    model: &ModelIdentity,
+    rs: &regenerate::RegenerateSettings,
+    reply: &ReplyFn<'_>,
+    opts: &PrepareOptions,
+    sel: &mut Selected,
+) -> Result<Regeneration, PrepareError> {
+    let s = &opts.settings;
+    let t0 = Instant::now();
+    let key = CacheKey {
+        model_fingerprint: model.fingerprint.clone(),
+        settings: rs.clone(),
+        max_len: s.max_len,
+        max_turns: s.max_turns,
+    };
+    let mut cache = RegenerationCache::open(&opts.out, &key)?;
+    let reused = sel.examples.iter().filter(|ex| cache.get(ex).is_some()).count();
+    let todo = sel.examples.len() - reused;
+    let mut bar = Phase::new(&*opts.progress, todo as u64, "regenerate", Unit::Items);
+    let outcomes = regenerate::regenerate_all(tok, &sel.examples, &mut cache, opts.workers, &mut bar, reply)?;
+    let generated_tokens = bar.tokens;
+    bar.finish();
+    let mut kept = Vec::with_capacity(sel.examples.len());
+    for o in outcomes {
+        match o {
+            Outcome::Done(rec) => {
+                sel.source.regenerated_new_tokens += rec.new_tokens;
+                kept.push(rec.example());
             }
+            Outcome::PromptTooLong => *sel.skipped.entry("prompt_exceeds_max_len".into()).or_insert(0) += 1,
         }
-        regenerated = kept.len() - reused;
-        examples = kept;
-        regenerate_seconds = t0.elapsed().as_secs_f64();
     }
+    let regenerated = kept.len() - reused;
+    sel.examples = kept;
+    Ok(Regeneration { regenerated, reused, generated_tokens, seconds: t0.elapsed().as_secs_f64() })
+}
 
-    // 3. tokenize
+/// Phase 3: each example as a masked sequence, in the split its id falls in (both splits present,
+/// maybe empty); examples that do not tokenize are counted in `skipped` by reason.
+fn tokenize_selected(
+    tok: &Tokenizer,
+    examples: &[ChatExample],
+    s: &PrepareSettings,
+    skipped: &mut BTreeMap<String, usize>,
+) -> Result<BTreeMap<Split, Vec<(String, Sequence)>>, PrepareError> {
     let mut by_split: BTreeMap<Split, Vec<(String, Sequence)>> = BTreeMap::new();
     by_split.insert(Split::Train, Vec::new());
     by_split.insert(Split::Eval, Vec::new());
-    for ex in &examples {
+    for ex in examples {
         match tokenize_chat(tok, ex, s.max_len) {
             Ok(seq) => {
                 let split = if data::is_eval(&ex.id, s.eval_fraction) { Split::Eval } else { Split::Train };
@@ -219,20 +333,29 @@ pub fn prepare_with(
             skipped: skipped.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", "),
         });
     }
+    Ok(by_split)
+}
 
-    // 4. token shards
-    let tokenizer = TokenizerInfo::of(tok);
-    let settings_hash = data::settings_hash(model, &tokenizer, s);
+/// Split → its shards' sequence indices (see [`shard_groups`]).
+type ShardGroups = BTreeMap<Split, Vec<Vec<usize>>>;
+
+/// Phase 4: writes `<split>-<k:05>.safetensors` per split and shard, adding each file name to
+/// `keep_files`. Returns the manifest's split infos and the shard groups.
+fn write_token_shards(
+    by_split: &BTreeMap<Split, Vec<(String, Sequence)>>,
+    settings_hash: &str,
+    opts: &PrepareOptions,
+    keep_files: &mut Vec<String>,
+) -> Result<(BTreeMap<Split, SplitInfo>, ShardGroups), PrepareError> {
     let mut splits = BTreeMap::new();
-    let mut groups: BTreeMap<Split, Vec<Vec<usize>>> = BTreeMap::new();
-    let mut keep_files = Vec::new();
-    for (&split, seqs) in &by_split {
+    let mut groups: ShardGroups = BTreeMap::new();
+    for (&split, seqs) in by_split {
         let shards = shard_groups(seqs.iter().map(|(_, q)| q.len()), opts.shard_tokens);
         let mut info = SplitInfo::default();
         for (k, group) in shards.iter().enumerate() {
             let members: Vec<(&str, &Sequence)> = group.iter().map(|&i| (seqs[i].0.as_str(), &seqs[i].1)).collect();
             let path = opts.out.join(format!("{}-{k:05}.safetensors", split.as_str()));
-            let shard = data::write_token_shard(&path, split, &members, &settings_hash)?;
+            let shard = data::write_token_shard(&path, split, &members, settings_hash)?;
             keep_files.push(shard.file.clone());
             info.sequences += shard.sequences;
             info.tokens += shard.tokens;
@@ -242,44 +365,7 @@ pub fn prepare_with(
         splits.insert(split, info);
         groups.insert(split, shards);
     }
-
-    // 5. features
-    let mut feature_seconds = 0.0;
-    let features = match (&s.features, feature_target) {
-        (Some(fs), Some(target)) => {
-            let t0 = Instant::now();
-            let info = write_features(target, fs, &by_split, &groups, &settings_hash, opts, &mut keep_files)?;
-            feature_seconds = t0.elapsed().as_secs_f64();
-            Some(info)
-        }
-        _ => None,
-    };
-    remove_other_shards(&opts.out, &keep_files)?;
-
-    // 6. manifest
-    let manifest = Manifest {
-        format: data::MANIFEST_FORMAT.to_string(),
-        version: data::MANIFEST_VERSION,
-        created_by: format!("specauf {}", crate::version()),
-        model: model.clone(),
-        tokenizer,
-        settings: s.clone(),
-        settings_hash,
-        source,
-        skipped,
-        splits,
-        features,
-    };
-    manifest.write(&opts.out)?;
-    Ok(PrepareReport {
-        manifest,
-        regenerated,
-        reused,
-        regenerate_seconds,
-        generated_tokens,
-        feature_seconds,
-        total_seconds: started.elapsed().as_secs_f64(),
-    })
+    Ok((splits, groups))
 }
 
 fn validate(s: &PrepareSettings, opts: &PrepareOptions) -> Result<(), PrepareError> {
@@ -337,7 +423,7 @@ fn write_features(
     target: &Target,
     fs: &FeatureSettings,
     by_split: &BTreeMap<Split, Vec<(String, Sequence)>>,
-    groups: &BTreeMap<Split, Vec<Vec<usize>>>,
+    groups: &ShardGroups,
     settings_hash: &str,
     opts: &PrepareOptions,
     keep_files: &mut Vec<String>,
