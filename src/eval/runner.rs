@@ -1,5 +1,5 @@
 //! The evaluation runner: plain AR and every drafter over the same benchmark requests, through the
-//! one decode loop ([`crate::spec::driver`]), and the per-benchmark figures of SPEC §1.
+//! one decode loop ([`crate::spec::driver`]), and the per-benchmark figures of DESIGN §1.
 //!
 //! # What runs
 //!
@@ -8,7 +8,7 @@
 //!    of the call;
 //! 2. each drafter runs the same conversation.
 //!
-//! Each turn is one request of the decode loop (SPEC §1: a multi-turn conversation counts each
+//! Each turn is one request of the decode loop (DESIGN §1: a multi-turn conversation counts each
 //! turn). Turn k+1 of a run is conditioned on *that run's own* answers to turns 1..=k: the prompt
 //! is `[user1, assistant = own answer 1, user2, ...]`, rendered by a [`PromptRenderer`]. At T = 0 an
 //! exact loop gives every run the same answers; when it does not, each run still sees a
@@ -80,8 +80,6 @@ pub enum EvalError {
          the drafter was trained for another target"
     )]
     TapOutOfRange { label: String, layer: usize, layers: usize },
-    #[error("block size {requested} exceeds drafter `{label}`'s trained block size {trained}; it can only be lowered at inference")]
-    BlockSizeTooLarge { label: String, requested: usize, trained: usize },
     #[error("invalid eval config: {what}")]
     InvalidConfig { what: String },
     #[error("{benchmark} request {id}, turn {turn}: rendering the prompt failed: {source}")]
@@ -161,59 +159,6 @@ impl<'a> EvalDrafter<'a> {
             label: label.into(),
             proposer,
         }
-    }
-}
-
-/// Lowers a proposer's block size at inference: the verified block holds `block_size` tokens, so
-/// at most `block_size - 1` of the inner proposer's drafts are kept. Generic over any proposer: it
-/// cuts the inner draft, it does not re-run the drafter on a shorter block.
-pub struct BlockSizeOverride<'a> {
-    inner: Box<dyn Proposer + 'a>,
-    block_size: usize,
-}
-
-impl<'a> BlockSizeOverride<'a> {
-    /// `block_size` must be in 1..=the inner proposer's block size.
-    pub fn new(label: &str, inner: Box<dyn Proposer + 'a>, block_size: usize) -> Result<Self, EvalError> {
-        if block_size == 0 {
-            return Err(EvalError::ZeroBlockSize { label: label.to_string() });
-        }
-        if block_size > inner.block_size() {
-            return Err(EvalError::BlockSizeTooLarge {
-                label: label.to_string(),
-                requested: block_size,
-                trained: inner.block_size(),
-            });
-        }
-        Ok(Self { inner, block_size })
-    }
-}
-
-impl Proposer for BlockSizeOverride<'_> {
-    fn block_size(&self) -> usize {
-        self.block_size
-    }
-    fn target_layer_ids(&self) -> &[usize] {
-        self.inner.target_layer_ids()
-    }
-    fn begin(&mut self, target: &Target, prompt_ids: &[u32], features: Option<&candle_core::Tensor>) -> Result<(), SpecError> {
-        self.inner.begin(target, prompt_ids, features)
-    }
-    fn propose(&mut self, target: &Target, last_token: u32, start: usize) -> Result<Draft, SpecError> {
-        let mut draft = self.inner.propose(target, last_token, start)?;
-        let k = self.block_size - 1;
-        if draft.tokens.len() > k {
-            draft.tokens.truncate(k);
-            // Rows (n, V): keep the rows of the kept tokens.
-            draft.probs = match draft.probs {
-                Some(p) => Some(p.narrow(0, 0, k)?),
-                None => None,
-            };
-        }
-        Ok(draft)
-    }
-    fn commit(&mut self, tokens: &[u32], features: Option<&candle_core::Tensor>, start: usize) -> Result<(), SpecError> {
-        self.inner.commit(tokens, features, start)
     }
 }
 
@@ -303,7 +248,7 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// The figures of one run on one benchmark (SPEC §1).
+/// The figures of one run on one benchmark (DESIGN §1).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BenchmarkResult {
     /// Mean over requests (turns) of each request's τ.
