@@ -10,7 +10,7 @@ use std::rc::Rc;
 use spec_support::target;
 use specauf::eval::datasets::{BenchRequest, Benchmark, BenchmarkName};
 use specauf::eval::runner::{
-    self, BlockSizeOverride, EvalConfig, EvalDrafter, EvalError, EvalObserver, PromptRenderer, RenderError, RequestRecord, Silent, AR_LABEL,
+    self, EvalConfig, EvalDrafter, EvalError, EvalObserver, PromptRenderer, RenderError, RequestRecord, Silent, AR_LABEL,
 };
 use specauf::model::Target;
 use specauf::spec::{AcceptRule, Draft, FixedProposer, Proposer, RandomProposer, SpecError};
@@ -334,33 +334,31 @@ fn requests_that_do_not_fit_the_context_are_skipped_for_every_run_and_counted() 
 }
 
 #[test]
-fn a_lower_block_size_drafts_at_most_b_minus_1_tokens() {
+fn a_drafter_at_a_lower_block_size_drafts_at_most_b_minus_1_tokens_and_stays_exact() {
+    use specauf::drafter::{AnyDrafter, DFlashInitConfig, DrafterInit, DrafterKind};
     let target = target("llama");
     let renderer = ByteRenderer::default();
-    let inner = Box::new(FixedProposer::new(8, 17));
-    let p = BlockSizeOverride::new("fixed", inner, 3).unwrap();
-    let mut drafters = vec![EvalDrafter::new("fixed-b3", Box::new(p))];
+    let init = DrafterInit { kind: DrafterKind::DFlash, backbone: DFlashInitConfig::new(1, 8, 0), gru_hidden_dim: None, emb_dim: None };
+    let trained = AnyDrafter::init_random(target.config(), &init, 3).unwrap();
+    // The same weights on blocks of 3 (the CLI's --block-size): [last, MASK, MASK], 2 drafts.
+    let lowered = trained.clone().at_block_size(3).unwrap();
+    assert_eq!(lowered.block_size(), 3);
+    let same = trained.named_vars().iter().zip(lowered.named_vars()).all(|((a, x), (b, y))| {
+        a == &b && x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap() == y.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    });
+    assert!(same, "lowering the block size must keep every weight");
+    let mut drafters = vec![EvalDrafter::new("dflash-b3", lowered.into_proposer())];
     let res = runner::run(&target, &renderer, &mut drafters, &two_benchmarks(), &cfg(&target, 12), &mut Silent).unwrap();
-    let recs = of(&res.records, "fixed-b3");
-    assert!(recs.iter().all(|r| r.draft_lengths.iter().all(|&k| k == 2)));
+    let recs = of(&res.records, "dflash-b3");
+    assert!(recs.iter().all(|r| r.draft_lengths.iter().all(|&k| k <= 2)));
     assert!(recs.iter().all(|r| r.accept_lengths.iter().all(|&a| (1..=3).contains(&a))));
-    assert_eq!(res.run("fixed-b3").unwrap().block_size, 3);
+    assert_eq!(res.run("dflash-b3").unwrap().block_size, 3);
     assert_eq!(res.exact_mismatches, 0);
-    let e = BlockSizeOverride::new("fixed", Box::new(FixedProposer::new(4, 1)), 5)
-        .err()
-        .unwrap();
-    assert!(
-        matches!(
-            e,
-            EvalError::BlockSizeTooLarge {
-                requested: 5,
-                trained: 4,
-                ..
-            }
-        ),
-        "{e}"
-    );
-    assert!(BlockSizeOverride::new("fixed", Box::new(FixedProposer::new(4, 1)), 0).is_err());
+    // Only lowering is possible, and a block holds at least [last, MASK].
+    for bad in [9usize, 1] {
+        let e = trained.clone().at_block_size(bad).err().expect("refused");
+        assert!(e.to_string().contains(&bad.to_string()), "{e}");
+    }
 }
 
 #[test]

@@ -26,7 +26,7 @@ use crate::data::{
 use crate::data::features::{self, FeatureError};
 use crate::data::regenerate::{
     self, CacheKey, EngineFactory, FnReplies, Outcome, RegenerateError, RegenerationCache, RegenerationProgress, Reply, ReplyEngine, ReplyError,
-    ReplyRequest, RegenerateSettings, Schedule, TargetReplies,
+    ReplyRequest, Schedule, TargetReplies,
 };
 use crate::data::sharegpt::{self, ShareGptError};
 use crate::util::progress::{Observer, Progress, Unit};
@@ -136,15 +136,6 @@ pub fn prepare_with(
     }
 }
 
-/// What the regeneration step hands on.
-#[derive(Default)]
-struct Regenerated {
-    regenerated: usize,
-    reused: usize,
-    generated_tokens: usize,
-    seconds: f64,
-}
-
 /// The pipeline, with reply engines from `engines` decoding `batch` conversations together.
 fn prepare_engines(
     tok: &Tokenizer,
@@ -156,77 +147,27 @@ fn prepare_engines(
 ) -> Result<PrepareReport, PrepareError> {
     let started = Instant::now();
     let s = &opts.settings;
-    validate(s, opts)?;
-    if s.regenerate.is_some() && engines.is_none() {
-        return Err(PrepareError::NoGenerator);
-    }
-    if let Some(fs) = &s.features {
-        let target = feature_target.ok_or(PrepareError::NoFeatureTarget)?;
-        // Checked before any work: a bad layer id would otherwise surface after regeneration.
-        let layers = target.config().num_hidden_layers;
-        if let Some(&bad) = fs.target_layer_ids.iter().find(|&&l| l >= layers) {
-            return Err(ModelError::LayerOutOfRange { layer: bad, layers }.into());
-        }
-    }
-    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
-    let manifest_path = opts.out.join(data::MANIFEST_FILE);
-    if manifest_path.exists() {
-        std::fs::remove_file(&manifest_path).map_err(io_err(&manifest_path))?;
-    }
+    // 0. Every setting is refused before the output folder is touched; then the old manifest goes.
+    check_inputs(s, opts, engines.is_some(), feature_target)?;
+    clear_manifest(&opts.out)?;
 
     // 1. load and select
-    let (mut examples, mut source) = select(opts)?;
-    let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
+    let mut sel = select(s, opts)?;
 
-    // 2. regenerate
-    let mut regen = Regenerated::default();
-    if let (Some(rs), Some(engines)) = (&s.regenerate, engines) {
-        let (kept, r) = regenerate_step(tok, model, rs, engines, batch, opts, &examples, &mut source, &mut skipped)?;
-        examples = kept;
-        regen = r;
-    }
+    // 2. regenerate (the examples become the regenerated ones)
+    let regen = match (&s.regenerate, engines) {
+        (Some(rs), Some(engines)) => regenerate_selected(tok, model, rs, engines, batch, opts, &mut sel)?,
+        _ => Regeneration::default(),
+    };
 
-    // 3. tokenize
-    let mut by_split: BTreeMap<Split, Vec<(String, Sequence)>> = BTreeMap::new();
-    by_split.insert(Split::Train, Vec::new());
-    by_split.insert(Split::Eval, Vec::new());
-    for ex in &examples {
-        match tokenize_chat(tok, ex, s.max_len) {
-            Ok(seq) => {
-                let split = if data::is_eval(&ex.id, s.eval_fraction) { Split::Eval } else { Split::Train };
-                by_split.entry(split).or_default().push((ex.id.clone(), seq));
-            }
-            Err(e) => *skipped.entry(e.reason().to_string()).or_insert(0) += 1,
-        }
-    }
-    if by_split.values().all(Vec::is_empty) {
-        return Err(PrepareError::NoSequences {
-            skipped: skipped.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", "),
-        });
-    }
+    // 3. tokenize: split → [(conversation id, sequence)]
+    let by_split = tokenize_selected(tok, &sel.examples, s, &mut sel.skipped)?;
 
-    // 4. token shards
+    // 4. token shards; `groups`: split → per shard, the indices of its sequences in `by_split`
     let tokenizer = TokenizerInfo::of(tok);
     let settings_hash = data::settings_hash(model, &tokenizer, s);
-    let mut splits = BTreeMap::new();
-    let mut groups: BTreeMap<Split, Vec<Vec<usize>>> = BTreeMap::new();
     let mut keep_files = Vec::new();
-    for (&split, seqs) in &by_split {
-        let shards = shard_groups(seqs.iter().map(|(_, q)| q.len()), opts.shard_tokens);
-        let mut info = SplitInfo::default();
-        for (k, group) in shards.iter().enumerate() {
-            let members: Vec<(&str, &Sequence)> = group.iter().map(|&i| (seqs[i].0.as_str(), &seqs[i].1)).collect();
-            let path = opts.out.join(format!("{}-{k:05}.safetensors", split.as_str()));
-            let shard = data::write_token_shard(&path, split, &members, &settings_hash)?;
-            keep_files.push(shard.file.clone());
-            info.sequences += shard.sequences;
-            info.tokens += shard.tokens;
-            info.loss_tokens += members.iter().map(|(_, q)| q.loss_tokens()).sum::<usize>();
-            info.shards.push(shard);
-        }
-        splits.insert(split, info);
-        groups.insert(split, shards);
-    }
+    let (splits, groups) = write_token_shards(&by_split, &settings_hash, opts, &mut keep_files)?;
 
     // 5. features
     let mut feature_seconds = 0.0;
@@ -250,8 +191,8 @@ fn prepare_engines(
         tokenizer,
         settings: s.clone(),
         settings_hash,
-        source,
-        skipped,
+        source: sel.source,
+        skipped: sel.skipped,
         splits,
         features,
     };
@@ -267,46 +208,51 @@ fn prepare_engines(
     })
 }
 
-/// Step 2: regenerates the replies of `examples` (cached in `opts.out`); returns the
-/// conversations kept, with their new replies.
-#[allow(clippy::too_many_arguments)]
-fn regenerate_step(
-    tok: &Tokenizer,
-    model: &ModelIdentity,
-    rs: &RegenerateSettings,
-    engines: &EngineFactory<'_>,
-    batch: usize,
+/// The settings, and the inputs they ask for. A bad layer id is caught here, not after an hour
+/// of regeneration.
+fn check_inputs(
+    s: &PrepareSettings,
     opts: &PrepareOptions,
-    examples: &[ChatExample],
-    source: &mut SourceReport,
-    skipped: &mut BTreeMap<String, usize>,
-) -> Result<(Vec<ChatExample>, Regenerated), PrepareError> {
-    let t0 = Instant::now();
-    let s = &opts.settings;
-    let key = CacheKey { model_fingerprint: model.fingerprint.clone(), settings: rs.clone(), max_len: s.max_len, max_turns: s.max_turns };
-    let mut cache = RegenerationCache::open(&opts.out, &key)?;
-    let reused = examples.iter().filter(|ex| cache.get(ex).is_some()).count();
-    let mut bar = Phase::new(&*opts.progress, (examples.len() - reused) as u64, "regenerate", Unit::Items);
-    let schedule = Schedule { workers: opts.workers, batch };
-    let outcomes = regenerate::regenerate_all(tok, examples, &mut cache, schedule, &mut bar, engines)?;
-    bar.finish();
-    let mut kept = Vec::with_capacity(examples.len());
-    for o in outcomes {
-        match o {
-            Outcome::Done(rec) => {
-                source.regenerated_new_tokens += rec.new_tokens;
-                kept.push(rec.example());
-            }
-            Outcome::PromptTooLong => *skipped.entry("prompt_exceeds_max_len".into()).or_insert(0) += 1,
+    has_generator: bool,
+    feature_target: Option<&Target>,
+) -> Result<(), PrepareError> {
+    validate(s, opts)?;
+    if s.regenerate.is_some() && !has_generator {
+        return Err(PrepareError::NoGenerator);
+    }
+    if let Some(fs) = &s.features {
+        let target = feature_target.ok_or(PrepareError::NoFeatureTarget)?;
+        // Checked before any work: a bad layer id would otherwise surface after regeneration.
+        let layers = target.config().num_hidden_layers;
+        if let Some(&bad) = fs.target_layer_ids.iter().find(|&&l| l >= layers) {
+            return Err(ModelError::LayerOutOfRange { layer: bad, layers }.into());
         }
     }
-    let regen = Regenerated { regenerated: kept.len() - reused, reused, generated_tokens: bar.tokens, seconds: t0.elapsed().as_secs_f64() };
-    Ok((kept, regen))
+    Ok(())
 }
 
-/// Step 1: loads the conversations and selects those to use (none of the hold-out).
-fn select(opts: &PrepareOptions) -> Result<(Vec<ChatExample>, SourceReport), PrepareError> {
-    let s = &opts.settings;
+/// Creates `out` and removes its manifest, so that a run that fails half way never leaves a
+/// manifest that describes files it overwrote.
+fn clear_manifest(out: &Path) -> Result<(), PrepareError> {
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let manifest_path = out.join(data::MANIFEST_FILE);
+    if manifest_path.exists() {
+        std::fs::remove_file(&manifest_path).map_err(io_err(&manifest_path))?;
+    }
+    Ok(())
+}
+
+/// The conversations a run uses, what became of the others, and the manifest's skip counts
+/// (reason → conversations), which the later phases add to.
+struct Selected {
+    source: SourceReport,
+    examples: Vec<ChatExample>,
+    skipped: BTreeMap<String, usize>,
+}
+
+/// Phase 1: the first `max_conversations` conversations outside the hold-out, in file order,
+/// cut to `max_turns` exchanges and without share-site banners.
+fn select(s: &PrepareSettings, opts: &PrepareOptions) -> Result<Selected, PrepareError> {
     let loaded = sharegpt::load(&opts.data_path)?;
     let mut source = SourceReport {
         path: opts.data_path.display().to_string(),
@@ -335,8 +281,121 @@ fn select(opts: &PrepareOptions) -> Result<(Vec<ChatExample>, SourceReport), Pre
             why: format!("{} loaded, {} in the benchmark hold-out", source.loaded, source.heldout_excluded),
         });
     }
+    Ok(Selected { source, examples, skipped: BTreeMap::new() })
+}
 
-    Ok((examples, source))
+/// What phase 2 did, for the report.
+#[derive(Default)]
+struct Regeneration {
+    /// Conversations regenerated in this run, and reused from the cache.
+    regenerated: usize,
+    reused: usize,
+    /// New tokens generated in this run.
+    generated_tokens: usize,
+    seconds: f64,
+}
+
+/// Phase 2: regenerates every selected conversation not yet in the cache of `opts.out` and
+/// replaces the examples by the regenerated ones; a prompt longer than `max_len` drops its
+/// conversation (counted in `sel.skipped`).
+fn regenerate_selected(
+    tok: &Tokenizer,
+    model: &ModelIdentity,
+    rs: &regenerate::RegenerateSettings,
+    engines: &EngineFactory<'_>,
+    batch: usize,
+    opts: &PrepareOptions,
+    sel: &mut Selected,
+) -> Result<Regeneration, PrepareError> {
+    let s = &opts.settings;
+    let t0 = Instant::now();
+    let key = CacheKey {
+        model_fingerprint: model.fingerprint.clone(),
+        settings: rs.clone(),
+        max_len: s.max_len,
+        max_turns: s.max_turns,
+    };
+    let mut cache = RegenerationCache::open(&opts.out, &key)?;
+    let reused = sel.examples.iter().filter(|ex| cache.get(ex).is_some()).count();
+    let todo = sel.examples.len() - reused;
+    let mut bar = Phase::new(&*opts.progress, todo as u64, "regenerate", Unit::Items);
+    let schedule = Schedule { workers: opts.workers, batch };
+    let outcomes = regenerate::regenerate_all(tok, &sel.examples, &mut cache, schedule, &mut bar, engines)?;
+    let generated_tokens = bar.tokens;
+    bar.finish();
+    let mut kept = Vec::with_capacity(sel.examples.len());
+    for o in outcomes {
+        match o {
+            Outcome::Done(rec) => {
+                sel.source.regenerated_new_tokens += rec.new_tokens;
+                kept.push(rec.example());
+            }
+            Outcome::PromptTooLong => *sel.skipped.entry("prompt_exceeds_max_len".into()).or_insert(0) += 1,
+        }
+    }
+    let regenerated = kept.len() - reused;
+    sel.examples = kept;
+    Ok(Regeneration { regenerated, reused, generated_tokens, seconds: t0.elapsed().as_secs_f64() })
+}
+
+/// Phase 3: each example as a masked sequence, in the split its id falls in (both splits present,
+/// maybe empty); examples that do not tokenize are counted in `skipped` by reason.
+fn tokenize_selected(
+    tok: &Tokenizer,
+    examples: &[ChatExample],
+    s: &PrepareSettings,
+    skipped: &mut BTreeMap<String, usize>,
+) -> Result<BTreeMap<Split, Vec<(String, Sequence)>>, PrepareError> {
+    let mut by_split: BTreeMap<Split, Vec<(String, Sequence)>> = BTreeMap::new();
+    by_split.insert(Split::Train, Vec::new());
+    by_split.insert(Split::Eval, Vec::new());
+    for ex in examples {
+        match tokenize_chat(tok, ex, s.max_len) {
+            Ok(seq) => {
+                let split = if data::is_eval(&ex.id, s.eval_fraction) { Split::Eval } else { Split::Train };
+                by_split.entry(split).or_default().push((ex.id.clone(), seq));
+            }
+            Err(e) => *skipped.entry(e.reason().to_string()).or_insert(0) += 1,
+        }
+    }
+    if by_split.values().all(Vec::is_empty) {
+        return Err(PrepareError::NoSequences {
+            skipped: skipped.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", "),
+        });
+    }
+    Ok(by_split)
+}
+
+/// Split → its shards' sequence indices (see [`shard_groups`]).
+type ShardGroups = BTreeMap<Split, Vec<Vec<usize>>>;
+
+/// Phase 4: writes `<split>-<k:05>.safetensors` per split and shard, adding each file name to
+/// `keep_files`. Returns the manifest's split infos and the shard groups.
+fn write_token_shards(
+    by_split: &BTreeMap<Split, Vec<(String, Sequence)>>,
+    settings_hash: &str,
+    opts: &PrepareOptions,
+    keep_files: &mut Vec<String>,
+) -> Result<(BTreeMap<Split, SplitInfo>, ShardGroups), PrepareError> {
+    let mut splits = BTreeMap::new();
+    let mut groups: ShardGroups = BTreeMap::new();
+    for (&split, seqs) in by_split {
+        let shards = shard_groups(seqs.iter().map(|(_, q)| q.len()), opts.shard_tokens);
+        let mut info = SplitInfo::default();
+        for (k, group) in shards.iter().enumerate() {
+            let members: Vec<(&str, &Sequence)> = group.iter().map(|&i| (seqs[i].0.as_str(), &seqs[i].1)).collect();
+            let path = opts.out.join(format!("{}-{k:05}.safetensors", split.as_str()));
+            let shard = data::write_token_shard(&path, split, &members, settings_hash)?;
+            keep_files.push(shard.file.clone());
+            info.sequences += shard.sequences;
+            info.tokens += shard.tokens;
+            info.loss_tokens += members.iter().map(|(_, q)| q.loss_tokens()).sum::<usize>();
+            info.shards.push(shard);
+        }
+        splits.insert(split, info);
+        groups.insert(split, shards);
+    }
+    Ok((splits, groups))
 }
 
 fn validate(s: &PrepareSettings, opts: &PrepareOptions) -> Result<(), PrepareError> {
@@ -397,7 +456,7 @@ fn write_features(
     target: &Target,
     fs: &FeatureSettings,
     by_split: &BTreeMap<Split, Vec<(String, Sequence)>>,
-    groups: &BTreeMap<Split, Vec<Vec<usize>>>,
+    groups: &ShardGroups,
     settings_hash: &str,
     opts: &PrepareOptions,
     keep_files: &mut Vec<String>,

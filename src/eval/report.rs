@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use super::datasets::BenchmarkName;
 use super::plot;
-use super::runner::{BenchmarkResult, EvalConfig, EvalResults, AR_LABEL};
+use super::runner::{BenchmarkResult, EvalConfig, EvalResults, RunResult, AR_LABEL};
 use crate::spec::sampling::AcceptRule;
 
 pub const RESULTS_JSON: &str = "results.json";
@@ -280,7 +280,23 @@ fn fmt_limit(limit: Option<usize>) -> String {
 /// `report.md`: the side-by-side table and everything needed to read it honestly.
 pub fn render_markdown(settings: &Settings, results: &EvalResults) -> String {
     let mut s = String::new();
-    let runs = &results.runs;
+    // 1. Title, machine, command line, decode settings.
+    md_header(&mut s, settings);
+    // 2. The table: rows = benchmarks + average; per run τ and speedup.
+    md_tau_table(&mut s, settings, results);
+    // 3. Whether the drafters reproduced AR (T = 0 only).
+    md_exactness(&mut s, settings, results);
+    // 4. What the benchmarks really are.
+    md_benchmarks(&mut s, settings);
+    // 5. Per-position acceptance, pooled (absent when no run drafted).
+    md_acceptance(&mut s, &results.runs);
+    // 6. What was left out, and why.
+    md_skipped(&mut s, results);
+    let _ = writeln!(s, "![τ per benchmark and acceptance per draft position]({PLOT_SVG})");
+    s
+}
+
+fn md_header(s: &mut String, settings: &Settings) {
     let _ = writeln!(s, "# specauf eval: {}\n", settings.model);
     let _ = writeln!(
         s,
@@ -319,8 +335,11 @@ pub fn render_markdown(settings: &Settings, results: &EvalResults) -> String {
             blocks.join(", ")
         }
     );
+}
 
-    // The table: rows = benchmarks + average; per run τ and speedup.
+/// Requests and AR tok/s come from the first run (every run covers the same requests).
+fn md_tau_table(s: &mut String, settings: &Settings, results: &EvalResults) {
+    let runs = &results.runs;
     let _ = writeln!(s, "## τ and speedup\n");
     let mut head = String::from("| benchmark | requests | AR tok/s |");
     let mut rule = String::from("|---|--:|--:|");
@@ -362,8 +381,10 @@ pub fn render_markdown(settings: &Settings, results: &EvalResults) -> String {
          Timing: {}.\n",
         settings.timing
     );
+}
 
-    // Exactness.
+fn md_exactness(s: &mut String, settings: &Settings, results: &EvalResults) {
+    let runs = &results.runs;
     let _ = writeln!(s, "## Exactness\n");
     let drafter_turns = results.records.iter().filter(|r| r.counted && r.drafter != AR_LABEL).count();
     if !results.exactness_checked {
@@ -389,8 +410,9 @@ pub fn render_markdown(settings: &Settings, results: &EvalResults) -> String {
         }
         s.push('\n');
     }
+}
 
-    // What the benchmarks really are.
+fn md_benchmarks(s: &mut String, settings: &Settings) {
     let _ = writeln!(
         s,
         "## Benchmarks\n\n| benchmark | source | conversations | skipped (context) |\n|---|---|--:|--:|"
@@ -399,8 +421,11 @@ pub fn render_markdown(settings: &Settings, results: &EvalResults) -> String {
         let _ = writeln!(s, "| {} | {} | {} | {} |", b.name, b.source, b.requests, b.skipped_requests);
     }
     s.push('\n');
+}
 
-    // Per-position acceptance, pooled.
+/// Rows = draft positions up to the longest run's, then the pooled τ; a run with fewer
+/// positions shows – there.
+fn md_acceptance(s: &mut String, runs: &[RunResult]) {
     let positions = runs.iter().map(|r| r.average.accept_per_position.len()).max().unwrap_or(0);
     if positions > 0 {
         let _ = writeln!(s, "## Acceptance per draft position (all benchmarks pooled)\n");
@@ -429,7 +454,9 @@ pub fn render_markdown(settings: &Settings, results: &EvalResults) -> String {
         }
         s.push_str("\n\n");
     }
+}
 
+fn md_skipped(s: &mut String, results: &EvalResults) {
     if !results.skipped.is_empty() {
         let _ = writeln!(s, "## Skipped\n");
         for k in &results.skipped {
@@ -444,8 +471,6 @@ pub fn render_markdown(settings: &Settings, results: &EvalResults) -> String {
         }
         s.push('\n');
     }
-    let _ = writeln!(s, "![τ per benchmark and acceptance per draft position]({PLOT_SVG})");
-    s
 }
 
 /// The paths [`write_all`] wrote.

@@ -1,5 +1,5 @@
 //! The evaluation runner: plain AR and every drafter over the same benchmark requests, through the
-//! one decode loop ([`crate::spec::driver`]), and the per-benchmark figures of SPEC §1.
+//! one decode loop ([`crate::spec::driver`]), and the per-benchmark figures of DESIGN §1.
 //!
 //! # What runs
 //!
@@ -8,7 +8,7 @@
 //!    of the call;
 //! 2. each drafter runs the same conversation.
 //!
-//! Each turn is one request of the decode loop (SPEC §1: a multi-turn conversation counts each
+//! Each turn is one request of the decode loop (DESIGN §1: a multi-turn conversation counts each
 //! turn). Turn k+1 of a run is conditioned on *that run's own* answers to turns 1..=k: the prompt
 //! is `[user1, assistant = own answer 1, user2, ...]`, rendered by a [`PromptRenderer`]. At T = 0 an
 //! exact loop gives every run the same answers; when it does not, each run still sees a
@@ -80,8 +80,6 @@ pub enum EvalError {
          the drafter was trained for another target"
     )]
     TapOutOfRange { label: String, layer: usize, layers: usize },
-    #[error("block size {requested} exceeds drafter `{label}`'s trained block size {trained}; it can only be lowered at inference")]
-    BlockSizeTooLarge { label: String, requested: usize, trained: usize },
     #[error("invalid eval config: {what}")]
     InvalidConfig { what: String },
     #[error("{benchmark} request {id}, turn {turn}: rendering the prompt failed: {source}")]
@@ -161,59 +159,6 @@ impl<'a> EvalDrafter<'a> {
             label: label.into(),
             proposer,
         }
-    }
-}
-
-/// Lowers a proposer's block size at inference: the verified block holds `block_size` tokens, so
-/// at most `block_size - 1` of the inner proposer's drafts are kept. Generic over any proposer: it
-/// cuts the inner draft, it does not re-run the drafter on a shorter block.
-pub struct BlockSizeOverride<'a> {
-    inner: Box<dyn Proposer + 'a>,
-    block_size: usize,
-}
-
-impl<'a> BlockSizeOverride<'a> {
-    /// `block_size` must be in 1..=the inner proposer's block size.
-    pub fn new(label: &str, inner: Box<dyn Proposer + 'a>, block_size: usize) -> Result<Self, EvalError> {
-        if block_size == 0 {
-            return Err(EvalError::ZeroBlockSize { label: label.to_string() });
-        }
-        if block_size > inner.block_size() {
-            return Err(EvalError::BlockSizeTooLarge {
-                label: label.to_string(),
-                requested: block_size,
-                trained: inner.block_size(),
-            });
-        }
-        Ok(Self { inner, block_size })
-    }
-}
-
-impl Proposer for BlockSizeOverride<'_> {
-    fn block_size(&self) -> usize {
-        self.block_size
-    }
-    fn target_layer_ids(&self) -> &[usize] {
-        self.inner.target_layer_ids()
-    }
-    fn begin(&mut self, target: &Target, prompt_ids: &[u32], features: Option<&candle_core::Tensor>) -> Result<(), SpecError> {
-        self.inner.begin(target, prompt_ids, features)
-    }
-    fn propose(&mut self, target: &Target, last_token: u32, start: usize) -> Result<Draft, SpecError> {
-        let mut draft = self.inner.propose(target, last_token, start)?;
-        let k = self.block_size - 1;
-        if draft.tokens.len() > k {
-            draft.tokens.truncate(k);
-            // Rows (n, V): keep the rows of the kept tokens.
-            draft.probs = match draft.probs {
-                Some(p) => Some(p.narrow(0, 0, k)?),
-                None => None,
-            };
-        }
-        Ok(draft)
-    }
-    fn commit(&mut self, tokens: &[u32], features: Option<&candle_core::Tensor>, start: usize) -> Result<(), SpecError> {
-        self.inner.commit(tokens, features, start)
     }
 }
 
@@ -303,7 +248,7 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// The figures of one run on one benchmark (SPEC §1).
+/// The figures of one run on one benchmark (DESIGN §1).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BenchmarkResult {
     /// Mean over requests (turns) of each request's τ.
@@ -503,7 +448,53 @@ pub fn run(
 
     // 1. Which conversations fit (renders every first prompt, so template errors surface here).
     let mut skipped = Vec::new();
-    let mut plan: Vec<(BenchmarkName, Vec<&BenchRequest>)> = Vec::new();
+    let plan = plan_requests(renderer, benchmarks, cfg, block, max_pos, &mut skipped)?;
+    if cfg.warmup_tokens > 0 {
+        warm_up(target, renderer, drafters, &plan, cfg)?;
+    }
+    let turn_runs: usize = plan.iter().flat_map(|(_, reqs)| reqs.iter().map(|r| r.turns.len())).sum::<usize>() * (1 + drafters.len());
+    observer.start(turn_runs);
+
+    // 2. Generate: per request, the AR conversation, then each drafter's; or the records an
+    //    interrupted run kept.
+    let mut gen = Generator {
+        target,
+        renderer,
+        cfg,
+        block,
+        max_pos,
+        records: Vec::new(),
+        skipped,
+        ar_generations: 0,
+        running: HashMap::new(),
+    };
+    for (name, reqs) in &plan {
+        for r in reqs {
+            match observer.resumed(*name, &r.id) {
+                Some(entry) => gen.resume(*name, r, entry, 1 + drafters.len(), observer)?,
+                None => gen.request(drafters, *name, r, observer)?,
+            }
+        }
+    }
+
+    // 3. Figures.
+    Ok(figures(gen, drafters, &plan, cfg))
+}
+
+/// Benchmark → the requests that fit the context, in the order given.
+type Plan<'r> = Vec<(BenchmarkName, Vec<&'r BenchRequest>)>;
+
+/// The requests of every benchmark that fit the context ([`fits`]); the others go to `skipped`,
+/// whole. Fails when none is left.
+fn plan_requests<'r>(
+    renderer: &dyn PromptRenderer,
+    benchmarks: &'r [Benchmark],
+    cfg: &EvalConfig,
+    block: usize,
+    max_pos: usize,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Plan<'r>, EvalError> {
+    let mut plan: Plan<'r> = Vec::new();
     for b in benchmarks {
         let mut keep = Vec::new();
         for r in &b.requests {
@@ -526,90 +517,121 @@ pub fn run(
             block_size: block,
         });
     }
-    if cfg.warmup_tokens > 0 {
-        warm_up(target, renderer, drafters, &plan, cfg)?;
-    }
-    let turn_runs: usize = plan.iter().flat_map(|(_, reqs)| reqs.iter().map(|r| r.turns.len())).sum::<usize>() * (1 + drafters.len());
-    observer.start(turn_runs);
+    Ok(plan)
+}
 
-    // 2. Generate: per request, the AR conversation, then each drafter's.
-    let mut records: Vec<RequestRecord> = Vec::new();
-    let mut ar_generations = 0;
-    let mut running: HashMap<(BenchmarkName, String), (f64, usize)> = HashMap::new();
-    for (name, reqs) in &plan {
-        for r in reqs {
-            let first = records.len();
-            if let Some(entry) = observer.resumed(*name, &r.id) {
-                let runs = 1 + drafters.len();
-                if entry.benchmark != name.to_string() || entry.id != r.id || entry.records.len() > runs * r.turns.len() {
-                    return Err(EvalError::InvalidConfig {
-                        what: format!("the resumed entry for {name} {} does not belong to this evaluation", r.id),
-                    });
-                }
-                for rec in entry.records {
-                    let t = note_tau(&mut running, *name, &rec);
-                    observer.turn_done(&rec, t);
-                    if rec.drafter == AR_LABEL {
-                        ar_generations += 1;
-                    }
-                    records.push(rec);
-                }
-                skipped.extend(entry.skipped);
-                continue;
-            }
-            let skipped_before = skipped.len();
-            let ar = run_conversation(target, renderer, None, *name, r, cfg, block, max_pos, &mut skipped)?;
-            ar_generations += ar.len();
-            for rec in ar {
-                let t = note_tau(&mut running, *name, &rec);
-                observer.turn_done(&rec, t);
-                records.push(rec);
-            }
-            for d in drafters.iter_mut() {
-                let label = d.label.clone();
-                let recs = run_conversation(
-                    target,
-                    renderer,
-                    Some((&label, d.proposer.as_mut())),
-                    *name,
-                    r,
-                    cfg,
-                    block,
-                    max_pos,
-                    &mut skipped,
-                )?;
-                for mut rec in recs {
-                    let ar_tokens = records[first..]
-                        .iter()
-                        .find(|a| a.drafter == AR_LABEL && a.turn == rec.turn)
-                        .map(|a| &a.tokens);
-                    rec.exact_match_vs_ar = ar_tokens.map(|a| *a == rec.tokens);
-                    let t = note_tau(&mut running, *name, &rec);
-                    observer.turn_done(&rec, t);
-                    records.push(rec);
-                }
-            }
-            // A turn counts only if every run (AR and each drafter) ran it.
-            let runs = 1 + drafters.len();
-            let turns = r.turns.len();
-            for turn in 1..=turns {
-                let done = records[first..].iter().filter(|x| x.turn == turn).count();
-                if done < runs {
-                    for x in records[first..].iter_mut().filter(|x| x.turn == turn) {
-                        x.counted = false;
-                    }
-                }
-            }
-            observer.request_done(&RequestEntry {
-                benchmark: name.to_string(),
-                id: r.id.clone(),
-                records: records[first..].to_vec(),
-                skipped: skipped[skipped_before..].to_vec(),
-            })?;
+/// The generation phase: what stays fixed over it, and what it accumulates.
+struct Generator<'a> {
+    target: &'a Target,
+    renderer: &'a dyn PromptRenderer,
+    cfg: &'a EvalConfig,
+    /// The largest block of the call, and the target's context.
+    block: usize,
+    max_pos: usize,
+    /// Every turn of every run, in execution order.
+    records: Vec<RequestRecord>,
+    skipped: Vec<Skipped>,
+    ar_generations: usize,
+    /// (benchmark, run) → (Σ τ, turns), for the observer's running τ.
+    running: HashMap<(BenchmarkName, String), (f64, usize)>,
+}
+
+impl Generator<'_> {
+    /// Keeps one finished turn and tells the observer.
+    fn push(&mut self, name: BenchmarkName, rec: RequestRecord, observer: &mut dyn EvalObserver) {
+        let t = note_tau(&mut self.running, name, &rec);
+        observer.turn_done(&rec, t);
+        self.records.push(rec);
+    }
+
+    /// Takes the records and run-time skips of a request an earlier, interrupted run finished, as
+    /// they are (`runs`: AR plus the drafters).
+    fn resume(
+        &mut self,
+        name: BenchmarkName,
+        r: &BenchRequest,
+        entry: RequestEntry,
+        runs: usize,
+        observer: &mut dyn EvalObserver,
+    ) -> Result<(), EvalError> {
+        if entry.benchmark != name.to_string() || entry.id != r.id || entry.records.len() > runs * r.turns.len() {
+            return Err(EvalError::InvalidConfig {
+                what: format!("the resumed entry for {name} {} does not belong to this evaluation", r.id),
+            });
         }
+        for rec in entry.records {
+            if rec.drafter == AR_LABEL {
+                self.ar_generations += 1;
+            }
+            self.push(name, rec, observer);
+        }
+        self.skipped.extend(entry.skipped);
+        Ok(())
     }
 
-    // 3. Figures.
+    /// Runs one request by AR, then by each drafter (its turns compared with AR's), and hands it
+    /// to the observer once its turns' `counted` flags are final.
+    fn request(
+        &mut self,
+        drafters: &mut [EvalDrafter],
+        name: BenchmarkName,
+        r: &BenchRequest,
+        observer: &mut dyn EvalObserver,
+    ) -> Result<(), EvalError> {
+        let (target, renderer, cfg, block, max_pos) = (self.target, self.renderer, self.cfg, self.block, self.max_pos);
+        let first = self.records.len();
+        let skipped_before = self.skipped.len();
+        let ar = run_conversation(target, renderer, None, name, r, cfg, block, max_pos, &mut self.skipped)?;
+        self.ar_generations += ar.len();
+        for rec in ar {
+            self.push(name, rec, observer);
+        }
+        for d in drafters.iter_mut() {
+            let label = d.label.clone();
+            let recs = run_conversation(
+                target,
+                renderer,
+                Some((&label, d.proposer.as_mut())),
+                name,
+                r,
+                cfg,
+                block,
+                max_pos,
+                &mut self.skipped,
+            )?;
+            for mut rec in recs {
+                let ar_tokens = self.records[first..]
+                    .iter()
+                    .find(|a| a.drafter == AR_LABEL && a.turn == rec.turn)
+                    .map(|a| &a.tokens);
+                rec.exact_match_vs_ar = ar_tokens.map(|a| *a == rec.tokens);
+                self.push(name, rec, observer);
+            }
+        }
+        // A turn counts only if every run (AR and each drafter) ran it.
+        let runs = 1 + drafters.len();
+        let turns = r.turns.len();
+        let records = &mut self.records[first..];
+        for turn in 1..=turns {
+            let done = records.iter().filter(|x| x.turn == turn).count();
+            if done < runs {
+                for x in records.iter_mut().filter(|x| x.turn == turn) {
+                    x.counted = false;
+                }
+            }
+        }
+        observer.request_done(&RequestEntry {
+            benchmark: name.to_string(),
+            id: r.id.clone(),
+            records: self.records[first..].to_vec(),
+            skipped: self.skipped[skipped_before..].to_vec(),
+        })
+    }
+}
+
+/// The figures of every run (just AR's when no drafter was given) from the generated records.
+fn figures(gen: Generator<'_>, drafters: &[EvalDrafter], plan: &Plan<'_>, cfg: &EvalConfig) -> EvalResults {
+    let Generator { records, skipped, ar_generations, .. } = gen;
     let labels: Vec<(String, usize)> = if drafters.is_empty() {
         vec![(AR_LABEL.to_string(), 1)]
     } else {
@@ -623,7 +645,7 @@ pub fn run(
     } else {
         0
     };
-    Ok(EvalResults {
+    EvalResults {
         runs,
         records,
         skipped,
@@ -631,7 +653,7 @@ pub fn run(
         ar_generations,
         exactness_checked,
         exact_mismatches,
-    })
+    }
 }
 
 /// Untimed generations of `cfg.warmup_tokens` from the first evaluated prompt, by AR and by every

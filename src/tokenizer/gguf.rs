@@ -110,22 +110,57 @@ fn token_id(md: &HashMap<String, Value>, key: &str, n_vocab: usize) -> Result<Op
     }
 }
 
+/// A GGUF's `tokenizer.*` metadata → a [`Tokenizer`]. Every key is checked before the BPE model
+/// is built, so a malformed file fails on its first bad key.
 pub(super) fn from_gguf(content: &Content) -> Result<Tokenizer> {
     let md = &content.metadata;
-    match get(md, "tokenizer.ggml.model")? {
-        Value::String(m) if m == "gpt2" => {}
-        Value::String(m) => return Err(TokenizerError::UnsupportedModel { model: m.clone() }),
-        other => {
-            return Err(key_err(
-                "tokenizer.ggml.model",
-                format!("is {:?}, expected a string", other.value_type()),
-            ))
-        }
-    }
+    // 0. The keys: model kind, vocab (ids = positions), merges, a type per token, pre-type name.
+    check_model(md)?;
     let tokens = string_array(md, "tokenizer.ggml.tokens")?;
     let merges_raw = string_array(md, "tokenizer.ggml.merges")?;
+    let token_types = token_types(md, tokens.len())?;
+    let pre = pre_name(md)?;
+
+    // 1. BPE model over the full vocab; ids are positions in `tokenizer.ggml.tokens`.
+    let mut inner = tokenizers::Tokenizer::new(bpe_model(&tokens, &merges_raw)?);
+
+    // 2. Normalizer and pre-tokenizer named by `tokenizer.ggml.pre`.
+    set_pre_tokenizer(&mut inner, &pre)?;
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+    // 3. Control tokens are special (skipped by decode(skip_special)); user-defined ones are added
+    //    tokens that still decode. Neither is normalized, so they match raw text exactly.
+    add_typed_tokens(&mut inner, &tokens, &token_types);
+
+    // 4. Special ids and the strings the chat template sees.
+    let ids = SpecialIds::read(md, &tokens)?;
+    let chat_template = chat_template(md)?;
+    Ok(Tokenizer {
+        inner,
+        special_tokens: ids.special_tokens,
+        bos_token_id: ids.bos_token_id,
+        add_bos_token_id: ids.add_bos_token_id,
+        eos_token_ids: ids.eos_token_ids,
+        chat_template,
+    })
+}
+
+/// Only llama.cpp's `gpt2` (byte-level BPE) tokenizer model is rebuilt.
+fn check_model(md: &HashMap<String, Value>) -> Result<()> {
+    match get(md, "tokenizer.ggml.model")? {
+        Value::String(m) if m == "gpt2" => Ok(()),
+        Value::String(m) => Err(TokenizerError::UnsupportedModel { model: m.clone() }),
+        other => Err(key_err(
+            "tokenizer.ggml.model",
+            format!("is {:?}, expected a string", other.value_type()),
+        )),
+    }
+}
+
+/// One llama.cpp token type per token; absent → every token normal (1).
+fn token_types(md: &HashMap<String, Value>, n_tokens: usize) -> Result<Vec<i64>> {
     let token_types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
-        None => vec![1; tokens.len()],
+        None => vec![1; n_tokens],
         Some(Value::Array(items)) => items
             .iter()
             .map(|v| {
@@ -139,28 +174,33 @@ pub(super) fn from_gguf(content: &Content) -> Result<Tokenizer> {
             ))
         }
     };
-    if token_types.len() != tokens.len() {
+    if token_types.len() != n_tokens {
         return Err(key_err(
             "tokenizer.ggml.token_type",
             format!(
                 "has {} entries for {} tokens",
                 token_types.len(),
-                tokens.len()
+                n_tokens
             ),
         ));
     }
-    let pre = match md.get("tokenizer.ggml.pre") {
-        Some(Value::String(p)) => p.clone(),
-        Some(other) => {
-            return Err(key_err(
-                "tokenizer.ggml.pre",
-                format!("is {:?}, expected a string", other.value_type()),
-            ))
-        }
-        None => "default".to_string(),
-    };
+    Ok(token_types)
+}
 
-    // 1. BPE model over the full vocab; ids are positions in `tokenizer.ggml.tokens`.
+/// The pre-tokenizer name; absent → "default" (which [`set_pre_tokenizer`] rejects).
+fn pre_name(md: &HashMap<String, Value>) -> Result<String> {
+    match md.get("tokenizer.ggml.pre") {
+        Some(Value::String(p)) => Ok(p.clone()),
+        Some(other) => Err(key_err(
+            "tokenizer.ggml.pre",
+            format!("is {:?}, expected a string", other.value_type()),
+        )),
+        None => Ok("default".to_string()),
+    }
+}
+
+/// The BPE model: token i has id i; merges are `"left right"` strings.
+fn bpe_model(tokens: &[&str], merges_raw: &[&str]) -> Result<BPE> {
     let vocab: Vocab = tokens
         .iter()
         .enumerate()
@@ -179,14 +219,16 @@ pub(super) fn from_gguf(content: &Content) -> Result<Tokenizer> {
             }),
         })
         .collect::<Result<_>>()?;
-    let bpe = BPE::builder()
+    BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
-        .map_err(|e| build_err("BPE model", e))?;
-    let mut inner = tokenizers::Tokenizer::new(bpe);
+        .map_err(|e| build_err("BPE model", e))
+}
 
-    // 2. Normalizer and pre-tokenizer named by `tokenizer.ggml.pre`.
-    let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
+/// The HF pre-tokenizer pipeline that `pre` stands for (see the module docs); `qwen2` also sets
+/// the NFC normalizer.
+fn set_pre_tokenizer(inner: &mut tokenizers::Tokenizer, pre: &str) -> Result<()> {
+    let pre_tokenizer: PreTokenizerWrapper = match pre {
         "smollm" => Sequence::new(vec![
             Digits::new(true).into(),
             ByteLevel::new(false, true, true).into(),
@@ -213,13 +255,14 @@ pub(super) fn from_gguf(content: &Content) -> Result<Tokenizer> {
         }
     };
     inner.with_pre_tokenizer(Some(pre_tokenizer));
-    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(())
+}
 
-    // 3. Control tokens are special (skipped by decode(skip_special)); user-defined ones are added
-    //    tokens that still decode. Neither is normalized, so they match raw text exactly.
+/// Adds the control tokens as special tokens and the user-defined ones as plain added tokens.
+fn add_typed_tokens(inner: &mut tokenizers::Tokenizer, tokens: &[&str], token_types: &[i64]) {
     let mut special = Vec::new();
     let mut user_defined = Vec::new();
-    for (t, &ty) in tokens.iter().zip(&token_types) {
+    for (t, &ty) in tokens.iter().zip(token_types) {
         match ty {
             TOKEN_TYPE_CONTROL => {
                 special.push(AddedToken::from(t.to_string(), true).normalized(false))
@@ -232,62 +275,68 @@ pub(super) fn from_gguf(content: &Content) -> Result<Tokenizer> {
     }
     inner.add_special_tokens(&special);
     inner.add_tokens(&user_defined);
+}
 
-    // 4. Special ids and the strings the chat template sees.
-    let n = tokens.len();
-    let bos_token_id = token_id(md, "tokenizer.ggml.bos_token_id", n)?;
-    let mut eos_token_ids = Vec::new();
-    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
-        if let Some(id) = token_id(md, key, n)? {
-            if !eos_token_ids.contains(&id) {
-                eos_token_ids.push(id);
+/// The special token ids of the metadata, checked against the vocab, and their strings by HF name.
+struct SpecialIds {
+    bos_token_id: Option<u32>,
+    add_bos_token_id: Option<u32>,
+    /// EOS then EOT, each once; never empty.
+    eos_token_ids: Vec<u32>,
+    special_tokens: BTreeMap<&'static str, String>,
+}
+
+impl SpecialIds {
+    fn read(md: &HashMap<String, Value>, tokens: &[&str]) -> Result<Self> {
+        let n = tokens.len();
+        let bos_token_id = token_id(md, "tokenizer.ggml.bos_token_id", n)?;
+        let mut eos_token_ids = Vec::new();
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+            if let Some(id) = token_id(md, key, n)? {
+                if !eos_token_ids.contains(&id) {
+                    eos_token_ids.push(id);
+                }
             }
         }
-    }
-    if eos_token_ids.is_empty() {
-        return Err(TokenizerError::NoEos);
-    }
-    let mut special_tokens = BTreeMap::new();
-    for (name, key) in [
-        ("bos_token", "tokenizer.ggml.bos_token_id"),
-        ("eos_token", "tokenizer.ggml.eos_token_id"),
-        ("pad_token", "tokenizer.ggml.padding_token_id"),
-        ("unk_token", "tokenizer.ggml.unknown_token_id"),
-    ] {
-        if let Some(id) = token_id(md, key, n)? {
-            special_tokens.insert(name, tokens[id as usize].to_string());
+        if eos_token_ids.is_empty() {
+            return Err(TokenizerError::NoEos);
         }
+        let mut special_tokens = BTreeMap::new();
+        for (name, key) in [
+            ("bos_token", "tokenizer.ggml.bos_token_id"),
+            ("eos_token", "tokenizer.ggml.eos_token_id"),
+            ("pad_token", "tokenizer.ggml.padding_token_id"),
+            ("unk_token", "tokenizer.ggml.unknown_token_id"),
+        ] {
+            if let Some(id) = token_id(md, key, n)? {
+                special_tokens.insert(name, tokens[id as usize].to_string());
+            }
+        }
+        let add_bos = matches!(
+            md.get("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(true))
+        );
+        let add_bos_token_id = match (add_bos, bos_token_id) {
+            (true, Some(id)) => Some(id),
+            (true, None) => {
+                return Err(key_err(
+                    "tokenizer.ggml.add_bos_token",
+                    "is true but there is no bos_token_id",
+                ))
+            }
+            (false, _) => None,
+        };
+        Ok(SpecialIds { bos_token_id, add_bos_token_id, eos_token_ids, special_tokens })
     }
-    let add_bos = matches!(
-        md.get("tokenizer.ggml.add_bos_token"),
-        Some(Value::Bool(true))
-    );
-    let add_bos_token_id = match (add_bos, bos_token_id) {
-        (true, Some(id)) => Some(id),
-        (true, None) => {
-            return Err(key_err(
-                "tokenizer.ggml.add_bos_token",
-                "is true but there is no bos_token_id",
-            ))
-        }
-        (false, _) => None,
-    };
-    let chat_template = match md.get("tokenizer.chat_template") {
-        Some(Value::String(s)) => Some(ChatTemplate::new(s.clone())),
-        Some(other) => {
-            return Err(key_err(
-                "tokenizer.chat_template",
-                format!("is {:?}, expected a string", other.value_type()),
-            ))
-        }
-        None => None,
-    };
-    Ok(Tokenizer {
-        inner,
-        special_tokens,
-        bos_token_id,
-        add_bos_token_id,
-        eos_token_ids,
-        chat_template,
-    })
+}
+
+fn chat_template(md: &HashMap<String, Value>) -> Result<Option<ChatTemplate>> {
+    match md.get("tokenizer.chat_template") {
+        Some(Value::String(s)) => Ok(Some(ChatTemplate::new(s.clone()))),
+        Some(other) => Err(key_err(
+            "tokenizer.chat_template",
+            format!("is {:?}, expected a string", other.value_type()),
+        )),
+        None => Ok(None),
+    }
 }
