@@ -7,6 +7,7 @@ pub mod eval;
 pub mod fsutil;
 pub mod model;
 pub mod nn;
+pub mod serve;
 pub mod spec;
 pub mod tokenizer;
 pub mod train;

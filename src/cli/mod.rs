@@ -8,5 +8,6 @@ pub mod generate;
 pub mod init_drafter;
 pub mod prepare;
 pub mod quickstart;
+pub mod serve;
 pub mod train;
 pub mod util;

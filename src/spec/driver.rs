@@ -116,7 +116,7 @@ pub struct Cycle {
 /// One request in flight.
 pub struct Generation<'a> {
     target: &'a Target,
-    proposer: Option<&'a mut dyn Proposer>,
+    proposer: Option<Box<dyn Proposer + 'a>>,
     cfg: GenerateConfig,
     verifier: Verifier,
     cache: KvCache,
@@ -144,7 +144,18 @@ impl<'a> Generation<'a> {
     /// the first token and hands the prompt features to the proposer.
     pub fn start(
         target: &'a Target,
-        mut proposer: Option<&'a mut dyn Proposer>,
+        proposer: Option<&'a mut dyn Proposer>,
+        prompt_ids: &[u32],
+        cfg: &GenerateConfig,
+    ) -> Result<Self, SpecError> {
+        Self::start_owned(target, proposer.map(|p| Box::new(p) as Box<dyn Proposer + 'a>), prompt_ids, cfg)
+    }
+
+    /// Like [`Generation::start`], owning its proposer: a caller that keeps several requests in
+    /// flight gives each its own proposer (its drafter state is per request).
+    pub fn start_owned(
+        target: &'a Target,
+        mut proposer: Option<Box<dyn Proposer + 'a>>,
         prompt_ids: &[u32],
         cfg: &GenerateConfig,
     ) -> Result<Self, SpecError> {

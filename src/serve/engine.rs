@@ -1,0 +1,264 @@
+//! The engine: one thread that owns the target and decodes every request.
+//!
+//! The forward is CPU-bound, so it runs on a dedicated `std::thread`, never on the async
+//! workers. Requests arrive over a bounded channel (its capacity is the queue limit: a full
+//! queue is a 503, not unbounded memory); each request's tokens go back over its own channel.
+//! Up to `max_concurrency` requests are active at once and the engine runs one decode cycle of
+//! each in turn, so every client sees progress. A request whose receiver has been dropped (the
+//! client went away, or the HTTP side stopped at a stop string) is cancelled before its next
+//! cycle and its slot is free for the next queued request.
+//!
+//! Each active request is a [`Generation`] with its own KV cache and its own proposer: the
+//! output is exactly what `generate` gives for the same prompt and config.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::load::DrafterTemplate;
+use super::metrics::Metrics;
+use crate::model::Target;
+use crate::spec::{FinishReason, GenerateConfig, Generation};
+
+/// One request for the engine.
+pub struct Job {
+    pub prompt_ids: Vec<u32>,
+    pub cfg: GenerateConfig,
+    /// Where the request's events go; dropping the receiver cancels the request.
+    pub events: UnboundedSender<Event>,
+}
+
+/// What one cycle did, for the request's `usage.speculative`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CycleStats {
+    pub drafted: usize,
+    pub accepted: usize,
+}
+
+/// The engine's messages to one request, in order: one `Tokens` after the prefill (`cycle`:
+/// None), one per cycle, then `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// New output tokens (possibly none, when a cycle's tokens lie past EOS or the limit).
+    Tokens { tokens: Vec<u32>, cycle: Option<CycleStats> },
+    Done { finish_reason: FinishReason },
+    Failed { message: String },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Requests decoded at once (at least 1).
+    pub max_concurrency: usize,
+    /// Requests waiting beyond those (at least 1).
+    pub max_queue: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("the queue is full ({queued} waiting, limit {limit})")]
+    Full { queued: usize, limit: usize },
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+struct Shared {
+    queued: AtomicUsize,
+    stop: AtomicBool,
+    max_queue: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// The HTTP side's handle on the engine; cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: SyncSender<Job>,
+    shared: Arc<Shared>,
+}
+
+impl EngineHandle {
+    /// Queues a job, or refuses it at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        if self.shared.stop.load(Ordering::SeqCst) {
+            return Err(SubmitError::Stopped);
+        }
+        // Count first: the engine may take the job before try_send returns.
+        self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        self.shared.metrics.queue_depth.inc();
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let queued = self.shared.queued.fetch_sub(1, Ordering::SeqCst) - 1;
+                self.shared.metrics.queue_depth.dec();
+                match e {
+                    TrySendError::Full(_) => Err(SubmitError::Full { queued, limit: self.shared.max_queue }),
+                    TrySendError::Disconnected(_) => Err(SubmitError::Stopped),
+                }
+            }
+        }
+    }
+
+    /// Requests waiting for a slot.
+    pub fn queued(&self) -> usize {
+        self.shared.queued.load(Ordering::SeqCst)
+    }
+
+    pub fn max_queue(&self) -> usize {
+        self.shared.max_queue
+    }
+
+    /// Stops the engine: every active and queued request ends with `Failed` at the next cycle,
+    /// and the thread exits.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// Starts the engine thread, which owns `target` and the drafter.
+pub fn spawn(
+    target: Target,
+    drafter: Option<DrafterTemplate>,
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(EngineHandle, JoinHandle<()>)> {
+    let (tx, rx) = sync_channel(cfg.max_queue.max(1));
+    let shared = Arc::new(Shared { queued: AtomicUsize::new(0), stop: AtomicBool::new(false), max_queue: cfg.max_queue.max(1), metrics });
+    let engine_shared = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name("specauf-engine".into())
+        .spawn(move || run(&target, drafter.as_ref(), cfg.max_concurrency.max(1), &engine_shared, rx))?;
+    Ok((EngineHandle { tx, shared }, thread))
+}
+
+struct Active<'t> {
+    generation: Generation<'t>,
+    events: UnboundedSender<Event>,
+    eos: Vec<u32>,
+}
+
+/// How long an idle engine waits for a job before it looks at the stop flag again.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+fn run(target: &Target, drafter: Option<&DrafterTemplate>, max_concurrency: usize, shared: &Shared, rx: Receiver<Job>) {
+    let metrics = &shared.metrics;
+    let mut active: Vec<Active<'_>> = Vec::new();
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            for a in active.drain(..) {
+                let _ = a.events.send(Event::Failed { message: "the server is shutting down".into() });
+            }
+            metrics.active_requests.set(0);
+            while let Ok(job) = rx.try_recv() {
+                take_from_queue(shared);
+                let _ = job.events.send(Event::Failed { message: "the server is shutting down".into() });
+            }
+            return;
+        }
+        // 1. Admit queued jobs into free slots (block only when there is nothing to decode).
+        while active.len() < max_concurrency {
+            let job = if active.is_empty() {
+                match rx.recv_timeout(IDLE_POLL) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
+            take_from_queue(shared);
+            if job.events.is_closed() {
+                metrics.cancelled.inc();
+                continue;
+            }
+            if let Some(a) = admit(target, drafter, job, metrics) {
+                active.push(a);
+            }
+        }
+        metrics.active_requests.set(active.len() as i64);
+        // 2. One cycle of each active request, in turn.
+        active.retain_mut(|a| step(a, metrics));
+        metrics.active_requests.set(active.len() as i64);
+    }
+}
+
+fn take_from_queue(shared: &Shared) {
+    shared.queued.fetch_sub(1, Ordering::SeqCst);
+    shared.metrics.queue_depth.dec();
+}
+
+/// Prefills a job and sends its first token; None when it failed (the client is told).
+fn admit<'t>(target: &'t Target, drafter: Option<&DrafterTemplate>, job: Job, metrics: &Metrics) -> Option<Active<'t>> {
+    let proposer = drafter.map(|d| d.proposer());
+    let started = catch_unwind(AssertUnwindSafe(|| Generation::start_owned(target, proposer, &job.prompt_ids, &job.cfg)));
+    let mut generation = match started {
+        Ok(Ok(g)) => g,
+        Ok(Err(e)) => {
+            let _ = job.events.send(Event::Failed { message: e.to_string() });
+            return None;
+        }
+        Err(_) => {
+            let _ = job.events.send(Event::Failed { message: "internal error in the prefill (a panic, caught)".into() });
+            return None;
+        }
+    };
+    let tokens = generation.take_new_output();
+    metrics.add_tokens(tokens.len());
+    if job.events.send(Event::Tokens { tokens, cycle: None }).is_err() {
+        metrics.cancelled.inc();
+        return None;
+    }
+    Some(Active { generation, events: job.events, eos: job.cfg.eos_token_ids })
+}
+
+/// Runs one cycle of `a`; false when the request is over (finished, failed or cancelled).
+fn step(a: &mut Active<'_>, metrics: &Metrics) -> bool {
+    if a.events.is_closed() {
+        metrics.cancelled.inc();
+        return false;
+    }
+    if a.generation.is_finished() {
+        return finish(a);
+    }
+    let cycle = match catch_unwind(AssertUnwindSafe(|| a.generation.step())) {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let _ = a.events.send(Event::Failed { message: e.to_string() });
+            return false;
+        }
+        Err(_) => {
+            let _ = a.events.send(Event::Failed { message: "internal error in a decode cycle (a panic, caught)".into() });
+            return false;
+        }
+    };
+    let tokens = a.generation.take_new_output();
+    metrics.cycle(cycle.drafted, cycle.accepted, tokens.len());
+    let stats = CycleStats { drafted: cycle.drafted, accepted: cycle.accepted };
+    if a.events.send(Event::Tokens { tokens, cycle: Some(stats) }).is_err() {
+        metrics.cancelled.inc();
+        return false;
+    }
+    if a.generation.is_finished() {
+        return finish(a);
+    }
+    true
+}
+
+fn finish(a: &Active<'_>) -> bool {
+    let finish_reason = match a.generation.output().last() {
+        Some(t) if a.eos.contains(t) => FinishReason::Eos,
+        _ => FinishReason::Length,
+    };
+    let _ = a.events.send(Event::Done { finish_reason });
+    false
+}
