@@ -36,6 +36,10 @@ struct ServeBenchArgs {
     max_tokens: usize,
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// Generate --max-tokens every time, past EOS (fixed-length requests; τ then counts the
+    /// tokens after EOS too).
+    #[arg(long)]
+    ignore_eos: bool,
     /// A running server on loopback (e.g. http://127.0.0.1:8000); without it the bench starts
     /// one in this process on an ephemeral loopback port with --model/--drafter.
     #[arg(long)]
@@ -175,6 +179,7 @@ fn serve_bench(a: ServeBenchArgs) -> anyhow::Result<()> {
         requests: a.requests,
         max_tokens: a.max_tokens,
         temperature: a.temperature,
+        ignore_eos: a.ignore_eos,
         prompts: SERVE_PROMPTS.iter().map(|s| s.to_string()).collect(),
         time_limit: std::time::Duration::from_secs_f64(a.time_limit_s),
     };

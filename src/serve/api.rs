@@ -120,17 +120,39 @@ pub struct ErrorDetail {
     pub code: Option<String>,
 }
 
-/// Parses a body as `T`: invalid JSON and type errors become 400s naming the offending field.
-pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+/// Parses a body into a JSON object; not JSON, or not an object, is a 400.
+pub fn parse_json(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson { what: e.to_string() })?;
     if !value.is_object() {
         return Err(ApiError::InvalidJson { what: "expected a JSON object".into() });
     }
+    Ok(value)
+}
+
+/// Reads `T` out of a request object: a type error becomes a 400 naming the offending field.
+/// Several types can be read from one object (each ignores the fields of the others).
+pub fn fields<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let param = if path == "." { String::new() } else { path };
+        let inner = e.inner().to_string();
+        // A missing field is reported at its parent: name the field itself.
+        let missing = inner.strip_prefix("missing field `").and_then(|r| r.split('`').next());
+        let param = match (path.as_str(), missing) {
+            (".", Some(f)) => f.to_string(),
+            (".", None) => String::new(),
+            (p, Some(f)) => format!("{p}.{f}"),
+            (p, None) => p.to_string(),
+        };
         ApiError::InvalidField { message: format!("{}: {}", if param.is_empty() { "request" } else { &param }, e.inner()), param }
     })
+}
+
+/// A chat or completion request: its own fields and the shared ones.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<(T, CommonParams), ApiError> {
+    let value = parse_json(body)?;
+    let own = fields::<T>(&value)?;
+    let common = fields::<CommonParams>(&value)?;
+    Ok((own, common))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -173,6 +195,9 @@ pub struct CommonParams {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub n: Option<i64>,
+    /// vLLM's extension: generate up to max_tokens even past EOS (load tests with fixed lengths).
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
 }
 
 /// A message's `content`: a string or a list of parts (only `text` parts are supported).
@@ -204,8 +229,6 @@ pub struct ChatCompletionRequest {
     /// The newer name of `max_tokens` for chat.
     #[serde(default)]
     pub max_completion_tokens: Option<i64>,
-    #[serde(flatten)]
-    pub common: CommonParams,
 }
 
 /// `prompt`: a string, a list of one string, or a list of token ids.
@@ -220,8 +243,6 @@ pub enum PromptField {
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: PromptField,
-    #[serde(flatten)]
-    pub common: CommonParams,
 }
 
 /// A checked request, ready to tokenize and queue.
@@ -236,6 +257,7 @@ pub struct Checked {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    pub ignore_eos: bool,
 }
 
 /// At most this many stop strings, as OpenAI.
@@ -286,6 +308,7 @@ impl CommonParams {
             stop,
             stream: self.stream.unwrap_or(false),
             include_usage: self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
+            ignore_eos: self.ignore_eos.unwrap_or(false),
         })
     }
 }
@@ -323,8 +346,9 @@ impl ChatCompletionRequest {
         Ok(out)
     }
 
-    pub fn check(&self, served: &str) -> Result<Checked, ApiError> {
-        let mut c = self.common.check(served)?;
+    /// The shared checks, plus `max_completion_tokens` standing in for `max_tokens`.
+    pub fn check(&self, common: &CommonParams, served: &str) -> Result<Checked, ApiError> {
+        let mut c = common.check(served)?;
         if c.max_tokens.is_none() {
             if let Some(v) = self.max_completion_tokens {
                 if v < 1 {
@@ -475,8 +499,8 @@ mod tests {
 
     #[test]
     fn a_negative_max_tokens_names_the_field() {
-        let r: CompletionRequest = parse_body(br#"{"prompt": "hi", "max_tokens": -3}"#).unwrap();
-        let e = r.common.check("m").unwrap_err();
+        let (_, common) = parse_body::<CompletionRequest>(br#"{"prompt": "hi", "max_tokens": -3}"#).unwrap();
+        let e = common.check("m").unwrap_err();
         assert_eq!(e.param(), Some("max_tokens"));
         assert_eq!(e.status(), 400);
     }
@@ -486,7 +510,7 @@ mod tests {
         let e = parse_body::<CompletionRequest>(br#"{"prompt": "hi", "temperature": "hot"}"#).unwrap_err();
         assert_eq!(e.status(), 400);
         assert_eq!(e.param(), Some("temperature"), "{e}");
-        let r: CompletionRequest = parse_body(br#"{"prompt": "hi", "frequency_penalty": 0.5, "user": "x"}"#).unwrap();
+        let (r, _) = parse_body::<CompletionRequest>(br#"{"prompt": "hi", "frequency_penalty": 0.5, "user": "x"}"#).unwrap();
         assert!(matches!(r.prompt, PromptField::Text(_)));
     }
 

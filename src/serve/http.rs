@@ -161,15 +161,15 @@ fn prepare(s: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Prepared, Ap
     let tok_err = |param: &str, e: crate::tokenizer::TokenizerError| ApiError::field(param, e.to_string());
     let (prompt_ids, checked, param) = match endpoint {
         Endpoint::Chat => {
-            let req: ChatCompletionRequest = parse_body(body)?;
-            let checked = req.check(&s.served_name)?;
+            let (req, common) = parse_body::<ChatCompletionRequest>(body)?;
+            let checked = req.check(&common, &s.served_name)?;
             let messages = req.chat_messages()?;
             let ids = s.tokenizer.encode_chat(&messages, true).map_err(|e| tok_err("messages", e))?;
             (ids, checked, "messages")
         }
         Endpoint::Completions => {
-            let req: CompletionRequest = parse_body(body)?;
-            let checked = req.common.check(&s.served_name)?;
+            let (req, common) = parse_body::<CompletionRequest>(body)?;
+            let checked = common.check(&s.served_name)?;
             let ids = match &req.prompt {
                 PromptField::Text(t) => s.tokenizer.encode(t, true).map_err(|e| tok_err("prompt", e))?,
                 PromptField::Texts(v) if v.len() == 1 => s.tokenizer.encode(&v[0], true).map_err(|e| tok_err("prompt", e))?,
@@ -208,7 +208,7 @@ fn prepare(s: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Prepared, Ap
         temperature: checked.temperature,
         top_p: checked.top_p,
         seed: checked.seed.unwrap_or_else(rand::random),
-        eos_token_ids: s.eos_token_ids.clone(),
+        eos_token_ids: if checked.ignore_eos { Vec::new() } else { s.eos_token_ids.clone() },
         accept_rule: AcceptRule::SampleMatch,
     };
     Ok(Prepared { prompt_ids, cfg, checked })

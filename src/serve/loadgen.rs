@@ -23,6 +23,8 @@ pub struct LoadConfig {
     pub requests: usize,
     pub max_tokens: usize,
     pub temperature: f32,
+    /// Generate max_tokens every time, past EOS (fixed-length load).
+    pub ignore_eos: bool,
     /// Request i sends prompts[i % len] as the user message.
     pub prompts: Vec<String>,
     /// The whole run stops after this; unfinished requests count as errors.
@@ -186,6 +188,7 @@ async fn one_request(client: &reqwest::Client, url: reqwest::Url, cfg: &LoadConf
         "max_tokens": cfg.max_tokens,
         "temperature": cfg.temperature,
         "seed": i,
+        "ignore_eos": cfg.ignore_eos,
         "stream": true,
         "stream_options": {"include_usage": true},
     });
