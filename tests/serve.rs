@@ -547,3 +547,71 @@ fn the_official_openai_python_client_works_against_the_server() {
     assert!(stdout.contains("openai check: ok"), "{stdout}");
     println!("{}", stdout.trim());
 }
+
+#[test]
+fn a_batched_verify_forward_is_bit_identical_to_each_sequences_own_forward() {
+    let m = specauf::model::load_model(model_dir().to_str().unwrap(), WeightsMode::Q8).unwrap();
+    let t = &m.target;
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 30, 41], vec![7; 11], (3..40).collect()];
+    let blocks: Vec<Vec<u32>> = vec![vec![12, 13, 14, 15], vec![20], vec![60, 61]];
+    let taps = [0usize, 2];
+    let mut solo = Vec::new();
+    let mut caches = Vec::new();
+    for (p, b) in prompts.iter().zip(&blocks) {
+        let mut cache = t.new_cache();
+        t.forward(p, &mut cache, &taps, specauf::model::Logits::Last).unwrap();
+        let mut c2 = cache.clone();
+        solo.push(t.forward(b, &mut c2, &taps, specauf::model::Logits::All).unwrap());
+        caches.push(cache);
+    }
+    let mut seqs: Vec<specauf::model::BatchSeq<'_>> =
+        caches.iter_mut().zip(&blocks).map(|(cache, b)| specauf::model::BatchSeq { tokens: b, cache }).collect();
+    let batched = t.forward_batch(&mut seqs, &taps, specauf::model::Logits::All).unwrap();
+    let bits = |x: &candle_core::Tensor| x.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for (i, (a, b)) in solo.iter().zip(&batched).enumerate() {
+        assert_eq!(bits(a.logits.as_ref().unwrap()), bits(b.logits.as_ref().unwrap()), "sequence {i}: logits differ");
+        for (ta, tb) in a.taps.iter().zip(&b.taps) {
+            assert_eq!(bits(ta), bits(tb), "sequence {i}: taps differ");
+        }
+    }
+    for ((cache, p), b) in caches.iter().zip(&prompts).zip(&blocks) {
+        assert_eq!(cache.len(), p.len() + b.len());
+    }
+}
+
+#[test]
+fn concurrent_requests_decoded_together_each_get_their_own_t0_text() {
+    let s = start(true, ServeOptions { max_concurrency: 6, shutdown_grace: Duration::from_secs(2), ..ServeOptions::default() });
+    let base = s.base_url();
+    let tok = tokenizer();
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let base = base.clone();
+            std::thread::spawn(move || {
+                let prompt = format!("request number {i} says {}", "ab".repeat(i));
+                let body = json!({"prompt": prompt, "max_tokens": 20 + 5 * i, "temperature": 0, "stream": i % 2 == 0});
+                let r = client().post(format!("{base}/v1/completions")).json(&body).send().unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                let text = if i % 2 == 0 {
+                    let events = sse_events(r);
+                    events[..events.len() - 1]
+                        .iter()
+                        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_string())
+                        .collect::<String>()
+                } else {
+                    r.json::<Value>().unwrap()["choices"][0]["text"].as_str().unwrap().to_string()
+                };
+                (prompt, 20 + 5 * i, text)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (prompt, max, text) = h.join().unwrap();
+        let (want, _) = reference_text(&tok.encode(&prompt, true).unwrap(), max, true);
+        assert_eq!(text, want, "{prompt}");
+    }
+    // They were verified together: some target forward held more than one request's block.
+    let text = client().get(format!("{base}/metrics")).send().unwrap().text().unwrap();
+    let (sum, count) = (metric(&text, "specauf_verify_batch_size_sum").unwrap(), metric(&text, "specauf_verify_batch_size_count").unwrap());
+    assert!(sum > count, "no batched verify: {sum} blocks in {count} forwards");
+}

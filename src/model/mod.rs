@@ -17,7 +17,7 @@ use candle_core::quantized::gguf_file;
 pub use config::{Family, TargetConfig};
 pub use kv_cache::KvCache;
 pub use load::{load_model, LoadError, LoadedModel, DEFAULT_MODEL};
-pub use target::{ForwardOutput, Logits, Target};
+pub use target::{BatchSeq, ForwardOutput, Logits, Target};
 pub use weights::{WeightSource, WeightsMode};
 
 #[derive(Debug, thiserror::Error)]

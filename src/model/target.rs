@@ -219,51 +219,112 @@ impl Target {
 
     /// Runs `tokens` at positions cache.len().. and appends their K/V to the cache.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, taps: &[usize], logits: Logits) -> Result<ForwardOutput, ModelError> {
-        let n = tokens.len();
-        if n == 0 {
-            return Err(ModelError::EmptyInput);
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::TokenOutOfRange { token: bad, vocab: self.cfg.vocab_size });
-        }
+        let mut out = self.forward_batch(&mut [BatchSeq { tokens, cache }], taps, logits)?;
+        out.pop().ok_or(ModelError::EmptyInput)
+    }
+
+    /// Several sequences in one forward, each with its own tokens and its own cache (a server
+    /// verifying the blocks of several requests at once). The rows of every sequence go
+    /// through the linears together (projections, MLP, LM head: one pass over the weights);
+    /// RoPE, the cache and attention are per sequence. Each output is what the sequence's own
+    /// [`Target::forward`] returns: with row-independent kernels (q8) bit for bit, so batching
+    /// keeps T = 0 speculative decoding exact.
+    pub fn forward_batch(&self, seqs: &mut [BatchSeq<'_>], taps: &[usize], logits: Logits) -> Result<Vec<ForwardOutput>, ModelError> {
         if let Some(&bad) = taps.iter().find(|&&l| l >= self.cfg.num_hidden_layers) {
             return Err(ModelError::LayerOutOfRange { layer: bad, layers: self.cfg.num_hidden_layers });
         }
-        let start = cache.len();
-        if start + n > self.cfg.max_position_embeddings {
-            return Err(ModelError::ContextOverflow { needed: start + n, max: self.cfg.max_position_embeddings });
+        for s in seqs.iter() {
+            let n = s.tokens.len();
+            if n == 0 {
+                return Err(ModelError::EmptyInput);
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                return Err(ModelError::TokenOutOfRange { token: bad, vocab: self.cfg.vocab_size });
+            }
+            if s.cache.len() + n > self.cfg.max_position_embeddings {
+                return Err(ModelError::ContextOverflow { needed: s.cache.len() + n, max: self.cfg.max_position_embeddings });
+            }
         }
-        let (cos, sin) = {
-            let mut rope = self.rope.lock().map_err(|_| ModelError::Poisoned)?;
-            rope.at(start, n)?
-        };
-        cache.reserve(n);
-        // 1. (n,) -> (n, H)
-        let mut x = self.embed(tokens)?;
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut all_tokens = Vec::new();
+        let mut segs = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            let (start, n) = (s.cache.len(), s.tokens.len());
+            let (cos, sin) = {
+                let mut rope = self.rope.lock().map_err(|_| ModelError::Poisoned)?;
+                rope.at(start, n)?
+            };
+            s.cache.reserve(n);
+            segs.push(Segment { row: all_tokens.len(), n, cache: &mut *s.cache, cos, sin });
+            all_tokens.extend_from_slice(s.tokens);
+        }
+        // 1. (N,) -> (N, H), N = the rows of every sequence
+        let mut x = self.embed(&all_tokens)?;
         let mut tapped: Vec<Option<Tensor>> = vec![None; taps.len()];
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, i, cache, &cos, &sin)?;
+            x = layer.forward(&x, i, &mut segs)?;
             for (slot, &t) in tapped.iter_mut().zip(taps) {
                 if t == i {
                     *slot = Some(x.clone());
                 }
             }
         }
-        cache.advance(n);
-        let logits = match logits {
+        for seg in segs.iter_mut() {
+            seg.cache.advance(seg.n);
+        }
+        // 2. logits: (N, vocab) for All; one row per sequence, its last, for Last
+        let rows = match logits {
             Logits::None => None,
             Logits::All => Some(self.lm_head.forward(&self.norm.forward(&x)?)?),
-            Logits::Last => Some(self.lm_head.forward(&self.norm.forward(&x.narrow(0, n - 1, 1)?)?)?),
+            Logits::Last if segs.len() == 1 => Some(self.lm_head.forward(&self.norm.forward(&x.narrow(0, segs[0].n - 1, 1)?)?)?),
+            Logits::Last => {
+                let last: Vec<u32> = segs.iter().map(|s| (s.row + s.n - 1) as u32).collect();
+                let last = Tensor::new(last.as_slice(), &Device::Cpu)?;
+                Some(self.lm_head.forward(&self.norm.forward(&x.index_select(&last, 0)?)?)?)
+            }
         };
         let taps = tapped.into_iter().map(|t| t.ok_or(ModelError::Poisoned)).collect::<Result<Vec<_>, _>>()?;
-        Ok(ForwardOutput { logits, taps })
+        let single = segs.len() == 1;
+        let mut out = Vec::with_capacity(segs.len());
+        for (j, seg) in segs.iter().enumerate() {
+            let logits = match (&rows, logits) {
+                (None, _) => None,
+                (Some(r), _) if single => Some(r.clone()),
+                (Some(r), Logits::Last) => Some(r.narrow(0, j, 1)?),
+                (Some(r), _) => Some(r.narrow(0, seg.row, seg.n)?),
+            };
+            let taps = if single {
+                taps.clone()
+            } else {
+                taps.iter().map(|t| t.narrow(0, seg.row, seg.n)).collect::<candle_core::Result<Vec<_>>>()?
+            };
+            out.push(ForwardOutput { logits, taps });
+        }
+        Ok(out)
     }
 }
 
+/// One sequence of [`Target::forward_batch`]: its new tokens and its cache.
+pub struct BatchSeq<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// A sequence's rows row..row+n inside a batched forward, its cache and RoPE rows.
+struct Segment<'a> {
+    row: usize,
+    n: usize,
+    cache: &'a mut KvCache,
+    cos: Tensor,
+    sin: Tensor,
+}
+
 impl Layer {
-    fn forward(&self, x: &Tensor, idx: usize, cache: &mut KvCache, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, idx: usize, segs: &mut [Segment<'_>]) -> candle_core::Result<Tensor> {
         let h = self.input_norm.forward(x)?;
-        let h = self.attn.forward(&h, idx, cache, cos, sin)?;
+        let h = self.attn.forward(&h, idx, segs)?;
         let x = (x + h)?;
         let h = self.post_norm.forward(&x)?;
         let h = self.mlp.forward(&h)?;
@@ -279,30 +340,33 @@ impl Mlp {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, idx: usize, cache: &mut KvCache, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-        let n = x.dim(0)?;
+    fn forward(&self, x: &Tensor, idx: usize, segs: &mut [Segment<'_>]) -> candle_core::Result<Tensor> {
+        let n_all = x.dim(0)?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        // 1. (n, H) -> (n, heads, hd)
-        let q = self.q_proj.forward(x)?.reshape((n, nh, hd))?;
-        let k = self.k_proj.forward(x)?.reshape((n, nkv, hd))?;
-        let v = self.v_proj.forward(x)?.reshape((n, nkv, hd))?;
+        // 1. (N, H) -> (N, heads, hd), every sequence's rows at once
+        let q = self.q_proj.forward(x)?.reshape((n_all, nh, hd))?;
+        let k = self.k_proj.forward(x)?.reshape((n_all, nkv, hd))?;
+        let v = self.v_proj.forward(x)?.reshape((n_all, nkv, hd))?;
         // 2. per-head q/k norm (Qwen3) before RoPE
         let q = match &self.q_norm { Some(nm) => nm.forward(&q)?, None => q };
         let k = match &self.k_norm { Some(nm) => nm.forward(&k)?, None => k };
         // 3. rotate: rope wants (1, heads, n, hd); back to (n, heads, hd) row-major
-        let rot = |t: Tensor| -> candle_core::Result<Vec<f32>> {
+        let rot = |t: Tensor, cos: &Tensor, sin: &Tensor| -> candle_core::Result<Vec<f32>> {
             let r = candle_nn::rotary_emb::rope(&t.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?;
             r.squeeze(0)?.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1::<f32>()
         };
-        let q = rot(q)?;
-        let k = rot(k)?;
-        let v = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        // 4. append to the cache, attend over each query's causal prefix
-        let start = cache.len();
-        cache.write(idx, &k, &v, n);
-        let out = causal_attention(&q, cache.layer(idx), n, start, nh, nkv, hd, cache.capacity());
-        // 5. (n, heads·hd) -> (n, H)
-        self.o_proj.forward(&Tensor::from_vec(out, (n, nh * hd), &Device::Cpu)?)
+        // 4. per sequence: its positions, its cache, each query over its own causal prefix
+        let mut out = Vec::with_capacity(n_all * nh * hd);
+        for seg in segs.iter_mut() {
+            let q = rot(q.narrow(0, seg.row, seg.n)?, &seg.cos, &seg.sin)?;
+            let k = rot(k.narrow(0, seg.row, seg.n)?, &seg.cos, &seg.sin)?;
+            let v = v.narrow(0, seg.row, seg.n)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let start = seg.cache.len();
+            seg.cache.write(idx, &k, &v, seg.n);
+            out.extend(causal_attention(&q, seg.cache.layer(idx), seg.n, start, nh, nkv, hd, seg.cache.capacity()));
+        }
+        // 5. (N, heads·hd) -> (N, H)
+        self.o_proj.forward(&Tensor::from_vec(out, (n_all, nh * hd), &Device::Cpu)?)
     }
 }
 

@@ -9,7 +9,12 @@
 //! cycle and its slot is free for the next queued request.
 //!
 //! Each active request is a [`Generation`] with its own KV cache and its own proposer: the
-//! output is exactly what `generate` gives for the same prompt and config.
+//! output is exactly what `generate` gives for the same prompt and config. A cycle drafts every
+//! active request's block, verifies all blocks in one batched forward (the linears read the
+//! weights once for every request's rows; attention stays per request, on its own cache), then
+//! commits each block with its own verdict. Batching is on with q8 weights, whose kernels are
+//! row-independent, so a request's logits do not depend on what it was batched with; with f32
+//! or native weights the verify forwards run one by one.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,8 +27,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::load::DrafterTemplate;
 use super::metrics::Metrics;
-use crate::model::Target;
-use crate::spec::{FinishReason, GenerateConfig, Generation};
+use crate::model::{BatchSeq, ForwardOutput, Logits, Target, WeightsMode};
+use crate::spec::{Block, Cycle, FinishReason, GenerateConfig, Generation};
 
 /// One request for the engine.
 pub struct Job {
@@ -149,6 +154,8 @@ const IDLE_POLL: Duration = Duration::from_millis(50);
 
 fn run(target: &Target, drafter: Option<&DrafterTemplate>, max_concurrency: usize, shared: &Shared, rx: Receiver<Job>) {
     let metrics = &shared.metrics;
+    // Batched verify keeps T = 0 exact only with row-independent kernels (q8).
+    let batched = target.weights_mode() == WeightsMode::Q8;
     let mut active: Vec<Active<'_>> = Vec::new();
     loop {
         if shared.stop.load(Ordering::SeqCst) {
@@ -187,7 +194,7 @@ fn run(target: &Target, drafter: Option<&DrafterTemplate>, max_concurrency: usiz
         }
         metrics.active_requests.set(active.len() as i64);
         // 2. One cycle of each active request, in turn.
-        active.retain_mut(|a| step(a, metrics));
+        cycle_all(target, &mut active, metrics, batched);
         metrics.active_requests.set(active.len() as i64);
     }
 }
@@ -221,26 +228,111 @@ fn admit<'t>(target: &'t Target, drafter: Option<&DrafterTemplate>, job: Job, me
     Some(Active { generation, events: job.events, eos: job.cfg.eos_token_ids })
 }
 
-/// Runs one cycle of `a`; false when the request is over (finished, failed or cancelled).
-fn step(a: &mut Active<'_>, metrics: &Metrics) -> bool {
-    if a.events.is_closed() {
-        metrics.cancelled.inc();
-        return false;
-    }
-    if a.generation.is_finished() {
-        return finish(a);
-    }
-    let cycle = match catch_unwind(AssertUnwindSafe(|| a.generation.step())) {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            let _ = a.events.send(Event::Failed { message: e.to_string() });
-            return false;
+/// One cycle of every active request. With `batched`, the verify forwards of all of them run
+/// as one [`Target::forward_batch`] (each block on its own cache); otherwise one by one.
+fn cycle_all<'t>(target: &'t Target, active: &mut Vec<Active<'t>>, metrics: &Metrics, batched: bool) {
+    // Requests whose client is gone, or that are done, leave before any work is spent on them.
+    active.retain(|a| {
+        if a.events.is_closed() {
+            metrics.cancelled.inc();
+            false
+        } else if a.generation.is_finished() {
+            finish(a)
+        } else {
+            true
         }
-        Err(_) => {
-            let _ = a.events.send(Event::Failed { message: "internal error in a decode cycle (a panic, caught)".into() });
-            return false;
+    });
+    if active.is_empty() {
+        return;
+    }
+    // 1. Draft every block.
+    let mut blocks: Vec<Option<Block>> = Vec::with_capacity(active.len());
+    for a in active.iter_mut() {
+        let proposed = catch_unwind(AssertUnwindSafe(|| a.generation.propose_block()));
+        blocks.push(match proposed {
+            Ok(Ok(b)) => Some(b),
+            Ok(Err(e)) => {
+                let _ = a.events.send(Event::Failed { message: e.to_string() });
+                None
+            }
+            Err(_) => {
+                let _ = a.events.send(Event::Failed { message: "internal error while drafting (a panic, caught)".into() });
+                None
+            }
+        });
+    }
+    // 2. Verify: one forward for all blocks, or one each. A failed batched forward leaves the
+    //    caches as they were (positions are committed only at its end): retry one by one.
+    let n_blocks = blocks.iter().flatten().count();
+    let mut outs: Vec<Option<Result<ForwardOutput, String>>> = Vec::new();
+    if batched && n_blocks > 1 {
+        let taps = active.iter_mut().find_map(|a| Some(a.generation.verify_inputs().1.to_vec())).unwrap_or_default();
+        let mut seqs: Vec<BatchSeq<'_>> = active
+            .iter_mut()
+            .zip(&blocks)
+            .filter_map(|(a, b)| b.as_ref().map(|b| BatchSeq { tokens: &b.tokens, cache: a.generation.verify_inputs().0 }))
+            .collect();
+        if let Ok(Ok(all)) = catch_unwind(AssertUnwindSafe(|| target.forward_batch(&mut seqs, &taps, Logits::All))) {
+            metrics.verify_batch_size.observe(n_blocks as f64);
+            let mut all = all.into_iter();
+            outs = blocks.iter().map(|b| b.as_ref().and_then(|_| all.next()).map(Ok)).collect();
         }
-    };
+    }
+    if outs.is_empty() {
+        for _ in 0..n_blocks {
+            metrics.verify_batch_size.observe(1.0);
+        }
+        outs = active
+            .iter_mut()
+            .zip(&blocks)
+            .map(|(a, b)| {
+                b.as_ref().map(|b| {
+                    let (cache, taps) = a.generation.verify_inputs();
+                    let taps = taps.to_vec();
+                    match catch_unwind(AssertUnwindSafe(|| target.forward(&b.tokens, cache, &taps, Logits::All))) {
+                        Ok(Ok(out)) => Ok(out),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("internal error in the verify forward (a panic, caught)".into()),
+                    }
+                })
+            })
+            .collect();
+    }
+    // 3. Commit each block with its own verdict, and tell its client.
+    let mut keep = Vec::with_capacity(active.len());
+    for ((a, block), out) in active.iter_mut().zip(blocks).zip(outs) {
+        let (Some(block), Some(out)) = (block, out) else {
+            keep.push(false);
+            continue;
+        };
+        let cycle = match out {
+            Ok(out) => match catch_unwind(AssertUnwindSafe(|| a.generation.commit_block(block, out))) {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    let _ = a.events.send(Event::Failed { message: e.to_string() });
+                    keep.push(false);
+                    continue;
+                }
+                Err(_) => {
+                    let _ = a.events.send(Event::Failed { message: "internal error in the verdict (a panic, caught)".into() });
+                    keep.push(false);
+                    continue;
+                }
+            },
+            Err(message) => {
+                let _ = a.events.send(Event::Failed { message });
+                keep.push(false);
+                continue;
+            }
+        };
+        keep.push(deliver(a, &cycle, metrics));
+    }
+    let mut keep = keep.into_iter();
+    active.retain(|_| keep.next().unwrap_or(false));
+}
+
+/// Sends a cycle's tokens; false when the request is over (finished or its client gone).
+fn deliver(a: &mut Active<'_>, cycle: &Cycle, metrics: &Metrics) -> bool {
     let tokens = a.generation.take_new_output();
     metrics.cycle(cycle.drafted, cycle.accepted, tokens.len());
     let stats = CycleStats { drafted: cycle.drafted, accepted: cycle.accepted };

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub request_latency: Histogram,
+    /// Blocks verified per target forward (1 = unbatched).
+    pub verify_batch_size: Histogram,
     pub queue_depth: Gauge,
     pub active_requests: Gauge,
     pub tokens_per_second: Gauge<f64, AtomicU64>,
@@ -78,6 +80,8 @@ impl Metrics {
         registry.register("inter_token_latency_seconds", "Time between output tokens (a cycle's gap spread over its tokens)", inter_token_latency.clone());
         let request_latency = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         registry.register("request_latency_seconds", "From the request's arrival to its last token", request_latency.clone());
+        let verify_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        registry.register("verify_batch_size", "Requests whose blocks were verified in one target forward", verify_batch_size.clone());
         let queue_depth = Gauge::default();
         registry.register("queue_depth", "Requests waiting for a decode slot", queue_depth.clone());
         let active_requests = Gauge::default();
@@ -98,6 +102,7 @@ impl Metrics {
             time_to_first_token,
             inter_token_latency,
             request_latency,
+            verify_batch_size,
             queue_depth,
             active_requests,
             tokens_per_second,

@@ -21,7 +21,7 @@ use super::proposer::Proposer;
 use super::sampling::{AcceptRule, SamplingParams};
 use super::verifier::Verifier;
 use super::SpecError;
-use crate::model::{KvCache, Logits, Target};
+use crate::model::{ForwardOutput, KvCache, Logits, Target};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenerateConfig {
@@ -111,6 +111,19 @@ pub struct Cycle {
     /// The acc + 1 tokens committed (accepted drafts, then the bonus), before any cut at
     /// EOS or at the token limit.
     pub committed: Vec<u32>,
+}
+
+/// A proposed block awaiting its verify forward (see [`Generation::propose_block`]).
+#[derive(Debug)]
+pub struct Block {
+    /// Position of `tokens[0]`, the last committed token.
+    pub start: usize,
+    /// `[last, d1..dk]`: what the verify forward runs.
+    pub tokens: Vec<u32>,
+    probs: Option<Tensor>,
+    t0: Instant,
+    draft_ms: f64,
+    verify_t0: Instant,
 }
 
 /// One request in flight.
@@ -235,6 +248,17 @@ impl<'a> Generation<'a> {
 
     /// Runs one draft → verify → commit cycle.
     pub fn step(&mut self) -> Result<Cycle, SpecError> {
+        let block = self.propose_block()?;
+        let out = self.target.forward(&block.tokens, &mut self.cache, &self.taps, Logits::All)?;
+        self.commit_block(block, out)
+    }
+
+    /// The first half of a cycle: the draft, as the block `[last, d1..dk]` to verify at
+    /// positions start..=start+k. Verify it with the target and this generation's cache
+    /// ([`Generation::verify_inputs`]), alone or batched with other requests' blocks
+    /// ([`Target::forward_batch`]), then hand the forward's output to
+    /// [`Generation::commit_block`].
+    pub fn propose_block(&mut self) -> Result<Block, SpecError> {
         if self.finished {
             return Err(SpecError::Finished);
         }
@@ -267,18 +291,30 @@ impl<'a> Generation<'a> {
                 vocab,
             });
         }
+        let mut tokens = Vec::with_capacity(drafts.len() + 1);
+        tokens.push(last);
+        tokens.extend_from_slice(&drafts);
+        Ok(Block { start, tokens, probs, t0, draft_ms, verify_t0: Instant::now() })
+    }
+
+    /// What the verify forward of a proposed block needs: the target cache (which the forward
+    /// extends) and the layers to tap.
+    pub fn verify_inputs(&mut self) -> (&mut KvCache, &[usize]) {
+        (&mut self.cache, &self.taps)
+    }
+
+    /// The second half of a cycle: the verdict on `block` from `out`, the verify forward of
+    /// `block.tokens` on this generation's cache with `Logits::All` and its taps; then commit.
+    pub fn commit_block(&mut self, block: Block, out: ForwardOutput) -> Result<Cycle, SpecError> {
+        let Block { start, tokens: block, probs, t0, draft_ms, verify_t0: t1 } = block;
+        let drafts = &block[1..];
 
         // 2. verify: the block [last, d1..dk] at positions start..=start+k in one forward;
         //    logits (k+1, V), taps k+1 × (k+1, H)
-        let t1 = Instant::now();
-        let mut block = Vec::with_capacity(drafts.len() + 1);
-        block.push(last);
-        block.extend_from_slice(&drafts);
-        let out = self.target.forward(&block, &mut self.cache, &self.taps, Logits::All)?;
         let logits = out.logits.ok_or(SpecError::InvalidConfig {
             what: "the target returned no verify logits".into(),
         })?;
-        let verdict = match self.verifier.verify(&drafts, probs.as_ref(), &logits, self.committed.len()) {
+        let verdict = match self.verifier.verify(drafts, probs.as_ref(), &logits, self.committed.len()) {
             Ok(v) => v,
             Err(e) => {
                 // Keep the invariant for a caller that inspects the cache after the error.
