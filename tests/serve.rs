@@ -300,6 +300,13 @@ fn every_bad_request_gets_openais_error_shape_and_status() {
     // An unknown route.
     let r = client().get(format!("{}/v2/anything", s.base_url())).send().unwrap();
     assert_error(r.status().as_u16(), &r.json().unwrap(), 404, None);
+    // A known route with the wrong method.
+    let r = client().get(format!("{}/v1/chat/completions", s.base_url())).send().unwrap();
+    assert_error(r.status().as_u16(), &r.json().unwrap(), 405, None);
+    // A body that is not UTF-8 JSON.
+    let r = client().post(&url).header("content-type", "application/json").body(vec![0xffu8, 0xfe, 0x00]).send().unwrap();
+    let status = r.status().as_u16();
+    assert_error(status, &r.json().unwrap(), 400, None);
     // After all that, the server still answers.
     let (status, v) = post(&s, "/v1/chat/completions", &json!({"messages": msgs, "max_tokens": 4}));
     assert_eq!(status, 200, "{v}");

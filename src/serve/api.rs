@@ -22,13 +22,19 @@ pub enum ApiError {
         "this model's maximum context length is {max} tokens; the request needs {needed} \
          ({prompt} in the prompt, {max_tokens} for the completion{block}); shorten the prompt or lower max_tokens"
     )]
-    ContextLength { max: usize, needed: usize, prompt: usize, max_tokens: usize, block: String },
+    ContextLength { param: &'static str, max: usize, needed: usize, prompt: usize, max_tokens: usize, block: String },
+    /// 400/413/415: the body could not be read (too large, not UTF-8 ...).
+    #[error("the request body could not be read: {what}")]
+    BadBody { status: u16, what: String },
     /// 404: the model name is not the one served.
     #[error("the model `{requested}` does not exist; this server serves `{served}`")]
     ModelNotFound { requested: String, served: String },
     /// 404: no such route.
     #[error("no route for {method} {path}; the API serves /v1/chat/completions, /v1/completions, /v1/models, /health and /metrics")]
     NoRoute { method: String, path: String },
+    /// 405: the route exists, the method does not.
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
     /// 401: a key is set and the request's is missing or wrong.
     #[error("incorrect API key provided; pass it as `Authorization: Bearer KEY`")]
     InvalidApiKey,
@@ -51,8 +57,10 @@ impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
             ApiError::InvalidJson { .. } | ApiError::InvalidField { .. } | ApiError::ContextLength { .. } => 400,
+            ApiError::BadBody { status, .. } => *status,
             ApiError::InvalidApiKey => 401,
             ApiError::ModelNotFound { .. } | ApiError::NoRoute { .. } => 404,
+            ApiError::MethodNotAllowed { .. } => 405,
             ApiError::Overloaded { .. } | ApiError::ShuttingDown => 503,
             ApiError::Internal { .. } => 500,
         }
@@ -62,7 +70,8 @@ impl ApiError {
     pub fn kind(&self) -> &'static str {
         match self {
             ApiError::InvalidJson { .. } | ApiError::InvalidField { .. } | ApiError::ContextLength { .. } => "invalid_request_error",
-            ApiError::ModelNotFound { .. } | ApiError::NoRoute { .. } => "invalid_request_error",
+            ApiError::BadBody { .. } => "invalid_request_error",
+            ApiError::ModelNotFound { .. } | ApiError::NoRoute { .. } | ApiError::MethodNotAllowed { .. } => "invalid_request_error",
             ApiError::InvalidApiKey => "invalid_request_error",
             ApiError::Overloaded { .. } | ApiError::ShuttingDown => "server_error",
             ApiError::Internal { .. } => "server_error",
@@ -73,10 +82,12 @@ impl ApiError {
     pub fn code(&self) -> Option<&'static str> {
         match self {
             ApiError::InvalidJson { .. } => Some("invalid_json"),
+            ApiError::BadBody { .. } => Some("invalid_body"),
             ApiError::InvalidField { .. } => Some("invalid_value"),
             ApiError::ContextLength { .. } => Some("context_length_exceeded"),
             ApiError::ModelNotFound { .. } => Some("model_not_found"),
             ApiError::NoRoute { .. } => Some("unknown_url"),
+            ApiError::MethodNotAllowed { .. } => Some("method_not_allowed"),
             ApiError::InvalidApiKey => Some("invalid_api_key"),
             ApiError::Overloaded { .. } => Some("overloaded"),
             ApiError::ShuttingDown => Some("shutting_down"),
@@ -87,7 +98,7 @@ impl ApiError {
     pub fn param(&self) -> Option<&str> {
         match self {
             ApiError::InvalidField { param, .. } => Some(param),
-            ApiError::ContextLength { .. } => Some("messages"),
+            ApiError::ContextLength { param, .. } => Some(param),
             ApiError::ModelNotFound { .. } => Some("model"),
             _ => None,
         }

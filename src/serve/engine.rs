@@ -53,6 +53,8 @@ pub enum Event {
     Tokens { tokens: Vec<u32>, cycle: Option<CycleStats> },
     Done { finish_reason: FinishReason },
     Failed { message: String },
+    /// The server is shutting down; the request was cut.
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -160,12 +162,12 @@ fn run(target: &Target, drafter: Option<&DrafterTemplate>, max_concurrency: usiz
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             for a in active.drain(..) {
-                let _ = a.events.send(Event::Failed { message: "the server is shutting down".into() });
+                let _ = a.events.send(Event::Cancelled);
             }
             metrics.active_requests.set(0);
             while let Ok(job) = rx.try_recv() {
                 take_from_queue(shared);
-                let _ = job.events.send(Event::Failed { message: "the server is shutting down".into() });
+                let _ = job.events.send(Event::Cancelled);
             }
             return;
         }

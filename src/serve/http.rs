@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -59,6 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(state)
 }
 
@@ -75,7 +77,7 @@ async fn authenticate(State(s): State<Arc<AppState>>, headers: HeaderMap, req: R
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim);
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
             return ApiError::InvalidApiKey.into_response();
@@ -90,6 +92,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> Response {
     ApiError::NoRoute { method: method.to_string(), path: uri.path().to_string() }.into_response()
+}
+
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_string() }.into_response()
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {
@@ -140,18 +146,30 @@ struct Prepared {
     checked: Checked,
 }
 
-async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let arrived = Instant::now();
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return fail(&s, Endpoint::Chat, body_error(e)),
+    };
     let st = s.clone();
     let prepared = tokio::task::spawn_blocking(move || prepare(&st, Endpoint::Chat, &body)).await;
     respond(s, Endpoint::Chat, prepared, arrived).await
 }
 
-async fn completions(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let arrived = Instant::now();
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return fail(&s, Endpoint::Completions, body_error(e)),
+    };
     let st = s.clone();
     let prepared = tokio::task::spawn_blocking(move || prepare(&st, Endpoint::Completions, &body)).await;
     respond(s, Endpoint::Completions, prepared, arrived).await
+}
+
+fn body_error(e: BytesRejection) -> ApiError {
+    ApiError::BadBody { status: e.status().as_u16(), what: e.body_text() }
 }
 
 /// OpenAI's default `max_tokens` of /v1/completions.
@@ -201,7 +219,7 @@ fn prepare(s: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Prepared, Ap
     let needed = prompt_ids.len().saturating_add(max_tokens).saturating_add(overhead);
     if needed > s.max_context {
         let block = if overhead > 0 { format!(", {overhead} for the last speculative block") } else { String::new() };
-        return Err(ApiError::ContextLength { max: s.max_context, needed, prompt: prompt_ids.len(), max_tokens, block });
+        return Err(ApiError::ContextLength { param, max: s.max_context, needed, prompt: prompt_ids.len(), max_tokens, block });
     }
     let cfg = GenerateConfig {
         max_new_tokens: max_tokens,
@@ -267,6 +285,8 @@ enum Progress {
     Text(String),
     Finished { text: String, reason: &'static str },
     Failed(String),
+    /// The server is shutting down and cancelled the request.
+    ShutDown,
 }
 
 impl Run {
@@ -363,6 +383,7 @@ fn advance(run: &mut Run, text: &mut TextAssembler<'_>, ev: Event) -> Progress {
         }
         Event::Done { finish_reason: r } => Progress::Finished { text: text.finish(), reason: finish_reason(r, false) },
         Event::Failed { message } => Progress::Failed(message),
+        Event::Cancelled => Progress::ShutDown,
     }
 }
 
@@ -372,7 +393,7 @@ async fn whole_response(mut run: Run, mut rx: UnboundedReceiver<Event>) -> Respo
     let mut out = String::new();
     let reason = loop {
         let Some(ev) = rx.recv().await else {
-            break Err("the engine stopped".to_string());
+            break Err(ApiError::ShuttingDown);
         };
         match advance(&mut run, &mut text, ev) {
             Progress::Text(d) => out.push_str(&d),
@@ -380,14 +401,15 @@ async fn whole_response(mut run: Run, mut rx: UnboundedReceiver<Event>) -> Respo
                 out.push_str(&d);
                 break Ok(reason);
             }
-            Progress::Failed(m) => break Err(m),
+            Progress::Failed(what) => break Err(ApiError::Internal { what }),
+            Progress::ShutDown => break Err(ApiError::ShuttingDown),
         }
     };
     // A stop sequence ends the request here: dropping the receiver frees its slot.
     drop(rx);
     let reason = match reason {
         Ok(r) => r,
-        Err(what) => return fail(&run.s, run.endpoint, ApiError::Internal { what }),
+        Err(e) => return fail(&run.s, run.endpoint, e),
     };
     let usage = run.usage(run.ids.len());
     run.record_end(200, &usage);
@@ -460,7 +482,7 @@ fn sse_stream(mut run: Run, mut rx: UnboundedReceiver<Event>, include_usage: boo
         let mut failed = None;
         loop {
             let Some(ev) = rx.recv().await else {
-                failed = Some("the engine stopped".to_string());
+                failed = Some(ApiError::ShuttingDown);
                 break;
             };
             match advance(&mut run, &mut text, ev) {
@@ -476,8 +498,12 @@ fn sse_stream(mut run: Run, mut rx: UnboundedReceiver<Event>, include_usage: boo
                     yield Ok(chunk(&run, created, None, false, Some(reason), None));
                     break;
                 }
-                Progress::Failed(m) => {
-                    failed = Some(m);
+                Progress::Failed(what) => {
+                    failed = Some(ApiError::Internal { what });
+                    break;
+                }
+                Progress::ShutDown => {
+                    failed = Some(ApiError::ShuttingDown);
                     break;
                 }
             }
@@ -491,9 +517,8 @@ fn sse_stream(mut run: Run, mut rx: UnboundedReceiver<Event>, include_usage: boo
                     yield Ok(chunk(&run, created, None, false, None, Some(usage)));
                 }
             }
-            Some(what) => {
+            Some(e) => {
                 // The status line is long gone: the error goes in the stream, in OpenAI's shape.
-                let e = ApiError::Internal { what };
                 run.record_end(e.status(), &usage);
                 yield Ok(SseEvent::default().data(serde_json::to_string(&e.body()).unwrap_or_default()));
             }
