@@ -209,7 +209,7 @@ fn prepare(s: &AppState, endpoint: Endpoint, body: &[u8]) -> Result<Prepared, Ap
         return Err(ApiError::field(param, "the prompt tokenizes to no tokens"));
     }
     // The last cycle may start at prompt + max_tokens - 1 and verify a block from there.
-    let overhead = s.block_size - 1;
+    let overhead = s.block_size.saturating_sub(1);
     let room = s.max_context.saturating_sub(prompt_ids.len() + overhead);
     let max_tokens = match (checked.max_tokens, endpoint) {
         (Some(m), _) => m,
