@@ -449,6 +449,10 @@ fn models_health_and_metrics_describe_the_server() {
         "specauf_time_to_first_token_seconds_bucket",
         "specauf_inter_token_latency_seconds_bucket",
         "specauf_request_latency_seconds_bucket",
+        "specauf_engine_prefill_seconds_total",
+        "specauf_engine_draft_seconds_total",
+        "specauf_engine_verify_seconds_total",
+        "specauf_verify_batch_size_bucket",
         "specauf_queue_depth",
         "specauf_active_requests",
         "specauf_tokens_per_second",
@@ -479,6 +483,8 @@ fn the_load_generator_reports_no_errors_and_only_talks_to_loopback() {
     assert_eq!(r.ok, 10);
     assert!(r.tokens_per_s > 0.0 && r.ttft_p50_ms > 0.0 && r.ttft_p99_ms >= r.ttft_p50_ms, "{r:?}");
     assert!(r.latency_p99_ms >= r.latency_p50_ms && r.tau >= 1.0, "{r:?}");
+    let e = r.engine.as_ref().expect("engine time from /metrics");
+    assert!(e.draft_s > 0.0 && e.verify_s > 0.0 && e.mean_verify_batch >= 1.0, "{e:?}");
     for url in ["http://10.0.0.1:8000", "http://example.com", "https://127.0.0.1:1"] {
         let mut c = cfg.clone();
         c.base_url = url.into();

@@ -202,6 +202,19 @@ fn serve_bench(a: ServeBenchArgs) -> anyhow::Result<()> {
             "| {} | {} | {} | {} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
             r.clients, drafter_label, r.requests, r.errors, r.tokens_per_s, r.requests_per_s, r.ttft_p50_ms, r.ttft_p99_ms, r.latency_p50_ms, r.latency_p99_ms, r.tau
         );
+        if let Some(e) = &r.engine {
+            let total = (e.prefill_s + e.draft_s + e.verify_s).max(1e-9);
+            println!(
+                "engine: prefill {:.1} s ({:.0}%), draft {:.1} s ({:.0}%), verify {:.1} s ({:.0}%); {:.1} blocks per verify forward",
+                e.prefill_s,
+                100.0 * e.prefill_s / total,
+                e.draft_s,
+                100.0 * e.draft_s / total,
+                e.verify_s,
+                100.0 * e.verify_s / total,
+                e.mean_verify_batch
+            );
+        }
         for e in &r.error_samples {
             eprintln!("error: {e}");
         }

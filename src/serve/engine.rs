@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -209,7 +209,9 @@ fn take_from_queue(shared: &Shared) {
 /// Prefills a job and sends its first token; None when it failed (the client is told).
 fn admit<'t>(target: &'t Target, drafter: Option<&DrafterTemplate>, job: Job, metrics: &Metrics) -> Option<Active<'t>> {
     let proposer = drafter.map(|d| d.proposer());
+    let t0 = Instant::now();
     let started = catch_unwind(AssertUnwindSafe(|| Generation::start_owned(target, proposer, &job.prompt_ids, &job.cfg)));
+    metrics.prefill_seconds.inc_by(t0.elapsed().as_secs_f64());
     let mut generation = match started {
         Ok(Ok(g)) => g,
         Ok(Err(e)) => {
@@ -248,6 +250,7 @@ fn cycle_all<'t>(target: &'t Target, active: &mut Vec<Active<'t>>, metrics: &Met
         return;
     }
     // 1. Draft every block.
+    let t_draft = Instant::now();
     let mut blocks: Vec<Option<Block>> = Vec::with_capacity(active.len());
     for a in active.iter_mut() {
         let proposed = catch_unwind(AssertUnwindSafe(|| a.generation.propose_block()));
@@ -263,6 +266,8 @@ fn cycle_all<'t>(target: &'t Target, active: &mut Vec<Active<'t>>, metrics: &Met
             }
         });
     }
+    metrics.draft_seconds.inc_by(t_draft.elapsed().as_secs_f64());
+    let t_verify = Instant::now();
     // 2. Verify: one forward for all blocks, or one each. A failed batched forward leaves the
     //    caches as they were (positions are committed only at its end): retry one by one.
     let n_blocks = blocks.iter().flatten().count();
@@ -329,6 +334,7 @@ fn cycle_all<'t>(target: &'t Target, active: &mut Vec<Active<'t>>, metrics: &Met
         };
         keep.push(deliver(a, &cycle, metrics));
     }
+    metrics.verify_seconds.inc_by(t_verify.elapsed().as_secs_f64());
     let mut keep = keep.into_iter();
     active.retain(|_| keep.next().unwrap_or(false));
 }

@@ -66,6 +66,42 @@ pub struct LoadReport {
     pub cycles: usize,
     pub drafted_tokens: usize,
     pub accepted_tokens: usize,
+    /// Where a specauf server's engine spent the run (from /metrics before and after; None
+    /// when the server has no such metrics).
+    pub engine: Option<EngineTime>,
+}
+
+/// Engine seconds by phase over a run, and the mean number of blocks per verify forward.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EngineTime {
+    pub prefill_s: f64,
+    pub draft_s: f64,
+    pub verify_s: f64,
+    pub mean_verify_batch: f64,
+}
+
+const ENGINE_METRICS: [&str; 5] = [
+    "specauf_engine_prefill_seconds_total",
+    "specauf_engine_draft_seconds_total",
+    "specauf_engine_verify_seconds_total",
+    "specauf_verify_batch_size_sum",
+    "specauf_verify_batch_size_count",
+];
+
+/// The engine counters of a specauf server's /metrics.
+async fn engine_counters(client: &reqwest::Client, base: &reqwest::Url, api_key: Option<&str>) -> Option<[f64; 5]> {
+    let url = base.join("metrics").ok()?;
+    let mut req = client.get(url);
+    if let Some(k) = api_key {
+        req = req.bearer_auth(k);
+    }
+    let text = req.send().await.ok()?.text().await.ok()?;
+    let mut out = [0.0; 5];
+    for (slot, name) in out.iter_mut().zip(ENGINE_METRICS) {
+        let line = text.lines().find(|l| l.split(' ').next() == Some(name))?;
+        *slot = line.rsplit(' ').next()?.parse().ok()?;
+    }
+    Some(out)
 }
 
 #[derive(Debug, Default)]
@@ -107,6 +143,7 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, LoadError> {
     let client = reqwest::Client::builder().no_proxy().build().map_err(|e| LoadError::Start(e.to_string()))?;
     let next = Arc::new(AtomicUsize::new(0));
     let cfg = Arc::new(cfg.clone());
+    let before = rt.block_on(engine_counters(&client, &base, cfg.api_key.as_deref()));
     let t0 = Instant::now();
     let results: Vec<Result<One, String>> = rt.block_on(async {
         let mut tasks = Vec::new();
@@ -139,7 +176,13 @@ pub fn run(cfg: &LoadConfig) -> Result<LoadReport, LoadError> {
         all
     });
     let wall = t0.elapsed();
-    Ok(report(&cfg, &results, wall))
+    let after = rt.block_on(engine_counters(&client, &base, cfg.api_key.as_deref()));
+    let mut r = report(&cfg, &results, wall);
+    if let (Some(b), Some(a)) = (before, after) {
+        let d: Vec<f64> = a.iter().zip(&b).map(|(a, b)| a - b).collect();
+        r.engine = Some(EngineTime { prefill_s: d[0], draft_s: d[1], verify_s: d[2], mean_verify_batch: if d[4] > 0.0 { d[3] / d[4] } else { 0.0 } });
+    }
+    Ok(r)
 }
 
 fn report(cfg: &LoadConfig, results: &[Result<One, String>], wall: Duration) -> LoadReport {
@@ -168,6 +211,7 @@ fn report(cfg: &LoadConfig, results: &[Result<One, String>], wall: Duration) -> 
         cycles: ok.iter().map(|o| o.cycles).sum(),
         drafted_tokens: ok.iter().map(|o| o.drafted).sum(),
         accepted_tokens: ok.iter().map(|o| o.accepted).sum(),
+        engine: None,
     }
 }
 

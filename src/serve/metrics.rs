@@ -41,6 +41,11 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub request_latency: Histogram,
+    /// Engine time by phase: prefill of admitted requests, drafting, verify forwards (with
+    /// the verdicts and commits).
+    pub prefill_seconds: Counter<f64, AtomicU64>,
+    pub draft_seconds: Counter<f64, AtomicU64>,
+    pub verify_seconds: Counter<f64, AtomicU64>,
     /// Blocks verified per target forward (1 = unbatched).
     pub verify_batch_size: Histogram,
     pub queue_depth: Gauge,
@@ -80,6 +85,12 @@ impl Metrics {
         registry.register("inter_token_latency_seconds", "Time between output tokens (a cycle's gap spread over its tokens)", inter_token_latency.clone());
         let request_latency = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         registry.register("request_latency_seconds", "From the request's arrival to its last token", request_latency.clone());
+        let prefill_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register("engine_prefill_seconds", "Engine time spent prefilling admitted requests", prefill_seconds.clone());
+        let draft_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register("engine_draft_seconds", "Engine time spent drafting", draft_seconds.clone());
+        let verify_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register("engine_verify_seconds", "Engine time spent in verify forwards, verdicts and commits", verify_seconds.clone());
         let verify_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
         registry.register("verify_batch_size", "Requests whose blocks were verified in one target forward", verify_batch_size.clone());
         let queue_depth = Gauge::default();
@@ -102,6 +113,9 @@ impl Metrics {
             time_to_first_token,
             inter_token_latency,
             request_latency,
+            prefill_seconds,
+            draft_seconds,
+            verify_seconds,
             verify_batch_size,
             queue_depth,
             active_requests,
