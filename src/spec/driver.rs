@@ -308,6 +308,18 @@ impl<'a> Generation<'a> {
     pub fn commit_block(&mut self, block: Block, out: ForwardOutput) -> Result<Cycle, SpecError> {
         let Block { start, tokens: block, probs, t0, draft_ms, verify_t0: t1 } = block;
         let drafts = &block[1..];
+        // The forward must have been this block's, on this generation's cache.
+        if self.cache.len() != start + block.len() {
+            self.cache.truncate(start);
+            return Err(SpecError::InvalidConfig {
+                what: format!(
+                    "the verify forward left the cache at {} positions; the block needs {} (start {start} + {} tokens)",
+                    self.cache.len(),
+                    start + block.len(),
+                    block.len()
+                ),
+            });
+        }
 
         // 2. verify: the block [last, d1..dk] at positions start..=start+k in one forward;
         //    logits (k+1, V), taps k+1 × (k+1, H)
