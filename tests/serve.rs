@@ -402,12 +402,16 @@ fn a_client_that_disconnects_mid_stream_is_cancelled_while_the_others_finish() {
         let (want, _) = reference_text(&tok.encode(&prompt, true).unwrap(), 16, true);
         assert_eq!(v["choices"][0]["text"], want);
     }
-    // The dropped request was cancelled, not decoded to its end.
+    // A whole (not streamed) request whose client gives up is dropped too.
+    let impatient = reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_millis(30)).build().unwrap();
+    let r = impatient.post(format!("{base}/v1/completions")).json(&json!({"prompt": "patience", "max_tokens": 480, "ignore_eos": true})).send();
+    assert!(r.is_err(), "the request should have timed out on the client side");
+    // Both dropped requests were cancelled, not decoded to their end.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = client().get(format!("{base}/metrics")).send().unwrap().text().unwrap();
         let cancelled = metric(&text, "specauf_cancelled_requests_total").unwrap_or(0.0);
-        if cancelled >= 1.0 {
+        if cancelled >= 2.0 {
             assert_eq!(metric(&text, "specauf_active_requests"), Some(0.0), "{text}");
             break;
         }
