@@ -566,7 +566,7 @@ fn the_official_openai_python_client_works_against_the_server() {
 }
 
 #[test]
-fn a_batched_verify_forward_is_bit_identical_to_each_sequences_own_forward() {
+fn batched_verify_and_prefill_forwards_are_bit_identical_to_each_sequences_own_forward() {
     let m = specauf::model::load_model(model_dir().to_str().unwrap(), WeightsMode::Q8).unwrap();
     let t = &m.target;
     let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 30, 41], vec![7; 11], (3..40).collect()];
@@ -593,6 +593,20 @@ fn a_batched_verify_forward_is_bit_identical_to_each_sequences_own_forward() {
     }
     for ((cache, p), b) in caches.iter().zip(&prompts).zip(&blocks) {
         assert_eq!(cache.len(), p.len() + b.len());
+    }
+    // Prefills batched with Logits::Last: each sequence's last row, as alone.
+    let mut fresh: Vec<_> = prompts.iter().map(|_| t.new_cache()).collect();
+    let mut seqs: Vec<specauf::model::BatchSeq<'_>> =
+        fresh.iter_mut().zip(&prompts).map(|(cache, p)| specauf::model::BatchSeq { tokens: p, cache }).collect();
+    let batched = t.forward_batch(&mut seqs, &taps, specauf::model::Logits::Last).unwrap();
+    for (i, (p, b)) in prompts.iter().zip(&batched).enumerate() {
+        let mut cache = t.new_cache();
+        let alone = t.forward(p, &mut cache, &taps, specauf::model::Logits::Last).unwrap();
+        assert_eq!(bits(alone.logits.as_ref().unwrap()), bits(b.logits.as_ref().unwrap()), "prompt {i}: last logits differ");
+        assert_eq!(b.logits.as_ref().unwrap().dims(), &[1, 256]);
+        for (ta, tb) in alone.taps.iter().zip(&b.taps) {
+            assert_eq!(bits(ta), bits(tb), "prompt {i}: prefill taps differ");
+        }
     }
 }
 

@@ -12,7 +12,8 @@
 //! output is exactly what `generate` gives for the same prompt and config. A cycle drafts every
 //! active request's block, verifies all blocks in one batched forward (the linears read the
 //! weights once for every request's rows; attention stays per request, on its own cache), then
-//! commits each block with its own verdict. Batching is on with q8 weights, whose kernels are
+//! commits each block with its own verdict; newly admitted requests are prefilled together
+//! the same way. Batching is on with q8 weights, whose kernels are
 //! row-independent, so a request's logits do not depend on what it was batched with; with f32
 //! or native weights the verify forwards run one by one.
 
@@ -28,7 +29,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::load::DrafterTemplate;
 use super::metrics::Metrics;
 use crate::model::{BatchSeq, ForwardOutput, Logits, Target, WeightsMode};
-use crate::spec::{Block, Cycle, FinishReason, GenerateConfig, Generation};
+use crate::spec::{Block, Cycle, FinishReason, GenerateConfig, Generation, Prefill};
 
 /// One request for the engine.
 pub struct Job {
@@ -171,9 +172,11 @@ fn run(target: &Target, drafter: Option<&DrafterTemplate>, max_concurrency: usiz
             }
             return;
         }
-        // 1. Admit queued jobs into free slots (block only when there is nothing to decode).
-        while active.len() < max_concurrency {
-            let job = if active.is_empty() {
+        // 1. Admit queued jobs into free slots (block only when there is nothing to decode),
+        //    and prefill them together.
+        let mut jobs = Vec::new();
+        while active.len() + jobs.len() < max_concurrency {
+            let job = if active.is_empty() && jobs.is_empty() {
                 match rx.recv_timeout(IDLE_POLL) {
                     Ok(job) => job,
                     Err(RecvTimeoutError::Timeout) => break,
@@ -190,9 +193,10 @@ fn run(target: &Target, drafter: Option<&DrafterTemplate>, max_concurrency: usiz
                 metrics.cancelled.inc();
                 continue;
             }
-            if let Some(a) = admit(target, drafter, job, metrics) {
-                active.push(a);
-            }
+            jobs.push(job);
+        }
+        if !jobs.is_empty() {
+            active.extend(admit(target, drafter, jobs, metrics, batched));
         }
         metrics.active_requests.set(active.len() as i64);
         // 2. One cycle of each active request, in turn.
@@ -206,30 +210,97 @@ fn take_from_queue(shared: &Shared) {
     shared.metrics.queue_depth.dec();
 }
 
-/// Prefills a job and sends its first token; None when it failed (the client is told).
-fn admit<'t>(target: &'t Target, drafter: Option<&DrafterTemplate>, job: Job, metrics: &Metrics) -> Option<Active<'t>> {
-    let proposer = drafter.map(|d| d.proposer());
+/// Rows of one batched prefill forward: bounds its activations (a longer prompt runs alone).
+const PREFILL_BATCH_ROWS: usize = 2048;
+
+/// Validates and prefills jobs (batched, in groups of at most [`PREFILL_BATCH_ROWS`] rows) and
+/// sends each its first token; a job that fails is told and left out.
+fn admit<'t>(target: &'t Target, drafter: Option<&DrafterTemplate>, jobs: Vec<Job>, metrics: &Metrics, batched: bool) -> Vec<Active<'t>> {
     let t0 = Instant::now();
-    let started = catch_unwind(AssertUnwindSafe(|| Generation::start_owned(target, proposer, &job.prompt_ids, &job.cfg)));
-    metrics.prefill_seconds.inc_by(t0.elapsed().as_secs_f64());
-    let mut generation = match started {
-        Ok(Ok(g)) => g,
-        Ok(Err(e)) => {
-            let _ = job.events.send(Event::Failed { message: e.to_string() });
-            return None;
+    // 1. Validate.
+    let mut ready: Vec<(Job, Prefill<'t>)> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let proposer = drafter.map(|d| d.proposer());
+        match catch_unwind(AssertUnwindSafe(|| Generation::prepare(target, proposer, &job.prompt_ids, &job.cfg))) {
+            Ok(Ok(p)) => ready.push((job, p)),
+            Ok(Err(e)) => {
+                let _ = job.events.send(Event::Failed { message: e.to_string() });
+            }
+            Err(_) => {
+                let _ = job.events.send(Event::Failed { message: "internal error while validating (a panic, caught)".into() });
+            }
         }
-        Err(_) => {
-            let _ = job.events.send(Event::Failed { message: "internal error in the prefill (a panic, caught)".into() });
-            return None;
-        }
-    };
-    let tokens = generation.take_new_output();
-    metrics.add_tokens(tokens.len());
-    if job.events.send(Event::Tokens { tokens, cycle: None }).is_err() {
-        metrics.cancelled.inc();
-        return None;
     }
-    Some(Active { generation, events: job.events, eos: job.cfg.eos_token_ids })
+    // 2. Prefill: consecutive prompts in groups of bounded rows, one forward per group; what a
+    //    group's forward did not do (or a failed one, which commits nothing) runs alone.
+    let mut outs: Vec<Option<ForwardOutput>> = (0..ready.len()).map(|_| None).collect();
+    if batched && ready.len() > 1 {
+        let mut start = 0;
+        while start < ready.len() {
+            let mut end = start + 1;
+            let mut rows = ready[start].0.prompt_ids.len();
+            while end < ready.len() && rows + ready[end].0.prompt_ids.len() <= PREFILL_BATCH_ROWS {
+                rows += ready[end].0.prompt_ids.len();
+                end += 1;
+            }
+            if end - start > 1 {
+                let taps = ready[start].1.inputs().2.to_vec();
+                let mut seqs: Vec<BatchSeq<'_>> = ready[start..end]
+                    .iter_mut()
+                    .map(|(_, p)| {
+                        let (tokens, cache, _) = p.inputs();
+                        BatchSeq { tokens, cache }
+                    })
+                    .collect();
+                if let Ok(Ok(group)) = catch_unwind(AssertUnwindSafe(|| target.forward_batch(&mut seqs, &taps, Logits::Last))) {
+                    for (slot, out) in outs[start..end].iter_mut().zip(group) {
+                        *slot = Some(out);
+                    }
+                }
+            }
+            start = end;
+        }
+    }
+    let mut admitted = Vec::with_capacity(ready.len());
+    for ((job, mut prefill), out) in ready.into_iter().zip(outs) {
+        let out = match out {
+            Some(out) => Ok(out),
+            None => {
+                let (tokens, cache, taps) = prefill.inputs();
+                let taps = taps.to_vec();
+                match catch_unwind(AssertUnwindSafe(|| target.forward(tokens, cache, &taps, Logits::Last))) {
+                    Ok(Ok(out)) => Ok(out),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("internal error in the prefill (a panic, caught)".to_string()),
+                }
+            }
+        };
+        // 3. First token, proposer started.
+        let started = match out {
+            Ok(out) => match catch_unwind(AssertUnwindSafe(|| prefill.finish(out))) {
+                Ok(Ok(g)) => Ok(g),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("internal error after the prefill (a panic, caught)".to_string()),
+            },
+            Err(e) => Err(e),
+        };
+        let mut generation = match started {
+            Ok(g) => g,
+            Err(message) => {
+                let _ = job.events.send(Event::Failed { message });
+                continue;
+            }
+        };
+        let tokens = generation.take_new_output();
+        metrics.add_tokens(tokens.len());
+        if job.events.send(Event::Tokens { tokens, cycle: None }).is_err() {
+            metrics.cancelled.inc();
+            continue;
+        }
+        admitted.push(Active { generation, events: job.events, eos: job.cfg.eos_token_ids });
+    }
+    metrics.prefill_seconds.inc_by(t0.elapsed().as_secs_f64());
+    admitted
 }
 
 /// One cycle of every active request. With `batched`, the verify forwards of all of them run

@@ -113,6 +113,70 @@ pub struct Cycle {
     pub committed: Vec<u32>,
 }
 
+/// A validated request waiting for its prefill forward (see [`Generation::prepare`]).
+pub struct Prefill<'a> {
+    target: &'a Target,
+    proposer: Option<Box<dyn Proposer + 'a>>,
+    cfg: GenerateConfig,
+    verifier: Verifier,
+    cache: KvCache,
+    taps: Vec<usize>,
+    block_size: usize,
+    prompt: Vec<u32>,
+    t0: Instant,
+}
+
+impl<'a> Prefill<'a> {
+    /// What the prefill forward runs: the prompt, on this request's (empty) cache, tapping
+    /// these layers.
+    pub fn inputs(&mut self) -> (&[u32], &mut KvCache, &[usize]) {
+        (&self.prompt, &mut self.cache, &self.taps)
+    }
+
+    /// Takes the first token from `out` (the prefill forward of [`Prefill::inputs`], with
+    /// `Logits::Last`) and hands the prompt features to the proposer.
+    pub fn finish(self, out: ForwardOutput) -> Result<Generation<'a>, SpecError> {
+        let Prefill { target, mut proposer, cfg, mut verifier, cache, taps, block_size, prompt, t0 } = self;
+        if cache.len() != prompt.len() {
+            return Err(SpecError::InvalidConfig {
+                what: format!("the prefill forward left the cache at {} positions; the prompt has {}", cache.len(), prompt.len()),
+            });
+        }
+        let logits = out.logits.ok_or(SpecError::InvalidConfig {
+            what: "the target returned no prefill logits".into(),
+        })?;
+        let first = verifier.next_token(&logits, 0)?;
+        if let Some(p) = proposer.as_deref_mut() {
+            // (n_prompt, n_taps·H)
+            let features = concat_taps(&out.taps)?;
+            p.begin(target, &prompt, features.as_ref())?;
+        }
+        let prefill_ms = ms_since(t0);
+
+        Ok(Generation {
+            target,
+            proposer,
+            eos_seen: cfg.eos_token_ids.contains(&first),
+            cfg,
+            verifier,
+            cache,
+            taps,
+            block_size,
+            prompt_len: prompt.len(),
+            committed: vec![first],
+            streamed: 0,
+            finished: false,
+            accept_lengths: Vec::new(),
+            draft_lengths: Vec::new(),
+            prefill_ms,
+            decode_ms: 0.0,
+            draft_ms: 0.0,
+            first_draft_ms: 0.0,
+            verify_ms: 0.0,
+        })
+    }
+}
+
 /// A proposed block awaiting its verify forward (see [`Generation::propose_block`]).
 #[derive(Debug)]
 pub struct Block {
@@ -168,10 +232,26 @@ impl<'a> Generation<'a> {
     /// flight gives each its own proposer (its drafter state is per request).
     pub fn start_owned(
         target: &'a Target,
-        mut proposer: Option<Box<dyn Proposer + 'a>>,
+        proposer: Option<Box<dyn Proposer + 'a>>,
         prompt_ids: &[u32],
         cfg: &GenerateConfig,
     ) -> Result<Self, SpecError> {
+        let mut prefill = Self::prepare(target, proposer, prompt_ids, cfg)?;
+        let (prompt, cache, taps) = prefill.inputs();
+        let out = target.forward(prompt, cache, taps, Logits::Last)?;
+        prefill.finish(out)
+    }
+
+    /// The first half of [`Generation::start_owned`]: validates the request against the target
+    /// and the proposer. Run the prefill forward on [`Prefill::inputs`] (alone, or batched with
+    /// other requests' prompts by [`Target::forward_batch`], `Logits::Last`), then
+    /// [`Prefill::finish`] takes the first token and starts the proposer.
+    pub fn prepare(
+        target: &'a Target,
+        proposer: Option<Box<dyn Proposer + 'a>>,
+        prompt_ids: &[u32],
+        cfg: &GenerateConfig,
+    ) -> Result<Prefill<'a>, SpecError> {
         let tc = target.config();
         if prompt_ids.is_empty() {
             return Err(SpecError::EmptyPrompt);
@@ -207,42 +287,17 @@ impl<'a> Generation<'a> {
                 max: tc.max_position_embeddings,
             });
         }
-        let mut verifier = Verifier::new(cfg.sampling(), cfg.accept_rule, cfg.seed);
-
-        let t0 = Instant::now();
-        let mut cache = target.new_cache();
-        let out = target.forward(prompt_ids, &mut cache, &taps, Logits::Last)?;
-        let logits = out.logits.ok_or(SpecError::InvalidConfig {
-            what: "the target returned no prefill logits".into(),
-        })?;
-        let first = verifier.next_token(&logits, 0)?;
-        if let Some(p) = proposer.as_deref_mut() {
-            // (n_prompt, n_taps·H)
-            let features = concat_taps(&out.taps)?;
-            p.begin(target, prompt_ids, features.as_ref())?;
-        }
-        let prefill_ms = ms_since(t0);
-
-        Ok(Self {
+        let verifier = Verifier::new(cfg.sampling(), cfg.accept_rule, cfg.seed);
+        Ok(Prefill {
             target,
             proposer,
             cfg: cfg.clone(),
             verifier,
-            cache,
+            cache: target.new_cache(),
             taps,
             block_size,
-            prompt_len: prompt_ids.len(),
-            committed: vec![first],
-            streamed: 0,
-            eos_seen: cfg.eos_token_ids.contains(&first),
-            finished: false,
-            accept_lengths: Vec::new(),
-            draft_lengths: Vec::new(),
-            prefill_ms,
-            decode_ms: 0.0,
-            draft_ms: 0.0,
-            first_draft_ms: 0.0,
-            verify_ms: 0.0,
+            prompt: prompt_ids.to_vec(),
+            t0: Instant::now(),
         })
     }
 

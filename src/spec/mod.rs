@@ -45,7 +45,7 @@ pub mod proposer;
 pub mod sampling;
 pub mod verifier;
 
-pub use driver::{generate, generate_streaming, Block, Cycle, FinishReason, GenerateConfig, GenerateOutput, Generation};
+pub use driver::{generate, generate_streaming, Block, Cycle, Prefill, FinishReason, GenerateConfig, GenerateOutput, Generation};
 pub use metrics::{AcceptStats, MetricsSummary};
 pub use proposer::{Draft, FixedProposer, OracleErrors, OracleProposer, Proposer, RandomProposer};
 pub use sampling::{AcceptRule, SamplingParams};
