@@ -13,6 +13,7 @@
 //! - [`data`]: conversations → regenerated replies → masked token shards → cached features.
 //! - [`train`]: config, objectives, chunked LM head, optimiser, checkpoints, the training loop.
 //! - [`eval`]: the six benchmarks, the runner (AR vs drafters), the resume journal, reports, plots.
+//! - [`serve`]: the OpenAI-compatible server: requests decoded together, metrics, load generator.
 //! - [`pipeline`]: typed stages (prepare, train, evaluate) and the jobs built from them: quickstart,
 //!   the paper's experiment and its report.
 //!
@@ -34,6 +35,8 @@ pub mod data;
 pub mod train;
 
 pub mod eval;
+pub mod serve;
+
 pub mod pipeline;
 
 pub fn version() -> &'static str {

@@ -29,8 +29,10 @@ enum Command {
     Quickstart(cli::quickstart::QuickstartArgs),
     /// Reproduce the paper's comparison at small scale (`experiment paper`).
     Experiment(cli::experiment::ExperimentArgs),
-    /// Benchmarks (not timed tests): decode speed, training step speed.
+    /// Benchmarks (not timed tests): decode speed, training step speed, server load.
     Bench(cli::bench::BenchArgs),
+    /// An OpenAI-compatible HTTP server (chat/completions, completions, models, health, metrics).
+    Serve(cli::serve::ServeArgs),
 }
 
 fn main() {
@@ -47,6 +49,7 @@ fn main() {
         Command::Quickstart(a) => cli::quickstart::run(a),
         Command::Experiment(a) => cli::experiment::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Serve(a) => cli::serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -16,12 +16,12 @@ const ORDER: &[&[&str]] = &[
     &["spec"],
     &["drafter"],
     &["data"],
-    &["train", "eval"],
+    &["train", "eval", "serve"],
     &["pipeline"],
 ];
 
 /// Pairs that the order alone would allow but the design forbids.
-const FORBIDDEN: &[(&str, &str)] = &[("eval", "train"), ("train", "eval")];
+const FORBIDDEN: &[(&str, &str)] = &[("eval", "train"), ("train", "eval"), ("serve", "train"), ("serve", "eval"), ("train", "serve"), ("eval", "serve")];
 
 const MAX_FN_LINES: usize = 125;
 

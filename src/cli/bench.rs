@@ -1,5 +1,5 @@
-//! `specauf bench decode|train`: speed figures as medians of several runs (benchmarks, not
-//! timed tests).
+//! `specauf bench decode|train|serve`: speed figures as medians of several runs, and a load
+//! generator against the server (benchmarks, not timed tests).
 
 use std::time::Instant;
 
@@ -20,6 +20,52 @@ enum BenchWhat {
     Decode(DecodeArgs),
     /// Drafter training step time, tokens/s, peak memory and LM-head share, per objective.
     Train(TrainBenchArgs),
+    /// Load on `specauf serve` (loopback only): throughput, time to first token, latency, errors, τ.
+    Serve(ServeBenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeBenchArgs {
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Requests in all.
+    #[arg(long, default_value_t = 16)]
+    requests: usize,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Generate --max-tokens every time, past EOS (fixed-length requests; τ then counts the
+    /// tokens after EOS too).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// A running server on loopback (e.g. http://127.0.0.1:8000); without it the bench starts
+    /// one in this process on an ephemeral loopback port with --model/--drafter.
+    #[arg(long)]
+    url: Option<String>,
+    /// The model id to send (with --url; default: the server's, from /v1/models).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    #[arg(long)]
+    api_key: Option<String>,
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    #[arg(long)]
+    drafter: Option<std::path::PathBuf>,
+    #[arg(long)]
+    block_size: Option<usize>,
+    #[arg(long, default_value_t = WeightsMode::Q8)]
+    weights: WeightsMode,
+    /// Requests the in-process server decodes at once (default: --clients).
+    #[arg(long)]
+    max_concurrency: Option<usize>,
+    /// The run stops after this many seconds; unfinished requests count as errors.
+    #[arg(long, default_value_t = 600.0)]
+    time_limit_s: f64,
+    /// Print one JSON object instead of a table row.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -80,7 +126,118 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         BenchWhat::Decode(a) => decode(a),
         BenchWhat::Train(a) => train_bench(a),
+        BenchWhat::Serve(a) => serve_bench(a),
     }
+}
+
+/// Short chat prompts of different kinds, sent round-robin.
+const SERVE_PROMPTS: [&str; 8] = [
+    "What is the capital of France?",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Explain in two sentences why the sky is blue.",
+    "List three uses of a paperclip.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did she sell altogether?",
+    "Translate 'good morning, how are you?' into Spanish.",
+    "Summarize the plot of Romeo and Juliet in one paragraph.",
+    "What is 17 times 23? Show your steps.",
+];
+
+fn serve_bench(a: ServeBenchArgs) -> anyhow::Result<()> {
+    use specauf::serve::{self, loadgen, ServeOptions, ServerHandle};
+    if !(a.time_limit_s > 0.0 && a.time_limit_s.is_finite()) {
+        anyhow::bail!("--time-limit-s must be a positive number");
+    }
+    // Either a server the user runs (loopback only), or one of our own.
+    let (server, base_url, model, drafter_label) = match &a.url {
+        Some(url) => {
+            loadgen::check_loopback(url)?;
+            let model = match &a.served_model_name {
+                Some(m) => m.clone(),
+                None => served_model(url, a.api_key.as_deref()).with_context(|| format!("asking {url}/v1/models for the model id"))?,
+            };
+            (None, url.trim_end_matches('/').to_string(), model, "(the server's)".to_string())
+        }
+        None => {
+            let served = serve::load(&a.model, a.weights, a.drafter.as_deref(), a.block_size)?;
+            let label = match &served.drafter {
+                Some(d) => format!("{} B={}", d.kind(), d.block_size()),
+                None => "none".to_string(),
+            };
+            let opts = ServeOptions {
+                served_model_name: None,
+                max_concurrency: a.max_concurrency.unwrap_or(a.clients).max(1),
+                max_queue: a.requests.max(1),
+                api_key: a.api_key.clone(),
+                shutdown_grace: std::time::Duration::from_secs(2),
+            };
+            let handle = ServerHandle::spawn(served, opts, "127.0.0.1:0".parse()?)?;
+            let url = handle.base_url();
+            (Some(handle), url, a.model.clone(), label)
+        }
+    };
+    let cfg = loadgen::LoadConfig {
+        base_url: base_url.clone(),
+        model,
+        api_key: a.api_key.clone(),
+        clients: a.clients,
+        requests: a.requests,
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        ignore_eos: a.ignore_eos,
+        prompts: SERVE_PROMPTS.iter().map(|s| s.to_string()).collect(),
+        time_limit: std::time::Duration::from_secs_f64(a.time_limit_s),
+    };
+    eprintln!(
+        "bench serve: {} clients, {} requests of up to {} tokens at T = {} against {base_url} (drafter {drafter_label})",
+        a.clients, a.requests, a.max_tokens, a.temperature
+    );
+    let r = loadgen::run(&cfg)?;
+    if let Some(h) = server {
+        h.shutdown()?;
+    }
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["drafter"] = serde_json::Value::from(drafter_label);
+        println!("{v}");
+    } else {
+        println!("| clients | drafter | requests | errors | tokens/s | req/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms | τ |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        println!(
+            "| {} | {} | {} | {} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            r.clients, drafter_label, r.requests, r.errors, r.tokens_per_s, r.requests_per_s, r.ttft_p50_ms, r.ttft_p99_ms, r.latency_p50_ms, r.latency_p99_ms, r.tau
+        );
+        if let Some(e) = &r.engine {
+            let total = (e.prefill_s + e.draft_s + e.verify_s).max(1e-9);
+            println!(
+                "engine: prefill {:.1} s ({:.0}%), draft {:.1} s ({:.0}%), verify {:.1} s ({:.0}%); {:.1} blocks per verify forward",
+                e.prefill_s,
+                100.0 * e.prefill_s / total,
+                e.draft_s,
+                100.0 * e.draft_s / total,
+                e.verify_s,
+                100.0 * e.verify_s / total,
+                e.mean_verify_batch
+            );
+        }
+        for e in &r.error_samples {
+            eprintln!("error: {e}");
+        }
+    }
+    if r.errors > 0 {
+        anyhow::bail!("{} of {} requests failed", r.errors, a.requests);
+    }
+    Ok(())
+}
+
+/// The first model id of a server's /v1/models.
+fn served_model(url: &str, api_key: Option<&str>) -> anyhow::Result<String> {
+    let client = reqwest::blocking::Client::builder().no_proxy().build()?;
+    let mut req = client.get(format!("{}/v1/models", url.trim_end_matches('/')));
+    if let Some(k) = api_key {
+        req = req.bearer_auth(k);
+    }
+    let v: serde_json::Value = req.send()?.error_for_status()?.json()?;
+    v["data"][0]["id"].as_str().map(str::to_string).context("no model in /v1/models")
 }
 
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {

@@ -9,5 +9,6 @@ pub mod init_drafter;
 pub mod prepare;
 pub mod progress;
 pub mod quickstart;
+pub mod serve;
 pub mod train;
 pub mod util;

@@ -197,6 +197,12 @@ impl AnyDrafter {
         }
     }
 
+    /// A proposer with fresh per-request state sharing this drafter's weights (a clone of a
+    /// drafter shares its tensors): a server gives each request its own.
+    pub fn proposer(&self) -> Box<dyn Proposer + Send> {
+        self.clone().into_proposer()
+    }
+
     /// The drafter behind the decode loop.
     pub fn into_proposer(self) -> Box<dyn Proposer + Send> {
         match self {

@@ -48,7 +48,7 @@ use crate::eval::datasets::{BenchRequest, Benchmark, BenchmarkName};
 use crate::model::Target;
 use crate::spec::driver::{generate, FinishReason, GenerateConfig, GenerateOutput};
 use crate::spec::metrics::AcceptStats;
-use crate::spec::proposer::{Draft, Proposer};
+use crate::spec::proposer::Proposer;
 use crate::spec::sampling::{AcceptRule, SamplingParams};
 use crate::spec::SpecError;
 use crate::tokenizer::{ChatMessage, Tokenizer};

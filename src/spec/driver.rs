@@ -117,7 +117,7 @@ pub struct Cycle {
 }
 
 /// A drafted block waiting for its verify forward (between phases 1 and 3 of a cycle).
-pub(super) struct PendingVerify {
+pub struct PendingVerify {
     /// Position of block[0], the last committed token.
     start: usize,
     /// [last, d1..dk]
@@ -129,10 +129,77 @@ pub(super) struct PendingVerify {
     draft_ms: f64,
 }
 
+/// A validated request waiting for its prefill forward (see [`Generation::prepare`]): run
+/// the forward on [`Prefill::inputs`] (alone, or batched with other requests' prompts by
+/// [`Target::forward_batch`]), then [`Prefill::finish`].
+pub struct Prefill<'a> {
+    target: &'a Target,
+    proposer: Option<Box<dyn Proposer + 'a>>,
+    cfg: GenerateConfig,
+    verifier: Verifier,
+    cache: KvCache,
+    taps: Vec<usize>,
+    block_size: usize,
+    prompt: Vec<u32>,
+    t0: Instant,
+}
+
+impl<'a> Prefill<'a> {
+    /// The prefill forward's request: the prompt on this request's (empty) cache, its taps,
+    /// logits of the last position.
+    pub fn item(&mut self) -> BatchItem<'_> {
+        BatchItem { tokens: &self.prompt, cache: &mut self.cache, taps: &self.taps, logits: Logits::Last }
+    }
+
+    /// Takes the first token from `out` (the forward of [`Prefill::item`]) and hands the prompt
+    /// features to the proposer.
+    pub fn finish(self, out: ForwardOutput) -> Result<Generation<'a>, SpecError> {
+        let Prefill { target, mut proposer, cfg, mut verifier, cache, taps, block_size, prompt, t0 } = self;
+        if cache.len() != prompt.len() {
+            return Err(SpecError::InvalidConfig {
+                what: format!("the prefill forward left the cache at {} positions; the prompt has {}", cache.len(), prompt.len()),
+            });
+        }
+        let logits = out.logits.ok_or(SpecError::InvalidConfig {
+            what: "the target returned no prefill logits".into(),
+        })?;
+        let first = verifier.next_token(&logits, 0)?;
+        if let Some(p) = proposer.as_deref_mut() {
+            // (n_prompt, n_taps·H)
+            let features = concat_taps(&out.taps)?;
+            p.begin(target, &prompt, features.as_ref())?;
+        }
+        let prefill_ms = ms_since(t0);
+        Ok(Generation {
+            target,
+            proposer,
+            eos_seen: cfg.eos_token_ids.contains(&first),
+            cfg,
+            verifier,
+            cache,
+            taps,
+            block_size,
+            prompt_len: prompt.len(),
+            committed: vec![first],
+            streamed: 0,
+            finished: false,
+            accept_lengths: Vec::new(),
+            draft_lengths: Vec::new(),
+            prefill_ms,
+            decode_ms: 0.0,
+            draft_ms: 0.0,
+            first_draft_ms: 0.0,
+            verify_ms: 0.0,
+        })
+    }
+}
+
 /// One request in flight.
 pub struct Generation<'a> {
     target: &'a Target,
-    proposer: Option<&'a mut dyn Proposer>,
+    /// Owned, so that a caller with many requests in flight gives each its own drafter state; a
+    /// borrowed proposer is boxed as `&mut P` (which is a `Proposer` too).
+    proposer: Option<Box<dyn Proposer + 'a>>,
     cfg: GenerateConfig,
     verifier: Verifier,
     cache: KvCache,
@@ -160,10 +227,34 @@ impl<'a> Generation<'a> {
     /// the first token and hands the prompt features to the proposer.
     pub fn start(
         target: &'a Target,
-        mut proposer: Option<&'a mut dyn Proposer>,
+        proposer: Option<&'a mut dyn Proposer>,
         prompt_ids: &[u32],
         cfg: &GenerateConfig,
     ) -> Result<Self, SpecError> {
+        Self::start_owned(target, proposer.map(|p| Box::new(p) as Box<dyn Proposer + 'a>), prompt_ids, cfg)
+    }
+
+    /// [`Generation::start`] owning its proposer.
+    pub fn start_owned(
+        target: &'a Target,
+        proposer: Option<Box<dyn Proposer + 'a>>,
+        prompt_ids: &[u32],
+        cfg: &GenerateConfig,
+    ) -> Result<Self, SpecError> {
+        let mut prefill = Self::prepare(target, proposer, prompt_ids, cfg)?;
+        let mut outs = target.forward_batch(&mut [prefill.item()])?;
+        let out = outs.pop().ok_or(SpecError::InvalidConfig { what: "the target returned no prefill output".into() })?;
+        prefill.finish(out)
+    }
+
+    /// The first half of [`Generation::start_owned`]: validates the request against the target
+    /// and the proposer, and returns what its prefill forward needs.
+    pub fn prepare(
+        target: &'a Target,
+        proposer: Option<Box<dyn Proposer + 'a>>,
+        prompt_ids: &[u32],
+        cfg: &GenerateConfig,
+    ) -> Result<Prefill<'a>, SpecError> {
         let tc = target.config();
         if prompt_ids.is_empty() {
             return Err(SpecError::EmptyPrompt);
@@ -199,42 +290,16 @@ impl<'a> Generation<'a> {
                 max: tc.max_position_embeddings,
             });
         }
-        let mut verifier = Verifier::new(cfg.sampling(), cfg.accept_rule, cfg.seed);
-
-        let t0 = Instant::now();
-        let mut cache = target.new_cache();
-        let out = target.forward(prompt_ids, &mut cache, &taps, Logits::Last)?;
-        let logits = out.logits.ok_or(SpecError::InvalidConfig {
-            what: "the target returned no prefill logits".into(),
-        })?;
-        let first = verifier.next_token(&logits, 0)?;
-        if let Some(p) = proposer.as_deref_mut() {
-            // (n_prompt, n_taps·H)
-            let features = concat_taps(&out.taps)?;
-            p.begin(target, prompt_ids, features.as_ref())?;
-        }
-        let prefill_ms = ms_since(t0);
-
-        Ok(Self {
+        Ok(Prefill {
             target,
             proposer,
             cfg: cfg.clone(),
-            verifier,
-            cache,
+            verifier: Verifier::new(cfg.sampling(), cfg.accept_rule, cfg.seed),
+            cache: target.new_cache(),
             taps,
             block_size,
-            prompt_len: prompt_ids.len(),
-            committed: vec![first],
-            streamed: 0,
-            eos_seen: cfg.eos_token_ids.contains(&first),
-            finished: false,
-            accept_lengths: Vec::new(),
-            draft_lengths: Vec::new(),
-            prefill_ms,
-            decode_ms: 0.0,
-            draft_ms: 0.0,
-            first_draft_ms: 0.0,
-            verify_ms: 0.0,
+            prompt: prompt_ids.to_vec(),
+            t0: Instant::now(),
         })
     }
 
@@ -252,7 +317,7 @@ impl<'a> Generation<'a> {
 
     /// Phase 1 of a cycle: draft k ≤ B-1 tokens for positions start+1..=start+k and check
     /// them; returns the block [last, d1..dk] the target must verify at start..=start+k.
-    pub(super) fn draft_block(&mut self) -> Result<PendingVerify, SpecError> {
+    pub fn draft_block(&mut self) -> Result<PendingVerify, SpecError> {
         if self.finished {
             return Err(SpecError::Finished);
         }
@@ -291,13 +356,13 @@ impl<'a> Generation<'a> {
 
     /// Phase 2: the verify forward's request for `pending`: its block, this generation's
     /// cache and taps, logits at every block position: (k+1, V), taps k+1 × (k+1, H).
-    pub(super) fn verify_item<'s>(&'s mut self, pending: &'s PendingVerify) -> BatchItem<'s> {
+    pub fn verify_item<'s>(&'s mut self, pending: &'s PendingVerify) -> BatchItem<'s> {
         BatchItem { tokens: &pending.block, cache: &mut self.cache, taps: &self.taps, logits: Logits::All }
     }
 
     /// Phase 3: consumes the verify forward's output for `pending` (`t1`: when that forward
     /// began): accept, commit, crop the cache, feed the proposer, record, decide to stop.
-    pub(super) fn finish_cycle(&mut self, pending: PendingVerify, out: ForwardOutput, t1: Instant) -> Result<Cycle, SpecError> {
+    pub fn finish_cycle(&mut self, pending: PendingVerify, out: ForwardOutput, t1: Instant) -> Result<Cycle, SpecError> {
         let PendingVerify { start, block, probs, t0, draft_ms } = pending;
         let drafts = &block[1..];
         let logits = out.logits.ok_or(SpecError::InvalidConfig {

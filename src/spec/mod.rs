@@ -48,7 +48,7 @@ pub mod sampling;
 pub mod verifier;
 
 pub use batch::{generate_batch, step_all, BatchRequest};
-pub use driver::{generate, generate_streaming, Cycle, FinishReason, GenerateConfig, GenerateOutput, Generation};
+pub use driver::{generate, generate_streaming, Cycle, FinishReason, GenerateConfig, GenerateOutput, Generation, PendingVerify, Prefill};
 pub use metrics::{AcceptStats, MetricsSummary};
 pub use proposer::{Draft, FixedProposer, OracleErrors, OracleProposer, Proposer, RandomProposer};
 pub use sampling::{AcceptRule, SamplingParams};

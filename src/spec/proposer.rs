@@ -63,6 +63,27 @@ pub trait Proposer {
     fn commit(&mut self, tokens: &[u32], features: Option<&Tensor>, start: usize) -> Result<(), SpecError>;
 }
 
+/// A borrowed proposer is a proposer: [`crate::spec::Generation::start`] takes one by `&mut`,
+/// [`crate::spec::Generation::start_owned`] owns a boxed one (a server keeps many requests alive
+/// at once, each with its own drafter state).
+impl<P: Proposer + ?Sized> Proposer for &mut P {
+    fn block_size(&self) -> usize {
+        (**self).block_size()
+    }
+    fn target_layer_ids(&self) -> &[usize] {
+        (**self).target_layer_ids()
+    }
+    fn begin(&mut self, target: &Target, prompt_ids: &[u32], features: Option<&Tensor>) -> Result<(), SpecError> {
+        (**self).begin(target, prompt_ids, features)
+    }
+    fn propose(&mut self, target: &Target, last_token: u32, start: usize) -> Result<Draft, SpecError> {
+        (**self).propose(target, last_token, start)
+    }
+    fn commit(&mut self, tokens: &[u32], features: Option<&Tensor>, start: usize) -> Result<(), SpecError> {
+        (**self).commit(tokens, features, start)
+    }
+}
+
 /// Proposes the same token at every block position. With `report_probs` it reports the
 /// one-hot distribution of a greedy drafter.
 #[derive(Debug, Clone)]

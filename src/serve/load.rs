@@ -1,0 +1,55 @@
+//! Loading what the server serves: the target with its tokenizer, and optionally a drafter
+//! checked against the target (the same load-time validation as `specauf generate`).
+//!
+//! The server keeps one drafter *template* and gives every request a fresh proposer built from
+//! it: a proposer holds per-request state (its context cache), the weights are shared (a clone
+//! of a drafter shares its tensors).
+
+use std::path::{Path, PathBuf};
+
+use crate::drafter::{AnyDrafter, DrafterError};
+use crate::model::{load_model, LoadError, LoadedModel, WeightsMode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeLoadError {
+    #[error("loading model {model}: {source}")]
+    Model { model: String, source: LoadError },
+    #[error("loading drafter {path}: {source}")]
+    Drafter { path: PathBuf, source: DrafterError },
+    #[error("--block-size {requested}: {what}")]
+    BlockSize { requested: usize, what: String },
+}
+
+/// A loaded drafter, from which each request gets its own proposer ([`AnyDrafter::proposer`]:
+/// fresh per-request state, shared weights).
+pub type DrafterTemplate = AnyDrafter;
+
+/// What `specauf serve` serves.
+pub struct Served {
+    pub model: LoadedModel,
+    pub drafter: Option<DrafterTemplate>,
+}
+
+/// Loads `model` (`smollm2` or a path) and, with `drafter`, a DFlash or Domino drafter checked
+/// against it. `block_size` lowers a DFlash drafter's block (the weights do not depend on it;
+/// a smaller block verifies more cheaply).
+pub fn load(model: &str, weights: WeightsMode, drafter: Option<&Path>, block_size: Option<usize>) -> Result<Served, ServeLoadError> {
+    let m = load_model(model, weights).map_err(|source| ServeLoadError::Model { model: model.to_string(), source })?;
+    let drafter = match drafter {
+        None => {
+            if let Some(b) = block_size {
+                return Err(ServeLoadError::BlockSize { requested: b, what: "applies to a drafter; give --drafter DIR".into() });
+            }
+            None
+        }
+        Some(dir) => {
+            let err = |source| ServeLoadError::Drafter { path: dir.to_path_buf(), source };
+            let d = AnyDrafter::load(dir, m.target.config()).map_err(err)?;
+            Some(match block_size {
+                Some(b) => d.at_block_size(b).map_err(err)?,
+                None => d,
+            })
+        }
+    };
+    Ok(Served { model: m, drafter })
+}
