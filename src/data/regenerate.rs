@@ -533,9 +533,10 @@ impl RegenerationProgress for () {
 /// Measured on the shared 2-core development machine (AMD EPYC, AVX-512 VNNI; load 2–5 from
 /// other jobs), SmolLM2 Q8, `prepare --data sharegpt --max-conversations 32 --regenerate
 /// greedy --max-new-tokens 96 --max-len 320` (25 conversations regenerated, 2155 new tokens),
-/// medians of 3 interleaved runs, new tokens/s: before batching 74.9; batch 1 74.9; batch 4
-/// 141.5; batch 16 182.0 (2.4×). A later, quieter series: batch 8 201, 16 217, 32 200. The
-/// replies, shards and cache key were identical in every run. Batch 16 is also where one
+/// medians of 3 interleaved runs, new tokens/s. Load 3–5: before batching 74.9; batch 1
+/// 74.9; batch 4 141.5; batch 16 182.0 (2.4×); a series of batch 8 / 16 / 32 gave 201 / 217 /
+/// 200. Load 0.5–3.6: before batching 77.9; batch 1 75.9; batch 4 174.7; batch 16 263.0
+/// (3.4×). The replies, shards and cache key were identical in every run. Batch 16 is also where one
 /// `qgemm` weight tile serves all rows (`MAX_ROWS`), and `bench decode` measures one
 /// 16-sequence step at 4.8–5.0× the tokens/s of one sequence; what keeps regeneration below
 /// that is the prefill of each new turn (compute-bound, not shared) and the last replies of
