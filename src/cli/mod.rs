@@ -11,4 +11,3 @@ pub mod progress;
 pub mod quickstart;
 pub mod serve;
 pub mod train;
-pub mod util;

@@ -8,6 +8,7 @@
 //! - [`report`]: the experiment's statistics (bootstrap, paired comparisons, findings), plots
 //!   and results.md.
 
+pub mod bench;
 pub mod experiment;
 pub mod quickstart;
 pub mod report;

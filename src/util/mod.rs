@@ -3,6 +3,7 @@
 
 pub mod fs;
 pub mod hash;
+pub mod measure;
 pub mod names;
 pub mod progress;
 
