@@ -2,7 +2,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use specauf::data::sharegpt::{
-    self, fnv1a64, heldout_group, id_is_heldout, is_heldout, Conversation, LoadReport, Role,
+    self, heldout_group, id_is_heldout, is_heldout, Conversation, LoadReport, Role,
     ShareGptError, Turn,
 };
 
@@ -161,13 +161,6 @@ fn a_missing_file_is_an_io_error_naming_it() {
     let path = fixture("does-not-exist.json");
     let err = sharegpt::load(&path).expect_err("missing");
     assert!(matches!(&err, ShareGptError::Io { path: p, .. } if *p == path));
-}
-
-#[test]
-fn fnv1a64_matches_the_published_test_vectors() {
-    assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
-    assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
-    assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
 }
 
 #[test]

@@ -135,6 +135,7 @@ fn command_line() -> String {
 
 /// The plan of an evaluation as typed.
 pub fn plan(a: &EvalArgs) -> anyhow::Result<EvalPlan> {
+    // Checked by `stages::evaluate` before anything is loaded.
     let plan = EvalPlan {
         model: a.model.clone(),
         drafters: drafter_list(a)?,
@@ -150,7 +151,6 @@ pub fn plan(a: &EvalArgs) -> anyhow::Result<EvalPlan> {
         out: a.out.clone(),
         command: command_line(),
     };
-    plan.validate()?;
     Ok(plan)
 }
 

@@ -33,6 +33,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::util::fnv1a64;
+
 /// Who speaks a turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -210,7 +212,6 @@ pub fn heldout_group(id: &str) -> &str {
     id
 }
 
-pub use crate::util::fnv1a64;
 
 /// Loads conversations from a ShareGPT JSON array or JSONL file.
 ///
