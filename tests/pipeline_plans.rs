@@ -7,6 +7,7 @@ use std::path::Path;
 use specauf::drafter::{AnyDrafter, DFlashInitConfig, DrafterInit, DrafterKind};
 use specauf::pipeline::experiment::PaperConfig;
 use specauf::pipeline::quickstart::QuickstartPlan;
+use specauf::pipeline::recipe::RecipeName;
 use specauf::train::config::TrainConfig;
 use specauf::train::trainable::{build_drafter, trainable};
 use specauf::train::trainer::objective_for;
@@ -25,11 +26,11 @@ fn a_new_config_holds_the_same_defaults_as_a_parsed_one() {
 
 #[test]
 fn the_quickstart_trains_the_config_its_set_strings_described() {
-    let plan = QuickstartPlan::new(Path::new("/q"));
+    let plan = QuickstartPlan::new(Path::new("/q"), RecipeName::Quick);
     let sets: Vec<String> = vec![
         "data=/q/data".into(),
         "out=/q/train".into(),
-        format!("steps={}", plan.steps),
+        format!("steps={}", plan.recipe.steps),
         "objective=auf".into(),
         "drafter.layers=2".into(),
         "drafter.block_size=8".into(),

@@ -63,3 +63,50 @@ fn bad_configs_are_refused_before_training() {
     println!("{err}");
     assert!(err.to_string().contains("manifest"), "{err}");
 }
+
+#[test]
+fn drafter_layers_initialised_from_the_target_are_copies_of_its_layers() {
+    use specauf::train::trainable::build_drafter;
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = prepared(tmp.path(), 4);
+    // tiny target: 3 layers; the drafter taps layer 1, the tap right below target layer 2
+    let cfg = config(&data, &tmp.path().join("r"), &["drafter.target_layer_ids=[1]", "drafter.init_layers_from_target=[2]"]);
+    let drafter = build_drafter(&cfg, &m.target).unwrap();
+    let vars = drafter.named_vars();
+    let get = |name: &str| vars.iter().find(|(n, _)| n == name).unwrap().1.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let layer2 = m.target.layer_tensors_f32(2).unwrap();
+    for (suffix, t) in &layer2 {
+        let want = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(get(&format!("layers.0.{suffix}")), want, "layers.0.{suffix} is not target layer 2's");
+    }
+    // fc is the identity on the single tap; hidden_norm is layer 2's input norm; the final norm
+    // is the target's (layer 2 is its last)
+    let fc = get("fc.weight");
+    let h = 64;
+    for r in 0..h {
+        for c in 0..h {
+            assert_eq!(fc[r * h + c], if r == c { 1.0 } else { 0.0 });
+        }
+    }
+    let in_norm = layer2.iter().find(|(n, _)| n == "input_layernorm.weight").unwrap().1.to_vec1::<f32>().unwrap();
+    assert_eq!(get("hidden_norm.weight"), in_norm);
+    assert_eq!(get("norm.weight"), m.target.final_norm_weight().to_vec1::<f32>().unwrap());
+    // and it trains from there
+    let cfg = config(&data, &tmp.path().join("t"), &["steps=3", "drafter.target_layer_ids=[1]", "drafter.init_layers_from_target=[2]"]);
+    let summary = train(&m, &cfg, &RunOptions::default()).unwrap();
+    assert!(summary.last.unwrap().loss.is_finite());
+}
+
+#[test]
+fn bad_target_initialisation_is_refused_with_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = prepared(tmp.path(), 4);
+    // one id per drafter layer (the tiny config has 1 layer)
+    let err = TrainConfig::load(None, &["data=/x".into(), "out=/y".into(), "drafter.layers=2".into(), "drafter.init_layers_from_target=[1]".into()])
+        .unwrap_err();
+    assert!(err.to_string().contains("one target layer id per drafter layer"), "{err}");
+    // a layer the target does not have
+    let cfg = config(&data, &tmp.path().join("r"), &["drafter.init_layers_from_target=[7]"]);
+    let err = train(&m, &cfg, &RunOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("target layer 7") && err.to_string().contains("3 layers"), "{err}");
+}

@@ -445,3 +445,33 @@ impl Attention {
         self.o_proj.forward(&Tensor::from_vec(out, (n, nh * hd), &Device::Cpu)?)
     }
 }
+
+impl Target {
+    /// Decoder layer `i`'s weights as f32, named as in an HF checkpoint relative to the layer
+    /// (`self_attn.q_proj.weight`, `mlp.down_proj.weight`, `input_layernorm.weight`, ...; Q/K
+    /// rows in the rotate-half layout). What a drafter layer initialised from the target copies.
+    pub fn layer_tensors_f32(&self, i: usize) -> candle_core::Result<Vec<(String, Tensor)>> {
+        let l = self.layers.get(i).ok_or_else(|| {
+            candle_core::Error::Msg(format!("target layer {i} does not exist: the target has {} layers", self.layers.len()))
+        })?;
+        let a = &l.attn;
+        let mut out = vec![
+            ("self_attn.q_proj.weight".to_string(), a.q_proj.weight_f32()?),
+            ("self_attn.k_proj.weight".to_string(), a.k_proj.weight_f32()?),
+            ("self_attn.v_proj.weight".to_string(), a.v_proj.weight_f32()?),
+            ("self_attn.o_proj.weight".to_string(), a.o_proj.weight_f32()?),
+            ("mlp.gate_proj.weight".to_string(), l.mlp.gate.weight_f32()?),
+            ("mlp.up_proj.weight".to_string(), l.mlp.up.weight_f32()?),
+            ("mlp.down_proj.weight".to_string(), l.mlp.down.weight_f32()?),
+            ("input_layernorm.weight".to_string(), l.input_norm.weight.clone()),
+            ("post_attention_layernorm.weight".to_string(), l.post_norm.weight.clone()),
+        ];
+        if let Some(n) = &a.q_norm {
+            out.push(("self_attn.q_norm.weight".to_string(), n.weight.clone()));
+        }
+        if let Some(n) = &a.k_norm {
+            out.push(("self_attn.k_norm.weight".to_string(), n.weight.clone()));
+        }
+        Ok(out)
+    }
+}

@@ -3,7 +3,8 @@
 //! from arguments and draws.
 //!
 //! - [`stages`]: prepare, train and evaluate as functions of typed plans.
-//! - [`quickstart`]: the whole pipeline on the embedded default.
+//! - [`recipe`]: named budgets of the whole pipeline (`quick`, `cpu-60min`).
+//! - [`quickstart`]: the whole pipeline on the embedded default, as one recipe.
 //! - [`experiment`]: the paper's comparison: config, arms, parallel training.
 //! - [`report`]: the experiment's statistics (bootstrap, paired comparisons, findings), plots
 //!   and results.md.
@@ -11,5 +12,6 @@
 pub mod bench;
 pub mod experiment;
 pub mod quickstart;
+pub mod recipe;
 pub mod report;
 pub mod stages;

@@ -46,6 +46,12 @@ pub struct DrafterSpec {
     /// from its config.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// Initialise drafter layer l as a copy of target layer `init_layers_from_target[l]` (one
+    /// target layer id per drafter layer, HF indexing) instead of at random; `fc`, `hidden_norm`
+    /// and the final `norm` are then set so that the copied layers start where they sit in the
+    /// target (see `train::trainable::init_layers_from_target`).
+    #[serde(default)]
+    pub init_layers_from_target: Option<Vec<usize>>,
     /// Domino only: GRU hidden size G and embed_proj width E.
     #[serde(default)]
     pub gru_hidden_dim: Option<usize>,
@@ -242,6 +248,18 @@ impl TrainConfig {
         }
         if self.drafter.layers == 0 {
             return bad("drafter.layers must be at least 1");
+        }
+        if let Some(ids) = &self.drafter.init_layers_from_target {
+            if self.drafter.init_from.is_some() {
+                return bad("drafter.init_layers_from_target and drafter.init_from both say where the weights come from; keep one");
+            }
+            if ids.len() != self.drafter.layers {
+                return Err(ConfigError::Invalid(format!(
+                    "drafter.init_layers_from_target names {} target layers but the drafter has {} (drafter.layers): give one target layer id per drafter layer",
+                    ids.len(),
+                    self.drafter.layers
+                )));
+            }
         }
         if !(self.optim.lr > 0.0) || !(0.0..1.0).contains(&self.optim.warmup_ratio) {
             return bad("optim.lr must be > 0 and optim.warmup_ratio in [0, 1)");

@@ -131,7 +131,71 @@ pub fn build_drafter(cfg: &TrainConfig, target: &Target) -> Result<AnyDrafter, T
     let init = DrafterInit { kind: spec.kind, backbone, gru_hidden_dim: spec.gru_hidden_dim, emb_dim: spec.emb_dim };
     let drafter = AnyDrafter::init_random(target.config(), &init, cfg.seed)?;
     init_final_norm_from_target(&drafter.named_vars(), target, drafter.mask_token_id())?;
+    if let Some(ids) = &spec.init_layers_from_target {
+        init_layers_from_target(&drafter.named_vars(), target, ids, drafter.target_layer_ids())?;
+    }
     Ok(drafter)
+}
+
+/// Makes drafter layer l a copy of target layer `from[l]` (issue 11's "drafter layers initialised
+/// from the target's own layers").
+///
+/// The copied layers see two kinds of input. The context enters each layer through
+/// `hidden_norm(fc(taps))`; when the tap right below the first copied layer (`from[0] - 1`) is
+/// among the drafter's taps, `fc` starts as the identity on that tap and zero elsewhere, and
+/// `hidden_norm` as that layer's `input_layernorm`, so the first layer's context keys and values
+/// are exactly the ones the target computes there. The block enters as token embeddings, which
+/// the target's upper layers never see: that gap is what training closes. When the last copied
+/// layer is the target's last, the final `norm` is the target's final norm (the copied stack
+/// then ends where the LM head expects). The target has no q/k norms (Llama) → those stay 1.
+pub fn init_layers_from_target(vars: &[(String, Var)], target: &Target, from: &[usize], taps: &[usize]) -> Result<(), TrainError> {
+    let depth = target.config().num_hidden_layers;
+    if let Some(&bad) = from.iter().find(|&&i| i >= depth) {
+        return Err(TrainError::Setup(format!(
+            "drafter.init_layers_from_target names target layer {bad}, but the target has {depth} layers (0..{})",
+            depth - 1
+        )));
+    }
+    let var = |name: &str| -> Result<&Var, TrainError> {
+        vars.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or_else(|| TrainError::Setup(format!("the drafter has no tensor {name:?} to initialise from the target")))
+    };
+    let set = |name: &str, value: &Tensor| -> Result<(), TrainError> {
+        let v = var(name)?;
+        if v.dims() != value.dims() {
+            return Err(TrainError::Setup(format!(
+                "cannot initialise {name} {:?} from the target's {:?}: the drafter's widths must equal the target's",
+                v.dims(),
+                value.dims()
+            )));
+        }
+        v.set(value)?;
+        Ok(())
+    };
+    for (l, &i) in from.iter().enumerate() {
+        for (suffix, tensor) in target.layer_tensors_f32(i)? {
+            set(&format!("layers.{l}.{suffix}"), &tensor)?;
+        }
+    }
+    if let Some(k) = from.first().and_then(|&first| first.checked_sub(1)).and_then(|below| taps.iter().position(|&t| t == below)) {
+        let fc = var("fc.weight")?;
+        let (h, fc_in) = fc.dims2()?;
+        let mut w = vec![0f32; h * fc_in];
+        for r in 0..h {
+            w[r * fc_in + k * h + r] = 1.0;
+        }
+        set("fc.weight", &Tensor::from_vec(w, (h, fc_in), &candle_core::Device::Cpu)?)?;
+        let first = target.layer_tensors_f32(from[0])?;
+        if let Some((_, norm)) = first.iter().find(|(n, _)| n == "input_layernorm.weight") {
+            set("hidden_norm.weight", norm)?;
+        }
+    }
+    if from.last() == Some(&(depth - 1)) {
+        set("norm.weight", target.final_norm_weight())?;
+    }
+    Ok(())
 }
 
 /// Scales the fresh drafter's final `norm` so that its untrained logits have unit spread.

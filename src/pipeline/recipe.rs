@@ -1,0 +1,94 @@
+//! Named recipes: the budget of the whole pipeline on the embedded default (how many conversations
+//! the target answers, how long the drafter trains and from what, how much is evaluated). The
+//! quickstart runs one (`specauf quickstart --recipe NAME`); docs/recipe.md holds the
+//! measurements each is built from.
+
+use serde::{Deserialize, Serialize};
+
+/// The recipes `specauf quickstart --recipe` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecipeName {
+    /// The README's first command: the whole pipeline in well under 15 minutes on 2 cores.
+    #[serde(rename = "quick")]
+    Quick,
+    /// The best drafter this project measured for 60 minutes on 2 cores, data regeneration and
+    /// feature extraction included.
+    #[serde(rename = "cpu-60min")]
+    Cpu60Min,
+}
+crate::named_enum!(RecipeName, "recipe", ["quick", "cpu-60min"]);
+
+/// One recipe's numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recipe {
+    pub name: RecipeName,
+    /// ShareGPT conversations whose first turn the target answers (greedy, ≤ 96 new tokens).
+    pub conversations: usize,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Sequences per step.
+    pub batch_sequences: usize,
+    /// Anchors (blocks) per sequence.
+    pub num_anchors: usize,
+    /// Peak learning rate (cosine schedule).
+    pub lr: f64,
+    /// Drafter depth.
+    pub layers: usize,
+    /// Target layers the drafter's layers start as (one per layer), or None for random.
+    pub init_layers_from_target: Option<Vec<usize>>,
+    /// Prompts per benchmark in the evaluation.
+    pub limit: usize,
+    /// New tokens per evaluation request.
+    pub max_new_tokens: usize,
+}
+
+impl RecipeName {
+    pub const DEFAULT: RecipeName = RecipeName::Quick;
+
+    pub fn recipe(self) -> Recipe {
+        match self {
+            RecipeName::Quick => Recipe {
+                name: self,
+                conversations: 64,
+                steps: 200,
+                batch_sequences: 2,
+                num_anchors: 32,
+                lr: 0.002,
+                layers: crate::drafter::DEFAULT_LAYERS,
+                init_layers_from_target: None,
+                limit: 2,
+                max_new_tokens: 64,
+            },
+            RecipeName::Cpu60Min => Recipe {
+                name: self,
+                conversations: 1500,
+                steps: 3000,
+                batch_sequences: 2,
+                num_anchors: 32,
+                lr: 0.002,
+                layers: crate::drafter::DEFAULT_LAYERS,
+                init_layers_from_target: None,
+                limit: 8,
+                max_new_tokens: 96,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_recipe_is_named_by_what_parses_to_it_and_targets_one_layer_per_drafter_layer() {
+        for name in [RecipeName::Quick, RecipeName::Cpu60Min] {
+            let r = name.recipe();
+            assert_eq!(r.name, name);
+            assert_eq!(name.to_string().parse::<RecipeName>().unwrap(), name);
+            if let Some(ids) = &r.init_layers_from_target {
+                assert_eq!(ids.len(), r.layers);
+            }
+        }
+        assert!("cpu-90min".parse::<RecipeName>().unwrap_err().contains("quick, cpu-60min"));
+    }
+}
