@@ -41,6 +41,7 @@ fn the_quickstart_trains_the_config_its_set_strings_described() {
         "checkpoint_every=50".into(),
         "eval_every=80".into(),
         "eval_sequences=8".into(),
+        "drafter.init_layers_from_target=[28, 29]".into(),
     ];
     assert_eq!(plan.train_config(), from_sets(&sets));
 }

@@ -13,7 +13,7 @@ use super::stages::{self, EvalOutcome, EvalPlan, InitPlan, PreparePlan, StageErr
 use crate::assets;
 use crate::data::regenerate::RegenerateMode;
 use crate::data::FeatureDtype;
-use super::recipe::{Recipe, RecipeName};
+use super::recipe::{Recipe, RecipeName, TAPS};
 use crate::drafter::{DrafterKind, DEFAULT_BLOCK_SIZE};
 use crate::eval::datasets::BenchmarkName;
 use crate::model::{WeightsMode, DEFAULT_MODEL};
@@ -21,8 +21,6 @@ use crate::train::config::TrainConfig;
 use crate::train::objective::Objective;
 use crate::util::progress::{Observer, Progress};
 
-/// Target layers the quickstart's drafter taps: an early and a late layer of SmolLM2's 30.
-pub const TAPS: [usize; 2] = [1, 27];
 
 /// The quickstart's budget: a recipe, run into `out`.
 #[derive(Debug, Clone)]

@@ -5,6 +5,14 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The embedded default's (SmolLM2, 30 layers) last two layers: the drafter starts as them, the
+/// lever that trained fastest (docs/recipe.md, "target-initialised layers"). Layer 28's input is
+/// the layer-27 tap the quickstart's drafter reads, so its context starts exact.
+pub const TOP_TWO: [usize; 2] = [28, 29];
+
+/// Target layers every recipe's drafter taps: an early and a late layer of SmolLM2's 30.
+pub const TAPS: [usize; 2] = [1, 27];
+
 /// The recipes `specauf quickstart --recipe` knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RecipeName {
@@ -49,25 +57,25 @@ impl RecipeName {
         match self {
             RecipeName::Quick => Recipe {
                 name: self,
-                conversations: 64,
-                steps: 200,
+                conversations: 400,
+                steps: 600,
                 batch_sequences: 2,
                 num_anchors: 32,
                 lr: 0.002,
-                layers: crate::drafter::DEFAULT_LAYERS,
-                init_layers_from_target: None,
+                layers: TOP_TWO.len(),
+                init_layers_from_target: Some(TOP_TWO.to_vec()),
                 limit: 2,
                 max_new_tokens: 64,
             },
             RecipeName::Cpu60Min => Recipe {
                 name: self,
-                conversations: 1500,
-                steps: 3000,
+                conversations: 1000,
+                steps: 2400,
                 batch_sequences: 2,
                 num_anchors: 32,
                 lr: 0.002,
-                layers: crate::drafter::DEFAULT_LAYERS,
-                init_layers_from_target: None,
+                layers: TOP_TWO.len(),
+                init_layers_from_target: Some(TOP_TWO.to_vec()),
                 limit: 8,
                 max_new_tokens: 96,
             },
@@ -89,6 +97,8 @@ mod tests {
                 assert_eq!(ids.len(), r.layers);
             }
         }
+        // the first copied layer's input is a tap, so the initialisation starts its context exact
+        assert!(TAPS.contains(&(TOP_TWO[0] - 1)));
         assert!("cpu-90min".parse::<RecipeName>().unwrap_err().contains("quick, cpu-60min"));
     }
 }
