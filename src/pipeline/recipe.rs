@@ -70,7 +70,7 @@ impl RecipeName {
             RecipeName::Cpu60Min => Recipe {
                 name: self,
                 conversations: 1000,
-                steps: 2400,
+                steps: 1500,
                 batch_sequences: 2,
                 num_anchors: 32,
                 lr: 0.002,
