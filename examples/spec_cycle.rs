@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use specauf::drafter::{AnyDrafter, DFlashDrafter};
+use specauf::drafter::{AnyDrafter, DFlashDrafter, DFlashInfer};
 use specauf::model::{load_model, Logits, WeightsMode};
 use specauf::spec::sampling::argmax_rows;
 
@@ -60,7 +60,11 @@ fn main() -> anyhow::Result<()> {
     let mut dcache = drafter.new_cache();
     drafter.extend_context(&mut dcache, &feats)?;
     let block: Vec<u32> = prompt[..b].to_vec();
-    let names = ["decode step", "verify(B) + taps", "rollback", "verdict (argmax B rows)", "drafter extend ctx", "drafter block fwd", "drafter LM head + argmax", "drafter draft() total"];
+    let infer = DFlashInfer::new(&drafter)?;
+    let mut fcache = infer.new_cache();
+    infer.extend_context(&mut fcache, &feats.flatten_all()?.to_vec1::<f32>()?)?;
+    let small_rows = feats.narrow(0, 0, ctx_rows)?.flatten_all()?.to_vec1::<f32>()?;
+    let names = ["decode step", "verify(B) + taps", "rollback", "verdict (argmax B rows)", "drafter extend ctx", "drafter block fwd", "drafter LM head + argmax", "drafter draft() total", "fast: extend ctx", "fast: block fwd", "fast: draft() total"];
     let mut t = vec![Vec::new(); names.len()];
     let small_feats = feats.narrow(0, 0, ctx_rows)?;
     // `--part verify|draft`: loop only that part (for `perf record`).
@@ -70,6 +74,8 @@ fn main() -> anyhow::Result<()> {
             if part == "verify" {
                 target.forward(&block, &mut cache, &taps, Logits::All)?;
                 cache.truncate(ctx);
+            } else if part == "fast" {
+                infer.draft(target, &mut fcache, block[0], ctx)?;
             } else {
                 drafter.draft(target, &dcache, block[0], ctx)?;
             }
@@ -107,6 +113,16 @@ fn main() -> anyhow::Result<()> {
         let t0 = Instant::now();
         drafter.draft(target, &dcache, block[0], ctx)?;
         t[7].push(ms(t0));
+        let mut fc = fcache.clone();
+        let t0 = Instant::now();
+        infer.extend_context(&mut fc, &small_rows)?;
+        t[8].push(ms(t0));
+        let t0 = Instant::now();
+        infer.forward_block(target, &mut fcache, block[0], ctx)?;
+        t[9].push(ms(t0));
+        let t0 = Instant::now();
+        infer.draft(target, &mut fcache, block[0], ctx)?;
+        t[10].push(ms(t0));
     }
     let dec = median(t[0].clone());
     println!("spec_cycle: {mode:?} weights, context {ctx}, B = {b}, {ctx_rows} context rows per cycle, {rounds} rounds, rayon threads {}, load {}", rayon::current_num_threads(), load());

@@ -16,6 +16,7 @@ pub mod any;
 pub mod blocks;
 pub mod checkpoint;
 pub mod dflash;
+pub mod dflash_infer;
 pub mod domino;
 pub mod proposer;
 
@@ -24,6 +25,7 @@ pub use dflash::{
     build_target_layer_ids, context_visible, DFlashCache, DFlashConfig, DFlashDrafter, DFlashInitConfig,
 };
 pub use domino::{DominoConfig, DominoDrafter, DominoInitConfig, DominoProposer};
+pub use dflash_infer::DFlashInfer;
 pub use proposer::DFlashProposer;
 
 /// Depth of a new drafter unless a config says otherwise: 2 layers, the shape that pays on a

@@ -205,6 +205,19 @@ const PARALLEL_MIN_WORK: usize = 8 << 20;
 /// q: (n, heads, hd) row-major; kv: the layer cache holding at least start+n positions with
 /// `capacity` rows per KV head. Returns (n, heads·hd).
 pub fn causal_attention(q: &[f32], kv: &LayerKv, n: usize, start: usize, heads: usize, kv_heads: usize, hd: usize, capacity: usize) -> Vec<f32> {
+    attention_rows(q, kv, n, heads, kv_heads, hd, capacity, |i| start + i + 1)
+}
+
+/// Attention of `n` queries that all see keys 0..len (a bidirectional block after its
+/// context: the DFlash drafter writes the block's K/V after the context rows and attends over
+/// both). Same layout and the same per-(query, head) arithmetic as [`causal_attention`].
+pub fn full_attention(q: &[f32], kv: &LayerKv, n: usize, len: usize, heads: usize, kv_heads: usize, hd: usize, capacity: usize) -> Vec<f32> {
+    attention_rows(q, kv, n, heads, kv_heads, hd, capacity, |_| len)
+}
+
+/// Query row i of every head attends over keys 0..len_of(i) of its KV head.
+#[allow(clippy::too_many_arguments)]
+fn attention_rows(q: &[f32], kv: &LayerKv, n: usize, heads: usize, kv_heads: usize, hd: usize, capacity: usize, len_of: impl Fn(usize) -> usize + Sync) -> Vec<f32> {
     let groups = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let isa = isa();
@@ -214,7 +227,7 @@ pub fn causal_attention(q: &[f32], kv: &LayerKv, n: usize, start: usize, heads: 
         let g = h / groups;
         let qrow = &q[idx * hd..(idx + 1) * hd];
         let base = g * capacity * hd;
-        let len = start + i + 1;
+        let len = len_of(i);
         let k = &kv.k[base..base + len * hd];
         let v = &kv.v[base..base + len * hd];
         match isa {
@@ -229,7 +242,7 @@ pub fn causal_attention(q: &[f32], kv: &LayerKv, n: usize, start: usize, heads: 
     // Small problems (decode, verify) run on the calling thread: waking a second pool next to
     // candle's spinning matmul workers costs more than the work. Each (query, head) is computed
     // the same way on either path, so the choice does not change a single bit.
-    let flops = n * heads * (start + n) * hd;
+    let flops: usize = (0..n).map(|i| heads * len_of(i) * hd).sum();
     if flops < PARALLEL_MIN_WORK {
         let mut scores = Vec::new();
         for item in out.chunks_mut(hd).enumerate() {
