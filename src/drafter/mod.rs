@@ -13,6 +13,7 @@
 //! - [`proposer`]: DFlash behind the decode loop's `Proposer` trait.
 
 pub mod any;
+pub mod block_choice;
 pub mod blocks;
 pub mod checkpoint;
 pub mod dflash;
