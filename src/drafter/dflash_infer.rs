@@ -269,22 +269,11 @@ impl DFlashInfer {
         let b = self.block_size;
         let x = self.forward_block(target, cache, last, start)?;
         let rows = Tensor::from_slice(&x[self.hidden..], (b - 1, self.hidden), &Device::Cpu)?;
-        let logits = target.lm_head(&rows)?.to_vec2::<f32>()?;
-        Ok(logits.iter().map(|r| argmax(r)).collect())
+        // candle's argmax over the logits tensor: no copy of the (B-1, V) logits out of it
+        Ok(target.lm_head(&rows)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
     }
 
     pub fn block_size(&self) -> usize {
         self.block_size
     }
-}
-
-/// Index of the largest value, the first on ties (candle's argmax rule).
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in row.iter().enumerate() {
-        if *v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
