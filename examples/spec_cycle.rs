@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use specauf::drafter::{AnyDrafter, DFlashDrafter, DFlashInfer};
+use specauf::drafter::{AnyDrafter, DFlashDrafter, DFlashInfer, DrafterPrecision};
 use specauf::model::{load_model, Logits, WeightsMode};
 use specauf::spec::sampling::argmax_rows;
 
@@ -62,9 +62,10 @@ fn main() -> anyhow::Result<()> {
     let block: Vec<u32> = prompt[..b].to_vec();
     let infer = DFlashInfer::new(&drafter)?;
     let mut fcache = infer.new_cache();
+    let infer32 = DFlashInfer::with_precision(&drafter, DrafterPrecision::F32)?;
     infer.extend_context(&mut fcache, &feats.flatten_all()?.to_vec1::<f32>()?)?;
     let small_rows = feats.narrow(0, 0, ctx_rows)?.flatten_all()?.to_vec1::<f32>()?;
-    let names = ["decode step", "verify(B) + taps", "rollback", "verdict (argmax B rows)", "drafter extend ctx", "drafter block fwd", "drafter LM head + argmax", "drafter draft() total", "fast: extend ctx", "fast: block fwd", "fast: draft() total"];
+    let names = ["decode step", "verify(B) + taps", "rollback", "verdict (argmax B rows)", "drafter extend ctx", "drafter block fwd", "drafter LM head + argmax", "drafter draft() total", "fast: extend ctx", "fast: block fwd", "fast: draft() total", "fast f32: block fwd", "fast f32: draft() total"];
     let mut t = vec![Vec::new(); names.len()];
     let small_feats = feats.narrow(0, 0, ctx_rows)?;
     // `--part verify|draft`: loop only that part (for `perf record`).
@@ -123,6 +124,12 @@ fn main() -> anyhow::Result<()> {
         let t0 = Instant::now();
         infer.draft(target, &mut fcache, block[0], ctx)?;
         t[10].push(ms(t0));
+        let t0 = Instant::now();
+        infer32.forward_block(target, &mut fcache, block[0], ctx)?;
+        t[11].push(ms(t0));
+        let t0 = Instant::now();
+        infer32.draft(target, &mut fcache, block[0], ctx)?;
+        t[12].push(ms(t0));
     }
     let dec = median(t[0].clone());
     println!("spec_cycle: {mode:?} weights, context {ctx}, B = {b}, {ctx_rows} context rows per cycle, {rounds} rounds, rayon threads {}, load {}", rayon::current_num_threads(), load());

@@ -22,6 +22,49 @@ use crate::model::attention::full_attention;
 use crate::model::qgemm::QMatrix;
 use crate::model::{KvCache, Target};
 
+/// How the inference path holds the drafter's projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Int8 blocks through the target's VNNI kernel (a quarter of the bytes of f32).
+    #[default]
+    Int8,
+    /// The trained f32 values, multiplied by candle's gemm.
+    F32,
+}
+
+/// One projection (out, in).
+#[derive(Debug, Clone)]
+enum Weight {
+    Int8(QMatrix),
+    /// Wᵀ (in, out), contiguous.
+    F32 { wt: Tensor, out: usize, inp: usize },
+}
+
+impl Weight {
+    fn in_features(&self) -> usize {
+        match self {
+            Weight::Int8(q) => q.in_features(),
+            Weight::F32 { inp, .. } => *inp,
+        }
+    }
+
+    /// y (m, out) = x (m, in) Wᵀ.
+    fn mm(&self, x: &[f32], m: usize) -> Result<Vec<f32>, DrafterError> {
+        match self {
+            Weight::Int8(w) => {
+                let mut y = vec![0f32; m * w.out_features()];
+                w.matmul(x, m, &mut y).map_err(qgemm_error)?;
+                Ok(y)
+            }
+            Weight::F32 { wt, out, inp } => {
+                let y = Tensor::from_slice(x, (m, *inp), &Device::Cpu)?.matmul(wt)?;
+                debug_assert_eq!(y.dims(), &[m, *out]);
+                Ok(y.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+    }
+}
+
 /// One layer's weights for inference.
 #[derive(Debug, Clone)]
 struct Layer {
@@ -29,20 +72,20 @@ struct Layer {
     post_norm: Vec<f32>,
     q_norm: Vec<f32>,
     k_norm: Vec<f32>,
-    q: QMatrix,
+    q: Weight,
     /// [k_proj ; v_proj]: (2·n_kv·hd, H)
-    kv: QMatrix,
-    o: QMatrix,
+    kv: Weight,
+    o: Weight,
     /// [gate_proj ; up_proj]: (2·I, H)
-    gate_up: QMatrix,
-    down: QMatrix,
+    gate_up: Weight,
+    down: Weight,
 }
 
 /// A DFlash drafter's weights, quantised for inference. Built from a drafter's current values
 /// (a snapshot: build a new one after the drafter is trained further).
 #[derive(Debug, Clone)]
 pub struct DFlashInfer {
-    fc: QMatrix,
+    fc: Weight,
     hidden_norm: Vec<f32>,
     norm: Vec<f32>,
     layers: Vec<Layer>,
@@ -86,9 +129,15 @@ fn qgemm_error(e: crate::model::qgemm::QGemmError) -> DrafterError {
     DrafterError::Unsupported { path: "drafter".into(), what: format!("int8 inference weights: {e}") }
 }
 
-fn matrix(d: &DFlashDrafter, names: &[String]) -> Result<QMatrix, DrafterError> {
+fn matrix(d: &DFlashDrafter, names: &[String], precision: Precision) -> Result<Weight, DrafterError> {
     let (w, rows, inp) = stacked(d, names)?;
-    QMatrix::quantize(&names.join("+"), &w, rows, inp).map_err(qgemm_error)
+    match precision {
+        Precision::Int8 => Ok(Weight::Int8(QMatrix::quantize(&names.join("+"), &w, rows, inp).map_err(qgemm_error)?)),
+        Precision::F32 => {
+            let wt = Tensor::from_vec(w, (rows, inp), &Device::Cpu)?.t()?.contiguous()?;
+            Ok(Weight::F32 { wt, out: rows, inp })
+        }
+    }
 }
 
 fn vector(d: &DFlashDrafter, name: &str) -> Result<Vec<f32>, DrafterError> {
@@ -107,8 +156,13 @@ fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
 }
 
 impl DFlashInfer {
-    /// Quantises `d`'s current weights.
+    /// `d`'s current weights in the default precision ([`Precision::Int8`]).
     pub fn new(d: &DFlashDrafter) -> Result<Self, DrafterError> {
+        Self::with_precision(d, Precision::default())
+    }
+
+    /// `d`'s current weights, projections held in `precision`.
+    pub fn with_precision(d: &DFlashDrafter, precision: Precision) -> Result<Self, DrafterError> {
         let c = d.config();
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
@@ -118,17 +172,17 @@ impl DFlashInfer {
                 post_norm: vector(d, &p("post_attention_layernorm"))?,
                 q_norm: vector(d, &p("self_attn.q_norm"))?,
                 k_norm: vector(d, &p("self_attn.k_norm"))?,
-                q: matrix(d, &[p("self_attn.q_proj")])?,
-                kv: matrix(d, &[p("self_attn.k_proj"), p("self_attn.v_proj")])?,
-                o: matrix(d, &[p("self_attn.o_proj")])?,
-                gate_up: matrix(d, &[p("mlp.gate_proj"), p("mlp.up_proj")])?,
-                down: matrix(d, &[p("mlp.down_proj")])?,
+                q: matrix(d, &[p("self_attn.q_proj")], precision)?,
+                kv: matrix(d, &[p("self_attn.k_proj"), p("self_attn.v_proj")], precision)?,
+                o: matrix(d, &[p("self_attn.o_proj")], precision)?,
+                gate_up: matrix(d, &[p("mlp.gate_proj"), p("mlp.up_proj")], precision)?,
+                down: matrix(d, &[p("mlp.down_proj")], precision)?,
             });
         }
         let hd = c.head_dim;
         let inv_freq = (0..hd / 2).map(|i| 1.0 / (c.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
         Ok(Self {
-            fc: matrix(d, &["fc.weight".to_string()])?,
+            fc: matrix(d, &["fc.weight".to_string()], precision)?,
             hidden_norm: vector(d, "hidden_norm.weight")?,
             norm: vector(d, "norm.weight")?,
             layers,
@@ -151,10 +205,8 @@ impl DFlashInfer {
     }
 
     /// y (m, out) = x (m, in) Wᵀ.
-    fn mm(w: &QMatrix, x: &[f32], m: usize) -> Result<Vec<f32>, DrafterError> {
-        let mut y = vec![0f32; m * w.out_features()];
-        w.matmul(x, m, &mut y).map_err(qgemm_error)?;
-        Ok(y)
+    fn mm(w: &Weight, x: &[f32], m: usize) -> Result<Vec<f32>, DrafterError> {
+        w.mm(x, m)
     }
 
     /// Per-head norm then rotate-half RoPE, in place: x (n, heads, hd) at positions start.. .

@@ -26,7 +26,7 @@ pub use dflash::{
     build_target_layer_ids, context_visible, DFlashCache, DFlashConfig, DFlashDrafter, DFlashInitConfig,
 };
 pub use domino::{DominoConfig, DominoDrafter, DominoInitConfig, DominoProposer};
-pub use dflash_infer::DFlashInfer;
+pub use dflash_infer::{DFlashInfer, Precision as DrafterPrecision};
 pub use proposer::DFlashProposer;
 
 /// Depth of a new drafter unless a config says otherwise: 2 layers, the shape that pays on a

@@ -16,7 +16,7 @@
 use candle_core::Tensor;
 
 use super::dflash::{DFlashCache, DFlashDrafter};
-use super::dflash_infer::DFlashInfer;
+use super::dflash_infer::{DFlashInfer, Precision};
 use super::DrafterError;
 use crate::model::{KvCache, Target};
 use crate::spec::{Draft, Proposer, SpecError};
@@ -44,7 +44,12 @@ impl DFlashProposer {
     /// quantised (a non-finite value, from a diverged run) leave it on the reference path,
     /// which drafts from them as they are; the output stays exact either way.
     pub fn new(drafter: DFlashDrafter) -> Self {
-        match DFlashInfer::new(&drafter) {
+        Self::with_precision(drafter, Precision::default())
+    }
+
+    /// [`DFlashProposer::new`] with the inference path's projections in `precision`.
+    pub fn with_precision(drafter: DFlashDrafter, precision: Precision) -> Self {
+        match DFlashInfer::with_precision(&drafter, precision) {
             Ok(infer) => {
                 let fast_cache = infer.new_cache();
                 let cache = drafter.new_cache();
