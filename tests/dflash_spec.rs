@@ -196,6 +196,13 @@ fn the_fast_inference_path_matches_the_reference_forward_and_keeps_its_context_e
             infer.extend_context(&mut fc, &rows(0, start)).unwrap();
             let got = infer.forward_block(&target, &mut fc, seq[start], start).unwrap();
             assert_eq!(fc.len(), start, "the block's K/V are not committed to the context");
+            // The same path with f32 projections: only the summation order differs.
+            let infer32 = DFlashInfer::with_precision(&drafter, specauf::drafter::DrafterPrecision::F32).unwrap();
+            let mut fc32 = infer32.new_cache();
+            infer32.extend_context(&mut fc32, &rows(0, start)).unwrap();
+            let got32 = infer32.forward_block(&target, &mut fc32, seq[start], start).unwrap();
+            let (d32, s32) = got32.iter().zip(&want).fold((0f32, 0f32), |(d, s), (g, w)| (d.max((g - w).abs()), s.max(w.abs())));
+            assert!(d32 <= 1e-4 * s32, "{family}: the f32 fast path differs from the reference by {d32} (scale {s32})");
             for (g, w) in got.iter().zip(&want) {
                 worst = worst.max((g - w).abs());
                 scale = scale.max(w.abs());
