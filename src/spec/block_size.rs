@@ -127,7 +127,8 @@ pub fn measure_draft_ms(target: &Target, proposer: &mut dyn Proposer) -> Result<
     let vocab = target.config().vocab_size as u32;
     let prompt: Vec<u32> = (0..CURVE_CONTEXT).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
     let b = proposer.block_size().max(1);
-    let cfg = GenerateConfig { eos_token_ids: Vec::new(), ..GenerateConfig::greedy(target, 4 * b) };
+    // B + 1 tokens: at least two cycles whatever the acceptance, at most about B of them.
+    let cfg = GenerateConfig { eos_token_ids: Vec::new(), ..GenerateConfig::greedy(target, b + 1) };
     let out = generate(target, Some(proposer), &prompt, &cfg)?;
     if out.cycles < 2 {
         return Ok(out.draft_ms);
