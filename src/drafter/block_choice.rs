@@ -13,7 +13,8 @@ use crate::spec::SpecError;
 /// and returns the drafter at the block size that maximises modelled tokens per second.
 pub fn choose_for(target: &Target, drafter: AnyDrafter, dir: &Path) -> Result<(AnyDrafter, BlockChoice), SpecError> {
     let max_b = drafter.block_size();
-    let verify_ms = measure_verify_curve(target, max_b, drafter.target_layer_ids(), 2)?;
+    let t0 = std::time::Instant::now();
+    let verify_ms = measure_verify_curve(target, max_b, drafter.target_layer_ids(), 3)?;
     let draft_ms = measure_draft_ms(target, &mut *drafter.proposer())?;
     let (acceptance, acceptance_source) = match held_out_acceptance(dir) {
         Some(found) => found,
@@ -29,6 +30,7 @@ pub fn choose_for(target: &Target, drafter: AnyDrafter, dir: &Path) -> Result<(A
         draft_ms,
         acceptance,
         acceptance_source,
+        calibration_ms: t0.elapsed().as_secs_f64() * 1e3,
     };
     let drafter = drafter.at_block_size(block_size).map_err(SpecError::proposer)?;
     Ok((drafter, choice))

@@ -46,13 +46,15 @@ pub struct BlockChoice {
     pub acceptance: Vec<f64>,
     /// Where `acceptance` came from.
     pub acceptance_source: String,
+    /// Start-up time spent measuring (curve and drafts).
+    pub calibration_ms: f64,
 }
 
 impl BlockChoice {
     /// One line for a report: "B = 4 of 8 (model: 1.9 tokens/cycle, 61 tok/s vs AR 70; acceptance from …)".
     pub fn summary(&self, max_b: usize) -> String {
         format!(
-            "B = {} of {} chosen from measurement (model: {:.2} tokens/cycle, {:.0} tok/s vs AR {:.0}; verify(1..{}) {} ms, draft {:.1} ms; acceptance {})",
+            "B = {} of {} chosen from measurement (model: {:.2} tokens/cycle, {:.0} tok/s vs AR {:.0}; verify(1..{}) {} ms, draft {:.1} ms, measured in {:.0} ms; acceptance {})",
             self.block_size,
             max_b,
             self.expected_tokens,
@@ -61,6 +63,7 @@ impl BlockChoice {
             self.verify_ms.len(),
             self.verify_ms.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join("/"),
             self.draft_ms,
+            self.calibration_ms,
             self.acceptance_source
         )
     }
