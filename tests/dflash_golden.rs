@@ -102,7 +102,8 @@ fn the_decode_loop_reproduces_the_reference_dflash_generate() {
     let d = DFlashDrafter::load(&fixtures().join("dflash/tiny-qwen3-b4"), target.config()).unwrap();
     let exp = expected();
     let prompt = ids(&exp["generate.prompt"]);
-    let mut rec = Recording { inner: DFlashProposer::new(d), hidden: vec![] };
+    // The reference (f32 candle) path is the one that reproduces the reference's hidden states.
+    let mut rec = Recording { inner: DFlashProposer::reference(d.clone()), hidden: vec![] };
     let cfg = GenerateConfig {
         max_new_tokens: 12,
         temperature: 0.0,
@@ -120,4 +121,10 @@ fn the_decode_loop_reproduces_the_reference_dflash_generate() {
         let diff = max_abs_diff(h, &exp[&format!("generate.hidden.{i}")]);
         assert!(diff < TOL, "draft call {i} differs from the reference by {diff}; {HINT}");
     }
+    // The fast inference path (int8) gives the same output, and here the same acceptance.
+    let mut fast = DFlashProposer::new(d);
+    assert!(fast.is_fast());
+    let out = generate(&target, Some(&mut fast as &mut dyn Proposer), &prompt, &cfg).unwrap();
+    assert_eq!(out.token_ids, ids(&exp["generate.output_ids"]), "fast path output");
+    assert_eq!(out.accept_lengths, want_acc, "fast path acceptance on the fixture");
 }

@@ -29,6 +29,7 @@ fn greedy_spec_decode_with_a_random_dflash_drafter_equals_plain_greedy() {
             init.target_layer_ids = Some(vec![0, layers - 1]);
             let drafter = DFlashDrafter::init_random(target.config(), &init, b as u64).unwrap();
             let mut proposer = DFlashProposer::new(drafter);
+            assert!(proposer.is_fast(), "DFlashProposer::new runs the fast inference path");
             for (pi, plen) in [1usize, 6, 13].into_iter().enumerate() {
                 let prompt = prompt(plen, pi as u32 + 3);
                 let want = reference_greedy(&target, &prompt, n);
@@ -95,7 +96,7 @@ fn every_draft_sees_exactly_the_committed_context_before_its_block() {
         let mut init = DFlashInitConfig::new(2, 4, 5);
         init.target_layer_ids = Some(taps.clone());
         let drafter = DFlashDrafter::init_random(target.config(), &init, 9).unwrap();
-        let mut rec = Recording { inner: DFlashProposer::new(drafter.clone()), proposals: vec![] };
+        let mut rec = Recording { inner: DFlashProposer::reference(drafter.clone()), proposals: vec![] };
         let prompt = prompt(7, 1);
         let out = generate(&target, Some(&mut rec as &mut dyn Proposer), &prompt, &greedy_cfg(n)).unwrap();
         // Taps of the whole committed sequence from one fresh prefill.
@@ -144,7 +145,7 @@ fn commits_of_several_accepted_positions_extend_the_context_in_order() {
     let max_diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     };
-    let mut p = DFlashProposer::new(drafter.clone());
+    let mut p = DFlashProposer::reference(drafter.clone());
     // Prompt 0..8, first token at 8; then cycles accepting 2, 0 and 3 drafts.
     p.begin(&target, &seq[..8], Some(&rows(0, 8))).unwrap();
     let mut start = 8;
@@ -163,4 +164,74 @@ fn commits_of_several_accepted_positions_extend_the_context_in_order() {
     p.propose(&target, seq[start], start).unwrap();
     let err = p.commit(&seq[start + 1..start + 2], Some(&rows(start + 1, 1)), start + 1).unwrap_err();
     assert!(err.to_string().contains("block starts at"), "{err}");
+}
+
+/// The fast inference path (int8 projections, KvCache context) against the reference candle
+/// forward: the block hidden agrees to int8 precision, and the drafts of the fast proposer equal
+/// the fast path's drafts over a context built in one go (the context is extended correctly).
+#[test]
+fn the_fast_inference_path_matches_the_reference_forward_and_keeps_its_context_exact() {
+    use specauf::drafter::DFlashInfer;
+    use specauf::model::Logits;
+    for family in FAMILIES {
+        let target = target(family);
+        let layers = target.config().num_hidden_layers;
+        let taps = vec![1usize, layers - 1];
+        let mut init = DFlashInitConfig::new(2, 4, 5);
+        init.target_layer_ids = Some(taps.clone());
+        let drafter = DFlashDrafter::init_random(target.config(), &init, 11).unwrap();
+        let infer = DFlashInfer::new(&drafter).unwrap();
+        let seq = prompt(24, 5);
+        let mut cache = target.new_cache();
+        let fwd = target.forward(&seq, &mut cache, &taps, Logits::None).unwrap();
+        let feats = candle_core::Tensor::cat(&fwd.taps, 1).unwrap();
+        let rows = |a: usize, n: usize| feats.narrow(0, a, n).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (mut worst, mut scale, mut same_top, mut total) = (0f32, 0f32, 0usize, 0usize);
+        for start in [3usize, 10, 17] {
+            let mut ctx = drafter.new_cache();
+            drafter.extend_context(&mut ctx, &feats.narrow(0, 0, start).unwrap()).unwrap();
+            let want = drafter.forward_block(&target, &ctx, &drafter.block_ids(&[seq[start]]), start).unwrap();
+            let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut fc = infer.new_cache();
+            infer.extend_context(&mut fc, &rows(0, start)).unwrap();
+            let got = infer.forward_block(&target, &mut fc, seq[start], start).unwrap();
+            assert_eq!(fc.len(), start, "the block's K/V are not committed to the context");
+            // The same path with f32 projections: only the summation order differs.
+            let infer32 = DFlashInfer::with_precision(&drafter, specauf::drafter::DrafterPrecision::F32).unwrap();
+            let mut fc32 = infer32.new_cache();
+            infer32.extend_context(&mut fc32, &rows(0, start)).unwrap();
+            let got32 = infer32.forward_block(&target, &mut fc32, seq[start], start).unwrap();
+            let (d32, s32) = got32.iter().zip(&want).fold((0f32, 0f32), |(d, s), (g, w)| (d.max((g - w).abs()), s.max(w.abs())));
+            assert!(d32 <= 1e-4 * s32, "{family}: the f32 fast path differs from the reference by {d32} (scale {s32})");
+            for (g, w) in got.iter().zip(&want) {
+                worst = worst.max((g - w).abs());
+                scale = scale.max(w.abs());
+            }
+            // Top-1 of the target's head on the predicted rows.
+            let h = target.config().hidden_size;
+            let head = |x: &[f32]| {
+                let t = candle_core::Tensor::from_slice(&x[h..], (4 - 1, h), &candle_core::Device::Cpu).unwrap();
+                specauf::spec::sampling::argmax_rows(&target.lm_head(&t).unwrap()).unwrap()
+            };
+            let (a, b) = (head(&got), head(&want));
+            same_top += a.iter().zip(&b).filter(|(x, y)| x == y).count();
+            total += a.len();
+        }
+        // Measured: 0.15–0.3% of the scale on the fixtures (int8 weights and activations).
+        assert!(worst <= 0.01 * scale, "{family}: fast hidden differs from the reference by {worst} (scale {scale})");
+        assert!(same_top * 4 >= total * 3, "{family}: fast and reference drafts agree on only {same_top} of {total} positions");
+
+        // The proposer's incremental context vs one built in one go: the same drafts, bit for bit.
+        let mut p = DFlashProposer::new(drafter.clone());
+        p.begin(&target, &seq[..8], Some(&feats.narrow(0, 0, 8).unwrap())).unwrap();
+        let mut start = 8;
+        for acc in [2usize, 0, 3, 1] {
+            let draft = p.propose(&target, seq[start], start).unwrap();
+            let mut fc = infer.new_cache();
+            infer.extend_context(&mut fc, &rows(0, start)).unwrap();
+            assert_eq!(draft.tokens, infer.draft(&target, &mut fc, seq[start], start).unwrap(), "{family} start {start}");
+            p.commit(&seq[start..start + acc + 1], Some(&feats.narrow(0, start, acc + 1).unwrap()), start).unwrap();
+            start += acc + 1;
+        }
+    }
 }

@@ -76,6 +76,7 @@ fn evaluate() -> (tempfile::TempDir, Settings, EvalResults) {
             path: None,
             block_size: d.proposer.block_size(),
             trained_block_size: d.proposer.block_size(),
+            block_choice: None,
         })
         .collect();
     let settings = Settings::describe(

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use specauf::model::{load_model, WeightsMode};
+use specauf::drafter::block_choice::choose_for;
 use specauf::drafter::AnyDrafter;
 use specauf::spec::driver::{generate_streaming, GenerateConfig};
 use specauf::spec::proposer::Proposer;
@@ -105,12 +106,21 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             }
         }
     };
+    let mut choice = None;
     let mut proposer: Option<Box<dyn Proposer + Send>> = match &a.drafter {
         Some(dir) => {
             let d = AnyDrafter::load(dir, m.target.config()).with_context(|| format!("loading drafter {}", dir.display()))?;
+            let trained = d.block_size();
             let d = match a.block_size {
                 Some(b) => d.at_block_size(b).with_context(|| format!("drafter {}", dir.display()))?,
-                None => d,
+                None => {
+                    let (d, c) = choose_for(&m.target, d, dir).with_context(|| format!("choosing the block size of drafter {}", dir.display()))?;
+                    if !a.json {
+                        eprintln!("[block size: {}]", c.summary(trained));
+                    }
+                    choice = Some(c);
+                    d
+                }
             };
             Some(d.into_proposer())
         }
@@ -137,6 +147,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             "cycles": res.cycles,
             "accept_lengths": res.accept_lengths,
             "block_size": res.block_size,
+            "block_choice": choice,
         });
         println!("{v}");
     } else {

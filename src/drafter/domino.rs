@@ -707,7 +707,7 @@ pub struct DominoProposer {
 
 impl DominoProposer {
     pub fn new(drafter: DominoDrafter) -> Self {
-        let context = DFlashProposer::new(drafter.backbone().clone());
+        let context = DFlashProposer::reference(drafter.backbone().clone());
         Self { drafter, context }
     }
 

@@ -13,9 +13,11 @@
 //! - [`proposer`]: DFlash behind the decode loop's `Proposer` trait.
 
 pub mod any;
+pub mod block_choice;
 pub mod blocks;
 pub mod checkpoint;
 pub mod dflash;
+pub mod dflash_infer;
 pub mod domino;
 pub mod proposer;
 
@@ -24,6 +26,7 @@ pub use dflash::{
     build_target_layer_ids, context_visible, DFlashCache, DFlashConfig, DFlashDrafter, DFlashInitConfig,
 };
 pub use domino::{DominoConfig, DominoDrafter, DominoInitConfig, DominoProposer};
+pub use dflash_infer::{DFlashInfer, Precision as DrafterPrecision};
 pub use proposer::DFlashProposer;
 
 /// Depth of a new drafter unless a config says otherwise: 2 layers, the shape that pays on a

@@ -16,23 +16,58 @@
 use candle_core::Tensor;
 
 use super::dflash::{DFlashCache, DFlashDrafter};
+use super::dflash_infer::{DFlashInfer, Precision};
 use super::DrafterError;
-use crate::model::Target;
+use crate::model::{KvCache, Target};
 use crate::spec::{Draft, Proposer, SpecError};
 
 /// A DFlash drafter serving one request at a time.
+///
+/// Two paths compute the same model: the fast one ([`DFlashInfer`]: int8 projections, a
+/// truncatable context cache, no per-op dispatch), which [`DFlashProposer::new`] builds and
+/// `propose` uses, and the reference one (the candle forward that training differentiates),
+/// kept for [`DFlashProposer::reference`] and for drafters built on the backbone (Domino), which
+/// read [`DFlashProposer::cache`].
 #[derive(Debug, Clone)]
 pub struct DFlashProposer {
     drafter: DFlashDrafter,
     cache: DFlashCache,
+    /// The fast path and its context cache; None on the reference path.
+    fast: Option<(DFlashInfer, KvCache)>,
     /// Context rows not yet in the cache: (n, n_taps·H).
     pending: Option<Tensor>,
 }
 
 impl DFlashProposer {
+    /// A proposer on the fast inference path. Quantises the drafter's current weights (a
+    /// snapshot: a drafter trained further needs a new proposer). Weights that cannot be
+    /// quantised (a non-finite value, from a diverged run) leave it on the reference path,
+    /// which drafts from them as they are; the output stays exact either way.
     pub fn new(drafter: DFlashDrafter) -> Self {
+        Self::with_precision(drafter, Precision::default())
+    }
+
+    /// [`DFlashProposer::new`] with the inference path's projections in `precision`.
+    pub fn with_precision(drafter: DFlashDrafter, precision: Precision) -> Self {
+        match DFlashInfer::with_precision(&drafter, precision) {
+            Ok(infer) => {
+                let fast_cache = infer.new_cache();
+                let cache = drafter.new_cache();
+                Self { drafter, cache, fast: Some((infer, fast_cache)), pending: None }
+            }
+            Err(_) => Self::reference(drafter),
+        }
+    }
+
+    /// Whether `propose` runs the fast inference path.
+    pub fn is_fast(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// A proposer on the reference (candle f32) path.
+    pub fn reference(drafter: DFlashDrafter) -> Self {
         let cache = drafter.new_cache();
-        Self { drafter, cache, pending: None }
+        Self { drafter, cache, fast: None, pending: None }
     }
 
     pub fn drafter(&self) -> &DFlashDrafter {
@@ -41,7 +76,10 @@ impl DFlashProposer {
 
     /// Context positions currently cached.
     pub fn context_len(&self) -> usize {
-        self.cache.len()
+        match &self.fast {
+            Some((_, c)) => c.len(),
+            None => self.cache.len(),
+        }
     }
 
     /// The context cache as of the last `propose` (positions 0..start of that call).
@@ -89,13 +127,27 @@ impl Proposer for DFlashProposer {
             }));
         }
         self.cache = self.drafter.new_cache();
+        if let Some((_, c)) = self.fast.as_mut() {
+            c.clear();
+        }
         self.pending = Some(features.clone());
         Ok(())
     }
 
     fn propose(&mut self, target: &Target, last_token: u32, start: usize) -> Result<Draft, SpecError> {
-        self.sync_context()?;
-        let tokens = self.drafter.draft(target, &self.cache, last_token, start).map_err(SpecError::proposer)?;
+        let tokens = match self.fast.as_mut() {
+            Some((infer, cache)) => {
+                if let Some(f) = self.pending.take() {
+                    let rows = f.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                    infer.extend_context(cache, &rows).map_err(SpecError::proposer)?;
+                }
+                infer.draft(target, cache, last_token, start).map_err(SpecError::proposer)?
+            }
+            None => {
+                self.sync_context()?;
+                self.drafter.draft(target, &self.cache, last_token, start).map_err(SpecError::proposer)?
+            }
+        };
         Ok(Draft::tokens(tokens))
     }
 
@@ -108,8 +160,8 @@ impl Proposer for DFlashProposer {
                 expected: format!("one row per committed block position ({})", tokens.len()),
             }));
         }
-        if self.cache.len() != start {
-            return Err(SpecError::proposer(DrafterError::ContextGap { cached: self.cache.len(), start }));
+        if self.context_len() != start {
+            return Err(SpecError::proposer(DrafterError::ContextGap { cached: self.context_len(), start }));
         }
         self.pending = Some(features.clone());
         Ok(())

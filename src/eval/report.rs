@@ -91,8 +91,11 @@ pub struct DrafterSetting {
     pub path: Option<String>,
     /// The verified block size at inference.
     pub block_size: usize,
-    /// The drafter's own block size (greater when overridden with --block-size).
+    /// The drafter's own block size (greater when overridden with --block-size or chosen lower).
     pub trained_block_size: usize,
+    /// How B was chosen from measurement; None when fixed with --block-size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_choice: Option<crate::spec::block_size::BlockChoice>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -314,10 +317,10 @@ fn md_header(s: &mut String, settings: &Settings) {
         .drafters
         .iter()
         .map(|d| {
-            if d.block_size == d.trained_block_size {
-                format!("`{}` B = {}", d.label, d.block_size)
-            } else {
-                format!("`{}` B = {} (trained {})", d.label, d.block_size, d.trained_block_size)
+            match &d.block_choice {
+                Some(c) => format!("`{}` {}", d.label, c.summary(d.trained_block_size)),
+                None if d.block_size == d.trained_block_size => format!("`{}` B = {}", d.label, d.block_size),
+                None => format!("`{}` B = {} (trained {})", d.label, d.block_size, d.trained_block_size),
             }
         })
         .collect();

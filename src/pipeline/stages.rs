@@ -378,7 +378,9 @@ impl EvalPlan {
     }
 
     /// What must match for a partial evaluation to be resumed: everything that changes a record.
-    fn journal_settings(&self, model: &str) -> serde_json::Value {
+    /// `chosen`: the block size each drafter runs at (measured choices may differ between runs;
+    /// a resume at another B is refused — fix B with --block-size to resume across machines).
+    fn journal_settings(&self, model: &str, chosen: &[usize]) -> serde_json::Value {
         let drafters: Vec<serde_json::Value> = self
             .drafters
             .iter()
@@ -405,6 +407,7 @@ impl EvalPlan {
             "temperature": self.temperature,
             "top_p": self.top_p,
             "block_size": self.block_size,
+            "chosen_block_sizes": chosen,
             "seed": self.seed,
             "system": self.system,
         })
@@ -467,15 +470,20 @@ fn load_drafters(plan: &EvalPlan, m: &LoadedModel) -> Result<(Vec<EvalDrafter<'s
         let err = |source| StageError::Drafter { path: dir.display().to_string(), source };
         let d = AnyDrafter::load(dir, m.target.config()).map_err(err)?;
         let trained = d.block_size();
-        let d = match plan.block_size {
-            Some(b) => d.at_block_size(b).map_err(err)?,
-            None => d,
+        let (d, block_choice) = match plan.block_size {
+            Some(b) => (d.at_block_size(b).map_err(err)?, None),
+            None => {
+                let (d, c) = crate::drafter::block_choice::choose_for(&m.target, d, dir)
+                    .map_err(|e| StageError::Invalid(format!("drafter {}: choosing the block size: {e}", dir.display())))?;
+                (d, Some(c))
+            }
         };
         settings.push(DrafterSetting {
             label: label.clone(),
             path: Some(dir.display().to_string()),
             block_size: d.block_size(),
             trained_block_size: trained,
+            block_choice,
         });
         drafters.push(EvalDrafter::new(label.clone(), d.into_proposer()));
     }
@@ -524,7 +532,8 @@ pub fn evaluate(plan: &EvalPlan, progress: &dyn Progress) -> Result<EvalOutcome,
 
     // 2. Generate, journaling finished requests.
     std::fs::create_dir_all(&plan.out).map_err(|source| StageError::Io { path: plan.out.clone(), source })?;
-    let journal = Journal::open(&plan.out, &plan.journal_settings(&m.name))?;
+    let chosen: Vec<usize> = drafter_settings.iter().map(|d| d.block_size).collect();
+    let journal = Journal::open(&plan.out, &plan.journal_settings(&m.name, &chosen))?;
     let resumed = journal.resumable();
     if resumed > 0 {
         progress.note(&format!(

@@ -41,6 +41,7 @@
 //! differences between a block forward and a one-token forward).
 
 pub mod batch;
+pub mod block_size;
 pub mod driver;
 pub mod metrics;
 pub mod proposer;

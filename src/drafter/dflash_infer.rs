@@ -1,0 +1,331 @@
+//! The DFlash drafter's inference path: the same model as [`DFlashDrafter::forward_block`]
+//! (module docs of [`super::dflash`]), computed without candle's per-op dispatch.
+//!
+//! - Projections are int8 blocks run by the target's batch-invariant VNNI kernel
+//!   ([`crate::model::qgemm`]): k and v fused into one matrix, gate and up into another, so a
+//!   layer is four weight passes for the block and one for the context.
+//! - The context K/V live in a [`KvCache`] (preallocated, grown by doubling, truncated in O(1));
+//!   a cycle appends only its new rows. The block's own K/V are written after the context rows
+//!   without committing them, so one bidirectional attention over positions 0..start+B covers
+//!   [context ; block] with the target's vectorised attention kernel.
+//! - The LM head is the target's (quantised in q8/native) over the B-1 predicted rows only.
+//!
+//! Precision: int8 weights and activations per block of 32, as the target's q8 mode. Drafts may
+//! differ from the f32 reference where two logits nearly tie; that changes τ, never the output,
+//! which the target's verification decides (tests/dflash_spec.rs checks both).
+
+use candle_core::{Device, Tensor};
+
+use super::dflash::DFlashDrafter;
+use super::DrafterError;
+use crate::model::attention::full_attention;
+use crate::model::qgemm::QMatrix;
+use crate::model::{KvCache, Target};
+
+/// How the inference path holds the drafter's projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// Int8 blocks through the target's VNNI kernel (a quarter of the bytes of f32).
+    #[default]
+    Int8,
+    /// The trained f32 values, multiplied by candle's gemm.
+    F32,
+}
+
+/// One projection (out, in).
+#[derive(Debug, Clone)]
+enum Weight {
+    Int8(QMatrix),
+    /// Wᵀ (in, out), contiguous.
+    F32 { wt: Tensor, out: usize, inp: usize },
+}
+
+impl Weight {
+    fn in_features(&self) -> usize {
+        match self {
+            Weight::Int8(q) => q.in_features(),
+            Weight::F32 { inp, .. } => *inp,
+        }
+    }
+
+    /// y (m, out) = x (m, in) Wᵀ.
+    fn mm(&self, x: &[f32], m: usize) -> Result<Vec<f32>, DrafterError> {
+        match self {
+            Weight::Int8(w) => {
+                let mut y = vec![0f32; m * w.out_features()];
+                w.matmul(x, m, &mut y).map_err(qgemm_error)?;
+                Ok(y)
+            }
+            Weight::F32 { wt, out, inp } => {
+                let y = Tensor::from_slice(x, (m, *inp), &Device::Cpu)?.matmul(wt)?;
+                debug_assert_eq!(y.dims(), &[m, *out]);
+                Ok(y.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+    }
+}
+
+/// One layer's weights for inference.
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    q: Weight,
+    /// [k_proj ; v_proj]: (2·n_kv·hd, H)
+    kv: Weight,
+    o: Weight,
+    /// [gate_proj ; up_proj]: (2·I, H)
+    gate_up: Weight,
+    down: Weight,
+}
+
+/// A DFlash drafter's weights, quantised for inference. Built from a drafter's current values
+/// (a snapshot: build a new one after the drafter is trained further).
+#[derive(Debug, Clone)]
+pub struct DFlashInfer {
+    fc: Weight,
+    hidden_norm: Vec<f32>,
+    norm: Vec<f32>,
+    layers: Vec<Layer>,
+    inv_freq: Vec<f32>,
+    hidden: usize,
+    inter: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f32,
+    block_size: usize,
+    mask: u32,
+    max_pos: usize,
+}
+
+/// (rows, in) f32 values of several weights stacked along the output dimension.
+fn stacked(d: &DFlashDrafter, names: &[String]) -> Result<(Vec<f32>, usize, usize), DrafterError> {
+    let vars = d.named_vars();
+    let mut out = Vec::new();
+    let (mut rows, mut inp) = (0, 0);
+    for name in names {
+        let t = vars
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_tensor().detach())
+            .ok_or_else(|| DrafterError::MissingTensor { path: "drafter".into(), name: name.clone() })?;
+        let dims = t.dims().to_vec();
+        let (r, i) = match dims.as_slice() {
+            &[r, i] => (r, i),
+            &[r] => (r, 1),
+            _ => return Err(DrafterError::ShapeMismatch { path: "drafter".into(), name: name.clone(), expected: vec![], got: dims }),
+        };
+        rows += r;
+        inp = i;
+        out.extend(t.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok((out, rows, inp))
+}
+
+fn qgemm_error(e: crate::model::qgemm::QGemmError) -> DrafterError {
+    DrafterError::Unsupported { path: "drafter".into(), what: format!("int8 inference weights: {e}") }
+}
+
+fn matrix(d: &DFlashDrafter, names: &[String], precision: Precision) -> Result<Weight, DrafterError> {
+    let (w, rows, inp) = stacked(d, names)?;
+    match precision {
+        Precision::Int8 => Ok(Weight::Int8(QMatrix::quantize(&names.join("+"), &w, rows, inp).map_err(qgemm_error)?)),
+        Precision::F32 => {
+            let wt = Tensor::from_vec(w, (rows, inp), &Device::Cpu)?.t()?.contiguous()?;
+            Ok(Weight::F32 { wt, out: rows, inp })
+        }
+    }
+}
+
+fn vector(d: &DFlashDrafter, name: &str) -> Result<Vec<f32>, DrafterError> {
+    Ok(stacked(d, &[name.to_string()])?.0)
+}
+
+/// y = x / sqrt(mean(x²) + eps) · w, row by row (rows of w.len()).
+fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
+    for row in x.chunks_exact_mut(w.len()) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (v, g) in row.iter_mut().zip(w) {
+            *v = *v * inv * g;
+        }
+    }
+}
+
+impl DFlashInfer {
+    /// `d`'s current weights in the default precision ([`Precision::Int8`]).
+    pub fn new(d: &DFlashDrafter) -> Result<Self, DrafterError> {
+        Self::with_precision(d, Precision::default())
+    }
+
+    /// `d`'s current weights, projections held in `precision`.
+    pub fn with_precision(d: &DFlashDrafter, precision: Precision) -> Result<Self, DrafterError> {
+        let c = d.config();
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = |s: &str| format!("layers.{l}.{s}.weight");
+            layers.push(Layer {
+                input_norm: vector(d, &p("input_layernorm"))?,
+                post_norm: vector(d, &p("post_attention_layernorm"))?,
+                q_norm: vector(d, &p("self_attn.q_norm"))?,
+                k_norm: vector(d, &p("self_attn.k_norm"))?,
+                q: matrix(d, &[p("self_attn.q_proj")], precision)?,
+                kv: matrix(d, &[p("self_attn.k_proj"), p("self_attn.v_proj")], precision)?,
+                o: matrix(d, &[p("self_attn.o_proj")], precision)?,
+                gate_up: matrix(d, &[p("mlp.gate_proj"), p("mlp.up_proj")], precision)?,
+                down: matrix(d, &[p("mlp.down_proj")], precision)?,
+            });
+        }
+        let hd = c.head_dim;
+        let inv_freq = (0..hd / 2).map(|i| 1.0 / (c.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
+        Ok(Self {
+            fc: matrix(d, &["fc.weight".to_string()], precision)?,
+            hidden_norm: vector(d, "hidden_norm.weight")?,
+            norm: vector(d, "norm.weight")?,
+            layers,
+            inv_freq,
+            hidden: c.hidden_size,
+            inter: c.intermediate_size,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: hd,
+            eps: c.rms_norm_eps as f32,
+            block_size: c.block_size,
+            mask: c.mask_token_id,
+            max_pos: c.max_position_embeddings,
+        })
+    }
+
+    /// An empty context cache.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len(), self.kv_heads, self.head_dim)
+    }
+
+    /// y (m, out) = x (m, in) Wᵀ.
+    fn mm(w: &Weight, x: &[f32], m: usize) -> Result<Vec<f32>, DrafterError> {
+        w.mm(x, m)
+    }
+
+    /// Per-head norm then rotate-half RoPE, in place: x (n, heads, hd) at positions start.. .
+    fn norm_rope(&self, x: &mut [f32], heads: usize, w: &[f32], start: usize) {
+        let (hd, half) = (self.head_dim, self.head_dim / 2);
+        for (r, row) in x.chunks_exact_mut(heads * hd).enumerate() {
+            rms_norm_rows(row, w, self.eps);
+            let p = (start + r) as f32;
+            for head in row.chunks_exact_mut(hd) {
+                for (i, f) in self.inv_freq.iter().enumerate() {
+                    let (c, s) = ((p * f).cos(), (p * f).sin());
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * c - b * s;
+                    head[i + half] = b * c + a * s;
+                }
+            }
+        }
+    }
+
+    /// K (n, n_kv·hd) normed and rotated, and V, of `n` rows of `h` at positions start.. .
+    fn keys_values(&self, layer: &Layer, h: &[f32], n: usize, start: usize) -> Result<(Vec<f32>, Vec<f32>), DrafterError> {
+        let kvw = self.kv_heads * self.head_dim;
+        let kv = Self::mm(&layer.kv, h, n)?;
+        let (mut k, mut v) = (Vec::with_capacity(n * kvw), Vec::with_capacity(n * kvw));
+        for row in kv.chunks_exact(2 * kvw) {
+            k.extend_from_slice(&row[..kvw]);
+            v.extend_from_slice(&row[kvw..]);
+        }
+        self.norm_rope(&mut k, self.kv_heads, &layer.k_norm, start);
+        Ok((k, v))
+    }
+
+    /// Appends context rows for positions cache.len().. from their target taps
+    /// (n, n_taps·H) row-major.
+    pub fn extend_context(&self, cache: &mut KvCache, features: &[f32]) -> Result<(), DrafterError> {
+        let fin = self.fc.in_features();
+        if features.len() % fin != 0 {
+            return Err(DrafterError::InputShape { what: "context features", got: vec![features.len()], expected: format!("(n, {fin})") });
+        }
+        let n = features.len() / fin;
+        let start = cache.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if start + n > self.max_pos {
+            return Err(DrafterError::ContextOverflow { needed: start + n, max: self.max_pos });
+        }
+        let mut c = Self::mm(&self.fc, features, n)?;
+        rms_norm_rows(&mut c, &self.hidden_norm, self.eps);
+        cache.reserve(n);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (k, v) = self.keys_values(layer, &c, n, start)?;
+            cache.write(l, &k, &v, n);
+        }
+        cache.advance(n);
+        Ok(())
+    }
+
+    /// The final-normed hidden (B, H) of the block `[last, MASK × (B-1)]` at positions
+    /// start..start+B against the context 0..start held by `cache` (which must hold exactly
+    /// that). The block's K/V are written past the context and not committed.
+    pub fn forward_block(&self, target: &Target, cache: &mut KvCache, last: u32, start: usize) -> Result<Vec<f32>, DrafterError> {
+        let b = self.block_size;
+        if cache.len() != start {
+            return Err(DrafterError::ContextGap { cached: cache.len(), start });
+        }
+        if start + b > self.max_pos {
+            return Err(DrafterError::ContextOverflow { needed: start + b, max: self.max_pos });
+        }
+        let vocab = target.config().vocab_size;
+        if last as usize >= vocab {
+            return Err(DrafterError::TokenOutOfRange { token: last, vocab });
+        }
+        let ids: Vec<u32> = std::iter::once(last).chain(std::iter::repeat_n(self.mask, b - 1)).collect();
+        let mut x = target.embed(&ids)?.flatten_all()?.to_vec1::<f32>()?;
+        let (h, qw) = (self.hidden, self.heads * self.head_dim);
+        cache.reserve(b);
+        for (l, layer) in self.layers.iter().enumerate() {
+            // attention: q from the block; k/v of the block after the context's
+            let mut hn = x.clone();
+            rms_norm_rows(&mut hn, &layer.input_norm, self.eps);
+            let mut q = Self::mm(&layer.q, &hn, b)?;
+            self.norm_rope(&mut q, self.heads, &layer.q_norm, start);
+            let (k, v) = self.keys_values(layer, &hn, b, start)?;
+            cache.write(l, &k, &v, b);
+            let att = full_attention(&q, cache.layer(l), b, start + b, self.heads, self.kv_heads, self.head_dim, cache.capacity());
+            debug_assert_eq!(att.len(), b * qw);
+            for (xi, oi) in x.iter_mut().zip(Self::mm(&layer.o, &att, b)?) {
+                *xi += oi;
+            }
+            // MLP: down(silu(gate) ⊙ up)
+            let mut hn = x.clone();
+            rms_norm_rows(&mut hn, &layer.post_norm, self.eps);
+            let gu = Self::mm(&layer.gate_up, &hn, b)?;
+            let mut a = Vec::with_capacity(b * self.inter);
+            for row in gu.chunks_exact(2 * self.inter) {
+                let (g, u) = row.split_at(self.inter);
+                a.extend(g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+            }
+            for (xi, di) in x.iter_mut().zip(Self::mm(&layer.down, &a, b)?) {
+                *xi += di;
+            }
+        }
+        rms_norm_rows(&mut x, &self.norm, self.eps);
+        debug_assert_eq!(x.len(), b * h);
+        Ok(x)
+    }
+
+    /// The B-1 greedy drafts after `last` (at position `start`): argmax of the target's head
+    /// over block positions 1..B-1.
+    pub fn draft(&self, target: &Target, cache: &mut KvCache, last: u32, start: usize) -> Result<Vec<u32>, DrafterError> {
+        let b = self.block_size;
+        let x = self.forward_block(target, cache, last, start)?;
+        let rows = Tensor::from_slice(&x[self.hidden..], (b - 1, self.hidden), &Device::Cpu)?;
+        // candle's argmax over the logits tensor: no copy of the (B-1, V) logits out of it
+        Ok(target.lm_head(&rows)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+}

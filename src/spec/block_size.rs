@@ -1,0 +1,224 @@
+//! Choosing the verified block size B from measurement (issue 12).
+//!
+//! A cycle with block B costs `verify(B) + draft` and commits on average
+//! `E(B) = 1 + Σ_{k=1}^{B-1} Π_{i≤k} α_i` tokens, where α_i is the rate at which draft position i
+//! is accepted given that positions before it were. B is the value in 2..=max_b that maximises
+//! `E(B) / (verify(B) + draft)`: [`choose_block_size`], a pure function of the measured verify
+//! curve, the measured draft time and the acceptance rates.
+//!
+//! The verify curve is timed on the target at start-up ([`measure_verify_curve`]: forwards of
+//! m = 1..max_b tokens after a short context), the draft time by a few cycles of the proposer
+//! ([`measure_draft_ms`]). Acceptance comes from the drafter's held-out training metrics when
+//! its run folder has them ([`held_out_acceptance`]: the per-position accuracies, used as the
+//! conditional rates, which they bound from below, so the choice errs towards small blocks), else
+//! [`DEFAULT_ACCEPTANCE`] at every position.
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::driver::{generate, GenerateConfig};
+use super::proposer::Proposer;
+use super::SpecError;
+use crate::model::{Logits, Target};
+
+/// Acceptance rate assumed at every draft position when the drafter brings no measurement: a
+/// drafter of unknown quality, for which B stays small unless verifying is nearly free.
+pub const DEFAULT_ACCEPTANCE: f64 = 0.5;
+
+/// Context length at which the curve is timed (short: the start-up cost stays small).
+const CURVE_CONTEXT: usize = 32;
+
+/// The chosen block size and the numbers it was chosen from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BlockChoice {
+    pub block_size: usize,
+    /// Expected committed tokens per cycle at the chosen B.
+    pub expected_tokens: f64,
+    /// Modelled tokens per second at the chosen B.
+    pub expected_tokens_per_s: f64,
+    /// Modelled tokens per second of plain decoding (1 / verify(1)).
+    pub ar_tokens_per_s: f64,
+    /// verify_ms[m-1]: one target forward of m tokens.
+    pub verify_ms: Vec<f64>,
+    /// One `propose` of the drafter.
+    pub draft_ms: f64,
+    /// α_i for draft positions 1..max_b-1.
+    pub acceptance: Vec<f64>,
+    /// Where `acceptance` came from.
+    pub acceptance_source: String,
+    /// Start-up time spent measuring (curve and drafts).
+    pub calibration_ms: f64,
+}
+
+impl BlockChoice {
+    /// One line for a report: "B = 4 of 8 (model: 1.9 tokens/cycle, 61 tok/s vs AR 70; acceptance from …)".
+    pub fn summary(&self, max_b: usize) -> String {
+        format!(
+            "B = {} of {} chosen from measurement (model: {:.2} tokens/cycle, {:.0} tok/s vs AR {:.0}; verify(1..{}) {} ms, draft {:.1} ms, measured in {:.0} ms; acceptance {})",
+            self.block_size,
+            max_b,
+            self.expected_tokens,
+            self.expected_tokens_per_s,
+            self.ar_tokens_per_s,
+            self.verify_ms.len(),
+            self.verify_ms.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join("/"),
+            self.draft_ms,
+            self.calibration_ms,
+            self.acceptance_source
+        )
+    }
+}
+
+/// E(B) = 1 + Σ_{k=1}^{B-1} Π_{i≤k} α_i; positions past `accept`'s end use its last value (or
+/// [`DEFAULT_ACCEPTANCE`] if it is empty). Rates are clamped to [0, 1].
+pub fn expected_tokens(accept: &[f64], b: usize) -> f64 {
+    let rate = |i: usize| accept.get(i).or(accept.last()).copied().unwrap_or(DEFAULT_ACCEPTANCE).clamp(0.0, 1.0);
+    let (mut total, mut survive) = (1.0, 1.0);
+    for k in 0..b.saturating_sub(1) {
+        survive *= rate(k);
+        total += survive;
+    }
+    total
+}
+
+/// The B in 2..=max_b (max_b ≤ verify_ms.len()) maximising E(B) / (verify(B) + draft_ms); ties go
+/// to the smaller B. Returns (B, E(B), modelled tokens/s).
+pub fn choose_block_size(verify_ms: &[f64], draft_ms: f64, accept: &[f64], max_b: usize) -> Result<(usize, f64, f64), SpecError> {
+    let bad = |what: String| SpecError::InvalidConfig { what };
+    if max_b < 2 {
+        return Err(bad(format!("the drafter's block size {max_b} leaves nothing to choose (B ≥ 2)")));
+    }
+    if verify_ms.len() < max_b {
+        return Err(bad(format!("the verify curve has {} points, B goes to {max_b}", verify_ms.len())));
+    }
+    if verify_ms.iter().chain([&draft_ms]).any(|v| !(v.is_finite() && *v >= 0.0)) || verify_ms.iter().any(|v| *v <= 0.0) {
+        return Err(bad(format!("verify times {verify_ms:?} ms and draft time {draft_ms} ms must be finite and positive")));
+    }
+    let mut best = (2, 0.0, f64::NEG_INFINITY);
+    for b in 2..=max_b {
+        let e = expected_tokens(accept, b);
+        let rate = e / (verify_ms[b - 1] + draft_ms) * 1e3;
+        if rate > best.2 * (1.0 + 1e-9) {
+            best = (b, e, rate);
+        }
+    }
+    Ok(best)
+}
+
+/// verify_ms[m-1] for m = 1..=max_b: one forward of m tokens (with `taps`, all logits) after a
+/// context of [`CURVE_CONTEXT`] tokens, the fastest of `reps` runs (the least disturbed by load).
+pub fn measure_verify_curve(target: &Target, max_b: usize, taps: &[usize], reps: usize) -> Result<Vec<f64>, SpecError> {
+    let vocab = target.config().vocab_size as u32;
+    let ids: Vec<u32> = (0..CURVE_CONTEXT + max_b).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
+    let mut cache = target.new_cache();
+    target.forward(&ids[..CURVE_CONTEXT], &mut cache, &[], Logits::None)?;
+    let mut curve = vec![f64::INFINITY; max_b];
+    for _ in 0..reps.max(1) {
+        for m in 1..=max_b {
+            let t0 = Instant::now();
+            target.forward(&ids[CURVE_CONTEXT..CURVE_CONTEXT + m], &mut cache, taps, Logits::All)?;
+            curve[m - 1] = curve[m - 1].min(t0.elapsed().as_secs_f64() * 1e3);
+            cache.truncate(CURVE_CONTEXT);
+        }
+    }
+    Ok(curve)
+}
+
+/// Mean time of one `propose` over a few cycles of a short greedy generation (the first,
+/// which takes in the prompt's context, excluded).
+pub fn measure_draft_ms(target: &Target, proposer: &mut dyn Proposer) -> Result<f64, SpecError> {
+    let vocab = target.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..CURVE_CONTEXT).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
+    let b = proposer.block_size().max(1);
+    // B + 1 tokens: at least two cycles whatever the acceptance, at most about B of them.
+    let cfg = GenerateConfig { eos_token_ids: Vec::new(), ..GenerateConfig::greedy(target, b + 1) };
+    let out = generate(target, Some(proposer), &prompt, &cfg)?;
+    if out.cycles < 2 {
+        return Ok(out.draft_ms);
+    }
+    Ok((out.draft_ms - out.first_draft_ms) / (out.cycles - 1) as f64)
+}
+
+/// The per-position accuracies of the last held-out evaluation in the drafter's training log
+/// (`metrics.jsonl` in `dir` or its parent, lines with `"eval": {"acc_per_position": [...]}`).
+pub fn held_out_acceptance(dir: &Path) -> Option<(Vec<f64>, String)> {
+    for file in [dir.join("metrics.jsonl"), dir.parent()?.join("metrics.jsonl")] {
+        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        let last = text.lines().rev().find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let acc = v.get("eval")?.get("acc_per_position")?.as_array()?;
+            let acc: Vec<f64> = acc.iter().map(|x| x.as_f64()).collect::<Option<_>>()?;
+            (!acc.is_empty()).then_some(acc)
+        });
+        if let Some(acc) = last {
+            return Some((acc, format!("from the held-out metrics of {}", file.display())));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_tokens_follows_the_survival_product() {
+        assert_eq!(expected_tokens(&[1.0, 1.0, 1.0], 4), 4.0);
+        assert_eq!(expected_tokens(&[0.0, 1.0], 8), 1.0);
+        assert!((expected_tokens(&[0.5, 0.5], 3) - 1.75).abs() < 1e-12);
+        // Past the end the last rate repeats; an empty vector means the default.
+        assert!((expected_tokens(&[0.5], 4) - 1.875).abs() < 1e-12);
+        assert!((expected_tokens(&[], 3) - (1.0 + DEFAULT_ACCEPTANCE + DEFAULT_ACCEPTANCE * DEFAULT_ACCEPTANCE)).abs() < 1e-12);
+        assert_eq!(expected_tokens(&[0.9], 1), 1.0);
+    }
+
+    #[test]
+    fn a_flat_verify_curve_and_a_good_drafter_take_the_whole_block() {
+        let curve = [10.0; 8];
+        let (b, e, _) = choose_block_size(&curve, 1.0, &[0.9; 7], 8).unwrap();
+        assert_eq!(b, 8);
+        assert!((e - expected_tokens(&[0.9; 7], 8)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_steep_curve_or_a_weak_drafter_keeps_the_block_small() {
+        // verify(m) = 10 + 5m ms: each extra position costs half a decode step.
+        let curve: Vec<f64> = (1..=8).map(|m| 10.0 + 5.0 * m as f64).collect();
+        let (weak, _, _) = choose_block_size(&curve, 2.0, &[0.3, 0.1, 0.05], 8).unwrap();
+        assert_eq!(weak, 2);
+        let (strong, _, _) = choose_block_size(&curve, 2.0, &[0.95; 7], 8).unwrap();
+        assert!(strong > weak, "a better drafter must not get a smaller block ({strong})");
+        // Brute force over B agrees with the choice.
+        for accept in [vec![0.3, 0.1, 0.05], vec![0.95; 7], vec![0.7, 0.6, 0.5, 0.4]] {
+            let (b, _, rate) = choose_block_size(&curve, 2.0, &accept, 8).unwrap();
+            for other in 2..=8 {
+                let r = expected_tokens(&accept, other) / (curve[other - 1] + 2.0) * 1e3;
+                assert!(r <= rate + 1e-9, "B = {other} ({r}) beats the chosen {b} ({rate})");
+            }
+        }
+    }
+
+    #[test]
+    fn the_choice_never_exceeds_the_drafters_block_and_bad_input_is_an_error() {
+        let curve = [5.0; 16];
+        let (b, _, _) = choose_block_size(&curve, 0.0, &[1.0; 15], 6).unwrap();
+        assert_eq!(b, 6);
+        assert!(choose_block_size(&curve, 0.0, &[1.0], 1).is_err());
+        assert!(choose_block_size(&curve[..3], 0.0, &[1.0], 4).is_err());
+        assert!(choose_block_size(&[5.0, f64::NAN], 0.0, &[1.0], 2).is_err());
+        assert!(choose_block_size(&[5.0, 0.0], 0.0, &[1.0], 2).is_err());
+    }
+
+    #[test]
+    fn held_out_acceptance_reads_the_last_eval_line_of_the_run_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let final_dir = dir.path().join("final");
+        std::fs::create_dir_all(&final_dir).unwrap();
+        assert!(held_out_acceptance(&final_dir).is_none());
+        let log = "{\"step\":1,\"eval\":{\"acc_per_position\":[0.1,0.2]}}\n{\"step\":2,\"eval\":{\"acc_per_position\":[0.4,0.3]}}\n{\"step\":3,\"loss\":1.0}\n";
+        std::fs::write(dir.path().join("metrics.jsonl"), log).unwrap();
+        let (acc, source) = held_out_acceptance(&final_dir).unwrap();
+        assert_eq!(acc, vec![0.4, 0.3]);
+        assert!(source.contains("metrics.jsonl"), "{source}");
+    }
+}
