@@ -134,6 +134,13 @@ pub fn run(plan: &QuickstartPlan, progress: Observer) -> Result<QuickstartOutcom
             crate::util::fs::copy_dir_atomic(&fin, &drafter).map_err(|source| StageError::Io { path: drafter.clone(), source })
         })?;
     }
+    // The run's held-out per-position acceptance travels with the drafter: the evaluation's
+    // block-size choice reads it from `metrics.jsonl` beside the checkpoint.
+    let (log, beside) = (cfg.out.join("metrics.jsonl"), drafter.join("metrics.jsonl"));
+    if log.is_file() && !beside.is_file() {
+        let text = std::fs::read(&log).map_err(|source| StageError::Io { path: log.clone(), source })?;
+        crate::util::fs::write_atomic(&beside, &text).map_err(|source| StageError::Io { path: beside.clone(), source })?;
+    }
     let untrained = out.join("untrained");
     if !untrained.join("model.safetensors").is_file() {
         stage(&*progress, "4/5 untrained drafter", || {
