@@ -21,6 +21,83 @@ enum BenchWhat {
     Train(TrainBenchArgs),
     /// Load on `specauf serve` (loopback only): throughput, time to first token, latency, errors, τ.
     Serve(ServeBenchArgs),
+    /// Plain and DFlash speculative decoding on chat prompts, side by side with llama.cpp's
+    /// llama-bench and `draft-dflash` when --llama-cpp is given: tokens/s, τ, verify ÷ decode.
+    Spec(SpecArgs),
+    /// Agreement of each weights mode (and llama.cpp) with the f32 reference: greedy match over
+    /// N tokens, first divergence, |Δlogit| at the prompt's last position.
+    Fidelity(FidelityArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SpecArgs {
+    /// `smollm2` (the embedded default) or a .gguf file (llama.cpp runs the same file).
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// The drafter (DFlash: config.json + model.safetensors).
+    #[arg(long)]
+    drafter: std::path::PathBuf,
+    /// Verify blocks of B tokens instead of the drafter's trained size (only lower); llama.cpp
+    /// then drafts B - 1 tokens too.
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// Our weights modes to run.
+    #[arg(long, value_delimiter = ',', default_values = ["q8", "native"])]
+    weights: Vec<WeightsMode>,
+    /// The first N of the fixed chat prompts.
+    #[arg(long, default_value_t = 8)]
+    prompts: usize,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Repetitions (after one warm-up of ours); medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Context at which decode steps and verify forwards are timed (llama-bench -d).
+    #[arg(long, default_value_t = 64)]
+    context: usize,
+    /// Verify sizes timed against one decode step (llama-bench ppN).
+    #[arg(long, value_delimiter = ',', default_values_t = [8usize, 16])]
+    verify: Vec<usize>,
+    /// llama.cpp's threads (-t, -td); ours follow RAYON_NUM_THREADS (default: all cores).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// A llama.cpp build (tools/llama_cpp/build.sh DIR): llama-bench and
+    /// llama-speculative-simple run beside us.
+    #[arg(long)]
+    llama_cpp: Option<std::path::PathBuf>,
+    /// The drafter converted for llama.cpp; without it, tools/llama_cpp/convert.sh converts
+    /// --drafter into --work-dir.
+    #[arg(long, requires = "llama_cpp")]
+    llama_drafter: Option<std::path::PathBuf>,
+    /// Where prompt files and a converted drafter go (default: $SPECAUF_HOME/bench-spec).
+    #[arg(long)]
+    work_dir: Option<std::path::PathBuf>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct FidelityArgs {
+    #[arg(long, default_value = "smollm2")]
+    model: String,
+    /// Modes compared with the f32 reference.
+    #[arg(long, value_delimiter = ',', default_values = ["q8", "native"])]
+    weights: Vec<WeightsMode>,
+    /// The first N of the fixed chat prompts.
+    #[arg(long, default_value_t = 20)]
+    prompts: usize,
+    /// Agreement over the first N tokens, for each N.
+    #[arg(long, value_delimiter = ',', default_values_t = [32usize, 128])]
+    tokens: Vec<usize>,
+    /// A llama.cpp build with llama-server: its greedy output on the same prompt ids joins the table.
+    #[arg(long)]
+    llama_cpp: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -126,6 +203,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Decode(a) => decode(a),
         BenchWhat::Train(a) => train_bench(a),
         BenchWhat::Serve(a) => serve_bench(a),
+        BenchWhat::Spec(a) => spec_bench(a),
+        BenchWhat::Fidelity(a) => fidelity_bench(a),
     }
 }
 
@@ -334,6 +413,122 @@ fn train_bench(a: TrainBenchArgs) -> anyhow::Result<()> {
             r.support_per_block,
             r.peak_rss_mib.unwrap_or(f64::NAN)
         );
+    }
+    Ok(())
+}
+
+/// The drafter in llama.cpp's GGUF: --llama-drafter, else converted once by
+/// tools/llama_cpp/convert.sh into the work dir (named by a hash of the drafter's files).
+fn llama_drafter(a: &SpecArgs, llama: &std::path::Path, work: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(p) = &a.llama_drafter {
+        return Ok(p.clone());
+    }
+    let mut bytes = std::fs::read(a.drafter.join("config.json")).with_context(|| format!("reading {}/config.json", a.drafter.display()))?;
+    bytes.extend(std::fs::read(a.drafter.join("model.safetensors")).with_context(|| format!("reading {}/model.safetensors", a.drafter.display()))?);
+    let out = work.join(format!("drafter-{:016x}-f32.gguf", specauf::util::hash::fnv1a64(&bytes)));
+    if out.is_file() {
+        return Ok(out);
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/llama_cpp/convert.sh");
+    if !script.is_file() {
+        anyhow::bail!("no --llama-drafter given and {} is missing; convert the drafter with llama.cpp's convert_hf_to_gguf.py and pass it", script.display());
+    }
+    eprintln!("bench spec: converting {} for llama.cpp with {}", a.drafter.display(), script.display());
+    let status = std::process::Command::new(&script)
+        .arg(llama)
+        .arg(&a.drafter)
+        .arg(&out)
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() || !out.is_file() {
+        anyhow::bail!("{} failed ({status}); convert the drafter yourself and pass --llama-drafter", script.display());
+    }
+    Ok(out)
+}
+
+fn write_json(path: &std::path::Path, v: &impl serde::Serialize) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(v)?;
+    specauf::util::fs::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+}
+
+fn spec_bench(a: SpecArgs) -> anyhow::Result<()> {
+    use specauf::pipeline::spec_bench::{self, LlamaPlan, SpecBenchPlan};
+    let work = match &a.work_dir {
+        Some(w) => w.clone(),
+        None => specauf::assets::home()?.join("bench-spec"),
+    };
+    let llama = match &a.llama_cpp {
+        Some(dir) => {
+            std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+            Some(LlamaPlan { dir: dir.clone(), drafter_gguf: llama_drafter(&a, dir, &work)?, work_dir: work.clone() })
+        }
+        None => None,
+    };
+    let plan = SpecBenchPlan {
+        model: a.model.clone(),
+        drafter: a.drafter.clone(),
+        block_size: a.block_size,
+        weights: a.weights.clone(),
+        prompts: a.prompts,
+        max_new_tokens: a.max_new_tokens,
+        runs: a.runs,
+        context: a.context,
+        verifies: a.verify.clone(),
+        threads: a.threads,
+        llama,
+    };
+    let r = spec_bench::spec(&plan, &Bars::new())?;
+    let load = |l: Option<f64>| l.map_or("?".to_string(), |l| format!("{l:.2}"));
+    println!(
+        "bench spec: {} ({}), drafter {} at B = {}, {} chat prompts × {} new tokens, T = 0; our threads {}, llama.cpp threads {}; medians of {} runs; 1-min load {} before, {} after\n",
+        r.model, r.target_path, r.drafter, r.block_size, r.prompts, r.max_new_tokens, r.threads_ours, r.threads_llama, r.runs, load(r.load_before), load(r.load_after)
+    );
+    let vcols: String = plan.verifies.iter().map(|b| format!(" verify({b}) ÷ decode |")).collect();
+    println!("| engine | AR tok/s | speculative tok/s | τ | speculative ÷ AR | decode ms (ctx {}) |{vcols} exact at T = 0 |", r.context);
+    println!("|---|---|---|---|---|---|{}---|", "---|".repeat(plan.verifies.len()));
+    for row in &r.rows {
+        let v: String = row.verify_over_decode.iter().map(|(_, x)| format!(" {x:.2} |")).collect();
+        let exact = row.exact_prompts.map_or("-".to_string(), |e| format!("{e}/{}", r.prompts));
+        println!(
+            "| {} | {:.1} | {:.1} | {:.2} | {:.2}× | {:.2} |{v} {exact} |",
+            row.engine, row.ar_tokens_per_s, row.spec_tokens_per_s, row.tau, row.spec_over_ar(), row.decode_ms
+        );
+    }
+    if let Some(peer) = r.rows.iter().find(|x| x.engine == "llama.cpp") {
+        println!("\nRatios to llama.cpp (AR: our AR on the prompts ÷ llama-bench tg{}; speculative: same prompts, same drafter):\n", r.max_new_tokens);
+        println!("| engine | AR ÷ llama.cpp AR | speculative ÷ llama.cpp speculative |");
+        println!("|---|---|---|");
+        for row in r.rows.iter().filter(|x| x.engine != "llama.cpp") {
+            println!("| {} | {:.2}× | {:.2}× |", row.engine, row.ar_tokens_per_s / peer.ar_tokens_per_s, row.spec_tokens_per_s / peer.spec_tokens_per_s);
+        }
+    }
+    if let Some(out) = &a.out {
+        write_json(out, &r)?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn fidelity_bench(a: FidelityArgs) -> anyhow::Result<()> {
+    use specauf::pipeline::fidelity::{self, FidelityPlan};
+    let plan = FidelityPlan { model: a.model.clone(), weights: a.weights.clone(), prompts: a.prompts, lengths: a.tokens.clone(), llama: a.llama_cpp.clone(), threads: a.threads };
+    let r = fidelity::fidelity(&plan, &Bars::new())?;
+    println!("bench fidelity: {}, {} chat prompts, greedy (T = 0), reference: our f32 mode\n", r.model, r.prompts);
+    let cols: String = plan.lengths.iter().map(|n| format!(" full match over {n} | mean first divergence ({n}) |")).collect();
+    println!("| engine |{cols} mean \\|Δlogit\\| (last prompt position) | max \\|Δlogit\\| |");
+    println!("|---|{}---|---|", "---|---|".repeat(plan.lengths.len()));
+    for row in &r.rows {
+        let c: String = row
+            .agreement
+            .iter()
+            .map(|g| format!(" {}/{} | {} |", g.full_match, r.prompts, g.mean_divergence().map_or("-".to_string(), |d| format!("{d:.1}"))))
+            .collect();
+        let f = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.4}"));
+        println!("| {} |{c} {} | {} |", row.engine, f(row.mean_abs_dlogit), f(row.max_abs_dlogit));
+    }
+    if let Some(out) = &a.out {
+        write_json(out, &r)?;
+        eprintln!("wrote {}", out.display());
     }
     Ok(())
 }

@@ -251,3 +251,35 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
     }
     Ok((shape, rows))
 }
+
+/// Median ms of one decode step and of one forward of each `verifies` size, at `context`
+/// tokens of a fixed token sequence: `steps` decode steps per run, one warm-up run then `runs`.
+pub(crate) fn step_costs(target: &Target, context: usize, verifies: &[usize], steps: usize, runs: usize) -> Result<(f64, Vec<f64>), crate::model::ModelError> {
+    let vocab = target.config().vocab_size as u32;
+    let prompt: Vec<u32> = (0..context as u32).map(|i| (i * 7919 + 1000) % vocab).collect();
+    let longest = verifies.iter().copied().max().unwrap_or(1).max(1);
+    let block: Vec<u32> = (0..longest as u32).map(|i| (i * 104_729 + 77) % vocab).collect();
+    let mut cache = target.new_cache();
+    target.forward(&prompt, &mut cache, &[], Logits::None)?;
+    let mut step = Vec::new();
+    let mut verify: Vec<Vec<f64>> = vec![Vec::new(); verifies.len()];
+    for run in 0..=runs {
+        for s in 0..steps {
+            cache.truncate(context);
+            let t = Instant::now();
+            target.forward(&[block[s % block.len()]], &mut cache, &[], Logits::Last)?;
+            if run > 0 {
+                step.push(ms(t.elapsed()));
+            }
+        }
+        for (i, &b) in verifies.iter().enumerate() {
+            cache.truncate(context);
+            let t = Instant::now();
+            target.forward(&block[..b], &mut cache, &[], Logits::All)?;
+            if run > 0 {
+                verify[i].push(ms(t.elapsed()));
+            }
+        }
+    }
+    Ok((median(&mut step), verify.iter_mut().map(|v| median(v)).collect()))
+}

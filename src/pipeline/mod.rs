@@ -8,10 +8,15 @@
 //! - [`experiment`]: the paper's comparison: config, arms, parallel training.
 //! - [`report`]: the experiment's statistics (bootstrap, paired comparisons, findings), plots
 //!   and results.md.
+//! - [`bench`], [`spec_bench`], [`fidelity`]: speed and fidelity figures; [`llama_cpp`]: llama.cpp
+//!   as the peer they are measured against (runs its binaries, parses their output).
 
 pub mod bench;
 pub mod experiment;
+pub mod fidelity;
+pub mod llama_cpp;
 pub mod quickstart;
 pub mod recipe;
 pub mod report;
+pub mod spec_bench;
 pub mod stages;
