@@ -2,7 +2,7 @@
 # Levers "learning rate" and "block size" on the target-initialised drafter (issue 11): the
 # top-28-29 drafter of experiments/levers/target_init.sh (600 steps × 32 anchors, lr 0.002,
 # block 8) against the same at lr 0.001, and the same trained at block 16 (evaluated at B = 16 and,
-# cut down, at B = 8). Arms run one after the other with one thread; resumable.
+# cut down, at B = 8); B is fixed in every evaluation. Arms run one after the other with one thread; resumable.
 #   DATA=/work/runs/rec/data OUT=/work/runs/rec/tinit2 TOP=/work/runs/rec/tinit/top experiments/levers/block_lr.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,7 +22,9 @@ arm() { # name block lr
 mkdir -p "$OUT"
 arm top-lr1e-3 8 0.001
 arm top-b16 16 0.002
+# B fixed (no block-size choice): every drafter at B = 8 (the block-16 one cut down), then the
+# block-16 one at its full block.
 [ -f "$OUT/eval/results.json" ] || "$BIN" eval --model smollm2 --drafter "$TOP/final,$OUT/top-lr1e-3/final,$OUT/top-b16/final" \
-    --label top-lr2e-3,top-lr1e-3,top-b16 --limit 4 --max-new-tokens 64 --out "$OUT/eval"
-[ -f "$OUT/eval-b16-at-8/results.json" ] || "$BIN" eval --model smollm2 --drafter "$OUT/top-b16/final" --label top-b16-at-B8 \
-    --block-size 8 --limit 4 --max-new-tokens 64 --out "$OUT/eval-b16-at-8"
+    --label top-lr2e-3,top-lr1e-3,top-b16-at-B8 --block-size 8 --limit 4 --max-new-tokens 64 --out "$OUT/eval"
+[ -f "$OUT/eval-b16/results.json" ] || "$BIN" eval --model smollm2 --drafter "$OUT/top-b16/final" --label top-b16 \
+    --block-size 16 --limit 4 --max-new-tokens 64 --out "$OUT/eval-b16"
