@@ -208,17 +208,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Short chat prompts of different kinds, sent round-robin.
-const SERVE_PROMPTS: [&str; 8] = [
-    "What is the capital of France?",
-    "Write a Python function that returns the n-th Fibonacci number.",
-    "Explain in two sentences why the sky is blue.",
-    "List three uses of a paperclip.",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did she sell altogether?",
-    "Translate 'good morning, how are you?' into Spanish.",
-    "Summarize the plot of Romeo and Juliet in one paragraph.",
-    "What is 17 times 23? Show your steps.",
-];
+/// How many of the fixed chat prompts (`pipeline::spec_bench::CHAT_PROMPTS`) the load generator
+/// sends, round-robin.
+const SERVE_PROMPTS: usize = 8;
 
 fn serve_bench(a: ServeBenchArgs) -> anyhow::Result<()> {
     use specauf::serve::{self, loadgen, ServeOptions, ServerHandle};
@@ -262,7 +254,7 @@ fn serve_bench(a: ServeBenchArgs) -> anyhow::Result<()> {
         max_tokens: a.max_tokens,
         temperature: a.temperature,
         ignore_eos: a.ignore_eos,
-        prompts: SERVE_PROMPTS.iter().map(|s| s.to_string()).collect(),
+        prompts: specauf::pipeline::spec_bench::CHAT_PROMPTS[..SERVE_PROMPTS].iter().map(|s| s.to_string()).collect(),
         time_limit: std::time::Duration::from_secs_f64(a.time_limit_s),
     };
     eprintln!(

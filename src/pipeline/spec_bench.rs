@@ -15,7 +15,7 @@ use crate::model::load::resolve;
 use crate::model::{load_model, LoadedModel, ModelLocation, WeightsMode};
 use crate::spec::{generate, GenerateConfig, Proposer};
 use crate::tokenizer::ChatMessage;
-use crate::util::measure::median;
+use crate::util::measure::{load_average, median};
 use crate::util::progress::{Progress, Unit};
 
 /// Chat prompts of different kinds (facts, code, arithmetic, lists, translation, prose): `bench
@@ -118,10 +118,6 @@ pub struct SpecBenchReport {
     pub load_before: Option<f64>,
     pub load_after: Option<f64>,
     pub rows: Vec<EngineRow>,
-}
-
-pub fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
 fn peer(e: PeerError) -> StageError {

@@ -174,9 +174,13 @@ pub fn init_layers_from_target(vars: &[(String, Var)], target: &Target, from: &[
         v.set(value)?;
         Ok(())
     };
+    let mut first_input_norm = None;
     for (l, &i) in from.iter().enumerate() {
         for (suffix, tensor) in target.layer_tensors_f32(i)? {
             set(&format!("layers.{l}.{suffix}"), &tensor)?;
+            if l == 0 && suffix == "input_layernorm.weight" {
+                first_input_norm = Some(tensor);
+            }
         }
     }
     if let Some(k) = from.first().and_then(|&first| first.checked_sub(1)).and_then(|below| taps.iter().position(|&t| t == below)) {
@@ -187,8 +191,7 @@ pub fn init_layers_from_target(vars: &[(String, Var)], target: &Target, from: &[
             w[r * fc_in + k * h + r] = 1.0;
         }
         set("fc.weight", &Tensor::from_vec(w, (h, fc_in), &candle_core::Device::Cpu)?)?;
-        let first = target.layer_tensors_f32(from[0])?;
-        if let Some((_, norm)) = first.iter().find(|(n, _)| n == "input_layernorm.weight") {
+        if let Some(norm) = &first_input_norm {
             set("hidden_norm.weight", norm)?;
         }
     }

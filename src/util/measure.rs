@@ -16,6 +16,12 @@ pub fn median(xs: &mut [f64]) -> f64 {
     }
 }
 
+/// The machine's 1-minute load average (Linux `/proc/loadavg`): benches report it beside their
+/// timings.
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
 /// Peak resident memory of this process in MiB since the last [`reset_peak_rss`] (Linux).
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
