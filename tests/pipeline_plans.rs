@@ -103,3 +103,35 @@ fn the_default_decay_gamma_follows_the_trained_drafters_block_size_not_the_confi
     assert_eq!(resolved, cfg.objective.resolve(8).unwrap(), "γ must be B = 8's default (4)");
     assert_ne!(resolved, cfg.objective.resolve(16).unwrap(), "γ of the config's B = 16 (7) was the bug");
 }
+
+#[test]
+fn the_quickstart_reports_tau_at_the_trained_block_size_beside_the_chosen_one() {
+    let plan = QuickstartPlan::new(Path::new("/q"), RecipeName::Quick);
+    let b = plan.train_config().drafter.block_size;
+    let eval = plan.eval_plan(Path::new("/q/untrained"), Path::new("/q/drafter"));
+    let fixed: Vec<(&str, Option<usize>)> = eval.drafters.iter().map(|d| (d.label.as_str(), d.block_size)).collect();
+    assert_eq!(eval.block_size, None, "the plan-wide block size stays free for the measured choice");
+    assert_eq!(fixed, vec![("untrained", Some(b)), (format!("dflash-auf B={b}").as_str(), Some(b)), ("dflash-auf", None)]);
+    assert_eq!(eval.drafters[1].dir, eval.drafters[2].dir, "both trained entries are the same drafter");
+    eval.validate().unwrap();
+}
+
+#[test]
+fn every_experiment_arm_is_evaluated_at_the_trained_block_size() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/paper.json");
+    let (cfg, _) = PaperConfig::read(&path).unwrap();
+    let eval = cfg.eval_plan(Path::new("/x"), "specauf experiment paper").unwrap();
+    assert_eq!(eval.block_size, Some(cfg.train.block_size));
+    assert_eq!(eval.drafters.len(), cfg.arms.len());
+}
+
+#[test]
+fn an_evaluation_with_two_drafters_of_one_label_is_refused() {
+    use specauf::pipeline::stages::{EvalDrafterSpec, EvalPlan};
+    let mut plan = EvalPlan::new("smollm2", Path::new("/tmp/e"));
+    plan.drafters = vec![EvalDrafterSpec::new("a", "/d1"), EvalDrafterSpec::new("a", "/d2")];
+    let err = plan.validate().unwrap_err().to_string();
+    assert!(err.contains("labelled `a`") && err.contains("--label"), "{err}");
+    plan.drafters[1] = EvalDrafterSpec::new("b", "/d2").at_block_size(1);
+    assert!(plan.validate().unwrap_err().to_string().contains("at least 2"));
+}

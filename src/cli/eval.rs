@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use specauf::eval::datasets::BenchmarkName;
 use specauf::model::WeightsMode;
-use specauf::pipeline::stages::{self, EvalPlan};
+use specauf::pipeline::stages::{self, EvalDrafterSpec, EvalPlan};
 
 use super::progress::Bars;
 
@@ -61,8 +61,8 @@ pub struct EvalArgs {
     pub out: PathBuf,
 }
 
-/// Drafters as given on the command line: (label, checkpoint folder).
-fn drafter_list(a: &EvalArgs) -> anyhow::Result<Vec<(String, PathBuf)>> {
+/// Drafters as given on the command line (their block size follows --block-size).
+fn drafter_list(a: &EvalArgs) -> anyhow::Result<Vec<EvalDrafterSpec>> {
     if a.drafter.iter().any(|d| d == "none") {
         if a.drafter.len() > 1 {
             bail!("--drafter none evaluates AR alone; it cannot be combined with drafter folders (the AR baseline runs with every drafter anyway)");
@@ -99,7 +99,7 @@ fn drafter_list(a: &EvalArgs) -> anyhow::Result<Vec<(String, PathBuf)>> {
                 .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .unwrap_or_else(|| d.clone()),
         };
-        out.push((label, path));
+        out.push(EvalDrafterSpec::new(label, path));
     }
     Ok(out)
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::report::Arm;
-use super::stages::{self, EvalPlan, PreparePlan, StageError};
+use super::stages::{self, EvalDrafterSpec, EvalPlan, PreparePlan, StageError};
 use crate::data::regenerate::RegenerateMode;
 use crate::data::FeatureDtype;
 use crate::drafter::DrafterKind;
@@ -116,9 +116,12 @@ impl PaperConfig {
     }
 
     /// One evaluation of every arm on the same prompts (one shared AR baseline).
-    fn eval_plan(&self, out: &Path, command: &str) -> Result<EvalPlan, StageError> {
+    pub fn eval_plan(&self, out: &Path, command: &str) -> Result<EvalPlan, StageError> {
         let mut p = EvalPlan::new(&self.model, &out.join("eval"));
-        p.drafters = self.arms.iter().map(|arm| (arm.name.clone(), out.join("arms").join(&arm.name).join("final"))).collect();
+        p.drafters = self.arms.iter().map(|arm| EvalDrafterSpec::new(&arm.name, out.join("arms").join(&arm.name).join("final"))).collect();
+        // Every arm at the trained block size: τ is compared across objectives at one B (a
+        // measured choice could differ between arms and between runs).
+        p.block_size = Some(self.train.block_size);
         p.benchmarks = self
             .eval
             .benchmarks

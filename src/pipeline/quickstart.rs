@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::stages::{self, EvalOutcome, EvalPlan, InitPlan, PreparePlan, StageError};
+use super::stages::{self, EvalDrafterSpec, EvalOutcome, EvalPlan, InitPlan, PreparePlan, StageError};
 use crate::assets;
 use crate::data::regenerate::RegenerateMode;
 use crate::data::FeatureDtype;
@@ -68,9 +68,18 @@ impl QuickstartPlan {
         c
     }
 
-    fn eval_plan(&self, untrained: &Path, trained: &Path) -> EvalPlan {
+    /// The evaluation: AR, the untrained drafter, and the trained one at its trained B and at the chosen B.
+    pub fn eval_plan(&self, untrained: &Path, trained: &Path) -> EvalPlan {
         let mut p = EvalPlan::new(DEFAULT_MODEL, &self.out.join("eval"));
-        p.drafters = vec![("untrained".into(), untrained.to_path_buf()), ("dflash-auf".into(), trained.to_path_buf())];
+        // The trained drafter twice: at its trained block size (τ as a property of the drafter,
+        // the same in every run) and at the block size measured to be fastest on this machine
+        // (the speedup a user gets; the choice is timed, so it can differ between runs).
+        let b = DEFAULT_BLOCK_SIZE;
+        p.drafters = vec![
+            EvalDrafterSpec::new("untrained", untrained).at_block_size(b),
+            EvalDrafterSpec::new(format!("dflash-auf B={b}"), trained).at_block_size(b),
+            EvalDrafterSpec::new("dflash-auf", trained),
+        ];
         p.benchmarks = BenchmarkName::ALL.to_vec();
         p.limit = Some(self.recipe.limit);
         p.max_new_tokens = self.recipe.max_new_tokens;

@@ -306,12 +306,33 @@ pub fn init_drafter(plan: &InitPlan) -> Result<AnyDrafter, StageError> {
 // ---------------------------------------------------------------------------------------------
 // evaluate
 
+/// One drafter of an evaluation: its report label, its checkpoint folder, and the block size it
+/// runs at (None: the plan's `block_size` if set, else chosen from measurement).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalDrafterSpec {
+    pub label: String,
+    pub dir: PathBuf,
+    pub block_size: Option<usize>,
+}
+
+impl EvalDrafterSpec {
+    /// A drafter whose block size follows the plan.
+    pub fn new(label: impl Into<String>, dir: impl Into<PathBuf>) -> Self {
+        EvalDrafterSpec { label: label.into(), dir: dir.into(), block_size: None }
+    }
+
+    /// The same drafter fixed at block size `b`.
+    pub fn at_block_size(self, b: usize) -> Self {
+        EvalDrafterSpec { block_size: Some(b), ..self }
+    }
+}
+
 /// What `eval` runs: AR and each drafter on the same requests.
 #[derive(Debug, Clone)]
 pub struct EvalPlan {
     pub model: String,
-    /// (label, checkpoint folder); empty: AR alone.
-    pub drafters: Vec<(String, PathBuf)>,
+    /// The drafters to evaluate; empty: AR alone.
+    pub drafters: Vec<EvalDrafterSpec>,
     pub benchmarks: Vec<BenchmarkName>,
     /// Requests per benchmark, a seeded subset (None: all).
     pub limit: Option<usize>,
@@ -365,8 +386,14 @@ impl EvalPlan {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("--top-p must be in (0, 1]");
         }
-        if self.block_size.is_some_and(|b| b < 2) {
+        if self.block_size.is_some_and(|b| b < 2) || self.drafters.iter().any(|d| d.block_size.is_some_and(|b| b < 2)) {
             return bad("--block-size must be at least 2: a block is [last, MASK × (B-1)] and drafts B-1 tokens");
+        }
+        if let Some(d) = self.drafters.iter().enumerate().find_map(|(i, d)| self.drafters[..i].iter().any(|e| e.label == d.label).then_some(d)) {
+            return Err(StageError::Invalid(format!(
+                "two drafters are labelled `{}`; give each a distinct label (--label)",
+                d.label
+            )));
         }
         if self.benchmarks.is_empty() {
             return bad("--benchmarks is empty; name at least one of gsm8k, math500, humaneval, mbpp, mtbench, alpaca");
@@ -384,7 +411,7 @@ impl EvalPlan {
         let drafters: Vec<serde_json::Value> = self
             .drafters
             .iter()
-            .map(|(label, dir)| {
+            .map(|EvalDrafterSpec { label, dir, .. }| {
                 let meta = std::fs::metadata(dir.join("model.safetensors")).ok();
                 let modified =
                     meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
@@ -466,11 +493,11 @@ fn load_benchmarks(names: &[BenchmarkName], limit: Option<usize>, seed: u64) -> 
 /// Loads every drafter, checked against the target, at the plan's block size.
 fn load_drafters(plan: &EvalPlan, m: &LoadedModel) -> Result<(Vec<EvalDrafter<'static>>, Vec<DrafterSetting>), StageError> {
     let (mut drafters, mut settings) = (Vec::new(), Vec::new());
-    for (label, dir) in &plan.drafters {
+    for EvalDrafterSpec { label, dir, block_size } in &plan.drafters {
         let err = |source| StageError::Drafter { path: dir.display().to_string(), source };
         let d = AnyDrafter::load(dir, m.target.config()).map_err(err)?;
         let trained = d.block_size();
-        let (d, block_choice) = match plan.block_size {
+        let (d, block_choice) = match block_size.or(plan.block_size) {
             Some(b) => (d.at_block_size(b).map_err(err)?, None),
             None => {
                 let (d, c) = crate::drafter::block_choice::choose_for(&m.target, d, dir)
