@@ -26,6 +26,8 @@ pub struct TrainRows {
 pub trait TrainableDrafter {
     fn layout(&self) -> BlockLayout;
     fn block_size(&self) -> usize;
+    /// Decoder layers (the backbone's, for Domino).
+    fn num_layers(&self) -> usize;
     fn mask_token_id(&self) -> u32;
     fn target_layer_ids(&self) -> Vec<usize>;
     fn named_vars(&self) -> Vec<(String, Var)>;
@@ -44,6 +46,9 @@ impl TrainableDrafter for DFlashDrafter {
     }
     fn block_size(&self) -> usize {
         DFlashDrafter::block_size(self)
+    }
+    fn num_layers(&self) -> usize {
+        self.config().num_hidden_layers
     }
     fn mask_token_id(&self) -> u32 {
         DFlashDrafter::mask_token_id(self)
@@ -71,6 +76,9 @@ impl TrainableDrafter for DominoDrafter {
     }
     fn block_size(&self) -> usize {
         DominoDrafter::block_size(self)
+    }
+    fn num_layers(&self) -> usize {
+        self.backbone().config().num_hidden_layers
     }
     fn mask_token_id(&self) -> u32 {
         DominoDrafter::mask_token_id(self)

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::{io_err, CheckpointState, RunDir};
 use super::config::TrainConfig;
 use super::head::{BaseSupport, ChunkedHead, DeltaBranch, HeadInput};
+use super::memory::{MemoryPlan, MemoryShape, Precision};
 use super::objective::{BlockMetrics, MetricCounts, ResolvedObjective};
 use super::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
 use super::trainable::{base_ce_weight, build_drafter, trainable, TrainableDrafter};
@@ -28,7 +29,7 @@ use crate::data::features::{target_features, FeatureCache};
 use crate::data::{Dataset, ModelIdentity, Split};
 use crate::drafter::blocks::{build_blocks, sample_anchors, step_rng};
 use crate::drafter::AnyDrafter;
-use crate::model::{LoadedModel, Target};
+use crate::model::{LoadedModel, Target, WeightsMode};
 use crate::util::progress::{Progress, Silent, Unit};
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +215,8 @@ pub fn train_with(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, pro
     // 1. Run directory, data, drafter, optimiser (from the latest checkpoint when resuming).
     let run = RunDir::open(cfg, opts.resume)?;
     let mut session = Session::new(model, cfg, &run)?;
+    let plan = session.memory_plan()?;
+    progress.note(&format!("memory plan (per device, estimated from the shapes):\n{}", plan.table()));
     let mut state = run.start_state();
     run.reset_metrics()?;
     let eval_before = if run.latest.is_none() { session.held_out()? } else { None };
@@ -315,6 +318,31 @@ impl<'a> Session<'a> {
             order: Vec::new(),
             order_epoch: u64::MAX,
         })
+    }
+
+    /// The memory this run needs, from the target's and the drafter's shapes, the batch and the
+    /// longest training sequence.
+    fn memory_plan(&self) -> Result<MemoryPlan, TrainError> {
+        let c = self.cfg;
+        let seq_len = (0..self.train_data.len()).map(|i| self.train_data.get(i).len()).max().unwrap_or(0);
+        let drafter_params = self.drafter.named_vars().iter().map(|(_, v)| v.as_tensor().elem_count() as u64).sum();
+        let target_bytes_per_weight = match self.target.weights_mode() {
+            WeightsMode::F32 => 4.0,
+            WeightsMode::Q8 | WeightsMode::Native => 34.0 / 32.0,
+        };
+        Ok(MemoryPlan::new(&MemoryShape {
+            target: self.target.config().clone(),
+            target_bytes_per_weight,
+            drafter_params,
+            drafter_layers: self.drafter.num_layers(),
+            block_size: self.drafter.block_size(),
+            num_anchors: c.num_anchors,
+            batch_sequences: c.batch_sequences,
+            seq_len,
+            num_taps: self.drafter.target_layer_ids().len(),
+            chunk_rows: c.head.chunk_rows,
+            compute: Precision::F32,
+        }))
     }
 
     /// Held-out metrics, when the data has an eval split.
