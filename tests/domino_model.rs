@@ -299,7 +299,7 @@ fn every_tensor_gets_the_autograd_gradient_through_the_chunked_head() {
     let out = head
         .run(
             &objective,
-            &HeadInput { hidden: &hidden, lm_head: &lm_head, labels: &blocks.labels, valid: &blocks.valid, layout: d.layout(), num_sequences: 1, seed: 0, delta: Some(delta) },
+            &HeadInput { hidden: &hidden, lm_head: &lm_head, labels: &blocks.labels, valid: &blocks.valid, layout: d.layout(), num_sequences: 1, seed: 0, delta: Some(delta), soft: None },
         )
         .unwrap();
     let grads = out.surrogate(&rows.hidden, Some((&rows.delta_input, &rows.delta_weight))).unwrap().backward().unwrap();

@@ -162,7 +162,7 @@ pub fn evaluate(
         });
         let out = head.run(
             objective,
-            &HeadInput { hidden: &hidden, lm_head, labels: &blocks.labels, valid: &blocks.valid, layout, num_sequences: 1, seed, delta },
+            &HeadInput { hidden: &hidden, lm_head, labels: &blocks.labels, valid: &blocks.valid, layout, num_sequences: 1, seed, delta, soft: None },
         )?;
         counts.merge(&out.rows.metrics);
         loss_sum += out.loss as f64;
@@ -520,7 +520,7 @@ pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut ChunkedHead, items: &[B
     let t1 = Instant::now();
     let head_out = head.run(
         ctx.objective,
-        &HeadInput { hidden: &values, lm_head: ctx.lm_head, labels: &labels, valid: &valid, layout, num_sequences: items.len(), seed: ctx.seed ^ step, delta },
+        &HeadInput { hidden: &values, lm_head: ctx.lm_head, labels: &labels, valid: &valid, layout, num_sequences: items.len(), seed: ctx.seed ^ step, delta, soft: None },
     )?;
     let t2 = Instant::now();
     let surrogate = (head_out.surrogate(&hidden, delta_graph.as_ref().map(|(i, w)| (i, w)))? * scale)?;

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::gemm::{dims2, Mat};
-use super::{BaseSupport, DeltaBranch, HeadError, HeadInput};
+use super::{BaseSupport, DeltaBranch, HeadError, HeadInput, SoftTargets};
 use crate::train::objective::{BlockLayout, ResolvedObjective};
 
 /// The checked shapes of the batch, (N, H, V); the labels of valid rows lie inside the vocabulary.
@@ -69,6 +69,34 @@ pub(super) fn check_delta<'a>(
     Ok(Some((d.input.contiguous()?, edim, *d)))
 }
 
+/// The distillation targets, checked against N rows and V tokens; None when absent or weighted 0.
+pub(super) fn check_soft<'a>(input: &HeadInput<'a>, n: usize, vocab: usize) -> Result<Option<SoftTargets<'a>>, HeadError> {
+    let Some(s) = input.soft else {
+        return Ok(None);
+    };
+    if !(0.0..=1.0).contains(&s.weight) {
+        return Err(HeadError::BadSoftWeight(s.weight));
+    }
+    if s.k == 0 || s.ids.len() != n * s.k || s.probs.len() != n * s.k {
+        return Err(HeadError::Shape {
+            what: "soft targets",
+            got: vec![s.k, s.ids.len(), s.probs.len()],
+            expected: format!("k > 0 and ({n} rows × k) ids and probabilities"),
+        });
+    }
+    if let Some((j, &id)) = s.ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+        let row = j / s.k;
+        return Err(HeadError::LabelOutOfRange {
+            label: id,
+            row,
+            block: row / input.layout.positions_per_block,
+            position: input.layout.first_position + row % input.layout.positions_per_block,
+            vocab,
+        });
+    }
+    Ok((s.weight > 0.0).then_some(s))
+}
+
 /// Domino's branch as plain slices.
 #[derive(Clone, Copy)]
 pub(super) struct DeltaRows<'a> {
@@ -95,9 +123,39 @@ pub(super) struct Batch<'a> {
     pub hdim: usize,
     pub vocab: usize,
     pub delta: Option<DeltaRows<'a>>,
+    /// Distillation targets (weight > 0), rows indexed like `labels`.
+    pub soft: Option<SoftTargets<'a>>,
 }
 
 impl<'a> Batch<'a> {
+    /// Σ_j target_j·row_j of the CE target of batch row `r`: the label's logit, mixed with the
+    /// soft targets' expectation when there are any.
+    pub fn target_dot(&self, r: usize, row: &[f32]) -> f32 {
+        let hard = row[self.labels[r] as usize];
+        match &self.soft {
+            None => hard,
+            Some(s) => {
+                let (ids, probs) = (&s.ids[r * s.k..(r + 1) * s.k], &s.probs[r * s.k..(r + 1) * s.k]);
+                let soft: f32 = ids.iter().zip(probs).map(|(&i, &p)| p * row[i as usize]).sum();
+                (1.0 - s.weight) * hard + s.weight * soft
+            }
+        }
+    }
+
+    /// Subtracts `scale` × the CE target of batch row `r` from the gradient row `out`.
+    pub fn sub_target(&self, r: usize, scale: f32, out: &mut [f32]) {
+        match &self.soft {
+            None => out[self.labels[r] as usize] -= scale,
+            Some(s) => {
+                out[self.labels[r] as usize] -= scale * (1.0 - s.weight);
+                let (ids, probs) = (&s.ids[r * s.k..(r + 1) * s.k], &s.probs[r * s.k..(r + 1) * s.k]);
+                for (&i, &p) in ids.iter().zip(probs) {
+                    out[i as usize] -= scale * s.weight * p;
+                }
+            }
+        }
+    }
+
     /// The LM head as Wᵀ (H × V), the forward operand.
     pub fn w_t(&self) -> Mat<'a> {
         Mat::new(self.w, 1, self.hdim)

@@ -1,7 +1,8 @@
 //! Steps 6 and 7 of [`ChunkedHead::run`](super::ChunkedHead::run): gradient rows of the support
 //! rows only, their products with W (and W₂), and the final division by the normalisers.
 //!
-//! A CE term with weight w on a row contributes w·(softmax − onehot(label)) to the row's dL/dlogits
+//! A CE term with weight w on a row contributes w·(softmax − target) to the row's dL/dlogits, target
+//! = onehot(label) or its mix with distillation targets,
 //! G; dL/dh = G·W, and for Domino dL/da = G_final·W₂ and dL/dW₂ = G_finalᵀ·a. Rows with w = 0
 //! contribute exactly zero, so only support rows are built and multiplied.
 
@@ -27,14 +28,10 @@ struct GradTerm<'a> {
 }
 
 /// Writes, for each chunk-local row r in `support` (in order), the row
-/// Σ_t coef_t·w_t[r]·(softmax_t[r] − onehot(label[r])) into `dst` (support.len() × vocab).
-fn build_grad_rows(
-    support: &[usize],
-    terms: &[GradTerm<'_>],
-    labels: &[u32],
-    vocab: usize,
-    dst: &mut [f32],
-) {
+/// Σ_t coef_t·w_t[r]·(softmax_t[r] − target[r]) into `dst` (support.len() × vocab), target being
+/// onehot(label) mixed with the soft targets ([`Batch::sub_target`]); `r0` is the chunk's first row.
+fn build_grad_rows(support: &[usize], terms: &[GradTerm<'_>], batch: &Batch<'_>, r0: usize, dst: &mut [f32]) {
+    let vocab = batch.vocab;
     fn row<'a>(t: &GradTerm<'a>, r: usize, vocab: usize) -> &'a [f32] {
         &t.logits[r * vocab..(r + 1) * vocab]
     }
@@ -51,8 +48,8 @@ fn build_grad_rows(
                 ),
                 _ => out.fill(0.0),
             }
-            let onehot: f32 = terms.iter().map(|t| t.coef * t.weights[r]).sum();
-            out[labels[r] as usize] -= onehot;
+            let target: f32 = terms.iter().map(|t| t.coef * t.weights[r]).sum();
+            batch.sub_target(r0 + r, target, out);
         }
     });
 }
@@ -120,7 +117,6 @@ impl GradAcc {
             delta_rows,
         } = scratch;
         let (r0, c) = (rows.start, rows.len());
-        let labels = &batch.labels[rows.clone()];
         let fin = &branches.fin;
         // Chunk-local indices of the final branch's support rows.
         let support_f: Vec<usize> = (0..c).filter(|&j| fin.weights[r0 + j] > 0.0).collect();
@@ -135,7 +131,7 @@ impl GradAcc {
             coef: 1.0,
         };
         if mix.coef_final > 0.0 && !support_f.is_empty() {
-            build_grad_rows(&support_f, &[final_term], labels, batch.vocab, grad_a);
+            build_grad_rows(&support_f, &[final_term], batch, r0, grad_a);
             let g_rows = &grad_a[..support_f.len() * batch.vocab];
             if let Some(d) = &batch.delta {
                 self.add_delta(d, batch, r0, &support_f, g_rows, &delta_rows[..], small)?;
@@ -165,7 +161,7 @@ impl GradAcc {
             (sb, vec![base_term], &mut self.gh_base)
         };
         if !support.is_empty() {
-            build_grad_rows(&support, &terms, labels, batch.vocab, grad_b);
+            build_grad_rows(&support, &terms, batch, r0, grad_b);
             let g_rows = &grad_b[..support.len() * batch.vocab];
             hidden_rows(acc, batch, r0, &support, g_rows, small)?;
         }

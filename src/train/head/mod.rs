@@ -93,6 +93,8 @@ pub enum HeadError {
         position: usize,
         vocab: usize,
     },
+    #[error("distillation weight {0} must lie in [0, 1]")]
+    BadSoftWeight(f32),
     #[error("Domino base_ce_weight (lambda) = {0} must lie in [0, 1]")]
     BadLambda(f32),
     #[error(transparent)]
@@ -154,6 +156,22 @@ pub struct DeltaBranch<'a> {
     pub base_support: BaseSupport,
 }
 
+/// Distillation targets: per row, `k` token ids of the target's distribution and their
+/// probabilities (each row sums to 1). A row's CE target becomes
+/// `(1 − weight)·onehot(label) + weight·p` (so CE = logsumexp − Σ target·logit and
+/// dL/dlogits = softmax − target); correctness and p_gold, which the objectives weigh by, stay
+/// those of the hard label.
+#[derive(Clone, Copy, Debug)]
+pub struct SoftTargets<'a> {
+    pub k: usize,
+    /// (N·k) token ids.
+    pub ids: &'a [u32],
+    /// (N·k) probabilities.
+    pub probs: &'a [f32],
+    /// In [0, 1]: 0 is plain hard-label CE.
+    pub weight: f32,
+}
+
 /// One batch for the head. All tensors are values only; see the module doc for the surrogate.
 #[derive(Clone, Copy, Debug)]
 pub struct HeadInput<'a> {
@@ -172,6 +190,8 @@ pub struct HeadInput<'a> {
     pub seed: u64,
     /// Domino's correction branch; None for DFlash.
     pub delta: Option<DeltaBranch<'a>>,
+    /// Distillation targets beside the hard labels; None: hard labels only.
+    pub soft: Option<SoftTargets<'a>>,
 }
 
 /// Per-row results of one branch. Invalid rows have ce = 0, p_gold = 0, correct = false.
@@ -303,7 +323,9 @@ impl ChunkedHead {
             }),
             _ => None,
         };
+        let soft = batch::check_soft(input, n, vocab)?;
         let batch = Batch {
+            soft,
             h: h_view.slice(),
             w: w_view.slice(),
             labels: input.labels,

@@ -48,15 +48,13 @@ pub(super) fn for_row_parts<T: Send>(
     });
 }
 
-/// Fills `stats` for the chunk's rows of logits `buf` (rows × vocab), reading it once.
-fn chunk_row_stats(
-    buf: &[f32],
-    vocab: usize,
-    labels: &[u32],
-    valid: &[bool],
-    stats: &mut [RowStat],
-) {
-    let rows = labels.len();
+/// Fills `stats` for the chunk's rows of logits `buf` (rows × vocab), reading it once (and the
+/// few soft-target logits again); `r0` is the chunk's first batch row.
+fn chunk_row_stats(buf: &[f32], batch: &Batch<'_>, r0: usize, stats: &mut [RowStat]) {
+    let vocab = batch.vocab;
+    let rows = stats.len();
+    let labels = &batch.labels[r0..r0 + rows];
+    let valid = &batch.valid[r0..r0 + rows];
     for_row_parts(rows, 1, stats, |range, out| {
         for (j, r) in range.enumerate() {
             let label = labels[r] as usize;
@@ -66,11 +64,12 @@ fn chunk_row_stats(
             }
             let row = &buf[r * vocab..(r + 1) * vocab];
             let (max, argmax, sum) = kernels::row_stats(row);
-            // CE = logsumexp − logit[label] = ln Σ + (max − logit[label]).
-            let ce = sum.ln() + (max - row[label]);
+            // CE = logsumexp − Σ target·logit = ln Σ + (max − Σ target·logit); with hard labels
+            // Σ target·logit = logit[label]. p_gold is always the hard label's probability.
+            let ce = sum.ln() + (max - batch.target_dot(r0 + r, row));
             out[j] = RowStat {
                 ce,
-                p_gold: (-ce).exp(),
+                p_gold: if batch.soft.is_none() { (-ce).exp() } else { (row[label] - max).exp() / sum },
                 max,
                 inv_sum: 1.0 / sum,
                 correct: argmax == label,
@@ -104,25 +103,11 @@ impl ChunkStats {
         branches: &mut Branches,
     ) {
         let (r0, c, vocab) = (rows.start, rows.len(), batch.vocab);
-        let labels = &batch.labels[rows.clone()];
-        let valid = &batch.valid[rows];
         let final_buf = scratch.final_logits(batch);
-        chunk_row_stats(
-            &final_buf[..c * vocab],
-            vocab,
-            labels,
-            valid,
-            &mut self.fin[..c],
-        );
+        chunk_row_stats(&final_buf[..c * vocab], batch, r0, &mut self.fin[..c]);
         branches.fin.record_stats(r0, &self.fin[..c]);
         if let Some(b) = branches.base.as_mut() {
-            chunk_row_stats(
-                &scratch.base_logits[..c * vocab],
-                vocab,
-                labels,
-                valid,
-                &mut self.base[..c],
-            );
+            chunk_row_stats(&scratch.base_logits[..c * vocab], batch, r0, &mut self.base[..c]);
             b.record_stats(r0, &self.base[..c]);
         }
     }

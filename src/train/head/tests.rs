@@ -224,6 +224,7 @@ fn run_head(
         num_sequences: 1,
         seed: 0,
         delta,
+        soft: None,
     };
     head.run(obj, &input).unwrap()
 }
@@ -485,6 +486,7 @@ fn bad_inputs_are_reported_with_context() {
         num_sequences: 1,
         seed: 0,
         delta: None,
+        soft: None,
     };
     match head.run(&obj, &input) {
         Err(HeadError::LabelOutOfRange {
@@ -517,4 +519,127 @@ fn bad_inputs_are_reported_with_context() {
         head.run(&obj, &input),
         Err(HeadError::Objective(ObjectiveError::Shape { .. }))
     ));
+}
+
+/// Random soft targets: k ids per row (the first is the label for about half the rows, as the
+/// target's argmax is when the data is its own greedy output) and probabilities summing to 1.
+fn soft_case(c: &Case, k: usize, vocab: usize, seed: u64) -> (Vec<u32>, Vec<f32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (mut ids, mut probs) = (Vec::new(), Vec::new());
+    for &label in &c.labels {
+        let raw: Vec<f32> = (0..k).map(|_| rng.gen_range(0.05f32..1.0)).collect();
+        let total: f32 = raw.iter().sum();
+        for (j, p) in raw.iter().enumerate() {
+            ids.push(if j == 0 && rng.gen_bool(0.5) { label } else { rng.gen_range(0..vocab as u32) });
+            probs.push(p / total);
+        }
+    }
+    (ids, probs)
+}
+
+#[test]
+fn distillation_targets_give_the_loss_and_gradient_of_candle_autograd() {
+    let (vocab, k, alpha) = (199, 4, 0.7f32);
+    let c = case(11, BlockLayout::dflash(8), 6, 16, vocab, 0);
+    let (ids, probs) = soft_case(&c, k, vocab, 5);
+    let n = c.labels.len();
+    for objective in [Objective::auf(), Objective::full(), Objective::dpace(0.5)] {
+        let obj = objective.resolve(8).unwrap();
+        let hard = run_head(16, &obj, &c, None);
+        let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16 });
+        let soft = SoftTargets { k, ids: &ids, probs: &probs, weight: alpha };
+        let input = HeadInput {
+            hidden: &c.h,
+            lm_head: &c.w,
+            labels: &c.labels,
+            valid: &c.valid,
+            layout: c.layout,
+            num_sequences: 1,
+            seed: 0,
+            delta: None,
+            soft: Some(soft),
+        };
+        let got = head.run(&obj, &input).unwrap();
+        // The objectives weigh by the hard label: same weights, correctness and p_gold.
+        assert_eq!(got.rows.weights, hard.rows.weights, "{}", objective.name());
+        assert_eq!(got.rows.correct, hard.rows.correct);
+        for (a, b) in got.rows.p_gold.iter().zip(&hard.rows.p_gold) {
+            assert!((a - b).abs() < 1e-6);
+        }
+        // Reference: dense target t = (1-α)·onehot + α·p, loss Σ w·(−Σ t·log_softmax) / norm.
+        let mut t = vec![0f32; n * vocab];
+        for r in 0..n {
+            t[r * vocab + c.labels[r] as usize] += 1.0 - alpha;
+            for j in 0..k {
+                t[r * vocab + ids[r * k + j] as usize] += alpha * probs[r * k + j];
+            }
+        }
+        let t = Tensor::from_vec(t, (n, vocab), &Device::Cpu).unwrap();
+        let scale: Vec<f32> = got.rows.weights.iter().map(|w| w / got.rows.normaliser).collect();
+        let scale = Tensor::from_vec(scale, (n, 1), &Device::Cpu).unwrap();
+        let hv = Var::from_tensor(&c.h).unwrap();
+        let logits = hv.as_tensor().matmul(&c.w.t().unwrap()).unwrap();
+        let logsm = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+        let ce = (logsm * &t).unwrap().sum(1).unwrap().neg().unwrap().unsqueeze(1).unwrap();
+        let loss = (ce * &scale).unwrap().sum_all().unwrap();
+        let want_loss = loss.to_scalar::<f32>().unwrap();
+        let grads = loss.backward().unwrap();
+        let want_grad = grads.get(hv.as_tensor()).unwrap();
+        assert!((got.loss - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0), "{}: {} vs {want_loss}", objective.name(), got.loss);
+        let diff = max_abs_diff(&got.grad_hidden, want_grad);
+        assert!(diff < 1e-5, "{}: grad_h differs by {diff}", objective.name());
+        assert!(max_abs_diff(&got.grad_hidden, &hard.grad_hidden) > 1e-4, "the soft targets must change the gradient");
+    }
+}
+
+#[test]
+fn distillation_at_weight_zero_or_onto_the_label_is_hard_label_ce() {
+    let vocab = 150;
+    let c = case(12, BlockLayout::dflash(8), 4, 12, vocab, 0);
+    let obj = Objective::auf().resolve(8).unwrap();
+    let hard = run_head(16, &obj, &c, None);
+    let (ids, probs) = soft_case(&c, 3, vocab, 6);
+    let onto_label: Vec<u32> = c.labels.iter().flat_map(|&l| [l, l]).collect();
+    let halves = vec![0.5f32; onto_label.len()];
+    for (soft, exact) in [
+        (SoftTargets { k: 3, ids: &ids, probs: &probs, weight: 0.0 }, true),
+        (SoftTargets { k: 2, ids: &onto_label, probs: &halves, weight: 1.0 }, false),
+    ] {
+        let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16 });
+        let input = HeadInput {
+            hidden: &c.h,
+            lm_head: &c.w,
+            labels: &c.labels,
+            valid: &c.valid,
+            layout: c.layout,
+            num_sequences: 1,
+            seed: 0,
+            delta: None,
+            soft: Some(soft),
+        };
+        let got = head.run(&obj, &input).unwrap();
+        let tol = if exact { 0.0 } else { 1e-6 };
+        assert!((got.loss - hard.loss).abs() <= tol * hard.loss.abs().max(1.0), "{} vs {}", got.loss, hard.loss);
+        assert!(max_abs_diff(&got.grad_hidden, &hard.grad_hidden) <= tol.max(if exact { 0.0 } else { 1e-6 }));
+    }
+    // Bad soft targets are errors, not silent nonsense.
+    let mut head = ChunkedHead::new(HeadConfig::default());
+    let short = [1u32];
+    let bad = HeadInput {
+        hidden: &c.h,
+        lm_head: &c.w,
+        labels: &c.labels,
+        valid: &c.valid,
+        layout: c.layout,
+        num_sequences: 1,
+        seed: 0,
+        delta: None,
+        soft: Some(SoftTargets { k: 3, ids: &short, probs: &[1.0], weight: 0.5 }),
+    };
+    assert!(matches!(head.run(&obj, &bad), Err(HeadError::Shape { what: "soft targets", .. })));
+    let out_of_vocab = vec![vocab as u32; c.labels.len() * 3];
+    let bad = HeadInput { soft: Some(SoftTargets { k: 3, ids: &out_of_vocab, probs: &probs, weight: 0.5 }), ..bad };
+    assert!(matches!(head.run(&obj, &bad), Err(HeadError::LabelOutOfRange { .. })));
+    let bad = HeadInput { soft: Some(SoftTargets { k: 3, ids: &ids, probs: &probs, weight: 1.5 }), ..bad };
+    assert!(matches!(head.run(&obj, &bad), Err(HeadError::BadSoftWeight(_))));
 }
