@@ -306,7 +306,7 @@ fn the_feature_cache_equals_online_features_within_storage_precision() {
         let out = tmp.path().join(format!("{dtype:?}"));
         let mut s = settings(5, None);
         s.eval_fraction = 0.3;
-        s.features = Some(FeatureSettings { target_layer_ids: vec![2, 0], dtype, weights: WeightsMode::F32 });
+        s.features = Some(FeatureSettings { target_layer_ids: vec![2, 0], dtype, weights: WeightsMode::F32, soft_labels: None });
         prepare(&m.tokenizer, &id, None, Some(&m.target), &options(&data, &out, s)).unwrap();
         for split in [Split::Train, Split::Eval] {
             let ds = Dataset::open(&out, split).unwrap();
@@ -453,4 +453,54 @@ fn a_conversation_whose_first_prompt_fills_the_window_is_skipped_before_generati
     assert_eq!(prompts.len(), 1, "the long prompt is never generated for");
     // The reply budget is what still fits in max_len (160), not the 500 asked.
     assert_eq!(prompts[0].0 + prompts[0].1, 160);
+}
+
+#[test]
+fn soft_labels_in_the_cache_are_the_targets_top_k_logits() {
+    use specauf::data::features::{target_features_soft, SoftLabels};
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tiny_model_dir(tmp.path());
+    let data = write_data(tmp.path(), 4, false);
+    let m = load_model(model_dir.to_str().unwrap(), WeightsMode::F32).unwrap();
+    let id = ModelIdentity::of(&m).unwrap();
+    let out = tmp.path().join("soft");
+    let mut s = settings(4, None);
+    s.features = Some(FeatureSettings { target_layer_ids: vec![1], dtype: FeatureDtype::F16, weights: WeightsMode::F32, soft_labels: Some(5) });
+    prepare(&m.tokenizer, &id, None, Some(&m.target), &options(&data, &out, s)).unwrap();
+    let ds = Dataset::open(&out, Split::Train).unwrap();
+    let cache = FeatureCache::open(&out, Split::Train, &id, &[1]).unwrap();
+    assert_eq!(cache.info().soft_labels, Some(5));
+    for i in 0..ds.len() {
+        let ids = ds.input_ids(i).unwrap();
+        let got = cache.soft_labels(i).unwrap().expect("soft labels");
+        let (_, want) = target_features_soft(&m.target, ids, &[1], Some(5)).unwrap();
+        let want = want.unwrap();
+        assert_eq!((got.k, got.len()), (5, ids.len()));
+        assert_eq!(got.ids, want.ids, "sequence {i}: the same top-5 ids in the same order");
+        for (a, b) in got.logits.iter().zip(&want.logits) {
+            assert!((a - b).abs() <= 2e-3 * b.abs().max(1.0), "f16 storage: {a} vs {b}");
+        }
+        // Row t's first id is the target's greedy next token; logits descend.
+        for t in 0..got.len() {
+            let row = &got.logits[t * 5..(t + 1) * 5];
+            assert!(row.windows(2).all(|w| w[0] >= w[1]), "{row:?}");
+        }
+        let p = got.probs(0, 1.0);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5 && p[0] >= p[4]);
+    }
+    // Top-k by hand on a small matrix: ties go to the lower id.
+    let l = candle_core::Tensor::new(&[[0.5f32, 2.0, 2.0, -1.0], [3.0, 1.0, 0.0, 4.0]], &candle_core::Device::Cpu).unwrap();
+    let top = SoftLabels::top_k(&l, 2).unwrap();
+    assert_eq!(top.ids, vec![1, 2, 3, 0]);
+    assert_eq!(top.logits, vec![2.0, 2.0, 4.0, 3.0]);
+    // A cache without soft labels answers None; --soft-labels 0 is refused.
+    let plain = tmp.path().join("plain");
+    let mut s = settings(4, None);
+    s.features = Some(FeatureSettings { target_layer_ids: vec![1], dtype: FeatureDtype::F16, weights: WeightsMode::F32, soft_labels: None });
+    prepare(&m.tokenizer, &id, None, Some(&m.target), &options(&data, &plain, s)).unwrap();
+    assert!(FeatureCache::open(&plain, Split::Train, &id, &[1]).unwrap().soft_labels(0).unwrap().is_none());
+    let mut s = settings(4, None);
+    s.features = Some(FeatureSettings { target_layer_ids: vec![1], dtype: FeatureDtype::F16, weights: WeightsMode::F32, soft_labels: Some(0) });
+    let err = prepare(&m.tokenizer, &id, None, Some(&m.target), &options(&data, &tmp.path().join("zero"), s)).unwrap_err();
+    assert!(err.to_string().contains("--soft-labels"), "{err}");
 }

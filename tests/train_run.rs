@@ -110,3 +110,62 @@ fn bad_target_initialisation_is_refused_with_what_to_do() {
     let err = train(&m, &cfg, &RunOptions::default()).unwrap_err();
     assert!(err.to_string().contains("target layer 7") && err.to_string().contains("3 layers"), "{err}");
 }
+
+/// The tiny fixture prepared with a feature cache of tap 1 (and soft labels when `soft` is set).
+fn prepared_with_features(root: &std::path::Path, soft: Option<usize>) -> (specauf::model::LoadedModel, std::path::PathBuf) {
+    use specauf::data::prepare::{prepare, PrepareOptions};
+    use specauf::data::{FeatureDtype, FeatureSettings, ModelIdentity, PrepareSettings};
+    let model_dir = common::tiny_model_dir(root);
+    let data = common::write_data(root, 10, false);
+    let m = specauf::model::load::load_model(model_dir.to_str().unwrap(), specauf::model::WeightsMode::F32).unwrap();
+    let id = ModelIdentity::of(&m).unwrap();
+    let out = root.join(if soft.is_some() { "soft" } else { "plain" });
+    let settings = PrepareSettings {
+        data: "data.jsonl".into(),
+        max_conversations: Some(10),
+        max_len: 160,
+        max_turns: Some(2),
+        eval_fraction: 0.2,
+        seed: 1,
+        regenerate: None,
+        features: Some(FeatureSettings { target_layer_ids: vec![1], dtype: FeatureDtype::F16, weights: specauf::model::WeightsMode::F32, soft_labels: soft }),
+    };
+    let opts = PrepareOptions { data_path: data, settings, workers: 1, batch: 1, shard_tokens: 4096, out: out.clone(), progress: Default::default() };
+    prepare(&m.tokenizer, &id, None, Some(&m.target), &opts).unwrap();
+    (m, out)
+}
+
+#[test]
+fn distillation_trains_towards_the_cached_distribution_and_needs_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = ["steps=4", "checkpoint_every=2", "eval_every=0", "drafter.target_layer_ids=[1]"];
+    // Without soft labels in the cache, distill is refused with what to do.
+    let (m, plain) = prepared_with_features(tmp.path(), None);
+    let cfg = config(&plain, &tmp.path().join("r0"), &[&base[..], &["distill.weight=0.5"]].concat());
+    let err = train(&m, &cfg, &RunOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("--soft-labels") && err.contains("--features 1"), "{err}");
+
+    let (m, data) = prepared_with_features(tmp.path(), Some(8));
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        train(&m, &config(&data, &out, &[&base[..], extra].concat()), &RunOptions::default()).unwrap();
+        metrics(&out)
+    };
+    let hard = run("hard", &[]);
+    let zero = run("zero", &["distill.weight=0"]);
+    let soft = run("soft", &["distill.weight=0.5", "distill.temperature=2"]);
+    assert_eq!(hard, zero, "weight 0 is hard-label training");
+    assert_ne!(hard[0].loss, soft[0].loss, "the soft targets change the loss");
+    assert!(soft.iter().all(|s| s.loss.is_finite()));
+    // A resumed distillation run continues exactly.
+    let out = tmp.path().join("soft-resumed");
+    let cfg = config(&data, &out, &[&base[..], &["distill.weight=0.5", "distill.temperature=2"]].concat());
+    train(&m, &cfg, &RunOptions { stop_after: Some(3), ..Default::default() }).unwrap();
+    train(&m, &cfg, &RunOptions { resume: true, ..Default::default() }).unwrap();
+    assert_eq!(metrics(&out), soft);
+    // Out-of-range settings are config errors.
+    for bad in ["distill.weight=1.5", "distill.temperature=0", "distill.wieght=0.5"] {
+        let sets: Vec<String> = ["data=/d", "out=/o", bad].iter().map(|s| s.to_string()).collect();
+        assert!(TrainConfig::load(None, &sets).is_err(), "{bad} accepted");
+    }
+}

@@ -73,6 +73,10 @@ pub struct PrepareArgs {
     /// Weights for the feature forward (f32 matches the trainer's online features).
     #[arg(long, default_value_t = WeightsMode::F32)]
     pub feature_weights: WeightsMode,
+    /// Also store the top K of the target's next-token logits at every position, for training
+    /// with distillation targets (`distill.weight` in the train config); needs --features.
+    #[arg(long, value_name = "K")]
+    pub soft_labels: Option<usize>,
     /// Seed of sampled regeneration.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -101,6 +105,7 @@ impl PrepareArgs {
             features: self.features,
             feature_dtype: self.feature_dtype,
             feature_weights: self.feature_weights,
+            soft_labels: self.soft_labels,
             seed: self.seed,
             shard_tokens: self.shard_tokens,
         }

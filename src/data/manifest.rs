@@ -77,6 +77,10 @@ pub struct FeatureSettings {
     pub dtype: FeatureDtype,
     /// The weights the target ran with (features from Q8 and f32 weights differ slightly).
     pub weights: crate::model::WeightsMode,
+    /// Also store the top-k of the target's next-token logits at every position (distillation
+    /// targets); None: features only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_labels: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +141,9 @@ pub struct FeatureInfo {
     pub weights: crate::model::WeightsMode,
     /// n_layers · hidden_size.
     pub dim: usize,
+    /// k of the stored top-k next-token logits (`soft_ids`, `soft_logits`); None: not stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_labels: Option<usize>,
     pub shards: BTreeMap<Split, Vec<ShardInfo>>,
 }
 

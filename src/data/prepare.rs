@@ -23,7 +23,7 @@ use crate::data::{
     self, io_err, tokenize_chat, ChatExample, DataError, FeatureInfo, FeatureSettings, Manifest, ModelIdentity,
     PrepareSettings, Sequence, SourceReport, Split, SplitInfo, TokenizerInfo,
 };
-use crate::data::features::{self, FeatureError};
+use crate::data::features::{self, FeatureError, MAX_SOFT_LABELS};
 use crate::data::regenerate::{
     self, CacheKey, EngineFactory, FnReplies, Outcome, RegenerateError, RegenerationCache, RegenerationProgress, Reply, ReplyEngine, ReplyError,
     ReplyRequest, Schedule, TargetReplies,
@@ -429,6 +429,9 @@ fn validate(s: &PrepareSettings, opts: &PrepareOptions) -> Result<(), PrepareErr
         if f.target_layer_ids.is_empty() {
             return Err(PrepareError::Invalid("--features needs at least one layer id".into()));
         }
+        if f.soft_labels.is_some_and(|k| k == 0 || k > MAX_SOFT_LABELS) {
+            return Err(PrepareError::Invalid(format!("--soft-labels must lie in 1..={MAX_SOFT_LABELS} (the top k of the target's logits kept per position)")));
+        }
     }
     Ok(())
 }
@@ -475,6 +478,7 @@ fn write_features(
                 &members,
                 &fs.target_layer_ids,
                 fs.dtype,
+                fs.soft_labels,
                 settings_hash,
                 &mut |n| bar.inc(n as u64),
             )?;
@@ -489,6 +493,7 @@ fn write_features(
         dtype: fs.dtype,
         weights: fs.weights,
         dim: fs.target_layer_ids.len() * target.config().hidden_size,
+        soft_labels: fs.soft_labels,
         shards,
     })
 }

@@ -219,12 +219,12 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
         let mut head = ChunkedHead::new(HeadConfig::default());
         let schedule = CosineSchedule::new(DEFAULT_LR, 1000, &ScheduleConfig::default());
         let mut optim = AdamW::new(TrainableDrafter::named_vars(&drafter), AdamWConfig::default(), schedule).map_err(train_err)?;
-        let ctx = StepContext { target, drafter: &drafter, objective: &resolved, lm_head: &lm_head, seed: 0, steps: 1000, base_support: BaseSupport::default() };
+        let ctx = StepContext { target, drafter: &drafter, objective: &resolved, lm_head: &lm_head, seed: 0, steps: 1000, base_support: BaseSupport::default(), distill: None };
         reset_peak_rss();
         let (mut step_ms, mut fwd, mut hd, mut bwd, mut support, mut rate) = (vec![], vec![], vec![], vec![], vec![], vec![]);
         for run in 0..=plan.runs {
             let anchors = sample_anchors(&mask, plan.anchors, &mut step_rng(0, run as u64, 0));
-            let items = [TrainItem { seq: Sequence { input_ids: ids.clone(), loss_mask: mask.clone() }, anchors, features: features.clone() }];
+            let items = [TrainItem { seq: Sequence { input_ids: ids.clone(), loss_mask: mask.clone() }, anchors, features: features.clone(), soft: None }];
             let t = Instant::now();
             let out = run_micro_batch(&ctx, &mut head, &items, run as u64, 1.0)?;
             optim.step(&out.grads).map_err(train_err)?;

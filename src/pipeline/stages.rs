@@ -89,6 +89,8 @@ pub struct PreparePlan {
     pub feature_dtype: FeatureDtype,
     /// Weights for the feature forward.
     pub feature_weights: WeightsMode,
+    /// Store the top-k of the target's next-token logits beside the features (distillation).
+    pub soft_labels: Option<usize>,
     pub seed: u64,
     pub shard_tokens: usize,
 }
@@ -117,6 +119,7 @@ impl PreparePlan {
             features: None,
             feature_dtype: FeatureDtype::F16,
             feature_weights: WeightsMode::F32,
+            soft_labels: None,
             seed: 0,
             shard_tokens: DEFAULT_SHARD_TOKENS,
         }
@@ -136,6 +139,7 @@ impl PreparePlan {
             target_layer_ids: ids,
             dtype: self.feature_dtype,
             weights: self.feature_weights,
+            soft_labels: self.soft_labels,
         });
         PrepareSettings {
             data: self.data.clone(),
@@ -162,6 +166,11 @@ pub fn prepare(plan: &PreparePlan, progress: Observer) -> Result<PrepareReport, 
     }
     if plan.batch == 0 {
         return Err(StageError::Invalid("--batch must be at least 1".into()));
+    }
+    if plan.soft_labels.is_some() && plan.features.is_none() {
+        return Err(StageError::Invalid(
+            "--soft-labels stores the target's logits beside its features; give --features too (the drafter's target_layer_ids)".into(),
+        ));
     }
     let data_path = if plan.data == "sharegpt" {
         assets::file(&assets::SHAREGPT, assets::SHAREGPT_JSON)

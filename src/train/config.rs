@@ -103,6 +103,23 @@ impl Default for OptimSpec {
     }
 }
 
+/// Distillation from the target's distribution (issue 11's lever): each row's CE target becomes
+/// `(1 − weight)·onehot(label) + weight·softmax(top-k logits / temperature)`, the top-k logits
+/// read from the feature cache (`prepare --features … --soft-labels K`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSpec {
+    /// Weight of the target's distribution in [0, 1] (0: hard labels only).
+    pub weight: f32,
+    /// Temperature applied to the stored logits.
+    #[serde(default = "default_distill_temperature")]
+    pub temperature: f32,
+}
+
+fn default_distill_temperature() -> f32 {
+    1.0
+}
+
 /// Everything a training run needs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -153,6 +170,9 @@ pub struct TrainConfig {
     /// Keep target features of seen sequences in memory (f16), up to this many MiB.
     #[serde(default = "default_feature_mem")]
     pub feature_cache_mib: usize,
+    /// Train towards the target's distribution as well as its tokens (None: hard labels only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillSpec>,
 }
 
 fn default_model() -> String {
@@ -208,6 +228,7 @@ impl TrainConfig {
             eval_sequences: default_eval_seqs(),
             base_support: BaseSupport::default(),
             feature_cache_mib: default_feature_mem(),
+            distill: None,
         }
     }
 
@@ -266,6 +287,11 @@ impl TrainConfig {
         }
         if self.checkpoint_every == 0 {
             return bad("checkpoint_every must be at least 1");
+        }
+        if let Some(d) = &self.distill {
+            if !(0.0..=1.0).contains(&d.weight) || !(d.temperature > 0.0 && d.temperature.is_finite()) {
+                return bad("distill.weight must lie in [0, 1] and distill.temperature be > 0");
+            }
         }
         Ok(())
     }

@@ -19,13 +19,13 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{io_err, CheckpointState, RunDir};
-use super::config::TrainConfig;
-use super::head::{BaseSupport, ChunkedHead, DeltaBranch, HeadInput};
+use super::config::{DistillSpec, TrainConfig};
+use super::head::{BaseSupport, ChunkedHead, DeltaBranch, HeadInput, SoftTargets};
 use super::memory::{MemoryPlan, MemoryShape, Precision};
 use super::objective::{BlockMetrics, MetricCounts, ResolvedObjective};
 use super::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
 use super::trainable::{base_ce_weight, build_drafter, trainable, TrainableDrafter};
-use crate::data::features::{target_features, FeatureCache};
+use crate::data::features::{target_features, FeatureCache, SoftLabels};
 use crate::data::{Dataset, ModelIdentity, Split};
 use crate::drafter::blocks::{build_blocks, sample_anchors, step_rng};
 use crate::drafter::AnyDrafter;
@@ -103,6 +103,19 @@ pub struct FeatureSource<'a> {
 impl<'a> FeatureSource<'a> {
     pub fn new(target: &'a Target, layer_ids: Vec<usize>, disk: Option<FeatureCache>, budget_mib: usize) -> Self {
         Self { target, layer_ids, disk, memory: HashMap::new(), budget_bytes: budget_mib << 20, used_bytes: 0 }
+    }
+
+    /// The cached top-k next-token logits of sequence `idx` (None without a cache that has them).
+    pub fn soft_labels(&self, idx: usize) -> Result<Option<SoftLabels>, TrainError> {
+        match &self.disk {
+            Some(disk) => Ok(disk.soft_labels(idx)?),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the feature cache holds soft labels.
+    pub fn has_soft_labels(&self) -> bool {
+        self.disk.as_ref().is_some_and(|d| d.info().soft_labels.is_some())
     }
 
     pub fn get(&mut self, idx: usize, ids: &[u32]) -> Result<Tensor, TrainError> {
@@ -288,6 +301,13 @@ impl<'a> Session<'a> {
         let layer_ids = drafter.target_layer_ids();
         let disk = FeatureCache::open(&cfg.data, Split::Train, &ModelIdentity::of(model)?, &layer_ids).ok();
         let features = FeatureSource::new(target, layer_ids.clone(), disk, cfg.feature_cache_mib);
+        if cfg.distill.is_some() && !features.has_soft_labels() {
+            return Err(TrainError::Setup(format!(
+                "distill needs the target's next-token distribution in the feature cache of {}: prepare it with                  --features {} --soft-labels K (e.g. 32), or drop distill",
+                cfg.data.display(),
+                layer_ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+            )));
+        }
         let eval_features = FeatureSource::new(target, layer_ids, None, cfg.feature_cache_mib / 4);
         let adam_cfg = AdamWConfig {
             lr: cfg.optim.lr,
@@ -390,7 +410,8 @@ impl<'a> Session<'a> {
                 continue;
             }
             let features = self.features.get(idx, &seq.input_ids)?;
-            items.push(BatchItem { seq, anchors, features });
+            let soft = if c.distill.is_some() { self.features.soft_labels(idx)? } else { None };
+            items.push(BatchItem { seq, anchors, features, soft });
         }
         Ok(items)
     }
@@ -415,6 +436,7 @@ impl<'a> Session<'a> {
                 seed: c.seed,
                 steps: c.steps,
                 base_support: c.base_support,
+                distill: c.distill.as_ref(),
             };
             let out = run_micro_batch(&ctx, &mut self.head, &items, state.step, 1.0 / c.grad_accum as f64)?;
             grads = Some(match grads {
@@ -461,6 +483,8 @@ pub struct StepContext<'a> {
     /// Total steps of the run (Domino's λ schedule).
     pub steps: u64,
     pub base_support: BaseSupport,
+    /// Distillation towards the items' soft labels (None: hard labels only).
+    pub distill: Option<&'a DistillSpec>,
 }
 
 /// One sequence of a micro-batch with its anchors and target features.
@@ -468,6 +492,8 @@ pub struct BatchItem {
     pub seq: crate::data::Sequence,
     pub anchors: Vec<usize>,
     pub features: Tensor,
+    /// The target's top-k next-token logits at every position (distillation); None: hard labels.
+    pub soft: Option<SoftLabels>,
 }
 
 /// Loss, gradients and metrics of one micro-batch, with where the time went.
@@ -492,6 +518,7 @@ pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut ChunkedHead, items: &[B
     let mut delta_inputs = Vec::new();
     let mut delta_weight = None;
     let (mut labels, mut valid) = (Vec::new(), Vec::new());
+    let mut soft = SoftRows::default();
     for item in items {
         let blocks = build_blocks(&item.seq.input_ids, &item.seq.loss_mask, &item.anchors, drafter.block_size(), layout, drafter.mask_token_id());
         let r = drafter.train_rows(ctx.target, &item.features, &blocks)?;
@@ -502,6 +529,9 @@ pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut ChunkedHead, items: &[B
         }
         labels.extend_from_slice(&blocks.labels);
         valid.extend_from_slice(&blocks.valid);
+        if let Some(d) = ctx.distill {
+            soft_rows(item, &blocks, layout.positions_per_block, d.temperature, &mut soft)?;
+        }
     }
     let hidden = Tensor::cat(&rows, 0)?;
     let values = hidden.detach();
@@ -520,7 +550,7 @@ pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut ChunkedHead, items: &[B
     let t1 = Instant::now();
     let head_out = head.run(
         ctx.objective,
-        &HeadInput { hidden: &values, lm_head: ctx.lm_head, labels: &labels, valid: &valid, layout, num_sequences: items.len(), seed: ctx.seed ^ step, delta, soft: None },
+        &HeadInput { hidden: &values, lm_head: ctx.lm_head, labels: &labels, valid: &valid, layout, num_sequences: items.len(), seed: ctx.seed ^ step, delta, soft: soft.targets(ctx.distill) },
     )?;
     let t2 = Instant::now();
     let surrogate = (head_out.surrogate(&hidden, delta_graph.as_ref().map(|(i, w)| (i, w)))? * scale)?;
@@ -535,6 +565,47 @@ pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut ChunkedHead, items: &[B
         head_ms: (t2 - t1).as_secs_f64() * 1e3,
         backward_ms: (t3 - t2).as_secs_f64() * 1e3,
     })
+}
+
+/// The distillation targets of a micro-batch's rows, k per row.
+#[derive(Default)]
+struct SoftRows {
+    k: usize,
+    ids: Vec<u32>,
+    probs: Vec<f32>,
+}
+
+impl SoftRows {
+    fn targets(&self, distill: Option<&DistillSpec>) -> Option<SoftTargets<'_>> {
+        let d = distill?;
+        (self.k > 0).then_some(SoftTargets { k: self.k, ids: &self.ids, probs: &self.probs, weight: d.weight })
+    }
+}
+
+/// Appends the soft targets of `blocks`' rows: the row predicting token t gets the target's
+/// distribution at position t − 1; rows past the sequence's end get zeros (they are invalid, so
+/// the head never reads them).
+fn soft_rows(item: &BatchItem, blocks: &crate::drafter::blocks::Blocks, p: usize, temperature: f32, out: &mut SoftRows) -> Result<(), TrainError> {
+    let Some(s) = &item.soft else {
+        return Err(TrainError::Setup("distill is set but a sequence has no soft labels in the feature cache".into()));
+    };
+    if out.k != 0 && out.k != s.k {
+        return Err(TrainError::Setup(format!("the feature cache holds soft labels of k = {} and {}; prepare the data again", out.k, s.k)));
+    }
+    out.k = s.k;
+    for &a in &blocks.anchors {
+        for i in 0..p {
+            let t = a + 1 + i;
+            if t < item.seq.len() && t - 1 < s.len() {
+                out.ids.extend_from_slice(s.ids(t - 1));
+                out.probs.extend(s.probs(t - 1, temperature));
+            } else {
+                out.ids.extend(std::iter::repeat_n(0, s.k));
+                out.probs.extend(std::iter::repeat_n(0.0, s.k));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Sums two gradient stores over the drafter's variables.
