@@ -468,6 +468,7 @@ fn spec_bench(a: SpecArgs) -> anyhow::Result<()> {
         verifies: a.verify.clone(),
         threads: a.threads,
         llama,
+        specauf_exe: std::env::current_exe().ok(),
     };
     let r = spec_bench::spec(&plan, &Bars::new())?;
     let load = |l: Option<f64>| l.map_or("?".to_string(), |l| format!("{l:.2}"));
@@ -476,16 +477,18 @@ fn spec_bench(a: SpecArgs) -> anyhow::Result<()> {
         r.model, r.target_path, r.drafter, r.block_size, r.prompts, r.max_new_tokens, r.threads_ours, r.threads_llama, r.runs, load(r.load_before), load(r.load_after)
     );
     let vcols: String = plan.verifies.iter().map(|b| format!(" verify({b}) ÷ decode |")).collect();
-    println!("| engine | AR tok/s | speculative tok/s | τ | speculative ÷ AR | decode ms (ctx {}) |{vcols} exact at T = 0 |", r.context);
-    println!("|---|---|---|---|---|---|{}---|", "---|".repeat(plan.verifies.len()));
+    println!("| engine | AR tok/s | speculative tok/s | τ | speculative ÷ AR | decode ms (ctx {}) |{vcols} exact at T = 0 | peak RSS MiB |", r.context);
+    println!("|---|---|---|---|---|---|{}---|---|", "---|".repeat(plan.verifies.len()));
     for row in &r.rows {
         let v: String = row.verify_over_decode.iter().map(|(_, x)| format!(" {x:.2} |")).collect();
         let exact = row.exact_prompts.map_or("-".to_string(), |e| format!("{e}/{}", r.prompts));
+        let rss = row.peak_rss_mib.map_or("-".to_string(), |m| format!("{m:.0}"));
         println!(
-            "| {} | {:.1} | {:.1} | {:.2} | {:.2}× | {:.2} |{v} {exact} |",
+            "| {} | {:.1} | {:.1} | {:.2} | {:.2}× | {:.2} |{v} {exact} | {rss} |",
             row.engine, row.ar_tokens_per_s, row.spec_tokens_per_s, row.tau, row.spec_over_ar(), row.decode_ms
         );
     }
+    println!("\nPeak RSS: one speculative generation as its own process (ours: `specauf generate --drafter`, llama.cpp: llama-speculative-simple), target and drafter loaded.");
     if let Some(peer) = r.rows.iter().find(|x| x.engine == "llama.cpp") {
         println!("\nRatios to llama.cpp (AR: our AR on the prompts ÷ llama-bench tg{}; speculative: same prompts, same drafter):\n", r.max_new_tokens);
         println!("| engine | AR ÷ llama.cpp AR | speculative ÷ llama.cpp speculative |");

@@ -63,18 +63,20 @@ impl LlamaCpp {
 
     /// Runs `name args`, returns stdout and stderr; a non-zero exit is an error.
     fn run(&self, name: &str, args: &[String]) -> Result<(String, String), PeerError> {
+        self.run_measured(name, args).map(|(out, err, _)| (out, err))
+    }
+
+    /// [`Self::run`], and the process's peak resident memory in MiB.
+    fn run_measured(&self, name: &str, args: &[String]) -> Result<(String, String, Option<f64>), PeerError> {
         let binary = self.binary(name)?;
-        let out = Command::new(&binary)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
+        let (out, peak) = crate::util::measure::run_measuring_rss(Command::new(&binary).args(args).stdin(Stdio::null()))
             .map_err(|source| PeerError::Spawn { binary: binary.clone(), source })?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if !out.status.success() {
             return Err(PeerError::Failed { binary: name.into(), status: out.status.to_string(), tail: tail(&format!("{stdout}\n{stderr}")) });
         }
-        Ok((stdout, stderr))
+        Ok((stdout, stderr, peak))
     }
 
     /// `llama-bench` on `model` with `threads` threads: one ppN test per `prompts` entry and one
@@ -132,8 +134,8 @@ impl LlamaCpp {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let (stdout, stderr) = self.run("llama-speculative-simple", &args)?;
-        parse_speculative(&format!("{stdout}\n{stderr}"))
+        let (stdout, stderr, peak) = self.run_measured("llama-speculative-simple", &args)?;
+        Ok(SpecRun { peak_rss_mib: peak, ..parse_speculative(&format!("{stdout}\n{stderr}"))? })
     }
 }
 
@@ -211,6 +213,8 @@ pub struct SpecRun {
     pub n_draft_max: usize,
     pub n_drafted: usize,
     pub n_accept: usize,
+    /// Peak resident memory of the process (target + drafter loaded, decoding), MiB.
+    pub peak_rss_mib: Option<f64>,
 }
 
 impl SpecRun {
@@ -256,7 +260,7 @@ pub fn parse_speculative(text: &str) -> Result<SpecRun, PeerError> {
     }
     .filter(|s: &f64| s.is_finite() && *s > 0.0)
     .ok_or_else(|| parse_err(BIN, "the `decoded` line has no positive duration", text))?;
-    let run = SpecRun { n_predict: int("n_predict =")?, decode_s, n_draft_max: int("n_draft   =")?, n_drafted: int("n_drafted =")?, n_accept: int("n_accept  =")? };
+    let run = SpecRun { n_predict: int("n_predict =")?, decode_s, n_draft_max: int("n_draft   =")?, n_drafted: int("n_drafted =")?, n_accept: int("n_accept  =")?, peak_rss_mib: None };
     if run.n_predict == 0 {
         return Err(parse_err(BIN, "n_predict is 0", text));
     }

@@ -74,6 +74,9 @@ pub struct SpecBenchPlan {
     /// llama.cpp's threads (ours are rayon's: RAYON_NUM_THREADS).
     pub threads: usize,
     pub llama: Option<LlamaPlan>,
+    /// The specauf binary: when given, each mode's peak memory is measured on a child process
+    /// that runs one speculative generation (`generate --drafter`), as llama.cpp's is.
+    pub specauf_exe: Option<PathBuf>,
 }
 
 /// One engine's medians.
@@ -94,6 +97,10 @@ pub struct EngineRow {
     pub exact_prompts: Option<usize>,
     /// Per run: (AR tok/s, speculative tok/s, τ).
     pub per_run: Vec<(f64, f64, f64)>,
+    /// Peak resident memory of a process decoding speculatively (target + drafter), MiB: ours
+    /// from `generate --drafter` as a child process, llama.cpp's from llama-speculative-simple
+    /// (the largest over its runs).
+    pub peak_rss_mib: Option<f64>,
 }
 
 impl EngineRow {
@@ -197,6 +204,29 @@ fn run_ours(o: &Ours, plan: &SpecBenchPlan, progress: &dyn Progress) -> Result<(
     Ok((rate(ar_tokens, ar_ms), rate(sp_tokens, sp_ms), committed as f64 / cycles.max(1) as f64, exact))
 }
 
+/// Peak memory of `exe generate --drafter` in `mode` on the first chat prompt, as a child process.
+fn our_peak_rss(exe: &Path, plan: &SpecBenchPlan, mode: WeightsMode) -> Result<Option<f64>, StageError> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["generate", "--model", &plan.model, "--weights", &mode.to_string(), "--chat", "--json"])
+        .args(["--prompt", CHAT_PROMPTS[0], "--max-new-tokens", &plan.max_new_tokens.to_string()])
+        .arg("--drafter")
+        .arg(&plan.drafter)
+        .stdin(std::process::Stdio::null());
+    if let Some(b) = plan.block_size {
+        cmd.args(["--block-size", &b.to_string()]);
+    }
+    let (out, peak) = crate::util::measure::run_measuring_rss(&mut cmd).map_err(|source| StageError::Io { path: exe.to_path_buf(), source })?;
+    if !out.status.success() {
+        return Err(StageError::Invalid(format!(
+            "measuring our peak memory: {} generate failed ({}): {}",
+            exe.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+        )));
+    }
+    Ok(peak)
+}
+
 /// The GGUF file llama.cpp runs: the model spec must resolve to one.
 fn target_gguf(model: &str) -> Result<PathBuf, StageError> {
     match resolve(model).map_err(|source| StageError::Model { name: model.to_string(), source })? {
@@ -213,6 +243,8 @@ struct Peer {
     prompt_files: Vec<PathBuf>,
     /// Per run: (tgN tok/s, [ppB ms ÷ tg step ms], speculative tok/s, τ).
     per_run: Vec<(f64, Vec<f64>, f64, f64)>,
+    /// The largest peak memory of its speculative runs, MiB.
+    peak_rss_mib: Option<f64>,
 }
 
 fn setup_peer(lp: &LlamaPlan, target: &Path, prompts: &[String]) -> Result<Peer, StageError> {
@@ -230,7 +262,7 @@ fn setup_peer(lp: &LlamaPlan, target: &Path, prompts: &[String]) -> Result<Peer,
         crate::util::fs::write_atomic(&path, text.as_bytes()).map_err(|source| StageError::Io { path: path.clone(), source })?;
         prompt_files.push(path);
     }
-    Ok(Peer { llama, target: target.to_path_buf(), drafter: lp.drafter_gguf.clone(), prompt_files, per_run: Vec::new() })
+    Ok(Peer { llama, target: target.to_path_buf(), drafter: lp.drafter_gguf.clone(), prompt_files, per_run: Vec::new(), peak_rss_mib: None })
 }
 
 fn run_peer(p: &mut Peer, plan: &SpecBenchPlan, draft_max: usize, progress: &dyn Progress) -> Result<(), StageError> {
@@ -255,6 +287,10 @@ fn run_peer(p: &mut Peer, plan: &SpecBenchPlan, draft_max: usize, progress: &dyn
         let r: SpecRun = p.llama.speculative(&req).map_err(peer)?;
         tokens += r.n_predict;
         secs += r.decode_s;
+        p.peak_rss_mib = match (p.peak_rss_mib, r.peak_rss_mib) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
         cycles += r.cycles();
         progress.update(i as u64 + 1, &format!("llama.cpp prompt {}", i + 1));
     }
@@ -296,10 +332,18 @@ pub fn spec(plan: &SpecBenchPlan, progress: &dyn Progress) -> Result<SpecBenchRe
         }
     }
     let load_after = load_average();
+    let mut rss = Vec::new();
+    for o in &ours {
+        rss.push(match &plan.specauf_exe {
+            Some(exe) => our_peak_rss(exe, plan, o.mode)?,
+            None => None,
+        });
+    }
     let med = |xs: Vec<f64>| median(&mut xs.clone());
     let mut rows: Vec<EngineRow> = ours
         .iter()
-        .map(|o| EngineRow {
+        .zip(rss)
+        .map(|(o, peak_rss_mib)| EngineRow {
             engine: format!("specauf {}", o.mode),
             ar_tokens_per_s: med(o.per_run.iter().map(|r| r.0).collect()),
             spec_tokens_per_s: med(o.per_run.iter().map(|r| r.1).collect()),
@@ -309,6 +353,7 @@ pub fn spec(plan: &SpecBenchPlan, progress: &dyn Progress) -> Result<SpecBenchRe
             verify_over_decode: plan.verifies.iter().enumerate().map(|(i, &b)| (b, med(o.steps.iter().map(|s| s.1[i] / s.0).collect()))).collect(),
             exact_prompts: Some(o.exact),
             per_run: o.per_run.clone(),
+            peak_rss_mib,
         })
         .collect();
     if let Some(p) = &peer_state {
@@ -322,6 +367,7 @@ pub fn spec(plan: &SpecBenchPlan, progress: &dyn Progress) -> Result<SpecBenchRe
             verify_over_decode: plan.verifies.iter().enumerate().map(|(i, &b)| (b, med(p.per_run.iter().map(|r| r.1[i]).collect()))).collect(),
             exact_prompts: None,
             per_run: p.per_run.iter().map(|r| (r.0, r.2, r.3)).collect(),
+            peak_rss_mib: p.peak_rss_mib,
         });
     }
     Ok(SpecBenchReport {

@@ -35,12 +35,63 @@ pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// Runs `cmd` to completion with its stdout and stderr captured, sampling the child's peak
+/// resident memory (`VmHWM` of /proc/PID/status, Linux) every few milliseconds; the last sample
+/// before it exits is its peak (a high-water mark only grows). Returns the output and the peak in
+/// MiB (None where /proc is unavailable).
+pub fn run_measuring_rss(cmd: &mut std::process::Command) -> std::io::Result<(std::process::Output, Option<f64>)> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let status_path = format!("/proc/{}/status", child.id());
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_reader = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let err_reader = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let mut peak: Option<u64> = None;
+    let status = loop {
+        if let Some(kb) = std::fs::read_to_string(&status_path).ok().and_then(|s| vm_hwm_kb(&s)) {
+            peak = Some(peak.map_or(kb, |p| p.max(kb)));
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    Ok((std::process::Output { status, stdout, stderr }, peak.map(|kb| kb as f64 / 1024.0)))
+}
+
+fn vm_hwm_kb(status: &str) -> Option<u64> {
+    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_childs_peak_memory_is_sampled_while_it_runs() {
+        // A child that holds about 64 MiB for a moment: its peak covers them, its output comes back.
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args(["-c", "import time; b = bytearray(64 << 20); time.sleep(0.2); print('done')"]);
+        let (out, peak) = super::run_measuring_rss(&mut cmd).unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done");
+        let peak = peak.expect("VmHWM on Linux");
+        assert!(peak > 64.0 && peak < 1024.0, "{peak} MiB");
+    }
+
     #[test]
     fn medians_of_odd_and_even_samples() {
         assert_eq!(super::median(&mut [3.0, 1.0, 2.0]), 2.0);
