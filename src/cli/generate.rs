@@ -109,7 +109,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut choice = None;
     let mut proposer: Option<Box<dyn Proposer + Send>> = match &a.drafter {
         Some(dir) => {
-            let d = AnyDrafter::load(dir, m.target.config()).with_context(|| format!("loading drafter {}", dir.display()))?;
+            let d = AnyDrafter::load_for(dir, &m.target).with_context(|| format!("loading drafter {}", dir.display()))?;
             let trained = d.block_size();
             let d = match a.block_size {
                 Some(b) => d.at_block_size(b).with_context(|| format!("drafter {}", dir.display()))?,
@@ -122,7 +122,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                     d
                 }
             };
-            Some(d.into_proposer())
+            Some(d.into_proposer_on(m.target.backend()))
         }
         None => None,
     };

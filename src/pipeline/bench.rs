@@ -11,7 +11,7 @@ use crate::data::Sequence;
 use crate::drafter::blocks::{sample_anchors, step_rng};
 use crate::drafter::{default_mask_token, DFlashDrafter};
 use crate::model::{load_model, BatchItem, Logits, Target, WeightsMode};
-use crate::train::head::{BaseSupport, ChunkedHead, HeadConfig};
+use crate::train::head::{BaseSupport, Head, HeadConfig};
 use crate::train::objective::Objective;
 use crate::train::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig, DEFAULT_LR};
 use crate::train::trainable::TrainableDrafter;
@@ -216,7 +216,7 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
         let objective: Objective = name.parse().map_err(|e| StageError::Invalid(format!("objective {name:?}: {e}")))?;
         let drafter = new_drafter()?;
         let resolved = objective.resolve(TrainableDrafter::block_size(&drafter)).map_err(train_err)?;
-        let mut head = ChunkedHead::new(HeadConfig::default());
+        let mut head = Head::for_backend(HeadConfig::default(), target.backend());
         let schedule = CosineSchedule::new(DEFAULT_LR, 1000, &ScheduleConfig::default());
         let mut optim = AdamW::new(TrainableDrafter::named_vars(&drafter), AdamWConfig::default(), schedule).map_err(train_err)?;
         let ctx = StepContext { target, drafter: &drafter, objective: &resolved, lm_head: &lm_head, seed: 0, steps: 1000, base_support: BaseSupport::default() };

@@ -468,7 +468,7 @@ fn load_drafters(plan: &EvalPlan, m: &LoadedModel) -> Result<(Vec<EvalDrafter<'s
     let (mut drafters, mut settings) = (Vec::new(), Vec::new());
     for (label, dir) in &plan.drafters {
         let err = |source| StageError::Drafter { path: dir.display().to_string(), source };
-        let d = AnyDrafter::load(dir, m.target.config()).map_err(err)?;
+        let d = AnyDrafter::load_for(dir, &m.target).map_err(err)?;
         let trained = d.block_size();
         let (d, block_choice) = match plan.block_size {
             Some(b) => (d.at_block_size(b).map_err(err)?, None),
@@ -485,7 +485,7 @@ fn load_drafters(plan: &EvalPlan, m: &LoadedModel) -> Result<(Vec<EvalDrafter<'s
             trained_block_size: trained,
             block_choice,
         });
-        drafters.push(EvalDrafter::new(label.clone(), d.into_proposer()));
+        drafters.push(EvalDrafter::new(label.clone(), d.into_proposer_on(m.target.backend())));
     }
     Ok((drafters, settings))
 }

@@ -44,7 +44,7 @@ pub fn load(model: &str, weights: WeightsMode, drafter: Option<&Path>, block_siz
         }
         Some(dir) => {
             let err = |source| ServeLoadError::Drafter { path: dir.to_path_buf(), source };
-            let d = AnyDrafter::load(dir, m.target.config()).map_err(err)?;
+            let d = AnyDrafter::load_for(dir, &m.target).map_err(err)?;
             Some(match block_size {
                 Some(b) => d.at_block_size(b).map_err(err)?,
                 None => d,

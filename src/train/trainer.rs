@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{io_err, CheckpointState, RunDir};
 use super::config::TrainConfig;
-use super::head::{BaseSupport, ChunkedHead, DeltaBranch, HeadInput};
+use super::head::{BaseSupport, DeltaBranch, Head, HeadInput};
 use super::objective::{BlockMetrics, MetricCounts, ResolvedObjective};
 use super::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
 use super::trainable::{base_ce_weight, build_drafter, trainable, TrainableDrafter};
@@ -106,7 +106,7 @@ impl<'a> FeatureSource<'a> {
 
     pub fn get(&mut self, idx: usize, ids: &[u32]) -> Result<Tensor, TrainError> {
         if let Some(disk) = &self.disk {
-            return Ok(disk.get(idx)?.to_dtype(DType::F32)?);
+            return Ok(disk.get(idx)?.to_dtype(DType::F32)?.to_device(self.target.device())?);
         }
         if let Some(t) = self.memory.get(&idx) {
             return Ok(t.to_dtype(DType::F32)?);
@@ -130,7 +130,7 @@ pub fn evaluate(
     target: &Target,
     drafter: &dyn TrainableDrafter,
     objective: &ResolvedObjective,
-    head: &mut ChunkedHead,
+    head: &mut Head,
     lm_head: &Tensor,
     data: &Dataset,
     features: &mut FeatureSource<'_>,
@@ -261,7 +261,7 @@ struct Session<'a> {
     features: FeatureSource<'a>,
     eval_features: FeatureSource<'a>,
     lm_head: Tensor,
-    head: ChunkedHead,
+    head: Head,
     optim: AdamW,
     /// The data order of `order_epoch` (a seeded shuffle per epoch).
     order: Vec<usize>,
@@ -277,7 +277,7 @@ impl<'a> Session<'a> {
             return Err(TrainError::Setup(format!("{}: the training split is empty", cfg.data.display())));
         }
         let drafter: AnyDrafter = match &run.latest {
-            Some(s) => AnyDrafter::load(&run.checkpoint(s.step), target.config())?,
+            Some(s) => AnyDrafter::load_for(&run.checkpoint(s.step), target)?,
             None => build_drafter(cfg, target)?,
         };
         let drafter = trainable(drafter);
@@ -310,7 +310,7 @@ impl<'a> Session<'a> {
             features,
             eval_features,
             lm_head: target.lm_head_weight_f32()?,
-            head: ChunkedHead::new(cfg.head.clone()),
+            head: Head::for_backend(cfg.head.clone(), target.backend()),
             optim,
             order: Vec::new(),
             order_epoch: u64::MAX,
@@ -456,7 +456,7 @@ pub struct MicroBatchOut {
 
 /// Forward of every sequence, one head call over all rows (so the objective normalises over
 /// the whole micro-batch), and the backward of the surrogate scaled by `scale`.
-pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut ChunkedHead, items: &[BatchItem], step: u64, scale: f64) -> Result<MicroBatchOut, TrainError> {
+pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut Head, items: &[BatchItem], step: u64, scale: f64) -> Result<MicroBatchOut, TrainError> {
     let drafter = ctx.drafter;
     let layout = drafter.layout();
     let t0 = Instant::now();

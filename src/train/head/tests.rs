@@ -518,3 +518,62 @@ fn bad_inputs_are_reported_with_context() {
         Err(HeadError::Objective(ObjectiveError::Shape { .. }))
     ));
 }
+
+/// The generic head's output against the chunked CPU kernel's on the same input: loss within
+/// 1e-5 relative, every gradient within 1e-5 absolute (the inputs are O(1); both accumulate in f32
+/// in different orders), per-row weights, CE and correctness alike, metrics equal.
+fn assert_generic_matches_chunked(tag: &str, obj: &ResolvedObjective, c: &Case, delta: Option<DeltaBranch<'_>>, chunk_rows: usize) {
+    let want = run_head(chunk_rows, obj, c, delta);
+    let input = HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 0, delta };
+    let mut head = Head::for_backend(HeadConfig { chunk_rows }, &Backend::new(Device::Cpu, crate::nn::Kernels::Generic));
+    assert!(matches!(head, Head::Generic(_)));
+    let got = head.run(obj, &input).unwrap();
+    assert!((got.loss - want.loss).abs() < 1e-5 * want.loss.abs().max(1.0), "{tag}: loss {} vs {}", got.loss, want.loss);
+    let dh = max_abs_diff(&got.grad_hidden, &want.grad_hidden);
+    assert!(dh < 1e-5, "{tag}: grad_hidden differs by {dh:e}");
+    assert_eq!(got.rows.correct, want.rows.correct, "{tag}: correctness");
+    assert_eq!(got.rows.metrics, want.rows.metrics, "{tag}: metrics");
+    for (r, (a, b)) in got.rows.weights.iter().zip(&want.rows.weights).enumerate() {
+        assert!((a - b).abs() < 1e-5, "{tag}: weight of row {r}: {a} vs {b}");
+    }
+    for (r, (a, b)) in got.rows.ce.iter().zip(&want.rows.ce).enumerate() {
+        assert!((a - b).abs() < 1e-4, "{tag}: CE of row {r}: {a} vs {b}");
+    }
+    match (&got.delta, &want.delta) {
+        (Some(g), Some(w)) => {
+            let da = max_abs_diff(&g.grad_input, &w.grad_input);
+            let dw = max_abs_diff(&g.grad_weight, &w.grad_weight);
+            assert!(da < 1e-5 && dw < 1e-5, "{tag}: Δa {da:e} ΔW₂ {dw:e}");
+            assert_eq!(g.base.correct, w.base.correct, "{tag}: base correctness");
+            assert!((g.base.loss - w.base.loss).abs() < 1e-5 * w.base.loss.abs().max(1.0), "{tag}: base loss");
+        }
+        (None, None) => {}
+        _ => panic!("{tag}: one head returned a delta branch and the other did not"),
+    }
+    println!("{tag}: loss {} max |Δgrad_h| {dh:e}", got.loss);
+}
+
+#[test]
+fn generic_head_equals_the_chunked_kernel_for_every_objective() {
+    let c = case(1, BlockLayout::dflash(8), 6, 24, 301, 0);
+    for objective in objectives() {
+        let obj = objective.resolve(8).unwrap();
+        for chunk_rows in [16, 512] {
+            assert_generic_matches_chunked(&format!("{} chunk {chunk_rows}", objective.name()), &obj, &c, None, chunk_rows);
+        }
+    }
+}
+
+#[test]
+fn generic_head_equals_the_chunked_kernel_for_domino() {
+    let c = case(5, BlockLayout::domino(8), 5, 16, 211, 6);
+    for objective in [Objective::auf(), Objective::dpace(0.5)] {
+        let obj = objective.resolve(8).unwrap();
+        for support in [BaseSupport::SameAsFinal, BaseSupport::OwnArgmax, BaseSupport::Unmasked] {
+            for lambda in [0.0f32, 0.3, 1.0] {
+                let delta = DeltaBranch { input: &c.a, weight: &c.w2, base_ce_weight: lambda, base_only_prefix: 1, base_support: support };
+                assert_generic_matches_chunked(&format!("{} {support:?} λ={lambda}", objective.name()), &obj, &c, Some(delta), 16);
+            }
+        }
+    }
+}
