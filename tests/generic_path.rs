@@ -133,3 +133,27 @@ fn the_bf16_generic_path_runs_on_the_cpu_and_stays_close_to_f32() {
         assert!(d < 0.05 * scale.max(1.0), "{family}: bf16 logits differ by {d} (scale {scale})");
     }
 }
+
+#[test]
+fn dflash_and_domino_drafters_on_the_generic_path_keep_t0_exactness() {
+    use specauf::drafter::{AnyDrafter, DFlashInitConfig, DrafterInit, DrafterKind};
+    let n = 16;
+    let g = generic();
+    for family in FAMILIES {
+        let t = fixture(family, &g);
+        let layers = t.config().num_hidden_layers;
+        for kind in [DrafterKind::DFlash, DrafterKind::Domino] {
+            let mut backbone = DFlashInitConfig::new(2, 4, 5);
+            backbone.target_layer_ids = Some(vec![0, layers - 1]);
+            let init = DrafterInit { kind, backbone, gru_hidden_dim: Some(8), emb_dim: Some(8) };
+            let d = AnyDrafter::init_random(t.config(), &init, 3).unwrap().to_device(t.device()).unwrap();
+            for (pi, plen) in [2usize, 9].into_iter().enumerate() {
+                let p = prompt(plen, pi as u32 + 1);
+                let ar = generate(&t, None, &p, &greedy(n)).unwrap().token_ids;
+                let mut prop = d.proposer_on(t.backend());
+                let spec = generate(&t, Some(&mut *prop as &mut dyn Proposer), &p, &greedy(n)).unwrap();
+                assert_eq!(spec.token_ids, ar, "{family} {kind:?} prompt {pi}");
+            }
+        }
+    }
+}

@@ -79,6 +79,8 @@ pub struct PrepareArgs {
     /// Approximate tokens per shard.
     #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS)]
     pub shard_tokens: usize,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
 }
 
 impl PrepareArgs {
@@ -103,6 +105,7 @@ impl PrepareArgs {
             feature_weights: self.feature_weights,
             seed: self.seed,
             shard_tokens: self.shard_tokens,
+            device: self.device.choice(),
         }
     }
 }

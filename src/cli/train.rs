@@ -33,6 +33,8 @@ pub struct TrainArgs {
     /// Print the resolved config (every default filled in) and exit.
     #[arg(long)]
     pub print_config: bool,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
 }
 
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
@@ -41,7 +43,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    let summary = stages::train(&cfg, a.weights, a.resume, &Bars::new())?;
+    let summary = stages::train(&cfg, a.weights, a.device.choice(), a.resume, &Bars::new())?;
     if let (Some(b), Some(after)) = (&summary.eval_before, &summary.eval_after) {
         eprintln!(
             "held-out: in-block accept length {:.3} -> {:.3}, acc {:.3} -> {:.3} ({} blocks)",

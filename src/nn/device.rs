@@ -126,6 +126,29 @@ pub enum Kernels {
 
 crate::named_enum!(Kernels, "kernel choice", ["auto", "generic"]);
 
+/// What a command asks for (`--device`, `--kernels`): the one value the CLI forwards and the
+/// pipeline's plans carry. [`DeviceChoice::backend`] opens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DeviceChoice {
+    pub device: DeviceSpec,
+    pub kernels: Kernels,
+}
+
+impl DeviceChoice {
+    pub fn backend(self) -> Result<Backend, DeviceError> {
+        Backend::open(self.device, self.kernels)
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kernels {
+            Kernels::Auto => write!(f, "{}", self.device),
+            Kernels::Generic => write!(f, "{} (generic kernels)", self.device),
+        }
+    }
+}
+
 /// Which path computes: the CPU kernels, or plain candle tensor ops on any device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

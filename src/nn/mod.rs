@@ -3,4 +3,4 @@
 pub mod device;
 pub mod ops;
 
-pub use device::{Backend, DeviceError, DeviceSpec, KernelPath, Kernels};
+pub use device::{Backend, DeviceChoice, DeviceError, DeviceSpec, KernelPath, Kernels, DEFAULT_DEVICE};

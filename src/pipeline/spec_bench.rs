@@ -12,7 +12,8 @@ use super::llama_cpp::{BenchRecord, LlamaCpp, PeerError, SpecRequest, SpecRun};
 use super::stages::StageError;
 use crate::drafter::AnyDrafter;
 use crate::model::load::resolve;
-use crate::model::{load_model, LoadedModel, ModelLocation, WeightsMode};
+use crate::model::{LoadedModel, ModelLocation, WeightsMode};
+use crate::nn::DeviceChoice;
 use crate::spec::{generate, GenerateConfig, Proposer};
 use crate::tokenizer::ChatMessage;
 use crate::util::measure::{load_average, median};
@@ -74,6 +75,8 @@ pub struct SpecBenchPlan {
     /// llama.cpp's threads (ours are rayon's: RAYON_NUM_THREADS).
     pub threads: usize,
     pub llama: Option<LlamaPlan>,
+    /// Where ours computes (llama.cpp runs on the CPU).
+    pub device: DeviceChoice,
 }
 
 /// One engine's medians.
@@ -159,7 +162,7 @@ fn validate(plan: &SpecBenchPlan) -> Result<(), StageError> {
 
 fn load_ours(plan: &SpecBenchPlan, mode: WeightsMode, progress: &dyn Progress) -> Result<Ours, StageError> {
     progress.note(&format!("bench spec: loading {} ({mode} weights) and the drafter", plan.model));
-    let model = load_model(&plan.model, mode).map_err(|source| StageError::Model { name: plan.model.clone(), source })?;
+    let model = super::stages::load(&plan.model, mode, plan.device)?;
     let drafter_err = |source| StageError::Drafter { path: plan.drafter.display().to_string(), source };
     let mut drafter = AnyDrafter::load_for(&plan.drafter, &model.target).map_err(drafter_err)?;
     if let Some(b) = plan.block_size {

@@ -17,7 +17,8 @@ use crate::eval::journal::{Journal, JournalError, JournaledObserver};
 use crate::eval::report::{self, DrafterSetting, ReportError, Settings, Written};
 use crate::eval::runner::{self, ChatRenderer, EvalConfig, EvalDrafter, EvalError, EvalResults};
 use crate::model::load::load_info;
-use crate::model::{load_model, LoadError, LoadedModel, WeightsMode, DEFAULT_MODEL};
+use crate::model::{load_model_on, LoadError, LoadedModel, WeightsMode, DEFAULT_MODEL};
+use crate::nn::DeviceChoice;
 use crate::spec::AcceptRule;
 use crate::train::config::TrainConfig;
 use crate::train::trainable::init_final_norm_from_target;
@@ -48,10 +49,14 @@ pub enum StageError {
     Report { path: PathBuf, source: ReportError },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Device(#[from] crate::nn::DeviceError),
 }
 
-fn load(name: &str, weights: WeightsMode) -> Result<LoadedModel, StageError> {
-    load_model(name, weights).map_err(|source| StageError::Model { name: name.to_string(), source })
+/// Loads a model for the device a plan names: the one place the pipeline opens a device.
+pub(crate) fn load(name: &str, weights: WeightsMode, device: DeviceChoice) -> Result<LoadedModel, StageError> {
+    let backend = device.backend()?;
+    load_model_on(name, weights, &backend).map_err(|source| StageError::Model { name: name.to_string(), source })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -91,6 +96,8 @@ pub struct PreparePlan {
     pub feature_weights: WeightsMode,
     pub seed: u64,
     pub shard_tokens: usize,
+    /// Where regeneration and the feature forward compute.
+    pub device: DeviceChoice,
 }
 
 impl PreparePlan {
@@ -119,6 +126,7 @@ impl PreparePlan {
             feature_weights: WeightsMode::F32,
             seed: 0,
             shard_tokens: DEFAULT_SHARD_TOKENS,
+            device: DeviceChoice::default(),
         }
     }
 
@@ -170,12 +178,12 @@ pub fn prepare(plan: &PreparePlan, progress: Observer) -> Result<PrepareReport, 
         PathBuf::from(&plan.data)
     };
     let gen_model = match plan.regenerate {
-        Some(_) => Some(load(&plan.model, plan.weights)?),
+        Some(_) => Some(load(&plan.model, plan.weights, plan.device)?),
         None => None,
     };
     let own_feature_model = match (&plan.features, &gen_model) {
         (Some(_), Some(_)) if plan.feature_weights == plan.weights => None,
-        (Some(_), _) => Some(load(&plan.model, plan.feature_weights)?),
+        (Some(_), _) => Some(load(&plan.model, plan.feature_weights, plan.device)?),
         (None, _) => None,
     };
     let feature_model = own_feature_model.as_ref().or(if plan.features.is_some() { gen_model.as_ref() } else { None });
@@ -238,8 +246,8 @@ fn prep_err(plan: &PreparePlan) -> impl Fn(crate::model::ModelError) -> StageErr
 // train, init-drafter
 
 /// Trains a drafter as `cfg` says; the target's feature forward runs in `weights`.
-pub fn train(cfg: &TrainConfig, weights: WeightsMode, resume: bool, progress: &dyn Progress) -> Result<RunSummary, StageError> {
-    let model = load(&cfg.model, weights)?;
+pub fn train(cfg: &TrainConfig, weights: WeightsMode, device: DeviceChoice, resume: bool, progress: &dyn Progress) -> Result<RunSummary, StageError> {
+    let model = load(&cfg.model, weights, device)?;
     let tc = model.target.config();
     progress.note(&format!(
         "train: target {} ({} layers, hidden {}), drafter {} with {} layers, block {}, objective {}, {} steps × {} sequences × {} anchors = {} supervised rows/step; run dir {}",
@@ -291,7 +299,7 @@ impl InitPlan {
 
 /// Writes an untrained drafter (the same initialisation as a training run's first step).
 pub fn init_drafter(plan: &InitPlan) -> Result<AnyDrafter, StageError> {
-    let m = load(&plan.model, WeightsMode::Q8)?;
+    let m = load(&plan.model, WeightsMode::Q8, DeviceChoice::default())?;
     let tc = m.target.config();
     let mut backbone = DFlashInitConfig::new(plan.layers, plan.block_size, plan.mask_token_id.unwrap_or_else(|| crate::drafter::default_mask_token(tc)));
     backbone.target_layer_ids = plan.target_layer_ids.clone();
@@ -322,6 +330,8 @@ pub struct EvalPlan {
     pub block_size: Option<usize>,
     pub seed: u64,
     pub weights: WeightsMode,
+    /// Where the target and drafters compute.
+    pub device: DeviceChoice,
     /// A system message for every request (None: the template's default).
     pub system: Option<String>,
     pub out: PathBuf,
@@ -344,6 +354,7 @@ impl EvalPlan {
             block_size: None,
             seed: 0,
             weights: WeightsMode::Q8,
+            device: DeviceChoice::default(),
             system: None,
             out: out.to_path_buf(),
             command: String::new(),
@@ -496,7 +507,7 @@ pub fn evaluate(plan: &EvalPlan, progress: &dyn Progress) -> Result<EvalOutcome,
     // 1. Everything loaded and checked before the first generation.
     plan.validate()?;
     let benchmarks = load_benchmarks(&plan.benchmarks, plan.limit, plan.seed)?;
-    let m = load(&plan.model, plan.weights)?;
+    let m = load(&plan.model, plan.weights, plan.device)?;
     if !m.tokenizer.has_chat_template() {
         return Err(StageError::Invalid(format!(
             "model {} has no chat template; the benchmarks are chat prompts (give a model whose tokenizer_config.json or GGUF carries one)",
