@@ -570,8 +570,9 @@ impl Rotary {
 // ---------------------------------------------------------------------------------------------
 
 /// x (n, in) → (n, out) with a bias-free weight (out, in).
+/// x·wᵀ in the compute dtype of w's device (bf16 on CUDA, f32 on the CPU): `ops::linear`.
 fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.matmul(&w.t()?)
+    crate::nn::ops::linear(x, w)
 }
 
 #[derive(Debug, Clone)]

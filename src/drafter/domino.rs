@@ -272,8 +272,9 @@ const PROJ_OUT: &str = "embed_proj.2.weight";
 // ---------------------------------------------------------------------------------------------
 
 /// x (n, in) → (n, out) with a bias-free weight (out, in).
+/// x·wᵀ in the compute dtype of w's device (bf16 on CUDA, f32 on the CPU): `ops::linear`.
 fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.matmul(&w.t()?)
+    crate::nn::ops::linear(x, w)
 }
 
 /// A one-layer GRU without biases, PyTorch's equations and gate order (r, z, n):

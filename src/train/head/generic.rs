@@ -19,9 +19,12 @@ use super::{BaseSupport, DeltaOutput, HeadConfig, HeadError, HeadInput, HeadOutp
 use crate::train::objective::ResolvedObjective;
 
 /// The generic head; holds no buffers (the device allocator reuses them).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct GenericHead {
     pub config: HeadConfig,
+    /// The dtype of the three products (logits, G·W, Domino's G·W₂ and Gᵀ·a): the backend's
+    /// compute dtype, bf16 on CUDA; the softmax statistics and gradients stay f32.
+    pub dtype: DType,
 }
 
 /// The unscaled gradient pieces of one batch, one tensor per chunk.
@@ -39,7 +42,12 @@ struct Pieces {
 
 impl GenericHead {
     pub fn new(config: HeadConfig) -> Self {
-        GenericHead { config }
+        GenericHead { config, dtype: DType::F32 }
+    }
+
+    /// [`GenericHead::new`] with its products in `dtype`.
+    pub fn with_dtype(config: HeadConfig, dtype: DType) -> Self {
+        GenericHead { config, dtype }
     }
 
     /// What [`ChunkedHead::run`](super::ChunkedHead::run) returns, on the device of `input`.
@@ -75,7 +83,8 @@ impl GenericHead {
             let labels: Vec<u32> = rows.clone().map(|r| if input.valid[r] { input.labels[r] } else { 0 }).collect();
             let labels = Tensor::from_vec(labels, (c, 1), device)?;
             // 1. logits (c, V): base, and final = base + a·W₂ᵀ for Domino.
-            let base = h.narrow(0, r0, c)?.matmul(&w.t()?)?;
+            let mm = |x: &Tensor, y: &Tensor| -> candle_core::Result<Tensor> { x.to_dtype(self.dtype)?.matmul(&y.to_dtype(self.dtype)?)?.to_dtype(DType::F32) };
+            let base = mm(&h.narrow(0, r0, c)?, &w.t()?)?;
             let a = match &delta_input {
                 Some((a, _, d)) => {
                     let keep: Vec<f32> = rows.clone().map(|r| if r % p >= d.base_only_prefix { 1.0 } else { 0.0 }).collect();
@@ -85,7 +94,7 @@ impl GenericHead {
                 None => None,
             };
             let fin = match &a {
-                Some((a, w2, _)) => (&base + a.matmul(&w2.t()?)?)?,
+                Some((a, w2, _)) => (&base + mm(a, &w2.t()?)?)?,
                 None => base.clone(),
             };
             // 2. row statistics to the host; 3. weights, block by block, as the CPU head weighs.
@@ -107,13 +116,13 @@ impl GenericHead {
                 Ok((soft - &onehot)?.broadcast_mul(&wt)?)
             };
             let g_fin = weighted(&fin_soft, &branches.fin.weights)?;
-            pieces.gh_final.push(g_fin.matmul(&w)?);
+            pieces.gh_final.push(mm(&g_fin, &w)?);
             if let (Some(b), Some(soft)) = (&branches.base, &base_soft) {
-                pieces.gh_base.push(weighted(soft, &b.weights)?.matmul(&w)?);
+                pieces.gh_base.push(mm(&weighted(soft, &b.weights)?, &w)?);
             }
             if let Some((a, w2, keep)) = &a {
-                pieces.g_input.push(g_fin.matmul(w2)?.broadcast_mul(keep)?);
-                let gw = g_fin.t()?.matmul(a)?;
+                pieces.g_input.push(mm(&g_fin, w2)?.broadcast_mul(keep)?);
+                let gw = mm(&g_fin.t()?, a)?;
                 pieces.g_weight = Some(match pieces.g_weight.take() {
                     Some(acc) => (acc + gw)?,
                     None => gw,

@@ -261,7 +261,7 @@ impl Head {
     pub fn for_backend(config: HeadConfig, backend: &Backend) -> Self {
         match backend.path() {
             KernelPath::Cpu => Head::Chunked(ChunkedHead::new(config)),
-            KernelPath::Generic => Head::Generic(GenericHead::new(config)),
+            KernelPath::Generic => Head::Generic(GenericHead::with_dtype(config, backend.compute_dtype())),
         }
     }
 

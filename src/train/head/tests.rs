@@ -577,3 +577,21 @@ fn generic_head_equals_the_chunked_kernel_for_domino() {
         }
     }
 }
+
+#[test]
+fn generic_head_in_bf16_stays_close_to_the_f32_kernel() {
+    // What a CUDA build computes (bf16 products, f32 statistics), run on the CPU.
+    let c = case(2, BlockLayout::dflash(8), 6, 24, 301, 0);
+    let obj = Objective::decay().resolve(8).unwrap();
+    let want = run_head(16, &obj, &c, None);
+    let input = HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 0, delta: None };
+    let backend = Backend::new(Device::Cpu, crate::nn::Kernels::Generic).with_compute_dtype(DType::BF16);
+    let mut head = Head::for_backend(HeadConfig { chunk_rows: 16 }, &backend);
+    let got = head.run(&obj, &input).unwrap();
+    let scale = max_abs_diff(&want.grad_hidden, &(&want.grad_hidden * 0.0).unwrap());
+    let dh = max_abs_diff(&got.grad_hidden, &want.grad_hidden);
+    println!("bf16 head: loss {} vs {}, max |Δgrad_h| {dh:e} of {scale:e}", got.loss, want.loss);
+    assert!(dh > 0.0, "bf16 gave the f32 bits: the dtype did not take effect");
+    assert!((got.loss - want.loss).abs() < 0.02 * want.loss.abs(), "loss {} vs {}", got.loss, want.loss);
+    assert!(dh < 0.05 * scale, "grad_h differs by {dh} (scale {scale})");
+}
