@@ -103,3 +103,16 @@ fn generate_with_generic_kernels_gives_the_f32_kernels_tokens() {
     };
     assert_eq!(ids(&["--kernels", "generic"]), ids(&[]));
 }
+
+#[test]
+fn train_on_several_gpus_is_refused_clearly_without_the_cuda_build() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let e = run_fail(&["train", "--gpus", "2", "--set", "data=/nonexistent", "--set", "out=/tmp/specauf-gpus-test"]);
+    assert!(e.contains("--features cuda") && e.contains("--gpus 2"), "{e}");
+    // A process started by another launcher with half the rank variables.
+    let out = specauf().args(["train", "--set", "data=/nonexistent", "--set", "out=/tmp/specauf-rank-test"]).env("RANK", "1").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("WORLD_SIZE") && !stderr.contains("panicked"), "{stderr}");
+}

@@ -134,7 +134,7 @@ pub fn run(plan: &QuickstartPlan, progress: Observer) -> Result<QuickstartOutcom
     } else {
         stage(&*progress, "3/5 train", || {
             let resume = cfg.out.join("config.json").is_file();
-            stages::train(&cfg, WeightsMode::Q8, plan.device, resume, &*progress)?;
+            stages::train(&cfg, WeightsMode::Q8, plan.device, crate::train::parallel::World::single(), resume, &*progress)?;
             let fin = cfg.out.join("final");
             crate::util::fs::copy_dir_atomic(&fin, &drafter).map_err(|source| StageError::Io { path: drafter.clone(), source })
         })?;

@@ -21,6 +21,7 @@ use crate::model::{load_model_on, LoadError, LoadedModel, WeightsMode, DEFAULT_M
 use crate::nn::DeviceChoice;
 use crate::spec::AcceptRule;
 use crate::train::config::TrainConfig;
+use crate::train::parallel::World;
 use crate::train::trainable::init_final_norm_from_target;
 use crate::train::trainer::{train_with, RunOptions, RunSummary, TrainError};
 use crate::util::progress::{Observer, Progress};
@@ -246,7 +247,8 @@ fn prep_err(plan: &PreparePlan) -> impl Fn(crate::model::ModelError) -> StageErr
 // train, init-drafter
 
 /// Trains a drafter as `cfg` says; the target's feature forward runs in `weights`.
-pub fn train(cfg: &TrainConfig, weights: WeightsMode, device: DeviceChoice, resume: bool, progress: &dyn Progress) -> Result<RunSummary, StageError> {
+/// `world` is this process's rank among data-parallel processes ([`World::single`] for one).
+pub fn train(cfg: &TrainConfig, weights: WeightsMode, device: DeviceChoice, world: World, resume: bool, progress: &dyn Progress) -> Result<RunSummary, StageError> {
     let model = load(&cfg.model, weights, device)?;
     let tc = model.target.config();
     progress.note(&format!(
@@ -264,7 +266,7 @@ pub fn train(cfg: &TrainConfig, weights: WeightsMode, device: DeviceChoice, resu
         cfg.batch_sequences * cfg.grad_accum * cfg.num_anchors * (cfg.drafter.block_size - 1),
         cfg.out.display()
     ));
-    Ok(train_with(&model, cfg, &RunOptions { resume, stop_after: None }, progress)?)
+    Ok(train_with(&model, cfg, &RunOptions { resume, stop_after: None, world }, progress)?)
 }
 
 /// What `init-drafter` writes: an untrained drafter for a target.

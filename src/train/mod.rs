@@ -14,5 +14,6 @@ pub mod config;
 pub mod head;
 pub mod objective;
 pub mod optim;
+pub mod parallel;
 pub mod trainable;
 pub mod trainer;

@@ -23,6 +23,7 @@ use super::config::TrainConfig;
 use super::head::{BaseSupport, DeltaBranch, Head, HeadInput};
 use super::objective::{BlockMetrics, MetricCounts, ResolvedObjective};
 use super::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
+use super::parallel::{all_reduce_for, AllReduce, World};
 use super::trainable::{base_ce_weight, build_drafter, trainable, TrainableDrafter};
 use crate::data::features::{target_features, FeatureCache};
 use crate::data::{Dataset, ModelIdentity, Split};
@@ -185,6 +186,8 @@ pub struct RunOptions {
     pub resume: bool,
     /// Stop (as if killed) after this step; for tests of resume.
     pub stop_after: Option<u64>,
+    /// This process's rank among data-parallel processes (world size 1 by default).
+    pub world: World,
 }
 
 /// What a finished (or stopped) run returns.
@@ -212,28 +215,37 @@ pub fn train(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions) -> Resul
 /// [`train`], reporting each step to `progress`.
 pub fn train_with(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, progress: &dyn Progress) -> Result<RunSummary, TrainError> {
     // 1. Run directory, data, drafter, optimiser (from the latest checkpoint when resuming).
-    let run = RunDir::open(cfg, opts.resume)?;
-    let mut session = Session::new(model, cfg, &run)?;
+    //    Rank 0 alone writes the run directory (DESIGN §7.11, `parallel`).
+    let primary = opts.world.is_primary();
+    let run = RunDir::open_as(cfg, opts.resume, primary)?;
+    let mut session = Session::new(model, cfg, &run, all_reduce_for(opts.world)?)?;
     let mut state = run.start_state();
-    run.reset_metrics()?;
+    if primary {
+        run.reset_metrics()?;
+    }
     let eval_before = if run.latest.is_none() { session.held_out()? } else { None };
 
     // 2. The loop: one optimizer step, metrics line, checkpoint when due.
     let metrics_path = run.metrics_path();
-    let mut metrics_file = std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
+    let mut metrics_file = match primary {
+        true => Some(std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(io_err(&metrics_path))?),
+        false => None,
+    };
     progress.phase("train", Some(cfg.steps), state.step, Unit::Items);
     let mut last = None;
     while state.step < cfg.steps {
         let line = session.step(&mut state)?;
         let json = serde_json::to_string(&line).map_err(|e| TrainError::Setup(e.to_string()))?;
-        writeln!(metrics_file, "{json}").and_then(|()| metrics_file.flush()).map_err(io_err(&metrics_path))?;
+        if let Some(f) = metrics_file.as_mut() {
+            writeln!(f, "{json}").and_then(|()| f.flush()).map_err(io_err(&metrics_path))?;
+        }
         state.metrics_lines += 1;
         progress.update(
             state.step,
             &format!("loss {:.3} acc {:.3} accept {:.2} {:.0} tok/s", line.loss, line.acc, line.accept_len, line.tokens_per_s),
         );
         last = Some(line);
-        if state.step % cfg.checkpoint_every == 0 || state.step == cfg.steps {
+        if primary && (state.step % cfg.checkpoint_every == 0 || state.step == cfg.steps) {
             run.save(session.drafter.as_ref(), &session.optim, &state)?;
         }
         if opts.stop_after == Some(state.step) && state.step < cfg.steps {
@@ -245,7 +257,9 @@ pub fn train_with(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, pro
 
     // 3. The trained drafter, in the DFlash / SpecForge format.
     let final_dir = run.out.join("final");
-    session.drafter.save(&final_dir)?;
+    if primary {
+        session.drafter.save(&final_dir)?;
+    }
     let eval_after = last.as_ref().and_then(|l| l.eval.clone());
     Ok(RunSummary { steps_done: state.step, final_dir: Some(final_dir), last, eval_before, eval_after })
 }
@@ -266,10 +280,12 @@ struct Session<'a> {
     /// The data order of `order_epoch` (a seeded shuffle per epoch).
     order: Vec<usize>,
     order_epoch: u64,
+    /// Averages gradients and the loss over the ranks (a no-op at world size 1).
+    reducer: Box<dyn AllReduce>,
 }
 
 impl<'a> Session<'a> {
-    fn new(model: &'a LoadedModel, cfg: &'a TrainConfig, run: &RunDir) -> Result<Self, TrainError> {
+    fn new(model: &'a LoadedModel, cfg: &'a TrainConfig, run: &RunDir, reducer: Box<dyn AllReduce>) -> Result<Self, TrainError> {
         let target = &model.target;
         let train_data = Dataset::open(&cfg.data, Split::Train)?;
         let eval_data = Dataset::open(&cfg.data, Split::Eval).ok().filter(|d| d.len() > 0);
@@ -314,6 +330,7 @@ impl<'a> Session<'a> {
             optim,
             order: Vec::new(),
             order_epoch: u64::MAX,
+            reducer,
         })
     }
 
@@ -350,13 +367,17 @@ impl<'a> Session<'a> {
     }
 
     /// One micro-batch's sequences with their anchors (drawn from (seed, step, slot)) and features.
+    /// The micro-batch has `batch_sequences` slots per rank; every rank advances the cursor over
+    /// all of them and takes its own ([`World::owns`]), so the ranks together read exactly what
+    /// one process with world × batch_sequences would.
     fn micro_batch(&mut self, state: &mut CheckpointState, micro: usize) -> Result<Vec<BatchItem>, TrainError> {
         let c = self.cfg;
+        let world = self.reducer.world();
+        let global = c.batch_sequences * world.size;
         let mut items = Vec::with_capacity(c.batch_sequences);
-        for s in 0..c.batch_sequences {
-            let idx = self.next_sequence(state);
+        for (s, idx) in world.take(c.batch_sequences, || self.next_sequence(state)) {
             let seq = self.train_data.get(idx);
-            let slot = (micro * c.batch_sequences + s) as u64;
+            let slot = (micro * global + s) as u64;
             let anchors = sample_anchors(&seq.loss_mask, c.num_anchors, &mut step_rng(c.seed, state.step, slot));
             if anchors.is_empty() {
                 continue;
@@ -397,9 +418,14 @@ impl<'a> Session<'a> {
             loss += out.loss / c.grad_accum as f32;
             tokens += out.tokens;
         }
-        let Some(grads) = grads else {
+        let Some(mut grads) = grads else {
             return Err(TrainError::Setup("no sequence in the batch has an anchor position; check the loss masks of the prepared data".into()));
         };
+        // Data parallel: the mean over ranks of gradients and loss (world 1: unchanged).
+        self.reducer.mean_grads(&mut grads, &self.drafter.named_vars())?;
+        let mut scalars = [f64::from(loss)];
+        self.reducer.mean_scalars(&mut scalars)?;
+        let loss = scalars[0] as f32;
         let stats = self.optim.step(&grads)?;
         let secs = t0.elapsed().as_secs_f64();
         let m = counts.summary();
