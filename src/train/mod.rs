@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod head;
+pub mod memory;
 pub mod objective;
 pub mod optim;
 pub mod parallel;

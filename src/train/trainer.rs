@@ -23,6 +23,7 @@ use super::config::TrainConfig;
 use super::head::{BaseSupport, DeltaBranch, Head, HeadInput};
 use super::objective::{BlockMetrics, MetricCounts, ResolvedObjective};
 use super::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
+use super::memory::MemoryShape;
 use super::parallel::{all_reduce_for, AllReduce, World};
 use super::trainable::{base_ce_weight, build_drafter, trainable, TrainableDrafter};
 use crate::data::features::{target_features, FeatureCache};
@@ -219,6 +220,8 @@ pub fn train_with(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, pro
     let primary = opts.world.is_primary();
     let run = RunDir::open_as(cfg, opts.resume, primary)?;
     let mut session = Session::new(model, cfg, &run, all_reduce_for(opts.world)?)?;
+    let shape = MemoryShape::of_run(&model.target, session.drafter.as_ref(), cfg, session.train_data.max_len());
+    progress.note(&shape.plan().render(&model.target.backend().describe()));
     let mut state = run.start_state();
     if primary {
         run.reset_metrics()?;
