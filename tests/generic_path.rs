@@ -18,8 +18,14 @@ fn fixture(family: &str, backend: &Backend) -> Target {
     model::load_target_on(&ModelLocation::from_path(&dir).unwrap(), WeightsMode::F32, backend).unwrap()
 }
 
+/// The generic path on the CPU, or on `SPECAUF_TEST_DEVICE` (e.g. `cuda`; tools/gpu/verify.sh
+/// sets it), computing in f32 so that it compares with the CPU's f32 kernels.
 fn generic() -> Backend {
-    Backend::open(DeviceSpec::Cpu, Kernels::Generic).unwrap()
+    let device = match std::env::var("SPECAUF_TEST_DEVICE") {
+        Ok(d) => d.parse::<DeviceSpec>().unwrap_or_else(|e| panic!("SPECAUF_TEST_DEVICE: {e}")),
+        Err(_) => DeviceSpec::Cpu,
+    };
+    Backend::open(device, Kernels::Generic).unwrap().with_compute_dtype(DType::F32)
 }
 
 fn greedy(max_new_tokens: usize) -> GenerateConfig {
