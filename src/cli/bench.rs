@@ -75,6 +75,8 @@ struct SpecArgs {
     /// Also write the report as JSON here.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    device: super::device::DeviceArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -142,6 +144,8 @@ struct ServeBenchArgs {
     /// Print one JSON object instead of a table row.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: super::device::DeviceArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -167,6 +171,8 @@ struct TrainBenchArgs {
     objectives: Vec<String>,
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    #[command(flatten)]
+    device: super::device::DeviceArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -196,6 +202,8 @@ struct DecodeArgs {
     /// Print one JSON object per mode instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: super::device::DeviceArgs,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -228,7 +236,7 @@ fn serve_bench(a: ServeBenchArgs) -> anyhow::Result<()> {
             (None, url.trim_end_matches('/').to_string(), model, "(the server's)".to_string())
         }
         None => {
-            let served = serve::load(&a.model, a.weights, a.drafter.as_deref(), a.block_size)?;
+            let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size)?;
             let label = match &served.drafter {
                 Some(d) => format!("{} B={}", d.kind(), d.block_size()),
                 None => "none".to_string(),
@@ -311,7 +319,7 @@ fn served_model(url: &str, api_key: Option<&str>) -> anyhow::Result<String> {
 }
 
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {
-    let plan = DecodePlan { model: a.model, weights: a.weights, runs: a.runs, context: a.context, verify: a.verify, steps: a.steps, batches: a.batches };
+    let plan = DecodePlan { model: a.model, weights: a.weights, runs: a.runs, context: a.context, verify: a.verify, steps: a.steps, batches: a.batches, device: a.device.choice() };
     eprintln!(
         "bench decode: model {}, {} runs, prefill {} tokens, {} decode steps and a {}-token verify at context {}, {} threads",
         plan.model,
@@ -376,6 +384,7 @@ fn train_bench(a: TrainBenchArgs) -> anyhow::Result<()> {
         seq_len: a.seq_len,
         objectives: a.objectives,
         runs: a.runs,
+        device: a.device.choice(),
     };
     let (shape, rows) = bench::train(&plan)?;
     eprintln!(
@@ -469,6 +478,7 @@ fn spec_bench(a: SpecArgs) -> anyhow::Result<()> {
         threads: a.threads,
         llama,
         specauf_exe: std::env::current_exe().ok(),
+        device: a.device.choice(),
     };
     let r = spec_bench::spec(&plan, &Bars::new())?;
     let load = |l: Option<f64>| l.map_or("?".to_string(), |l| format!("{l:.2}"));

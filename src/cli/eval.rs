@@ -59,6 +59,8 @@ pub struct EvalArgs {
     /// Output folder (created if needed; files in it are replaced).
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
 }
 
 /// Drafters as given on the command line (their block size follows --block-size).
@@ -147,6 +149,7 @@ pub fn plan(a: &EvalArgs) -> anyhow::Result<EvalPlan> {
         block_size: a.block_size,
         seed: a.seed,
         weights: a.weights,
+        device: a.device.choice(),
         system: a.system.clone(),
         out: a.out.clone(),
         command: command_line(),

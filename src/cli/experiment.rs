@@ -30,6 +30,8 @@ pub struct ExperimentArgs {
     /// train about a third more steps per second than one two-thread job.
     #[arg(long, default_value_t = 1)]
     pub jobs: usize,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
 }
 
 pub fn run(a: ExperimentArgs) -> anyhow::Result<()> {
@@ -48,6 +50,7 @@ pub fn run(a: ExperimentArgs) -> anyhow::Result<()> {
         jobs: a.jobs,
         exe: std::env::current_exe().context("locating the specauf binary to run the arms")?,
         // As a user would type it (the binary as `specauf`, wherever it was built).
+        device: a.device.choice(),
         command: std::iter::once("specauf".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
     };
     let md = experiment::run(&plan, Observer(Arc::new(Bars::new())))?;

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use specauf::model::{load_model, WeightsMode};
+use specauf::model::{load_model_on, WeightsMode};
 use specauf::drafter::block_choice::choose_for;
 use specauf::drafter::AnyDrafter;
 use specauf::spec::driver::{generate_streaming, GenerateConfig};
@@ -49,6 +49,8 @@ pub struct GenerateArgs {
     /// Print one JSON object on the last line of stdout instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -65,7 +67,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         bail!("--top-p must be in (0, 1]");
     }
     let t = Instant::now();
-    let m = load_model(&a.model, a.weights).with_context(|| format!("loading model {}", a.model))?;
+    let backend = a.device.choice().backend()?;
+    let m = load_model_on(&a.model, a.weights, &backend).with_context(|| format!("loading model {}", a.model))?;
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
     let prompt_ids = if a.chat {
         let mut messages = Vec::new();
@@ -109,7 +112,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut choice = None;
     let mut proposer: Option<Box<dyn Proposer + Send>> = match &a.drafter {
         Some(dir) => {
-            let d = AnyDrafter::load(dir, m.target.config()).with_context(|| format!("loading drafter {}", dir.display()))?;
+            let d = AnyDrafter::load_for(dir, &m.target).with_context(|| format!("loading drafter {}", dir.display()))?;
             let trained = d.block_size();
             let d = match a.block_size {
                 Some(b) => d.at_block_size(b).with_context(|| format!("drafter {}", dir.display()))?,
@@ -122,7 +125,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                     d
                 }
             };
-            Some(d.into_proposer())
+            Some(d.into_proposer_on(m.target.backend()))
         }
         None => None,
     };

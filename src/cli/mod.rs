@@ -1,6 +1,7 @@
 //! One file per command.
 
 pub mod bench;
+pub mod device;
 pub mod eval;
 pub mod experiment;
 pub mod fetch;

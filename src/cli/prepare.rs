@@ -83,6 +83,8 @@ pub struct PrepareArgs {
     /// Approximate tokens per shard.
     #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS)]
     pub shard_tokens: usize,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
 }
 
 impl PrepareArgs {
@@ -108,6 +110,7 @@ impl PrepareArgs {
             soft_labels: self.soft_labels,
             seed: self.seed,
             shard_tokens: self.shard_tokens,
+            device: self.device.choice(),
         }
     }
 }

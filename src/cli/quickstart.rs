@@ -32,6 +32,8 @@ pub struct QuickstartArgs {
     /// New tokens per evaluation request [default: the recipe's].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
 }
 
 pub fn run(a: QuickstartArgs) -> anyhow::Result<()> {
@@ -41,6 +43,7 @@ pub fn run(a: QuickstartArgs) -> anyhow::Result<()> {
         None => assets::home()?.join(format!("quickstart-{}", a.recipe)),
     };
     let mut plan = QuickstartPlan::new(&out, a.recipe);
+    plan.device = a.device.choice();
     let r = &mut plan.recipe;
     r.conversations = a.conversations.unwrap_or(r.conversations);
     r.steps = a.steps.unwrap_or(r.steps);

@@ -43,13 +43,15 @@ pub struct ServeArgs {
     /// Weights on CPU: q8 (fast, default; batch-invariant, so T = 0 output equals `generate`'s), f32, native.
     #[arg(long, default_value_t = WeightsMode::Q8)]
     pub weights: WeightsMode,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     if !(a.shutdown_grace_s >= 0.0 && a.shutdown_grace_s.is_finite()) {
         anyhow::bail!("--shutdown-grace-s must be a finite number >= 0");
     }
-    let served = serve::load(&a.model, a.weights, a.drafter.as_deref(), a.block_size)?;
+    let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size)?;
     let drafter = match (&a.drafter, &served.drafter) {
         (Some(dir), Some(d)) => format!("{} drafter {} (block {})", d.kind(), dir.display(), d.block_size()),
         _ => "no drafter (plain decoding)".to_string(),

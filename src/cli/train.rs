@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use specauf::model::WeightsMode;
-use specauf::pipeline::stages;
+use specauf::nn::DeviceSpec;
+use specauf::pipeline::{launch, stages};
+use specauf::train::parallel::World;
 use specauf::train::config::TrainConfig;
 
 use super::progress::Bars;
@@ -33,6 +35,13 @@ pub struct TrainArgs {
     /// Print the resolved config (every default filled in) and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Data-parallel training on N GPUs: one process per GPU (rank i on cuda:i), gradients
+    /// averaged over NCCL. Needs a `--features cuda` build, which has never been compiled or run
+    /// by this project. Processes started by another launcher read RANK, WORLD_SIZE, LOCAL_RANK.
+    #[arg(long, default_value_t = 1)]
+    pub gpus: usize,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
 }
 
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
@@ -41,7 +50,24 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    let summary = stages::train(&cfg, a.weights, a.resume, &Bars::new())?;
+    if a.gpus == 0 {
+        anyhow::bail!("--gpus must be at least 1");
+    }
+    if a.gpus > 1 {
+        let exe = std::env::current_exe()?;
+        launch::launch_ranks(&exe, &rank_args(), a.gpus, &cfg.out)?;
+        println!("drafter written to {}", cfg.out.join("final").display());
+        return Ok(());
+    }
+    // A rank started by `--gpus` or another launcher: its GPU is cuda:LOCAL_RANK.
+    let world = World::from_vars(|k| std::env::var(k).ok())?;
+    let mut device = a.device.choice();
+    if world.size > 1 {
+        if let DeviceSpec::Cuda(_) = device.device {
+            device.device = DeviceSpec::Cuda(world.local_rank);
+        }
+    }
+    let summary = stages::train(&cfg, a.weights, device, world, a.resume, &Bars::new())?;
     if let (Some(b), Some(after)) = (&summary.eval_before, &summary.eval_after) {
         eprintln!(
             "held-out: in-block accept length {:.3} -> {:.3}, acc {:.3} -> {:.3} ({} blocks)",
@@ -52,4 +78,18 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         println!("drafter written to {}", dir.display());
     }
     Ok(())
+}
+
+/// This command's arguments without `--gpus` and `--device` (each rank gets its own device).
+fn rank_args() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--gpus" || a == "--device" {
+            args.next();
+        } else if !(a.starts_with("--gpus=") || a.starts_with("--device=")) {
+            out.push(a);
+        }
+    }
+    out
 }

@@ -383,6 +383,11 @@ impl Dataset {
         self.len() == 0
     }
 
+    /// Tokens of the longest sequence (0 when empty).
+    pub fn max_len(&self) -> usize {
+        self.offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+    }
+
     pub fn split(&self) -> Split {
         self.split
     }

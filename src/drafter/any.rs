@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-use candle_core::Var;
+use candle_core::{Device, Var};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::CONFIG_FILE;
@@ -14,7 +14,8 @@ use super::dflash::{DFlashDrafter, DFlashInitConfig};
 use super::domino::{self, DominoDrafter, DominoInitConfig, DominoProposer};
 use super::proposer::DFlashProposer;
 use super::DrafterError;
-use crate::model::TargetConfig;
+use crate::model::{Target, TargetConfig};
+use crate::nn::{Backend, KernelPath};
 use crate::spec::Proposer;
 
 /// The drafter families.
@@ -97,6 +98,24 @@ impl AnyDrafter {
         Ok(match DrafterKind::of_checkpoint(dir)? {
             DrafterKind::DFlash => AnyDrafter::DFlash(DFlashDrafter::load(dir, target)?),
             DrafterKind::Domino => AnyDrafter::Domino(DominoDrafter::load(dir, target)?),
+        })
+    }
+
+    /// Loads the checkpoint in `dir` for `target` and puts its weights on the target's device.
+    pub fn load_for(dir: &Path, target: &Target) -> Result<Self, DrafterError> {
+        Self::load(dir, target.config())?.to_device(target.device())
+    }
+
+    /// This drafter with its weights on `device`: a copy in fresh `Var`s (checkpoints and random
+    /// initialisation are read into host memory); itself when they are there already.
+    pub fn to_device(self, device: &Device) -> Result<Self, DrafterError> {
+        let here = self.named_vars().first().map(|(_, v)| v.device().location());
+        if here.is_none() || here == Some(device.location()) {
+            return Ok(self);
+        }
+        Ok(match self {
+            AnyDrafter::DFlash(d) => AnyDrafter::DFlash(d.to_device(device)?),
+            AnyDrafter::Domino(d) => AnyDrafter::Domino(d.to_device(device)?),
         })
     }
 
@@ -198,16 +217,31 @@ impl AnyDrafter {
     }
 
     /// A proposer with fresh per-request state sharing this drafter's weights (a clone of a
-    /// drafter shares its tensors): a server gives each request its own.
+    /// drafter shares its tensors): a server gives each request its own. For the default
+    /// backend (the CPU kernels); [`AnyDrafter::proposer_on`] follows a target's.
     pub fn proposer(&self) -> Box<dyn Proposer + Send> {
-        self.clone().into_proposer()
+        self.proposer_on(&Backend::default())
     }
 
-    /// The drafter behind the decode loop.
+    /// [`AnyDrafter::proposer`] for `backend` (pass the target's, [`Target::backend`]).
+    pub fn proposer_on(&self, backend: &Backend) -> Box<dyn Proposer + Send> {
+        self.clone().into_proposer_on(backend)
+    }
+
+    /// The drafter behind the decode loop, for the default backend.
     pub fn into_proposer(self) -> Box<dyn Proposer + Send> {
-        match self {
-            AnyDrafter::DFlash(d) => Box::new(DFlashProposer::new(d)),
-            AnyDrafter::Domino(d) => Box::new(DominoProposer::new(d)),
+        self.into_proposer_on(&Backend::default())
+    }
+
+    /// The drafter behind the decode loop on `backend`'s kernel path: DFlash's int8 inference
+    /// path (`dflash_infer`, a CPU kernel) on the CPU path, its candle forward
+    /// ([`DFlashProposer::reference`]) on the generic path. Domino always runs its candle forward.
+    /// The weights must already be on the backend's device ([`AnyDrafter::to_device`]).
+    pub fn into_proposer_on(self, backend: &Backend) -> Box<dyn Proposer + Send> {
+        match (self, backend.path()) {
+            (AnyDrafter::DFlash(d), KernelPath::Cpu) => Box::new(DFlashProposer::new(d)),
+            (AnyDrafter::DFlash(d), KernelPath::Generic) => Box::new(DFlashProposer::reference(d)),
+            (AnyDrafter::Domino(d), _) => Box::new(DominoProposer::new(d)),
         }
     }
 }

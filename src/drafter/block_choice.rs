@@ -15,7 +15,7 @@ pub fn choose_for(target: &Target, drafter: AnyDrafter, dir: &Path) -> Result<(A
     let max_b = drafter.block_size();
     let t0 = std::time::Instant::now();
     let verify_ms = measure_verify_curve(target, max_b, drafter.target_layer_ids(), 3)?;
-    let draft_ms = measure_draft_ms(target, &mut *drafter.proposer())?;
+    let draft_ms = measure_draft_ms(target, &mut *drafter.proposer_on(target.backend()))?;
     let (acceptance, acceptance_source) = match held_out_acceptance(dir) {
         Some(found) => found,
         None => (vec![DEFAULT_ACCEPTANCE; max_b - 1], format!("{DEFAULT_ACCEPTANCE} per position (default: no held-out metrics next to the drafter)")),

@@ -552,7 +552,7 @@ impl Rotary {
     }
 
     /// (cos, sin), each (positions.len(), head_dim/2).
-    fn at(&self, positions: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
+    fn at(&self, positions: &[usize], device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut angles = Vec::with_capacity(positions.len() * half);
         for &p in positions {
@@ -560,7 +560,7 @@ impl Rotary {
                 angles.push(p as f32 * f);
             }
         }
-        let a = Tensor::from_vec(angles, (positions.len(), half), &Device::Cpu)?;
+        let a = Tensor::from_vec(angles, (positions.len(), half), device)?;
         Ok((a.cos()?, a.sin()?))
     }
 }
@@ -570,8 +570,9 @@ impl Rotary {
 // ---------------------------------------------------------------------------------------------
 
 /// x (n, in) → (n, out) with a bias-free weight (out, in).
+/// x·wᵀ in the compute dtype of w's device (bf16 on CUDA, f32 on the CPU): `ops::linear`.
 fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.matmul(&w.t()?)
+    crate::nn::ops::linear(x, w)
 }
 
 #[derive(Debug, Clone)]
@@ -782,6 +783,16 @@ impl std::fmt::Debug for DFlashDrafter {
 }
 
 impl DFlashDrafter {
+    /// A copy of this drafter with its weights on `device`, in fresh `Var`s.
+    pub fn to_device(&self, device: &Device) -> Result<Self, DrafterError> {
+        let tensors = self
+            .named_vars()
+            .into_iter()
+            .map(|(name, v)| Ok((name, v.as_tensor().to_device(device)?)))
+            .collect::<Result<HashMap<_, _>, DrafterError>>()?;
+        Self::from_tensors(self.config.clone(), tensors)
+    }
+
     /// Builds the model from named f32 tensors (exactly [`DFlashConfig::tensor_shapes`], checked
     /// by the caller); each becomes a `Var` in a fresh `VarMap`.
     pub(crate) fn from_tensors(config: DFlashConfig, mut tensors: HashMap<String, Tensor>) -> Result<Self, DrafterError> {
@@ -921,11 +932,16 @@ impl DFlashDrafter {
 
     /// The additive context bias of the training mask: (nb, T), 0 where [`context_visible`].
     pub fn training_context_bias(anchors: &[usize], t: usize) -> candle_core::Result<Tensor> {
+        Self::training_context_bias_on(anchors, t, &Device::Cpu)
+    }
+
+    /// [`Self::training_context_bias`] on `device`.
+    pub fn training_context_bias_on(anchors: &[usize], t: usize, device: &Device) -> candle_core::Result<Tensor> {
         let mut bias = Vec::with_capacity(anchors.len() * t);
         for &a in anchors {
             bias.extend((0..t).map(|j| if context_visible(a, j) { 0.0 } else { ops::MASKED_BIAS }));
         }
-        Tensor::from_vec(bias, (anchors.len(), t), &Device::Cpu)
+        Tensor::from_vec(bias, (anchors.len(), t), device)
     }
 
     /// Training forward for one sequence.
@@ -961,11 +977,11 @@ impl DFlashDrafter {
         let block_pos: Vec<usize> = anchors.iter().flat_map(|&a| a..a + b).collect();
         let c = if t_ctx > 0 { Some(self.context_feature(&features.narrow(0, 0, t_ctx)?)?) } else { None };
         // 2. RoPE tables: context (T_ctx, hd/2), blocks (nb, B, hd/2)
-        let (ccos, csin) = self.rotary.at(&ctx_pos)?;
-        let (bcos, bsin) = self.rotary.at(&block_pos)?;
+        let (ccos, csin) = self.rotary.at(&ctx_pos, self.norm.device())?;
+        let (bcos, bsin) = self.rotary.at(&block_pos, self.norm.device())?;
         let half = self.config.head_dim / 2;
         let (bcos, bsin) = (bcos.reshape((nb, b, half))?, bsin.reshape((nb, b, half))?);
-        let bias = if t_ctx > 0 { Some(Self::training_context_bias(anchors, t_ctx)?) } else { None };
+        let bias = if t_ctx > 0 { Some(Self::training_context_bias_on(anchors, t_ctx, self.norm.device())?) } else { None };
         // 3. block inputs: the target's frozen embeddings (nb·B, H)
         let mut x = target.embed(block_ids)?;
         for layer in &self.layers {
@@ -996,7 +1012,7 @@ impl DFlashDrafter {
             return Err(DrafterError::ContextOverflow { needed: start + n, max: self.config.max_position_embeddings });
         }
         let positions: Vec<usize> = (start..start + n).collect();
-        let (cos, sin) = self.rotary.at(&positions)?;
+        let (cos, sin) = self.rotary.at(&positions, self.norm.device())?;
         let c = self.context_feature(&features.detach())?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             // Detached: a cached row must not keep the autograd graph that made it (nor, through
@@ -1028,7 +1044,7 @@ impl DFlashDrafter {
         }
         self.check_tokens(block_ids)?;
         let positions: Vec<usize> = (start..start + b).collect();
-        let (cos, sin) = self.rotary.at(&positions)?;
+        let (cos, sin) = self.rotary.at(&positions, self.norm.device())?;
         let half = self.config.head_dim / 2;
         let (cos, sin) = (cos.reshape((1, b, half))?, sin.reshape((1, b, half))?);
         // 1. (B, H) frozen embeddings; 2. layers against the cached context; 3. final norm

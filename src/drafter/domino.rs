@@ -272,8 +272,9 @@ const PROJ_OUT: &str = "embed_proj.2.weight";
 // ---------------------------------------------------------------------------------------------
 
 /// x (n, in) → (n, out) with a bias-free weight (out, in).
+/// x·wᵀ in the compute dtype of w's device (bf16 on CUDA, f32 on the CPU): `ops::linear`.
 fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.matmul(&w.t()?)
+    crate::nn::ops::linear(x, w)
 }
 
 /// A one-layer GRU without biases, PyTorch's equations and gate order (r, z, n):
@@ -420,6 +421,19 @@ impl DominoDrafter {
             tensors.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
         }
         Self::from_parts(config, backbone, tensors)
+    }
+
+    /// A copy of this drafter with its weights on `device`, in fresh `Var`s.
+    pub fn to_device(&self, device: &Device) -> Result<Self, DrafterError> {
+        let backbone = self.backbone.to_device(device)?;
+        let branch: std::collections::HashSet<String> = self.config.branch_shapes().into_iter().map(|(n, _)| n).collect();
+        let tensors = self
+            .named_vars()
+            .into_iter()
+            .filter(|(name, _)| branch.contains(name))
+            .map(|(name, v)| Ok((name, v.as_tensor().to_device(device)?)))
+            .collect::<Result<HashMap<_, _>, DrafterError>>()?;
+        Self::from_parts(self.config.clone(), backbone, tensors)
     }
 
     /// Builds the drafter from a backbone and the branch's named f32 tensors.
@@ -571,7 +585,7 @@ impl DominoDrafter {
         let delta = linear(&rows.delta_input, &rows.delta_weight)?;
         let n = base.dim(0)?;
         let keep: Vec<f32> = (0..n).map(|r| if r % b >= self.config.pure_draft_prefix_len { 1.0 } else { 0.0 }).collect();
-        let keep = Tensor::from_vec(keep, (n, 1), &Device::Cpu)?;
+        let keep = Tensor::from_vec(keep, (n, 1), base.device())?;
         Ok((base + delta.broadcast_mul(&keep)?)?)
     }
 
@@ -593,7 +607,7 @@ impl DominoDrafter {
         }
         let mut rows = Vec::with_capacity(b - 1);
         self.decode_block(target, cache, last_token, start, |k, logits| {
-            rows.push(Tensor::from_slice(logits, (1, logits.len()), &Device::Cpu)?);
+            rows.push(Tensor::from_slice(logits, (1, logits.len()), target.device())?);
             Ok(next[k])
         })?;
         Ok(Tensor::cat(&rows, 0)?)

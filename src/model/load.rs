@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::{open, ModelError, ModelLocation, Target, TargetConfig, WeightsMode};
 use crate::assets::{self, AssetError};
+use crate::nn::Backend;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// The name that selects the embedded default target.
@@ -60,7 +61,14 @@ pub fn resolve(spec: &str) -> Result<ModelLocation, LoadError> {
     Ok(ModelLocation::from_path(Path::new(spec))?)
 }
 
+/// Loads `spec` for the default backend (the CPU with its kernels).
 pub fn load_model(spec: &str, mode: WeightsMode) -> Result<LoadedModel, LoadError> {
+    load_model_on(spec, mode, &Backend::default())
+}
+
+/// Loads `spec` (`smollm2` or a path) with its tokenizer for `backend`: the device and kernel
+/// path every later stage (drafter, features, training) follows through [`Target::backend`].
+pub fn load_model_on(spec: &str, mode: WeightsMode, backend: &Backend) -> Result<LoadedModel, LoadError> {
     let location = resolve(spec)?;
     let path = location.path().display().to_string();
     let (mut src, cfg, gguf) = open(&location)?;
@@ -74,7 +82,7 @@ pub fn load_model(spec: &str, mode: WeightsMode) -> Result<LoadedModel, LoadErro
     if tokenizer.vocab_size() > cfg.vocab_size {
         return Err(LoadError::VocabMismatch { path, tokenizer: tokenizer.vocab_size(), model: cfg.vocab_size });
     }
-    let target = Target::load(&mut src, cfg, mode)?;
+    let target = Target::load_on(&mut src, cfg, mode, backend)?;
     Ok(LoadedModel { target, tokenizer, name: spec.to_string(), location })
 }
 

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod config;
+mod generic;
 pub mod kv_cache;
 pub mod load;
 pub mod qgemm;
@@ -16,7 +17,7 @@ use candle_core::quantized::gguf_file;
 
 pub use config::{Family, TargetConfig};
 pub use kv_cache::KvCache;
-pub use load::{load_model, stop_token_ids, LoadError, LoadedModel, DEFAULT_MODEL};
+pub use load::{load_model, load_model_on, stop_token_ids, LoadError, LoadedModel, DEFAULT_MODEL};
 pub use target::{BatchItem, ForwardOutput, Logits, Target};
 pub use weights::{WeightSource, WeightsMode};
 
@@ -212,8 +213,13 @@ fn gguf_config(c: &gguf_file::Content, path: &str) -> Result<TargetConfig, Model
     Ok(cfg)
 }
 
-/// Loads the weights of a model (no tokenizer).
+/// Loads the weights of a model (no tokenizer) for the default backend (the CPU kernels).
 pub fn load_target(loc: &ModelLocation, mode: WeightsMode) -> Result<Target, ModelError> {
+    load_target_on(loc, mode, &crate::nn::Backend::default())
+}
+
+/// Loads the weights of a model (no tokenizer) for `backend`: see [`Target::load_on`].
+pub fn load_target_on(loc: &ModelLocation, mode: WeightsMode, backend: &crate::nn::Backend) -> Result<Target, ModelError> {
     let (mut src, cfg, _) = open(loc)?;
-    Target::load(&mut src, cfg, mode)
+    Target::load_on(&mut src, cfg, mode, backend)
 }

@@ -10,6 +10,8 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use crate::nn::{Backend, KernelPath};
+
 use super::config::TargetConfig;
 use super::attention::causal_attention;
 use super::kv_cache::KvCache;
@@ -40,15 +42,15 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, theta: f64, max_pos: usize) -> candle_core::Result<Self> {
+    pub fn new(head_dim: usize, theta: f64, max_pos: usize, device: &Device) -> candle_core::Result<Self> {
         let inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|i| 1.0 / (theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
             .collect();
-        let (cos, sin) = Self::tables(&inv_freq, max_pos)?;
+        let (cos, sin) = Self::tables(&inv_freq, max_pos, device)?;
         Ok(Self { inv_freq, cos, sin })
     }
 
-    fn tables(inv_freq: &[f32], n: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    fn tables(inv_freq: &[f32], n: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
         let half = inv_freq.len();
         let mut angles = Vec::with_capacity(n * half);
         for p in 0..n {
@@ -56,14 +58,14 @@ impl Rope {
                 angles.push(p as f32 * f);
             }
         }
-        let a = Tensor::from_vec(angles, (n, half), &Device::Cpu)?;
+        let a = Tensor::from_vec(angles, (n, half), device)?;
         Ok((a.cos()?, a.sin()?))
     }
 
     /// (cos, sin) rows for positions start..start+n, each (n, head_dim/2).
     pub fn at(&mut self, start: usize, n: usize) -> candle_core::Result<(Tensor, Tensor)> {
         if start + n > self.cos.dim(0)? {
-            let (cos, sin) = Self::tables(&self.inv_freq, (start + n).next_power_of_two())?;
+            let (cos, sin) = Self::tables(&self.inv_freq, (start + n).next_power_of_two(), self.cos.device())?;
             self.cos = cos;
             self.sin = sin;
         }
@@ -82,6 +84,7 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    path: KernelPath,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +112,7 @@ pub struct Target {
     lm_head: Linear,
     rope: std::sync::Arc<std::sync::Mutex<Rope>>,
     mode: WeightsMode,
+    backend: Backend,
 }
 
 /// What a forward returns.
@@ -128,7 +132,25 @@ pub enum Logits {
 }
 
 impl Target {
+    /// Loads the target for the default backend (the CPU with its kernels).
     pub fn load(src: &mut WeightSource, cfg: TargetConfig, mode: WeightsMode) -> Result<Self, ModelError> {
+        Self::load_on(src, cfg, mode, &Backend::default())
+    }
+
+    /// Loads the target for `backend`. On the CPU kernel path the linears are held as `mode`
+    /// says. On the generic path (DESIGN §7.11) every linear is the dequantized f32 weight (what
+    /// the `f32` mode holds) in the backend's compute dtype on its device, whatever `mode` says:
+    /// the q8 mode's int8 activations are a property of the CPU kernel, not of the weights.
+    pub fn load_on(src: &mut WeightSource, cfg: TargetConfig, mode: WeightsMode, backend: &Backend) -> Result<Self, ModelError> {
+        if backend.cpu_kernels() {
+            return Self::load_host(src, cfg, mode, backend.path());
+        }
+        let host = Self::load_host(src, cfg, WeightsMode::F32, backend.path())?;
+        Ok(host.to_generic(backend)?)
+    }
+
+    /// Reads the weights into host memory (where the files are read and dequantized).
+    fn load_host(src: &mut WeightSource, cfg: TargetConfig, mode: WeightsMode, path: KernelPath) -> Result<Self, ModelError> {
         let h = cfg.hidden_size;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let embed = src.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
@@ -154,6 +176,7 @@ impl Target {
                 heads: nh,
                 kv_heads: nkv,
                 head_dim: hd,
+                path,
             };
             let mlp = Mlp {
                 gate: src.linear(&format!("{p}.mlp.gate_proj"), (cfg.intermediate_size, h), false, mode)?,
@@ -176,8 +199,61 @@ impl Target {
             "lm_head"
         };
         let lm_head = src.linear(head_name, (cfg.vocab_size, h), false, mode)?;
-        let rope = Rope::new(hd, cfg.rope_theta, 4096.min(cfg.max_position_embeddings.max(1)))?;
-        Ok(Self { cfg, embed, layers, norm, lm_head, rope: std::sync::Arc::new(std::sync::Mutex::new(rope)), mode })
+        let rope = Rope::new(hd, cfg.rope_theta, 4096.min(cfg.max_position_embeddings.max(1)), &Device::Cpu)?;
+        let rope = std::sync::Arc::new(std::sync::Mutex::new(rope));
+        Ok(Self { cfg, embed, layers, norm, lm_head, rope, mode, backend: Backend::cpu() })
+    }
+
+    /// The host-loaded target moved to the generic path of `backend`: linears via
+    /// [`Linear::to_generic`], embedding, norms and RoPE tables to the device (f32).
+    fn to_generic(self, backend: &Backend) -> candle_core::Result<Self> {
+        let dev = backend.device();
+        let norm = |n: &RmsNorm| -> candle_core::Result<RmsNorm> { Ok(RmsNorm { weight: n.weight.to_device(dev)?, eps: n.eps }) };
+        let opt_norm = |n: &Option<RmsNorm>| n.as_ref().map(norm).transpose();
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let a = &l.attn;
+            layers.push(Layer {
+                input_norm: norm(&l.input_norm)?,
+                attn: Attention {
+                    q_proj: a.q_proj.to_generic(backend)?,
+                    k_proj: a.k_proj.to_generic(backend)?,
+                    v_proj: a.v_proj.to_generic(backend)?,
+                    o_proj: a.o_proj.to_generic(backend)?,
+                    q_norm: opt_norm(&a.q_norm)?,
+                    k_norm: opt_norm(&a.k_norm)?,
+                    heads: a.heads,
+                    kv_heads: a.kv_heads,
+                    head_dim: a.head_dim,
+                    path: KernelPath::Generic,
+                },
+                post_norm: norm(&l.post_norm)?,
+                mlp: Mlp { gate: l.mlp.gate.to_generic(backend)?, up: l.mlp.up.to_generic(backend)?, down: l.mlp.down.to_generic(backend)? },
+            });
+        }
+        let cfg = self.cfg;
+        let max = 4096.min(cfg.max_position_embeddings.max(1));
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, max, dev)?;
+        Ok(Self {
+            embed: self.embed.to_device(dev)?,
+            layers,
+            norm: norm(&self.norm)?,
+            lm_head: self.lm_head.to_generic(backend)?,
+            rope: std::sync::Arc::new(std::sync::Mutex::new(rope)),
+            mode: self.mode,
+            backend: backend.clone(),
+            cfg,
+        })
+    }
+
+    /// The device and kernel path this target computes with; drafters and training follow it.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Where this target's tensors live.
+    pub fn device(&self) -> &Device {
+        self.backend.device()
     }
 
     pub fn config(&self) -> &TargetConfig {
@@ -189,7 +265,11 @@ impl Target {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim)
+        let (l, kv, hd) = (self.cfg.num_hidden_layers, self.cfg.num_key_value_heads, self.cfg.head_dim);
+        match self.backend.path() {
+            KernelPath::Cpu => KvCache::new(l, kv, hd),
+            KernelPath::Generic => KvCache::on_device(l, kv, hd, self.backend.device()),
+        }
     }
 
     /// Whether [`Target::forward_batch`] gives every item exactly its lone forward's bits: every
@@ -219,7 +299,7 @@ impl Target {
 
     /// ids -> (n, hidden) embeddings.
     pub fn embed(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
-        let ids = Tensor::new(ids, &Device::Cpu)?;
+        let ids = Tensor::new(ids, self.embed.device())?;
         self.embed.index_select(&ids, 0)
     }
 
@@ -348,7 +428,7 @@ impl Target {
             return Ok(vec![None; items.len()]);
         }
         // (Σm, H) -> (Σm, vocab)
-        let picked = x.index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
+        let picked = x.index_select(&Tensor::new(rows.as_slice(), x.device())?, 0)?;
         let all = self.lm_head.forward(&self.norm.forward(&picked)?)?;
         ranges
             .into_iter()
@@ -374,10 +454,10 @@ const PARALLEL_ITEMS_MIN_WORK: usize = 1 << 20;
 
 /// Where an item's rows sit in the batch: rows row..row+n, positions start..start+n.
 #[derive(Debug, Clone, Copy)]
-struct Span {
-    row: usize,
-    n: usize,
-    start: usize,
+pub(super) struct Span {
+    pub(super) row: usize,
+    pub(super) n: usize,
+    pub(super) start: usize,
 }
 
 impl Layer {
@@ -410,6 +490,14 @@ impl Attention {
         // 2. per-head q/k norm (Qwen3) before RoPE
         let q = match &self.q_norm { Some(nm) => nm.forward(&q)?, None => q };
         let k = match &self.k_norm { Some(nm) => nm.forward(&k)?, None => k };
+        if self.path == KernelPath::Generic {
+            let rot = |t: Tensor| -> candle_core::Result<Tensor> {
+                let r = candle_nn::rotary_emb::rope(&t.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?;
+                r.squeeze(0)?.transpose(0, 1)?.contiguous()
+            };
+            let out = super::generic::attention(&rot(q)?, &rot(k)?, &v.contiguous()?, idx, items, spans, (nh, nkv, hd))?;
+            return self.o_proj.forward(&out);
+        }
         // 3. rotate: rope wants (1, heads, Σn, hd); back to (Σn, heads, hd) row-major. Each row
         //    is rotated by its own cos/sin row, independently of the others.
         let rot = |t: Tensor| -> candle_core::Result<Vec<f32>> {
@@ -442,6 +530,7 @@ impl Attention {
         };
         let out = parts.concat();
         // 5. (Σn, heads·hd) -> (Σn, H)
+        // The CPU kernel path: host buffers by design.
         self.o_proj.forward(&Tensor::from_vec(out, (n, nh * hd), &Device::Cpu)?)
     }
 }

@@ -11,6 +11,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::qgemm::{QGemmError, QLinearOp, QMatrix};
+use crate::nn::Backend;
 use super::ModelError;
 
 /// How linear weights are held on CPU.
@@ -44,6 +45,10 @@ enum LinearWeight {
     F32(Tensor),
     Quant(QMatMul),
     Blocks(QLinearOp),
+    /// The generic path (DESIGN §7.11): the dequantized weight as a plain tensor on the
+    /// backend's device in its compute dtype, multiplied one row at a time (see
+    /// [`Linear::to_generic`]).
+    Generic(Tensor),
 }
 
 impl Linear {
@@ -55,6 +60,7 @@ impl Linear {
     /// true for `qgemm` blocks and candle's `QMatMul` (both quantize and reduce each row on its
     /// own), false for f32 weights (candle's gemm tiles by the row count).
     pub fn is_batch_invariant(&self) -> bool {
+        // Generic: one (1, in) × (in, out) product per row, so a row never meets another.
         !matches!(self.weight, LinearWeight::F32(_) | LinearWeight::Quant(QMatMul::Tensor(_) | QMatMul::TensorF16(_)))
     }
 
@@ -64,6 +70,7 @@ impl Linear {
             LinearWeight::F32(w) => x.matmul(&w.t()?)?,
             LinearWeight::Quant(q) => q.forward(x)?,
             LinearWeight::Blocks(op) => x.contiguous()?.apply_op1_no_bwd(op)?,
+            LinearWeight::Generic(w) => rowwise_matmul(x, w)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -82,8 +89,35 @@ impl Linear {
                 let w = &op.0;
                 Tensor::from_vec(w.dequantize(), (w.out_features(), w.in_features()), &Device::Cpu)
             }
+            LinearWeight::Generic(w) => w.to_dtype(DType::F32),
         }
     }
+
+    /// This linear on the generic path: its weight dequantized to f32 (the same values the `f32`
+    /// mode holds), then cast to `backend`'s compute dtype and moved to its device; the bias stays
+    /// f32. Outputs are f32 whatever the compute dtype.
+    pub fn to_generic(&self, backend: &Backend) -> candle_core::Result<Linear> {
+        let w = self.weight_f32()?.to_dtype(backend.compute_dtype())?.to_device(backend.device())?;
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_device(backend.device())?),
+            None => None,
+        };
+        Ok(Linear { weight: LinearWeight::Generic(w), bias, out_features: self.out_features })
+    }
+}
+
+/// x (n, in) · wᵀ with w (out, in), as n separate one-row products in the weight's dtype, the
+/// result in f32. Every row goes through the same (1, in) × (in, out) product whatever n is, so
+/// row r of an n-row call is bit-identical to a one-row call on it (batch invariance, DESIGN
+/// §7.2), on any device whose matmul is deterministic for a fixed shape. The cost: the weight is
+/// read once per row instead of once per call, so a verify of B rows costs about B decode steps
+/// of weight traffic where a batched product would cost about one.
+fn rowwise_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let n = x.dim(0)?;
+    let x = x.to_dtype(w.dtype())?;
+    let wt = w.t()?;
+    let rows = (0..n).map(|r| x.narrow(0, r, 1)?.matmul(&wt)).collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&rows, 0)?.to_dtype(DType::F32)
 }
 
 /// A source of named weights with HF names (`model.layers.0.self_attn.q_proj.weight`).

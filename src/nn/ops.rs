@@ -37,6 +37,26 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&sum)
 }
 
+/// A bias-free linear layer x·wᵀ whose product runs in the compute dtype of w's device
+/// ([`super::device::compute_dtype_for`]: bf16 on CUDA, f32 on the CPU), with the result in x's
+/// dtype. w stays the f32 master weight; the casts have gradients, so autograd reaches it in f32.
+/// On the CPU this is exactly `x.matmul(&w.t())` in the inputs' dtype (no cast happens).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.device().is_cpu() {
+        // The inputs' own dtype: f32 in training, f64 in the gradient checks.
+        return x.matmul(&w.t()?);
+    }
+    linear_in(x, w, super::device::compute_dtype_for(w.device()))
+}
+
+/// [`linear`] with the product in `dtype` (tests run the bf16 product on the CPU with it).
+pub fn linear_in(x: &Tensor, w: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+    if x.dtype() == dtype && w.dtype() == dtype {
+        return x.matmul(&w.t()?);
+    }
+    x.to_dtype(dtype)?.matmul(&w.to_dtype(dtype)?.t()?)?.to_dtype(x.dtype())
+}
+
 /// SiLU x·σ(x); candle's unary silu has a backward, so this is it.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
@@ -114,6 +134,27 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask_bias: Option<&Tensor>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn linear_is_the_plain_product_on_the_cpu_and_bf16_keeps_f32_master_gradients() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let x = rand(&mut rng, &[5, 32], DType::F32);
+        let w = Var::from_tensor(&rand(&mut rng, &[12, 32], DType::F32)).unwrap();
+        let plain = x.matmul(&w.as_tensor().t().unwrap()).unwrap();
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        assert_eq!(bits(&linear(&x, w.as_tensor()).unwrap()), bits(&plain), "the CPU computes in f32, unchanged");
+        // The bf16 product (what CUDA runs): close to f32, result and gradient in f32.
+        let y = linear_in(&x, w.as_tensor(), DType::BF16).unwrap();
+        assert_eq!(y.dtype(), DType::F32);
+        let d = max_diff(&y, &plain);
+        assert!(d > 0.0 && d < 0.1, "bf16 product differs by {d}");
+        let g16 = y.sum_all().unwrap().backward().unwrap();
+        let g32 = plain.sum_all().unwrap().backward().unwrap();
+        let (a, b) = (g16.get(w.as_tensor()).unwrap(), g32.get(w.as_tensor()).unwrap());
+        assert_eq!(a.dtype(), DType::F32, "the master weight's gradient is f32");
+        let dg = max_diff(a, b);
+        assert!(dg < 0.05, "bf16 gradient differs by {dg}");
+    }
     use candle_core::{DType, Device, Var};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;

@@ -5,13 +5,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::stages::StageError;
+use super::stages::{load, StageError};
+use crate::nn::DeviceChoice;
 use crate::data::features::target_features;
 use crate::data::Sequence;
 use crate::drafter::blocks::{sample_anchors, step_rng};
 use crate::drafter::{default_mask_token, DFlashDrafter};
-use crate::model::{load_model, BatchItem, Logits, Target, WeightsMode};
-use crate::train::head::{BaseSupport, ChunkedHead, HeadConfig};
+use crate::model::{BatchItem, Logits, Target, WeightsMode};
+use crate::train::head::{BaseSupport, Head, HeadConfig};
 use crate::train::objective::Objective;
 use crate::train::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig, DEFAULT_LR};
 use crate::train::trainable::TrainableDrafter;
@@ -19,9 +20,6 @@ use crate::train::trainer::{run_micro_batch, BatchItem as TrainItem, StepContext
 use crate::util::measure::{median, ms, peak_rss_mib, reset_peak_rss};
 use crate::util::progress::Progress;
 
-fn load(model: &str, weights: WeightsMode) -> Result<crate::model::LoadedModel, StageError> {
-    load_model(model, weights).map_err(|source| StageError::Model { name: model.to_string(), source })
-}
 
 fn train_err(e: impl Into<TrainError>) -> StageError {
     StageError::Train(e.into())
@@ -41,6 +39,7 @@ pub struct DecodePlan {
     pub steps: usize,
     /// Batch sizes of the batched-decode steps.
     pub batches: Vec<usize>,
+    pub device: DeviceChoice,
 }
 
 /// One weights mode's figures.
@@ -65,7 +64,7 @@ pub fn decode(plan: &DecodePlan, progress: &dyn Progress) -> Result<Vec<DecodeRo
         progress.note(&format!("bench decode: {mode} weights"));
         reset_peak_rss();
         let t = Instant::now();
-        let m = load(&plan.model, mode)?;
+        let m = load(&plan.model, mode, plan.device)?;
         let load_s = t.elapsed().as_secs_f64();
         let target = &m.target;
         let vocab = target.config().vocab_size as u32;
@@ -153,6 +152,7 @@ pub struct TrainBenchPlan {
     pub seq_len: usize,
     pub objectives: Vec<String>,
     pub runs: usize,
+    pub device: DeviceChoice,
 }
 
 /// The shape measured.
@@ -183,7 +183,7 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
     if plan.runs == 0 || plan.anchors == 0 || plan.seq_len < 4 {
         return Err(StageError::Invalid("--runs and --anchors must be at least 1 and --seq-len at least 4".into()));
     }
-    let m = load(&plan.model, WeightsMode::Q8)?;
+    let m = load(&plan.model, WeightsMode::Q8, plan.device)?;
     let target = &m.target;
     // A real text repeated to the sequence length: the last three quarters are supervised.
     let text = "Speculative decoding lets a small drafter propose several tokens that the target then verifies in one forward pass. ";
@@ -216,7 +216,7 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
         let objective: Objective = name.parse().map_err(|e| StageError::Invalid(format!("objective {name:?}: {e}")))?;
         let drafter = new_drafter()?;
         let resolved = objective.resolve(TrainableDrafter::block_size(&drafter)).map_err(train_err)?;
-        let mut head = ChunkedHead::new(HeadConfig::default());
+        let mut head = Head::for_backend(HeadConfig::default(), target.backend());
         let schedule = CosineSchedule::new(DEFAULT_LR, 1000, &ScheduleConfig::default());
         let mut optim = AdamW::new(TrainableDrafter::named_vars(&drafter), AdamWConfig::default(), schedule).map_err(train_err)?;
         let ctx = StepContext { target, drafter: &drafter, objective: &resolved, lm_head: &lm_head, seed: 0, steps: 1000, base_support: BaseSupport::default(), distill: None };

@@ -14,6 +14,7 @@ use crate::data::regenerate::RegenerateMode;
 use crate::data::FeatureDtype;
 use crate::drafter::DrafterKind;
 use crate::model::WeightsMode;
+use crate::nn::DeviceChoice;
 use crate::train::config::TrainConfig;
 use crate::train::objective::Objective;
 use crate::util::progress::{Observer, Progress, Unit};
@@ -151,6 +152,8 @@ pub struct ExperimentPlan {
     pub exe: PathBuf,
     /// The command line as typed, recorded in results.md.
     pub command: String,
+    /// Where every stage computes (child training processes get the same `--device`).
+    pub device: DeviceChoice,
 }
 
 /// Runs (or resumes) the experiment and returns results.md.
@@ -166,7 +169,9 @@ pub fn run(plan: &ExperimentPlan, progress: Observer) -> Result<String, StageErr
     // 1. Shared data.
     let data = plan.data.clone().unwrap_or_else(|| out.join("data"));
     if !data.join("manifest.json").is_file() {
-        stages::prepare(&cfg.prepare_plan(&data), progress.clone())?;
+        let mut p = cfg.prepare_plan(&data);
+        p.device = plan.device;
+        stages::prepare(&p, progress.clone())?;
     }
 
     // 2. Every arm, identical but for drafter and objective.
@@ -182,14 +187,15 @@ pub fn run(plan: &ExperimentPlan, progress: Observer) -> Result<String, StageErr
     if plan.jobs == 1 {
         for (arm, c) in &pending {
             progress.note(&format!("arm {}: training", arm.name));
-            stages::train(c, WeightsMode::Q8, c.out.join("config.json").is_file(), &*progress)?;
+            stages::train(c, WeightsMode::Q8, plan.device, crate::train::parallel::World::single(), c.out.join("config.json").is_file(), &*progress)?;
         }
     } else if !pending.is_empty() {
         train_in_parallel(&pending, plan, &*progress)?;
     }
 
     // 3. Evaluation; 4. summary with bootstrap intervals.
-    let eval_plan = cfg.eval_plan(out, &plan.command)?;
+    let mut eval_plan = cfg.eval_plan(out, &plan.command)?;
+    eval_plan.device = plan.device;
     if !eval_plan.out.join("requests.jsonl").is_file() {
         stages::evaluate(&eval_plan, &*progress)?.check_exact(eval_plan.weights)?;
     }
@@ -270,7 +276,8 @@ fn spawn_arm(plan: &ExperimentPlan, c: &TrainConfig, threads: usize) -> Result<s
     crate::util::fs::write_atomic(&config_file, json.as_bytes()).map_err(io)?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("train.log")).map_err(io)?;
     let mut cmd = std::process::Command::new(&plan.exe);
-    cmd.arg("train").arg("--config").arg(&config_file);
+    cmd.arg("train").arg("--config").arg(&config_file).arg("--device").arg(plan.device.device.to_string());
+    cmd.arg("--kernels").arg(plan.device.kernels.to_string());
     if dir.join("config.json").is_file() {
         cmd.arg("--resume");
     }

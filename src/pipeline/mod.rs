@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod experiment;
 pub mod fidelity;
+pub mod launch;
 pub mod llama_cpp;
 pub mod quickstart;
 pub mod recipe;

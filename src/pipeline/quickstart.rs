@@ -19,6 +19,7 @@ use crate::eval::datasets::BenchmarkName;
 use crate::model::{WeightsMode, DEFAULT_MODEL};
 use crate::train::config::TrainConfig;
 use crate::train::objective::Objective;
+use crate::nn::DeviceChoice;
 use crate::util::progress::{Observer, Progress};
 
 
@@ -27,11 +28,13 @@ use crate::util::progress::{Observer, Progress};
 pub struct QuickstartPlan {
     pub out: PathBuf,
     pub recipe: Recipe,
+    /// Where every stage computes.
+    pub device: DeviceChoice,
 }
 
 impl QuickstartPlan {
     pub fn new(out: &Path, recipe: RecipeName) -> Self {
-        QuickstartPlan { out: out.to_path_buf(), recipe: recipe.recipe() }
+        QuickstartPlan { out: out.to_path_buf(), recipe: recipe.recipe(), device: DeviceChoice::default() }
     }
 
     fn prepare_plan(&self) -> PreparePlan {
@@ -45,6 +48,7 @@ impl QuickstartPlan {
         p.features = Some(TAPS.to_vec());
         p.feature_dtype = FeatureDtype::F16;
         p.feature_weights = WeightsMode::Q8;
+        p.device = self.device;
         p
     }
 
@@ -83,6 +87,7 @@ impl QuickstartPlan {
         p.benchmarks = BenchmarkName::ALL.to_vec();
         p.limit = Some(self.recipe.limit);
         p.max_new_tokens = self.recipe.max_new_tokens;
+        p.device = self.device;
         p.command = match self.recipe.name {
             RecipeName::DEFAULT => "specauf quickstart".into(),
             name => format!("specauf quickstart --recipe {name}"),
@@ -138,7 +143,7 @@ pub fn run(plan: &QuickstartPlan, progress: Observer) -> Result<QuickstartOutcom
     } else {
         stage(&*progress, "3/5 train", || {
             let resume = cfg.out.join("config.json").is_file();
-            stages::train(&cfg, WeightsMode::Q8, resume, &*progress)?;
+            stages::train(&cfg, WeightsMode::Q8, plan.device, crate::train::parallel::World::single(), resume, &*progress)?;
             let fin = cfg.out.join("final");
             crate::util::fs::copy_dir_atomic(&fin, &drafter).map_err(|source| StageError::Io { path: drafter.clone(), source })
         })?;

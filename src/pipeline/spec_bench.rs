@@ -12,7 +12,8 @@ use super::llama_cpp::{BenchRecord, LlamaCpp, PeerError, SpecRequest, SpecRun};
 use super::stages::StageError;
 use crate::drafter::AnyDrafter;
 use crate::model::load::resolve;
-use crate::model::{load_model, LoadedModel, ModelLocation, WeightsMode};
+use crate::model::{LoadedModel, ModelLocation, WeightsMode};
+use crate::nn::DeviceChoice;
 use crate::spec::{generate, GenerateConfig, Proposer};
 use crate::tokenizer::ChatMessage;
 use crate::util::measure::{load_average, median};
@@ -77,6 +78,8 @@ pub struct SpecBenchPlan {
     /// The specauf binary: when given, each mode's peak memory is measured on a child process
     /// that runs one speculative generation (`generate --drafter`), as llama.cpp's is.
     pub specauf_exe: Option<PathBuf>,
+    /// Where ours computes (llama.cpp runs on the CPU).
+    pub device: DeviceChoice,
 }
 
 /// One engine's medians.
@@ -166,9 +169,9 @@ fn validate(plan: &SpecBenchPlan) -> Result<(), StageError> {
 
 fn load_ours(plan: &SpecBenchPlan, mode: WeightsMode, progress: &dyn Progress) -> Result<Ours, StageError> {
     progress.note(&format!("bench spec: loading {} ({mode} weights) and the drafter", plan.model));
-    let model = load_model(&plan.model, mode).map_err(|source| StageError::Model { name: plan.model.clone(), source })?;
+    let model = super::stages::load(&plan.model, mode, plan.device)?;
     let drafter_err = |source| StageError::Drafter { path: plan.drafter.display().to_string(), source };
-    let mut drafter = AnyDrafter::load(&plan.drafter, model.target.config()).map_err(drafter_err)?;
+    let mut drafter = AnyDrafter::load_for(&plan.drafter, &model.target).map_err(drafter_err)?;
     if let Some(b) = plan.block_size {
         drafter = drafter.at_block_size(b).map_err(drafter_err)?;
     }
@@ -188,7 +191,7 @@ fn run_ours(o: &Ours, plan: &SpecBenchPlan, progress: &dyn Progress) -> Result<(
     let spec_err = |e| StageError::Invalid(format!("decoding: {e}"));
     for (i, prompt) in o.prompts.iter().enumerate() {
         let ar = generate(target, None, prompt, &cfg).map_err(spec_err)?;
-        let mut proposer: Box<dyn Proposer + Send> = o.drafter.proposer();
+        let mut proposer: Box<dyn Proposer + Send> = o.drafter.proposer_on(target.backend());
         let sp = generate(target, Some(&mut *proposer as &mut dyn Proposer), prompt, &cfg).map_err(spec_err)?;
         // The first token comes from the prefill; the decode clock covers the rest.
         ar_tokens += ar.token_ids.len().saturating_sub(1);

@@ -17,9 +17,11 @@ use crate::eval::journal::{Journal, JournalError, JournaledObserver};
 use crate::eval::report::{self, DrafterSetting, ReportError, Settings, Written};
 use crate::eval::runner::{self, ChatRenderer, EvalConfig, EvalDrafter, EvalError, EvalResults};
 use crate::model::load::load_info;
-use crate::model::{load_model, LoadError, LoadedModel, WeightsMode, DEFAULT_MODEL};
+use crate::model::{load_model_on, LoadError, LoadedModel, WeightsMode, DEFAULT_MODEL};
+use crate::nn::DeviceChoice;
 use crate::spec::AcceptRule;
 use crate::train::config::TrainConfig;
+use crate::train::parallel::World;
 use crate::train::trainable::init_final_norm_from_target;
 use crate::train::trainer::{train_with, RunOptions, RunSummary, TrainError};
 use crate::util::progress::{Observer, Progress};
@@ -48,10 +50,14 @@ pub enum StageError {
     Report { path: PathBuf, source: ReportError },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Device(#[from] crate::nn::DeviceError),
 }
 
-fn load(name: &str, weights: WeightsMode) -> Result<LoadedModel, StageError> {
-    load_model(name, weights).map_err(|source| StageError::Model { name: name.to_string(), source })
+/// Loads a model for the device a plan names: the one place the pipeline opens a device.
+pub(crate) fn load(name: &str, weights: WeightsMode, device: DeviceChoice) -> Result<LoadedModel, StageError> {
+    let backend = device.backend()?;
+    load_model_on(name, weights, &backend).map_err(|source| StageError::Model { name: name.to_string(), source })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -93,6 +99,8 @@ pub struct PreparePlan {
     pub soft_labels: Option<usize>,
     pub seed: u64,
     pub shard_tokens: usize,
+    /// Where regeneration and the feature forward compute.
+    pub device: DeviceChoice,
 }
 
 impl PreparePlan {
@@ -122,6 +130,7 @@ impl PreparePlan {
             soft_labels: None,
             seed: 0,
             shard_tokens: DEFAULT_SHARD_TOKENS,
+            device: DeviceChoice::default(),
         }
     }
 
@@ -179,12 +188,12 @@ pub fn prepare(plan: &PreparePlan, progress: Observer) -> Result<PrepareReport, 
         PathBuf::from(&plan.data)
     };
     let gen_model = match plan.regenerate {
-        Some(_) => Some(load(&plan.model, plan.weights)?),
+        Some(_) => Some(load(&plan.model, plan.weights, plan.device)?),
         None => None,
     };
     let own_feature_model = match (&plan.features, &gen_model) {
         (Some(_), Some(_)) if plan.feature_weights == plan.weights => None,
-        (Some(_), _) => Some(load(&plan.model, plan.feature_weights)?),
+        (Some(_), _) => Some(load(&plan.model, plan.feature_weights, plan.device)?),
         (None, _) => None,
     };
     let feature_model = own_feature_model.as_ref().or(if plan.features.is_some() { gen_model.as_ref() } else { None });
@@ -247,8 +256,9 @@ fn prep_err(plan: &PreparePlan) -> impl Fn(crate::model::ModelError) -> StageErr
 // train, init-drafter
 
 /// Trains a drafter as `cfg` says; the target's feature forward runs in `weights`.
-pub fn train(cfg: &TrainConfig, weights: WeightsMode, resume: bool, progress: &dyn Progress) -> Result<RunSummary, StageError> {
-    let model = load(&cfg.model, weights)?;
+/// `world` is this process's rank among data-parallel processes ([`World::single`] for one).
+pub fn train(cfg: &TrainConfig, weights: WeightsMode, device: DeviceChoice, world: World, resume: bool, progress: &dyn Progress) -> Result<RunSummary, StageError> {
+    let model = load(&cfg.model, weights, device)?;
     let tc = model.target.config();
     progress.note(&format!(
         "train: target {} ({} layers, hidden {}), drafter {} with {} layers, block {}, objective {}, {} steps × {} sequences × {} anchors = {} supervised rows/step; run dir {}",
@@ -265,7 +275,7 @@ pub fn train(cfg: &TrainConfig, weights: WeightsMode, resume: bool, progress: &d
         cfg.batch_sequences * cfg.grad_accum * cfg.num_anchors * (cfg.drafter.block_size - 1),
         cfg.out.display()
     ));
-    Ok(train_with(&model, cfg, &RunOptions { resume, stop_after: None }, progress)?)
+    Ok(train_with(&model, cfg, &RunOptions { resume, stop_after: None, world }, progress)?)
 }
 
 /// What `init-drafter` writes: an untrained drafter for a target.
@@ -300,7 +310,7 @@ impl InitPlan {
 
 /// Writes an untrained drafter (the same initialisation as a training run's first step).
 pub fn init_drafter(plan: &InitPlan) -> Result<AnyDrafter, StageError> {
-    let m = load(&plan.model, WeightsMode::Q8)?;
+    let m = load(&plan.model, WeightsMode::Q8, DeviceChoice::default())?;
     let tc = m.target.config();
     let mut backbone = DFlashInitConfig::new(plan.layers, plan.block_size, plan.mask_token_id.unwrap_or_else(|| crate::drafter::default_mask_token(tc)));
     backbone.target_layer_ids = plan.target_layer_ids.clone();
@@ -352,6 +362,8 @@ pub struct EvalPlan {
     pub block_size: Option<usize>,
     pub seed: u64,
     pub weights: WeightsMode,
+    /// Where the target and drafters compute.
+    pub device: DeviceChoice,
     /// A system message for every request (None: the template's default).
     pub system: Option<String>,
     pub out: PathBuf,
@@ -374,6 +386,7 @@ impl EvalPlan {
             block_size: None,
             seed: 0,
             weights: WeightsMode::Q8,
+            device: DeviceChoice::default(),
             system: None,
             out: out.to_path_buf(),
             command: String::new(),
@@ -504,7 +517,7 @@ fn load_drafters(plan: &EvalPlan, m: &LoadedModel) -> Result<(Vec<EvalDrafter<'s
     let (mut drafters, mut settings) = (Vec::new(), Vec::new());
     for EvalDrafterSpec { label, dir, block_size } in &plan.drafters {
         let err = |source| StageError::Drafter { path: dir.display().to_string(), source };
-        let d = AnyDrafter::load(dir, m.target.config()).map_err(err)?;
+        let d = AnyDrafter::load_for(dir, &m.target).map_err(err)?;
         let trained = d.block_size();
         let (d, block_choice) = match block_size.or(plan.block_size) {
             Some(b) => (d.at_block_size(b).map_err(err)?, None),
@@ -521,7 +534,7 @@ fn load_drafters(plan: &EvalPlan, m: &LoadedModel) -> Result<(Vec<EvalDrafter<'s
             trained_block_size: trained,
             block_choice,
         });
-        drafters.push(EvalDrafter::new(label.clone(), d.into_proposer()));
+        drafters.push(EvalDrafter::new(label.clone(), d.into_proposer_on(m.target.backend())));
     }
     Ok((drafters, settings))
 }
@@ -532,7 +545,7 @@ pub fn evaluate(plan: &EvalPlan, progress: &dyn Progress) -> Result<EvalOutcome,
     // 1. Everything loaded and checked before the first generation.
     plan.validate()?;
     let benchmarks = load_benchmarks(&plan.benchmarks, plan.limit, plan.seed)?;
-    let m = load(&plan.model, plan.weights)?;
+    let m = load(&plan.model, plan.weights, plan.device)?;
     if !m.tokenizer.has_chat_template() {
         return Err(StageError::Invalid(format!(
             "model {} has no chat template; the benchmarks are chat prompts (give a model whose tokenizer_config.json or GGUF carries one)",

@@ -220,7 +220,7 @@ fn admit<'t>(target: &'t Target, drafter: Option<&DrafterTemplate>, jobs: Vec<Jo
     // 1. Validate.
     let mut ready: Vec<(Job, Prefill<'t>)> = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let proposer = drafter.map(|d| d.proposer() as Box<dyn crate::spec::Proposer>);
+        let proposer = drafter.map(|d| d.proposer_on(target.backend()) as Box<dyn crate::spec::Proposer>);
         match catch_unwind(AssertUnwindSafe(|| Generation::prepare(target, proposer, &job.prompt_ids, &job.cfg))) {
             Ok(Ok(p)) => ready.push((job, p)),
             Ok(Err(e)) => {

@@ -8,7 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::drafter::{AnyDrafter, DrafterError};
-use crate::model::{load_model, LoadError, LoadedModel, WeightsMode};
+use crate::model::{load_model_on, LoadError, LoadedModel, WeightsMode};
+use crate::nn::{DeviceChoice, DeviceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeLoadError {
@@ -18,6 +19,8 @@ pub enum ServeLoadError {
     Drafter { path: PathBuf, source: DrafterError },
     #[error("--block-size {requested}: {what}")]
     BlockSize { requested: usize, what: String },
+    #[error(transparent)]
+    Device(#[from] DeviceError),
 }
 
 /// A loaded drafter, from which each request gets its own proposer ([`AnyDrafter::proposer`]:
@@ -33,8 +36,9 @@ pub struct Served {
 /// Loads `model` (`smollm2` or a path) and, with `drafter`, a DFlash or Domino drafter checked
 /// against it. `block_size` lowers a DFlash drafter's block (the weights do not depend on it;
 /// a smaller block verifies more cheaply).
-pub fn load(model: &str, weights: WeightsMode, drafter: Option<&Path>, block_size: Option<usize>) -> Result<Served, ServeLoadError> {
-    let m = load_model(model, weights).map_err(|source| ServeLoadError::Model { model: model.to_string(), source })?;
+pub fn load(model: &str, weights: WeightsMode, device: DeviceChoice, drafter: Option<&Path>, block_size: Option<usize>) -> Result<Served, ServeLoadError> {
+    let backend = device.backend()?;
+    let m = load_model_on(model, weights, &backend).map_err(|source| ServeLoadError::Model { model: model.to_string(), source })?;
     let drafter = match drafter {
         None => {
             if let Some(b) = block_size {
@@ -44,7 +48,7 @@ pub fn load(model: &str, weights: WeightsMode, drafter: Option<&Path>, block_siz
         }
         Some(dir) => {
             let err = |source| ServeLoadError::Drafter { path: dir.to_path_buf(), source };
-            let d = AnyDrafter::load(dir, m.target.config()).map_err(err)?;
+            let d = AnyDrafter::load_for(dir, &m.target).map_err(err)?;
             Some(match block_size {
                 Some(b) => d.at_block_size(b).map_err(err)?,
                 None => d,

@@ -54,7 +54,17 @@ impl RunDir {
     /// Opens `cfg.out`: refuses a directory holding another run unless `resume`, refuses to
     /// resume with a different config, then writes the config (atomically).
     pub fn open(cfg: &TrainConfig, resume: bool) -> Result<RunDir, TrainError> {
+        Self::open_as(cfg, resume, true)
+    }
+
+    /// [`RunDir::open`] for one rank of a data-parallel run: only the primary rank (rank 0)
+    /// creates the directory and writes the config; the others read what it resumes from.
+    pub fn open_as(cfg: &TrainConfig, resume: bool, primary: bool) -> Result<RunDir, TrainError> {
         let out = cfg.out.clone();
+        if !primary {
+            let latest = Self::read_latest(&out, resume)?;
+            return Ok(RunDir { out, config_hash: config_hash(cfg), latest });
+        }
         std::fs::create_dir_all(&out).map_err(io_err(&out))?;
         let cfg_path = out.join("config.json");
         let hash = config_hash(cfg);
@@ -77,16 +87,18 @@ impl RunDir {
         }
         let cfg_json = serde_json::to_string_pretty(cfg).map_err(|e| TrainError::Setup(e.to_string()))?;
         write_atomically(&cfg_path, cfg_json.as_bytes())?;
-        let latest_path = out.join("checkpoints").join("latest.json");
-        let latest = if resume && latest_path.exists() {
-            let text = std::fs::read_to_string(&latest_path).map_err(io_err(&latest_path))?;
-            let s: CheckpointState =
-                serde_json::from_str(&text).map_err(|e| TrainError::Setup(format!("{}: {e}", latest_path.display())))?;
-            Some(s)
-        } else {
-            None
-        };
+        let latest = Self::read_latest(&out, resume)?;
         Ok(RunDir { out, config_hash: hash, latest })
+    }
+
+    fn read_latest(out: &Path, resume: bool) -> Result<Option<CheckpointState>, TrainError> {
+        let latest_path = out.join("checkpoints").join("latest.json");
+        if !(resume && latest_path.exists()) {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&latest_path).map_err(io_err(&latest_path))?;
+        let s: CheckpointState = serde_json::from_str(&text).map_err(|e| TrainError::Setup(format!("{}: {e}", latest_path.display())))?;
+        Ok(Some(s))
     }
 
     pub fn checkpoints(&self) -> PathBuf {

@@ -1,206 +1,212 @@
-//! The memory plan of a training run: what one device holds, computed from the shapes before the
-//! first step, so that a user sees whether a run fits (and which lever to pull) before loading an
-//! 8B target onto a GPU.
+//! The memory plan of a training run: what each device holds, computed from the config's shapes
+//! (not measured), printed when training starts.
 //!
-//! The plan counts what this trainer allocates, item by item:
-//! - **target weights**: the whole frozen target, at its storage precision (the q8 CPU path keeps
-//!   34 bytes per 32 weights; bf16 is 2 bytes). The trainer loads the whole target whether features
-//!   come from the prepared cache or are computed online.
-//! - **LM head copy**: the frozen LM head in f32, which the chunked head reads.
-//! - **drafter**: f32 master weights, f32 gradients and AdamW's two f32 moments (16 bytes per
-//!   trainable parameter), plus a working copy in the compute precision when that is not f32.
-//! - **attention**: the training attention keeps about 6 × heads × rows × context floats per layer
-//!   (scores, their softmax and the pieces of the composition autograd saves; see
-//!   `drafter::dflash`), rows = anchors × block. It dominates at the paper's shape.
-//! - **layer activations**: per query row the saved inputs and outputs of norms, projections and the
-//!   MLP (5H + 2·q + 2·kv + 4I floats per row), per context row the context keys and values.
-//! - **context features**: the tapped target hidden states (n_taps × H per token) and the context
-//!   after `fc` and `hidden_norm`.
-//! - **LM head**: the chunked head's reused buffers, two chunk_rows × V f32 blocks (logits and
-//!   gradient rows); `head.chunk_rows` is the lever.
+//! Per training process (one GPU, or the CPU):
 //!
-//! Every sequence of a micro-batch is alive at once in the backward; `grad_accum` spreads a batch
-//! over micro-batches without adding memory. Estimates of activations are upper bounds of what the
-//! graph keeps, not allocator measurements.
+//! ```text
+//! target weights      embedding f32 (V·H·4) + linears and LM head at `weight_bytes` each
+//! LM head for the CE  the head's f32 copy, V·H·4 (the training head reads f32)
+//! drafter weights     P·4 (f32 masters), gradients P·4
+//! optimizer           AdamW m and v, 2·P·4 — in host memory (`optim.rs` steps on the host)
+//! features            S·T·n_taps·H·4 (the micro-batch's target taps, f32)
+//! drafter activations per sequence and layer, saved for the backward (R = anchors·B rows):
+//!                     R·(6H + (nh + 2·nkv)·hd + 4I) + T·2·nkv·hd + 2·anchors·nh·B·(T + B)
+//!                     (residual/norm/attention rows, q/k/v, the MLP, context K/V, and the
+//!                     block-vs-context attention scores and their softmax), × layers × S
+//! head chunk          chunk_rows·V·4 × 2 (CPU kernel: logits and gradient rows) or × 6 (generic
+//!                     head: logits, log-softmax, exp, softmax, one-hot, gradient rows)
+//! online target pass  KV cache T·L·2·nkv·hd·4 + one layer's rows T·(3H + 3I)·4
+//! ```
+//!
+//! S = batch_sequences, T = the longest training sequence, P = the drafter's parameters. The
+//! formula leaves out allocator slack and candle's temporaries (a few row-sized buffers).
 
-use crate::model::TargetConfig;
+use super::config::TrainConfig;
+use super::trainable::TrainableDrafter;
+use crate::model::{Target, TargetConfig, WeightsMode};
+use crate::nn::KernelPath;
 
-/// Bytes per element of the compute precision (activations and the drafter's working weights).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    F32,
-    Bf16,
-}
-
-impl Precision {
-    pub fn bytes(self) -> u64 {
-        match self {
-            Precision::F32 => 4,
-            Precision::Bf16 => 2,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
-        }
-    }
-}
-
-/// The shapes a plan is computed from.
+/// The shapes the plan is computed from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemoryShape {
     pub target: TargetConfig,
-    /// Bytes per target weight as stored (q8: 34/32; bf16: 2; f32: 4).
-    pub target_bytes_per_weight: f64,
-    /// Trainable drafter parameters (Σ over its tensors).
-    pub drafter_params: u64,
+    /// Bytes per element of the target's linears and LM head: 4 for f32, 2 for bf16 (CUDA),
+    /// 34/32 for the q8 blocks (int8 + an f16 scale per 32).
+    pub weight_bytes: f64,
     pub drafter_layers: usize,
+    pub drafter_parameters: usize,
+    pub taps: usize,
     pub block_size: usize,
-    pub num_anchors: usize,
-    /// Sequences per micro-batch.
-    pub batch_sequences: usize,
-    /// Longest sequence (tokens).
+    pub anchors: usize,
     pub seq_len: usize,
-    pub num_taps: usize,
+    pub batch_sequences: usize,
     pub chunk_rows: usize,
-    pub compute: Precision,
+    /// The generic head (any non-CPU-kernel device) or the CPU kernel.
+    pub generic_head: bool,
 }
 
 /// One line of the plan.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MemoryItem {
+pub struct MemoryLine {
     pub what: &'static str,
-    pub bytes: u64,
-    /// How the figure is made, in words and numbers.
-    pub how: String,
+    pub bytes: f64,
+    /// Host memory rather than the device's.
+    pub host: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemoryPlan {
-    pub items: Vec<MemoryItem>,
+    pub lines: Vec<MemoryLine>,
 }
 
-/// Parameters of a target of this config (embeddings, every layer, final norm, LM head if untied).
-pub fn target_params(t: &TargetConfig) -> u64 {
-    let (h, i, v) = (t.hidden_size as u64, t.intermediate_size as u64, t.vocab_size as u64);
-    let (q, kv) = ((t.num_attention_heads * t.head_dim) as u64, (t.num_key_value_heads * t.head_dim) as u64);
-    let bias = if t.attention_bias { q + 2 * kv } else { 0 };
-    let qk_norm = if t.qk_norm { 2 * t.head_dim as u64 } else { 0 };
-    let layer = h * q + 2 * h * kv + q * h + bias + 3 * h * i + 2 * h + qk_norm;
-    let head = if t.tie_word_embeddings { 0 } else { v * h };
-    v * h + t.num_hidden_layers as u64 * layer + h + head
+const GIB: f64 = (1u64 << 30) as f64;
+
+impl MemoryShape {
+    /// The shape of a run: `target` as loaded, the drafter as built, the config's batch, and
+    /// `seq_len` (the longest training sequence).
+    pub fn of_run(target: &Target, drafter: &dyn TrainableDrafter, cfg: &TrainConfig, seq_len: usize) -> Self {
+        let backend = target.backend();
+        let weight_bytes = match (backend.path(), target.weights_mode()) {
+            (KernelPath::Generic, _) => backend.compute_dtype().size_in_bytes() as f64,
+            (KernelPath::Cpu, WeightsMode::F32) => 4.0,
+            (KernelPath::Cpu, _) => 34.0 / 32.0,
+        };
+        let vars = drafter.named_vars();
+        MemoryShape {
+            target: target.config().clone(),
+            weight_bytes,
+            drafter_layers: vars.iter().filter(|(n, _)| n.starts_with("layers.") && n.ends_with(".input_layernorm.weight")).count(),
+            drafter_parameters: vars.iter().map(|(_, v)| v.elem_count()).sum(),
+            taps: drafter.target_layer_ids().len(),
+            block_size: drafter.block_size(),
+            anchors: cfg.num_anchors,
+            seq_len,
+            batch_sequences: cfg.batch_sequences,
+            chunk_rows: cfg.head.chunk_rows,
+            generic_head: backend.path() == KernelPath::Generic,
+        }
+    }
+
+    /// The target's parameters: (embedding, linears + LM head, norms).
+    pub fn target_parameters(&self) -> (f64, f64, f64) {
+        let c = &self.target;
+        let (h, i, l, v) = (c.hidden_size as f64, c.intermediate_size as f64, c.num_hidden_layers as f64, c.vocab_size as f64);
+        let (q, kv) = ((c.num_attention_heads * c.head_dim) as f64, (c.num_key_value_heads * c.head_dim) as f64);
+        let per_layer = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
+        let norms = l * 2.0 * h + h + if c.qk_norm { l * 2.0 * c.head_dim as f64 } else { 0.0 };
+        (v * h, l * per_layer + v * h, norms)
+    }
+
+    pub fn plan(&self) -> MemoryPlan {
+        let c = &self.target;
+        let f = |x: usize| x as f64;
+        let (h, i, v, t) = (f(c.hidden_size), f(c.intermediate_size), f(c.vocab_size), f(self.seq_len));
+        let (nh, nkv, hd) = (f(c.num_attention_heads), f(c.num_key_value_heads), f(c.head_dim));
+        let (b, a, s) = (f(self.block_size), f(self.anchors), f(self.batch_sequences));
+        let (embed, linears, norms) = self.target_parameters();
+        let p = f(self.drafter_parameters);
+        let rows = a * b;
+        let per_layer = rows * (6.0 * h + (nh + 2.0 * nkv) * hd + 4.0 * i) + t * 2.0 * nkv * hd + 2.0 * a * nh * b * (t + b);
+        let head_buffers = if self.generic_head { 6.0 } else { 2.0 };
+        let line = |what, bytes, host| MemoryLine { what, bytes, host };
+        MemoryPlan {
+            lines: vec![
+                line("target weights", embed * 4.0 + linears * self.weight_bytes + norms * 4.0, false),
+                line("LM head f32 copy for the CE", v * h * 4.0, false),
+                line("drafter weights (f32 masters)", p * 4.0, false),
+                line("drafter gradients (f32)", p * 4.0, false),
+                line("optimizer state (AdamW m, v; f32)", 2.0 * p * 4.0, true),
+                line("target features of the micro-batch", s * t * f(self.taps) * h * 4.0, false),
+                line("drafter activations for the backward", per_layer * f(self.drafter_layers) * s * 4.0, false),
+                line("LM head / CE chunk", f(self.chunk_rows) * v * 4.0 * head_buffers, false),
+                line("online target forward (KV cache + one layer)", t * f(c.num_hidden_layers) * 2.0 * nkv * hd * 4.0 + t * (3.0 * h + 3.0 * i) * 4.0, false),
+            ],
+        }
+    }
 }
 
 impl MemoryPlan {
-    pub fn new(s: &MemoryShape) -> Self {
-        let t = &s.target;
-        let c = s.compute.bytes();
-        let (h, i, v) = (t.hidden_size as u64, t.intermediate_size as u64, t.vocab_size as u64);
-        let (heads, hd) = (t.num_attention_heads as u64, t.head_dim as u64);
-        let (q, kv) = (heads * hd, t.num_key_value_heads as u64 * hd);
-        let seqs = s.batch_sequences.max(1) as u64;
-        let rows = (s.num_anchors * s.block_size) as u64;
-        let ctx = s.seq_len as u64;
-        let layers = s.drafter_layers as u64;
-        let p = s.drafter_params;
-        let tp = target_params(t);
-
-        let target_bytes = (tp as f64 * s.target_bytes_per_weight).round() as u64;
-        let working = if s.compute == Precision::F32 { 0 } else { p * c };
-        let attn = 6 * heads * rows * ctx * c * layers * seqs;
-        let per_row = 5 * h + 2 * q + 2 * kv + 4 * i;
-        let per_ctx_row = 4 * kv;
-        let acts = (rows * per_row + ctx * per_ctx_row) * c * layers * seqs;
-        let features = ctx * (s.num_taps as u64 * h + 2 * h) * c * seqs;
-        let chunk = (s.chunk_rows / s.block_size.max(1)).max(1) as u64 * s.block_size as u64;
-        let head = 2 * chunk.min(rows * seqs) * v * 4;
-        let items = vec![
-            MemoryItem {
-                what: "target weights",
-                bytes: target_bytes,
-                how: format!("{} params × {} B", fmt_count(tp), trim(s.target_bytes_per_weight)),
-            },
-            MemoryItem {
-                what: "LM head, f32 copy",
-                bytes: v * h * 4,
-                how: format!("{v} vocab × {h} × 4 B (the chunked head reads f32)"),
-            },
-            MemoryItem {
-                what: "drafter weights, grads, AdamW",
-                bytes: 16 * p + working,
-                how: format!(
-                    "{} params × (4 master + 4 grad + 8 moments{}) B",
-                    fmt_count(p),
-                    if working > 0 { format!(" + {c} {}", s.compute.as_str()) } else { String::new() }
-                ),
-            },
-            MemoryItem {
-                what: "attention (training)",
-                bytes: attn,
-                how: format!(
-                    "6 × {heads} heads × {rows} rows × {ctx} context × {layers} layers × {seqs} seq × {c} B"
-                ),
-            },
-            MemoryItem {
-                what: "layer activations",
-                bytes: acts,
-                how: format!("({rows} rows × {per_row} + {ctx} ctx × {per_ctx_row}) × {layers} layers × {seqs} seq × {c} B"),
-            },
-            MemoryItem {
-                what: "context features",
-                bytes: features,
-                how: format!("{ctx} tokens × ({} taps + 2) × {h} × {seqs} seq × {c} B", s.num_taps),
-            },
-            MemoryItem {
-                what: "LM head chunks",
-                bytes: head,
-                how: format!("2 × {} rows × {v} vocab × 4 B (head.chunk_rows)", chunk.min(rows * seqs)),
-            },
-        ];
-        MemoryPlan { items }
+    /// Bytes on the device (GPU, or the CPU's memory when training there).
+    pub fn device_bytes(&self) -> f64 {
+        self.lines.iter().filter(|l| !l.host).map(|l| l.bytes).sum()
     }
 
-    pub fn total(&self) -> u64 {
-        self.items.iter().map(|i| i.bytes).sum()
+    pub fn host_bytes(&self) -> f64 {
+        self.lines.iter().filter(|l| l.host).map(|l| l.bytes).sum()
     }
 
-    /// Whether the plan fits `gib` GiB, keeping 10% for the allocator and the runtime.
-    pub fn fits(&self, gib: f64) -> bool {
-        (self.total() as f64) <= gib * 0.9 * (1u64 << 30) as f64
-    }
-
-    /// The plan as aligned text lines, largest lever first in the note.
-    pub fn table(&self) -> String {
-        let mut s = String::new();
-        for i in &self.items {
-            s.push_str(&format!("  {:<30} {:>10}   {}\n", i.what, fmt_bytes(i.bytes), i.how));
+    /// The plan as lines of text, GiB with two decimals, computed (not measured).
+    pub fn render(&self, device: &str) -> String {
+        let mut out = format!("memory plan per process on {device} (computed from the shapes, not measured):\n");
+        for l in &self.lines {
+            out.push_str(&format!("  {:<46} {:>8.2} GiB{}\n", l.what, l.bytes / GIB, if l.host { " (host)" } else { "" }));
         }
-        s.push_str(&format!("  {:<30} {:>10}", "total (estimate)", fmt_bytes(self.total())));
-        s
+        out.push_str(&format!("  {:<46} {:>8.2} GiB, + {:.2} GiB host", "total on the device", self.device_bytes() / GIB, self.host_bytes() / GIB));
+        out
     }
 }
 
-fn trim(x: f64) -> String {
-    let s = format!("{x:.4}");
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Family;
 
-fn fmt_count(n: u64) -> String {
-    match n {
-        n if n >= 1_000_000_000 => format!("{:.2} G", n as f64 / 1e9),
-        n if n >= 1_000_000 => format!("{:.1} M", n as f64 / 1e6),
-        n => format!("{n}"),
+    fn tiny() -> TargetConfig {
+        TargetConfig {
+            family: Family::Qwen3,
+            vocab_size: 100,
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 4,
+            rope_theta: 1e4,
+            rms_norm_eps: 1e-6,
+            max_position_embeddings: 64,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            qk_norm: true,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        }
     }
-}
 
-/// Bytes in binary units (MiB / GiB).
-pub fn fmt_bytes(b: u64) -> String {
-    let gib = b as f64 / (1u64 << 30) as f64;
-    if gib >= 1.0 {
-        format!("{gib:.2} GiB")
-    } else {
-        format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)
+    #[test]
+    fn the_plan_of_a_small_shape_equals_a_hand_computation() {
+        let shape = MemoryShape {
+            target: tiny(),
+            weight_bytes: 2.0,
+            drafter_layers: 1,
+            drafter_parameters: 1000,
+            taps: 2,
+            block_size: 4,
+            anchors: 3,
+            seq_len: 10,
+            batch_sequences: 2,
+            chunk_rows: 6,
+            generic_head: true,
+        };
+        // By hand. Target: embedding 100·8 = 800; per layer q 8·8 = 64, k and v 8·4 = 32 each,
+        // o 64, MLP 3·8·16 = 384 → 576, × 2 layers = 1152, + LM head 800 = 1952 linears;
+        // norms 2·2·8 + 8 + 2·2·4 = 56.
+        assert_eq!(shape.target_parameters(), (800.0, 1952.0, 56.0));
+        let p = shape.plan();
+        let bytes = |what: &str| p.lines.iter().find(|l| l.what == what).unwrap().bytes;
+        assert_eq!(bytes("target weights"), 800.0 * 4.0 + 1952.0 * 2.0 + 56.0 * 4.0);
+        assert_eq!(bytes("LM head f32 copy for the CE"), 3200.0);
+        assert_eq!(bytes("drafter weights (f32 masters)"), 4000.0);
+        assert_eq!(bytes("optimizer state (AdamW m, v; f32)"), 8000.0);
+        assert_eq!(bytes("target features of the micro-batch"), 2.0 * 10.0 * 2.0 * 8.0 * 4.0);
+        // Activations: R = 12 rows; 12·(48 + 4·4 + 64) = 1536; context K/V 10·2·4 = 80;
+        // scores 2·3·2·4·14 = 672 → 2288 per layer and sequence, × 1 layer × 2 sequences × 4 B.
+        assert_eq!(bytes("drafter activations for the backward"), 2288.0 * 2.0 * 4.0);
+        assert_eq!(bytes("LM head / CE chunk"), 6.0 * 100.0 * 4.0 * 6.0);
+        // KV cache 10 positions · 2 layers · (k, v) · 1 kv head · 4 dims · 4 B = 640; one layer
+        // 10·(24 + 48)·4 = 2880.
+        assert_eq!(bytes("online target forward (KV cache + one layer)"), 640.0 + 2880.0);
+        assert_eq!(p.host_bytes(), 8000.0);
+        assert_eq!(p.device_bytes(), p.lines.iter().map(|l| l.bytes).sum::<f64>() - 8000.0);
+        assert!(p.render("cuda:0").contains("not measured"));
     }
 }

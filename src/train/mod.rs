@@ -16,5 +16,6 @@ pub mod head;
 pub mod memory;
 pub mod objective;
 pub mod optim;
+pub mod parallel;
 pub mod trainable;
 pub mod trainer;

@@ -26,8 +26,6 @@ pub struct TrainRows {
 pub trait TrainableDrafter {
     fn layout(&self) -> BlockLayout;
     fn block_size(&self) -> usize;
-    /// Decoder layers (the backbone's, for Domino).
-    fn num_layers(&self) -> usize;
     fn mask_token_id(&self) -> u32;
     fn target_layer_ids(&self) -> Vec<usize>;
     fn named_vars(&self) -> Vec<(String, Var)>;
@@ -46,9 +44,6 @@ impl TrainableDrafter for DFlashDrafter {
     }
     fn block_size(&self) -> usize {
         DFlashDrafter::block_size(self)
-    }
-    fn num_layers(&self) -> usize {
-        self.config().num_hidden_layers
     }
     fn mask_token_id(&self) -> u32 {
         DFlashDrafter::mask_token_id(self)
@@ -76,9 +71,6 @@ impl TrainableDrafter for DominoDrafter {
     }
     fn block_size(&self) -> usize {
         DominoDrafter::block_size(self)
-    }
-    fn num_layers(&self) -> usize {
-        self.backbone().config().num_hidden_layers
     }
     fn mask_token_id(&self) -> u32 {
         DominoDrafter::mask_token_id(self)
@@ -131,13 +123,14 @@ pub fn build_drafter(cfg: &TrainConfig, target: &Target) -> Result<AnyDrafter, T
                 dir.display(),
             )));
         }
-        return Ok(AnyDrafter::load(dir, target.config())?);
+        return Ok(AnyDrafter::load_for(dir, target)?);
     }
     let mask = spec.mask_token_id.unwrap_or_else(|| crate::drafter::default_mask_token(target.config()));
     let mut backbone = DFlashInitConfig::new(spec.layers, spec.block_size, mask);
     backbone.target_layer_ids = spec.target_layer_ids.clone();
     let init = DrafterInit { kind: spec.kind, backbone, gru_hidden_dim: spec.gru_hidden_dim, emb_dim: spec.emb_dim };
-    let drafter = AnyDrafter::init_random(target.config(), &init, cfg.seed)?;
+    // Drawn in host memory (reproducible from the seed on any device), then moved to the target's.
+    let drafter = AnyDrafter::init_random(target.config(), &init, cfg.seed)?.to_device(target.device())?;
     init_final_norm_from_target(&drafter.named_vars(), target, drafter.mask_token_id())?;
     if let Some(ids) = &spec.init_layers_from_target {
         init_layers_from_target(&drafter.named_vars(), target, ids, drafter.target_layer_ids())?;
@@ -198,7 +191,7 @@ pub fn init_layers_from_target(vars: &[(String, Var)], target: &Target, from: &[
         for r in 0..h {
             w[r * fc_in + k * h + r] = 1.0;
         }
-        set("fc.weight", &Tensor::from_vec(w, (h, fc_in), &candle_core::Device::Cpu)?)?;
+        set("fc.weight", &Tensor::from_vec(w, (h, fc_in), fc.device())?)?;
         if let Some(norm) = &first_input_norm {
             set("hidden_norm.weight", norm)?;
         }

@@ -20,16 +20,17 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{io_err, CheckpointState, RunDir};
 use super::config::{DistillSpec, TrainConfig};
-use super::head::{BaseSupport, ChunkedHead, DeltaBranch, HeadInput, SoftTargets};
-use super::memory::{MemoryPlan, MemoryShape, Precision};
+use super::head::{BaseSupport, DeltaBranch, Head, HeadInput, SoftTargets};
 use super::objective::{BlockMetrics, MetricCounts, ResolvedObjective};
 use super::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
+use super::memory::MemoryShape;
+use super::parallel::{all_reduce_for, AllReduce, World};
 use super::trainable::{base_ce_weight, build_drafter, trainable, TrainableDrafter};
 use crate::data::features::{target_features, FeatureCache, SoftLabels};
 use crate::data::{Dataset, ModelIdentity, Split};
 use crate::drafter::blocks::{build_blocks, sample_anchors, step_rng};
 use crate::drafter::AnyDrafter;
-use crate::model::{LoadedModel, Target, WeightsMode};
+use crate::model::{LoadedModel, Target};
 use crate::util::progress::{Progress, Silent, Unit};
 
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +121,7 @@ impl<'a> FeatureSource<'a> {
 
     pub fn get(&mut self, idx: usize, ids: &[u32]) -> Result<Tensor, TrainError> {
         if let Some(disk) = &self.disk {
-            return Ok(disk.get(idx)?.to_dtype(DType::F32)?);
+            return Ok(disk.get(idx)?.to_dtype(DType::F32)?.to_device(self.target.device())?);
         }
         if let Some(t) = self.memory.get(&idx) {
             return Ok(t.to_dtype(DType::F32)?);
@@ -144,7 +145,7 @@ pub fn evaluate(
     target: &Target,
     drafter: &dyn TrainableDrafter,
     objective: &ResolvedObjective,
-    head: &mut ChunkedHead,
+    head: &mut Head,
     lm_head: &Tensor,
     data: &Dataset,
     features: &mut FeatureSource<'_>,
@@ -199,6 +200,8 @@ pub struct RunOptions {
     pub resume: bool,
     /// Stop (as if killed) after this step; for tests of resume.
     pub stop_after: Option<u64>,
+    /// This process's rank among data-parallel processes (world size 1 by default).
+    pub world: World,
 }
 
 /// What a finished (or stopped) run returns.
@@ -226,30 +229,39 @@ pub fn train(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions) -> Resul
 /// [`train`], reporting each step to `progress`.
 pub fn train_with(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, progress: &dyn Progress) -> Result<RunSummary, TrainError> {
     // 1. Run directory, data, drafter, optimiser (from the latest checkpoint when resuming).
-    let run = RunDir::open(cfg, opts.resume)?;
-    let mut session = Session::new(model, cfg, &run)?;
-    let plan = session.memory_plan()?;
-    progress.note(&format!("memory plan (per device, estimated from the shapes):\n{}", plan.table()));
+    //    Rank 0 alone writes the run directory (DESIGN §7.11, `parallel`).
+    let primary = opts.world.is_primary();
+    let run = RunDir::open_as(cfg, opts.resume, primary)?;
+    let mut session = Session::new(model, cfg, &run, all_reduce_for(opts.world)?)?;
+    let shape = MemoryShape::of_run(&model.target, session.drafter.as_ref(), cfg, session.train_data.max_len());
+    progress.note(&shape.plan().render(&model.target.backend().describe()));
     let mut state = run.start_state();
-    run.reset_metrics()?;
+    if primary {
+        run.reset_metrics()?;
+    }
     let eval_before = if run.latest.is_none() { session.held_out()? } else { None };
 
     // 2. The loop: one optimizer step, metrics line, checkpoint when due.
     let metrics_path = run.metrics_path();
-    let mut metrics_file = std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(io_err(&metrics_path))?;
+    let mut metrics_file = match primary {
+        true => Some(std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(io_err(&metrics_path))?),
+        false => None,
+    };
     progress.phase("train", Some(cfg.steps), state.step, Unit::Items);
     let mut last = None;
     while state.step < cfg.steps {
         let line = session.step(&mut state)?;
         let json = serde_json::to_string(&line).map_err(|e| TrainError::Setup(e.to_string()))?;
-        writeln!(metrics_file, "{json}").and_then(|()| metrics_file.flush()).map_err(io_err(&metrics_path))?;
+        if let Some(f) = metrics_file.as_mut() {
+            writeln!(f, "{json}").and_then(|()| f.flush()).map_err(io_err(&metrics_path))?;
+        }
         state.metrics_lines += 1;
         progress.update(
             state.step,
             &format!("loss {:.3} acc {:.3} accept {:.2} {:.0} tok/s", line.loss, line.acc, line.accept_len, line.tokens_per_s),
         );
         last = Some(line);
-        if state.step % cfg.checkpoint_every == 0 || state.step == cfg.steps {
+        if primary && (state.step % cfg.checkpoint_every == 0 || state.step == cfg.steps) {
             run.save(session.drafter.as_ref(), &session.optim, &state)?;
         }
         if opts.stop_after == Some(state.step) && state.step < cfg.steps {
@@ -261,7 +273,9 @@ pub fn train_with(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, pro
 
     // 3. The trained drafter, in the DFlash / SpecForge format.
     let final_dir = run.out.join("final");
-    session.drafter.save(&final_dir)?;
+    if primary {
+        session.drafter.save(&final_dir)?;
+    }
     let eval_after = last.as_ref().and_then(|l| l.eval.clone());
     Ok(RunSummary { steps_done: state.step, final_dir: Some(final_dir), last, eval_before, eval_after })
 }
@@ -277,15 +291,17 @@ struct Session<'a> {
     features: FeatureSource<'a>,
     eval_features: FeatureSource<'a>,
     lm_head: Tensor,
-    head: ChunkedHead,
+    head: Head,
     optim: AdamW,
     /// The data order of `order_epoch` (a seeded shuffle per epoch).
     order: Vec<usize>,
     order_epoch: u64,
+    /// Averages gradients and the loss over the ranks (a no-op at world size 1).
+    reducer: Box<dyn AllReduce>,
 }
 
 impl<'a> Session<'a> {
-    fn new(model: &'a LoadedModel, cfg: &'a TrainConfig, run: &RunDir) -> Result<Self, TrainError> {
+    fn new(model: &'a LoadedModel, cfg: &'a TrainConfig, run: &RunDir, reducer: Box<dyn AllReduce>) -> Result<Self, TrainError> {
         let target = &model.target;
         let train_data = Dataset::open(&cfg.data, Split::Train)?;
         let eval_data = Dataset::open(&cfg.data, Split::Eval).ok().filter(|d| d.len() > 0);
@@ -293,7 +309,7 @@ impl<'a> Session<'a> {
             return Err(TrainError::Setup(format!("{}: the training split is empty", cfg.data.display())));
         }
         let drafter: AnyDrafter = match &run.latest {
-            Some(s) => AnyDrafter::load(&run.checkpoint(s.step), target.config())?,
+            Some(s) => AnyDrafter::load_for(&run.checkpoint(s.step), target)?,
             None => build_drafter(cfg, target)?,
         };
         let drafter = trainable(drafter);
@@ -333,36 +349,12 @@ impl<'a> Session<'a> {
             features,
             eval_features,
             lm_head: target.lm_head_weight_f32()?,
-            head: ChunkedHead::new(cfg.head.clone()),
+            head: Head::for_backend(cfg.head.clone(), target.backend()),
             optim,
             order: Vec::new(),
             order_epoch: u64::MAX,
+            reducer,
         })
-    }
-
-    /// The memory this run needs, from the target's and the drafter's shapes, the batch and the
-    /// longest training sequence.
-    fn memory_plan(&self) -> Result<MemoryPlan, TrainError> {
-        let c = self.cfg;
-        let seq_len = (0..self.train_data.len()).map(|i| self.train_data.get(i).len()).max().unwrap_or(0);
-        let drafter_params = self.drafter.named_vars().iter().map(|(_, v)| v.as_tensor().elem_count() as u64).sum();
-        let target_bytes_per_weight = match self.target.weights_mode() {
-            WeightsMode::F32 => 4.0,
-            WeightsMode::Q8 | WeightsMode::Native => 34.0 / 32.0,
-        };
-        Ok(MemoryPlan::new(&MemoryShape {
-            target: self.target.config().clone(),
-            target_bytes_per_weight,
-            drafter_params,
-            drafter_layers: self.drafter.num_layers(),
-            block_size: self.drafter.block_size(),
-            num_anchors: c.num_anchors,
-            batch_sequences: c.batch_sequences,
-            seq_len,
-            num_taps: self.drafter.target_layer_ids().len(),
-            chunk_rows: c.head.chunk_rows,
-            compute: Precision::F32,
-        }))
     }
 
     /// Held-out metrics, when the data has an eval split.
@@ -398,13 +390,17 @@ impl<'a> Session<'a> {
     }
 
     /// One micro-batch's sequences with their anchors (drawn from (seed, step, slot)) and features.
+    /// The micro-batch has `batch_sequences` slots per rank; every rank advances the cursor over
+    /// all of them and takes its own ([`World::owns`]), so the ranks together read exactly what
+    /// one process with world × batch_sequences would.
     fn micro_batch(&mut self, state: &mut CheckpointState, micro: usize) -> Result<Vec<BatchItem>, TrainError> {
         let c = self.cfg;
+        let world = self.reducer.world();
+        let global = c.batch_sequences * world.size;
         let mut items = Vec::with_capacity(c.batch_sequences);
-        for s in 0..c.batch_sequences {
-            let idx = self.next_sequence(state);
+        for (s, idx) in world.take(c.batch_sequences, || self.next_sequence(state)) {
             let seq = self.train_data.get(idx);
-            let slot = (micro * c.batch_sequences + s) as u64;
+            let slot = (micro * global + s) as u64;
             let anchors = sample_anchors(&seq.loss_mask, c.num_anchors, &mut step_rng(c.seed, state.step, slot));
             if anchors.is_empty() {
                 continue;
@@ -447,9 +443,14 @@ impl<'a> Session<'a> {
             loss += out.loss / c.grad_accum as f32;
             tokens += out.tokens;
         }
-        let Some(grads) = grads else {
+        let Some(mut grads) = grads else {
             return Err(TrainError::Setup("no sequence in the batch has an anchor position; check the loss masks of the prepared data".into()));
         };
+        // Data parallel: the mean over ranks of gradients and loss (world 1: unchanged).
+        self.reducer.mean_grads(&mut grads, &self.drafter.named_vars())?;
+        let mut scalars = [f64::from(loss)];
+        self.reducer.mean_scalars(&mut scalars)?;
+        let loss = scalars[0] as f32;
         let stats = self.optim.step(&grads)?;
         let secs = t0.elapsed().as_secs_f64();
         let m = counts.summary();
@@ -510,7 +511,7 @@ pub struct MicroBatchOut {
 
 /// Forward of every sequence, one head call over all rows (so the objective normalises over
 /// the whole micro-batch), and the backward of the surrogate scaled by `scale`.
-pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut ChunkedHead, items: &[BatchItem], step: u64, scale: f64) -> Result<MicroBatchOut, TrainError> {
+pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut Head, items: &[BatchItem], step: u64, scale: f64) -> Result<MicroBatchOut, TrainError> {
     let drafter = ctx.drafter;
     let layout = drafter.layout();
     let t0 = Instant::now();

@@ -49,6 +49,7 @@ mod batch;
 mod branch;
 mod forward;
 mod gemm;
+mod generic;
 mod grad;
 mod kernels;
 mod rows;
@@ -65,11 +66,15 @@ use gemm::F32View;
 use grad::GradAcc;
 use rows::ChunkStats;
 
+pub use generic::GenericHead;
+use crate::nn::{Backend, KernelPath};
+
 #[derive(Debug, thiserror::Error)]
 pub enum HeadError {
     #[error(
         "{what} must be an f32 tensor on the CPU (got {dtype:?} on {device}); the chunked head runs \
-         on the CPU: convert with .to_dtype(DType::F32)? and .to_device(&Device::Cpu)?"
+         on the CPU: convert with .to_dtype(DType::F32)? and .to_device(&Device::Cpu)?, or use \
+         Head::for_backend, which picks the generic head on other devices"
     )]
     NotCpuF32 {
         what: &'static str,
@@ -259,6 +264,32 @@ pub fn surrogate_loss(pairs: &[(&Tensor, &Tensor)]) -> candle_core::Result<Tenso
     match total {
         Some(t) => Ok(t),
         None => Tensor::new(0f32, &Device::Cpu),
+    }
+}
+
+/// The LM head/CE behind the kernel seam (DESIGN §7.11): the chunked CPU kernel
+/// ([`ChunkedHead`]) on the CPU kernel path, the tensor-op head ([`GenericHead`]) on the generic
+/// path; both return the same [`HeadOutput`] (tests: `generic_head_*` in this module's tests).
+#[derive(Debug)]
+pub enum Head {
+    Chunked(ChunkedHead),
+    Generic(GenericHead),
+}
+
+impl Head {
+    /// The head for `backend`'s kernel path (pass the target's, `Target::backend`).
+    pub fn for_backend(config: HeadConfig, backend: &Backend) -> Self {
+        match backend.path() {
+            KernelPath::Cpu => Head::Chunked(ChunkedHead::new(config)),
+            KernelPath::Generic => Head::Generic(GenericHead::with_dtype(config, backend.compute_dtype())),
+        }
+    }
+
+    pub fn run(&mut self, objective: &ResolvedObjective, input: &HeadInput<'_>) -> Result<HeadOutput, HeadError> {
+        match self {
+            Head::Chunked(h) => h.run(objective, input),
+            Head::Generic(h) => h.run(objective, input),
+        }
     }
 }
 

@@ -592,6 +592,65 @@ fn distillation_targets_give_the_loss_and_gradient_of_candle_autograd() {
     }
 }
 
+/// The generic head's output against the chunked CPU kernel's on the same input: loss within
+/// 1e-5 relative, every gradient within 1e-5 absolute (the inputs are O(1); both accumulate in f32
+/// in different orders), per-row weights, CE and correctness alike, metrics equal.
+fn assert_generic_matches_chunked(tag: &str, obj: &ResolvedObjective, c: &Case, delta: Option<DeltaBranch<'_>>, chunk_rows: usize) {
+    let want = run_head(chunk_rows, obj, c, delta);
+    let input = HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 0, delta, soft: None };
+    let mut head = Head::for_backend(HeadConfig { chunk_rows }, &Backend::new(Device::Cpu, crate::nn::Kernels::Generic));
+    assert!(matches!(head, Head::Generic(_)));
+    let got = head.run(obj, &input).unwrap();
+    assert!((got.loss - want.loss).abs() < 1e-5 * want.loss.abs().max(1.0), "{tag}: loss {} vs {}", got.loss, want.loss);
+    let dh = max_abs_diff(&got.grad_hidden, &want.grad_hidden);
+    assert!(dh < 1e-5, "{tag}: grad_hidden differs by {dh:e}");
+    assert_eq!(got.rows.correct, want.rows.correct, "{tag}: correctness");
+    assert_eq!(got.rows.metrics, want.rows.metrics, "{tag}: metrics");
+    for (r, (a, b)) in got.rows.weights.iter().zip(&want.rows.weights).enumerate() {
+        assert!((a - b).abs() < 1e-5, "{tag}: weight of row {r}: {a} vs {b}");
+    }
+    for (r, (a, b)) in got.rows.ce.iter().zip(&want.rows.ce).enumerate() {
+        assert!((a - b).abs() < 1e-4, "{tag}: CE of row {r}: {a} vs {b}");
+    }
+    match (&got.delta, &want.delta) {
+        (Some(g), Some(w)) => {
+            let da = max_abs_diff(&g.grad_input, &w.grad_input);
+            let dw = max_abs_diff(&g.grad_weight, &w.grad_weight);
+            assert!(da < 1e-5 && dw < 1e-5, "{tag}: Δa {da:e} ΔW₂ {dw:e}");
+            assert_eq!(g.base.correct, w.base.correct, "{tag}: base correctness");
+            assert!((g.base.loss - w.base.loss).abs() < 1e-5 * w.base.loss.abs().max(1.0), "{tag}: base loss");
+        }
+        (None, None) => {}
+        _ => panic!("{tag}: one head returned a delta branch and the other did not"),
+    }
+    println!("{tag}: loss {} max |Δgrad_h| {dh:e}", got.loss);
+}
+
+#[test]
+fn generic_head_equals_the_chunked_kernel_for_every_objective() {
+    let c = case(1, BlockLayout::dflash(8), 6, 24, 301, 0);
+    for objective in objectives() {
+        let obj = objective.resolve(8).unwrap();
+        for chunk_rows in [16, 512] {
+            assert_generic_matches_chunked(&format!("{} chunk {chunk_rows}", objective.name()), &obj, &c, None, chunk_rows);
+        }
+    }
+}
+
+#[test]
+fn generic_head_equals_the_chunked_kernel_for_domino() {
+    let c = case(5, BlockLayout::domino(8), 5, 16, 211, 6);
+    for objective in [Objective::auf(), Objective::dpace(0.5)] {
+        let obj = objective.resolve(8).unwrap();
+        for support in [BaseSupport::SameAsFinal, BaseSupport::OwnArgmax, BaseSupport::Unmasked] {
+            for lambda in [0.0f32, 0.3, 1.0] {
+                let delta = DeltaBranch { input: &c.a, weight: &c.w2, base_ce_weight: lambda, base_only_prefix: 1, base_support: support };
+                assert_generic_matches_chunked(&format!("{} {support:?} λ={lambda}", objective.name()), &obj, &c, Some(delta), 16);
+            }
+        }
+    }
+}
+
 #[test]
 fn distillation_at_weight_zero_or_onto_the_label_is_hard_label_ce() {
     let vocab = 150;
@@ -642,4 +701,53 @@ fn distillation_at_weight_zero_or_onto_the_label_is_hard_label_ce() {
     assert!(matches!(head.run(&obj, &bad), Err(HeadError::LabelOutOfRange { .. })));
     let bad = HeadInput { soft: Some(SoftTargets { k: 3, ids: &ids, probs: &probs, weight: 1.5 }), ..bad };
     assert!(matches!(head.run(&obj, &bad), Err(HeadError::BadSoftWeight(_))));
+}
+
+#[test]
+fn generic_head_in_bf16_stays_close_to_the_f32_kernel() {
+    // What a CUDA build computes (bf16 products, f32 statistics), run on the CPU.
+    let c = case(2, BlockLayout::dflash(8), 6, 24, 301, 0);
+    let obj = Objective::decay().resolve(8).unwrap();
+    let want = run_head(16, &obj, &c, None);
+    let input = HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 0, delta: None, soft: None };
+    let backend = Backend::new(Device::Cpu, crate::nn::Kernels::Generic).with_compute_dtype(DType::BF16);
+    let mut head = Head::for_backend(HeadConfig { chunk_rows: 16 }, &backend);
+    let got = head.run(&obj, &input).unwrap();
+    let scale = max_abs_diff(&want.grad_hidden, &(&want.grad_hidden * 0.0).unwrap());
+    let dh = max_abs_diff(&got.grad_hidden, &want.grad_hidden);
+    println!("bf16 head: loss {} vs {}, max |Δgrad_h| {dh:e} of {scale:e}", got.loss, want.loss);
+    assert!(dh > 0.0, "bf16 gave the f32 bits: the dtype did not take effect");
+    assert!((got.loss - want.loss).abs() < 0.02 * want.loss.abs(), "loss {} vs {}", got.loss, want.loss);
+    assert!(dh < 0.05 * scale, "grad_h differs by {dh} (scale {scale})");
+}
+
+#[test]
+fn generic_head_equals_the_chunked_kernel_with_distillation_targets() {
+    let vocab = 173;
+    let c = case(13, BlockLayout::dflash(8), 5, 16, vocab, 0);
+    let (ids, probs) = soft_case(&c, 4, vocab, 7);
+    for objective in [Objective::auf(), Objective::decay()] {
+        let obj = objective.resolve(8).unwrap();
+        let input = HeadInput {
+            hidden: &c.h,
+            lm_head: &c.w,
+            labels: &c.labels,
+            valid: &c.valid,
+            layout: c.layout,
+            num_sequences: 1,
+            seed: 0,
+            delta: None,
+            soft: Some(SoftTargets { k: 4, ids: &ids, probs: &probs, weight: 0.6 }),
+        };
+        let want = ChunkedHead::new(HeadConfig { chunk_rows: 16 }).run(&obj, &input).unwrap();
+        let mut head = Head::for_backend(HeadConfig { chunk_rows: 16 }, &Backend::new(Device::Cpu, crate::nn::Kernels::Generic));
+        let got = head.run(&obj, &input).unwrap();
+        assert!((got.loss - want.loss).abs() < 1e-5 * want.loss.abs().max(1.0), "{}: {} vs {}", objective.name(), got.loss, want.loss);
+        let dh = max_abs_diff(&got.grad_hidden, &want.grad_hidden);
+        assert!(dh < 1e-5, "{}: grad_h differs by {dh}", objective.name());
+        assert_eq!(got.rows.weights, want.rows.weights);
+        for (a, b) in got.rows.p_gold.iter().zip(&want.rows.p_gold) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
 }
