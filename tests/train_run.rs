@@ -196,3 +196,23 @@ fn training_on_the_generic_path_matches_the_cpu_kernels_step_for_step() {
         assert_eq!(x.tokens, y.tokens);
     }
 }
+
+#[test]
+fn training_with_activation_checkpointing_follows_the_full_graph_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = prepared(tmp.path(), 8);
+    let extra = ["steps=3", "checkpoint_every=1000", "eval_every=0", "drafter.layers=2", "objective=full"];
+    let (a, b) = (tmp.path().join("full"), tmp.path().join("ckpt"));
+    train(&m, &config(&data, &a, &extra), &RunOptions::default()).unwrap();
+    train(&m, &config(&data, &b, &[&extra[..], &["activation_checkpointing=true"]].concat()), &RunOptions::default()).unwrap();
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    assert_eq!(ma.len(), 3);
+    for (x, y) in ma.iter().zip(&mb) {
+        assert!((x.loss - y.loss).abs() <= 1e-5 * x.loss.abs().max(1.0), "step {}: loss {} vs {}", x.step, x.loss, y.loss);
+        assert!((x.grad_norm - y.grad_norm).abs() <= 1e-5 * x.grad_norm.max(1.0), "step {}: grad norm {} vs {}", x.step, x.grad_norm, y.grad_norm);
+    }
+    // Domino has no checkpointed forward: refused with what to do.
+    let cfg = config(&data, &tmp.path().join("domino"), &["steps=1", "drafter.kind=domino", "activation_checkpointing=true"]);
+    let err = train(&m, &cfg, &RunOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("activation_checkpointing") && err.contains("DFlash"), "{err}");
+}

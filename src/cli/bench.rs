@@ -171,6 +171,10 @@ struct TrainBenchArgs {
     objectives: Vec<String>,
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Recompute the drafter's layers in the backward instead of keeping their activations
+    /// (the train config's `activation_checkpointing`).
+    #[arg(long)]
+    activation_checkpointing: bool,
     #[command(flatten)]
     device: super::device::DeviceArgs,
 }
@@ -385,6 +389,7 @@ fn train_bench(a: TrainBenchArgs) -> anyhow::Result<()> {
         objectives: a.objectives,
         runs: a.runs,
         device: a.device.choice(),
+        activation_checkpointing: a.activation_checkpointing,
     };
     let (shape, rows) = bench::train(&plan)?;
     eprintln!(

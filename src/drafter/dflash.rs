@@ -729,6 +729,112 @@ impl Layer {
 // Model
 // ---------------------------------------------------------------------------------------------
 
+/// What every layer of a training forward shares: the context features it may see, the RoPE
+/// tables of the context and of the blocks, the context visibility bias, the block inputs.
+struct TrainSetup {
+    nb: usize,
+    /// (T_ctx, n·H) the tapped features of the visible context; None when no block has context.
+    features_ctx: Option<Tensor>,
+    ccos: Tensor,
+    csin: Tensor,
+    bcos: Tensor,
+    bsin: Tensor,
+    bias: Option<Tensor>,
+    /// (nb·B, H) the target's embeddings of the block tokens (frozen).
+    x0: Tensor,
+}
+
+impl TrainSetup {
+    /// One decoder layer over the blocks, with the context `c` (T_ctx, H) entering through the
+    /// layer's own k/v projections.
+    fn layer(&self, layer: &Layer, x: &Tensor, c: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let kv = match c {
+            Some(c) => Some(layer.self_attn.context_kv(c, &self.ccos, &self.csin)?),
+            None => None,
+        };
+        layer.forward(x, self.nb, &self.bcos, &self.bsin, kv.as_ref(), self.bias.as_ref())
+    }
+}
+
+/// A checkpointed training forward ([`DFlashDrafter::forward_train_checkpointed`]).
+pub struct CheckpointedForward<'a> {
+    drafter: &'a DFlashDrafter,
+    setup: TrainSetup,
+    /// (T_ctx, H) context values (no graph).
+    c: Option<Tensor>,
+    /// Layer l's input, l = 0..layers (no graph).
+    inputs: Vec<Tensor>,
+    /// (nb·B, H) the final normed hidden rows (no graph).
+    out: Tensor,
+}
+
+impl CheckpointedForward<'_> {
+    /// (nb·B, H) the values `forward_train` returns.
+    pub fn output(&self) -> &Tensor {
+        &self.out
+    }
+
+    /// Gradients of Σ `rows(output) ⊙ grad_rows` w.r.t. every trainable tensor, where `rows`
+    /// selects what the loss reads from the output (the trainer's predicted rows), recomputing one
+    /// layer at a time. Returns (variable, gradient) for every variable that received one.
+    pub fn backward(
+        self,
+        rows: impl Fn(&Tensor) -> Result<Tensor, DrafterError>,
+        grad_rows: &Tensor,
+    ) -> Result<Vec<(Var, Tensor)>, DrafterError> {
+        let d = self.drafter;
+        let vars = d.named_vars();
+        let mut acc: HashMap<candle_core::TensorId, (Var, Tensor)> = HashMap::new();
+        let mut add = |grads: &candle_core::backprop::GradStore| -> candle_core::Result<()> {
+            for (_, v) in &vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    let sum = match acc.remove(&v.as_tensor().id()) {
+                        Some((_, old)) => (old + g)?,
+                        None => g.clone(),
+                    };
+                    acc.insert(v.as_tensor().id(), (v.clone(), sum));
+                }
+            }
+            Ok(())
+        };
+        let c_var = match &self.c {
+            Some(c) => Some(Var::from_tensor(c)?),
+            None => None,
+        };
+        let mut g_c: Option<Tensor> = None;
+        let mut g = grad_rows.detach();
+        for (l, layer) in d.layers.iter().enumerate().rev() {
+            let x = Var::from_tensor(&self.inputs[l])?;
+            let y = self.setup.layer(layer, x.as_tensor(), c_var.as_ref().map(|c| c.as_tensor()))?;
+            let surrogate = if l + 1 == d.layers.len() {
+                let out = ops::rms_norm(&y, &d.norm, d.config.rms_norm_eps)?;
+                (rows(&out)? * &g)?.sum_all()?
+            } else {
+                (y * &g)?.sum_all()?
+            };
+            let grads = surrogate.backward()?;
+            add(&grads)?;
+            if let Some(c) = &c_var {
+                if let Some(gc) = grads.get(c.as_tensor()) {
+                    g_c = Some(match g_c.take() {
+                        Some(old) => (old + gc)?,
+                        None => gc.clone(),
+                    });
+                }
+            }
+            if l > 0 {
+                g = grads.get(x.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("a layer's input got no gradient".into()))?.detach();
+            }
+        }
+        // The context path: fc and hidden_norm, with the gradient the layers sent to the context.
+        if let (Some(f), Some(gc)) = (&self.setup.features_ctx, g_c) {
+            let c = d.context_feature(f)?;
+            add(&(c * gc.detach())?.sum_all()?.backward()?)?;
+        }
+        Ok(acc.into_values().collect())
+    }
+}
+
 /// Whether a query of the block anchored at `anchor` may see context position `j` (training).
 /// The anchor's own feature is excluded: at inference the block's position 0 is the last
 /// committed token, whose target feature does not exist yet.
@@ -952,6 +1058,21 @@ impl DFlashDrafter {
     /// a_b..a_b+B-1 and sees context positions < a_b. Returns the final-normed hidden
     /// (nb·B, H), block-major; every op is differentiable w.r.t. the drafter's `Var`s.
     pub fn forward_train(&self, target: &Target, features: &Tensor, anchors: &[usize], block_ids: &[u32]) -> Result<Tensor, DrafterError> {
+        let setup = self.train_setup(target, features, anchors, block_ids)?;
+        let c = match &setup.features_ctx {
+            Some(f) => Some(self.context_feature(f)?),
+            None => None,
+        };
+        let mut x = setup.x0.clone();
+        for layer in &self.layers {
+            x = setup.layer(layer, &x, c.as_ref())?;
+        }
+        // 4. final norm (nb·B, H)
+        Ok(ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
+    }
+
+    /// The checks and the inputs every layer of a training forward shares.
+    fn train_setup(&self, target: &Target, features: &Tensor, anchors: &[usize], block_ids: &[u32]) -> Result<TrainSetup, DrafterError> {
         let b = self.config.block_size;
         let nb = anchors.len();
         let t_all = self.check_features(features)?;
@@ -971,11 +1092,11 @@ impl DFlashDrafter {
             }
         }
         self.check_tokens(block_ids)?;
-        // 1. only positions < max anchor are visible to any block: (T_ctx, n·H) -> (T_ctx, H)
+        // 1. only positions < max anchor are visible to any block: (T_ctx, n·H)
         let t_ctx = anchors.iter().copied().max().unwrap_or(0);
         let ctx_pos: Vec<usize> = (0..t_ctx).collect();
         let block_pos: Vec<usize> = anchors.iter().flat_map(|&a| a..a + b).collect();
-        let c = if t_ctx > 0 { Some(self.context_feature(&features.narrow(0, 0, t_ctx)?)?) } else { None };
+        let features_ctx = if t_ctx > 0 { Some(features.narrow(0, 0, t_ctx)?) } else { None };
         // 2. RoPE tables: context (T_ctx, hd/2), blocks (nb, B, hd/2)
         let (ccos, csin) = self.rotary.at(&ctx_pos, self.norm.device())?;
         let (bcos, bsin) = self.rotary.at(&block_pos, self.norm.device())?;
@@ -983,16 +1104,37 @@ impl DFlashDrafter {
         let (bcos, bsin) = (bcos.reshape((nb, b, half))?, bsin.reshape((nb, b, half))?);
         let bias = if t_ctx > 0 { Some(Self::training_context_bias_on(anchors, t_ctx, self.norm.device())?) } else { None };
         // 3. block inputs: the target's frozen embeddings (nb·B, H)
-        let mut x = target.embed(block_ids)?;
+        let x0 = target.embed(block_ids)?;
+        Ok(TrainSetup { nb, features_ctx, ccos, csin, bcos, bsin, bias, x0 })
+    }
+
+    /// [`Self::forward_train`] with activation checkpointing: the forward keeps only each layer's
+    /// input (nb·B × H) and the context (T_ctx × H), not the layers' attention scores and MLP
+    /// activations; [`CheckpointedForward::backward`] recomputes one layer at a time, from the last
+    /// to the first. The values are those of `forward_train`; the gradients equal its gradients up
+    /// to float summation order (the context's gradient is summed over the layers' passes).
+    pub fn forward_train_checkpointed(
+        &self,
+        target: &Target,
+        features: &Tensor,
+        anchors: &[usize],
+        block_ids: &[u32],
+    ) -> Result<CheckpointedForward<'_>, DrafterError> {
+        let setup = self.train_setup(target, features, anchors, block_ids)?;
+        // Values only: each result is detached at once, so the graph built for it is dropped.
+        let c = match &setup.features_ctx {
+            Some(f) => Some(self.context_feature(f)?.detach()),
+            None => None,
+        };
+        let mut inputs = vec![setup.x0.detach()];
         for layer in &self.layers {
-            let kv = match &c {
-                Some(c) => Some(layer.self_attn.context_kv(c, &ccos, &csin)?),
-                None => None,
-            };
-            x = layer.forward(&x, nb, &bcos, &bsin, kv.as_ref(), bias.as_ref())?;
+            let x = setup.layer(layer, inputs.last().expect("x0"), c.as_ref())?.detach();
+            inputs.push(x);
         }
-        // 4. final norm (nb·B, H)
-        Ok(ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
+        let out = ops::rms_norm(inputs.last().expect("x0"), &self.norm, self.config.rms_norm_eps)?.detach();
+        let last = inputs.pop().expect("the last layer's output");
+        drop(last);
+        Ok(CheckpointedForward { drafter: self, setup, c, inputs, out })
     }
 
     /// An empty context cache.

@@ -153,6 +153,8 @@ pub struct TrainBenchPlan {
     pub objectives: Vec<String>,
     pub runs: usize,
     pub device: DeviceChoice,
+    /// Recompute the drafter's layers in the backward (`activation_checkpointing`).
+    pub activation_checkpointing: bool,
 }
 
 /// The shape measured.
@@ -219,7 +221,7 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
         let mut head = Head::for_backend(HeadConfig::default(), target.backend());
         let schedule = CosineSchedule::new(DEFAULT_LR, 1000, &ScheduleConfig::default());
         let mut optim = AdamW::new(TrainableDrafter::named_vars(&drafter), AdamWConfig::default(), schedule).map_err(train_err)?;
-        let ctx = StepContext { target, drafter: &drafter, objective: &resolved, lm_head: &lm_head, seed: 0, steps: 1000, base_support: BaseSupport::default(), distill: None };
+        let ctx = StepContext { target, drafter: &drafter, objective: &resolved, lm_head: &lm_head, seed: 0, steps: 1000, base_support: BaseSupport::default(), distill: None, activation_checkpointing: plan.activation_checkpointing };
         reset_peak_rss();
         let (mut step_ms, mut fwd, mut hd, mut bwd, mut support, mut rate) = (vec![], vec![], vec![], vec![], vec![], vec![]);
         for run in 0..=plan.runs {

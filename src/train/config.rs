@@ -173,6 +173,12 @@ pub struct TrainConfig {
     /// Train towards the target's distribution as well as its tokens (None: hard labels only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillSpec>,
+    /// Activation checkpointing of the drafter layers (DFlash): keep only each layer's input in
+    /// the forward and recompute the layer in the backward — the same gradients for about one
+    /// more drafter forward per step, and the attention scores of one layer in memory instead of
+    /// all layers' (the memory plan shows both).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub activation_checkpointing: bool,
 }
 
 fn default_model() -> String {
@@ -229,6 +235,7 @@ impl TrainConfig {
             base_support: BaseSupport::default(),
             feature_cache_mib: default_feature_mem(),
             distill: None,
+            activation_checkpointing: false,
         }
     }
 

@@ -9,10 +9,12 @@
 //! drafter weights     P·4 (f32 masters), gradients P·4
 //! optimizer           AdamW m and v, 2·P·4 — in host memory (`optim.rs` steps on the host)
 //! features            S·T·n_taps·H·4 (the micro-batch's target taps, f32)
-//! drafter activations per sequence and layer, saved for the backward (R = anchors·B rows):
-//!                     R·(6H + (nh + 2·nkv)·hd + 4I) + T·2·nkv·hd + 2·anchors·nh·B·(T + B)
+//! drafter activations per sequence and layer, held at the peak of the backward (R = anchors·B rows):
+//!                     3·R·(6H + (nh + 2·nkv)·hd + 4I) + T·2·nkv·hd + 8.7·anchors·nh·B·(T + B)
 //!                     (residual/norm/attention rows, q/k/v, the MLP, context K/V, and the
-//!                     block-vs-context attention scores and their softmax), × layers × S
+//!                     block-vs-context attention scores, with the factors measured on the CPU:
+//!                     [`ROW_FACTOR`], [`SCORE_FACTOR`]), × layers × S; with activation
+//!                     checkpointing one layer's plus every layer's input rows and the context
 //! head chunk          chunk_rows·V·4 × 2 (CPU kernel: logits and gradient rows) or × 6 (generic
 //!                     head: logits, log-softmax, exp, softmax, one-hot, gradient rows)
 //! online target pass  KV cache T·L·2·nkv·hd·4 + one layer's rows T·(3H + 3I)·4
@@ -43,6 +45,8 @@ pub struct MemoryShape {
     pub chunk_rows: usize,
     /// The generic head (any non-CPU-kernel device) or the CPU kernel.
     pub generic_head: bool,
+    /// Activation checkpointing: one layer's activations at a time, plus every layer's input.
+    pub activation_checkpointing: bool,
 }
 
 /// One line of the plan.
@@ -60,6 +64,17 @@ pub struct MemoryPlan {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// Calibration of the activation estimate against measurement. Counting the tensors a layer
+/// saves (norms, q/k/v, attention output, MLP; scores and their softmax) undercounts what candle's
+/// autograd holds at the peak of the backward (the differentiable compositions keep their
+/// intermediates, and the backward's gradients of the same size live beside them). Measured on
+/// the CPU in f32 (`specauf bench train --objectives full --runs 1`, SmolLM2-135M, block 16, peak
+/// RSS: 4 layers × 128 anchors × 512 tokens 3137 MiB; 2 layers 1990; 64 anchors 2020; 256 tokens
+/// 2509), one layer per sequence holds 2.97× the counted per-row values and 8.7 values per
+/// (query row, key, head) instead of 2: hence these factors.
+const ROW_FACTOR: f64 = 3.0;
+const SCORE_FACTOR: f64 = 8.7;
 
 impl MemoryShape {
     /// The shape of a run: `target` as loaded, the drafter as built, the config's batch, and
@@ -84,6 +99,7 @@ impl MemoryShape {
             batch_sequences: cfg.batch_sequences,
             chunk_rows: cfg.head.chunk_rows,
             generic_head: backend.path() == KernelPath::Generic,
+            activation_checkpointing: cfg.activation_checkpointing,
         }
     }
 
@@ -97,6 +113,19 @@ impl MemoryShape {
         (v * h, l * per_layer + v * h, norms)
     }
 
+    /// Values saved for the backward per sequence, from one layer's `per_layer`: every layer's,
+    /// or with activation checkpointing one layer's (recomputed in the backward) plus each layer's
+    /// input rows (anchors·B × H) and the context (T × H).
+    fn saved_activations(&self, per_layer: f64) -> f64 {
+        let layers = self.drafter_layers as f64;
+        if !self.activation_checkpointing {
+            return per_layer * layers;
+        }
+        let rows = (self.anchors * self.block_size) as f64;
+        let h = self.target.hidden_size as f64;
+        per_layer + layers * rows * h + self.seq_len as f64 * h
+    }
+
     pub fn plan(&self) -> MemoryPlan {
         let c = &self.target;
         let f = |x: usize| x as f64;
@@ -106,7 +135,9 @@ impl MemoryShape {
         let (embed, linears, norms) = self.target_parameters();
         let p = f(self.drafter_parameters);
         let rows = a * b;
-        let per_layer = rows * (6.0 * h + (nh + 2.0 * nkv) * hd + 4.0 * i) + t * 2.0 * nkv * hd + 2.0 * a * nh * b * (t + b);
+        let per_layer = ROW_FACTOR * rows * (6.0 * h + (nh + 2.0 * nkv) * hd + 4.0 * i)
+            + t * 2.0 * nkv * hd
+            + SCORE_FACTOR * a * nh * b * (t + b);
         let head_buffers = if self.generic_head { 6.0 } else { 2.0 };
         let line = |what, bytes, host| MemoryLine { what, bytes, host };
         MemoryPlan {
@@ -117,7 +148,7 @@ impl MemoryShape {
                 line("drafter gradients (f32)", p * 4.0, false),
                 line("optimizer state (AdamW m, v; f32)", 2.0 * p * 4.0, true),
                 line("target features of the micro-batch", s * t * f(self.taps) * h * 4.0, false),
-                line("drafter activations for the backward", per_layer * f(self.drafter_layers) * s * 4.0, false),
+                line("drafter activations for the backward", self.saved_activations(per_layer) * s * 4.0, false),
                 line("LM head / CE chunk", f(self.chunk_rows) * v * 4.0 * head_buffers, false),
                 line("online target forward (KV cache + one layer)", t * f(c.num_hidden_layers) * 2.0 * nkv * hd * 4.0 + t * (3.0 * h + 3.0 * i) * 4.0, false),
             ],
@@ -186,6 +217,7 @@ mod tests {
             batch_sequences: 2,
             chunk_rows: 6,
             generic_head: true,
+            activation_checkpointing: false,
         };
         // By hand. Target: embedding 100·8 = 800; per layer q 8·8 = 64, k and v 8·4 = 32 each,
         // o 64, MLP 3·8·16 = 384 → 576, × 2 layers = 1152, + LM head 800 = 1952 linears;
@@ -198,9 +230,10 @@ mod tests {
         assert_eq!(bytes("drafter weights (f32 masters)"), 4000.0);
         assert_eq!(bytes("optimizer state (AdamW m, v; f32)"), 8000.0);
         assert_eq!(bytes("target features of the micro-batch"), 2.0 * 10.0 * 2.0 * 8.0 * 4.0);
-        // Activations: R = 12 rows; 12·(48 + 4·4 + 64) = 1536; context K/V 10·2·4 = 80;
-        // scores 2·3·2·4·14 = 672 → 2288 per layer and sequence, × 1 layer × 2 sequences × 4 B.
-        assert_eq!(bytes("drafter activations for the backward"), 2288.0 * 2.0 * 4.0);
+        // Activations: R = 12 rows; 3·12·(48 + 4·4 + 64) = 4608; context K/V 10·2·4 = 80;
+        // scores 8.7·3·2·4·14 = 2923.2 → 7611.2 per layer and sequence, × 1 layer × 2 sequences × 4 B.
+        let per_layer = 4608.0 + 80.0 + 8.7 * 3.0 * 2.0 * 4.0 * 14.0;
+        assert!((bytes("drafter activations for the backward") - per_layer * 2.0 * 4.0).abs() < 1e-6);
         assert_eq!(bytes("LM head / CE chunk"), 6.0 * 100.0 * 4.0 * 6.0);
         // KV cache 10 positions · 2 layers · (k, v) · 1 kv head · 4 dims · 4 B = 640; one layer
         // 10·(24 + 48)·4 = 2880.
@@ -208,5 +241,12 @@ mod tests {
         assert_eq!(p.host_bytes(), 8000.0);
         assert_eq!(p.device_bytes(), p.lines.iter().map(|l| l.bytes).sum::<f64>() - 8000.0);
         assert!(p.render("cuda:0").contains("not measured"));
+        // Activation checkpointing keeps one layer's values per sequence plus each layer's 12 × 8
+        // input rows and the 10 × 8 context: with 3 layers, one layer + 3·96 + 80 instead of three.
+        let deep = MemoryShape { drafter_layers: 3, ..shape.clone() };
+        let ckpt = MemoryShape { activation_checkpointing: true, ..deep.clone() };
+        let saved = |m: &MemoryShape| m.plan().lines.iter().find(|l| l.what == "drafter activations for the backward").unwrap().bytes;
+        assert!((saved(&deep) - 3.0 * per_layer * 2.0 * 4.0).abs() < 1e-6);
+        assert!((saved(&ckpt) - (per_layer + 3.0 * 96.0 + 80.0) * 2.0 * 4.0).abs() < 1e-6);
     }
 }

@@ -8,6 +8,7 @@ use candle_core::{Tensor, Var};
 
 use super::trainer::TrainError;
 use crate::drafter::blocks::Blocks;
+use crate::drafter::dflash::CheckpointedForward;
 use crate::drafter::{AnyDrafter, DFlashDrafter, DFlashInitConfig, DominoDrafter, DrafterInit, DrafterKind};
 use crate::model::Target;
 use crate::train::config::TrainConfig;
@@ -31,6 +32,12 @@ pub trait TrainableDrafter {
     fn named_vars(&self) -> Vec<(String, Var)>;
     fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<TrainRows, TrainError>;
     fn save(&self, dir: &Path) -> Result<(), TrainError>;
+    /// Activation checkpointing: the rows' values (no graph) and a backward that recomputes the
+    /// drafter one layer at a time and returns (variable, gradient) pairs; None where the drafter
+    /// does not support it.
+    fn train_rows_checkpointed<'a>(&'a self, _target: &Target, _features: &Tensor, _blocks: &Blocks) -> Result<Option<CheckpointedRows<'a>>, TrainError> {
+        Ok(None)
+    }
     /// Domino: predicted indices below this use the base logits only (pure_draft_prefix_len).
     fn base_only_prefix(&self) -> usize {
         0
@@ -60,6 +67,27 @@ impl TrainableDrafter for DFlashDrafter {
     }
     fn save(&self, dir: &Path) -> Result<(), TrainError> {
         Ok(DFlashDrafter::save(self, dir)?)
+    }
+    fn train_rows_checkpointed<'a>(&'a self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<Option<CheckpointedRows<'a>>, TrainError> {
+        let fwd = self.forward_train_checkpointed(target, features, &blocks.anchors, &blocks.block_ids)?;
+        let values = self.predicted_rows(fwd.output())?;
+        Ok(Some(CheckpointedRows { values, forward: fwd, drafter: self }))
+    }
+}
+
+/// The rows of a checkpointed training forward ([`TrainableDrafter::train_rows_checkpointed`]).
+pub struct CheckpointedRows<'a> {
+    /// (rows, H) the predicted rows' values, no graph.
+    pub values: Tensor,
+    forward: CheckpointedForward<'a>,
+    drafter: &'a DFlashDrafter,
+}
+
+impl CheckpointedRows<'_> {
+    /// (variable, dL/dvariable) for the rows' gradient `grad_rows` (rows, H).
+    pub fn backward(self, grad_rows: &Tensor) -> Result<Vec<(Var, Tensor)>, TrainError> {
+        let d = self.drafter;
+        Ok(self.forward.backward(|out| d.predicted_rows(out), grad_rows)?)
     }
 }
 

@@ -25,7 +25,7 @@ use super::objective::{BlockMetrics, MetricCounts, ResolvedObjective};
 use super::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
 use super::memory::MemoryShape;
 use super::parallel::{all_reduce_for, AllReduce, World};
-use super::trainable::{base_ce_weight, build_drafter, trainable, TrainableDrafter};
+use super::trainable::{base_ce_weight, build_drafter, trainable, CheckpointedRows, TrainableDrafter};
 use crate::data::features::{target_features, FeatureCache, SoftLabels};
 use crate::data::{Dataset, ModelIdentity, Split};
 use crate::drafter::blocks::{build_blocks, sample_anchors, step_rng};
@@ -433,6 +433,7 @@ impl<'a> Session<'a> {
                 steps: c.steps,
                 base_support: c.base_support,
                 distill: c.distill.as_ref(),
+                activation_checkpointing: c.activation_checkpointing,
             };
             let out = run_micro_batch(&ctx, &mut self.head, &items, state.step, 1.0 / c.grad_accum as f64)?;
             grads = Some(match grads {
@@ -486,6 +487,8 @@ pub struct StepContext<'a> {
     pub base_support: BaseSupport,
     /// Distillation towards the items' soft labels (None: hard labels only).
     pub distill: Option<&'a DistillSpec>,
+    /// Recompute the drafter's layers in the backward instead of keeping their activations.
+    pub activation_checkpointing: bool,
 }
 
 /// One sequence of a micro-batch with its anchors and target features.
@@ -516,17 +519,26 @@ pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut Head, items: &[BatchIte
     let layout = drafter.layout();
     let t0 = Instant::now();
     let mut rows = Vec::with_capacity(items.len());
+    let mut checkpointed = Vec::new();
     let mut delta_inputs = Vec::new();
     let mut delta_weight = None;
     let (mut labels, mut valid) = (Vec::new(), Vec::new());
     let mut soft = SoftRows::default();
     for item in items {
         let blocks = build_blocks(&item.seq.input_ids, &item.seq.loss_mask, &item.anchors, drafter.block_size(), layout, drafter.mask_token_id());
-        let r = drafter.train_rows(ctx.target, &item.features, &blocks)?;
-        rows.push(r.hidden);
-        if let Some((input, weight)) = r.delta {
-            delta_inputs.push(input);
-            delta_weight = Some(weight);
+        if ctx.activation_checkpointing {
+            let r = drafter.train_rows_checkpointed(ctx.target, &item.features, &blocks)?.ok_or_else(|| {
+                TrainError::Setup("activation_checkpointing is implemented for DFlash drafters only; drop it for this drafter".into())
+            })?;
+            rows.push(r.values.clone());
+            checkpointed.push(r);
+        } else {
+            let r = drafter.train_rows(ctx.target, &item.features, &blocks)?;
+            rows.push(r.hidden);
+            if let Some((input, weight)) = r.delta {
+                delta_inputs.push(input);
+                delta_weight = Some(weight);
+            }
         }
         labels.extend_from_slice(&blocks.labels);
         valid.extend_from_slice(&blocks.valid);
@@ -554,8 +566,12 @@ pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut Head, items: &[BatchIte
         &HeadInput { hidden: &values, lm_head: ctx.lm_head, labels: &labels, valid: &valid, layout, num_sequences: items.len(), seed: ctx.seed ^ step, delta, soft: soft.targets(ctx.distill) },
     )?;
     let t2 = Instant::now();
-    let surrogate = (head_out.surrogate(&hidden, delta_graph.as_ref().map(|(i, w)| (i, w)))? * scale)?;
-    let grads = surrogate.backward()?;
+    let grads = if checkpointed.is_empty() {
+        let surrogate = (head_out.surrogate(&hidden, delta_graph.as_ref().map(|(i, w)| (i, w)))? * scale)?;
+        surrogate.backward()?
+    } else {
+        checkpointed_backward(checkpointed, &head_out.grad_hidden, scale)?
+    };
     let t3 = Instant::now();
     Ok(MicroBatchOut {
         loss: head_out.loss,
@@ -566,6 +582,28 @@ pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut Head, items: &[BatchIte
         head_ms: (t2 - t1).as_secs_f64() * 1e3,
         backward_ms: (t3 - t2).as_secs_f64() * 1e3,
     })
+}
+
+/// The backward of a checkpointed micro-batch: each sequence's rows get their slice of dL/dh and
+/// recompute their layers; the per-variable sums come back as a gradient store (through the
+/// surrogate Σ var ⊙ grad, whose gradient w.r.t. each variable is that sum).
+fn checkpointed_backward(items: Vec<CheckpointedRows<'_>>, grad_hidden: &Tensor, scale: f64) -> Result<GradStore, TrainError> {
+    let mut sums: Vec<(Var, Tensor)> = Vec::new();
+    let mut r0 = 0;
+    for item in items {
+        let n = item.values.dim(0)?;
+        let g = grad_hidden.narrow(0, r0, n)?;
+        r0 += n;
+        for (var, grad) in item.backward(&g)? {
+            match sums.iter_mut().find(|(v, _)| v.as_tensor().id() == var.as_tensor().id()) {
+                Some((_, acc)) => *acc = (&*acc + &grad)?,
+                None => sums.push((var, grad)),
+            }
+        }
+    }
+    let pairs: Vec<(&Tensor, Tensor)> = sums.iter().map(|(v, g)| Ok((v.as_tensor(), (g * scale)?))).collect::<Result<_, TrainError>>()?;
+    let refs: Vec<(&Tensor, &Tensor)> = pairs.iter().map(|(v, g)| (*v, g)).collect();
+    Ok(super::head::surrogate_loss(&refs)?.backward()?)
 }
 
 /// The distillation targets of a micro-batch's rows, k per row.
