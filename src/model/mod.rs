@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod embedding;
 mod generic;
 pub mod kv_cache;
 pub mod load;

@@ -15,6 +15,7 @@ use crate::nn::{Backend, KernelPath};
 use super::config::TargetConfig;
 use super::attention::causal_attention;
 use super::kv_cache::KvCache;
+use super::embedding::Embedding;
 use super::weights::{Linear, WeightSource, WeightsMode};
 use super::ModelError;
 
@@ -102,11 +103,12 @@ struct Layer {
     mlp: Mlp,
 }
 
-/// Embedding rows kept in f32: the drafter shares them, frozen.
+/// The embedding (as stored in quantized modes, see [`Embedding`]) is shared with the drafter,
+/// frozen.
 #[derive(Debug, Clone)]
 pub struct Target {
     cfg: TargetConfig,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -153,7 +155,17 @@ impl Target {
     fn load_host(src: &mut WeightSource, cfg: TargetConfig, mode: WeightsMode, path: KernelPath) -> Result<Self, ModelError> {
         let h = cfg.hidden_size;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let embed = src.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        // Quantized modes keep a GGUF's quantized table as stored (rows dequantized on lookup, the
+        // same values); the f32 reference mode and safetensors sources hold it dense.
+        let embed = match src {
+            WeightSource::Gguf { .. } if mode != WeightsMode::F32 => {
+                let q = src.qtensor("model.embed_tokens.weight")?;
+                let dims = q.shape().dims().to_vec();
+                crate::model::weights::check_shape(&src.display(), "model.embed_tokens.weight", &dims, &[cfg.vocab_size, h])?;
+                Embedding::from_qtensor(&q)?
+            }
+            _ => Embedding::Dense(src.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?),
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -235,7 +247,7 @@ impl Target {
         let max = 4096.min(cfg.max_position_embeddings.max(1));
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, max, dev)?;
         Ok(Self {
-            embed: self.embed.to_device(dev)?,
+            embed: Embedding::Dense(self.embed.dense(dev)?),
             layers,
             norm: norm(&self.norm)?,
             lm_head: self.lm_head.to_generic(backend)?,
@@ -287,8 +299,8 @@ impl Target {
         &self.norm.weight
     }
 
-    /// The frozen embedding matrix, (vocab, hidden) f32.
-    pub fn embed_weight(&self) -> &Tensor {
+    /// The frozen embedding table.
+    pub fn embedding(&self) -> &Embedding {
         &self.embed
     }
 
@@ -299,8 +311,7 @@ impl Target {
 
     /// ids -> (n, hidden) embeddings.
     pub fn embed(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
-        let ids = Tensor::new(ids, self.embed.device())?;
-        self.embed.index_select(&ids, 0)
+        self.embed.rows(ids, self.backend.device())
     }
 
     /// (n, hidden) -> (n, vocab) with the target's LM head (no final norm: callers that hold

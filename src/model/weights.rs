@@ -249,7 +249,7 @@ impl WeightSource {
     }
 }
 
-fn check_shape(path: &str, name: &str, got: &[usize], want: &[usize]) -> Result<(), ModelError> {
+pub(crate) fn check_shape(path: &str, name: &str, got: &[usize], want: &[usize]) -> Result<(), ModelError> {
     if !want.is_empty() && got != want {
         return Err(ModelError::ShapeMismatch {
             path: path.to_string(),
