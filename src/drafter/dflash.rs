@@ -1126,14 +1126,13 @@ impl DFlashDrafter {
             Some(f) => Some(self.context_feature(f)?.detach()),
             None => None,
         };
-        let mut inputs = vec![setup.x0.detach()];
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut x = setup.x0.detach();
         for layer in &self.layers {
-            let x = setup.layer(layer, inputs.last().expect("x0"), c.as_ref())?.detach();
-            inputs.push(x);
+            let y = setup.layer(layer, &x, c.as_ref())?.detach();
+            inputs.push(std::mem::replace(&mut x, y));
         }
-        let out = ops::rms_norm(inputs.last().expect("x0"), &self.norm, self.config.rms_norm_eps)?.detach();
-        let last = inputs.pop().expect("the last layer's output");
-        drop(last);
+        let out = ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?.detach();
         Ok(CheckpointedForward { drafter: self, setup, c, inputs, out })
     }
 

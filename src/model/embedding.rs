@@ -71,13 +71,6 @@ impl Embedding {
         }
     }
 
-    pub fn device(&self) -> Device {
-        match self {
-            Embedding::Dense(t) => t.device().clone(),
-            Embedding::Quantized { .. } => Device::Cpu,
-        }
-    }
-
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match self {

@@ -299,11 +299,6 @@ impl Target {
         &self.norm.weight
     }
 
-    /// The frozen embedding table.
-    pub fn embedding(&self) -> &Embedding {
-        &self.embed
-    }
-
     /// The frozen LM head as f32 (vocab, hidden): for training, where exact gradients matter.
     pub fn lm_head_weight_f32(&self) -> candle_core::Result<Tensor> {
         self.lm_head.weight_f32()

@@ -135,7 +135,7 @@ impl<'a> Batch<'a> {
         match &self.soft {
             None => hard,
             Some(s) => {
-                let (ids, probs) = (&s.ids[r * s.k..(r + 1) * s.k], &s.probs[r * s.k..(r + 1) * s.k]);
+                let (ids, probs) = s.row(r);
                 let soft: f32 = ids.iter().zip(probs).map(|(&i, &p)| p * row[i as usize]).sum();
                 (1.0 - s.weight) * hard + s.weight * soft
             }
@@ -148,7 +148,7 @@ impl<'a> Batch<'a> {
             None => out[self.labels[r] as usize] -= scale,
             Some(s) => {
                 out[self.labels[r] as usize] -= scale * (1.0 - s.weight);
-                let (ids, probs) = (&s.ids[r * s.k..(r + 1) * s.k], &s.probs[r * s.k..(r + 1) * s.k]);
+                let (ids, probs) = s.row(r);
                 for (&i, &p) in ids.iter().zip(probs) {
                     out[i as usize] -= scale * s.weight * p;
                 }

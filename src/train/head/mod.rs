@@ -177,6 +177,13 @@ pub struct SoftTargets<'a> {
     pub weight: f32,
 }
 
+impl<'a> SoftTargets<'a> {
+    /// Row `r`'s ids and probabilities.
+    pub fn row(&self, r: usize) -> (&'a [u32], &'a [f32]) {
+        (&self.ids[r * self.k..(r + 1) * self.k], &self.probs[r * self.k..(r + 1) * self.k])
+    }
+}
+
 /// One batch for the head. All tensors are values only; see the module doc for the surrogate.
 #[derive(Clone, Copy, Debug)]
 pub struct HeadInput<'a> {

@@ -521,6 +521,11 @@ fn bad_inputs_are_reported_with_context() {
     ));
 }
 
+/// The batch of case `c` with distillation targets `soft`.
+fn soft_input<'a>(c: &'a Case, soft: SoftTargets<'a>) -> HeadInput<'a> {
+    HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 0, delta: None, soft: Some(soft) }
+}
+
 /// Random soft targets: k ids per row (the first is the label for about half the rows, as the
 /// target's argmax is when the data is its own greedy output) and probabilities summing to 1.
 fn soft_case(c: &Case, k: usize, vocab: usize, seed: u64) -> (Vec<u32>, Vec<f32>) {
@@ -548,17 +553,7 @@ fn distillation_targets_give_the_loss_and_gradient_of_candle_autograd() {
         let hard = run_head(16, &obj, &c, None);
         let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16 });
         let soft = SoftTargets { k, ids: &ids, probs: &probs, weight: alpha };
-        let input = HeadInput {
-            hidden: &c.h,
-            lm_head: &c.w,
-            labels: &c.labels,
-            valid: &c.valid,
-            layout: c.layout,
-            num_sequences: 1,
-            seed: 0,
-            delta: None,
-            soft: Some(soft),
-        };
+        let input = soft_input(&c, soft);
         let got = head.run(&obj, &input).unwrap();
         // The objectives weigh by the hard label: same weights, correctness and p_gold.
         assert_eq!(got.rows.weights, hard.rows.weights, "{}", objective.name());
@@ -665,17 +660,7 @@ fn distillation_at_weight_zero_or_onto_the_label_is_hard_label_ce() {
         (SoftTargets { k: 2, ids: &onto_label, probs: &halves, weight: 1.0 }, false),
     ] {
         let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16 });
-        let input = HeadInput {
-            hidden: &c.h,
-            lm_head: &c.w,
-            labels: &c.labels,
-            valid: &c.valid,
-            layout: c.layout,
-            num_sequences: 1,
-            seed: 0,
-            delta: None,
-            soft: Some(soft),
-        };
+        let input = soft_input(&c, soft);
         let got = head.run(&obj, &input).unwrap();
         let tol = if exact { 0.0 } else { 1e-6 };
         assert!((got.loss - hard.loss).abs() <= tol * hard.loss.abs().max(1.0), "{} vs {}", got.loss, hard.loss);
@@ -684,17 +669,7 @@ fn distillation_at_weight_zero_or_onto_the_label_is_hard_label_ce() {
     // Bad soft targets are errors, not silent nonsense.
     let mut head = ChunkedHead::new(HeadConfig::default());
     let short = [1u32];
-    let bad = HeadInput {
-        hidden: &c.h,
-        lm_head: &c.w,
-        labels: &c.labels,
-        valid: &c.valid,
-        layout: c.layout,
-        num_sequences: 1,
-        seed: 0,
-        delta: None,
-        soft: Some(SoftTargets { k: 3, ids: &short, probs: &[1.0], weight: 0.5 }),
-    };
+    let bad = soft_input(&c, SoftTargets { k: 3, ids: &short, probs: &[1.0], weight: 0.5 });
     assert!(matches!(head.run(&obj, &bad), Err(HeadError::Shape { what: "soft targets", .. })));
     let out_of_vocab = vec![vocab as u32; c.labels.len() * 3];
     let bad = HeadInput { soft: Some(SoftTargets { k: 3, ids: &out_of_vocab, probs: &probs, weight: 0.5 }), ..bad };
@@ -728,17 +703,7 @@ fn generic_head_equals_the_chunked_kernel_with_distillation_targets() {
     let (ids, probs) = soft_case(&c, 4, vocab, 7);
     for objective in [Objective::auf(), Objective::decay()] {
         let obj = objective.resolve(8).unwrap();
-        let input = HeadInput {
-            hidden: &c.h,
-            lm_head: &c.w,
-            labels: &c.labels,
-            valid: &c.valid,
-            layout: c.layout,
-            num_sequences: 1,
-            seed: 0,
-            delta: None,
-            soft: Some(SoftTargets { k: 4, ids: &ids, probs: &probs, weight: 0.6 }),
-        };
+        let input = soft_input(&c, SoftTargets { k: 4, ids: &ids, probs: &probs, weight: 0.6 });
         let want = ChunkedHead::new(HeadConfig { chunk_rows: 16 }).run(&obj, &input).unwrap();
         let mut head = Head::for_backend(HeadConfig { chunk_rows: 16 }, &Backend::new(Device::Cpu, crate::nn::Kernels::Generic));
         let got = head.run(&obj, &input).unwrap();
