@@ -1,10 +1,15 @@
-//! `specauf train --gpus N`: one training process per GPU, as torchrun would start them.
+//! `specauf train --gpus N` / `--ranks N`: one training process per rank, as torchrun would
+//! start them.
 //!
-//! Each child is this binary with the same arguments (less `--gpus`), `--device cuda:i`, and
-//! `RANK=i WORLD_SIZE=N LOCAL_RANK=i` plus `SPECAUF_NCCL_ID_FILE` (where rank 0 publishes the
-//! NCCL id). Only rank 0 writes the run directory. The children need the NCCL all-reduce, which
-//! the `cuda` feature builds and which has NEVER been compiled or run by this project; without
-//! the feature, N > 1 is refused before anything starts.
+//! Each child is this binary with the same arguments (less `--gpus`/`--ranks`), and
+//! `RANK=i WORLD_SIZE=N LOCAL_RANK=i`. Only rank 0 writes the run directory.
+//! - GPUs: `--device cuda:i` and `SPECAUF_NCCL_ID_FILE` (where rank 0 publishes the NCCL id).
+//!   The children need the NCCL all-reduce, which the `cuda` feature builds and which has NEVER
+//!   been compiled or run by this project; without the feature, N > 1 is refused before
+//!   anything starts.
+//! - CPU: `--device cpu`, `MASTER_ADDR`/`MASTER_PORT` (a free local port; the TCP all-reduce
+//!   of `train::parallel`), and the machine's cores shared out (`RAYON_NUM_THREADS`,
+//!   `CANDLE_NUM_THREADS`), so that each core trains its own sequences.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,17 +19,47 @@ use super::stages::StageError;
 /// Whether this binary was built with the `cuda` feature.
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
-/// The children's commands: `exe args... --device cuda:i` with the rank variables of GPU i.
-pub fn rank_commands(exe: &Path, args: &[String], gpus: usize, id_file: &Path) -> Vec<Command> {
-    (0..gpus)
+/// Where the ranks run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RankDevices {
+    /// Rank i on cuda:i; rank 0 publishes the NCCL id in `id_file`.
+    Gpus { id_file: PathBuf },
+    /// Every rank on the CPU with `threads` threads; rank 0 listens at `127.0.0.1:port`.
+    Cpu { threads: usize, port: u16 },
+}
+
+/// The children's commands: `exe args... --device D` with the rank variables of rank i.
+pub fn rank_commands(exe: &Path, args: &[String], ranks: usize, devices: &RankDevices) -> Vec<Command> {
+    (0..ranks)
         .map(|i| {
             let mut cmd = Command::new(exe);
-            cmd.args(args).arg("--device").arg(format!("cuda:{i}"));
-            cmd.env("RANK", i.to_string()).env("WORLD_SIZE", gpus.to_string()).env("LOCAL_RANK", i.to_string());
-            cmd.env("SPECAUF_NCCL_ID_FILE", id_file);
+            cmd.args(args);
+            cmd.env("RANK", i.to_string()).env("WORLD_SIZE", ranks.to_string()).env("LOCAL_RANK", i.to_string());
+            match devices {
+                RankDevices::Gpus { id_file } => {
+                    cmd.arg("--device").arg(format!("cuda:{i}")).env("SPECAUF_NCCL_ID_FILE", id_file);
+                }
+                RankDevices::Cpu { threads, port } => {
+                    cmd.arg("--device").arg("cpu").env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", port.to_string());
+                    cmd.env("RAYON_NUM_THREADS", threads.to_string()).env("CANDLE_NUM_THREADS", threads.to_string());
+                }
+            }
             cmd
         })
         .collect()
+}
+
+/// Starts `ranks` CPU ranks of `exe args`, sharing the machine's cores, and waits for all.
+pub fn launch_cpu_ranks(exe: &Path, args: &[String], ranks: usize) -> Result<(), StageError> {
+    if ranks < 2 {
+        return Err(StageError::Invalid("--ranks launches processes only for 2 or more ranks; with one, train in this process".into()));
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|source| StageError::Io { path: PathBuf::from("127.0.0.1:0 (a free port for the ranks)"), source })?
+        .port();
+    run_ranks(exe, rank_commands(exe, args, ranks, &RankDevices::Cpu { threads: (cores / ranks).max(1), port }))
 }
 
 /// Starts `gpus` ranks of `exe args` and waits for all of them; fails if any fails.
@@ -39,8 +74,15 @@ pub fn launch_ranks(exe: &Path, args: &[String], gpus: usize, work: &Path) -> Re
     }
     std::fs::create_dir_all(work).map_err(|source| StageError::Io { path: work.to_path_buf(), source })?;
     let id_file: PathBuf = work.join(format!("nccl-id.{}", std::process::id()));
+    let result = run_ranks(exe, rank_commands(exe, args, gpus, &RankDevices::Gpus { id_file: id_file.clone() }));
+    let _ = std::fs::remove_file(&id_file);
+    result
+}
+
+/// Spawns the ranks and waits for every one; an error names each rank that failed.
+fn run_ranks(exe: &Path, commands: Vec<Command>) -> Result<(), StageError> {
     let mut children = Vec::new();
-    for (i, mut cmd) in rank_commands(exe, args, gpus, &id_file).into_iter().enumerate() {
+    for (i, mut cmd) in commands.into_iter().enumerate() {
         let child = cmd.spawn().map_err(|source| StageError::Io { path: exe.to_path_buf(), source })?;
         children.push((i, child));
     }
@@ -52,7 +94,6 @@ pub fn launch_ranks(exe: &Path, args: &[String], gpus: usize, work: &Path) -> Re
             Err(e) => failed.push(format!("rank {i}: {e}")),
         }
     }
-    let _ = std::fs::remove_file(&id_file);
     if failed.is_empty() {
         Ok(())
     } else {
@@ -67,7 +108,7 @@ mod tests {
     #[test]
     fn each_rank_gets_its_gpu_and_the_rank_variables() {
         let args = vec!["train".to_string(), "--set".into(), "out=o".into()];
-        let cmds = rank_commands(Path::new("specauf"), &args, 3, Path::new("/tmp/id"));
+        let cmds = rank_commands(Path::new("specauf"), &args, 3, &RankDevices::Gpus { id_file: "/tmp/id".into() });
         assert_eq!(cmds.len(), 3);
         for (i, c) in cmds.iter().enumerate() {
             let a: Vec<String> = c.get_args().map(|s| s.to_string_lossy().into_owned()).collect();
@@ -80,6 +121,18 @@ mod tests {
             assert_eq!(env["WORLD_SIZE"], "3");
             assert_eq!(env["LOCAL_RANK"], i.to_string());
             assert_eq!(env["SPECAUF_NCCL_ID_FILE"], "/tmp/id");
+        }
+        let cmds = rank_commands(Path::new("specauf"), &args, 2, &RankDevices::Cpu { threads: 1, port: 29500 });
+        for (i, c) in cmds.iter().enumerate() {
+            let a: Vec<String> = c.get_args().map(|s| s.to_string_lossy().into_owned()).collect();
+            assert_eq!(a, ["train", "--set", "out=o", "--device", "cpu"]);
+            let env: std::collections::HashMap<String, String> = c
+                .get_envs()
+                .filter_map(|(k, v)| Some((k.to_string_lossy().into_owned(), v?.to_string_lossy().into_owned())))
+                .collect();
+            assert_eq!((env["RANK"].as_str(), env["WORLD_SIZE"].as_str()), (i.to_string().as_str(), "2"));
+            assert_eq!((env["MASTER_ADDR"].as_str(), env["MASTER_PORT"].as_str()), ("127.0.0.1", "29500"));
+            assert_eq!((env["RAYON_NUM_THREADS"].as_str(), env["CANDLE_NUM_THREADS"].as_str()), ("1", "1"));
         }
     }
 

@@ -35,6 +35,11 @@ pub struct CheckpointState {
     /// Lines of metrics.jsonl that belong to steps ≤ step.
     pub metrics_lines: usize,
     pub config_hash: String,
+    /// Sequences per micro-batch over all data-parallel ranks (`batch_sequences` × ranks). A run
+    /// resumed with another number of ranks keeps it, so its steps stay what they were (absent
+    /// in checkpoints written before ranks existed: one rank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_batch: Option<usize>,
 }
 
 /// An opened run directory: a new run, or the latest checkpoint of the one being resumed.
@@ -115,7 +120,7 @@ impl RunDir {
 
     /// The state a run starts from: the latest checkpoint's, or step 0.
     pub fn start_state(&self) -> CheckpointState {
-        self.latest.clone().unwrap_or(CheckpointState { step: 0, cursor: 0, metrics_lines: 0, config_hash: self.config_hash.clone() })
+        self.latest.clone().unwrap_or(CheckpointState { step: 0, cursor: 0, metrics_lines: 0, config_hash: self.config_hash.clone(), global_batch: None })
     }
 
     /// Makes metrics.jsonl hold exactly the lines of the steps before the start: empty for a new

@@ -24,7 +24,7 @@ use super::head::{BaseSupport, DeltaBranch, Head, HeadInput, SoftTargets};
 use super::objective::{BlockMetrics, MetricCounts, ResolvedObjective};
 use super::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
 use super::memory::MemoryShape;
-use super::parallel::{all_reduce_for, AllReduce, World};
+use super::parallel::{all_reduce_for, thread_group, AllReduce, World};
 use super::trainable::{base_ce_weight, build_drafter, trainable, CheckpointedRows, TrainableDrafter};
 use crate::data::features::{target_features, FeatureCache, SoftLabels};
 use crate::data::{Dataset, ModelIdentity, Split};
@@ -226,20 +226,65 @@ pub fn train(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions) -> Resul
     train_with(model, cfg, opts, &Silent)
 }
 
-/// [`train`], reporting each step to `progress`.
+/// [`train`], reporting each step to `progress`, as this process's rank of `opts.world`.
 pub fn train_with(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, progress: &dyn Progress) -> Result<RunSummary, TrainError> {
+    let cpu = model.target.device().is_cpu();
+    train_as(model, cfg, opts, progress, all_reduce_for(opts.world, cpu)?)
+}
+
+/// Data parallel inside one process: `ranks` ranks, each a thread, reducing through shared
+/// memory ([`thread_group`]); rank 0 reports to `progress` and writes the run. The result
+/// equals one rank with `ranks` × `batch_sequences` within the spread of the ranks' loss
+/// normalisers (`parallel`; tested). It is how the tests check data parallelism in one process;
+/// for speed on a CPU, `specauf train --ranks N` runs the ranks as processes, since candle's
+/// element-wise thread pool is shared by the threads of a process.
+pub fn train_in_threads(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, ranks: usize, progress: &dyn Progress) -> Result<RunSummary, TrainError> {
+    if opts.world.size > 1 {
+        return Err(TrainError::Setup("ranks in threads and several processes (WORLD_SIZE) cannot be combined; use one of them".into()));
+    }
+    let mut results: Vec<Option<Result<RunSummary, TrainError>>> = (0..ranks).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        for (reducer, slot) in thread_group(ranks).into_iter().zip(results.iter_mut()) {
+            let rank = reducer.world().rank;
+            let abort = reducer.abort_handle();
+            let report: &dyn Progress = if rank == 0 { progress } else { &Silent };
+            scope.spawn(move || {
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train_as(model, cfg, opts, report, Box::new(reducer))));
+                let result = run.unwrap_or_else(|p| {
+                    let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+                    Err(TrainError::Setup(format!("data-parallel rank {rank} panicked: {}", what.unwrap_or_default())))
+                });
+                if result.is_err() {
+                    abort.abort();
+                }
+                *slot = Some(result);
+            });
+        }
+    });
+    // The first rank's own error, not the "rank k stopped" of the ranks that waited for it.
+    let results: Vec<Result<RunSummary, TrainError>> = results.into_iter().map(|r| r.expect("every rank ran")).collect();
+    let own = |r: &Result<RunSummary, TrainError>| r.as_ref().is_err_and(|e| !e.to_string().starts_with(super::parallel::PEER_FAILED));
+    let pick = results.iter().position(own).or_else(|| results.iter().position(|r| r.is_err())).unwrap_or(0);
+    results.into_iter().nth(pick).expect("rank in range")
+}
+
+/// One rank's run: `reducer` says which rank of how many, and averages with the others.
+fn train_as(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, progress: &dyn Progress, reducer: Box<dyn AllReduce>) -> Result<RunSummary, TrainError> {
     // 1. Run directory, data, drafter, optimiser (from the latest checkpoint when resuming).
     //    Rank 0 alone writes the run directory (DESIGN §7.11, `parallel`).
-    let primary = opts.world.is_primary();
+    let primary = reducer.world().is_primary();
     let run = RunDir::open_as(cfg, opts.resume, primary)?;
-    let mut session = Session::new(model, cfg, &run, all_reduce_for(opts.world)?)?;
+    let mut state = run.start_state();
+    let mut session = Session::new(model, cfg, &run, reducer)?;
+    if let Some(line) = session.set_batch(&mut state)? {
+        progress.note(&line);
+    }
     let shape = MemoryShape::of_run(&model.target, session.drafter.as_ref(), cfg, session.train_data.max_len());
     progress.note(&shape.plan().render(&model.target.backend().describe()));
-    let mut state = run.start_state();
     if primary {
         run.reset_metrics()?;
     }
-    let eval_before = if run.latest.is_none() { session.held_out()? } else { None };
+    let eval_before = if run.latest.is_none() && primary { session.held_out()? } else { None };
 
     // 2. The loop: one optimizer step, metrics line, checkpoint when due.
     let metrics_path = run.metrics_path();
@@ -298,6 +343,8 @@ struct Session<'a> {
     order_epoch: u64,
     /// Averages gradients and the loss over the ranks (a no-op at world size 1).
     reducer: Box<dyn AllReduce>,
+    /// Sequences per micro-batch on this rank ([`Session::set_batch`]).
+    per_rank: usize,
 }
 
 impl<'a> Session<'a> {
@@ -354,7 +401,30 @@ impl<'a> Session<'a> {
             order: Vec::new(),
             order_epoch: u64::MAX,
             reducer,
+            per_rank: cfg.batch_sequences,
         })
+    }
+
+    /// This rank's sequences per micro-batch: `batch_sequences`, except when resuming a run that
+    /// had another number of ranks, which keeps the checkpoint's global batch so that the steps
+    /// stay what they were (then a line saying so is returned). Records the global batch.
+    fn set_batch(&mut self, state: &mut CheckpointState) -> Result<Option<String>, TrainError> {
+        let ranks = self.reducer.world().size;
+        let mut line = None;
+        if let Some(global) = state.global_batch.filter(|&g| g != self.cfg.batch_sequences * ranks) {
+            if global % ranks != 0 {
+                return Err(TrainError::Setup(format!(
+                    "the checkpoint's steps took {global} sequences, which {ranks} ranks cannot share evenly; resume with a number of ranks that divides {global}"
+                )));
+            }
+            self.per_rank = global / ranks;
+            line = Some(format!(
+                "resuming with {ranks} rank(s): {} sequence(s) each instead of batch_sequences = {}, to keep the checkpoint's {global} per step",
+                self.per_rank, self.cfg.batch_sequences
+            ));
+        }
+        state.global_batch = Some(self.per_rank * ranks);
+        Ok(line)
     }
 
     /// Held-out metrics, when the data has an eval split.
@@ -396,9 +466,9 @@ impl<'a> Session<'a> {
     fn micro_batch(&mut self, state: &mut CheckpointState, micro: usize) -> Result<Vec<BatchItem>, TrainError> {
         let c = self.cfg;
         let world = self.reducer.world();
-        let global = c.batch_sequences * world.size;
-        let mut items = Vec::with_capacity(c.batch_sequences);
-        for (s, idx) in world.take(c.batch_sequences, || self.next_sequence(state)) {
+        let global = self.per_rank * world.size;
+        let mut items = Vec::with_capacity(self.per_rank);
+        for (s, idx) in world.take(self.per_rank, || self.next_sequence(state)) {
             let seq = self.train_data.get(idx);
             let slot = (micro * global + s) as u64;
             let anchors = sample_anchors(&seq.loss_mask, c.num_anchors, &mut step_rng(c.seed, state.step, slot));
@@ -447,17 +517,25 @@ impl<'a> Session<'a> {
         let Some(mut grads) = grads else {
             return Err(TrainError::Setup("no sequence in the batch has an anchor position; check the loss masks of the prepared data".into()));
         };
-        // Data parallel: the mean over ranks of gradients and loss (world 1: unchanged).
+        // Data parallel: the mean over ranks of gradients, loss and metrics (world 1: unchanged).
         self.reducer.mean_grads(&mut grads, &self.drafter.named_vars())?;
-        let mut scalars = [f64::from(loss)];
+        let mut m = counts.summary();
+        let mut scalars = vec![f64::from(loss), f64::from(m.acc), f64::from(m.support_acc), f64::from(m.support_size), f64::from(m.accept_len), tokens as f64];
+        scalars.extend(m.acc_per_position.iter().map(|&a| f64::from(a)));
         self.reducer.mean_scalars(&mut scalars)?;
+        let ranks = self.reducer.world().size;
         let loss = scalars[0] as f32;
+        if ranks > 1 {
+            (m.acc, m.support_acc, m.support_size, m.accept_len) = (scalars[1] as f32, scalars[2] as f32, scalars[3] as f32, scalars[4] as f32);
+            tokens = (scalars[5] * ranks as f64).round() as usize;
+            m.acc_per_position = scalars[6..].iter().map(|&a| a as f32).collect();
+        }
         let stats = self.optim.step(&grads)?;
         let secs = t0.elapsed().as_secs_f64();
-        let m = counts.summary();
         state.step += 1;
+        // The held-out evaluation is the same on every rank: rank 0 alone runs it.
         let due = (c.eval_every > 0 && state.step % c.eval_every == 0) || state.step == c.steps;
-        let eval = if due { self.held_out()? } else { None };
+        let eval = if due && self.reducer.world().is_primary() { self.held_out()? } else { None };
         Ok(StepMetrics {
             step: state.step,
             loss,
