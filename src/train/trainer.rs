@@ -412,7 +412,7 @@ impl<'a> Session<'a> {
         let ranks = self.reducer.world().size;
         let mut line = None;
         if let Some(global) = state.global_batch.filter(|&g| g != self.cfg.batch_sequences * ranks) {
-            if global % ranks != 0 {
+            if !global.is_multiple_of(ranks) {
                 return Err(TrainError::Setup(format!(
                     "the checkpoint's steps took {global} sequences, which {ranks} ranks cannot share evenly; resume with a number of ranks that divides {global}"
                 )));
