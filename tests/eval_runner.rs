@@ -5,7 +5,6 @@
 mod spec_support;
 
 use std::cell::RefCell;
-use std::rc::Rc;
 
 use spec_support::target;
 use specauf::eval::datasets::{BenchRequest, Benchmark, BenchmarkName};
@@ -85,7 +84,7 @@ fn cfg(target: &Target, max_new_tokens: usize) -> EvalConfig {
 /// Counts `begin` calls of the proposer it wraps.
 struct Counting<P: Proposer> {
     inner: P,
-    begins: Rc<RefCell<usize>>,
+    begins: std::sync::Arc<std::sync::Mutex<usize>>,
     taps: Vec<usize>,
 }
 
@@ -97,7 +96,7 @@ impl<P: Proposer> Proposer for Counting<P> {
         &self.taps
     }
     fn begin(&mut self, target: &Target, prompt_ids: &[u32], features: Option<&candle_core::Tensor>) -> Result<(), SpecError> {
-        *self.begins.borrow_mut() += 1;
+        *self.begins.lock().unwrap() += 1;
         self.inner.begin(target, prompt_ids, features)
     }
     fn propose(&mut self, target: &Target, last_token: u32, start: usize) -> Result<Draft, SpecError> {
@@ -207,7 +206,7 @@ fn a_run_whose_tokens_differ_from_ar_is_flagged_and_counted() {
 fn one_ar_baseline_serves_every_drafter() {
     let target = target("qwen3");
     let renderer = ByteRenderer::default();
-    let begins = Rc::new(RefCell::new(0));
+    let begins = std::sync::Arc::new(std::sync::Mutex::new(0));
     let mut drafters: Vec<EvalDrafter> = (0..3)
         .map(|i| {
             let p = Counting {
@@ -224,7 +223,7 @@ fn one_ar_baseline_serves_every_drafter() {
     assert_eq!(res.ar_generations, 4);
     assert_eq!(of(&res.records, AR_LABEL).len(), 4);
     // Each drafter: one untimed warm-up generation, then the 4 turns.
-    assert_eq!(*begins.borrow(), 3 * (1 + 4));
+    assert_eq!(*begins.lock().unwrap(), 3 * (1 + 4));
     assert_eq!((obs.starts, obs.total, obs.done), (1, 4 * 4, 4 * 4));
     assert_eq!(res.runs.len(), 3);
     // Every run is compared with the same AR figures, and its speedup is the ratio of decode times.
@@ -364,7 +363,7 @@ fn a_drafter_at_a_lower_block_size_drafts_at_most_b_minus_1_tokens_and_stays_exa
 #[test]
 fn bad_inputs_fail_before_any_generation() {
     let target = target("qwen3");
-    let begins = Rc::new(RefCell::new(0));
+    let begins = std::sync::Arc::new(std::sync::Mutex::new(0));
     let counting = |b: usize, taps: Vec<usize>| -> Box<dyn Proposer> {
         Box::new(Counting {
             inner: FixedProposer::new(b, 3),
@@ -436,7 +435,7 @@ fn bad_inputs_fail_before_any_generation() {
         },
     );
     assert!(matches!(e, EvalError::NothingFits { .. }), "{e}");
-    assert_eq!(*begins.borrow(), 0, "no drafter began a request");
+    assert_eq!(*begins.lock().unwrap(), 0, "no drafter began a request");
     assert!("gsm9k".parse::<BenchmarkName>().unwrap_err().to_string().contains("valid names"));
 }
 
@@ -483,7 +482,7 @@ impl EvalObserver for Journaling {
 fn an_interrupted_evaluation_resumes_from_its_finished_requests_without_running_them_again() {
     let target = target("qwen3");
     let renderer = ByteRenderer::default();
-    let begins = Rc::new(RefCell::new(0usize));
+    let begins = std::sync::Arc::new(std::sync::Mutex::new(0usize));
     let mut drafters = vec![EvalDrafter::new(
         "fixed",
         Box::new(Counting { inner: FixedProposer::new(3, 17), begins: begins.clone(), taps: vec![] }),
@@ -492,15 +491,15 @@ fn an_interrupted_evaluation_resumes_from_its_finished_requests_without_running_
     let mut first = Journaling::default();
     let full = runner::run(&target, &renderer, &mut drafters, &benchmarks, &cfg(&target, 12), &mut first).unwrap();
     assert_eq!(first.entries.len(), 3, "one entry per request");
-    let begins_full = *begins.borrow();
+    let begins_full = *begins.lock().unwrap();
 
     // "Interrupted" after the first two requests: the second run gets those two back.
     let mut second = Journaling { resume_from: first.entries[..2].to_vec(), ..Default::default() };
-    *begins.borrow_mut() = 0;
+    *begins.lock().unwrap() = 0;
     let resumed = runner::run(&target, &renderer, &mut drafters, &benchmarks, &cfg(&target, 12), &mut second).unwrap();
     assert_eq!(second.resumed, 2);
     assert_eq!(second.entries.len(), 1, "only the unfinished request is run and recorded");
-    let begins_resumed = *begins.borrow();
+    let begins_resumed = *begins.lock().unwrap();
     assert!(begins_resumed < begins_full, "resumed requests must not be generated again ({begins_resumed} vs {begins_full} begins)");
     // Same records, hence the same figures (τ, tokens; timings of the resumed requests are theirs).
     assert_eq!(resumed.records.len(), full.records.len());

@@ -318,6 +318,10 @@ impl DFlashInfer {
     /// The B-1 greedy drafts after `last` (at position `start`): argmax of the target's head
     /// over block positions 1..B-1.
     pub fn draft(&self, target: &Target, cache: &mut KvCache, last: u32, start: usize) -> Result<Vec<u32>, DrafterError> {
+        crate::util::pool::on_pool(|| self.draft_here(target, cache, last, start))
+    }
+
+    fn draft_here(&self, target: &Target, cache: &mut KvCache, last: u32, start: usize) -> Result<Vec<u32>, DrafterError> {
         let b = self.block_size;
         let x = self.forward_block(target, cache, last, start)?;
         let rows = Tensor::from_slice(&x[self.hidden..], (b - 1, self.hidden), &Device::Cpu)?;

@@ -341,6 +341,12 @@ impl Target {
     /// Every item is checked before any cache is touched, so an error leaves all caches as
     /// they were.
     pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<ForwardOutput>, ModelError> {
+        // On a pool worker, so that the matmuls' splits do not each wake and put to sleep the
+        // calling thread (util::pool).
+        crate::util::pool::on_pool(|| self.forward_batch_here(items))
+    }
+
+    fn forward_batch_here(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<ForwardOutput>, ModelError> {
         let spans = self.plan_rows(items)?;
         let Some(total) = spans.last().map(|s| s.row + s.n) else {
             return Ok(Vec::new());

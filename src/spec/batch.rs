@@ -38,6 +38,11 @@ use crate::model::Target;
 /// the generations use different targets); the forward checks every item before touching any
 /// cache, so each cache still holds the positions it held before the call.
 pub fn step_all(gens: &mut [&mut Generation<'_>]) -> Result<Vec<Result<Cycle, SpecError>>, SpecError> {
+    // The drafts and the verify on one pool worker (util::pool).
+    crate::util::pool::on_pool(|| step_all_here(gens))
+}
+
+fn step_all_here(gens: &mut [&mut Generation<'_>]) -> Result<Vec<Result<Cycle, SpecError>>, SpecError> {
     let Some(target) = gens.first().map(|g| g.target()) else {
         return Ok(Vec::new());
     };

@@ -41,7 +41,7 @@ impl Draft {
 }
 
 /// A drafter, as the decode loop sees it. Object-safe: the driver takes `&mut dyn Proposer`.
-pub trait Proposer {
+pub trait Proposer: Send {
     /// Tokens per verified block, the last committed token included (DFlash: 16). The proposer
     /// drafts at most `block_size() - 1` tokens per cycle.
     fn block_size(&self) -> usize;

@@ -5,6 +5,7 @@ pub mod fs;
 pub mod hash;
 pub mod measure;
 pub mod names;
+pub mod pool;
 pub mod progress;
 
 pub use fs::write_atomic;
