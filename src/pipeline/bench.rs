@@ -228,8 +228,12 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
             let anchors = sample_anchors(&mask, plan.anchors, &mut step_rng(0, run as u64, 0));
             let items = [TrainItem { seq: Sequence { input_ids: ids.clone(), loss_mask: mask.clone() }, anchors, features: features.clone(), soft: None }];
             let t = Instant::now();
-            let out = run_micro_batch(&ctx, &mut head, &items, run as u64, 1.0)?;
-            optim.step(&out.grads).map_err(train_err)?;
+            // On a pool worker, as the trainer runs its steps (util::pool).
+            let out = crate::util::pool::on_pool(|| -> Result<_, StageError> {
+                let out = run_micro_batch(&ctx, &mut head, &items, run as u64, 1.0)?;
+                optim.step(&out.grads).map_err(train_err)?;
+                Ok(out)
+            })?;
             let total = ms(t.elapsed());
             if run > 0 {
                 step_ms.push(total);

@@ -24,7 +24,7 @@ pub struct TrainRows {
 }
 
 /// A drafter the trainer can train.
-pub trait TrainableDrafter {
+pub trait TrainableDrafter: Send + Sync {
     fn layout(&self) -> BlockLayout;
     fn block_size(&self) -> usize;
     fn mask_token_id(&self) -> u32;
