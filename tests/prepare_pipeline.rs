@@ -169,7 +169,9 @@ fn batched_regeneration_writes_the_same_dataset_as_single_stream_regeneration() 
         }
         // The cache made in batches is the single-stream one: a single-stream rerun reuses it.
         let out = tmp.path().join(format!("{name}-1x16"));
-        let r = prepare_with(&m.tokenizer, &id, Some(&single), None, &options(&data, &out, settings(7, Some(rs)))).unwrap();
+        let mut opts = options(&data, &out, settings(7, Some(rs)));
+        (opts.workers, opts.batch) = (1, 1);
+        let r = prepare(&m.tokenizer, &id, Some(&m.target), None, &opts).unwrap();
         assert_eq!((r.regenerated, r.reused), (0, 7));
     }
 }
@@ -184,6 +186,14 @@ fn a_rerun_with_other_regeneration_settings_is_refused() {
     let err = run_tiny(&model, &data, &out, settings(2, Some(RegenerateSettings::greedy(9))), 1).unwrap_err();
     let PrepareError::Regenerate(RegenerateError::SettingsChanged { what, .. }) = &err else { panic!("{err}") };
     assert!(what.contains("max_new_tokens"), "{what}");
+    // The same settings with the target in another weights mode: its greedy replies are another
+    // model's, so the f32 cache is not reused.
+    let m = load_model(model.to_str().unwrap(), WeightsMode::Q8).unwrap();
+    let id = ModelIdentity::of(&m).unwrap();
+    let opts = options(&data, &out, settings(2, Some(RegenerateSettings::greedy(6))));
+    let err = prepare(&m.tokenizer, &id, Some(&m.target), None, &opts).unwrap_err();
+    let PrepareError::Regenerate(RegenerateError::SettingsChanged { what, .. }) = &err else { panic!("{err}") };
+    assert!(what.contains("weights") && what.contains("f32") && what.contains("q8"), "{what}");
 }
 
 #[test]

@@ -112,8 +112,9 @@ pub fn prepare(
     let eos = &eos;
     let engines = target.map(|t| move || Box::new(TargetReplies::new(t, eos)) as Box<dyn ReplyEngine + '_>);
     let batch = if target.is_some_and(|t| t.is_batch_invariant()) { opts.batch } else { 1 };
+    let weights = target.map(|t| t.weights_mode().to_string());
     match &engines {
-        Some(f) => prepare_engines(tok, model, Some(f), batch, feature_target, opts),
+        Some(f) => prepare_engines(tok, model, Some((f, weights)), batch, feature_target, opts),
         None => prepare_engines(tok, model, None, batch, feature_target, opts),
     }
 }
@@ -130,17 +131,18 @@ pub fn prepare_with(
     match reply {
         Some(f) => {
             let engines = move || Box::new(FnReplies::new(f)) as Box<dyn ReplyEngine + '_>;
-            prepare_engines(tok, model, Some(&engines), opts.batch, feature_target, opts)
+            prepare_engines(tok, model, Some((&engines, None)), opts.batch, feature_target, opts)
         }
         None => prepare_engines(tok, model, None, opts.batch, feature_target, opts),
     }
 }
 
-/// The pipeline, with reply engines from `engines` decoding `batch` conversations together.
+/// The pipeline, with reply engines from `engines` decoding `batch` conversations together (and
+/// the weights mode of their target, part of the regeneration cache's key).
 fn prepare_engines(
     tok: &Tokenizer,
     model: &ModelIdentity,
-    engines: Option<&EngineFactory<'_>>,
+    engines: Option<(&EngineFactory<'_>, Option<String>)>,
     batch: usize,
     feature_target: Option<&Target>,
     opts: &PrepareOptions,
@@ -156,7 +158,7 @@ fn prepare_engines(
 
     // 2. regenerate (the examples become the regenerated ones)
     let regen = match (&s.regenerate, engines) {
-        (Some(rs), Some(engines)) => regenerate_selected(tok, model, rs, engines, batch, opts, &mut sel)?,
+        (Some(rs), Some((engines, weights))) => regenerate_selected(tok, model, rs, (engines, weights), batch, opts, &mut sel)?,
         _ => Regeneration::default(),
     };
 
@@ -302,7 +304,7 @@ fn regenerate_selected(
     tok: &Tokenizer,
     model: &ModelIdentity,
     rs: &regenerate::RegenerateSettings,
-    engines: &EngineFactory<'_>,
+    (engines, weights): (&EngineFactory<'_>, Option<String>),
     batch: usize,
     opts: &PrepareOptions,
     sel: &mut Selected,
@@ -314,6 +316,7 @@ fn regenerate_selected(
         settings: rs.clone(),
         max_len: s.max_len,
         max_turns: s.max_turns,
+        weights,
     };
     let mut cache = RegenerationCache::open(&opts.out, &key)?;
     let reused = sel.examples.iter().filter(|ex| cache.get(ex).is_some()).count();

@@ -406,6 +406,11 @@ pub struct CacheKey {
     pub settings: RegenerateSettings,
     pub max_len: usize,
     pub max_turns: Option<usize>,
+    /// The weights mode of the target that answered (`q8`, `native`, `f32`): the modes' greedy
+    /// replies differ, so a cache made in one is not reused by another. None: a reply engine
+    /// that is not a target (tests).
+    #[serde(default)]
+    pub weights: Option<String>,
 }
 
 /// `regenerated.jsonl`, open for appending.
@@ -512,6 +517,10 @@ fn diff_values(at: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut
             for (k, va) in x {
                 let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
                 diff_values(&path, va, y.get(k).unwrap_or(&serde_json::Value::Null), out);
+            }
+            for (k, vb) in y.iter().filter(|(k, _)| !x.contains_key(*k)) {
+                let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                diff_values(&path, &serde_json::Value::Null, vb, out);
             }
         }
         _ if a != b => out.push(format!("{at}: was {a}, now {b}")),
