@@ -135,3 +135,21 @@ fn an_evaluation_with_two_drafters_of_one_label_is_refused() {
     plan.drafters[1] = EvalDrafterSpec::new("b", "/d2").at_block_size(1);
     assert!(plan.validate().unwrap_err().to_string().contains("at least 2"));
 }
+
+/// experiments/narrow/run.sh trains its drafters on bench spec's own first 8 prompts (that is
+/// the point of a narrow drafter): the checked-in file must hold exactly those, under 3 ids each.
+#[test]
+fn the_narrow_drafter_prompts_are_bench_specs_first_eight() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/experiments/narrow/prompts.jsonl")).unwrap();
+    let mut seen: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let p = v["conversations"][0]["value"].as_str().unwrap().to_string();
+        if seen.last() != Some(&p) {
+            seen.push(p);
+        }
+    }
+    let want: Vec<String> = specauf::pipeline::spec_bench::CHAT_PROMPTS[..8].iter().map(|s| s.to_string()).collect();
+    assert_eq!(seen, want);
+    assert_eq!(text.lines().count(), 24);
+}
