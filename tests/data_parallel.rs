@@ -115,25 +115,13 @@ fn specauf_train_with_two_cpu_processes_trains_like_one_process_with_twice_the_b
     let mut c = cfg(&data, &one, &["batch_sequences=2"]);
     c.model = model.display().to_string();
     train(&m, &c, &RunOptions::default()).unwrap();
+    // The same tiny config with one sequence per rank, written for the CLI.
     let two = tmp.path().join("two");
-    let mut args: Vec<String> = vec!["train".into(), "--weights".into(), "f32".into(), "--ranks".into(), "2".into()];
-    let sets = with(&["batch_sequences=1"]);
-    for s in [
-        format!("data={}", data.display()),
-        format!("out={}", two.display()),
-        format!("model={}", model.display()),
-        "drafter.layers=1".into(),
-        "drafter.block_size=4".into(),
-        "drafter.mask_token_id=0".into(),
-        "num_anchors=8".into(),
-        "eval_sequences=4".into(),
-    ]
-    .into_iter()
-    .chain(sets)
-    {
-        args.push("--set".into());
-        args.push(s);
-    }
+    let mut c = cfg(&data, &two, &["batch_sequences=1"]);
+    c.model = model.display().to_string();
+    let config = tmp.path().join("two.json");
+    std::fs::write(&config, serde_json::to_string(&c).unwrap()).unwrap();
+    let args: Vec<String> = ["train", "--weights", "f32", "--ranks", "2", "--config"].iter().map(|s| s.to_string()).chain([config.display().to_string()]).collect();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_specauf")).args(&args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -146,9 +134,7 @@ fn specauf_train_with_two_cpu_processes_trains_like_one_process_with_twice_the_b
     // A rank that cannot start stops the other with its error, not a hang: a mask token outside
     // the vocabulary fails on both ranks before the first step.
     let mut bad = args.clone();
-    let at = bad.iter().position(|a| a.starts_with("out=")).unwrap();
-    bad[at] = format!("out={}", tmp.path().join("bad").display());
-    bad.extend(["--set".into(), "drafter.mask_token_id=999999".into()]);
+    bad.extend(["--set", &format!("out={}", tmp.path().join("bad").display()), "--set", "drafter.mask_token_id=999999"].map(String::from));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_specauf")).args(&bad).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -103,10 +103,24 @@ impl World {
 /// one process, on the CPU), and NCCL with the `cuda` feature.
 pub trait AllReduce: Send {
     fn world(&self) -> World;
-    /// Replaces each variable's gradient by its mean over ranks.
-    fn mean_grads(&mut self, grads: &mut GradStore, vars: &[(String, Var)]) -> Result<(), TrainError>;
+    /// The mean over ranks of a buffer every rank passes with the same length: the one
+    /// collective the others are made of.
+    fn mean_flat(&mut self, values: Vec<f32>) -> Result<Vec<f32>, TrainError>;
+    /// Replaces each variable's gradient by its mean over ranks (all in one exchange, in the
+    /// order of `vars`, the same on every rank).
+    fn mean_grads(&mut self, grads: &mut GradStore, vars: &[(String, Var)]) -> Result<(), TrainError> {
+        let (flat, shapes) = flatten(grads, vars)?;
+        let mean = self.mean_flat(flat)?;
+        unflatten(grads, vars, shapes, &mean)
+    }
     /// Replaces each value by its mean over ranks.
-    fn mean_scalars(&mut self, values: &mut [f64]) -> Result<(), TrainError>;
+    fn mean_scalars(&mut self, values: &mut [f64]) -> Result<(), TrainError> {
+        let mean = self.mean_flat(values.iter().map(|&x| x as f32).collect())?;
+        for (d, s) in values.iter_mut().zip(mean) {
+            *d = f64::from(s);
+        }
+        Ok(())
+    }
 }
 
 /// World size 1: every mean is the value itself.
@@ -117,6 +131,10 @@ impl AllReduce for SingleProcess {
     fn world(&self) -> World {
         World::single()
     }
+    fn mean_flat(&mut self, values: Vec<f32>) -> Result<Vec<f32>, TrainError> {
+        Ok(values)
+    }
+    // No copies through a buffer at world size 1.
     fn mean_grads(&mut self, _grads: &mut GradStore, _vars: &[(String, Var)]) -> Result<(), TrainError> {
         Ok(())
     }
@@ -229,17 +247,8 @@ impl AllReduce for ThreadRank {
     fn world(&self) -> World {
         World { rank: self.rank, size: self.shared.size, local_rank: 0 }
     }
-    fn mean_grads(&mut self, grads: &mut GradStore, vars: &[(String, Var)]) -> Result<(), TrainError> {
-        let (flat, shapes) = flatten(grads, vars)?;
-        let mean = self.mean(flat)?;
-        unflatten(grads, vars, shapes, &mean)
-    }
-    fn mean_scalars(&mut self, values: &mut [f64]) -> Result<(), TrainError> {
-        let mean = self.mean(values.iter().map(|&x| x as f32).collect())?;
-        for (d, s) in values.iter_mut().zip(mean) {
-            *d = f64::from(s);
-        }
-        Ok(())
+    fn mean_flat(&mut self, values: Vec<f32>) -> Result<Vec<f32>, TrainError> {
+        self.mean(values)
     }
 }
 
@@ -377,17 +386,8 @@ impl AllReduce for TcpGroup {
     fn world(&self) -> World {
         self.world
     }
-    fn mean_grads(&mut self, grads: &mut GradStore, vars: &[(String, Var)]) -> Result<(), TrainError> {
-        let (flat, shapes) = flatten(grads, vars)?;
-        let mean = self.mean(flat)?;
-        unflatten(grads, vars, shapes, &mean)
-    }
-    fn mean_scalars(&mut self, values: &mut [f64]) -> Result<(), TrainError> {
-        let mean = self.mean(values.iter().map(|&x| x as f32).collect())?;
-        for (d, s) in values.iter_mut().zip(mean) {
-            *d = f64::from(s);
-        }
-        Ok(())
+    fn mean_flat(&mut self, values: Vec<f32>) -> Result<Vec<f32>, TrainError> {
+        self.mean(values)
     }
 }
 
@@ -498,20 +498,16 @@ mod nccl {
         fn world(&self) -> World {
             self.world
         }
+        fn mean_flat(&mut self, values: Vec<f32>) -> Result<Vec<f32>, TrainError> {
+            let n = values.len();
+            Ok(self.mean(&Tensor::from_vec(values, n, &candle_core::Device::Cpu)?)?.to_vec1()?)
+        }
         fn mean_grads(&mut self, grads: &mut GradStore, vars: &[(String, Var)]) -> Result<(), TrainError> {
             for (_, v) in vars {
                 if let Some(g) = grads.remove(v.as_tensor()) {
                     let m = self.mean(&g)?;
                     grads.insert(v.as_tensor(), m);
                 }
-            }
-            Ok(())
-        }
-        fn mean_scalars(&mut self, values: &mut [f64]) -> Result<(), TrainError> {
-            let t = Tensor::from_vec(values.iter().map(|&x| x as f32).collect::<Vec<_>>(), values.len(), &candle_core::Device::Cpu)?;
-            let m: Vec<f32> = self.mean(&t)?.to_vec1()?;
-            for (d, s) in values.iter_mut().zip(m) {
-                *d = f64::from(s);
             }
             Ok(())
         }
