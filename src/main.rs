@@ -52,7 +52,7 @@ fn main() {
         Command::Serve(a) => cli::serve::run(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", cli::error_text(&e));
         std::process::exit(1);
     }
 }
