@@ -193,11 +193,23 @@ fn tensors_of_the_wrong_shape_missing_or_extra_are_refused_by_name() {
     let err = DFlashDrafter::load(dir.path(), target.config()).unwrap_err();
     assert!(matches!(&err, DrafterError::UnexpectedTensor { name, .. } if name == "lm_head.weight"), "{err}");
 
-    let mut ints = full;
+    let mut ints = full.clone();
     ints.insert("norm.weight".into(), Tensor::zeros(64, DType::U32, &Device::Cpu).unwrap());
     candle_core::safetensors::save(&ints, &weights).unwrap();
     let err = DFlashDrafter::load(dir.path(), target.config()).unwrap_err();
     assert!(matches!(&err, DrafterError::UnsupportedDtype { name, .. } if name == "norm.weight"), "{err}");
+
+    // A cut-off file, a header length past its end, and garbage are refused by the reader, not
+    // read short or allocated blindly.
+    candle_core::safetensors::save(&full, &weights).unwrap();
+    let good = std::fs::read(&weights).unwrap();
+    let mut huge = good.clone();
+    huge[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    for bytes in [&good[..good.len() - 5], &huge[..], &b"not a safetensors file"[..]] {
+        std::fs::write(&weights, bytes).unwrap();
+        let err = DFlashDrafter::load(dir.path(), target.config()).unwrap_err();
+        assert!(matches!(&err, DrafterError::Json { what, .. } if what.contains("not a readable safetensors file")), "{err}");
+    }
 }
 
 #[test]

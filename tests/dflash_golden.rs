@@ -86,8 +86,8 @@ impl Proposer for Recording {
     }
     fn propose(&mut self, t: &Target, last: u32, start: usize) -> Result<Draft, SpecError> {
         let draft = self.inner.propose(t, last, start)?;
-        let d = self.inner.drafter();
-        let h = d.forward_block(t, self.inner.cache(), &d.block_ids(&[last]), start).map_err(SpecError::proposer)?;
+        let d = self.inner.drafter().expect("a reference proposer holds its drafter");
+        let h = d.forward_block(t, self.inner.cache().expect("a reference proposer has the reference cache"), &d.block_ids(&[last]), start).map_err(SpecError::proposer)?;
         self.hidden.push(h);
         Ok(draft)
     }

@@ -30,6 +30,7 @@ fn greedy_spec_decode_with_a_random_dflash_drafter_equals_plain_greedy() {
             let drafter = DFlashDrafter::init_random(target.config(), &init, b as u64).unwrap();
             let mut proposer = DFlashProposer::new(drafter);
             assert!(proposer.is_fast(), "DFlashProposer::new runs the fast inference path");
+            assert!(proposer.drafter().is_none() && proposer.cache().is_none(), "a fast proposer keeps only the fast path's weights");
             for (pi, plen) in [1usize, 6, 13].into_iter().enumerate() {
                 let prompt = prompt(plen, pi as u32 + 3);
                 let want = reference_greedy(&target, &prompt, n);
@@ -77,7 +78,7 @@ impl Proposer for Recording {
     }
     fn propose(&mut self, t: &specauf::model::Target, last: u32, start: usize) -> Result<specauf::spec::Draft, specauf::spec::SpecError> {
         let d = self.inner.propose(t, last, start)?;
-        self.proposals.push((start, last, d.tokens.clone(), self.inner.cache().clone()));
+        self.proposals.push((start, last, d.tokens.clone(), self.inner.cache().expect("a reference proposer has the reference cache").clone()));
         Ok(d)
     }
     fn commit(&mut self, tokens: &[u32], f: Option<&candle_core::Tensor>, start: usize) -> Result<(), specauf::spec::SpecError> {
@@ -155,7 +156,7 @@ fn commits_of_several_accepted_positions_extend_the_context_in_order() {
         let want = fresh(start);
         assert_eq!(draft.tokens, drafter.draft(&target, &want, seq[start], start).unwrap(), "start {start}");
         // The proposer's context gives the same block hidden as a one-shot context over 0..start.
-        let diff = max_diff(&block(p.cache(), start), &block(&want, start));
+        let diff = max_diff(&block(p.cache().expect("a reference proposer has the reference cache"), start), &block(&want, start));
         assert!(diff < 1e-5, "start {start}: the proposer's context differs from a fresh one by {diff}");
         p.commit(&seq[start..start + acc + 1], Some(&rows(start, acc + 1)), start).unwrap();
         start += acc + 1;

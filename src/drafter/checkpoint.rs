@@ -99,30 +99,58 @@ pub(crate) fn write_checkpoint(dir: &Path, vars: &[(String, candle_core::Var)], 
 
 /// Reads `dir/model.safetensors`, which must hold exactly the `expected` (name, shape) tensors
 /// in f32, bf16 or f16; returns them as f32.
+///
+/// The file is read one tensor at a time at its offset (the header parsed and validated by the
+/// `safetensors` crate), so loading never holds the file's bytes and the tensors at once: mapping
+/// the whole file, as candle's loader does, kept its 31 MB resident beside the tensors made from
+/// it and set the peak memory of a `generate --drafter` process.
 pub(crate) fn read_weights(dir: &Path, expected: &[(String, Vec<usize>)]) -> Result<HashMap<String, Tensor>, DrafterError> {
+    use std::io::{Read, Seek, SeekFrom};
     let path = dir.join(WEIGHTS_FILE);
     let p = path.display().to_string();
     if !path.is_file() {
         return Err(DrafterError::io(&path, std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors in the drafter directory")));
     }
-    let raw = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| DrafterError::Json {
-        path: p.clone(),
-        what: format!("not a readable safetensors file: {e}"),
-    })?;
-    for name in raw.keys() {
+    let bad = |what: String| DrafterError::Json { path: p.clone(), what: format!("not a readable safetensors file: {what}") };
+    let mut file = std::fs::File::open(&path).map_err(|e| DrafterError::io(&path, e))?;
+    let mut read_at = |buf: &mut [u8], at: u64| file.seek(SeekFrom::Start(at)).and_then(|_| file.read_exact(buf));
+    let file_len = std::fs::metadata(&path).map_err(|e| DrafterError::io(&path, e))?.len();
+    let mut len = [0u8; 8];
+    read_at(&mut len, 0).map_err(|e| bad(format!("reading the header length: {e}")))?;
+    let n = u64::from_le_bytes(len);
+    // The format's own limit on the header (100 MB), checked before allocating it.
+    if n > 100_000_000 || 8 + n > file_len {
+        return Err(bad(format!("a header of {n} bytes in a file of {file_len}")));
+    }
+    let mut header = vec![0u8; n as usize];
+    read_at(&mut header, 8).map_err(|e| bad(format!("reading the header: {e}")))?;
+    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header).map_err(|e| bad(format!("its header: {e}")))?;
+    let data_start = 8 + n;
+    if data_start + meta.data_len() as u64 != file_len {
+        return Err(bad(format!("the header describes {} bytes of data but the file has {}", meta.data_len(), file_len - data_start)));
+    }
+    let infos = meta.tensors();
+    for name in infos.keys() {
         if !expected.iter().any(|(n, _)| n == name) {
             return Err(DrafterError::UnexpectedTensor { path: p.clone(), name: name.clone() });
         }
     }
     let mut tensors = HashMap::new();
     for (name, shape) in expected {
-        let t = raw.get(name).ok_or_else(|| DrafterError::MissingTensor { path: p.clone(), name: name.clone() })?;
-        if !matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-            return Err(DrafterError::UnsupportedDtype { path: p.clone(), name: name.clone(), dtype: format!("{:?}", t.dtype()) });
+        let info = infos.get(name).ok_or_else(|| DrafterError::MissingTensor { path: p.clone(), name: name.clone() })?;
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
+            other => return Err(DrafterError::UnsupportedDtype { path: p.clone(), name: name.clone(), dtype: format!("{other:?}") }),
+        };
+        if info.shape != *shape {
+            return Err(DrafterError::ShapeMismatch { path: p.clone(), name: name.clone(), expected: shape.clone(), got: info.shape.clone() });
         }
-        if t.dims() != shape.as_slice() {
-            return Err(DrafterError::ShapeMismatch { path: p.clone(), name: name.clone(), expected: shape.clone(), got: t.dims().to_vec() });
-        }
+        let (s, e) = info.data_offsets;
+        let mut bytes = vec![0u8; e - s];
+        read_at(&mut bytes, data_start + s as u64).map_err(|err| bad(format!("reading tensor {name}: {err}")))?;
+        let t = Tensor::from_raw_buffer(&bytes, dtype, shape, &Device::Cpu)?;
         tensors.insert(name.clone(), t.to_dtype(DType::F32)?);
     }
     Ok(tensors)

@@ -104,7 +104,7 @@ pub struct DFlashInfer {
 /// (rows, in) f32 values of several weights stacked along the output dimension.
 fn stacked(d: &DFlashDrafter, names: &[String]) -> Result<(Vec<f32>, usize, usize), DrafterError> {
     let vars = d.named_vars();
-    let mut out = Vec::new();
+    let mut parts = Vec::with_capacity(names.len());
     let (mut rows, mut inp) = (0, 0);
     for name in names {
         let t = vars
@@ -120,7 +120,18 @@ fn stacked(d: &DFlashDrafter, names: &[String]) -> Result<(Vec<f32>, usize, usiz
         };
         rows += r;
         inp = i;
-        out.extend(t.flatten_all()?.to_vec1::<f32>()?);
+        parts.push(t);
+    }
+    // One allocation of the final size, each part copied straight in: growing the vector part by
+    // part left freed blocks of every intermediate size behind in the heap (peak memory).
+    let mut out = Vec::with_capacity(rows * inp);
+    for t in parts {
+        let t = t.flatten_all()?.contiguous()?;
+        let (storage, layout) = t.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(cpu), Some((a, b))) => out.extend_from_slice(&cpu.as_slice::<f32>()?[a..b]),
+            _ => out.extend(t.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?),
+        }
     }
     Ok((out, rows, inp))
 }

@@ -15,7 +15,7 @@
 
 use candle_core::Tensor;
 
-use super::dflash::{DFlashCache, DFlashDrafter};
+use super::dflash::{DFlashCache, DFlashConfig, DFlashDrafter};
 use super::dflash_infer::{DFlashInfer, Precision};
 use super::DrafterError;
 use crate::model::{KvCache, Target};
@@ -27,15 +27,22 @@ use crate::spec::{Draft, Proposer, SpecError};
 /// truncatable context cache, no per-op dispatch), which [`DFlashProposer::new`] builds and
 /// `propose` uses, and the reference one (the candle forward that training differentiates),
 /// kept for [`DFlashProposer::reference`] and for drafters built on the backbone (Domino), which
-/// read [`DFlashProposer::cache`].
+/// read [`DFlashProposer::cache`]. A fast proposer keeps only the fast path's weights: the
+/// drafter's f32 tensors are released unless something else holds them (a clone kept by the
+/// caller, as a server keeps one per model), which takes 31 MB off a `generate --drafter`
+/// process with the quickstart's drafter.
 #[derive(Debug, Clone)]
 pub struct DFlashProposer {
-    drafter: DFlashDrafter,
-    cache: DFlashCache,
-    /// The fast path and its context cache; None on the reference path.
-    fast: Option<(DFlashInfer, KvCache)>,
+    config: DFlashConfig,
+    path: Path,
     /// Context rows not yet in the cache: (n, n_taps·H).
     pending: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum Path {
+    Fast { infer: DFlashInfer, cache: KvCache },
+    Reference { drafter: DFlashDrafter, cache: DFlashCache },
 }
 
 impl DFlashProposer {
@@ -51,9 +58,8 @@ impl DFlashProposer {
     pub fn with_precision(drafter: DFlashDrafter, precision: Precision) -> Self {
         match DFlashInfer::with_precision(&drafter, precision) {
             Ok(infer) => {
-                let fast_cache = infer.new_cache();
-                let cache = drafter.new_cache();
-                Self { drafter, cache, fast: Some((infer, fast_cache)), pending: None }
+                let cache = infer.new_cache();
+                Self { config: drafter.config().clone(), path: Path::Fast { infer, cache }, pending: None }
             }
             Err(_) => Self::reference(drafter),
         }
@@ -61,40 +67,56 @@ impl DFlashProposer {
 
     /// Whether `propose` runs the fast inference path.
     pub fn is_fast(&self) -> bool {
-        self.fast.is_some()
+        matches!(self.path, Path::Fast { .. })
     }
 
     /// A proposer on the reference (candle f32) path.
     pub fn reference(drafter: DFlashDrafter) -> Self {
         let cache = drafter.new_cache();
-        Self { drafter, cache, fast: None, pending: None }
+        Self { config: drafter.config().clone(), path: Path::Reference { drafter, cache }, pending: None }
     }
 
-    pub fn drafter(&self) -> &DFlashDrafter {
-        &self.drafter
+    /// The drafter, on the reference path (a fast proposer no longer holds its f32 weights).
+    pub fn drafter(&self) -> Option<&DFlashDrafter> {
+        match &self.path {
+            Path::Reference { drafter, .. } => Some(drafter),
+            Path::Fast { .. } => None,
+        }
     }
 
     /// Context positions currently cached.
     pub fn context_len(&self) -> usize {
-        match &self.fast {
-            Some((_, c)) => c.len(),
-            None => self.cache.len(),
+        match &self.path {
+            Path::Fast { cache, .. } => cache.len(),
+            Path::Reference { cache, .. } => cache.len(),
         }
     }
 
-    /// The context cache as of the last `propose` (positions 0..start of that call).
-    pub fn cache(&self) -> &DFlashCache {
-        &self.cache
+    /// The reference path's context cache as of the last `propose` (positions 0..start of that
+    /// call); None on the fast path, whose cache is the inference path's own.
+    pub fn cache(&self) -> Option<&DFlashCache> {
+        match &self.path {
+            Path::Reference { cache, .. } => Some(cache),
+            Path::Fast { .. } => None,
+        }
     }
 
     /// Appends the pending context rows (the prompt's, or the last commit's) and returns the
     /// cache, which then holds positions 0..start of the next block. Drafters built on the DFlash
-    /// backbone (Domino) call this in their own `propose`.
+    /// backbone (Domino) call this in their own `propose`, on a reference proposer.
     pub fn sync_context(&mut self) -> Result<&DFlashCache, SpecError> {
-        if let Some(f) = self.pending.take() {
-            self.drafter.extend_context(&mut self.cache, &f).map_err(SpecError::proposer)?;
+        match &mut self.path {
+            Path::Reference { drafter, cache } => {
+                if let Some(f) = self.pending.take() {
+                    drafter.extend_context(cache, &f).map_err(SpecError::proposer)?;
+                }
+                Ok(cache)
+            }
+            Path::Fast { .. } => Err(SpecError::proposer(DrafterError::Unsupported {
+                path: "DFlashProposer".into(),
+                what: "the reference context cache of a proposer on the fast path (build it with DFlashProposer::reference)".into(),
+            })),
         }
-        Ok(&self.cache)
     }
 }
 
@@ -108,15 +130,15 @@ fn missing_features(what: &'static str) -> SpecError {
 
 impl Proposer for DFlashProposer {
     fn block_size(&self) -> usize {
-        self.drafter.block_size()
+        self.config.block_size
     }
 
     fn target_layer_ids(&self) -> &[usize] {
-        self.drafter.target_layer_ids()
+        &self.config.target_layer_ids
     }
 
     fn begin(&mut self, target: &Target, prompt_ids: &[u32], features: Option<&Tensor>) -> Result<(), SpecError> {
-        self.drafter.config().check_target(target.config()).map_err(SpecError::proposer)?;
+        self.config.check_target(target.config()).map_err(SpecError::proposer)?;
         let features = features.ok_or_else(|| missing_features("prompt features"))?;
         let rows = features.dim(0)?;
         if rows != prompt_ids.len() {
@@ -126,26 +148,28 @@ impl Proposer for DFlashProposer {
                 expected: format!("one row per prompt token ({})", prompt_ids.len()),
             }));
         }
-        self.cache = self.drafter.new_cache();
-        if let Some((_, c)) = self.fast.as_mut() {
-            c.clear();
+        match &mut self.path {
+            Path::Fast { cache, .. } => cache.clear(),
+            Path::Reference { drafter, cache } => *cache = drafter.new_cache(),
         }
         self.pending = Some(features.clone());
         Ok(())
     }
 
     fn propose(&mut self, target: &Target, last_token: u32, start: usize) -> Result<Draft, SpecError> {
-        let tokens = match self.fast.as_mut() {
-            Some((infer, cache)) => {
+        let tokens = match &mut self.path {
+            Path::Fast { infer, cache } => {
                 if let Some(f) = self.pending.take() {
                     let rows = f.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                     infer.extend_context(cache, &rows).map_err(SpecError::proposer)?;
                 }
                 infer.draft(target, cache, last_token, start).map_err(SpecError::proposer)?
             }
-            None => {
-                self.sync_context()?;
-                self.drafter.draft(target, &self.cache, last_token, start).map_err(SpecError::proposer)?
+            Path::Reference { drafter, cache } => {
+                if let Some(f) = self.pending.take() {
+                    drafter.extend_context(cache, &f).map_err(SpecError::proposer)?;
+                }
+                drafter.draft(target, cache, last_token, start).map_err(SpecError::proposer)?
             }
         };
         Ok(Draft::tokens(tokens))

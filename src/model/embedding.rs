@@ -27,12 +27,19 @@ impl Embedding {
     /// dequantizes it to a dense f32 table.
     pub fn from_qtensor(q: &QTensor) -> candle_core::Result<Self> {
         let (rows, hidden) = q.shape().dims2()?;
-        let dtype = q.dtype();
+        Self::from_ggml(&q.data()?, q.dtype(), rows, hidden)
+    }
+
+    /// [`Embedding::from_qtensor`] from the table's bytes as a GGUF file stores them.
+    pub fn from_ggml(raw: &[u8], dtype: GgmlDType, rows: usize, hidden: usize) -> candle_core::Result<Self> {
         let blocky = !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if !blocky || hidden % dtype.block_size() != 0 {
-            return Ok(Embedding::Dense(q.dequantize(&Device::Cpu)?));
+            return Ok(Embedding::Dense(qtensor_from_ggml(dtype, raw, vec![rows, hidden], &Device::Cpu)?.dequantize(&Device::Cpu)?));
         }
-        Ok(Embedding::Quantized { raw: std::sync::Arc::new(q.data()?.into_owned()), dtype, rows, hidden })
+        if raw.len() != rows * Self::row_bytes(dtype, hidden) {
+            candle_core::bail!("embedding table of {rows}x{hidden} {dtype:?} has {} bytes, expected {}", raw.len(), rows * Self::row_bytes(dtype, hidden));
+        }
+        Ok(Embedding::Quantized { raw: std::sync::Arc::new(raw.to_vec()), dtype, rows, hidden })
     }
 
     fn row_bytes(dtype: GgmlDType, hidden: usize) -> usize {

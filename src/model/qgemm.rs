@@ -45,7 +45,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
 mod portable;
@@ -337,19 +337,23 @@ impl QMatrix {
         Ok(m)
     }
 
-    /// Converts a candle QTensor of HF shape (out, in) to Int8. Q8_0 blocks are taken as they
-    /// are, so the weights equal candle's; other types are dequantized and quantized again with
-    /// `quantize` (for Q4_1 that is what candle's Q8_0 conversion gives too).
+    /// Converts a candle QTensor of HF shape (out, in) to Int8 ([`QMatrix::from_ggml`]).
     pub fn from_qtensor(name: &str, qt: &QTensor) -> Result<Self, QGemmError> {
         let (out, inp) = dims2(name, qt)?;
-        if qt.dtype() != GgmlDType::Q8_0 || inp % BLOCK != 0 {
-            let w = qt.dequantize(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-            return Self::quantize(name, &w, out, inp);
+        Self::from_ggml(name, &qt.data()?, qt.dtype(), out, inp)
+    }
+
+    /// Int8 from a ggml tensor's bytes as a GGUF file stores them, HF shape (out, in). Q8_0
+    /// blocks are taken as they are, so the weights equal candle's; other types are dequantized
+    /// and quantized again with `quantize`'s rule (for Q4_1 that is what candle's Q8_0
+    /// conversion gives too).
+    pub fn from_ggml(name: &str, raw: &[u8], dtype: GgmlDType, out: usize, inp: usize) -> Result<Self, QGemmError> {
+        if dtype != GgmlDType::Q8_0 || inp % BLOCK != 0 {
+            return Self::requantize(name, raw, dtype, out, inp);
         }
-        let raw = qt.data()?;
         const BYTES: usize = 2 + BLOCK; // f16 d, then 32 × i8
         let mut m = Self::empty(Format::Int8, out, inp);
-        check_len(name, qt, raw.len(), out * inp / BLOCK * BYTES)?;
+        check_len(name, dtype, out, inp, raw.len(), out * inp / BLOCK * BYTES)?;
         let mut q = [0i8; BLOCK];
         for (i, blk) in raw.chunks_exact(BYTES).enumerate() {
             let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
@@ -364,10 +368,47 @@ impl QMatrix {
         Ok(m)
     }
 
+    /// Int8 from any other stored type, a slab of rows at a time: dequantizing the whole tensor
+    /// first would hold it twice in f32 (the tied head of SmolLM2 is 113 MB as f32), which
+    /// was most of the q8 mode's peak memory. A ggml block dequantizes to the same values
+    /// alone as within its tensor, so the result equals `quantize` of the whole dequantized
+    /// weight (tested).
+    fn requantize(name: &str, raw: &[u8], dtype: GgmlDType, out: usize, inp: usize) -> Result<Self, QGemmError> {
+        let (bs, ts) = (dtype.block_size(), dtype.type_size());
+        check_len(name, dtype, out, inp, raw.len(), (out * inp).div_ceil(bs) * ts)?;
+        let cpu = candle_core::Device::Cpu;
+        if inp % bs != 0 {
+            // Rows are not whole blocks (not seen in GGUF files): the whole tensor at once.
+            let w = qtensor_from_ggml(dtype, raw, vec![out, inp], &cpu)?.dequantize(&cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            return Self::quantize(name, &w, out, inp);
+        }
+        let row_bytes = inp / bs * ts;
+        let mut m = Self::empty(Format::Int8, out, inp);
+        let (mut q, mut d, mut corr) = (vec![0i8; m.blocks * BLOCK], vec![0f32; m.blocks], vec![0i32; m.blocks]);
+        // About 1 MB of f32 per slab.
+        let slab = ((1 << 18) / inp.max(1)).max(1);
+        for r0 in (0..out).step_by(slab) {
+            let r1 = out.min(r0 + slab);
+            let part = qtensor_from_ggml(dtype, &raw[r0 * row_bytes..r1 * row_bytes], vec![r1 - r0, inp], &cpu)?;
+            let w = part.dequantize(&cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+                return Err(QGemmError::NonFinite { name: name.into(), row: r0 + i / inp, col: i % inp });
+            }
+            for (i, row) in w.chunks_exact(inp).enumerate() {
+                quantize_row(row, &mut q, &mut d, &mut corr);
+                for (b, (qb, &db)) in q.chunks_exact(BLOCK).zip(&d).enumerate() {
+                    let qb: &[i8; BLOCK] = qb.try_into().expect("chunks_exact gives BLOCK");
+                    m.set_block_int8(r0 + i, b, qb, db);
+                }
+            }
+        }
+        Ok(m)
+    }
+
     /// Converts a GGUF Q4_1 QTensor of HF shape (out, in), keeping its blocks as they are.
     pub fn from_q4_1(name: &str, qt: &QTensor) -> Result<Self, QGemmError> {
         let (out, inp) = dims2(name, qt)?;
-        if qt.dtype() != GgmlDType::Q4_1 || inp % BLOCK != 0 {
+        if qt.dtype() != GgmlDType::Q4_1 {
             return Err(QGemmError::BadTensor {
                 name: name.into(),
                 dtype: qt.dtype(),
@@ -375,10 +416,22 @@ impl QMatrix {
                 what: " of type Q4_1 with in a multiple of 32".into(),
             });
         }
-        let raw = qt.data()?;
+        Self::from_q4_1_bytes(name, &qt.data()?, out, inp)
+    }
+
+    /// [`QMatrix::from_q4_1`] from the tensor's bytes as a GGUF file stores them.
+    pub fn from_q4_1_bytes(name: &str, raw: &[u8], out: usize, inp: usize) -> Result<Self, QGemmError> {
+        if inp % BLOCK != 0 {
+            return Err(QGemmError::BadTensor {
+                name: name.into(),
+                dtype: GgmlDType::Q4_1,
+                shape: vec![out, inp],
+                what: " of type Q4_1 with in a multiple of 32".into(),
+            });
+        }
         const BYTES: usize = 4 + BLOCK / 2; // f16 d, f16 m, then 32 nibbles
         let mut m = Self::empty(Format::Q4_1, out, inp);
-        check_len(name, qt, raw.len(), out * inp / BLOCK * BYTES)?;
+        check_len(name, GgmlDType::Q4_1, out, inp, raw.len(), out * inp / BLOCK * BYTES)?;
         let mut q = [0u8; BLOCK];
         for (i, blk) in raw.chunks_exact(BYTES).enumerate() {
             let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
@@ -500,12 +553,12 @@ fn dims2(name: &str, qt: &QTensor) -> Result<(usize, usize), QGemmError> {
     }
 }
 
-fn check_len(name: &str, qt: &QTensor, got: usize, want: usize) -> Result<(), QGemmError> {
+fn check_len(name: &str, dtype: GgmlDType, out: usize, inp: usize, got: usize, want: usize) -> Result<(), QGemmError> {
     if got != want {
         return Err(QGemmError::BadTensor {
             name: name.into(),
-            dtype: qt.dtype(),
-            shape: qt.shape().dims().to_vec(),
+            dtype,
+            shape: vec![out, inp],
             what: format!(" (its data has {got} bytes, expected {want})"),
         });
     }
@@ -747,6 +800,22 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn requantizing_in_slabs_equals_quantizing_the_whole_dequantized_weight() {
+        // 1100 rows of 576 span several slabs (455 rows each) and end in a partial one; one
+        // tensor of rows narrower than a slab's width; each type goes through `requantize`.
+        for (out, inp) in [(1100usize, 576usize), (7, 64)] {
+            for dtype in [GgmlDType::Q4_1, GgmlDType::Q4_0, GgmlDType::Q5_1, GgmlDType::F16] {
+                let qt = qtensor(out, inp, 5, dtype);
+                let whole = qt.dequantize(&candle_core::Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let want = QMatrix::quantize("w", &whole, out, inp).unwrap();
+                let got = QMatrix::from_qtensor("w", &qt).unwrap();
+                assert_eq!((got.format, got.out, got.inp, got.data.len()), (Format::Int8, out, inp, want.data.len()));
+                assert!(got.data.iter().zip(&want.data).all(|(a, b)| a.0 == b.0), "{dtype:?} {out}x{inp}");
             }
         }
     }

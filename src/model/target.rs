@@ -159,10 +159,9 @@ impl Target {
         // same values); the f32 reference mode and safetensors sources hold it dense.
         let embed = match src {
             WeightSource::Gguf { .. } if mode != WeightsMode::F32 => {
-                let q = src.qtensor("model.embed_tokens.weight")?;
-                let dims = q.shape().dims().to_vec();
-                crate::model::weights::check_shape(&src.display(), "model.embed_tokens.weight", &dims, &[cfg.vocab_size, h])?;
-                Embedding::from_qtensor(&q)?
+                let raw = src.raw("model.embed_tokens.weight")?;
+                crate::model::weights::check_shape(&src.display(), "model.embed_tokens.weight", &raw.dims, &[cfg.vocab_size, h])?;
+                Embedding::from_ggml(raw.bytes(), raw.dtype, cfg.vocab_size, h)?
             }
             _ => Embedding::Dense(src.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?),
         };

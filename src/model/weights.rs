@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::qgemm::{QGemmError, QLinearOp, QMatrix};
@@ -184,31 +184,46 @@ impl WeightSource {
     /// Loads `name` as a quantized tensor (GGUF: as stored, with llama's Q/K rows restored to
     /// HF order; safetensors: quantized to Q8_0 here).
     pub fn qtensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
-        let display = self.display();
         match self {
             WeightSource::Hf { .. } => {
                 let t = self.tensor(name, &[])?;
                 Ok(QTensor::quantize(&t, GgmlDType::Q8_0)?)
             }
-            WeightSource::Gguf { content, file, permute_qk, heads, kv_heads, .. } => {
-                let g = gguf_name(name).ok_or_else(|| ModelError::MissingTensor {
-                    path: display.clone(),
-                    name: name.to_string(),
-                })?;
-                if !content.tensor_infos.contains_key(&g) {
-                    return Err(ModelError::MissingTensor { path: display, name: format!("{name} (GGUF {g})") });
-                }
-                let q = content.tensor(file, &g, &Device::Cpu).map_err(|e| ModelError::Corrupt {
-                    path: display.clone(),
-                    what: format!("reading tensor {g}: {e} (is the file truncated? fetch it again)"),
-                })?;
-                if *permute_qk && (g.ends_with("attn_q.weight") || g.ends_with("attn_k.weight")) {
-                    let n_head = if g.ends_with("attn_q.weight") { *heads } else { *kv_heads };
-                    return unpermute_rows(&q, n_head);
-                }
-                Ok(q)
-            }
+            WeightSource::Gguf { .. } => Ok(self.raw(name)?.qtensor()?),
         }
+    }
+
+    /// A GGUF tensor's bytes as the file stores them (llama's Q/K rows restored to HF order),
+    /// in a buffer of their own ([`RawTensor`]).
+    pub fn raw(&mut self, name: &str) -> Result<RawTensor, ModelError> {
+        let display = self.display();
+        let WeightSource::Gguf { content, file, permute_qk, heads, kv_heads, .. } = self else {
+            return Err(ModelError::Unsupported { path: display, what: format!("{name}: raw tensor bytes exist only in GGUF files") });
+        };
+        let g = gguf_name(name).ok_or_else(|| ModelError::MissingTensor { path: display.clone(), name: name.to_string() })?;
+        let Some(info) = content.tensor_infos.get(&g) else {
+            return Err(ModelError::MissingTensor { path: display, name: format!("{name} (GGUF {g})") });
+        };
+        let dtype = info.ggml_dtype;
+        let dims = info.shape.dims().to_vec();
+        let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let corrupt = |what: String| ModelError::Corrupt { path: display.clone(), what };
+        let mut buf = memmap2::MmapMut::map_anon(len.max(1)).map_err(|e| corrupt(format!("reserving {len} bytes for tensor {g}: {e}")))?;
+        {
+            use std::io::{Read, Seek, SeekFrom};
+            file.seek(SeekFrom::Start(content.tensor_data_offset + info.offset))
+                .and_then(|_| file.read_exact(&mut buf[..len]))
+                .map_err(|e| corrupt(format!("reading tensor {g}: {e} (is the file truncated? fetch it again)")))?;
+        }
+        let raw = RawTensor { buf, len, dtype, dims };
+        if *permute_qk && (g.ends_with("attn_q.weight") || g.ends_with("attn_k.weight")) {
+            let n_head = if g.ends_with("attn_q.weight") { *heads } else { *kv_heads };
+            return unpermute_rows(&raw, n_head).map_err(|e| match e {
+                ModelError::Unsupported { what, .. } => ModelError::Unsupported { path: display.clone(), what },
+                e => e,
+            });
+        }
+        Ok(raw)
     }
 
     /// Builds a linear layer; `shape` is the HF (out, in) shape.
@@ -238,13 +253,16 @@ impl WeightSource {
             // Q8_0 blocks are 32 wide along the input dimension.
             return Ok(LinearWeight::F32(self.tensor(name, &[out, inp])?));
         }
-        let q = self.qtensor(name)?;
-        check_shape(&self.display(), name, q.shape().dims(), &[out, inp])?;
-        match (mode, q.dtype()) {
-            (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => Ok(LinearWeight::F32(q.dequantize(&Device::Cpu)?)),
-            (WeightsMode::Q8, _) | (WeightsMode::Native, GgmlDType::Q8_0) => qgemm(QMatrix::from_qtensor(name, &q), self.display()),
-            (WeightsMode::Native, GgmlDType::Q4_1) => qgemm(QMatrix::from_q4_1(name, &q), self.display()),
-            _ => Ok(LinearWeight::Quant(QMatMul::from_qtensor(q)?)),
+        // Only GGUF sources get here (safetensors returned above), read as stored.
+        let raw = self.raw(name)?;
+        check_shape(&self.display(), name, &raw.dims, &[out, inp])?;
+        match (mode, raw.dtype) {
+            (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => Ok(LinearWeight::F32(raw.qtensor()?.dequantize(&Device::Cpu)?)),
+            (WeightsMode::Q8, _) | (WeightsMode::Native, GgmlDType::Q8_0) => {
+                qgemm(QMatrix::from_ggml(name, raw.bytes(), raw.dtype, out, inp), self.display())
+            }
+            (WeightsMode::Native, GgmlDType::Q4_1) => qgemm(QMatrix::from_q4_1_bytes(name, raw.bytes(), out, inp), self.display()),
+            _ => Ok(LinearWeight::Quant(QMatMul::from_qtensor(raw.qtensor()?)?)),
         }
     }
 }
@@ -298,11 +316,14 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 /// llama.cpp stores Q and K rows permuted for interleaved RoPE: within each head of dim d,
 /// GGUF row 2i+j holds HF row j·d/2 + i. Rows are whole quantized blocks (blocks run along the
 /// input dimension), so the permutation moves raw bytes and loses nothing.
-fn unpermute_rows(q: &QTensor, n_head: usize) -> Result<QTensor, ModelError> {
-    let (out, inp) = q.shape().dims2()?;
-    let dtype = q.dtype();
+fn unpermute_rows(raw: &RawTensor, n_head: usize) -> Result<RawTensor, ModelError> {
+    let (out, inp) = match raw.dims[..] {
+        [out, inp] => (out, inp),
+        _ => return Err(ModelError::Unsupported { path: String::new(), what: format!("cannot undo the Q/K permutation of a tensor of shape {:?}", raw.dims) }),
+    };
+    let dtype = raw.dtype;
     let row_bytes = inp / dtype.block_size() * dtype.type_size();
-    let data = q.data()?;
+    let data = raw.bytes();
     if n_head == 0 || out % n_head != 0 || (out / n_head) % 2 != 0 || data.len() != out * row_bytes {
         return Err(ModelError::Unsupported {
             path: String::new(),
@@ -310,7 +331,8 @@ fn unpermute_rows(q: &QTensor, n_head: usize) -> Result<QTensor, ModelError> {
         });
     }
     let d = out / n_head;
-    let mut dst = vec![0u8; data.len()];
+    let mut dst = memmap2::MmapMut::map_anon(data.len().max(1))
+        .map_err(|e| ModelError::Unsupported { path: String::new(), what: format!("reserving {} bytes: {e}", data.len()) })?;
     for h in 0..n_head {
         for i in 0..d / 2 {
             for j in 0..2 {
@@ -321,6 +343,29 @@ fn unpermute_rows(q: &QTensor, n_head: usize) -> Result<QTensor, ModelError> {
             }
         }
     }
-    let storage = QStorage::from_data(std::borrow::Cow::Owned(dst), &Device::Cpu, dtype)?;
-    Ok(QTensor::new(storage, (out, inp))?)
+    Ok(RawTensor { buf: dst, len: data.len(), dtype, dims: raw.dims.clone() })
+}
+
+/// A GGUF tensor's bytes as stored, in an anonymous mapping of their own rather than the malloc
+/// heap. The loader reads each tensor, converts it and drops the bytes. As heap blocks, freed
+/// between the converted weights that stay, glibc kept them resident (its mmap threshold rises
+/// to the size of the first large block freed, so later ones come from the heap): about 30 MiB
+/// of SmolLM2's q8 load. A mapping of its own goes back to the system when dropped.
+pub struct RawTensor {
+    buf: memmap2::MmapMut,
+    len: usize,
+    pub dtype: GgmlDType,
+    /// candle's order: (out, in) for a weight.
+    pub dims: Vec<usize>,
+}
+
+impl RawTensor {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// The same tensor as a candle QTensor (a copy of the bytes).
+    pub fn qtensor(&self) -> candle_core::Result<QTensor> {
+        candle_core::quantized::ggml_file::qtensor_from_ggml(self.dtype, self.bytes(), self.dims.clone(), &Device::Cpu)
+    }
 }
