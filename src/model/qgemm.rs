@@ -56,8 +56,12 @@ mod vnni;
 pub const BLOCK: usize = 32;
 /// Outputs per weight tile: one 512-bit register of i32/f32 lanes.
 pub const TILE: usize = 16;
-/// Rows of x processed against one weight tile while it sits in registers.
-pub const MAX_ROWS: usize = 16;
+/// Rows of x processed against one weight tile while it sits in registers. Eight accumulators,
+/// the tile's eight weight registers and its scales leave AVX-512's 32 registers room for each
+/// row's temporaries; at sixteen rows the compiler spilled accumulators to the stack every block
+/// (`perf annotate`), and a second pass over a tile already in L1 costs less than the spills:
+/// m = 16 products ran 15–25% faster on one thread (examples/bench_qgemm.rs).
+pub const MAX_ROWS: usize = 8;
 /// Below this many (row, tile, block) steps (about 20 µs of work) a call runs on the calling
 /// thread: rayon's dispatch costs a few µs, and on a loaded 2-core machine a second thread
 /// often is not free anyway (examples/bench_qgemm.rs shows 1- vs 2-thread times side by side).
@@ -75,6 +79,8 @@ pub enum QGemmError {
     InputLen { got: usize, m: usize, inp: usize },
     #[error("output has {got} values, expected m = {m} rows of out_features = {out}")]
     OutputLen { got: usize, m: usize, out: usize },
+    #[error("a grouped call got {mats} matrices but {outputs} outputs")]
+    GroupLen { mats: usize, outputs: usize },
     #[error("kernel {kernel:?} needs CPU features this machine lacks; use Kernel::Auto")]
     KernelUnavailable { kernel: Kernel },
     #[error(transparent)]
@@ -483,41 +489,7 @@ impl QMatrix {
 
     /// As `matmul`, with the kernel and thread count chosen by the caller (tests compare them).
     pub fn matmul_with(&self, x: &[f32], m: usize, y: &mut [f32], exec: Exec) -> Result<(), QGemmError> {
-        if x.len() != m * self.inp {
-            return Err(QGemmError::InputLen { got: x.len(), m, inp: self.inp });
-        }
-        if y.len() != m * self.out {
-            return Err(QGemmError::OutputLen { got: y.len(), m, out: self.out });
-        }
-        let kernel = exec.kernel.resolve()?;
-        if m == 0 || self.out == 0 {
-            return Ok(());
-        }
-        let acts = QActs::quantize(x, m, self.inp, self.blocks);
-        let pool = rayon::current_num_threads().max(1);
-        // Four parts per thread: on a shared machine a descheduled thread's share is stolen
-        // by the others instead of holding up the call.
-        let parts = match exec.threads {
-            0 if m * self.tiles * self.blocks < MIN_PARALLEL_WORK || pool == 1 => 1,
-            0 => 4 * pool,
-            n => n,
-        }
-        .min(self.tiles);
-        let out = OutPtr(y.as_mut_ptr());
-        let run = |part: usize| {
-            let t0 = self.tiles * part / parts;
-            let t1 = self.tiles * (part + 1) / parts;
-            // SAFETY: parts own disjoint tile ranges, so disjoint output columns of y, which
-            // has m · out elements (checked above); x was checked to have m · in.
-            unsafe { self.tiles_range(kernel, &acts, t0, t1, out) };
-        };
-        if parts <= 1 {
-            run(0);
-        } else {
-            use rayon::prelude::*;
-            (0..parts).into_par_iter().for_each(run);
-        }
-        Ok(())
+        matmul_group(&[self], x, m, &mut [y], exec)
     }
 
     /// Output tiles t0..t1 for all rows, rows in groups of up to MAX_ROWS per weight pass.
@@ -544,6 +516,65 @@ impl QMatrix {
             }
         }
     }
+}
+
+/// Several matrices with the same input width against the same x, as one call: y_i (m, out_i)
+/// = x · W_iᵀ. x is quantized once and the output tiles of all of them are shared out in one
+/// parallel region, so a layer's q, k and v projections (or gate and up) cost one dispatch of
+/// the thread pool instead of three. Every output is computed exactly as [`QMatrix::matmul`]
+/// computes it (same tiles, same order of sums), so the bits are those of separate calls
+/// (tested).
+pub fn matmul_group(mats: &[&QMatrix], x: &[f32], m: usize, ys: &mut [&mut [f32]], exec: Exec) -> Result<(), QGemmError> {
+    let Some(first) = mats.first() else { return Ok(()) };
+    if ys.len() != mats.len() {
+        return Err(QGemmError::GroupLen { mats: mats.len(), outputs: ys.len() });
+    }
+    for (w, y) in mats.iter().zip(ys.iter()) {
+        if w.inp != first.inp || x.len() != m * w.inp {
+            return Err(QGemmError::InputLen { got: x.len(), m, inp: w.inp });
+        }
+        if y.len() != m * w.out {
+            return Err(QGemmError::OutputLen { got: y.len(), m, out: w.out });
+        }
+    }
+    let kernel = exec.kernel.resolve()?;
+    let tiles: usize = mats.iter().map(|w| if w.out == 0 { 0 } else { w.tiles }).sum();
+    if m == 0 || tiles == 0 {
+        return Ok(());
+    }
+    let acts = QActs::quantize(x, m, first.inp, first.blocks);
+    let pool = rayon::current_num_threads().max(1);
+    // Four parts per thread: on a shared machine a descheduled thread's share is stolen
+    // by the others instead of holding up the call.
+    let parts = match exec.threads {
+        0 if m * tiles * first.blocks < MIN_PARALLEL_WORK || pool == 1 => 1,
+        0 => 4 * pool,
+        n => n,
+    }
+    .min(tiles);
+    let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
+    let run = |part: usize| {
+        // This part's share of the tiles of all matrices, in order, as global tile indices.
+        let (g0, g1) = (tiles * part / parts, tiles * (part + 1) / parts);
+        let mut base = 0;
+        for (w, &out) in mats.iter().zip(&outs) {
+            let n = if w.out == 0 { 0 } else { w.tiles };
+            let (t0, t1) = (g0.max(base) - base, g1.min(base + n).saturating_sub(base));
+            if t0 < t1 {
+                // SAFETY: parts own disjoint tile ranges of each matrix, so disjoint output
+                // columns of its y, which has m · out elements (checked above); x has m · in.
+                unsafe { w.tiles_range(kernel, &acts, t0, t1, out) };
+            }
+            base += n;
+        }
+    };
+    if parts <= 1 {
+        run(0);
+    } else {
+        use rayon::prelude::*;
+        (0..parts).into_par_iter().for_each(run);
+    }
+    Ok(())
 }
 
 fn dims2(name: &str, qt: &QTensor) -> Result<(usize, usize), QGemmError> {
@@ -626,6 +657,7 @@ fn quantize_row_generic(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]
 }
 
 /// One weight tile against up to MAX_ROWS rows of x.
+#[derive(Clone, Copy)]
 struct TileJob<'a> {
     format: Format,
     /// The tile's records (`tile_lines`).
@@ -818,6 +850,36 @@ mod tests {
                 assert!(got.data.iter().zip(&want.data).all(|(a, b)| a.0 == b.0), "{dtype:?} {out}x{inp}");
             }
         }
+    }
+
+    #[test]
+    fn a_grouped_call_gives_the_bits_of_separate_calls() {
+        // q/k/v-like and gate/up-like groups, mixed formats, an output count that is not a
+        // multiple of the tile, every row count up to 20 and several thread counts.
+        let groups: [&[(Format, usize)]; 3] = [&[(Format::Int8, 576), (Format::Int8, 192), (Format::Int8, 192)], &[(Format::Q4_1, 96), (Format::Int8, 40)], &[(Format::Int8, 33)]];
+        let inp = 96;
+        for (gi, group) in groups.iter().enumerate() {
+            let mats: Vec<QMatrix> = group.iter().enumerate().map(|(i, &(f, out))| matrix(f, out, inp, 40 + 10 * gi as u64 + i as u64)).collect();
+            let refs: Vec<&QMatrix> = mats.iter().collect();
+            for m in [1usize, 2, 7, 16, 20] {
+                let x = rand_vec(m * inp, 60 + m as u64);
+                for threads in [0, 1, 2, 5] {
+                    let exec = Exec { kernel: Kernel::Auto, threads };
+                    let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![f32::NAN; m * w.out_features()]).collect();
+                    let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                    matmul_group(&refs, &x, m, &mut views, exec).unwrap();
+                    for (w, got) in mats.iter().zip(&outs) {
+                        let want = run(w, &x, m, Exec { kernel: Kernel::Auto, threads: 1 });
+                        assert!(same_bits(got, &want), "group {gi}, m = {m}, threads {threads}: a grouped output differs from its own call");
+                    }
+                }
+            }
+        }
+        let (a, b) = (matrix(Format::Int8, 16, 64, 1), matrix(Format::Int8, 16, 96, 2));
+        let mut y = [vec![0f32; 16], vec![0f32; 16]];
+        let mut views: Vec<&mut [f32]> = y.iter_mut().map(|o| o.as_mut_slice()).collect();
+        assert!(matmul_group(&[&a, &b], &[0.0; 64], 1, &mut views, Exec::default()).is_err(), "different input widths are refused");
+        assert!(matmul_group(&[&a], &[0.0; 64], 1, &mut views, Exec::default()).is_err(), "one output per matrix");
     }
 
     #[test]

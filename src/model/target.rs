@@ -16,7 +16,7 @@ use super::config::TargetConfig;
 use super::attention::causal_attention;
 use super::kv_cache::KvCache;
 use super::embedding::Embedding;
-use super::weights::{Linear, WeightSource, WeightsMode};
+use super::weights::{forward_group, Linear, WeightSource, WeightsMode};
 use super::ModelError;
 
 #[derive(Debug, Clone)]
@@ -484,8 +484,8 @@ impl Layer {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        let [gate, up]: [Tensor; 2] = forward_group(&[&self.gate, &self.up], x)?.try_into().map_err(|_| candle_core::Error::Msg("gate/up: two outputs expected".into()))?;
+        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 
@@ -495,9 +495,11 @@ impl Attention {
         let n = x.dim(0)?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         // 1. (Σn, H) -> (Σn, heads, hd)
-        let q = self.q_proj.forward(x)?.reshape((n, nh, hd))?;
-        let k = self.k_proj.forward(x)?.reshape((n, nkv, hd))?;
-        let v = self.v_proj.forward(x)?.reshape((n, nkv, hd))?;
+        let [q, k, v]: [Tensor; 3] =
+            forward_group(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?.try_into().map_err(|_| candle_core::Error::Msg("q/k/v: three outputs expected".into()))?;
+        let q = q.reshape((n, nh, hd))?;
+        let k = k.reshape((n, nkv, hd))?;
+        let v = v.reshape((n, nkv, hd))?;
         // 2. per-head q/k norm (Qwen3) before RoPE
         let q = match &self.q_norm { Some(nm) => nm.forward(&q)?, None => q };
         let k = match &self.k_norm { Some(nm) => nm.forward(&k)?, None => k };

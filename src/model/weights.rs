@@ -106,6 +106,50 @@ impl Linear {
     }
 }
 
+/// `linears` applied to the same x (.., in): one `qgemm` call ([`super::qgemm::matmul_group`]:
+/// x quantized once, one dispatch of the thread pool) when all hold `qgemm` blocks of the same
+/// input width, otherwise one `forward` each. The outputs are the same bits either way.
+pub fn forward_group(linears: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+    let mats: Option<Vec<&QMatrix>> = linears
+        .iter()
+        .map(|l| match &l.weight {
+            LinearWeight::Blocks(op) => Some(&*op.0),
+            _ => None,
+        })
+        .collect();
+    let inp = x.dims().last().copied().unwrap_or(0);
+    let mats = match mats {
+        Some(m) if m.iter().all(|w| w.in_features() == inp) && x.dtype() == DType::F32 && x.device().is_cpu() => m,
+        _ => return linears.iter().map(|l| l.forward(x)).collect(),
+    };
+    let x = x.contiguous()?;
+    let rows = x.elem_count() / inp.max(1);
+    let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; rows * w.out_features()]).collect();
+    {
+        let (storage, layout) = x.storage_and_layout();
+        let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+            return linears.iter().map(|l| l.forward(&x)).collect();
+        };
+        let xs = &cpu.as_slice::<f32>()?[a..b];
+        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        super::qgemm::matmul_group(&mats, xs, rows, &mut views, super::qgemm::Exec::default())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    }
+    let lead = &x.dims()[..x.rank() - 1];
+    outs.into_iter()
+        .zip(linears)
+        .map(|(y, l)| {
+            let mut dims = lead.to_vec();
+            dims.push(l.out_features);
+            let y = Tensor::from_vec(y, dims, &Device::Cpu)?;
+            match &l.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            }
+        })
+        .collect()
+}
+
 /// x (n, in) · wᵀ with w (out, in), as n separate one-row products in the weight's dtype, the
 /// result in f32. Every row goes through the same (1, in) × (in, out) product whatever n is, so
 /// row r of an n-row call is bit-identical to a one-row call on it (batch invariance, DESIGN

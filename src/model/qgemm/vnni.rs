@@ -4,6 +4,7 @@ use std::arch::x86_64::*;
 
 use super::{q8_0_scale, Format, TileJob, BLOCK, TILE};
 
+
 /// R rows against one weight tile: the tile's 8 weight registers (inputs 4k..4k+4 of the
 /// block for 16 outputs) and its scales are loaded once per block and serve all R rows; one
 /// f32 accumulator register per row. `Q4` selects the Q4_1 format (nibbles, offsets m)
@@ -84,14 +85,6 @@ unsafe fn rows<const R: usize, const Q4: bool>(job: &TileJob) {
         row!(5);
         row!(6);
         row!(7);
-        row!(8);
-        row!(9);
-        row!(10);
-        row!(11);
-        row!(12);
-        row!(13);
-        row!(14);
-        row!(15);
     }
     let mask: __mmask16 = if job.valid >= TILE { 0xffff } else { (1u16 << job.valid) - 1 };
     for (i, acc) in acc.iter().enumerate() {
@@ -103,7 +96,7 @@ unsafe fn rows<const R: usize, const Q4: bool>(job: &TileJob) {
 /// The CPU has avx512f, avx512bw and avx512vnni (checked by `Kernel::resolve`); `job.dst`
 /// rows 0..rows (stride ldy) have `valid` writable f32 each.
 pub(super) unsafe fn tile(job: &TileJob) {
-    const _: () = assert!(super::MAX_ROWS == 16, "rows! is written out for 16 rows");
+    const _: () = assert!(super::MAX_ROWS == 8, "rows! is written out for 8 rows");
     macro_rules! by_rows {
         ($q4:literal) => {
             match job.rows {
@@ -114,15 +107,7 @@ pub(super) unsafe fn tile(job: &TileJob) {
                 5 => rows::<5, $q4>(job),
                 6 => rows::<6, $q4>(job),
                 7 => rows::<7, $q4>(job),
-                8 => rows::<8, $q4>(job),
-                9 => rows::<9, $q4>(job),
-                10 => rows::<10, $q4>(job),
-                11 => rows::<11, $q4>(job),
-                12 => rows::<12, $q4>(job),
-                13 => rows::<13, $q4>(job),
-                14 => rows::<14, $q4>(job),
-                15 => rows::<15, $q4>(job),
-                _ => rows::<16, $q4>(job),
+                _ => rows::<8, $q4>(job),
             }
         };
     }
