@@ -198,8 +198,11 @@ fn isa() -> Isa {
     }
 }
 
-/// Below this many multiply-adds attention stays on one thread.
-const PARALLEL_MIN_WORK: usize = 8 << 20;
+/// Below this many multiply-adds (about 50 µs of work) attention stays on one thread. A decode
+/// step's attention is far below; a 16-token verify at context 64 (0.7 M per layer) is above,
+/// and the forward runs on a pool worker whose sibling is spinning for the next matmul's tiles,
+/// so the split costs little.
+const PARALLEL_MIN_WORK: usize = 256 << 10;
 
 /// Attention for `n` new queries at positions start..start+n.
 /// q: (n, heads, hd) row-major; kv: the layer cache holding at least start+n positions with
@@ -239,9 +242,9 @@ fn attention_rows(q: &[f32], kv: &LayerKv, n: usize, heads: usize, kv_heads: usi
             Isa::Generic => attend_one(qrow, k, v, len, hd, scale, scores, o),
         }
     };
-    // Small problems (decode, verify) run on the calling thread: waking a second pool next to
-    // candle's spinning matmul workers costs more than the work. Each (query, head) is computed
-    // the same way on either path, so the choice does not change a single bit.
+    // Small problems (a decode step) run on the calling thread, where waking another thread
+    // costs more than the work. Each (query, head) is computed the same way on either path, so
+    // the choice does not change a single bit.
     let flops: usize = (0..n).map(|i| heads * len_of(i) * hd).sum();
     if flops < PARALLEL_MIN_WORK {
         let mut scores = Vec::new();

@@ -56,6 +56,10 @@ impl Linear {
         self.out_features
     }
 
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// Whether row r of an m-row `forward` is bit-identical to a one-row call on that row:
     /// true for `qgemm` blocks and candle's `QMatMul` (both quantize and reduce each row on its
     /// own), false for f32 weights (candle's gemm tiles by the row count).
@@ -110,36 +114,14 @@ impl Linear {
 /// x quantized once, one dispatch of the thread pool) when all hold `qgemm` blocks of the same
 /// input width, otherwise one `forward` each. The outputs are the same bits either way.
 pub fn forward_group(linears: &[&Linear], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-    let mats: Option<Vec<&QMatrix>> = linears
-        .iter()
-        .map(|l| match &l.weight {
-            LinearWeight::Blocks(op) => Some(&*op.0),
-            _ => None,
-        })
-        .collect();
-    let inp = x.dims().last().copied().unwrap_or(0);
-    let mats = match mats {
-        Some(m) if m.iter().all(|w| w.in_features() == inp) && x.dtype() == DType::F32 && x.device().is_cpu() => m,
-        _ => return linears.iter().map(|l| l.forward(x)).collect(),
+    let Some(grouped) = qgemm_group(linears, x) else {
+        return linears.iter().map(|l| l.forward(x)).collect();
     };
-    let x = x.contiguous()?;
-    let rows = x.elem_count() / inp.max(1);
-    let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; rows * w.out_features()]).collect();
-    {
-        let (storage, layout) = x.storage_and_layout();
-        let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
-            return linears.iter().map(|l| l.forward(&x)).collect();
-        };
-        let xs = &cpu.as_slice::<f32>()?[a..b];
-        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-        super::qgemm::matmul_group(&mats, xs, rows, &mut views, super::qgemm::Exec::default())
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    }
-    let lead = &x.dims()[..x.rank() - 1];
+    let (outs, lead) = grouped?;
     outs.into_iter()
         .zip(linears)
         .map(|(y, l)| {
-            let mut dims = lead.to_vec();
+            let mut dims = lead.clone();
             dims.push(l.out_features);
             let y = Tensor::from_vec(y, dims, &Device::Cpu)?;
             match &l.bias {
@@ -148,6 +130,38 @@ pub fn forward_group(linears: &[&Linear], x: &Tensor) -> candle_core::Result<Vec
             }
         })
         .collect()
+}
+
+/// The `qgemm` path of [`forward_group`] before biases: each linear's output as a host vector,
+/// and x's leading dimensions. None when that path does not apply (a linear not held as `qgemm`
+/// blocks, different input widths, or x not f32 on the CPU).
+pub fn qgemm_group(linears: &[&Linear], x: &Tensor) -> Option<candle_core::Result<(Vec<Vec<f32>>, Vec<usize>)>> {
+    let mats: Vec<&QMatrix> = linears
+        .iter()
+        .map(|l| match &l.weight {
+            LinearWeight::Blocks(op) => Some(&*op.0),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    let inp = x.dims().last().copied().unwrap_or(0);
+    if !mats.iter().all(|w| w.in_features() == inp) || x.dtype() != DType::F32 || !x.device().is_cpu() {
+        return None;
+    }
+    let run = || -> candle_core::Result<(Vec<Vec<f32>>, Vec<usize>)> {
+        let x = x.contiguous()?;
+        let rows = x.elem_count() / inp.max(1);
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; rows * w.out_features()]).collect();
+        let (storage, layout) = x.storage_and_layout();
+        let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("qgemm_group: x is not a contiguous CPU tensor");
+        };
+        let xs = &cpu.as_slice::<f32>()?[a..b];
+        let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        super::qgemm::matmul_group(&mats, xs, rows, &mut views, super::qgemm::Exec::default())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((outs, x.dims()[..x.rank() - 1].to_vec()))
+    };
+    Some(run())
 }
 
 /// x (n, in) · wᵀ with w (out, in), as n separate one-row products in the weight's dtype, the
