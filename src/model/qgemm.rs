@@ -62,10 +62,13 @@ pub const TILE: usize = 16;
 /// (`perf annotate`), and a second pass over a tile already in L1 costs less than the spills:
 /// m = 16 products ran 15–25% faster on one thread (examples/bench_qgemm.rs).
 pub const MAX_ROWS: usize = 8;
-/// Below this many (row, tile, block) steps (about 20 µs of work) a call runs on the calling
-/// thread: rayon's dispatch costs a few µs, and on a loaded 2-core machine a second thread
-/// often is not free anyway (examples/bench_qgemm.rs shows 1- vs 2-thread times side by side).
-const MIN_PARALLEL_WORK: usize = 2048;
+/// Below this many (row, tile, block) steps (about 5 µs of work) a call runs on the calling
+/// thread. Every one-row product of SmolLM2's layers is above it (the smallest, o_proj, has 648),
+/// so a decode step reads its weights with both cores' memory bandwidth: with the forward on a
+/// pool worker whose sibling spins for the next split, the split costs less than it saves
+/// (2048, which kept all but gate/up on one thread: q8 decode 104–107 tok/s; 512: 109–132,
+/// `bench decode`, alternating runs).
+const MIN_PARALLEL_WORK: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QGemmError {
