@@ -207,17 +207,16 @@ fn run_ours(o: &Ours, plan: &SpecBenchPlan, progress: &dyn Progress) -> Result<(
     Ok((rate(ar_tokens, ar_ms), rate(sp_tokens, sp_ms), committed as f64 / cycles.max(1) as f64, exact))
 }
 
-/// Peak memory of `exe generate --drafter` in `mode` on the first chat prompt, as a child process.
-fn our_peak_rss(exe: &Path, plan: &SpecBenchPlan, mode: WeightsMode) -> Result<Option<f64>, StageError> {
+/// Peak memory of `exe generate --drafter` in `mode` on the first chat prompt, as a child process,
+/// at the block size the benchmark ran (so `generate` does not calibrate one first).
+fn our_peak_rss(exe: &Path, plan: &SpecBenchPlan, mode: WeightsMode, block_size: usize) -> Result<Option<f64>, StageError> {
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["generate", "--model", &plan.model, "--weights", &mode.to_string(), "--chat", "--json"])
         .args(["--prompt", CHAT_PROMPTS[0], "--max-new-tokens", &plan.max_new_tokens.to_string()])
         .arg("--drafter")
         .arg(&plan.drafter)
         .stdin(std::process::Stdio::null());
-    if let Some(b) = plan.block_size {
-        cmd.args(["--block-size", &b.to_string()]);
-    }
+    cmd.args(["--block-size", &block_size.to_string()]);
     let (out, peak) = crate::util::measure::run_measuring_rss(&mut cmd).map_err(|source| StageError::Io { path: exe.to_path_buf(), source })?;
     if !out.status.success() {
         return Err(StageError::Invalid(format!(
@@ -338,7 +337,7 @@ pub fn spec(plan: &SpecBenchPlan, progress: &dyn Progress) -> Result<SpecBenchRe
     let mut rss = Vec::new();
     for o in &ours {
         rss.push(match &plan.specauf_exe {
-            Some(exe) => our_peak_rss(exe, plan, o.mode)?,
+            Some(exe) => our_peak_rss(exe, plan, o.mode, block_size)?,
             None => None,
         });
     }
