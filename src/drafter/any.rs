@@ -200,18 +200,7 @@ impl AnyDrafter {
             return Err(what(format!("{block_size} exceeds the drafter's trained block size {trained}; it can only be lowered")));
         }
         match self {
-            AnyDrafter::DFlash(d) => {
-                let mut config = d.config().clone();
-                config.block_size = block_size;
-                let out = DFlashDrafter::init_random_from_config(config, 0)?;
-                for ((name, dst), (src_name, src)) in out.named_vars().into_iter().zip(d.named_vars()) {
-                    if name != src_name {
-                        return Err(what(format!("internal: drafter tensors out of order ({name} vs {src_name})")));
-                    }
-                    dst.set(src.as_tensor())?;
-                }
-                Ok(AnyDrafter::DFlash(out))
-            }
+            AnyDrafter::DFlash(d) => Ok(AnyDrafter::DFlash(d.into_block_size(block_size))),
             AnyDrafter::Domino(_) => Err(what("a block size other than the trained one is implemented for DFlash drafters only; this is a Domino drafter".into())),
         }
     }

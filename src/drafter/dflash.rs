@@ -962,6 +962,14 @@ impl DFlashDrafter {
         &self.config
     }
 
+    /// The same drafter, its tensors unchanged, drafting blocks of `block_size` (no shape depends
+    /// on it: a block is [last, MASK × (B-1)] whatever B). The caller checks that B is at most the
+    /// trained one ([`super::AnyDrafter::at_block_size`]).
+    pub(crate) fn into_block_size(mut self, block_size: usize) -> Self {
+        self.config.block_size = block_size;
+        self
+    }
+
     pub fn block_size(&self) -> usize {
         self.config.block_size
     }
