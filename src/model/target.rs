@@ -503,11 +503,10 @@ impl Mlp {
         if gate.bias().is_none() && up.bias().is_none() {
             if let Some(grouped) = qgemm_group(&[gate, up], x) {
                 let (mut outs, mut dims) = grouped?;
-                let (u, mut g) = (outs.pop(), outs.pop());
-                if let (Some(u), Some(g)) = (u, g.as_mut()) {
-                    silu_mul(g, &u);
+                if let (Some(u), Some(mut g)) = (outs.pop(), outs.pop()) {
+                    silu_mul(&mut g, &u);
                     dims.push(gate.out_features());
-                    return self.down.forward(&Tensor::from_vec(std::mem::take(g), dims, &Device::Cpu)?);
+                    return self.down.forward(&Tensor::from_vec(g, dims, &Device::Cpu)?);
                 }
             }
         }

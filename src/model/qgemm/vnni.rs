@@ -4,7 +4,6 @@ use std::arch::x86_64::*;
 
 use super::{q8_0_scale, Format, TileJob, BLOCK, TILE};
 
-
 /// R rows against one weight tile: the tile's 8 weight registers (inputs 4k..4k+4 of the
 /// block for 16 outputs) and its scales are loaded once per block and serve all R rows; one
 /// f32 accumulator register per row. `Q4` selects the Q4_1 format (nibbles, offsets m)
