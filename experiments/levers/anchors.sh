@@ -9,15 +9,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:?prepared data: specauf prepare --regenerate greedy --features 1,27 ...}
 OUT=${OUT:?output folder}
-BIN=${BIN:-target/release/specauf}
+. experiments/levers/lib.sh
 common=(--set "data=$DATA" --set objective=auf --set drafter.layers=2 --set drafter.block_size=8
         --set "drafter.target_layer_ids=[1,27]" --set batch_sequences=2 --set optim.lr=0.002
         --set eval_every=50 --set eval_sequences=12 --set checkpoint_every=50)
 arm() { # name steps anchors
-    local dir="$OUT/$1"
-    [ -f "$dir/final/model.safetensors" ] && return 0
-    local resume=(); [ -f "$dir/config.json" ] && resume=(--resume)
-    RAYON_NUM_THREADS=1 "$BIN" train "${common[@]}" --set "out=$dir" --set "steps=$2" --set "num_anchors=$3" "${resume[@]}" > "$OUT/$1.log" 2>&1
+    RAYON_NUM_THREADS=1 train_arm "$OUT/$1" "$OUT/$1.log" "${common[@]}" --set "steps=$2" --set "num_anchors=$3"
 }
 mkdir -p "$OUT"
 arm a32 600 32 & p1=$!

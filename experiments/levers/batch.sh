@@ -10,16 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:?prepared data}
 OUT=${OUT:?output folder}
-BIN=${BIN:-target/release/specauf}
+. experiments/levers/lib.sh
 common=(--set "data=$DATA" --set objective=auf --set drafter.block_size=8 --set drafter.layers=2
         --set "drafter.target_layer_ids=[1,27]" --set num_anchors=32 --set optim.lr=0.002 --set eval_sequences=12
         --set "drafter.init_layers_from_target=[28,29]")
 arm() { # name sequences-per-step steps eval-every
-    local dir="$OUT/$1"
-    [ -f "$dir/final/model.safetensors" ] && return 0
-    local resume=(); [ -f "$dir/config.json" ] && resume=(--resume)
-    "$BIN" train "${common[@]}" --set "batch_sequences=$2" --set "steps=$3" --set "eval_every=$4" --set "checkpoint_every=$4" \
-        --set "out=$dir" "${resume[@]}" > "$OUT/$1.log" 2>&1
+    train_arm "$OUT/$1" "$OUT/$1.log" "${common[@]}" --set "batch_sequences=$2" --set "steps=$3" --set "eval_every=$4" --set "checkpoint_every=$4"
 }
 mkdir -p "$OUT"
 if [ -n "${BATCH2:-}" ]; then two=$BATCH2; else arm b2 2 600 50; two=$OUT/b2/final; fi

@@ -9,15 +9,12 @@ cd "$(dirname "$0")/../.."
 DATA=${DATA:?prepared data}
 OUT=${OUT:?output folder}
 TOP=${TOP:?the top-28-29 arm of target_init.sh}
-BIN=${BIN:-target/release/specauf}
+. experiments/levers/lib.sh
 common=(--set "data=$DATA" --set objective=auf --set drafter.layers=2 --set "drafter.init_layers_from_target=[28,29]"
         --set "drafter.target_layer_ids=[1,27]" --set batch_sequences=2 --set num_anchors=32
         --set steps=600 --set eval_every=50 --set eval_sequences=12 --set checkpoint_every=50)
 arm() { # name block lr
-    local dir="$OUT/$1"
-    [ -f "$dir/final/model.safetensors" ] && return 0
-    local resume=(); [ -f "$dir/config.json" ] && resume=(--resume)
-    RAYON_NUM_THREADS=1 "$BIN" train "${common[@]}" --set "out=$dir" --set "drafter.block_size=$2" --set "optim.lr=$3" "${resume[@]}" > "$OUT/$1.log" 2>&1
+    RAYON_NUM_THREADS=1 train_arm "$OUT/$1" "$OUT/$1.log" "${common[@]}" --set "drafter.block_size=$2" --set "optim.lr=$3"
 }
 mkdir -p "$OUT"
 arm top-lr1e-3 8 0.001

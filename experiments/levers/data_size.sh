@@ -16,7 +16,7 @@ OUT=${OUT:?output folder}
 DATA1000=${DATA1000:?1000-conversation data}
 QUICK=${QUICK:?the quick recipe drafter}
 CPU60=${CPU60:?the cpu-60min recipe drafter}
-BIN=${BIN:-target/release/specauf}
+. experiments/levers/lib.sh
 mkdir -p "$OUT"
 if [ ! -f "$OUT/data/manifest.json" ]; then
     "$BIN" prepare --model smollm2 --data sharegpt --max-conversations 3000 --max-len 320 --max-turns 1 \
@@ -28,10 +28,7 @@ common=(--set objective=auf --set drafter.block_size=8 --set drafter.layers=2
         --set batch_sequences=2 --set num_anchors=32 --set optim.lr=0.002
         --set eval_every=50 --set eval_sequences=12 --set checkpoint_every=50)
 arm() { # name data steps
-    local dir="$OUT/$1"
-    [ -f "$dir/final/model.safetensors" ] && return 0
-    local resume=(); [ -f "$dir/config.json" ] && resume=(--resume)
-    "$BIN" train "${common[@]}" --set "data=$2" --set "steps=$3" --set "out=$dir" "${resume[@]}" > "$dir.log" 2>&1
+    train_arm "$OUT/$1" "$OUT/$1.log" "${common[@]}" --set "data=$2" --set "steps=$3"
 }
 arm q1000 "$DATA1000" 600
 arm c3000 "$OUT/data" 1500

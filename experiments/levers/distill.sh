@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:?output folder}
-BIN=${BIN:-target/release/specauf}
+. experiments/levers/lib.sh
 STEPS=${STEPS:-600}
 mkdir -p "$OUT"
 if [ ! -f "$OUT/data/manifest.json" ]; then
@@ -22,10 +22,8 @@ common=(--set "data=$OUT/data" --set objective=auf --set drafter.block_size=8 --
         --set batch_sequences=2 --set num_anchors=32 --set optim.lr=0.002
         --set "steps=$STEPS" --set eval_every=50 --set eval_sequences=12 --set checkpoint_every=50)
 arm() { # name [--set distill.weight=W]
-    local dir="$OUT/$1"; shift
-    [ -f "$dir/final/model.safetensors" ] && return 0
-    local resume=(); [ -f "$dir/config.json" ] && resume=(--resume)
-    RAYON_NUM_THREADS=1 "$BIN" train "${common[@]}" --set "out=$dir" "$@" "${resume[@]}" > "$dir.log" 2>&1
+    local name=$1; shift
+    RAYON_NUM_THREADS=1 train_arm "$OUT/$name" "$OUT/$name.log" "${common[@]}" "$@"
 }
 arm hard & p1=$!
 arm soft05 --set distill.weight=0.5 & p2=$!

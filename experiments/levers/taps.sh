@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA2=${DATA2:?prepared data with features 1,27}
 OUT=${OUT:?output folder}
-BIN=${BIN:-target/release/specauf}
+. experiments/levers/lib.sh
+mkdir -p "$OUT"
 STEPS=${STEPS:-600}
 DATA5=${DATA5:-$OUT/data5}
 if [ ! -f "$DATA5/manifest.json" ]; then
@@ -22,12 +23,8 @@ common=(--set objective=auf --set drafter.block_size=8 --set drafter.layers=2 --
         --set num_anchors=32 --set optim.lr=0.002 --set "steps=$STEPS" --set eval_every=50 --set eval_sequences=12
         --set checkpoint_every=50 --set "drafter.init_layers_from_target=[28,29]")
 arm() { # name data taps
-    local dir="$OUT/$1"
-    [ -f "$dir/final/model.safetensors" ] && return 0
-    local resume=(); [ -f "$dir/config.json" ] && resume=(--resume)
-    "$BIN" train "${common[@]}" --set "data=$2" --set "drafter.target_layer_ids=$3" --set "out=$dir" "${resume[@]}" > "$OUT/$1.log" 2>&1
+    train_arm "$OUT/$1" "$OUT/$1.log" "${common[@]}" --set "data=$2" --set "drafter.target_layer_ids=$3"
 }
-mkdir -p "$OUT"
 if [ -n "${TAPS2:-}" ]; then two=$TAPS2; else arm taps2 "$DATA2" '[1,27]'; two=$OUT/taps2/final; fi
 arm taps5 "$DATA5" '[1,8,14,20,27]'
 [ -f "$OUT/eval/results.json" ] || "$BIN" eval --model smollm2 --drafter "$two,$OUT/taps5/final" --label taps2,taps5 \

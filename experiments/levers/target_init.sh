@@ -10,16 +10,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:?prepared data}
 OUT=${OUT:?output folder}
-BIN=${BIN:-target/release/specauf}
+. experiments/levers/lib.sh
 STEPS=${STEPS:-600}
 common=(--set "data=$DATA" --set objective=auf --set drafter.block_size=8 --set drafter.layers=2
         --set "drafter.target_layer_ids=[1,27]" --set batch_sequences=2 --set num_anchors=32 --set optim.lr=0.002
         --set "steps=$STEPS" --set eval_every=50 --set eval_sequences=12 --set checkpoint_every=50)
 arm() { # name from-layers
-    local dir="$OUT/$1"
-    [ -f "$dir/final/model.safetensors" ] && return 0
-    local resume=(); [ -f "$dir/config.json" ] && resume=(--resume)
-    RAYON_NUM_THREADS=1 "$BIN" train "${common[@]}" --set "out=$dir" --set "drafter.init_layers_from_target=$2" "${resume[@]}" > "$OUT/$1.log" 2>&1
+    RAYON_NUM_THREADS=1 train_arm "$OUT/$1" "$OUT/$1.log" "${common[@]}" --set "drafter.init_layers_from_target=$2"
 }
 mkdir -p "$OUT"
 arm top '[28,29]' & p1=$!

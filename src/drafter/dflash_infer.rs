@@ -127,10 +127,8 @@ fn stacked(d: &DFlashDrafter, names: &[String]) -> Result<(Vec<f32>, usize, usiz
     let mut out = Vec::with_capacity(rows * inp);
     for t in parts {
         let t = t.flatten_all()?.contiguous()?;
-        let (storage, layout) = t.storage_and_layout();
-        match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(cpu), Some((a, b))) => out.extend_from_slice(&cpu.as_slice::<f32>()?[a..b]),
-            _ => out.extend(t.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?),
+        if crate::nn::with_host_f32(&t, |s| out.extend_from_slice(s)).is_none() {
+            out.extend(t.to_dtype(candle_core::DType::F32)?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?);
         }
     }
     Ok((out, rows, inp))

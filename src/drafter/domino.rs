@@ -673,17 +673,18 @@ fn argmax(xs: &[f32]) -> u32 {
 fn add_delta(logits: &mut [f32], w2: &Tensor, a: &Tensor) -> Result<(), DrafterError> {
     let a: Vec<f32> = a.flatten_all()?.to_vec1()?;
     let e = a.len();
-    let (guard, layout) = w2.storage_and_layout();
-    if let (candle_core::Storage::Cpu(cpu), Some((lo, hi))) = (&*guard, layout.contiguous_offsets()) {
-        let w = &cpu.as_slice::<f32>()?[lo..hi];
-        if w.len() == logits.len() * e {
+    let in_place = crate::nn::with_host_f32(w2, |w| {
+        let fits = w.len() == logits.len() * e;
+        if fits {
             for (row, out) in w.chunks_exact(e).zip(logits.iter_mut()) {
                 *out += dot(row, &a);
             }
-            return Ok(());
         }
+        fits
+    });
+    if in_place == Some(true) {
+        return Ok(());
     }
-    drop(guard);
     // Any other layout or device: the plain product.
     let a = Tensor::from_vec(a, (1, e), w2.device())?;
     let delta: Vec<f32> = linear(&a, w2)?.flatten_all()?.to_vec1()?;

@@ -541,7 +541,7 @@ pub fn matmul_group(mats: &[&QMatrix], x: &[f32], m: usize, ys: &mut [&mut [f32]
         }
     }
     let kernel = exec.kernel.resolve()?;
-    let tiles: usize = mats.iter().map(|w| if w.out == 0 { 0 } else { w.tiles }).sum();
+    let tiles: usize = mats.iter().map(|w| w.tiles).sum();
     if m == 0 || tiles == 0 {
         return Ok(());
     }
@@ -561,7 +561,7 @@ pub fn matmul_group(mats: &[&QMatrix], x: &[f32], m: usize, ys: &mut [&mut [f32]
         let (g0, g1) = (tiles * part / parts, tiles * (part + 1) / parts);
         let mut base = 0;
         for (w, &out) in mats.iter().zip(&outs) {
-            let n = if w.out == 0 { 0 } else { w.tiles };
+            let n = w.tiles;
             let (t0, t1) = (g0.max(base) - base, g1.min(base + n).saturating_sub(base));
             if t0 < t1 {
                 // SAFETY: parts own disjoint tile ranges of each matrix, so disjoint output

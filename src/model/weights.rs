@@ -151,13 +151,9 @@ pub fn qgemm_group(linears: &[&Linear], x: &Tensor) -> Option<candle_core::Resul
         let x = x.contiguous()?;
         let rows = x.elem_count() / inp.max(1);
         let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![0f32; rows * w.out_features()]).collect();
-        let (storage, layout) = x.storage_and_layout();
-        let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
-            candle_core::bail!("qgemm_group: x is not a contiguous CPU tensor");
-        };
-        let xs = &cpu.as_slice::<f32>()?[a..b];
         let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-        super::qgemm::matmul_group(&mats, xs, rows, &mut views, super::qgemm::Exec::default())
+        crate::nn::with_host_f32(&x, |xs| super::qgemm::matmul_group(&mats, xs, rows, &mut views, super::qgemm::Exec::default()))
+            .ok_or_else(|| candle_core::Error::Msg("qgemm_group: x is not a contiguous CPU tensor".into()))?
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok((outs, x.dims()[..x.rank() - 1].to_vec()))
     };
