@@ -65,9 +65,17 @@ fn main() -> anyhow::Result<()> {
     let infer32 = DFlashInfer::with_precision(&drafter, DrafterPrecision::F32)?;
     infer.extend_context(&mut fcache, &feats.flatten_all()?.to_vec1::<f32>()?)?;
     let small_rows = feats.narrow(0, 0, ctx_rows)?.flatten_all()?.to_vec1::<f32>()?;
-    let names = ["decode step", "verify(B) + taps", "rollback", "verdict (argmax B rows)", "drafter extend ctx", "drafter block fwd", "drafter LM head + argmax", "drafter draft() total", "fast: extend ctx", "fast: block fwd", "fast: draft() total", "fast f32: block fwd", "fast f32: draft() total"];
+    let names = ["decode step", "verify(B) + taps", "rollback", "verdict (argmax B rows)", "drafter extend ctx", "drafter block fwd", "drafter LM head + argmax", "drafter draft() total", "fast: extend ctx", "fast: block fwd", "fast: draft() total", "fast f32: block fwd", "fast f32: draft() total", "fast, draft vocab: draft() total"];
     let mut t = vec![Vec::new(); names.len()];
     let small_feats = feats.narrow(0, 0, ctx_rows)?;
+    // The draft vocabulary of the drafter's folder (draft_vocab.json), over the prompt's tokens too.
+    let mut vocab_head = match drafter.draft_ids() {
+        Some(ids) => specauf::drafter::DraftHead::new(target, ids)?,
+        None => None,
+    };
+    if let Some(h) = &mut vocab_head {
+        h.observe(&prompt);
+    }
     // `--part verify|draft`: loop only that part (for `perf record`).
     let part = opt("--part", "");
     if !part.is_empty() {
@@ -76,7 +84,7 @@ fn main() -> anyhow::Result<()> {
                 target.forward(&block, &mut cache, &taps, Logits::All)?;
                 cache.truncate(ctx);
             } else if part == "fast" {
-                infer.draft(target, &mut fcache, block[0], ctx)?;
+                infer.draft_in(target, &mut fcache, block[0], ctx, vocab_head.as_mut())?;
             } else {
                 drafter.draft(target, &dcache, block[0], ctx)?;
             }
@@ -130,12 +138,17 @@ fn main() -> anyhow::Result<()> {
         let t0 = Instant::now();
         infer32.draft(target, &mut fcache, block[0], ctx)?;
         t[12].push(ms(t0));
+        if vocab_head.is_some() {
+            let t0 = Instant::now();
+            infer.draft_in(target, &mut fcache, block[0], ctx, vocab_head.as_mut())?;
+            t[13].push(ms(t0));
+        }
     }
     let dec = median(t[0].clone());
     println!("spec_cycle: {mode:?} weights, context {ctx}, B = {b}, {ctx_rows} context rows per cycle, {rounds} rounds, rayon threads {}, load {}", rayon::current_num_threads(), load());
     println!("| part | median ms | ÷ decode step |");
     println!("|---|---|---|");
-    for (name, v) in names.iter().zip(t) {
+    for (name, v) in names.iter().zip(t).filter(|(_, v)| !v.is_empty()) {
         let m = median(v);
         println!("| {name} | {m:.2} | {:.2} |", m / dec);
     }

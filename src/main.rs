@@ -21,6 +21,8 @@ enum Command {
     Prepare(cli::prepare::PrepareArgs),
     /// Write an untrained DFlash drafter for a target.
     InitDrafter(cli::init_drafter::InitDrafterArgs),
+    /// Write a drafter's draft vocabulary (the target's tokens ranked by their count in a dataset).
+    DraftVocab(cli::draft_vocab::DraftVocabArgs),
     /// Train a drafter (DFlash, Domino) with AUF or a baseline objective.
     Train(cli::train::TrainArgs),
     /// Evaluate drafters against plain AR on the six benchmarks: τ, acceptance, speedup.
@@ -45,6 +47,7 @@ fn main() {
         Command::Prepare(a) => cli::prepare::run(a),
         Command::Train(a) => cli::train::run(a),
         Command::InitDrafter(a) => cli::init_drafter::run(a),
+        Command::DraftVocab(a) => cli::draft_vocab::run(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Quickstart(a) => cli::quickstart::run(a),
         Command::Experiment(a) => cli::experiment::run(a),

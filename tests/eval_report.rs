@@ -77,6 +77,7 @@ fn evaluate() -> (tempfile::TempDir, Settings, EvalResults) {
             block_size: d.proposer.block_size(),
             trained_block_size: d.proposer.block_size(),
             block_choice: None,
+            draft_vocab: None,
         })
         .collect();
     let settings = Settings::describe(

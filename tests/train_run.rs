@@ -29,6 +29,14 @@ fn resume_after_an_interruption_reproduces_the_uninterrupted_run_bit_for_bit() {
     let wa = std::fs::read(a.join("final/model.safetensors")).unwrap();
     let wb = std::fs::read(b.join("final/model.safetensors")).unwrap();
     assert!(wa == wb, "final weights differ after resume");
+    // the draft vocabulary of the training data is saved beside the weights, and loads with them
+    let vocab = m.target.config().vocab_size;
+    let v = specauf::drafter::DraftVocab::read(&a.join("final"), vocab).unwrap().expect("train writes draft_vocab.json");
+    let ds = specauf::data::Dataset::open(&data, specauf::data::Split::Train).unwrap();
+    assert_eq!(v.tokens as usize, ds.loss_tokens());
+    assert_eq!(v.ids.len(), ds.loss_token_counts(vocab).unwrap().iter().filter(|&&c| c > 0).count());
+    let d = specauf::drafter::AnyDrafter::load_for(&a.join("final"), &m.target).unwrap();
+    assert!(d.draft_ids().is_none_or(|ids| ids.len() == specauf::drafter::DEFAULT_DRAFT_VOCAB.min(vocab)));
     println!("resume: 7 steps, losses {:?}", ma.iter().map(|m| m.loss).collect::<Vec<_>>());
 }
 

@@ -41,6 +41,12 @@ struct SpecArgs {
     /// then drafts B - 1 tokens too.
     #[arg(long)]
     block_size: Option<usize>,
+    /// Drafts score only the K most frequent tokens of the drafter's training replies (its
+    /// draft_vocab.json, written by `specauf train`) plus the request's own tokens, so the
+    /// draft's LM head costs K/V of the whole one; 0: the whole vocabulary. No effect on a
+    /// drafter folder without the file.
+    #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
+    draft_vocab: usize,
     /// Our weights modes to run.
     #[arg(long, value_delimiter = ',', default_values = ["q8", "native"])]
     weights: Vec<WeightsMode>,
@@ -133,6 +139,12 @@ struct ServeBenchArgs {
     drafter: Option<std::path::PathBuf>,
     #[arg(long)]
     block_size: Option<usize>,
+    /// Drafts score only the K most frequent tokens of the drafter's training replies (its
+    /// draft_vocab.json, written by `specauf train`) plus the request's own tokens, so the
+    /// draft's LM head costs K/V of the whole one; 0: the whole vocabulary. No effect on a
+    /// drafter folder without the file.
+    #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
+    draft_vocab: usize,
     #[arg(long, default_value_t = WeightsMode::Q8)]
     weights: WeightsMode,
     /// Requests the in-process server decodes at once (default: --clients).
@@ -240,7 +252,7 @@ fn serve_bench(a: ServeBenchArgs) -> anyhow::Result<()> {
             (None, url.trim_end_matches('/').to_string(), model, "(the server's)".to_string())
         }
         None => {
-            let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size)?;
+            let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size, a.draft_vocab)?;
             let label = match &served.drafter {
                 Some(d) => format!("{} B={}", d.kind(), d.block_size()),
                 None => "none".to_string(),
@@ -474,6 +486,7 @@ fn spec_bench(a: SpecArgs) -> anyhow::Result<()> {
         model: a.model.clone(),
         drafter: a.drafter.clone(),
         block_size: a.block_size,
+        draft_vocab: a.draft_vocab,
         weights: a.weights.clone(),
         prompts: a.prompts,
         max_new_tokens: a.max_new_tokens,

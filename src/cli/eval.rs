@@ -47,6 +47,12 @@ pub struct EvalArgs {
     /// of its trained block size; at most the trained size (default: the trained size).
     #[arg(long)]
     pub block_size: Option<usize>,
+    /// Drafts score only the K most frequent tokens of the drafter's training replies (its
+    /// draft_vocab.json, written by `specauf train`) plus the request's own tokens, so the
+    /// draft's LM head costs K/V of the whole one; 0: the whole vocabulary. No effect on a
+    /// drafter folder without the file.
+    #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
+    pub draft_vocab: usize,
     /// Seeds the --limit subset and the sampling at T > 0.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -147,6 +153,7 @@ pub fn plan(a: &EvalArgs) -> anyhow::Result<EvalPlan> {
         temperature: a.temperature,
         top_p: a.top_p,
         block_size: a.block_size,
+        draft_vocab: a.draft_vocab,
         seed: a.seed,
         weights: a.weights,
         device: a.device.choice(),

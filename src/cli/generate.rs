@@ -46,6 +46,13 @@ pub struct GenerateArgs {
     /// Verify blocks of B tokens instead of the drafter's trained block size (only lower).
     #[arg(long, requires = "drafter")]
     pub block_size: Option<usize>,
+    /// Drafts score only the K most frequent tokens of the drafter's training replies (its
+    /// draft_vocab.json, written by `specauf train`) plus the request's own tokens, so the
+    /// draft's LM head costs K/V of the whole one; 0: the whole vocabulary. No effect on a
+    /// drafter folder without the file.
+    #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
+    pub draft_vocab: usize,
+
     /// Print one JSON object on the last line of stdout instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -112,7 +119,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut choice = None;
     let mut proposer: Option<Box<dyn Proposer + Send>> = match &a.drafter {
         Some(dir) => {
-            let d = AnyDrafter::load_for(dir, &m.target).with_context(|| format!("loading drafter {}", dir.display()))?;
+            let mut d = AnyDrafter::load_for(dir, &m.target).with_context(|| format!("loading drafter {}", dir.display()))?;
+            d.set_draft_vocab_size(a.draft_vocab);
             let trained = d.block_size();
             let d = match a.block_size {
                 Some(b) => d.at_block_size(b).with_context(|| format!("drafter {}", dir.display()))?,

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod device;
+pub mod draft_vocab;
 pub mod eval;
 pub mod experiment;
 pub mod fetch;

@@ -21,6 +21,12 @@ pub struct ServeArgs {
     /// Run a DFlash drafter at a smaller block than it was trained with (default: its own).
     #[arg(long)]
     pub block_size: Option<usize>,
+    /// Drafts score only the K most frequent tokens of the drafter's training replies (its
+    /// draft_vocab.json, written by `specauf train`) plus the request's own tokens, so the
+    /// draft's LM head costs K/V of the whole one; 0: the whole vocabulary. No effect on a
+    /// drafter folder without the file.
+    #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
+    pub draft_vocab: usize,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
     #[arg(long, default_value_t = 8000)]
@@ -51,7 +57,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     if !(a.shutdown_grace_s >= 0.0 && a.shutdown_grace_s.is_finite()) {
         anyhow::bail!("--shutdown-grace-s must be a finite number >= 0");
     }
-    let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size)?;
+    let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size, a.draft_vocab)?;
     let drafter = match (&a.drafter, &served.drafter) {
         (Some(dir), Some(d)) => format!("{} drafter {} (block {})", d.kind(), dir.display(), d.block_size()),
         _ => "no drafter (plain decoding)".to_string(),

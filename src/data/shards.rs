@@ -310,6 +310,7 @@ pub(crate) const TOKEN_SHARD_FORMAT: &str = "specauf-tokens-v1";
 /// One split of a prepared dataset, in memory (token ids and masks are small: 5 bytes a token).
 #[derive(Debug)]
 pub struct Dataset {
+    dir: PathBuf,
     manifest: Manifest,
     split: Split,
     input_ids: Vec<u32>,
@@ -372,7 +373,7 @@ impl Dataset {
                 ),
             });
         }
-        Ok(Dataset { manifest, split, input_ids, loss_mask, offsets, conversation_ids })
+        Ok(Dataset { dir: dir.to_path_buf(), manifest, split, input_ids, loss_mask, offsets, conversation_ids })
     }
 
     pub fn len(&self) -> usize {
@@ -434,6 +435,38 @@ impl Dataset {
 
     pub fn loss_tokens(&self) -> usize {
         self.loss_mask.iter().filter(|&&m| m == 1).count()
+    }
+
+    /// How many times each token id occurs under the loss mask (the target's replies: what a
+    /// drafter learns to propose), over a vocabulary of `vocab_size`; the counts behind a draft
+    /// vocabulary ([`crate::drafter::vocab`]). An id outside the vocabulary is an error: the
+    /// data was prepared for another model.
+    pub fn loss_token_counts(&self, vocab_size: usize) -> Result<Vec<u64>, DataError> {
+        let mut counts = vec![0u64; vocab_size];
+        for (&id, &m) in self.input_ids.iter().zip(&self.loss_mask) {
+            if m != 1 {
+                continue;
+            }
+            match counts.get_mut(id as usize) {
+                Some(c) => *c += 1,
+                None => {
+                    return Err(DataError::ModelMismatch {
+                        path: self.dir.clone(),
+                        what: format!("a vocabulary with token id {id}, outside this model's {vocab_size}"),
+                    })
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The ranking of the target's tokens by their count in this split's replies
+    /// ([`Dataset::loss_token_counts`] over the manifest's vocabulary), which a drafter trained on
+    /// this data drafts from (DESIGN §7.13).
+    pub fn draft_vocab(&self) -> Result<crate::drafter::DraftVocab, DataError> {
+        let counts = self.loss_token_counts(self.manifest.model.vocab_size)?;
+        let source = format!("replies of {} ({} split)", self.dir.display(), self.split.as_str());
+        Ok(crate::drafter::DraftVocab::from_counts(&counts, source))
     }
 
     pub fn manifest(&self) -> &Manifest {

@@ -175,6 +175,33 @@ impl AnyDrafter {
         }
     }
 
+    /// Drafts score the `size` most frequent ids of `vocab` plus each request's context tokens
+    /// (DESIGN §7.13); `size` 0 or None `vocab`: the whole vocabulary. The ranking is saved with
+    /// the checkpoint. Domino drafts through its candle forward over the whole head and keeps
+    /// none.
+    pub fn set_draft_vocab(&mut self, vocab: Option<std::sync::Arc<super::DraftVocab>>, size: usize) {
+        if let AnyDrafter::DFlash(d) = self {
+            d.set_draft_vocab(vocab, size);
+        }
+    }
+
+    /// [`AnyDrafter::set_draft_vocab`] with the ranking the drafter already carries (read from
+    /// its folder's draft_vocab.json): only the size changes.
+    pub fn set_draft_vocab_size(&mut self, size: usize) {
+        if let AnyDrafter::DFlash(d) = self {
+            let v = d.draft_vocab().cloned();
+            d.set_draft_vocab(v, size);
+        }
+    }
+
+    /// The ids drafts score, when a draft vocabulary is in use.
+    pub fn draft_ids(&self) -> Option<&std::sync::Arc<[u32]>> {
+        match self {
+            AnyDrafter::DFlash(d) => d.draft_ids(),
+            AnyDrafter::Domino(_) => None,
+        }
+    }
+
     /// Writes the checkpoint (config.json + model.safetensors) into `dir`.
     pub fn save(&self, dir: &Path) -> Result<(), DrafterError> {
         match self {

@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::dflash::{DFlashConfig, DFlashDrafter, DFlashInitConfig, INIT_STD};
+use super::vocab::{DraftVocab, DEFAULT_DRAFT_VOCAB};
 use super::DrafterError;
 use crate::model::TargetConfig;
 
@@ -65,7 +66,11 @@ impl DFlashDrafter {
 
     /// Writes `dir/config.json` and `dir/model.safetensors` (f32), each atomically.
     pub fn save(&self, dir: &Path) -> Result<(), DrafterError> {
-        write_checkpoint(dir, &self.named_vars(), &self.config().to_json())
+        write_checkpoint(dir, &self.named_vars(), &self.config().to_json())?;
+        match self.draft_vocab() {
+            Some(v) => v.write(dir),
+            None => Ok(()),
+        }
     }
 
     /// Reads a checkpoint and checks it against `target`: hidden size, vocabulary, tapped layers
@@ -75,7 +80,9 @@ impl DFlashDrafter {
         let config = DFlashConfig::read(dir)?;
         config.check_target(target)?;
         let tensors = read_weights(dir, &config.tensor_shapes())?;
-        Self::from_tensors(config, tensors)
+        let mut d = Self::from_tensors(config, tensors)?;
+        d.set_draft_vocab(DraftVocab::read(dir, target.vocab_size)?.map(std::sync::Arc::new), DEFAULT_DRAFT_VOCAB);
+        Ok(d)
     }
 }
 

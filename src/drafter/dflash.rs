@@ -32,11 +32,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
+use super::vocab::DraftVocab;
 use super::DrafterError;
 use crate::model::{Target, TargetConfig};
 use crate::nn::ops;
@@ -877,6 +879,10 @@ pub struct DFlashDrafter {
     layers: Vec<Layer>,
     norm: Tensor,
     rotary: Rotary,
+    /// The ranking its training data gives the target's tokens, and the ids its drafts score
+    /// (the top [`super::DEFAULT_DRAFT_VOCAB`] unless set otherwise), DESIGN §7.13. None: the whole
+    /// vocabulary.
+    draft_vocab: Option<(Arc<DraftVocab>, Arc<[u32]>)>,
 }
 
 impl std::fmt::Debug for DFlashDrafter {
@@ -896,7 +902,9 @@ impl DFlashDrafter {
             .into_iter()
             .map(|(name, v)| Ok((name, v.as_tensor().to_device(device)?)))
             .collect::<Result<HashMap<_, _>, DrafterError>>()?;
-        Self::from_tensors(self.config.clone(), tensors)
+        let mut d = Self::from_tensors(self.config.clone(), tensors)?;
+        d.draft_vocab = self.draft_vocab.clone();
+        Ok(d)
     }
 
     /// Builds the model from named f32 tensors (exactly [`DFlashConfig::tensor_shapes`], checked
@@ -955,7 +963,27 @@ impl DFlashDrafter {
             rotary,
             varmap,
             config,
+            draft_vocab: None,
         })
+    }
+
+    /// Drafts score the `size` most frequent ids of `vocab` (plus each request's context
+    /// tokens), or the whole vocabulary when `vocab` is None or `size` is 0 or covers it.
+    pub fn set_draft_vocab(&mut self, vocab: Option<Arc<DraftVocab>>, size: usize) {
+        self.draft_vocab = vocab.map(|v| {
+            let ids: Arc<[u32]> = if size == 0 || size >= v.vocab_size { Arc::from([]) } else { v.top(size).into() };
+            (v, ids)
+        });
+    }
+
+    /// The ranking this drafter carries (saved beside its checkpoint).
+    pub fn draft_vocab(&self) -> Option<&Arc<DraftVocab>> {
+        self.draft_vocab.as_ref().map(|(v, _)| v)
+    }
+
+    /// The ids its drafts score; None for the whole vocabulary.
+    pub fn draft_ids(&self) -> Option<&Arc<[u32]>> {
+        self.draft_vocab.as_ref().map(|(_, ids)| ids).filter(|ids| !ids.is_empty())
     }
 
     pub fn config(&self) -> &DFlashConfig {

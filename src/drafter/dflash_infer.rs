@@ -8,7 +8,8 @@
 //!   a cycle appends only its new rows. The block's own K/V are written after the context rows
 //!   without committing them, so one bidirectional attention over positions 0..start+B covers
 //!   [context ; block] with the target's vectorised attention kernel.
-//! - The LM head is the target's (quantised in q8/native) over the B-1 predicted rows only.
+//! - The LM head is the target's (quantised in q8/native) over the B-1 predicted rows only, or
+//!   only its rows of a draft vocabulary ([`super::vocab`]) when the proposer has one.
 //!
 //! Precision: int8 weights and activations per block of 32, as the target's q8 mode. Drafts may
 //! differ from the f32 reference where two logits nearly tie; that changes τ, never the output,
@@ -17,6 +18,7 @@
 use candle_core::{Device, Tensor};
 
 use super::dflash::DFlashDrafter;
+use super::vocab::DraftHead;
 use super::DrafterError;
 use crate::model::attention::full_attention;
 use crate::model::qgemm::QMatrix;
@@ -327,12 +329,21 @@ impl DFlashInfer {
     /// The B-1 greedy drafts after `last` (at position `start`): argmax of the target's head
     /// over block positions 1..B-1.
     pub fn draft(&self, target: &Target, cache: &mut KvCache, last: u32, start: usize) -> Result<Vec<u32>, DrafterError> {
-        crate::util::pool::on_pool(|| self.draft_here(target, cache, last, start))
+        self.draft_in(target, cache, last, start, None)
     }
 
-    fn draft_here(&self, target: &Target, cache: &mut KvCache, last: u32, start: usize) -> Result<Vec<u32>, DrafterError> {
+    /// [`DFlashInfer::draft`] with the drafts taken among a draft vocabulary's ids (`head`,
+    /// [`super::vocab`]) instead of the whole head.
+    pub fn draft_in(&self, target: &Target, cache: &mut KvCache, last: u32, start: usize, head: Option<&mut DraftHead>) -> Result<Vec<u32>, DrafterError> {
+        crate::util::pool::on_pool(|| self.draft_here(target, cache, last, start, head))
+    }
+
+    fn draft_here(&self, target: &Target, cache: &mut KvCache, last: u32, start: usize, head: Option<&mut DraftHead>) -> Result<Vec<u32>, DrafterError> {
         let b = self.block_size;
         let x = self.forward_block(target, cache, last, start)?;
+        if let Some(head) = head {
+            return head.argmax(target, &x[self.hidden..], b - 1);
+        }
         let rows = Tensor::from_slice(&x[self.hidden..], (b - 1, self.hidden), &Device::Cpu)?;
         // candle's argmax over the logits tensor: no copy of the (B-1, V) logits out of it
         Ok(target.lm_head(&rows)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)

@@ -11,6 +11,7 @@
 //! - [`checkpoint`]: the z-lab / SpecForge checkpoint format (config.json + model.safetensors),
 //!   random initialisation, and validation of the drafter/target pairing.
 //! - [`proposer`]: DFlash behind the decode loop's `Proposer` trait.
+//! - [`vocab`]: the draft vocabulary: drafts scored by a frequent subset of the target's head.
 
 pub mod any;
 pub mod block_choice;
@@ -20,6 +21,7 @@ pub mod dflash;
 pub mod dflash_infer;
 pub mod domino;
 pub mod proposer;
+pub mod vocab;
 
 pub use any::{default_mask_token, AnyDrafter, DrafterInit, DrafterKind};
 pub use dflash::{
@@ -28,6 +30,7 @@ pub use dflash::{
 pub use domino::{DominoConfig, DominoDrafter, DominoInitConfig, DominoProposer};
 pub use dflash_infer::{DFlashInfer, Precision as DrafterPrecision};
 pub use proposer::DFlashProposer;
+pub use vocab::{DraftHead, DraftVocab, DEFAULT_DRAFT_VOCAB, DRAFT_VOCAB_FILE};
 
 /// Depth of a new drafter unless a config says otherwise: 2 layers, the shape that pays on a
 /// 2-core CPU for the embedded default target (the paper's is 5, for Qwen3-8B on GPUs). The one

@@ -13,10 +13,13 @@
 //! Invariant: at every `propose`, after the pending rows are appended, the drafter's cache holds
 //! exactly positions 0..start, the positions the target's cache holds.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
 use super::dflash::{DFlashCache, DFlashConfig, DFlashDrafter};
 use super::dflash_infer::{DFlashInfer, Precision};
+use super::vocab::DraftHead;
 use super::DrafterError;
 use crate::model::{KvCache, Target};
 use crate::spec::{Draft, Proposer, SpecError};
@@ -37,6 +40,10 @@ pub struct DFlashProposer {
     path: Path,
     /// Context rows not yet in the cache: (n, n_taps·H).
     pending: Option<Tensor>,
+    /// The draft vocabulary's ids (DESIGN §7.13), and this request's head over them (built at
+    /// `begin` from the target's head; None where that head has no block form).
+    draft_ids: Option<Arc<[u32]>>,
+    draft_head: Option<DraftHead>,
 }
 
 #[derive(Debug, Clone)]
@@ -59,7 +66,8 @@ impl DFlashProposer {
         match DFlashInfer::with_precision(&drafter, precision) {
             Ok(infer) => {
                 let cache = infer.new_cache();
-                Self { config: drafter.config().clone(), path: Path::Fast { infer, cache }, pending: None }
+                let draft_ids = drafter.draft_ids().cloned();
+                Self { config: drafter.config().clone(), path: Path::Fast { infer, cache }, pending: None, draft_ids, draft_head: None }
             }
             Err(_) => Self::reference(drafter),
         }
@@ -73,7 +81,7 @@ impl DFlashProposer {
     /// A proposer on the reference (candle f32) path.
     pub fn reference(drafter: DFlashDrafter) -> Self {
         let cache = drafter.new_cache();
-        Self { config: drafter.config().clone(), path: Path::Reference { drafter, cache }, pending: None }
+        Self { config: drafter.config().clone(), path: Path::Reference { drafter, cache }, pending: None, draft_ids: None, draft_head: None }
     }
 
     /// The drafter, on the reference path (a fast proposer no longer holds its f32 weights).
@@ -152,6 +160,13 @@ impl Proposer for DFlashProposer {
             Path::Fast { cache, .. } => cache.clear(),
             Path::Reference { drafter, cache } => *cache = drafter.new_cache(),
         }
+        self.draft_head = match &self.draft_ids {
+            Some(ids) if self.is_fast() => DraftHead::new(target, ids).map_err(SpecError::proposer)?,
+            _ => None,
+        };
+        if let Some(h) = &mut self.draft_head {
+            h.observe(prompt_ids);
+        }
         self.pending = Some(features.clone());
         Ok(())
     }
@@ -163,7 +178,7 @@ impl Proposer for DFlashProposer {
                     let rows = f.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                     infer.extend_context(cache, &rows).map_err(SpecError::proposer)?;
                 }
-                infer.draft(target, cache, last_token, start).map_err(SpecError::proposer)?
+                infer.draft_in(target, cache, last_token, start, self.draft_head.as_mut()).map_err(SpecError::proposer)?
             }
             Path::Reference { drafter, cache } => {
                 if let Some(f) = self.pending.take() {
@@ -186,6 +201,9 @@ impl Proposer for DFlashProposer {
         }
         if self.context_len() != start {
             return Err(SpecError::proposer(DrafterError::ContextGap { cached: self.context_len(), start }));
+        }
+        if let Some(h) = &mut self.draft_head {
+            h.observe(tokens);
         }
         self.pending = Some(features.clone());
         Ok(())

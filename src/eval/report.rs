@@ -96,6 +96,10 @@ pub struct DrafterSetting {
     /// How B was chosen from measurement; None when fixed with --block-size.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub block_choice: Option<crate::spec::block_size::BlockChoice>,
+    /// Top-ranked ids its drafts score (plus each request's own tokens); None: the whole
+    /// vocabulary (DESIGN §7.13).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draft_vocab: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -317,10 +321,14 @@ fn md_header(s: &mut String, settings: &Settings) {
         .drafters
         .iter()
         .map(|d| {
-            match &d.block_choice {
+            let block = match &d.block_choice {
                 Some(c) => format!("`{}` {}", d.label, c.summary(d.trained_block_size)),
                 None if d.block_size == d.trained_block_size => format!("`{}` B = {}", d.label, d.block_size),
                 None => format!("`{}` B = {} (trained {})", d.label, d.block_size, d.trained_block_size),
+            };
+            match d.draft_vocab {
+                Some(k) => format!("{block}, drafts over the top {k} ids of its draft vocabulary and each request's tokens"),
+                None => block,
             }
         })
         .collect();

@@ -84,6 +84,8 @@ pub enum QGemmError {
     OutputLen { got: usize, m: usize, out: usize },
     #[error("a grouped call got {mats} matrices but {outputs} outputs")]
     GroupLen { mats: usize, outputs: usize },
+    #[error("row {row} is outside the matrix's {out} output rows")]
+    RowOutOfRange { row: usize, out: usize },
     #[error("kernel {kernel:?} needs CPU features this machine lacks; use Kernel::Auto")]
     KernelUnavailable { kernel: Kernel },
     #[error(transparent)]
@@ -454,6 +456,38 @@ impl QMatrix {
                 q[j + 16] = byte >> 4;
             }
             m.set_block_q4_1(i / m.blocks, i % m.blocks, &q, d, mn);
+        }
+        Ok(m)
+    }
+
+    /// The matrix of `rows` of this one, in that order: row i of the result is row `rows[i]`
+    /// here with the same weights, scales and offsets, so each of its outputs is bit-identical to
+    /// that row's output of this matrix (the kernel computes every output on its own, in a fixed
+    /// order of blocks). A draft head over a subset of the vocabulary is built this way.
+    pub fn select_rows(&self, rows: &[u32]) -> Result<Self, QGemmError> {
+        let f = self.format;
+        let mut m = Self::empty(f, rows.len(), self.inp);
+        for (dst, &src) in rows.iter().enumerate() {
+            let src = src as usize;
+            if src >= self.out {
+                return Err(QGemmError::RowOutOfRange { row: src, out: self.out });
+            }
+            let ((sb, so), (db, d_o)) = (self.place(src), m.place(dst));
+            for b in 0..self.blocks {
+                for k in 0..f.block_lines() {
+                    let l = f.weights_line(b) + k;
+                    let lane: [u8; 4] = self.data[sb + l].0[so * 4..so * 4 + 4].try_into().expect("4 bytes");
+                    m.data[db + l].0[d_o * 4..d_o * 4 + 4].copy_from_slice(&lane);
+                }
+                let (h, mut lines) = (b % 2, vec![f.scales_line(b)]);
+                if f == Format::Q4_1 {
+                    lines.push(f.mins_line(b));
+                }
+                for l in lines {
+                    let v: [u8; 2] = self.data[sb + l].0[h * 32 + so * 2..h * 32 + so * 2 + 2].try_into().expect("2 bytes");
+                    m.data[db + l].0[h * 32 + d_o * 2..h * 32 + d_o * 2 + 2].copy_from_slice(&v);
+                }
+            }
         }
         Ok(m)
     }
@@ -883,6 +917,28 @@ mod tests {
         let mut views: Vec<&mut [f32]> = y.iter_mut().map(|o| o.as_mut_slice()).collect();
         assert!(matmul_group(&[&a, &b], &[0.0; 64], 1, &mut views, Exec::default()).is_err(), "different input widths are refused");
         assert!(matmul_group(&[&a], &[0.0; 64], 1, &mut views, Exec::default()).is_err(), "one output per matrix");
+    }
+
+    #[test]
+    fn selected_rows_give_the_bits_of_those_rows_of_the_whole_product() {
+        for (seed, format) in [Format::Int8, Format::Q4_1].into_iter().enumerate() {
+            let (out, inp, m) = (53, 96, 3);
+            let w = matrix(format, out, inp, 40 + seed as u64);
+            let x = rand_vec(m * inp, 41 + seed as u64);
+            let whole = run(&w, &x, m, Exec::default());
+            // out of order, repeated, across tiles, and the last (padded) tile's rows
+            let rows = [52u32, 0, 17, 16, 31, 17, 48, 1];
+            let sub = w.select_rows(&rows).unwrap();
+            assert_eq!((sub.out_features(), sub.in_features()), (rows.len(), inp));
+            let got = run(&sub, &x, m, Exec::default());
+            for r in 0..m {
+                for (i, &row) in rows.iter().enumerate() {
+                    let (g, e) = (got[r * rows.len() + i], whole[r * out + row as usize]);
+                    assert_eq!(g.to_bits(), e.to_bits(), "{format:?} row {row}: {g} vs {e}");
+                }
+            }
+            assert!(matches!(w.select_rows(&[out as u32]), Err(QGemmError::RowOutOfRange { .. })));
+        }
     }
 
     #[test]

@@ -115,7 +115,12 @@ pub struct Target {
     rope: std::sync::Arc<std::sync::Mutex<Rope>>,
     mode: WeightsMode,
     backend: Backend,
+    /// [`Target::head_rows_shared`]'s matrices, by id list (a few at most: one per draft
+    /// vocabulary in use).
+    head_subsets: HeadSubsets,
 }
+
+type HeadSubsets = std::sync::Arc<std::sync::Mutex<Vec<(std::sync::Arc<[u32]>, std::sync::Arc<crate::model::qgemm::QMatrix>)>>>;
 
 /// What a forward returns.
 #[derive(Debug)]
@@ -212,7 +217,7 @@ impl Target {
         let lm_head = src.linear(head_name, (cfg.vocab_size, h), false, mode)?;
         let rope = Rope::new(hd, cfg.rope_theta, 4096.min(cfg.max_position_embeddings.max(1)), &Device::Cpu)?;
         let rope = std::sync::Arc::new(std::sync::Mutex::new(rope));
-        Ok(Self { cfg, embed, layers, norm, lm_head, rope, mode, backend: Backend::cpu() })
+        Ok(Self { cfg, embed, layers, norm, lm_head, rope, mode, backend: Backend::cpu(), head_subsets: HeadSubsets::default() })
     }
 
     /// The host-loaded target moved to the generic path of `backend`: linears via
@@ -253,6 +258,7 @@ impl Target {
             rope: std::sync::Arc::new(std::sync::Mutex::new(rope)),
             mode: self.mode,
             backend: backend.clone(),
+            head_subsets: HeadSubsets::default(),
             cfg,
         })
     }
@@ -312,6 +318,31 @@ impl Target {
     /// residual-stream states apply their own norm first).
     pub fn lm_head(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         self.lm_head.forward(hidden)
+    }
+
+    /// The LM head's rows `ids`, in that order, as their own matrix: its outputs are
+    /// bit-identical to those rows of [`Target::lm_head`]'s. None when the head is not held in
+    /// the `qgemm` kernel's blocks (the f32 mode, a GGUF type without a block kernel, the generic
+    /// path): a draft vocabulary then falls back to the whole head.
+    pub fn head_rows(&self, ids: &[u32]) -> Result<Option<crate::model::qgemm::QMatrix>, ModelError> {
+        let Some(w) = self.lm_head.blocks() else { return Ok(None) };
+        w.select_rows(ids).map(Some).map_err(|e| ModelError::Corrupt { path: "lm_head".into(), what: e.to_string() })
+    }
+
+    /// [`Target::head_rows`] built once per id list and shared by every caller that asks for the
+    /// same list (every request of a drafter with a draft vocabulary).
+    pub fn head_rows_shared(&self, ids: &std::sync::Arc<[u32]>) -> Result<Option<std::sync::Arc<crate::model::qgemm::QMatrix>>, ModelError> {
+        let mut cache = self.head_subsets.lock().map_err(|_| ModelError::Poisoned)?;
+        if let Some((_, m)) = cache.iter().find(|(k, _)| std::sync::Arc::ptr_eq(k, ids) || k[..] == ids[..]) {
+            return Ok(Some(m.clone()));
+        }
+        let Some(m) = self.head_rows(ids)? else { return Ok(None) };
+        let m = std::sync::Arc::new(m);
+        if cache.len() >= 4 {
+            cache.remove(0);
+        }
+        cache.push((ids.clone(), m.clone()));
+        Ok(Some(m))
     }
 
     /// Runs `tokens` at positions cache.len().. and appends their K/V to the cache: the

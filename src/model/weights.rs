@@ -82,6 +82,14 @@ impl Linear {
         }
     }
 
+    /// The weight as the int8/Q4_1 blocks the `qgemm` kernel multiplies by, where it is held so.
+    pub fn blocks(&self) -> Option<&QMatrix> {
+        match &self.weight {
+            LinearWeight::Blocks(op) => Some(&op.0),
+            _ => None,
+        }
+    }
+
     /// The weight as f32 (out, in), dequantizing if needed.
     pub fn weight_f32(&self) -> candle_core::Result<Tensor> {
         match &self.weight {

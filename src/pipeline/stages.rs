@@ -322,6 +322,37 @@ pub fn init_drafter(plan: &InitPlan) -> Result<AnyDrafter, StageError> {
     Ok(drafter)
 }
 
+/// `specauf draft-vocab`: ranks the target's tokens by their count in the replies of `data`'s
+/// training split and writes the ranking into the drafter folder `drafter` (DESIGN §7.13), for a
+/// drafter trained elsewhere or before draft vocabularies existed (`specauf train` writes one
+/// itself). Checks that the data and the drafter are for the same vocabulary.
+pub fn write_draft_vocab(data: &Path, drafter: &Path) -> Result<crate::drafter::DraftVocab, StageError> {
+    let drafter_err = |source| StageError::Drafter { path: drafter.display().to_string(), source };
+    if DrafterKind::of_checkpoint(drafter).map_err(drafter_err)? != DrafterKind::DFlash {
+        return Err(StageError::Invalid(format!(
+            "{} is a Domino drafter, which drafts through its candle forward over the whole vocabulary; a draft vocabulary applies to DFlash drafters",
+            drafter.display()
+        )));
+    }
+    let config = crate::drafter::DFlashConfig::read(drafter).map_err(drafter_err)?;
+    let ds = crate::data::Dataset::open(data, crate::data::Split::Train).map_err(|e| StageError::Invalid(e.to_string()))?;
+    let model_vocab = ds.manifest().model.vocab_size;
+    if model_vocab != config.vocab_size {
+        return Err(StageError::Invalid(format!(
+            "{} was prepared for a vocabulary of {model_vocab} tokens but the drafter {} has vocab_size {}: use data prepared with the drafter's target",
+            data.display(),
+            drafter.display(),
+            config.vocab_size
+        )));
+    }
+    let vocab = ds.draft_vocab().map_err(|e| StageError::Invalid(e.to_string()))?;
+    if vocab.tokens == 0 {
+        return Err(StageError::Invalid(format!("{}: the training split has no reply tokens to count", data.display())));
+    }
+    vocab.write(drafter).map_err(drafter_err)?;
+    Ok(vocab)
+}
+
 // ---------------------------------------------------------------------------------------------
 // evaluate
 
@@ -360,6 +391,9 @@ pub struct EvalPlan {
     pub top_p: f32,
     /// Verify blocks of this size instead of each drafter's trained size (only lower).
     pub block_size: Option<usize>,
+    /// Drafts score this many top-ranked ids of each drafter's draft vocabulary (0: the whole
+    /// vocabulary; DESIGN §7.13).
+    pub draft_vocab: usize,
     pub seed: u64,
     pub weights: WeightsMode,
     /// Where the target and drafters compute.
@@ -384,6 +418,7 @@ impl EvalPlan {
             temperature: 0.0,
             top_p: 1.0,
             block_size: None,
+            draft_vocab: crate::drafter::DEFAULT_DRAFT_VOCAB,
             seed: 0,
             weights: WeightsMode::Q8,
             device: DeviceChoice::default(),
@@ -517,7 +552,9 @@ fn load_drafters(plan: &EvalPlan, m: &LoadedModel) -> Result<(Vec<EvalDrafter<'s
     let (mut drafters, mut settings) = (Vec::new(), Vec::new());
     for EvalDrafterSpec { label, dir, block_size } in &plan.drafters {
         let err = |source| StageError::Drafter { path: dir.display().to_string(), source };
-        let d = AnyDrafter::load_for(dir, &m.target).map_err(err)?;
+        let mut d = AnyDrafter::load_for(dir, &m.target).map_err(err)?;
+        d.set_draft_vocab_size(plan.draft_vocab);
+        let draft_vocab = d.draft_ids().map(|ids| ids.len());
         let trained = d.block_size();
         let (d, block_choice) = match block_size.or(plan.block_size) {
             Some(b) => (d.at_block_size(b).map_err(err)?, None),
@@ -533,6 +570,7 @@ fn load_drafters(plan: &EvalPlan, m: &LoadedModel) -> Result<(Vec<EvalDrafter<'s
             block_size: d.block_size(),
             trained_block_size: trained,
             block_choice,
+            draft_vocab,
         });
         drafters.push(EvalDrafter::new(label.clone(), d.into_proposer_on(m.target.backend())));
     }

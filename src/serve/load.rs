@@ -36,7 +36,9 @@ pub struct Served {
 /// Loads `model` (`smollm2` or a path) and, with `drafter`, a DFlash or Domino drafter checked
 /// against it. `block_size` lowers a DFlash drafter's block (the weights do not depend on it;
 /// a smaller block verifies more cheaply).
-pub fn load(model: &str, weights: WeightsMode, device: DeviceChoice, drafter: Option<&Path>, block_size: Option<usize>) -> Result<Served, ServeLoadError> {
+/// `draft_vocab`: the top-ranked ids of the drafter's draft vocabulary its drafts score (0: the
+/// whole vocabulary; DESIGN §7.13).
+pub fn load(model: &str, weights: WeightsMode, device: DeviceChoice, drafter: Option<&Path>, block_size: Option<usize>, draft_vocab: usize) -> Result<Served, ServeLoadError> {
     let backend = device.backend()?;
     let m = load_model_on(model, weights, &backend).map_err(|source| ServeLoadError::Model { model: model.to_string(), source })?;
     let drafter = match drafter {
@@ -48,7 +50,8 @@ pub fn load(model: &str, weights: WeightsMode, device: DeviceChoice, drafter: Op
         }
         Some(dir) => {
             let err = |source| ServeLoadError::Drafter { path: dir.to_path_buf(), source };
-            let d = AnyDrafter::load_for(dir, &m.target).map_err(err)?;
+            let mut d = AnyDrafter::load_for(dir, &m.target).map_err(err)?;
+            d.set_draft_vocab_size(draft_vocab);
             Some(match block_size {
                 Some(b) => d.at_block_size(b).map_err(err)?,
                 None => d,

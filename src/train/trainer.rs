@@ -364,10 +364,12 @@ impl<'a> Session<'a> {
         if train_data.len() == 0 {
             return Err(TrainError::Setup(format!("{}: the training split is empty", cfg.data.display())));
         }
-        let drafter: AnyDrafter = match &run.latest {
+        let mut drafter: AnyDrafter = match &run.latest {
             Some(s) => AnyDrafter::load_for(&run.checkpoint(s.step), target)?,
             None => build_drafter(cfg, target)?,
         };
+        // the draft vocabulary of this data, saved with every checkpoint (DESIGN §7.13)
+        drafter.set_draft_vocab(Some(std::sync::Arc::new(train_data.draft_vocab()?)), crate::drafter::DEFAULT_DRAFT_VOCAB);
         let drafter = trainable(drafter);
         let objective = objective_for(cfg, drafter.as_ref())?;
         let layer_ids = drafter.target_layer_ids();

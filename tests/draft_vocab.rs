@@ -1,0 +1,100 @@
+//! The draft vocabulary (DESIGN §7.13): drafts scored by a subset of the target's head rows stay
+//! in the subset plus the request's own tokens, take the best of those logits, and leave the
+//! T = 0 output exactly the target's greedy output.
+
+mod spec_support;
+
+use std::sync::Arc;
+
+use spec_support::{prompt, reference_greedy, target_in, FAMILIES};
+use specauf::drafter::{DFlashDrafter, DFlashInfer, DFlashInitConfig, DFlashProposer, DraftHead, DraftVocab};
+use specauf::model::{Logits, WeightsMode};
+use specauf::spec::{generate, GenerateConfig, Proposer};
+
+fn greedy_cfg(max_new_tokens: usize) -> GenerateConfig {
+    GenerateConfig { max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0, eos_token_ids: vec![], accept_rule: Default::default() }
+}
+
+/// Counts that rank every 7th id first (so the subset is not a prefix of the vocabulary).
+fn vocab_every_7th(v: usize) -> DraftVocab {
+    let counts: Vec<u64> = (0..v).map(|i| if i % 7 == 3 { 100 + i as u64 } else { (i % 5) as u64 }).collect();
+    DraftVocab::from_counts(&counts, "test")
+}
+
+#[test]
+fn drafts_stay_in_the_subset_and_the_context_and_take_the_best_logit_there() {
+    for family in FAMILIES {
+        let target = target_in(family, WeightsMode::Q8);
+        let (v, h) = (target.config().vocab_size, target.config().hidden_size);
+        let layers = target.config().num_hidden_layers;
+        let mut init = DFlashInitConfig::new(2, 4, 5);
+        init.target_layer_ids = Some(vec![1, layers - 1]);
+        let mut drafter = DFlashDrafter::init_random(target.config(), &init, 3).unwrap();
+        let k = v / 10;
+        drafter.set_draft_vocab(Some(Arc::new(vocab_every_7th(v))), k);
+        let ids = drafter.draft_ids().unwrap().clone();
+        assert_eq!(ids.len(), k);
+        assert!(ids.iter().all(|&i| i % 7 == 3) && ids.windows(2).all(|w| w[0] < w[1]), "the top {k}, ascending");
+
+        let infer = DFlashInfer::new(&drafter).unwrap();
+        let seq = prompt(20, 9);
+        let mut cache = target.new_cache();
+        let feats = candle_core::Tensor::cat(&target.forward(&seq, &mut cache, &[1, layers - 1], Logits::None).unwrap().taps, 1).unwrap();
+        let mut head = DraftHead::new(&target, &ids).unwrap().expect("q8 holds the head in blocks");
+        let context = &seq[..12];
+        head.observe(context);
+        let allowed: Vec<u32> = (0..v as u32).filter(|i| ids.contains(i) || context.contains(i)).collect();
+        assert_eq!(head.len(), allowed.len());
+        let mut fc = infer.new_cache();
+        infer.extend_context(&mut fc, &feats.narrow(0, 0, 12).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()).unwrap();
+        let drafts = infer.draft_in(&target, &mut fc, seq[12], 12, Some(&mut head)).unwrap();
+        // the whole head's logits on the same rows: each draft has the highest logit among the
+        // allowed ids (the subset's rows are the whole head's rows, bit for bit)
+        let x = infer.forward_block(&target, &mut fc, seq[12], 12).unwrap();
+        let rows = candle_core::Tensor::from_slice(&x[h..], (3, h), &candle_core::Device::Cpu).unwrap();
+        let logits = target.lm_head(&rows).unwrap().to_vec2::<f32>().unwrap();
+        for (d, row) in drafts.iter().zip(&logits) {
+            assert!(allowed.contains(d), "{family}: draft {d} is outside the subset and the context");
+            let best = allowed.iter().map(|&i| row[i as usize]).fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(row[*d as usize].to_bits(), best.to_bits(), "{family}: draft {d} is not the best allowed logit");
+        }
+    }
+}
+
+#[test]
+fn greedy_output_with_a_draft_vocabulary_equals_plain_greedy() {
+    let n = 24;
+    for family in FAMILIES {
+        let target = target_in(family, WeightsMode::Q8);
+        let v = target.config().vocab_size;
+        let layers = target.config().num_hidden_layers;
+        let mut init = DFlashInitConfig::new(2, 4, 5);
+        init.target_layer_ids = Some(vec![0, layers - 1]);
+        let mut drafter = DFlashDrafter::init_random(target.config(), &init, 8).unwrap();
+        drafter.set_draft_vocab(Some(Arc::new(vocab_every_7th(v))), v / 8);
+        let mut proposer = DFlashProposer::new(drafter);
+        for (pi, plen) in [1usize, 9].into_iter().enumerate() {
+            let prompt = prompt(plen, pi as u32 + 1);
+            let want = reference_greedy(&target, &prompt, n);
+            let out = generate(&target, Some(&mut proposer as &mut dyn Proposer), &prompt, &greedy_cfg(n)).unwrap();
+            assert_eq!(out.token_ids, want, "{family} prompt {pi}");
+        }
+    }
+}
+
+#[test]
+fn size_zero_or_the_whole_vocabulary_drafts_over_the_whole_head() {
+    let target = target_in("llama", WeightsMode::Q8);
+    let v = target.config().vocab_size;
+    let init = DFlashInitConfig::new(1, 4, 5);
+    let mut drafter = DFlashDrafter::init_random(target.config(), &init, 0).unwrap();
+    for size in [0, v, v + 5] {
+        drafter.set_draft_vocab(Some(Arc::new(vocab_every_7th(v))), size);
+        assert!(drafter.draft_ids().is_none(), "size {size}");
+        assert!(drafter.draft_vocab().is_some(), "the ranking is kept for the checkpoint");
+    }
+    // an f32 target has no block head: the proposer drafts over the whole head
+    let f32_target = target_in("llama", WeightsMode::F32);
+    drafter.set_draft_vocab(Some(Arc::new(vocab_every_7th(v))), 10);
+    assert!(DraftHead::new(&f32_target, drafter.draft_ids().unwrap()).unwrap().is_none());
+}
