@@ -295,7 +295,7 @@ fn every_tensor_gets_the_autograd_gradient_through_the_chunked_head() {
     let rows = d.train_rows(&target, &feats, &blocks).unwrap();
     let (hidden, input, weight) = (rows.hidden.detach(), rows.delta_input.detach(), rows.delta_weight.detach());
     let delta = DeltaBranch { input: &input, weight: &weight, base_ce_weight: lambda, base_only_prefix: 1, base_support: BaseSupport::default() };
-    let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 8 });
+    let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 8, ..Default::default() });
     let out = head
         .run(
             &objective,

@@ -224,3 +224,48 @@ fn training_with_activation_checkpointing_follows_the_full_graph_run() {
     let err = train(&m, &cfg, &RunOptions::default()).unwrap_err().to_string();
     assert!(err.contains("activation_checkpointing") && err.contains("DFlash"), "{err}");
 }
+
+#[test]
+fn a_head_over_the_draft_vocabulary_scores_its_rows_and_leaves_other_labels_unsupervised() {
+    use specauf::train::trainer::HeadWeight;
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, _) = prepared(tmp.path(), 2);
+    let v = m.target.config().vocab_size;
+    let mut counts = vec![0u64; v];
+    for (i, id) in [40usize, 7, 200, 99].into_iter().enumerate() {
+        counts[id] = 10 - i as u64;
+    }
+    let ranking = specauf::drafter::DraftVocab::from_counts(&counts, "t");
+    let head = HeadWeight::draft(&m.target, &ranking, 0).unwrap();
+    assert_eq!(head.rows(), 4);
+    // rows in id order, each the whole head's row
+    let full = m.target.lm_head_weight_f32().unwrap().to_vec2::<f32>().unwrap();
+    let rows = head.weight.to_vec2::<f32>().unwrap();
+    for (r, id) in [7usize, 40, 99, 200].into_iter().enumerate() {
+        assert_eq!(rows[r], full[id], "row {r} is id {id}");
+    }
+    let (mut labels, mut valid) = (vec![200u32, 3, 7, 40], vec![true, true, true, false]);
+    head.map_labels(&mut labels, &mut valid);
+    assert_eq!(labels, vec![3, 0, 0, 1]);
+    assert_eq!(valid, vec![true, false, true, false], "an id without a row is not supervised");
+    // filled to a minimum with the lowest uncounted ids
+    assert_eq!(HeadWeight::draft(&m.target, &ranking, 10).unwrap().rows(), 10);
+}
+
+#[test]
+fn a_draft_head_that_covers_the_vocabulary_trains_as_the_full_head_and_refuses_what_spans_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = prepared(tmp.path(), 6);
+    // The fixture's 256 tokens are fewer than the draft vocabulary's 8192 rows, so `draft` scores
+    // every row, in id order: the same run, bit for bit, through the label map.
+    let base = ["steps=5", "checkpoint_every=5", "eval_every=2"];
+    let full = tmp.path().join("full");
+    train(&m, &config(&data, &full, &base), &RunOptions::default()).unwrap();
+    let draft = tmp.path().join("draft");
+    train(&m, &config(&data, &draft, &[&base[..], &["head.vocab=draft"]].concat()), &RunOptions::default()).unwrap();
+    assert_eq!(metrics(&full), metrics(&draft));
+    let err = train(&m, &config(&data, &tmp.path().join("d"), &["drafter.kind=domino", "head.vocab=draft"]), &RunOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("head.vocab = full"), "{err}");
+    let err = TrainConfig::load(None, &["data=/x".into(), "out=/y".into(), "head.vocab=tiny".into()]).unwrap_err();
+    assert!(err.to_string().contains("tiny"), "{err}");
+}

@@ -5,6 +5,7 @@
 #
 #   tools/bench_train_side_by_side.sh                 # decay, 3 rounds of 5 steps each
 #   OBJECTIVE=auf ROUNDS=5 tools/bench_train_side_by_side.sh
+#   HEAD_VOCAB=draft tools/bench_train_side_by_side.sh   # both heads over 8192 rows (head.vocab = draft)
 #
 # The peer runs in a venv this script creates on first use (VENV, default tools/.venv-torch; torch
 # from PyPI, about 3 GiB with its CUDA libraries, used on CPU here).
@@ -14,6 +15,8 @@ ROUNDS=${ROUNDS:-3}
 RUNS=${RUNS:-5}
 THREADS=${THREADS:-2}
 OBJECTIVE=${OBJECTIVE:-decay}
+HEAD_VOCAB=${HEAD_VOCAB:-full}
+case "$HEAD_VOCAB" in full) TORCH_ROWS=0 ;; draft) TORCH_ROWS=8192 ;; *) echo "HEAD_VOCAB is full or draft" >&2; exit 2 ;; esac
 VENV=${VENV:-tools/.venv-torch}
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
     echo "creating $VENV with torch (first use only)" >&2
@@ -23,11 +26,11 @@ fi
 cargo build --release -q
 ours=(); theirs=()
 for r in $(seq 1 "$ROUNDS"); do
-    line=$(RAYON_NUM_THREADS=$THREADS target/release/specauf bench train --objectives "$OBJECTIVE" --runs "$RUNS" 2>/dev/null | grep "^| $OBJECTIVE |")
+    line=$(RAYON_NUM_THREADS=$THREADS target/release/specauf bench train --objectives "$OBJECTIVE" --runs "$RUNS" --head-vocab "$HEAD_VOCAB" 2>/dev/null | grep "^| $OBJECTIVE |")
     o=$(echo "$line" | awk -F'|' '{gsub(/ /,"",$4); print $4}')
     o_ms=$(echo "$line" | awk -F'|' '{gsub(/ /,"",$3); print $3}')
     o_rss=$(echo "$line" | awk -F'|' '{gsub(/ /,"",$10); print $10}')
-    j=$("$VENV/bin/python" tools/bench_train_torch.py --runs "$RUNS" --threads "$THREADS")
+    j=$("$VENV/bin/python" tools/bench_train_torch.py --runs "$RUNS" --threads "$THREADS" --head-vocab "$TORCH_ROWS")
     t=$(echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["supervised_tokens_per_s"])')
     t_ms=$(echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["step_ms"])')
     t_rss=$(echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["peak_rss_mib"])')

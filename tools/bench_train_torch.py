@@ -97,6 +97,9 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gamma", type=float, default=7.0)
+    ap.add_argument("--head-vocab", type=int, default=0,
+                    help="score only the first K rows of the head (labels taken mod K), as `specauf bench "
+                         "train --head-vocab draft` does with K = 8192; 0: the whole vocabulary")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -122,7 +125,8 @@ def main():
         opt.zero_grad(set_to_none=True)
         h = drafter(feats, embed[block_ids.reshape(-1)], anchors, b)
         pred = h.view(anchors.numel(), b, H)[:, 1:, :].reshape(-1, H)
-        ce = F.cross_entropy(pred @ embed.T, labels.reshape(-1), reduction="none")
+        head = embed[: a.head_vocab] if a.head_vocab > 0 else embed
+        ce = F.cross_entropy(pred @ head.T, labels.reshape(-1) % head.shape[0], reduction="none")
         ww = (w[None, :] * valid).reshape(-1)
         loss = (ww * ce).sum() / ww.sum()
         loss.backward()
@@ -139,7 +143,8 @@ def main():
         "supervised_tokens_per_s": round(rows / step, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "loss": round(float(loss.detach()), 4),
-        "shape": {"layers": a.layers, "block_size": b, "anchors": a.anchors, "seq_len": t, "rows": rows},
+        "shape": {"layers": a.layers, "block_size": b, "anchors": a.anchors, "seq_len": t, "rows": rows,
+                  "head_rows": a.head_vocab or VOCAB},
     }))
 
 

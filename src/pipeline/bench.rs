@@ -12,11 +12,11 @@ use crate::data::Sequence;
 use crate::drafter::blocks::{sample_anchors, step_rng};
 use crate::drafter::{default_mask_token, DFlashDrafter};
 use crate::model::{BatchItem, Logits, Target, WeightsMode};
-use crate::train::head::{BaseSupport, Head, HeadConfig};
+use crate::train::head::{BaseSupport, Head, HeadConfig, HeadVocab};
 use crate::train::objective::Objective;
 use crate::train::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig, DEFAULT_LR};
 use crate::train::trainable::TrainableDrafter;
-use crate::train::trainer::{run_micro_batch, BatchItem as TrainItem, StepContext, TrainError};
+use crate::train::trainer::{run_micro_batch, BatchItem as TrainItem, HeadWeight, StepContext, TrainError};
 use crate::util::measure::{median, ms, peak_rss_mib, reset_peak_rss};
 use crate::util::progress::Progress;
 
@@ -155,6 +155,9 @@ pub struct TrainBenchPlan {
     pub device: DeviceChoice,
     /// Recompute the drafter's layers in the backward (`activation_checkpointing`).
     pub activation_checkpointing: bool,
+    /// The head's vocabulary (`head.vocab`); `draft` scores the lowest
+    /// [`crate::drafter::DEFAULT_DRAFT_VOCAB`] ids (there is no data to rank them by).
+    pub head_vocab: HeadVocab,
 }
 
 /// The shape measured.
@@ -204,7 +207,8 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
     };
     let probe = new_drafter()?;
     let features = target_features(target, &ids, probe.target_layer_ids()).map_err(train_err)?;
-    let lm_head = target.lm_head_weight_f32().map_err(train_err)?;
+    let unranked = crate::drafter::DraftVocab::from_counts(&vec![0; target.config().vocab_size], "bench train");
+    let lm_head = HeadWeight::new(target, plan.head_vocab, &unranked).map_err(train_err)?;
     let shape = TrainBenchShape {
         layers: probe.config().num_hidden_layers,
         block_size: TrainableDrafter::block_size(&probe),
@@ -218,7 +222,7 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
         let objective: Objective = name.parse().map_err(|e| StageError::Invalid(format!("objective {name:?}: {e}")))?;
         let drafter = new_drafter()?;
         let resolved = objective.resolve(TrainableDrafter::block_size(&drafter)).map_err(train_err)?;
-        let mut head = Head::for_backend(HeadConfig::default(), target.backend());
+        let mut head = Head::for_backend(HeadConfig { vocab: plan.head_vocab, ..HeadConfig::default() }, target.backend());
         let schedule = CosineSchedule::new(DEFAULT_LR, 1000, &ScheduleConfig::default());
         let mut optim = AdamW::new(TrainableDrafter::named_vars(&drafter), AdamWConfig::default(), schedule).map_err(train_err)?;
         let ctx = StepContext { target, drafter: &drafter, objective: &resolved, lm_head: &lm_head, seed: 0, steps: 1000, base_support: BaseSupport::default(), distill: None, activation_checkpointing: plan.activation_checkpointing };

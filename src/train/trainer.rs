@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{io_err, CheckpointState, RunDir};
 use super::config::{DistillSpec, TrainConfig};
-use super::head::{BaseSupport, DeltaBranch, Head, HeadInput, SoftTargets};
+use super::head::{BaseSupport, DeltaBranch, Head, HeadInput, HeadVocab, SoftTargets};
 use super::objective::{BlockMetrics, MetricCounts, ResolvedObjective};
 use super::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
 use super::memory::MemoryShape;
@@ -140,6 +140,73 @@ impl<'a> FeatureSource<'a> {
     }
 }
 
+/// The LM head the training head scores against: the target's whole head (`head.vocab = full`),
+/// or the rows of the draft vocabulary's ids (`draft`, DESIGN §7.13) with the map from token id
+/// to row.
+pub struct HeadWeight {
+    /// (V or K, H) f32.
+    pub weight: Tensor,
+    /// Token id → row of `weight` (u32::MAX: no row); None for the whole head.
+    label_map: Option<Vec<u32>>,
+}
+
+impl HeadWeight {
+    /// The target's whole head.
+    pub fn full(target: &Target) -> Result<Self, TrainError> {
+        Ok(Self { weight: target.lm_head_weight_f32()?, label_map: None })
+    }
+
+    /// The head `vocab` asks for: for `draft`, every id `ranking` counts, and at least its top
+    /// [`crate::drafter::DEFAULT_DRAFT_VOCAB`].
+    pub fn new(target: &Target, vocab: HeadVocab, ranking: &crate::drafter::DraftVocab) -> Result<Self, TrainError> {
+        match vocab {
+            HeadVocab::Full => Self::full(target),
+            HeadVocab::Draft => Self::draft(target, ranking, crate::drafter::DEFAULT_DRAFT_VOCAB),
+        }
+    }
+
+    /// The rows of every id `ranking` counts, filled to at least `min_rows` ([`DraftVocab::top`]).
+    ///
+    /// [`DraftVocab::top`]: crate::drafter::DraftVocab::top
+    pub fn draft(target: &Target, ranking: &crate::drafter::DraftVocab, min_rows: usize) -> Result<Self, TrainError> {
+        let full = Self::full(target)?;
+        if ranking.vocab_size != target.config().vocab_size {
+            return Err(TrainError::Setup(format!(
+                "the draft vocabulary ranks {} tokens but the target has {}",
+                ranking.vocab_size,
+                target.config().vocab_size
+            )));
+        }
+        let ids = ranking.top(min_rows.max(ranking.ids.len()));
+        let mut map = vec![u32::MAX; ranking.vocab_size];
+        for (row, &id) in ids.iter().enumerate() {
+            map[id as usize] = row as u32;
+        }
+        let n = ids.len();
+        let idx = Tensor::from_vec(ids, (n,), full.weight.device())?;
+        Ok(Self { weight: full.weight.index_select(&idx, 0)?.contiguous()?, label_map: Some(map) })
+    }
+
+    /// Rows of the head it scores.
+    pub fn rows(&self) -> usize {
+        self.weight.dims().first().copied().unwrap_or(0)
+    }
+
+    /// Labels as rows of `weight`; a row whose label has none is no longer supervised.
+    pub fn map_labels(&self, labels: &mut [u32], valid: &mut [bool]) {
+        let Some(map) = &self.label_map else { return };
+        for (l, v) in labels.iter_mut().zip(valid.iter_mut()) {
+            match map.get(*l as usize).copied().filter(|&r| r != u32::MAX) {
+                Some(r) => *l = r,
+                None => {
+                    *l = 0;
+                    *v = false;
+                }
+            }
+        }
+    }
+}
+
 /// Held-out block metrics of a drafter: fixed anchors (independent of the training step) over
 /// the first `n` sequences of `data`.
 pub fn evaluate(
@@ -147,7 +214,7 @@ pub fn evaluate(
     drafter: &dyn TrainableDrafter,
     objective: &ResolvedObjective,
     head: &mut Head,
-    lm_head: &Tensor,
+    lm_head: &HeadWeight,
     data: &Dataset,
     features: &mut FeatureSource<'_>,
     n: usize,
@@ -175,9 +242,11 @@ pub fn evaluate(
             base_only_prefix: drafter.base_only_prefix(),
             base_support: BaseSupport::default(),
         });
+        let (mut labels, mut valid) = (blocks.labels.clone(), blocks.valid.clone());
+        lm_head.map_labels(&mut labels, &mut valid);
         let out = head.run(
             objective,
-            &HeadInput { hidden: &hidden, lm_head, labels: &blocks.labels, valid: &blocks.valid, layout, num_sequences: 1, seed, delta, soft: None },
+            &HeadInput { hidden: &hidden, lm_head: &lm_head.weight, labels: &labels, valid: &valid, layout, num_sequences: 1, seed, delta, soft: None },
         )?;
         counts.merge(&out.rows.metrics);
         loss_sum += out.loss as f64;
@@ -344,7 +413,7 @@ struct Session<'a> {
     objective: ResolvedObjective,
     features: FeatureSource<'a>,
     eval_features: FeatureSource<'a>,
-    lm_head: Tensor,
+    lm_head: HeadWeight,
     head: Head,
     optim: AdamW,
     /// The data order of `order_epoch` (a seeded shuffle per epoch).
@@ -369,7 +438,13 @@ impl<'a> Session<'a> {
             None => build_drafter(cfg, target)?,
         };
         // the draft vocabulary of this data, saved with every checkpoint (DESIGN §7.13)
-        drafter.set_draft_vocab(Some(std::sync::Arc::new(train_data.draft_vocab()?)), crate::drafter::DEFAULT_DRAFT_VOCAB);
+        let ranking = std::sync::Arc::new(train_data.draft_vocab()?);
+        drafter.set_draft_vocab(Some(ranking.clone()), crate::drafter::DEFAULT_DRAFT_VOCAB);
+        if cfg.head.vocab == HeadVocab::Draft && (drafter.kind() != crate::drafter::DrafterKind::DFlash || cfg.distill.is_some()) {
+            return Err(TrainError::Setup(
+                "head.vocab = draft trains DFlash drafters on hard labels: Domino's correction branch and distillation's soft labels span the whole vocabulary; drop head.vocab or use head.vocab = full".into(),
+            ));
+        }
         let drafter = trainable(drafter);
         let objective = objective_for(cfg, drafter.as_ref())?;
         let layer_ids = drafter.target_layer_ids();
@@ -406,7 +481,7 @@ impl<'a> Session<'a> {
             objective,
             features,
             eval_features,
-            lm_head: target.lm_head_weight_f32()?,
+            lm_head: HeadWeight::new(target, cfg.head.vocab, &ranking)?,
             head: Head::for_backend(cfg.head.clone(), target.backend()),
             optim,
             order: Vec::new(),
@@ -569,7 +644,7 @@ pub struct StepContext<'a> {
     pub target: &'a Target,
     pub drafter: &'a dyn TrainableDrafter,
     pub objective: &'a ResolvedObjective,
-    pub lm_head: &'a Tensor,
+    pub lm_head: &'a HeadWeight,
     pub seed: u64,
     /// Total steps of the run (Domino's λ schedule).
     pub steps: u64,
@@ -635,6 +710,7 @@ pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut Head, items: &[BatchIte
             soft_rows(item, &blocks, layout.positions_per_block, d.temperature, &mut soft)?;
         }
     }
+    ctx.lm_head.map_labels(&mut labels, &mut valid);
     let hidden = Tensor::cat(&rows, 0)?;
     let values = hidden.detach();
     let delta_graph = match (delta_inputs.is_empty(), &delta_weight) {
@@ -652,7 +728,7 @@ pub fn run_micro_batch(ctx: &StepContext<'_>, head: &mut Head, items: &[BatchIte
     let t1 = Instant::now();
     let head_out = head.run(
         ctx.objective,
-        &HeadInput { hidden: &values, lm_head: ctx.lm_head, labels: &labels, valid: &valid, layout, num_sequences: items.len(), seed: ctx.seed ^ step, delta, soft: soft.targets(ctx.distill) },
+        &HeadInput { hidden: &values, lm_head: &ctx.lm_head.weight, labels: &labels, valid: &valid, layout, num_sequences: items.len(), seed: ctx.seed ^ step, delta, soft: soft.targets(ctx.distill) },
     )?;
     let t2 = Instant::now();
     let grads = if checkpointed.is_empty() {

@@ -119,6 +119,30 @@ pub struct HeadConfig {
     /// Default 512.
     #[serde(default = "default_chunk_rows")]
     pub chunk_rows: usize,
+    /// The vocabulary the cross-entropy's softmax runs over: `full` (default) or `draft`, the
+    /// drafter's draft vocabulary (DESIGN §7.13).
+    #[serde(default, skip_serializing_if = "HeadVocab::is_full")]
+    pub vocab: HeadVocab,
+}
+
+/// Which rows of the target's LM head the training head scores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadVocab {
+    /// Every token of the vocabulary.
+    #[default]
+    Full,
+    /// Only the ids a draft can take (DESIGN §7.13): every id the training replies contain, at
+    /// least the top `DEFAULT_DRAFT_VOCAB`, as EAGLE-3 trains over its reduced draft vocabulary. The
+    /// softmax, the argmax behind AUF's support and the metrics run over those rows; a row whose
+    /// label is outside them is not supervised. The head's two products shrink by V/K.
+    Draft,
+}
+
+impl HeadVocab {
+    pub fn is_full(&self) -> bool {
+        *self == HeadVocab::Full
+    }
 }
 
 fn default_chunk_rows() -> usize {
@@ -129,6 +153,7 @@ impl Default for HeadConfig {
     fn default() -> Self {
         HeadConfig {
             chunk_rows: default_chunk_rows(),
+            vocab: HeadVocab::Full,
         }
     }
 }

@@ -214,7 +214,7 @@ fn run_head(
     c: &Case,
     delta: Option<DeltaBranch<'_>>,
 ) -> HeadOutput {
-    let mut head = ChunkedHead::new(HeadConfig { chunk_rows });
+    let mut head = ChunkedHead::new(HeadConfig { chunk_rows, ..Default::default() });
     let input = HeadInput {
         hidden: &c.h,
         lm_head: &c.w,
@@ -551,7 +551,7 @@ fn distillation_targets_give_the_loss_and_gradient_of_candle_autograd() {
     for objective in [Objective::auf(), Objective::full(), Objective::dpace(0.5)] {
         let obj = objective.resolve(8).unwrap();
         let hard = run_head(16, &obj, &c, None);
-        let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16 });
+        let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16, ..Default::default() });
         let soft = SoftTargets { k, ids: &ids, probs: &probs, weight: alpha };
         let input = soft_input(&c, soft);
         let got = head.run(&obj, &input).unwrap();
@@ -593,7 +593,7 @@ fn distillation_targets_give_the_loss_and_gradient_of_candle_autograd() {
 fn assert_generic_matches_chunked(tag: &str, obj: &ResolvedObjective, c: &Case, delta: Option<DeltaBranch<'_>>, chunk_rows: usize) {
     let want = run_head(chunk_rows, obj, c, delta);
     let input = HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 0, delta, soft: None };
-    let mut head = Head::for_backend(HeadConfig { chunk_rows }, &Backend::new(Device::Cpu, crate::nn::Kernels::Generic));
+    let mut head = Head::for_backend(HeadConfig { chunk_rows, ..Default::default() }, &Backend::new(Device::Cpu, crate::nn::Kernels::Generic));
     assert!(matches!(head, Head::Generic(_)));
     let got = head.run(obj, &input).unwrap();
     assert!((got.loss - want.loss).abs() < 1e-5 * want.loss.abs().max(1.0), "{tag}: loss {} vs {}", got.loss, want.loss);
@@ -659,7 +659,7 @@ fn distillation_at_weight_zero_or_onto_the_label_is_hard_label_ce() {
         (SoftTargets { k: 3, ids: &ids, probs: &probs, weight: 0.0 }, true),
         (SoftTargets { k: 2, ids: &onto_label, probs: &halves, weight: 1.0 }, false),
     ] {
-        let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16 });
+        let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16, ..Default::default() });
         let input = soft_input(&c, soft);
         let got = head.run(&obj, &input).unwrap();
         let tol = if exact { 0.0 } else { 1e-6 };
@@ -686,7 +686,7 @@ fn generic_head_in_bf16_stays_close_to_the_f32_kernel() {
     let want = run_head(16, &obj, &c, None);
     let input = HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 0, delta: None, soft: None };
     let backend = Backend::new(Device::Cpu, crate::nn::Kernels::Generic).with_compute_dtype(DType::BF16);
-    let mut head = Head::for_backend(HeadConfig { chunk_rows: 16 }, &backend);
+    let mut head = Head::for_backend(HeadConfig { chunk_rows: 16, ..Default::default() }, &backend);
     let got = head.run(&obj, &input).unwrap();
     let scale = max_abs_diff(&want.grad_hidden, &(&want.grad_hidden * 0.0).unwrap());
     let dh = max_abs_diff(&got.grad_hidden, &want.grad_hidden);
@@ -704,8 +704,8 @@ fn generic_head_equals_the_chunked_kernel_with_distillation_targets() {
     for objective in [Objective::auf(), Objective::decay()] {
         let obj = objective.resolve(8).unwrap();
         let input = soft_input(&c, SoftTargets { k: 4, ids: &ids, probs: &probs, weight: 0.6 });
-        let want = ChunkedHead::new(HeadConfig { chunk_rows: 16 }).run(&obj, &input).unwrap();
-        let mut head = Head::for_backend(HeadConfig { chunk_rows: 16 }, &Backend::new(Device::Cpu, crate::nn::Kernels::Generic));
+        let want = ChunkedHead::new(HeadConfig { chunk_rows: 16, ..Default::default() }).run(&obj, &input).unwrap();
+        let mut head = Head::for_backend(HeadConfig { chunk_rows: 16, ..Default::default() }, &Backend::new(Device::Cpu, crate::nn::Kernels::Generic));
         let got = head.run(&obj, &input).unwrap();
         assert!((got.loss - want.loss).abs() < 1e-5 * want.loss.abs().max(1.0), "{}: {} vs {}", objective.name(), got.loss, want.loss);
         let dh = max_abs_diff(&got.grad_hidden, &want.grad_hidden);
