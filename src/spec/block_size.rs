@@ -1,14 +1,15 @@
 //! Choosing the verified block size B from measurement (issue 12).
 //!
-//! A cycle with block B costs `verify(B) + draft` and commits on average
+//! A cycle with block B costs `verify(B) + draft(B)` and commits on average
 //! `E(B) = 1 + Σ_{k=1}^{B-1} Π_{i≤k} α_i` tokens, where α_i is the rate at which draft position i
 //! is accepted given that positions before it were. B is the value in 2..=max_b that maximises
-//! `E(B) / (verify(B) + draft)`: [`choose_block_size`], a pure function of the measured verify
-//! curve, the measured draft time and the acceptance rates.
+//! `E(B) / (verify(B) + draft(B))`: [`choose_block_size`], a pure function of the measured verify
+//! curve, the draft times and the acceptance rates.
 //!
 //! The verify curve is timed on the target at start-up ([`measure_verify_curve`]: forwards of
 //! m = 1..max_b tokens after a short context), the draft time by a few cycles of the proposer
-//! ([`measure_draft_ms`]). Acceptance comes from the drafter's held-out training metrics when
+//! ([`measure_draft_ms`]) at the smallest and the largest block, linear in between
+//! ([`draft_curve`]: a draft's rows, and so its projections and head, scale with B). Acceptance comes from the drafter's held-out training metrics when
 //! its run folder has them ([`held_out_acceptance`]: the per-position accuracies, used as the
 //! conditional rates, which they bound from below, so the choice errs towards small blocks), else
 //! [`DEFAULT_ACCEPTANCE`] at every position.
@@ -40,8 +41,10 @@ pub struct BlockChoice {
     pub ar_tokens_per_s: f64,
     /// verify_ms[m-1]: one target forward of m tokens.
     pub verify_ms: Vec<f64>,
-    /// One `propose` of the drafter.
+    /// One `propose` of the drafter at the chosen B.
     pub draft_ms: f64,
+    /// draft_ms_by_block[b-1]: one `propose` at block b (b ≥ 2; measured at 2 and max_b).
+    pub draft_ms_by_block: Vec<f64>,
     /// α_i for draft positions 1..max_b-1.
     pub acceptance: Vec<f64>,
     /// Where `acceptance` came from.
@@ -81,23 +84,31 @@ pub fn expected_tokens(accept: &[f64], b: usize) -> f64 {
     total
 }
 
-/// The B in 2..=max_b (max_b ≤ verify_ms.len()) maximising E(B) / (verify(B) + draft_ms); ties go
-/// to the smaller B. Returns (B, E(B), modelled tokens/s).
-pub fn choose_block_size(verify_ms: &[f64], draft_ms: f64, accept: &[f64], max_b: usize) -> Result<(usize, f64, f64), SpecError> {
+/// draft(b) for b = 1..=max_b from the times measured at b = 2 and b = max_b, linear in between
+/// (entry 0, b = 1, repeats b = 2's: a block of one drafts nothing and is never chosen).
+pub fn draft_curve(at_two: f64, at_max: f64, max_b: usize) -> Vec<f64> {
+    (1..=max_b.max(2))
+        .map(|b| if max_b <= 2 || b <= 2 { at_two } else { at_two + (at_max - at_two) * (b - 2) as f64 / (max_b - 2) as f64 })
+        .collect()
+}
+
+/// The B in 2..=max_b (max_b ≤ verify_ms.len(), draft_ms.len()) maximising E(B) / (verify(B) +
+/// draft(B)); ties go to the smaller B. Returns (B, E(B), modelled tokens/s).
+pub fn choose_block_size(verify_ms: &[f64], draft_ms: &[f64], accept: &[f64], max_b: usize) -> Result<(usize, f64, f64), SpecError> {
     let bad = |what: String| SpecError::InvalidConfig { what };
     if max_b < 2 {
         return Err(bad(format!("the drafter's block size {max_b} leaves nothing to choose (B ≥ 2)")));
     }
-    if verify_ms.len() < max_b {
-        return Err(bad(format!("the verify curve has {} points, B goes to {max_b}", verify_ms.len())));
+    if verify_ms.len() < max_b || draft_ms.len() < max_b {
+        return Err(bad(format!("the verify curve has {} points and the draft curve {}, B goes to {max_b}", verify_ms.len(), draft_ms.len())));
     }
-    if verify_ms.iter().chain([&draft_ms]).any(|v| !(v.is_finite() && *v >= 0.0)) || verify_ms.iter().any(|v| *v <= 0.0) {
-        return Err(bad(format!("verify times {verify_ms:?} ms and draft time {draft_ms} ms must be finite and positive")));
+    if verify_ms.iter().chain(draft_ms).any(|v| !(v.is_finite() && *v >= 0.0)) || verify_ms.iter().any(|v| *v <= 0.0) {
+        return Err(bad(format!("verify times {verify_ms:?} ms and draft times {draft_ms:?} ms must be finite and positive")));
     }
     let mut best = (2, 0.0, f64::NEG_INFINITY);
     for b in 2..=max_b {
         let e = expected_tokens(accept, b);
-        let rate = e / (verify_ms[b - 1] + draft_ms) * 1e3;
+        let rate = e / (verify_ms[b - 1] + draft_ms[b - 1]) * 1e3;
         if rate > best.2 * (1.0 + 1e-9) {
             best = (b, e, rate);
         }
@@ -175,7 +186,7 @@ mod tests {
     #[test]
     fn a_flat_verify_curve_and_a_good_drafter_take_the_whole_block() {
         let curve = [10.0; 8];
-        let (b, e, _) = choose_block_size(&curve, 1.0, &[0.9; 7], 8).unwrap();
+        let (b, e, _) = choose_block_size(&curve, &[1.0; 8], &[0.9; 7], 8).unwrap();
         assert_eq!(b, 8);
         assert!((e - expected_tokens(&[0.9; 7], 8)).abs() < 1e-12);
     }
@@ -184,13 +195,13 @@ mod tests {
     fn a_steep_curve_or_a_weak_drafter_keeps_the_block_small() {
         // verify(m) = 10 + 5m ms: each extra position costs half a decode step.
         let curve: Vec<f64> = (1..=8).map(|m| 10.0 + 5.0 * m as f64).collect();
-        let (weak, _, _) = choose_block_size(&curve, 2.0, &[0.3, 0.1, 0.05], 8).unwrap();
+        let (weak, _, _) = choose_block_size(&curve, &[2.0; 8], &[0.3, 0.1, 0.05], 8).unwrap();
         assert_eq!(weak, 2);
-        let (strong, _, _) = choose_block_size(&curve, 2.0, &[0.95; 7], 8).unwrap();
+        let (strong, _, _) = choose_block_size(&curve, &[2.0; 8], &[0.95; 7], 8).unwrap();
         assert!(strong > weak, "a better drafter must not get a smaller block ({strong})");
         // Brute force over B agrees with the choice.
         for accept in [vec![0.3, 0.1, 0.05], vec![0.95; 7], vec![0.7, 0.6, 0.5, 0.4]] {
-            let (b, _, rate) = choose_block_size(&curve, 2.0, &accept, 8).unwrap();
+            let (b, _, rate) = choose_block_size(&curve, &[2.0; 8], &accept, 8).unwrap();
             for other in 2..=8 {
                 let r = expected_tokens(&accept, other) / (curve[other - 1] + 2.0) * 1e3;
                 assert!(r <= rate + 1e-9, "B = {other} ({r}) beats the chosen {b} ({rate})");
@@ -199,14 +210,27 @@ mod tests {
     }
 
     #[test]
+    fn a_draft_that_costs_less_at_small_blocks_tips_the_choice_smaller() {
+        let curve: Vec<f64> = (1..=8).map(|m| 7.0 + 0.3 * m as f64).collect();
+        assert_eq!(draft_curve(1.0, 4.0, 8), vec![1.0, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]);
+        assert_eq!(draft_curve(1.0, 4.0, 2), vec![1.0, 1.0]);
+        let accept = [0.45, 0.25, 0.2];
+        // charged the B = 8 draft at every B, B = 3 looks best; at its own cost, B = 2 is
+        let (flat, _, _) = choose_block_size(&curve, &[4.0; 8], &accept, 8).unwrap();
+        let (graded, _, _) = choose_block_size(&curve, &draft_curve(1.0, 4.0, 8), &accept, 8).unwrap();
+        assert_eq!((flat, graded), (3, 2));
+        assert!(choose_block_size(&curve, &[1.0; 4], &accept, 8).is_err(), "a draft curve shorter than the block range");
+    }
+
+    #[test]
     fn the_choice_never_exceeds_the_drafters_block_and_bad_input_is_an_error() {
         let curve = [5.0; 16];
-        let (b, _, _) = choose_block_size(&curve, 0.0, &[1.0; 15], 6).unwrap();
+        let (b, _, _) = choose_block_size(&curve, &[0.0; 16], &[1.0; 15], 6).unwrap();
         assert_eq!(b, 6);
-        assert!(choose_block_size(&curve, 0.0, &[1.0], 1).is_err());
-        assert!(choose_block_size(&curve[..3], 0.0, &[1.0], 4).is_err());
-        assert!(choose_block_size(&[5.0, f64::NAN], 0.0, &[1.0], 2).is_err());
-        assert!(choose_block_size(&[5.0, 0.0], 0.0, &[1.0], 2).is_err());
+        assert!(choose_block_size(&curve, &[0.0; 16], &[1.0], 1).is_err());
+        assert!(choose_block_size(&curve[..3], &[0.0; 16], &[1.0], 4).is_err());
+        assert!(choose_block_size(&[5.0, f64::NAN], &[0.0; 2], &[1.0], 2).is_err());
+        assert!(choose_block_size(&[5.0, 0.0], &[0.0; 2], &[1.0], 2).is_err());
     }
 
     #[test]
