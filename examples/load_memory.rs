@@ -1,7 +1,10 @@
 //! Resident memory after each loading phase: the target, the tokenizer, a drafter and its
 //! inference path (VmRSS and the high-water mark VmHWM from /proc/self/status, Linux).
 //!
-//! cargo run --release --example load_memory -- [q8|native|f32] [DRAFTER_DIR]
+//! cargo run --release --example load_memory -- [q8|native|f32] [DRAFTER_DIR [choose]]
+//!
+//! `choose`: choose the block size from measurement first, as `generate --drafter` does without
+//! `--block-size`.
 //!
 //! Where the peak of a `generate --drafter` process comes from; see the README's speed section
 //! for the whole-process figures beside llama.cpp's.
@@ -24,8 +27,13 @@ fn main() -> anyhow::Result<()> {
     let tok = specauf::tokenizer::Tokenizer::from_gguf(c.as_ref().unwrap())?;
     st("tokenizer");
     if let Some(dir) = std::env::args().nth(2) {
-        let d = specauf::drafter::AnyDrafter::load_for(std::path::Path::new(&dir), &t)?;
+        let mut d = specauf::drafter::AnyDrafter::load_for(std::path::Path::new(&dir), &t)?;
         st("drafter f32");
+        if std::env::args().nth(3).as_deref() == Some("choose") {
+            let (chosen, c) = specauf::drafter::block_choice::choose_for(&t, d, std::path::Path::new(&dir))?;
+            d = chosen;
+            st(&format!("block size {} chosen", c.block_size));
+        }
         let p = d.into_proposer();
         st("proposer");
         drop(p);

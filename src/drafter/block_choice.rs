@@ -17,11 +17,14 @@ pub fn choose_for(target: &Target, drafter: AnyDrafter, dir: &Path) -> Result<(A
     let max_b = drafter.block_size();
     let t0 = std::time::Instant::now();
     let verify_ms = measure_verify_curve(target, max_b, drafter.target_layer_ids(), 3)?;
+    crate::util::measure::release_free_heap();
     let at_max = measure_draft_ms(target, &mut *drafter.proposer_on(target.backend()))?;
+    crate::util::measure::release_free_heap();
     let at_two = match drafter.clone().at_block_size(2) {
         Ok(small) if max_b > 2 => measure_draft_ms(target, &mut *small.proposer_on(target.backend()))?,
         _ => at_max,
     };
+    crate::util::measure::release_free_heap();
     let draft_ms_by_block = draft_curve(at_two, at_max, max_b);
     let (acceptance, acceptance_source) = match held_out_acceptance(dir) {
         Some(found) => found,

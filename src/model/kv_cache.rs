@@ -67,7 +67,9 @@ impl KvCache {
         if needed <= self.capacity {
             return;
         }
-        let new_cap = needed.max(self.capacity * 2).max(256).next_multiple_of(64);
+        // From 64 positions (3 MB for SmolLM2's 30 layers): a short start-up measurement or
+        // request does not hold a 256-position cache (12 MB); longer ones double as they grow.
+        let new_cap = needed.max(self.capacity * 2).max(64).next_multiple_of(64);
         let (hd, old_cap, len) = (self.head_dim, self.capacity, self.len);
         if let Some((device, layers)) = &mut self.tensors {
             for pair in layers.iter_mut() {
