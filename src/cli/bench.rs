@@ -506,8 +506,13 @@ fn spec_bench(a: SpecArgs) -> anyhow::Result<()> {
     let r = spec_bench::spec(&plan, &Bars::new())?;
     let load = |l: Option<f64>| l.map_or("?".to_string(), |l| format!("{l:.2}"));
     println!(
-        "bench spec: {} ({}), drafter {} at B = {}, {} chat prompts × {} new tokens, T = 0; our threads {}, llama.cpp threads {}; medians of {} runs; 1-min load {} before, {} after\n",
-        r.model, r.target_path, r.drafter, r.block_size, r.prompts, r.max_new_tokens, r.threads_ours, r.threads_llama, r.runs, load(r.load_before), load(r.load_after)
+        "bench spec: {} ({}), drafter {} at B = {}{}, {} chat prompts × {} new tokens, T = 0; our threads {}, llama.cpp threads {}; medians of {} runs; 1-min load {} before, {} after\n",
+        r.model,
+        r.target_path,
+        r.drafter,
+        r.block_size,
+        r.draft_vocab.map_or(String::new(), |k| format!(" (our drafts over the top {k} ids of its draft vocabulary)")),
+        r.prompts, r.max_new_tokens, r.threads_ours, r.threads_llama, r.runs, load(r.load_before), load(r.load_after)
     );
     let vcols: String = plan.verifies.iter().map(|b| format!(" verify({b}) ÷ decode |")).collect();
     println!("| engine | AR tok/s | speculative tok/s | τ | speculative ÷ AR | decode ms (ctx {}) |{vcols} exact at T = 0 | peak RSS MiB |", r.context);

@@ -121,6 +121,9 @@ pub struct SpecBenchReport {
     pub target_path: String,
     pub drafter: String,
     pub block_size: usize,
+    /// Top-ranked ids our drafts scored (DESIGN §7.13); None: the whole vocabulary (the drafter
+    /// folder has no draft_vocab.json, or `--draft-vocab 0`). llama.cpp always scores all of it.
+    pub draft_vocab: Option<usize>,
     pub prompts: usize,
     pub max_new_tokens: usize,
     pub runs: usize,
@@ -309,6 +312,7 @@ pub fn spec(plan: &SpecBenchPlan, progress: &dyn Progress) -> Result<SpecBenchRe
     let target_path = target_gguf(&plan.model).ok();
     let mut ours = plan.weights.iter().map(|&m| load_ours(plan, m, progress)).collect::<Result<Vec<_>, _>>()?;
     let block_size = ours[0].drafter.block_size();
+    let draft_vocab = ours[0].drafter.draft_ids().map(|ids| ids.len());
     let mut peer_state = match &plan.llama {
         Some(lp) => {
             let target = target_gguf(&plan.model)?;
@@ -381,6 +385,7 @@ pub fn spec(plan: &SpecBenchPlan, progress: &dyn Progress) -> Result<SpecBenchRe
         target_path: target_path.map(|p| p.display().to_string()).unwrap_or_default(),
         drafter: plan.drafter.display().to_string(),
         block_size,
+        draft_vocab,
         prompts: plan.prompts,
         max_new_tokens: plan.max_new_tokens,
         runs: plan.runs,
