@@ -93,6 +93,8 @@ fn size_zero_or_the_whole_vocabulary_drafts_over_the_whole_head() {
         assert!(drafter.draft_ids().is_none(), "size {size}");
         assert!(drafter.draft_vocab().is_some(), "the ranking is kept for the checkpoint");
     }
+    let q8 = target_in("llama", WeightsMode::Q8);
+    assert!(DraftHead::new(&q8, &Arc::from(Vec::<u32>::new())).unwrap().is_none(), "no ids: the whole head");
     // an f32 target has no block head: the proposer drafts over the whole head
     let f32_target = target_in("llama", WeightsMode::F32);
     drafter.set_draft_vocab(Some(Arc::new(vocab_every_7th(v))), 10);

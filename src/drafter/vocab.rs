@@ -155,9 +155,13 @@ pub struct DraftHead {
 }
 
 impl DraftHead {
-    /// The head for the ids `ids` (ascending) of `target`'s vocabulary; None when the target's
-    /// head is not held in `qgemm` blocks (then the whole head drafts, as without a vocabulary).
+    /// The head for the ids `ids` (ascending) of `target`'s vocabulary; None when `ids` is empty
+    /// or the target's head is not held in `qgemm` blocks (then the whole head drafts, as without
+    /// a vocabulary).
     pub fn new(target: &Target, ids: &Arc<[u32]>) -> Result<Option<Self>, DrafterError> {
+        if ids.is_empty() {
+            return Ok(None);
+        }
         let Some(head) = target.head_rows_shared(ids)? else { return Ok(None) };
         let mut member = vec![false; target.config().vocab_size];
         for &id in ids.iter() {
@@ -202,7 +206,7 @@ impl DraftHead {
         let mut y = vec![0f32; n * k];
         self.head.matmul(x, n, &mut y).map_err(qgemm)?;
         let mut best: Vec<(u32, f32)> = y
-            .chunks_exact(k.max(1))
+            .chunks_exact(k)
             .map(|row| {
                 let (mut bi, mut bv) = (0, f32::NEG_INFINITY);
                 for (i, &v) in row.iter().enumerate() {
