@@ -17,9 +17,7 @@ common=(--set "data=$DATA" --set objective=auf --set drafter.block_size=8 --set 
         --set eval_every=50 --set checkpoint_every=50)
 mkdir -p "$OUT"
 if [ -n "${FULL:-}" ]; then
-    # a copy, given the draft vocabulary of the same data (a run from before draft vocabularies had none)
-    [ -f "$OUT/full/model.safetensors" ] || { rm -rf "$OUT/full"; cp -r "$FULL" "$OUT/full"; }
-    [ -f "$OUT/full/draft_vocab.json" ] || "$BIN" draft-vocab --data "$DATA" --drafter "$OUT/full" > /dev/null
+    vocab_copy "$FULL" "$OUT/full" "$DATA"
     full=$OUT/full
 else
     train_arm "$OUT/vfull" "$OUT/vfull.log" "${common[@]}"

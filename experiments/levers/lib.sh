@@ -13,3 +13,12 @@ train_arm() {
     [ -f "$dir/config.json" ] && resume=(--resume)
     "$BIN" train "$@" --set "out=$dir" "${resume[@]}" > "$log" 2>&1
 }
+
+# vocab_copy SRC DST DATA: makes DST a copy of the finished drafter SRC with the draft vocabulary
+# of DATA (a baseline arm trained before draft vocabularies existed has none), so that both arms of
+# a comparison draft over the same vocabulary. Does nothing when DST is complete.
+vocab_copy() {
+    local src=$1 dst=$2 data=$3
+    [ -f "$dst/model.safetensors" ] || { rm -rf "$dst"; cp -r "$src" "$dst"; }
+    [ -f "$dst/draft_vocab.json" ] || "$BIN" draft-vocab --data "$data" --drafter "$dst" > /dev/null
+}

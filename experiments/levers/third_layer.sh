@@ -17,9 +17,7 @@ common=(--set "data=$DATA" --set objective=auf --set drafter.block_size=8 --set 
         --set batch_sequences=2 --set steps=600 --set eval_every=50 --set checkpoint_every=50)
 mkdir -p "$OUT"
 if [ -n "${TWO:-}" ]; then
-    # a copy, given the draft vocabulary of the same data (a run from before draft vocabularies had none)
-    [ -f "$OUT/two/model.safetensors" ] || { rm -rf "$OUT/two"; cp -r "$TWO" "$OUT/two"; }
-    [ -f "$OUT/two/draft_vocab.json" ] || "$BIN" draft-vocab --data "$DATA" --drafter "$OUT/two" > /dev/null
+    vocab_copy "$TWO" "$OUT/two" "$DATA"
     two=$OUT/two
 else
     train_arm "$OUT/l2" "$OUT/l2.log" "${common[@]}" --set drafter.layers=2 --set "drafter.target_layer_ids=[1,27]" --set "drafter.init_layers_from_target=[28,29]"

@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use specauf::model::WeightsMode;
+use specauf::train::head::HeadVocab;
 use specauf::pipeline::bench::{self, DecodePlan, TrainBenchPlan};
 
 use super::progress::Bars;
@@ -189,8 +190,8 @@ struct TrainBenchArgs {
     activation_checkpointing: bool,
     /// The head's vocabulary (the train config's `head.vocab`): full, or draft (the lowest 8192
     /// ids here, standing in for a draft vocabulary ranked from data).
-    #[arg(long, default_value = "full")]
-    head_vocab: String,
+    #[arg(long, default_value_t = HeadVocab::Full)]
+    head_vocab: HeadVocab,
     #[command(flatten)]
     device: super::device::DeviceArgs,
 }
@@ -406,7 +407,7 @@ fn train_bench(a: TrainBenchArgs) -> anyhow::Result<()> {
         runs: a.runs,
         device: a.device.choice(),
         activation_checkpointing: a.activation_checkpointing,
-        head_vocab: serde_json::from_value(serde_json::Value::String(a.head_vocab.clone())).map_err(|_| anyhow::anyhow!("--head-vocab {:?}: use full or draft", a.head_vocab))?,
+        head_vocab: a.head_vocab,
     };
     let (shape, rows) = bench::train(&plan)?;
     eprintln!(

@@ -20,9 +20,12 @@ pub fn choose_for(target: &Target, drafter: AnyDrafter, dir: &Path) -> Result<(A
     crate::util::measure::release_free_heap();
     let at_max = measure_draft_ms(target, &mut *drafter.proposer_on(target.backend()))?;
     crate::util::measure::release_free_heap();
-    let at_two = match drafter.clone().at_block_size(2) {
-        Ok(small) if max_b > 2 => measure_draft_ms(target, &mut *small.proposer_on(target.backend()))?,
-        _ => at_max,
+    let at_two = match max_b > 2 {
+        true => match drafter.clone().at_block_size(2) {
+            Ok(small) => measure_draft_ms(target, &mut *small.proposer_on(target.backend()))?,
+            Err(_) => at_max, // Domino keeps its trained block
+        },
+        false => at_max,
     };
     crate::util::measure::release_free_heap();
     let draft_ms_by_block = draft_curve(at_two, at_max, max_b);

@@ -160,9 +160,10 @@ impl Proposer for DFlashProposer {
             Path::Fast { cache, .. } => cache.clear(),
             Path::Reference { drafter, cache } => *cache = drafter.new_cache(),
         }
+        // draft_ids is set on the fast path only
         self.draft_head = match &self.draft_ids {
-            Some(ids) if self.is_fast() => DraftHead::new(target, ids).map_err(SpecError::proposer)?,
-            _ => None,
+            Some(ids) => DraftHead::new(target, ids).map_err(SpecError::proposer)?,
+            None => None,
         };
         if let Some(h) = &mut self.draft_head {
             h.observe(prompt_ids);

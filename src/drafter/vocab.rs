@@ -152,6 +152,8 @@ pub struct DraftHead {
     extra_ids: Vec<u32>,
     extra: Option<QMatrix>,
     stale: bool,
+    /// The logits of the last draft, reused: no allocation per cycle.
+    logits: Vec<f32>,
 }
 
 impl DraftHead {
@@ -169,7 +171,7 @@ impl DraftHead {
                 *m = true;
             }
         }
-        Ok(Some(Self { ids: ids.clone(), head, member, extra_ids: Vec::new(), extra: None, stale: false }))
+        Ok(Some(Self { ids: ids.clone(), head, member, extra_ids: Vec::new(), extra: None, stale: false, logits: Vec::new() }))
     }
 
     /// Adds the context tokens `tokens` (prompt or committed output) to this request's set.
@@ -202,9 +204,10 @@ impl DraftHead {
             self.stale = false;
         }
         let qgemm = |e: crate::model::qgemm::QGemmError| DrafterError::Model(crate::model::ModelError::Corrupt { path: "draft head".into(), what: e.to_string() });
-        let k = self.ids.len();
-        let mut y = vec![0f32; n * k];
-        self.head.matmul(x, n, &mut y).map_err(qgemm)?;
+        let (k, e) = (self.ids.len(), self.extra_ids.len());
+        self.logits.resize(n * k.max(e), 0.0);
+        let y = &mut self.logits[..n * k];
+        self.head.matmul(x, n, y).map_err(qgemm)?;
         let mut best: Vec<(u32, f32)> = y
             .chunks_exact(k)
             .map(|row| {
@@ -218,9 +221,8 @@ impl DraftHead {
             })
             .collect();
         if let Some(extra) = &self.extra {
-            let e = self.extra_ids.len();
-            let mut ye = vec![0f32; n * e];
-            extra.matmul(x, n, &mut ye).map_err(qgemm)?;
+            let ye = &mut self.logits[..n * e];
+            extra.matmul(x, n, ye).map_err(qgemm)?;
             for (b, row) in best.iter_mut().zip(ye.chunks_exact(e)) {
                 for (i, &v) in row.iter().enumerate() {
                     if v > b.1 {

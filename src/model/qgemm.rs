@@ -479,11 +479,10 @@ impl QMatrix {
                     let lane: [u8; 4] = self.data[sb + l].0[so * 4..so * 4 + 4].try_into().expect("4 bytes");
                     m.data[db + l].0[d_o * 4..d_o * 4 + 4].copy_from_slice(&lane);
                 }
-                let (h, mut lines) = (b % 2, vec![f.scales_line(b)]);
-                if f == Format::Q4_1 {
-                    lines.push(f.mins_line(b));
-                }
-                for l in lines {
+                let h = b % 2;
+                let (scales, mins) = (f.scales_line(b), f.mins_line(b));
+                let lines: &[usize] = if f == Format::Q4_1 { &[scales, mins] } else { &[scales] };
+                for &l in lines {
                     let v: [u8; 2] = self.data[sb + l].0[h * 32 + so * 2..h * 32 + so * 2 + 2].try_into().expect("2 bytes");
                     m.data[db + l].0[h * 32 + d_o * 2..h * 32 + d_o * 2 + 2].copy_from_slice(&v);
                 }

@@ -139,6 +139,8 @@ pub enum HeadVocab {
     Draft,
 }
 
+crate::named_enum!(HeadVocab, "head vocabulary", ["full", "draft"]);
+
 impl HeadVocab {
     pub fn is_full(&self) -> bool {
         *self == HeadVocab::Full
