@@ -202,3 +202,49 @@ fn bad_inputs_give_clear_errors() {
     println!("truncated safetensors: {err}");
     assert!(matches!(err, ModelError::Corrupt { .. }), "{err}");
 }
+
+/// The CPU kernel path runs its layers on host buffers (`host_ops`); the tensor-op layers it
+/// replaced are kept as the reference. Both must give the same bits: logits and every tap, for
+/// a prefill long enough that the row-parallel splits engage, a verify-sized chunk after it,
+/// and a two-sequence batch.
+#[test]
+fn the_host_layer_forward_has_the_bits_of_the_tensor_layers() {
+    let cases = [
+        ("llama", fixture("llama"), WeightsMode::default()),
+        ("qwen2 (q/k/v biases)", fixture("qwen2"), WeightsMode::default()),
+        ("qwen3 (q/k norms)", fixture("qwen3"), WeightsMode::default()),
+        ("llama gguf native", fixture("llama").join("tiny-q8_0.gguf"), WeightsMode::Native),
+        ("qwen2 gguf native", fixture("qwen2").join("tiny-q8_0.gguf"), WeightsMode::Native),
+    ];
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for (what, path, mode) in cases {
+        let host = load(path, mode);
+        assert!(host.host_layers(), "{what}: the host layer forward should apply");
+        let tensor = host.clone().with_tensor_layers();
+        let layers = host.config().num_hidden_layers;
+        let taps: Vec<usize> = (0..layers).collect();
+        let ids: Vec<u32> = (0..48).map(|i| (i * 53 + 7) % 256).collect();
+        let (mut ch, mut ct) = (host.new_cache(), tensor.new_cache());
+        for chunk in [&ids[..40], &ids[40..]] {
+            let a = host.forward(chunk, &mut ch, &taps, Logits::All).unwrap();
+            let b = tensor.forward(chunk, &mut ct, &taps, Logits::All).unwrap();
+            assert_eq!(bits(a.logits.as_ref().unwrap()), bits(b.logits.as_ref().unwrap()), "{what}: logits of a {}-token chunk", chunk.len());
+            for (l, (x, y)) in a.taps.iter().zip(&b.taps).enumerate() {
+                assert_eq!(bits(x), bits(y), "{what}: tap {l} of a {}-token chunk", chunk.len());
+            }
+        }
+        let (mut h1, mut h2, mut t1, mut t2) = (host.new_cache(), host.new_cache(), tensor.new_cache(), tensor.new_cache());
+        let batch = |target: &Target, c1: &mut specauf::model::KvCache, c2: &mut specauf::model::KvCache| {
+            let mut items = [
+                specauf::model::BatchItem { tokens: &ids[..5], cache: c1, taps: &[0], logits: Logits::All },
+                specauf::model::BatchItem { tokens: &ids[9..12], cache: c2, taps: &[0], logits: Logits::Last },
+            ];
+            target.forward_batch(&mut items).unwrap()
+        };
+        let (a, b) = (batch(&host, &mut h1, &mut h2), batch(&tensor, &mut t1, &mut t2));
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(bits(x.logits.as_ref().unwrap()), bits(y.logits.as_ref().unwrap()), "{what}: batch item {i} logits");
+            assert_eq!(bits(&x.taps[0]), bits(&y.taps[0]), "{what}: batch item {i} tap");
+        }
+    }
+}

@@ -56,14 +56,14 @@ mod vnni;
 /// (`prefetcht0`), in 64-byte lines: 64 lines is about four blocks of an Int8 tile. At m = 8 a
 /// block takes long enough to compute that the hardware prefetcher alone let the kernel stall on
 /// each tile's first lines; asking 4 KB ahead cut a q8 verify(8) by about a quarter and a native
-/// one by a third at the same decode speed (`examples/prefetch_ab`, docs/perf.md). Distances from
+/// one by a third at the same decode speed (`examples/forward_ab`, docs/perf.md). Distances from
 /// 16 to 160 lines measured alike. Prefetching changes no arithmetic, so no bits.
 pub const PREFETCH_LINES: usize = 64;
 
 static PREFETCH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(PREFETCH_LINES);
 
 /// Sets the kernel's prefetch distance in lines (0: none) for every later call in the process.
-/// For measuring the prefetch (`examples/prefetch_ab`), not for tuning a deployment.
+/// For measuring the prefetch (`examples/forward_ab`), not for tuning a deployment.
 #[doc(hidden)]
 pub fn set_prefetch_lines(lines: usize) {
     PREFETCH.store(lines, std::sync::atomic::Ordering::Relaxed);

@@ -16,18 +16,23 @@ use super::config::TargetConfig;
 use super::attention::causal_attention;
 use super::kv_cache::KvCache;
 use super::embedding::Embedding;
+use super::host_ops;
 use super::weights::{forward_group, qgemm_group, Linear, WeightSource, WeightsMode};
 use super::ModelError;
 
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
+    /// The weight on the host, for the host layer forward (empty on the generic path).
+    host: Vec<f32>,
     eps: f32,
 }
 
 impl RmsNorm {
     fn load(src: &mut WeightSource, name: &str, dim: usize, eps: f64) -> Result<Self, ModelError> {
-        Ok(Self { weight: src.tensor(name, &[dim])?, eps: eps as f32 })
+        let weight = src.tensor(name, &[dim])?;
+        let host = weight.to_vec1::<f32>()?;
+        Ok(Self { weight, host, eps: eps as f32 })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
@@ -118,6 +123,9 @@ pub struct Target {
     /// [`Target::head_rows_shared`]'s matrices, by id list (a few at most: one per draft
     /// vocabulary in use).
     head_subsets: HeadSubsets,
+    /// Every layer's linears are `qgemm` blocks on the CPU kernel path, so a forward runs its
+    /// layers on host buffers (`Layer::forward_host`) instead of candle tensors.
+    host_layers: bool,
 }
 
 type HeadSubsets = std::sync::Arc<std::sync::Mutex<Vec<(std::sync::Arc<[u32]>, std::sync::Arc<crate::model::qgemm::QMatrix>)>>>;
@@ -217,14 +225,15 @@ impl Target {
         let lm_head = src.linear(head_name, (cfg.vocab_size, h), false, mode)?;
         let rope = Rope::new(hd, cfg.rope_theta, 4096.min(cfg.max_position_embeddings.max(1)), &Device::Cpu)?;
         let rope = std::sync::Arc::new(std::sync::Mutex::new(rope));
-        Ok(Self { cfg, embed, layers, norm, lm_head, rope, mode, backend: Backend::cpu(), head_subsets: HeadSubsets::default() })
+        let host_layers = path == KernelPath::Cpu && layers.iter().all(Layer::host_ready);
+        Ok(Self { cfg, embed, layers, norm, lm_head, rope, mode, backend: Backend::cpu(), head_subsets: HeadSubsets::default(), host_layers })
     }
 
     /// The host-loaded target moved to the generic path of `backend`: linears via
     /// [`Linear::to_generic`], embedding, norms and RoPE tables to the device (f32).
     fn to_generic(self, backend: &Backend) -> candle_core::Result<Self> {
         let dev = backend.device();
-        let norm = |n: &RmsNorm| -> candle_core::Result<RmsNorm> { Ok(RmsNorm { weight: n.weight.to_device(dev)?, eps: n.eps }) };
+        let norm = |n: &RmsNorm| -> candle_core::Result<RmsNorm> { Ok(RmsNorm { weight: n.weight.to_device(dev)?, host: Vec::new(), eps: n.eps }) };
         let opt_norm = |n: &Option<RmsNorm>| n.as_ref().map(norm).transpose();
         let mut layers = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
@@ -259,8 +268,23 @@ impl Target {
             mode: self.mode,
             backend: backend.clone(),
             head_subsets: HeadSubsets::default(),
+            host_layers: false,
             cfg,
         })
+    }
+
+    /// Whether forwards run the layers on host buffers (every linear held as `qgemm` blocks on
+    /// the CPU kernel path) rather than as candle tensor ops; the bits are the same.
+    pub fn host_layers(&self) -> bool {
+        self.host_layers
+    }
+
+    /// This target with its layers run as candle tensor ops even where the host forward
+    /// applies: the reference the host forward is tested against (tests/target_parity.rs).
+    #[doc(hidden)]
+    pub fn with_tensor_layers(mut self) -> Self {
+        self.host_layers = false;
+        self
     }
 
     /// The device and kernel path this target computes with; drafters and training follow it.
@@ -401,10 +425,24 @@ impl Target {
         let mut x = self.embed(&ids)?;
         // The residual stream after every layer some item taps: (Σn, H).
         let mut tapped: Vec<Option<Tensor>> = vec![None; self.layers.len()];
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, i, items, &spans, &cos, &sin)?;
-            if items.iter().any(|it| it.taps.contains(&i)) {
-                tapped[i] = Some(x.clone());
+        if self.host_layers {
+            let h = self.cfg.hidden_size;
+            let (cos, sin) = (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
+            let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let mut buf = HostBuffers::new(&self.cfg, total);
+            for (i, layer) in self.layers.iter().enumerate() {
+                layer.forward_host(&mut xs, &mut buf, i, items, &spans, &cos, &sin)?;
+                if items.iter().any(|it| it.taps.contains(&i)) {
+                    tapped[i] = Some(Tensor::from_slice(&xs, (total, h), &Device::Cpu)?);
+                }
+            }
+            x = Tensor::from_vec(xs, (total, h), &Device::Cpu)?;
+        } else {
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = layer.forward(&x, i, items, &spans, &cos, &sin)?;
+                if items.iter().any(|it| it.taps.contains(&i)) {
+                    tapped[i] = Some(x.clone());
+                }
             }
         }
         for item in items.iter_mut() {
@@ -502,7 +540,115 @@ pub(super) struct Span {
     pub(super) start: usize,
 }
 
+/// The host layer forward's buffers for `rows` rows, sized once per forward and reused by
+/// every layer.
+struct HostBuffers {
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl HostBuffers {
+    fn new(cfg: &TargetConfig, rows: usize) -> Self {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        HostBuffers {
+            h: vec![0.0; rows * h],
+            q: vec![0.0; rows * cfg.num_attention_heads * hd],
+            k: vec![0.0; rows * cfg.num_key_value_heads * hd],
+            v: vec![0.0; rows * cfg.num_key_value_heads * hd],
+            o: vec![0.0; rows * h],
+            gate: vec![0.0; rows * cfg.intermediate_size],
+            up: vec![0.0; rows * cfg.intermediate_size],
+        }
+    }
+}
+
+fn qgemm_err(e: super::qgemm::QGemmError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// `linear`'s bias added to y's rows, where it has one (Qwen2's q/k/v).
+fn host_bias(linear: &Linear, y: &mut [f32]) -> candle_core::Result<()> {
+    if let Some(b) = linear.bias() {
+        host_ops::add_bias(y, &b.to_vec1::<f32>()?);
+    }
+    Ok(())
+}
+
 impl Layer {
+    /// Whether [`Layer::forward_host`] can run this layer: every linear is held as `qgemm`
+    /// blocks, and the norms have host weights.
+    fn host_ready(&self) -> bool {
+        let a = &self.attn;
+        let linears = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &self.mlp.gate, &self.mlp.up, &self.mlp.down];
+        linears.iter().all(|l| l.blocks().is_some()) && self.mlp.gate.bias().is_none() && self.mlp.up.bias().is_none()
+            && self.mlp.down.bias().is_none() && a.o_proj.bias().is_none()
+    }
+
+    /// [`Layer::forward`] on host buffers: x (rows, H) is updated in place. Every step is the
+    /// tensor path's arithmetic (the same `qgemm` calls, candle's RMSNorm and RoPE expressions
+    /// in `host_ops`, the same attention), so the bits are the same (tested against it in
+    /// tests/target_parity.rs); what goes is a tensor and often a pool dispatch per op.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_host(&self, x: &mut [f32], buf: &mut HostBuffers, idx: usize, items: &mut [BatchItem<'_>], spans: &[Span], cos: &[f32], sin: &[f32]) -> candle_core::Result<()> {
+        use super::qgemm::{matmul_group, Exec};
+        let a = &self.attn;
+        let (nh, nkv, hd) = (a.heads, a.kv_heads, a.head_dim);
+        fn blocks(l: &Linear) -> candle_core::Result<&super::qgemm::QMatrix> {
+            l.blocks().ok_or_else(|| candle_core::Error::Msg("host layer forward: a linear is not held as qgemm blocks".into()))
+        }
+        let n = x.len() / self.input_norm.host.len().max(1);
+        // 1. norm, q/k/v in one call, their biases, per-head norms, RoPE
+        host_ops::rms_norm(x, &self.input_norm.host, self.input_norm.eps, &mut buf.h);
+        let mats = [blocks(&a.q_proj)?, blocks(&a.k_proj)?, blocks(&a.v_proj)?];
+        matmul_group(&mats, &buf.h, n, &mut [&mut buf.q, &mut buf.k, &mut buf.v], Exec::default()).map_err(qgemm_err)?;
+        host_bias(&a.q_proj, &mut buf.q)?;
+        host_bias(&a.k_proj, &mut buf.k)?;
+        host_bias(&a.v_proj, &mut buf.v)?;
+        if let Some(nm) = &a.q_norm {
+            host_ops::rms_norm_in_place(&mut buf.q, &nm.host, nm.eps);
+        }
+        if let Some(nm) = &a.k_norm {
+            host_ops::rms_norm_in_place(&mut buf.k, &nm.host, nm.eps);
+        }
+        host_ops::rope_in_place(&mut buf.q, nh, hd, cos, sin);
+        host_ops::rope_in_place(&mut buf.k, nkv, hd, cos, sin);
+        // 2. each item's K/V into its cache, then attention over each query's causal prefix
+        //    (as in Attention::forward: items in parallel only when there is work for it)
+        for (item, s) in items.iter_mut().zip(spans) {
+            let (kva, kvb) = (s.row * nkv * hd, (s.row + s.n) * nkv * hd);
+            item.cache.write(idx, &buf.k[kva..kvb], &buf.v[kva..kvb], s.n);
+        }
+        let q = &buf.q;
+        let attend = |(item, s): (&BatchItem<'_>, &Span)| {
+            let qa = s.row * nh * hd;
+            let cache = &*item.cache;
+            causal_attention(&q[qa..qa + s.n * nh * hd], cache.layer(idx), s.n, s.start, nh, nkv, hd, cache.capacity())
+        };
+        let work: usize = spans.iter().map(|s| s.n * nh * (s.start + s.n) * hd).sum();
+        let parts: Vec<Vec<f32>> = if items.len() > 1 && work >= PARALLEL_ITEMS_MIN_WORK {
+            items.par_iter().zip(spans.par_iter()).map(attend).collect()
+        } else {
+            items.iter().zip(spans).map(attend).collect()
+        };
+        let att = if parts.len() == 1 { parts.into_iter().next().unwrap_or_default() } else { parts.concat() };
+        // 3. output projection and residual
+        matmul_group(&[blocks(&a.o_proj)?], &att, n, &mut [&mut buf.o], Exec::default()).map_err(qgemm_err)?;
+        host_ops::add_in_place(x, &buf.o);
+        // 4. MLP: norm, gate/up in one call, SiLU · up, down, residual
+        host_ops::rms_norm(x, &self.post_norm.host, self.post_norm.eps, &mut buf.h);
+        let m = &self.mlp;
+        matmul_group(&[blocks(&m.gate)?, blocks(&m.up)?], &buf.h, n, &mut [&mut buf.gate, &mut buf.up], Exec::default()).map_err(qgemm_err)?;
+        silu_mul(&mut buf.gate, &buf.up);
+        matmul_group(&[blocks(&m.down)?], &buf.gate, n, &mut [&mut buf.o], Exec::default()).map_err(qgemm_err)?;
+        host_ops::add_in_place(x, &buf.o);
+        Ok(())
+    }
+
     fn forward(&self, x: &Tensor, idx: usize, items: &mut [BatchItem<'_>], spans: &[Span], cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.input_norm.forward(x)?;
         let h = self.attn.forward(&h, idx, items, spans, cos, sin)?;

@@ -1,0 +1,69 @@
+//! Two changes to the target's forward, A/B in one process: the VNNI kernel's weight prefetch
+//! and the host layer forward (against the tensor-op layers it replaced). Each variant times a
+//! decode step and verify forwards of 8 and 16 tokens at context 64; every round runs every
+//! variant in turn, so machine load hits all of them alike. Medians over the rounds.
+//!
+//! cargo run --release --example forward_ab -- [q8|native] [VARIANTS] [ROUNDS]
+//!
+//! VARIANTS: comma-separated `LAYERS:PREFETCH`, LAYERS `host` or `tensor`, PREFETCH in 64-byte
+//! lines (0: none); default `host:64,tensor:64,tensor:0` (now, before the host layers, before
+//! the prefetch as well).
+
+use std::time::Instant;
+
+use specauf::model::{load_model, qgemm, Logits, Target, WeightsMode};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.to_string());
+    let mode: WeightsMode = arg(0, "q8").parse().map_err(anyhow::Error::msg)?;
+    let variants: Vec<(String, usize)> = arg(1, "host:64,tensor:64,tensor:0")
+        .split(',')
+        .map(|v| {
+            let (layers, lines) = v.split_once(':').ok_or_else(|| anyhow::anyhow!("variant {v}: expected LAYERS:PREFETCH"))?;
+            anyhow::ensure!(layers == "host" || layers == "tensor", "variant {v}: layers are host or tensor");
+            Ok((layers.to_string(), lines.parse()?))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let rounds: usize = arg(2, "40").parse()?;
+    let ctx = 64;
+    let sizes = [1usize, 8, 16];
+    let model = load_model("smollm2", mode)?;
+    let host = &model.target;
+    anyhow::ensure!(host.host_layers(), "{mode:?}: this target has no host layer forward to compare");
+    let tensor: Target = host.clone().with_tensor_layers();
+    let text = "The quick brown fox jumps over the lazy dog while the cat watches from the window. ";
+    let mut prompt = Vec::new();
+    while prompt.len() < ctx + sizes[2] {
+        prompt.extend(model.tokenizer.encode(text, false)?);
+    }
+    let mut cache = host.new_cache();
+    host.forward(&prompt[..ctx], &mut cache, &[], Logits::Last)?;
+    let mut t = vec![vec![Vec::new(); sizes.len()]; variants.len()];
+    for _ in 0..rounds {
+        for (i, (layers, lines)) in variants.iter().enumerate() {
+            qgemm::set_prefetch_lines(*lines);
+            let target = if layers == "host" { host } else { &tensor };
+            for (j, &b) in sizes.iter().enumerate() {
+                let t0 = Instant::now();
+                target.forward(&prompt[ctx..ctx + b], &mut cache, &[], Logits::All)?;
+                t[i][j].push(t0.elapsed().as_secs_f64() * 1e3);
+                cache.truncate(ctx);
+            }
+        }
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("forward_ab: {mode:?}, context {ctx}, {rounds} rounds, load {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!("| layers | prefetch lines | decode ms | verify(8) ms | ÷ decode | verify(16) ms | ÷ decode |");
+    println!("|---|---|---|---|---|---|---|");
+    for (i, (layers, lines)) in variants.iter().enumerate() {
+        let [dec, v8, v16] = [0, 1, 2].map(|j| median(t[i][j].clone()));
+        println!("| {layers} | {lines} | {dec:.2} | {v8:.2} | {:.2} | {v16:.2} | {:.2} |", v8 / dec, v16 / dec);
+    }
+    Ok(())
+}
