@@ -1,4 +1,4 @@
-//! Causal attention over the KV cache, computed one (query, head) pair at a time.
+//! Causal attention over the KV cache, each (query, head) pair with arithmetic of its own.
 //!
 //! Why not batched matmuls: speculative decoding promises that verifying B tokens in one
 //! forward gives exactly the logits of B single-token steps. Batched attention changes the
@@ -7,6 +7,10 @@
 //! rounding and grow to O(1) in the logits. Here every (query, head) is reduced over exactly
 //! its own causal prefix in a fixed order, so the result does not depend on how the tokens
 //! were chunked: a chunked forward is bit-identical to a token-by-token one.
+//!
+//! The pairs that share a KV head (a GQA group's heads, for up to four queries) are computed
+//! together so that they share the reads of its keys and values and interleave their
+//! dependency chains; what each pair adds, and in which order, does not change.
 
 use rayon::prelude::*;
 
@@ -78,74 +82,99 @@ unsafe fn attend_one_avx2(q: &[f32], k: &[f32], v: &[f32], len: usize, hd: usize
     attend_one(q, k, v, len, hd, scale, scores, out)
 }
 
-/// AVX-512 attention of one query row: `NV` registers of 16 lanes hold the query (hd = 16·NV)
-/// and the output accumulator. The order of every sum is fixed by `len` and hd alone (per key:
-/// one fma chain over the head's registers, then the fixed tree of `_mm512_reduce_add_ps`;
-/// exp-sums: 16 lanes over the keys in order, then the same tree), so a (query, head) gives the
-/// same bits whatever else is in the forward.
+/// AVX-512 attention of several query rows that share one KV head (the heads of a GQA group,
+/// for one or more queries): `NV` registers of 16 lanes hold a query (hd = 16·NV). Row r sees
+/// keys 0..lens[r] and writes out[r·hd..]. Keys are visited in blocks of 16, every row in turn
+/// within a block, so a block's K (then V) rows are read from memory once for all the rows and
+/// from L1 after that, where one row at a time streamed the whole K and V once per row.
+///
+/// Each row's arithmetic is fixed by its own len and hd alone, in this order: per key, one fma
+/// chain over the head's registers, summed by the tree of `_mm512_reduce_add_ps` (sixteen keys
+/// at once by `reduce16`, which adds the same pairs; the keys after the last full sixteen one by
+/// one); exp-sums over the keys in 16 lanes, in order, then the same tree; the values' weighted
+/// sum one key after the other (the accumulators go through memory between blocks, which is
+/// exact). So a (query, head) gives the same bits whatever rows it is computed with.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_vec<const NV: usize>(q: &[f32], k: &[f32], v: &[f32], len: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+unsafe fn attend_rows_vec<const NV: usize>(qs: &[&[f32]], lens: &[usize], k: &[f32], v: &[f32], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     use std::arch::x86_64::*;
     let hd = NV * 16;
-    debug_assert!(q.len() == hd && out.len() == hd && k.len() >= len * hd && v.len() >= len * hd);
+    let rows = qs.len();
+    let max_len = lens.iter().copied().max().unwrap_or(0);
+    debug_assert!(lens.len() == rows && out.len() == rows * hd && k.len() >= max_len * hd && v.len() >= max_len * hd);
+    let stride = max_len.next_multiple_of(16);
     scores.clear();
-    scores.resize(len.next_multiple_of(16), f32::NEG_INFINITY);
-    let mut qv = [_mm512_setzero_ps(); NV];
-    for (c, r) in qv.iter_mut().enumerate() {
-        *r = _mm512_loadu_ps(q.as_ptr().add(c * 16));
-    }
-    // 1. scores and their maximum
-    let kp = k.as_ptr();
-    // One key's 16 partial sums: an fma chain over the head's registers.
-    let partials = |j: usize| -> __m512 {
-        let row = kp.add(j * hd);
-        let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(row));
-        for (c, qc) in qv.iter().enumerate().skip(1) {
-            acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(row.add(c * 16)), acc);
-        }
-        acc
-    };
-    // Sixteen keys at a time, their partials summed together by `reduce16`, which adds the same
-    // pairs in the same order as `_mm512_reduce_add_ps` (tested), so each score has the bits of
-    // a lone key's; the rest one at a time.
+    scores.resize(rows * stride, f32::NEG_INFINITY);
+    let (kp, vp, sp) = (k.as_ptr(), v.as_ptr(), scores.as_mut_ptr());
     let sv = _mm512_set1_ps(scale);
-    let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
-    let groups = len / 16 * 16;
-    for j in (0..groups).step_by(16) {
-        let p: [__m512; 16] = std::array::from_fn(|i| partials(j + i));
-        let s = _mm512_mul_ps(reduce16(&p), sv);
-        _mm512_storeu_ps(scores.as_mut_ptr().add(j), s);
-        maxv = _mm512_max_ps(maxv, s);
-    }
-    let mut max = _mm512_reduce_max_ps(maxv);
-    for j in groups..len {
-        let s = _mm512_reduce_add_ps(partials(j)) * scale;
-        max = max.max(s);
-        *scores.get_unchecked_mut(j) = s;
-    }
-    // 2. weights exp(s - max) in place, and their sum (padding lanes give exp(-inf) = 0)
-    let mv = _mm512_set1_ps(max);
-    let mut sum = _mm512_setzero_ps();
-    for chunk in scores.chunks_exact_mut(16) {
-        let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(chunk.as_ptr()), mv));
-        _mm512_storeu_ps(chunk.as_mut_ptr(), e);
-        sum = _mm512_add_ps(sum, e);
-    }
-    let inv = 1.0 / _mm512_reduce_add_ps(sum);
-    // 3. weighted sum of the values, keys in order
-    let mut acc = [_mm512_setzero_ps(); NV];
-    let vp = v.as_ptr();
-    for j in 0..len {
-        let w = _mm512_set1_ps(*scores.get_unchecked(j));
-        let row = vp.add(j * hd);
-        for (c, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(row.add(c * 16)), *a);
+    let mut maxes = vec![f32::NEG_INFINITY; rows];
+    // 1. scores and their maxima
+    for j0 in (0..max_len).step_by(16) {
+        for (r, (q, &len)) in qs.iter().zip(lens).enumerate() {
+            if j0 >= len {
+                continue;
+            }
+            let qv: [__m512; NV] = std::array::from_fn(|c| _mm512_loadu_ps(q.as_ptr().add(c * 16)));
+            let partials = |j: usize| -> __m512 {
+                let row = kp.add(j * hd);
+                let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(row));
+                for (c, qc) in qv.iter().enumerate().skip(1) {
+                    acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(row.add(c * 16)), acc);
+                }
+                acc
+            };
+            let srow = sp.add(r * stride);
+            if j0 + 16 <= len {
+                let p: [__m512; 16] = std::array::from_fn(|i| partials(j0 + i));
+                let s = _mm512_mul_ps(reduce16(&p), sv);
+                _mm512_storeu_ps(srow.add(j0), s);
+                maxes[r] = maxes[r].max(_mm512_reduce_max_ps(s));
+            } else {
+                for j in j0..len {
+                    let s = _mm512_reduce_add_ps(partials(j)) * scale;
+                    maxes[r] = maxes[r].max(s);
+                    *srow.add(j) = s;
+                }
+            }
         }
     }
-    let iv = _mm512_set1_ps(inv);
-    for (c, a) in acc.iter().enumerate() {
-        _mm512_storeu_ps(out.as_mut_ptr().add(c * 16), _mm512_mul_ps(*a, iv));
+    // 2. weights exp(s - max) in place, and their sums (padding lanes give exp(-inf) = 0)
+    let mut inv = vec![0f32; rows];
+    for r in 0..rows {
+        let mv = _mm512_set1_ps(maxes[r]);
+        let mut sum = _mm512_setzero_ps();
+        for c in (0..lens[r].next_multiple_of(16)).step_by(16) {
+            let at = sp.add(r * stride + c);
+            let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(at), mv));
+            _mm512_storeu_ps(at, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        inv[r] = 1.0 / _mm512_reduce_add_ps(sum);
+    }
+    // 3. weighted sums of the values, keys in order; row r's accumulators live in out[r]
+    //    between blocks. Rows go `pv_rows` at a time, sharing each V row: one row's sum is a
+    //    chain of dependent fmas, so it is the interleaving of rows that keeps the fma units busy.
+    out.fill(0.0);
+    let rt = if NV <= 4 { 3 } else { 2 };
+    for j0 in (0..max_len).step_by(16) {
+        let mut r = 0;
+        while r < rows {
+            let n = rt.min(rows - r);
+            match n {
+                3 => pv_rows::<NV, 3>(r, j0, lens, stride, sp, vp, out),
+                2 => pv_rows::<NV, 2>(r, j0, lens, stride, sp, vp, out),
+                _ => pv_rows::<NV, 1>(r, j0, lens, stride, sp, vp, out),
+            }
+            r += n;
+        }
+    }
+    let op = out.as_mut_ptr();
+    for (r, &iv) in inv.iter().enumerate() {
+        let o = op.add(r * hd);
+        let iv = _mm512_set1_ps(iv);
+        for c in 0..NV {
+            _mm512_storeu_ps(o.add(c * 16), _mm512_mul_ps(_mm512_loadu_ps(o.add(c * 16)), iv));
+        }
     }
 }
 
@@ -201,18 +230,61 @@ unsafe fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     _mm512_scalef_ps(e, n)
 }
 
+/// Rows r0..r0+RT of [`attend_rows_vec`]'s step 3 over the keys j0..j0+16 that each sees: the
+/// keys all of them see go together (one V row load, RT fma chains), then each row's own
+/// remaining keys. Per row the keys are added in order, as one row alone would.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn attend_one_avx512(q: &[f32], k: &[f32], v: &[f32], len: usize, hd: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
-    match hd {
-        16 => attend_vec::<1>(q, k, v, len, scale, scores, out),
-        32 => attend_vec::<2>(q, k, v, len, scale, scores, out),
-        64 => attend_vec::<4>(q, k, v, len, scale, scores, out),
-        128 => attend_vec::<8>(q, k, v, len, scale, scores, out),
-        _ => attend_one(q, k, v, len, hd, scale, scores, out),
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_rows<const NV: usize, const RT: usize>(r0: usize, j0: usize, lens: &[usize], stride: usize, sp: *const f32, vp: *const f32, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = NV * 16;
+    let ends: [usize; RT] = std::array::from_fn(|t| lens[r0 + t].min(j0 + 16));
+    let common = ends.iter().copied().min().unwrap_or(j0);
+    let op = out.as_mut_ptr();
+    let mut acc: [[__m512; NV]; RT] = std::array::from_fn(|t| std::array::from_fn(|c| _mm512_loadu_ps(op.add((r0 + t) * hd + c * 16))));
+    for j in j0..common.max(j0) {
+        let row = vp.add(j * hd);
+        let vv: [__m512; NV] = std::array::from_fn(|c| _mm512_loadu_ps(row.add(c * 16)));
+        for (t, a) in acc.iter_mut().enumerate() {
+            let w = _mm512_set1_ps(*sp.add((r0 + t) * stride + j));
+            for (c, a) in a.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(w, vv[c], *a);
+            }
+        }
+    }
+    for (t, a) in acc.iter_mut().enumerate() {
+        for j in common.max(j0)..ends[t] {
+            let w = _mm512_set1_ps(*sp.add((r0 + t) * stride + j));
+            let row = vp.add(j * hd);
+            for (c, a) in a.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(row.add(c * 16)), *a);
+            }
+        }
+        for (c, a) in a.iter().enumerate() {
+            _mm512_storeu_ps(op.add((r0 + t) * hd + c * 16), *a);
+        }
     }
 }
 
+/// Rows sharing one KV head (see [`attend_rows_vec`]); head sizes without a vector kernel go
+/// one row at a time through the portable code.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_rows_avx512(qs: &[&[f32]], lens: &[usize], k: &[f32], v: &[f32], hd: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    match hd {
+        16 => attend_rows_vec::<1>(qs, lens, k, v, scale, scores, out),
+        32 => attend_rows_vec::<2>(qs, lens, k, v, scale, scores, out),
+        64 => attend_rows_vec::<4>(qs, lens, k, v, scale, scores, out),
+        128 => attend_rows_vec::<8>(qs, lens, k, v, scale, scores, out),
+        _ => {
+            for ((q, &len), o) in qs.iter().zip(lens).zip(out.chunks_mut(hd)) {
+                attend_one(q, k, v, len, hd, scale, scores, o);
+            }
+        }
+    }
+}
 
 #[derive(Clone, Copy)]
 enum Isa {
@@ -266,41 +338,62 @@ pub fn full_attention(q: &[f32], kv: &LayerKv, n: usize, len: usize, heads: usiz
     attention_rows(q, kv, n, heads, kv_heads, hd, capacity, |_| len)
 }
 
+/// Queries per unit of work: a unit is the rows of one KV head's query heads for up to this
+/// many queries, which share every K/V block they read (`attend_rows_vec`).
+const QUERY_TILE: usize = 4;
+
 /// Query row i of every head attends over keys 0..len_of(i) of its KV head.
 #[allow(clippy::too_many_arguments)]
 fn attention_rows(q: &[f32], kv: &LayerKv, n: usize, heads: usize, kv_heads: usize, hd: usize, capacity: usize, len_of: impl Fn(usize) -> usize + Sync) -> Vec<f32> {
     let groups = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let isa = isa();
-    let mut out = vec![0f32; n * heads * hd];
-    let work = |scores: &mut Vec<f32>, (idx, o): (usize, &mut [f32])| {
-        let (i, h) = (idx / heads, idx % heads);
-        let g = h / groups;
-        let qrow = &q[idx * hd..(idx + 1) * hd];
-        let base = g * capacity * hd;
-        let len = len_of(i);
-        let k = &kv.k[base..base + len * hd];
-        let v = &kv.v[base..base + len * hd];
+    // Units (query tile, KV head): the rows (i, h) of the tile's queries and the KV head's
+    // query heads.
+    let units: Vec<(usize, usize)> = (0..n.div_ceil(QUERY_TILE)).flat_map(|t| (0..kv_heads).map(move |g| (t, g))).collect();
+    let rows_of = |&(t, g): &(usize, usize)| (t * QUERY_TILE..n.min((t + 1) * QUERY_TILE)).flat_map(move |i| (g * groups..(g + 1) * groups).map(move |h| (i, h)));
+    let work = |scores: &mut Vec<f32>, unit: &(usize, usize)| -> Vec<f32> {
+        let rows: Vec<(usize, usize)> = rows_of(unit).collect();
+        let base = unit.1 * capacity * hd;
+        let lens: Vec<usize> = rows.iter().map(|&(i, _)| len_of(i)).collect();
+        let max_len = lens.iter().copied().max().unwrap_or(0);
+        let (k, v) = (&kv.k[base..base + max_len * hd], &kv.v[base..base + max_len * hd]);
+        let qs: Vec<&[f32]> = rows.iter().map(|&(i, h)| &q[(i * heads + h) * hd..(i * heads + h + 1) * hd]).collect();
+        let mut out = vec![0f32; rows.len() * hd];
         match isa {
             // SAFETY: the features were detected at run time.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { attend_one_avx512(qrow, k, v, len, hd, scale, scores, o) },
+            Isa::Avx512 => unsafe { attend_rows_avx512(&qs, &lens, k, v, hd, scale, scores, &mut out) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { attend_one_avx2(qrow, k, v, len, hd, scale, scores, o) },
-            Isa::Generic => attend_one(qrow, k, v, len, hd, scale, scores, o),
+            Isa::Avx2 => {
+                for ((qr, &len), o) in qs.iter().zip(&lens).zip(out.chunks_mut(hd)) {
+                    // SAFETY: as above.
+                    unsafe { attend_one_avx2(qr, k, v, len, hd, scale, scores, o) }
+                }
+            }
+            Isa::Generic => {
+                for ((qr, &len), o) in qs.iter().zip(&lens).zip(out.chunks_mut(hd)) {
+                    attend_one(qr, k, v, len, hd, scale, scores, o);
+                }
+            }
         }
+        out
     };
     // Small problems (a decode step) run on the calling thread, where waking another thread
-    // costs more than the work. Each (query, head) is computed the same way on either path, so
-    // the choice does not change a single bit.
+    // costs more than the work. Each (query, head) is computed the same way on either path and
+    // in any unit, so the choice does not change a single bit.
     let flops: usize = (0..n).map(|i| heads * len_of(i) * hd).sum();
-    if flops < PARALLEL_MIN_WORK {
+    let parts: Vec<Vec<f32>> = if flops < PARALLEL_MIN_WORK || units.len() == 1 {
         let mut scores = Vec::new();
-        for item in out.chunks_mut(hd).enumerate() {
-            work(&mut scores, item);
-        }
+        units.iter().map(|u| work(&mut scores, u)).collect()
     } else {
-        out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, work);
+        units.par_iter().map_init(Vec::new, work).collect()
+    };
+    let mut out = vec![0f32; n * heads * hd];
+    for (unit, part) in units.iter().zip(&parts) {
+        for ((i, h), row) in rows_of(unit).zip(part.chunks_exact(hd)) {
+            out[(i * heads + h) * hd..(i * heads + h + 1) * hd].copy_from_slice(row);
+        }
     }
     out
 }
