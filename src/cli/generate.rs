@@ -152,6 +152,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             "tokens_per_s": tokens_per_s,
             "prefill_ms": res.prefill_ms,
             "decode_ms": res.decode_ms,
+            "draft_ms": res.draft_ms,
+            "verify_ms": res.verify_ms,
             "load_ms": load_ms,
             "weights": a.weights,
             "tau": res.tau,

@@ -83,8 +83,9 @@ unsafe fn attend_one_avx2(q: &[f32], k: &[f32], v: &[f32], len: usize, hd: usize
 }
 
 /// AVX-512 attention of several query rows that share one KV head (the heads of a GQA group,
-/// for one or more queries): `NV` registers of 16 lanes hold a query (hd = 16·NV). Row r sees
-/// keys 0..lens[r] and writes out[r·hd..]. Keys are visited in blocks of 16, every row in turn
+/// for one or more queries): `NV` registers of 16 lanes hold a query (hd = 16·NV). Row r's
+/// query is q[offs[r]..], it sees keys 0..lens[r], and its output goes to out[offs[r]..] (the
+/// layouts of q and of the output agree). Keys are visited in blocks of 16, every row in turn
 /// within a block, so a block's K (then V) rows are read from memory once for all the rows and
 /// from L1 after that, where one row at a time streamed the whole K and V once per row.
 ///
@@ -96,25 +97,29 @@ unsafe fn attend_one_avx2(q: &[f32], k: &[f32], v: &[f32], len: usize, hd: usize
 /// exact). So a (query, head) gives the same bits whatever rows it is computed with.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_rows_vec<const NV: usize>(qs: &[&[f32]], lens: &[usize], k: &[f32], v: &[f32], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_rows_vec<const NV: usize>(q: &[f32], offs: &[usize], lens: &[usize], k: &[f32], v: &[f32], scale: f32, scratch: &mut Vec<f32>, out: *mut f32) {
     use std::arch::x86_64::*;
     let hd = NV * 16;
-    let rows = qs.len();
+    let rows = offs.len();
     let max_len = lens.iter().copied().max().unwrap_or(0);
-    debug_assert!(lens.len() == rows && out.len() == rows * hd && k.len() >= max_len * hd && v.len() >= max_len * hd);
+    debug_assert!(lens.len() == rows && offs.iter().all(|&o| o + hd <= q.len()) && k.len() >= max_len * hd && v.len() >= max_len * hd);
     let stride = max_len.next_multiple_of(16);
-    scores.clear();
-    scores.resize(rows * stride, f32::NEG_INFINITY);
+    // scores (rows × stride), then each row's maximum and 1 / Σ exp
+    scratch.clear();
+    scratch.resize(rows * stride + 2 * rows, f32::NEG_INFINITY);
+    let (scores, stats) = scratch.split_at_mut(rows * stride);
+    let (maxes, inv) = stats.split_at_mut(rows);
     let (kp, vp, sp) = (k.as_ptr(), v.as_ptr(), scores.as_mut_ptr());
     let sv = _mm512_set1_ps(scale);
-    let mut maxes = vec![f32::NEG_INFINITY; rows];
     // 1. scores and their maxima
     for j0 in (0..max_len).step_by(16) {
-        for (r, (q, &len)) in qs.iter().zip(lens).enumerate() {
+        for (r, (&off, &len)) in offs.iter().zip(lens).enumerate() {
             if j0 >= len {
                 continue;
             }
-            let qv: [__m512; NV] = std::array::from_fn(|c| _mm512_loadu_ps(q.as_ptr().add(c * 16)));
+            let qp = q.as_ptr().add(off);
+            let qv: [__m512; NV] = std::array::from_fn(|c| _mm512_loadu_ps(qp.add(c * 16)));
             let partials = |j: usize| -> __m512 {
                 let row = kp.add(j * hd);
                 let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(row));
@@ -139,7 +144,6 @@ unsafe fn attend_rows_vec<const NV: usize>(qs: &[&[f32]], lens: &[usize], k: &[f
         }
     }
     // 2. weights exp(s - max) in place, and their sums (padding lanes give exp(-inf) = 0)
-    let mut inv = vec![0f32; rows];
     for r in 0..rows {
         let mv = _mm512_set1_ps(maxes[r]);
         let mut sum = _mm512_setzero_ps();
@@ -154,23 +158,24 @@ unsafe fn attend_rows_vec<const NV: usize>(qs: &[&[f32]], lens: &[usize], k: &[f
     // 3. weighted sums of the values, keys in order; row r's accumulators live in out[r]
     //    between blocks. Rows go `pv_rows` at a time, sharing each V row: one row's sum is a
     //    chain of dependent fmas, so it is the interleaving of rows that keeps the fma units busy.
-    out.fill(0.0);
+    for &off in offs {
+        std::ptr::write_bytes(out.add(off), 0, hd);
+    }
     let rt = if NV <= 4 { 3 } else { 2 };
     for j0 in (0..max_len).step_by(16) {
         let mut r = 0;
         while r < rows {
             let n = rt.min(rows - r);
             match n {
-                3 => pv_rows::<NV, 3>(r, j0, lens, stride, sp, vp, out),
-                2 => pv_rows::<NV, 2>(r, j0, lens, stride, sp, vp, out),
-                _ => pv_rows::<NV, 1>(r, j0, lens, stride, sp, vp, out),
+                3 => pv_rows::<NV, 3>(r, j0, offs, lens, stride, sp, vp, out),
+                2 => pv_rows::<NV, 2>(r, j0, offs, lens, stride, sp, vp, out),
+                _ => pv_rows::<NV, 1>(r, j0, offs, lens, stride, sp, vp, out),
             }
             r += n;
         }
     }
-    let op = out.as_mut_ptr();
-    for (r, &iv) in inv.iter().enumerate() {
-        let o = op.add(r * hd);
+    for (&off, &iv) in offs.iter().zip(inv.iter()) {
+        let o = out.add(off);
         let iv = _mm512_set1_ps(iv);
         for c in 0..NV {
             _mm512_storeu_ps(o.add(c * 16), _mm512_mul_ps(_mm512_loadu_ps(o.add(c * 16)), iv));
@@ -237,13 +242,13 @@ unsafe fn exp512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
 #[target_feature(enable = "avx512f")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pv_rows<const NV: usize, const RT: usize>(r0: usize, j0: usize, lens: &[usize], stride: usize, sp: *const f32, vp: *const f32, out: &mut [f32]) {
+unsafe fn pv_rows<const NV: usize, const RT: usize>(r0: usize, j0: usize, offs: &[usize], lens: &[usize], stride: usize, sp: *const f32, vp: *const f32, out: *mut f32) {
     use std::arch::x86_64::*;
     let hd = NV * 16;
     let ends: [usize; RT] = std::array::from_fn(|t| lens[r0 + t].min(j0 + 16));
     let common = ends.iter().copied().min().unwrap_or(j0);
-    let op = out.as_mut_ptr();
-    let mut acc: [[__m512; NV]; RT] = std::array::from_fn(|t| std::array::from_fn(|c| _mm512_loadu_ps(op.add((r0 + t) * hd + c * 16))));
+    let o: [*mut f32; RT] = std::array::from_fn(|t| out.add(offs[r0 + t]));
+    let mut acc: [[__m512; NV]; RT] = std::array::from_fn(|t| std::array::from_fn(|c| _mm512_loadu_ps(o[t].add(c * 16))));
     for j in j0..common.max(j0) {
         let row = vp.add(j * hd);
         let vv: [__m512; NV] = std::array::from_fn(|c| _mm512_loadu_ps(row.add(c * 16)));
@@ -263,24 +268,29 @@ unsafe fn pv_rows<const NV: usize, const RT: usize>(r0: usize, j0: usize, lens: 
             }
         }
         for (c, a) in a.iter().enumerate() {
-            _mm512_storeu_ps(op.add((r0 + t) * hd + c * 16), *a);
+            _mm512_storeu_ps(o[t].add(c * 16), *a);
         }
     }
 }
 
 /// Rows sharing one KV head (see [`attend_rows_vec`]); head sizes without a vector kernel go
 /// one row at a time through the portable code.
+///
+/// # Safety
+/// avx512f, avx2 and fma are available; out[offs[r]..offs[r] + hd] is writable for every row
+/// and written by no one else meanwhile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn attend_rows_avx512(qs: &[&[f32]], lens: &[usize], k: &[f32], v: &[f32], hd: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_rows_avx512(q: &[f32], offs: &[usize], lens: &[usize], k: &[f32], v: &[f32], hd: usize, scale: f32, scratch: &mut Vec<f32>, out: *mut f32) {
     match hd {
-        16 => attend_rows_vec::<1>(qs, lens, k, v, scale, scores, out),
-        32 => attend_rows_vec::<2>(qs, lens, k, v, scale, scores, out),
-        64 => attend_rows_vec::<4>(qs, lens, k, v, scale, scores, out),
-        128 => attend_rows_vec::<8>(qs, lens, k, v, scale, scores, out),
+        16 => attend_rows_vec::<1>(q, offs, lens, k, v, scale, scratch, out),
+        32 => attend_rows_vec::<2>(q, offs, lens, k, v, scale, scratch, out),
+        64 => attend_rows_vec::<4>(q, offs, lens, k, v, scale, scratch, out),
+        128 => attend_rows_vec::<8>(q, offs, lens, k, v, scale, scratch, out),
         _ => {
-            for ((q, &len), o) in qs.iter().zip(lens).zip(out.chunks_mut(hd)) {
-                attend_one(q, k, v, len, hd, scale, scores, o);
+            for (&off, &len) in offs.iter().zip(lens) {
+                attend_one(&q[off..off + hd], k, v, len, hd, scale, scratch, std::slice::from_raw_parts_mut(out.add(off), hd));
             }
         }
     }
@@ -342,58 +352,74 @@ pub fn full_attention(q: &[f32], kv: &LayerKv, n: usize, len: usize, heads: usiz
 /// many queries, which share every K/V block they read (`attend_rows_vec`).
 const QUERY_TILE: usize = 4;
 
+/// A unit's rows and buffers, reused from unit to unit on a thread.
+#[derive(Default)]
+struct Scratch {
+    offs: Vec<usize>,
+    lens: Vec<usize>,
+    f: Vec<f32>,
+}
+
+/// The output rows, written by the units in parallel: each (query, head) row by exactly one.
+#[derive(Clone, Copy)]
+struct Rows(*mut f32);
+// SAFETY: units write disjoint rows (each (query, head) belongs to one unit).
+unsafe impl Send for Rows {}
+unsafe impl Sync for Rows {}
+
 /// Query row i of every head attends over keys 0..len_of(i) of its KV head.
 #[allow(clippy::too_many_arguments)]
 fn attention_rows(q: &[f32], kv: &LayerKv, n: usize, heads: usize, kv_heads: usize, hd: usize, capacity: usize, len_of: impl Fn(usize) -> usize + Sync) -> Vec<f32> {
     let groups = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let isa = isa();
-    // Units (query tile, KV head): the rows (i, h) of the tile's queries and the KV head's
-    // query heads.
-    let units: Vec<(usize, usize)> = (0..n.div_ceil(QUERY_TILE)).flat_map(|t| (0..kv_heads).map(move |g| (t, g))).collect();
-    let rows_of = |&(t, g): &(usize, usize)| (t * QUERY_TILE..n.min((t + 1) * QUERY_TILE)).flat_map(move |i| (g * groups..(g + 1) * groups).map(move |h| (i, h)));
-    let work = |scores: &mut Vec<f32>, unit: &(usize, usize)| -> Vec<f32> {
-        let rows: Vec<(usize, usize)> = rows_of(unit).collect();
-        let base = unit.1 * capacity * hd;
-        let lens: Vec<usize> = rows.iter().map(|&(i, _)| len_of(i)).collect();
-        let max_len = lens.iter().copied().max().unwrap_or(0);
-        let (k, v) = (&kv.k[base..base + max_len * hd], &kv.v[base..base + max_len * hd]);
-        let qs: Vec<&[f32]> = rows.iter().map(|&(i, h)| &q[(i * heads + h) * hd..(i * heads + h + 1) * hd]).collect();
-        let mut out = vec![0f32; rows.len() * hd];
-        match isa {
-            // SAFETY: the features were detected at run time.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { attend_rows_avx512(&qs, &lens, k, v, hd, scale, scores, &mut out) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                for ((qr, &len), o) in qs.iter().zip(&lens).zip(out.chunks_mut(hd)) {
-                    // SAFETY: as above.
-                    unsafe { attend_one_avx2(qr, k, v, len, hd, scale, scores, o) }
-                }
+    let mut out = vec![0f32; n * heads * hd];
+    let rows_out = Rows(out.as_mut_ptr());
+    // Unit u = (query tile t, KV head g): the rows (i, h) of the tile's queries and of g's
+    // query heads; row (i, h) sits at (i·heads + h)·hd in q and in the output.
+    let tiles = n.div_ceil(QUERY_TILE);
+    let work = |s: &mut Scratch, u: usize| {
+        let (t, g) = (u / kv_heads, u % kv_heads);
+        s.offs.clear();
+        s.lens.clear();
+        for i in t * QUERY_TILE..n.min((t + 1) * QUERY_TILE) {
+            for h in g * groups..(g + 1) * groups {
+                s.offs.push((i * heads + h) * hd);
+                s.lens.push(len_of(i));
             }
-            Isa::Generic => {
-                for ((qr, &len), o) in qs.iter().zip(&lens).zip(out.chunks_mut(hd)) {
-                    attend_one(qr, k, v, len, hd, scale, scores, o);
+        }
+        let max_len = s.lens.iter().copied().max().unwrap_or(0);
+        let base = g * capacity * hd;
+        let (k, v) = (&kv.k[base..base + max_len * hd], &kv.v[base..base + max_len * hd]);
+        let out = rows_out;
+        match isa {
+            // SAFETY: the features were detected at run time; this unit's rows are its own.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { attend_rows_avx512(q, &s.offs, &s.lens, k, v, hd, scale, &mut s.f, out.0) },
+            _ => {
+                for (&off, &len) in s.offs.iter().zip(&s.lens) {
+                    // SAFETY: as above; the row lies inside the output (n · heads · hd).
+                    let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(off), hd) };
+                    match isa {
+                        // SAFETY: the features were detected at run time.
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2 => unsafe { attend_one_avx2(&q[off..off + hd], k, v, len, hd, scale, &mut s.f, o) },
+                        _ => attend_one(&q[off..off + hd], k, v, len, hd, scale, &mut s.f, o),
+                    }
                 }
             }
         }
-        out
     };
     // Small problems (a decode step) run on the calling thread, where waking another thread
     // costs more than the work. Each (query, head) is computed the same way on either path and
     // in any unit, so the choice does not change a single bit.
+    let units = tiles * kv_heads;
     let flops: usize = (0..n).map(|i| heads * len_of(i) * hd).sum();
-    let parts: Vec<Vec<f32>> = if flops < PARALLEL_MIN_WORK || units.len() == 1 {
-        let mut scores = Vec::new();
-        units.iter().map(|u| work(&mut scores, u)).collect()
+    if flops < PARALLEL_MIN_WORK || units == 1 {
+        let mut s = Scratch::default();
+        (0..units).for_each(|u| work(&mut s, u));
     } else {
-        units.par_iter().map_init(Vec::new, work).collect()
-    };
-    let mut out = vec![0f32; n * heads * hd];
-    for (unit, part) in units.iter().zip(&parts) {
-        for ((i, h), row) in rows_of(unit).zip(part.chunks_exact(hd)) {
-            out[(i * heads + h) * hd..(i * heads + h + 1) * hd].copy_from_slice(row);
-        }
+        (0..units).into_par_iter().for_each_init(Scratch::default, work);
     }
     out
 }
