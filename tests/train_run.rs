@@ -269,3 +269,32 @@ fn a_draft_head_that_covers_the_vocabulary_trains_as_the_full_head_and_refuses_w
     let err = TrainConfig::load(None, &["data=/x".into(), "out=/y".into(), "head.vocab=tiny".into()]).unwrap_err();
     assert!(err.to_string().contains("tiny"), "{err}");
 }
+
+#[test]
+fn frozen_tensors_keep_their_initial_values_and_a_freeze_that_matches_nothing_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = prepared(tmp.path(), 4);
+    // the drafter's layer starts as target layer 2; its MLP is frozen, the rest trains
+    let init = ["steps=4", "optim.lr=0.01", "drafter.target_layer_ids=[1]", "drafter.init_layers_from_target=[2]", "optim.freeze=[\"mlp.\"]"];
+    let out = tmp.path().join("f");
+    train(&m, &config(&data, &out, &init), &RunOptions::default()).unwrap();
+    let saved = candle_core::safetensors::load(out.join("final/model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let layer2 = m.target.layer_tensors_f32(2).unwrap();
+    let values = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (suffix, t) in &layer2 {
+        let got = values(&saved[&format!("layers.0.{suffix}")]);
+        if suffix.starts_with("mlp.") {
+            assert_eq!(got, values(t), "layers.0.{suffix} is frozen but changed");
+        } else if suffix.ends_with("proj.weight") {
+            assert_ne!(got, values(t), "layers.0.{suffix} is not frozen but did not train");
+        }
+    }
+    for bad in ["optim.freeze=[\"mlpp\"]", "optim.freeze=[\"\"]", "optim.freeze=[\"layers\", \"fc\", \"norm\"]"] {
+        // one --out for all three: a refused run leaves nothing behind that would need --resume
+        let cfg = config(&data, &tmp.path().join("bad"), &["steps=1", bad]);
+        let err = train(&m, &cfg, &RunOptions::default()).unwrap_err().to_string();
+        println!("{bad}: {err}");
+        assert!(err.contains("optim.freeze"), "{err}");
+        assert!(!tmp.path().join("bad").exists(), "a refused run left its directory behind");
+    }
+}

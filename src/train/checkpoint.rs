@@ -48,6 +48,8 @@ pub struct RunDir {
     pub config_hash: String,
     /// The checkpoint to continue from (`--resume` with one written).
     pub latest: Option<CheckpointState>,
+    /// This open wrote the run's config.json (no run was there before).
+    created: bool,
 }
 
 fn config_hash(cfg: &TrainConfig) -> String {
@@ -68,10 +70,11 @@ impl RunDir {
         let out = cfg.out.clone();
         if !primary {
             let latest = Self::read_latest(&out, resume)?;
-            return Ok(RunDir { out, config_hash: config_hash(cfg), latest });
+            return Ok(RunDir { out, config_hash: config_hash(cfg), latest, created: false });
         }
         std::fs::create_dir_all(&out).map_err(io_err(&out))?;
         let cfg_path = out.join("config.json");
+        let created = !cfg_path.exists();
         let hash = config_hash(cfg);
         if cfg_path.exists() && !resume {
             return Err(TrainError::Setup(format!(
@@ -93,7 +96,18 @@ impl RunDir {
         let cfg_json = serde_json::to_string_pretty(cfg).map_err(|e| TrainError::Setup(e.to_string()))?;
         write_atomically(&cfg_path, cfg_json.as_bytes())?;
         let latest = Self::read_latest(&out, resume)?;
-        Ok(RunDir { out, config_hash: hash, latest })
+        Ok(RunDir { out, config_hash: hash, latest, created })
+    }
+
+    /// Undoes a run this open created, for a run refused before its first step (a config the
+    /// drafter or the data rejects): the config it wrote goes, and the directory too if that
+    /// leaves it empty, so the corrected command can run as it is, without --resume. A run that
+    /// was already there is left alone.
+    pub fn abandon(&self) {
+        if self.created && self.latest.is_none() {
+            let _ = std::fs::remove_file(self.out.join("config.json"));
+            let _ = std::fs::remove_dir(&self.out);
+        }
     }
 
     fn read_latest(out: &Path, resume: bool) -> Result<Option<CheckpointState>, TrainError> {

@@ -95,6 +95,12 @@ pub struct OptimSpec {
     pub beta2: f64,
     #[serde(default = "super::optim::default_eps")]
     pub eps: f64,
+    /// Drafter tensors the optimizer leaves as they are: each entry freezes every tensor whose
+    /// checkpoint name contains it (`"mlp."`: every layer's MLP; `"layers.0."`: the first
+    /// layer). Frozen tensors keep their initial values (a random init, or the target layers
+    /// they were copied from) and are saved with the rest. Default: none.
+    #[serde(default)]
+    pub freeze: Vec<String>,
 }
 
 impl Default for OptimSpec {

@@ -287,6 +287,24 @@ pub struct RunSummary {
 /// The objective of a run, resolved for the drafter actually trained: its default decay γ
 /// follows that drafter's block size, which differs from `cfg.drafter.block_size` when the run
 /// starts from `init_from` or resumes a checkpoint of another shape.
+/// The drafter tensors the optimizer updates: all but those `optim.freeze` names (an entry
+/// freezes every tensor whose name contains it). An entry that matches nothing, or a freeze that
+/// leaves nothing to train, is refused: both are a misspelt or misplaced config.
+pub fn trained_vars(vars: Vec<(String, candle_core::Var)>, freeze: &[String]) -> Result<Vec<(String, candle_core::Var)>, TrainError> {
+    if let Some(bad) = freeze.iter().find(|f| f.is_empty() || !vars.iter().any(|(n, _)| n.contains(f.as_str()))) {
+        let examples: Vec<&str> = vars.iter().take(4).map(|(n, _)| n.as_str()).collect();
+        return Err(TrainError::Setup(format!(
+            "optim.freeze entry {bad:?} matches no drafter tensor; an entry freezes every tensor whose name contains it, and the names look like {}",
+            examples.join(", ")
+        )));
+    }
+    let kept: Vec<_> = vars.into_iter().filter(|(n, _)| !freeze.iter().any(|f| n.contains(f.as_str()))).collect();
+    if kept.is_empty() {
+        return Err(TrainError::Setup(format!("optim.freeze {freeze:?} freezes every drafter tensor: nothing would train")));
+    }
+    Ok(kept)
+}
+
 pub fn objective_for(cfg: &TrainConfig, drafter: &dyn TrainableDrafter) -> Result<ResolvedObjective, TrainError> {
     Ok(cfg.objective.resolve(drafter.block_size())?)
 }
@@ -351,7 +369,15 @@ fn train_as(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, progress:
     let primary = reducer.world().is_primary();
     let run = RunDir::open_as(cfg, opts.resume, primary)?;
     let mut state = run.start_state();
-    let mut session = Session::new(model, cfg, &run, reducer)?;
+    let mut session = match Session::new(model, cfg, &run, reducer) {
+        Ok(s) => s,
+        Err(e) => {
+            if primary {
+                run.abandon();
+            }
+            return Err(e);
+        }
+    };
     if let Some(line) = session.set_batch(&mut state)? {
         progress.note(&line);
     }
@@ -468,7 +494,7 @@ impl<'a> Session<'a> {
             skip_missing_grads: false,
         };
         let schedule = CosineSchedule::new(cfg.optim.lr, cfg.steps, &ScheduleConfig { warmup_ratio: cfg.optim.warmup_ratio, min_lr: 0.0 });
-        let mut optim = AdamW::new(drafter.named_vars(), adam_cfg, schedule)?;
+        let mut optim = AdamW::new(trained_vars(drafter.named_vars(), &cfg.optim.freeze)?, adam_cfg, schedule)?;
         if let Some(s) = &run.latest {
             optim.load(&run.checkpoint(s.step).join("optimizer.safetensors"))?;
         }
