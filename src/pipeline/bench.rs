@@ -188,6 +188,9 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
     if plan.runs == 0 || plan.anchors == 0 || plan.seq_len < 4 {
         return Err(StageError::Invalid("--runs and --anchors must be at least 1 and --seq-len at least 4".into()));
     }
+    // The allocator policy of a training run (`train` sets the same), so a step costs here what
+    // it costs there.
+    crate::util::measure::retain_freed_heap();
     let m = load(&plan.model, WeightsMode::Q8, plan.device)?;
     let target = &m.target;
     // A real text repeated to the sequence length: the last three quarters are supervised.

@@ -367,6 +367,7 @@ fn train_as(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, progress:
     // 1. Run directory, data, drafter, optimiser (from the latest checkpoint when resuming).
     //    Rank 0 alone writes the run directory (DESIGN §7.11, `parallel`).
     let primary = reducer.world().is_primary();
+    crate::util::measure::retain_freed_heap();
     let run = RunDir::open_as(cfg, opts.resume, primary)?;
     let mut state = run.start_state();
     let mut session = match Session::new(model, cfg, &run, reducer) {
