@@ -16,7 +16,7 @@ const PARALLEL_ROWS: usize = 32;
 /// out = RMSNorm(x) · w, row by row over rows of `w.len()` values: candle's `rms_row`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let dim = w.len();
-    debug_assert!(x.len() == out.len() && x.len() % dim.max(1) == 0);
+    debug_assert!(x.len() == out.len() && x.len().is_multiple_of(dim.max(1)));
     let row = |(src, dst): (&[f32], &mut [f32])| {
         let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
         let m = (sum2 / dim as f32 + eps).sqrt();
