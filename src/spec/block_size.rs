@@ -54,10 +54,22 @@ pub struct BlockChoice {
 }
 
 impl BlockChoice {
-    /// One line for a report: "B = 4 of 8 (model: 1.9 tokens/cycle, 61 tok/s vs AR 70; acceptance from …)".
+    /// Whether the model expects even the best B to decode slower than plain decoding: the
+    /// drafter's acceptance does not pay for a verify and a draft on this machine.
+    pub fn slower_than_plain(&self) -> bool {
+        self.expected_tokens_per_s < self.ar_tokens_per_s
+    }
+
+    /// One line for a report: "B = 4 of 8 (model: 1.9 tokens/cycle, 61 tok/s vs AR 70; acceptance from …)",
+    /// and a warning when [`BlockChoice::slower_than_plain`].
     pub fn summary(&self, max_b: usize) -> String {
+        let warning = if self.slower_than_plain() {
+            "; at no B does the model expect this drafter to beat plain decoding here: it needs a higher acceptance (train it longer or on more data), or decode without it"
+        } else {
+            ""
+        };
         format!(
-            "B = {} of {} chosen from measurement (model: {:.2} tokens/cycle, {:.0} tok/s vs AR {:.0}; verify(1..{}) {} ms, draft {:.1} ms, measured in {:.0} ms; acceptance {})",
+            "B = {} of {} chosen from measurement (model: {:.2} tokens/cycle, {:.0} tok/s vs AR {:.0}; verify(1..{}) {} ms, draft {:.1} ms, measured in {:.0} ms; acceptance {}{warning})",
             self.block_size,
             max_b,
             self.expected_tokens,
@@ -220,6 +232,26 @@ mod tests {
         let (graded, _, _) = choose_block_size(&curve, &draft_curve(1.0, 4.0, 8), &accept, 8).unwrap();
         assert_eq!((flat, graded), (3, 2));
         assert!(choose_block_size(&curve, &[1.0; 4], &accept, 8).is_err(), "a draft curve shorter than the block range");
+    }
+
+    #[test]
+    fn the_summary_warns_when_no_block_beats_plain_decoding() {
+        let choice = |expected: f64| BlockChoice {
+            block_size: 2,
+            expected_tokens: 1.2,
+            expected_tokens_per_s: expected,
+            ar_tokens_per_s: 130.0,
+            verify_ms: vec![7.7, 8.4],
+            draft_ms: 0.9,
+            draft_ms_by_block: vec![0.9, 0.9],
+            acceptance: vec![0.2],
+            acceptance_source: "assumed".into(),
+            calibration_ms: 500.0,
+        };
+        assert!(choice(120.0).slower_than_plain());
+        assert!(choice(120.0).summary(8).contains("beat plain decoding"));
+        assert!(!choice(140.0).slower_than_plain());
+        assert!(!choice(140.0).summary(8).contains("beat plain decoding"));
     }
 
     #[test]
