@@ -12,9 +12,8 @@ cd "$(dirname "$0")/../.."
 DATA=${DATA:?prepared data}
 OUT=${OUT:?output folder}
 . experiments/levers/lib.sh
-common=(--set "data=$DATA" --set objective=auf --set drafter.block_size=8 --set num_anchors=32 --set optim.lr=0.002 --set eval_sequences=12
-        --set batch_sequences=2 --set steps=600 --set eval_every=50 --set checkpoint_every=50
-        --set drafter.layers=2 --set "drafter.target_layer_ids=[1,27]" --set "drafter.init_layers_from_target=[28,29]")
+quick_arm_args "$DATA"
+common=("${QUICK_ARM[@]}" --set steps=600)
 mkdir -p "$OUT"
 if [ -n "${TWO:-}" ]; then
     vocab_copy "$TWO" "$OUT/whole" "$DATA"

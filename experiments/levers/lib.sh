@@ -22,3 +22,13 @@ vocab_copy() {
     [ -f "$dst/model.safetensors" ] || { rm -rf "$dst"; cp -r "$src" "$dst"; }
     [ -f "$dst/draft_vocab.json" ] || "$BIN" draft-vocab --data "$data" --drafter "$dst" > /dev/null
 }
+
+# quick_arm_args DATA: sets QUICK_ARM to the train arguments of the quick recipe's drafter as the
+# lever scripts train it (AUF, B = 8, two layers starting as the target's 28-29, taps [1, 27],
+# 2 × 32 anchors, lr 0.002, held-out metrics every 50 steps), all but the step count.
+quick_arm_args() {
+    QUICK_ARM=(--set "data=$1" --set objective=auf --set drafter.block_size=8 --set drafter.layers=2
+               --set "drafter.target_layer_ids=[1,27]" --set "drafter.init_layers_from_target=[28,29]"
+               --set num_anchors=32 --set batch_sequences=2 --set optim.lr=0.002 --set eval_sequences=12
+               --set eval_every=50 --set checkpoint_every=50)
+}

@@ -273,8 +273,8 @@ unsafe fn pv_rows<const NV: usize, const RT: usize>(r0: usize, j0: usize, offs: 
     }
 }
 
-/// Rows sharing one KV head (see [`attend_rows_vec`]); head sizes without a vector kernel go
-/// one row at a time through the portable code.
+/// Rows sharing one KV head (see [`attend_rows_vec`]), for the head sizes it has a kernel for
+/// ([`vector_head`]).
 ///
 /// # Safety
 /// avx512f, avx2 and fma are available; out[offs[r]..offs[r] + hd] is writable for every row
@@ -283,17 +283,20 @@ unsafe fn pv_rows<const NV: usize, const RT: usize>(r0: usize, j0: usize, offs: 
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_rows_avx512(q: &[f32], offs: &[usize], lens: &[usize], k: &[f32], v: &[f32], hd: usize, scale: f32, scratch: &mut Vec<f32>, out: *mut f32) {
+    debug_assert!(vector_head(hd));
     match hd {
         16 => attend_rows_vec::<1>(q, offs, lens, k, v, scale, scratch, out),
         32 => attend_rows_vec::<2>(q, offs, lens, k, v, scale, scratch, out),
         64 => attend_rows_vec::<4>(q, offs, lens, k, v, scale, scratch, out),
-        128 => attend_rows_vec::<8>(q, offs, lens, k, v, scale, scratch, out),
-        _ => {
-            for (&off, &len) in offs.iter().zip(lens) {
-                attend_one(&q[off..off + hd], k, v, len, hd, scale, scratch, std::slice::from_raw_parts_mut(out.add(off), hd));
-            }
-        }
+        _ => attend_rows_vec::<8>(q, offs, lens, k, v, scale, scratch, out),
     }
+}
+
+/// Head sizes [`attend_rows_avx512`] has a kernel for; others go row by row through the
+/// portable code.
+#[cfg(target_arch = "x86_64")]
+fn vector_head(hd: usize) -> bool {
+    matches!(hd, 16 | 32 | 64 | 128)
 }
 
 #[derive(Clone, Copy)]
@@ -395,7 +398,7 @@ fn attention_rows(q: &[f32], kv: &LayerKv, n: usize, heads: usize, kv_heads: usi
         match isa {
             // SAFETY: the features were detected at run time; this unit's rows are its own.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { attend_rows_avx512(q, &s.offs, &s.lens, k, v, hd, scale, &mut s.f, out.0) },
+            Isa::Avx512 if vector_head(hd) => unsafe { attend_rows_avx512(q, &s.offs, &s.lens, k, v, hd, scale, &mut s.f, out.0) },
             _ => {
                 for (&off, &len) in s.offs.iter().zip(&s.lens) {
                     // SAFETY: as above; the row lies inside the output (n · heads · hd).

@@ -13,13 +13,18 @@ use rayon::prelude::*;
 /// Rows above which a step is split over the pool (candle splits RMSNorm above 32 rows too).
 const PARALLEL_ROWS: usize = 32;
 
+/// A row's root mean square with eps, as candle's `rms_row` computes it (the divisor).
+fn rms(row: &[f32], eps: f32) -> f32 {
+    let sum2 = row.iter().map(|&v| v * v).sum::<f32>();
+    (sum2 / row.len() as f32 + eps).sqrt()
+}
+
 /// out = RMSNorm(x) · w, row by row over rows of `w.len()` values: candle's `rms_row`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let dim = w.len();
     debug_assert!(x.len() == out.len() && x.len().is_multiple_of(dim.max(1)));
     let row = |(src, dst): (&[f32], &mut [f32])| {
-        let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
-        let m = (sum2 / dim as f32 + eps).sqrt();
+        let m = rms(src, eps);
         for ((d, s), a) in dst.iter_mut().zip(src).zip(w) {
             *d = *s / m * *a
         }
@@ -35,8 +40,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     let dim = w.len();
     let row = |v: &mut [f32]| {
-        let sum2 = v.iter().map(|&v| v * v).sum::<f32>();
-        let m = (sum2 / dim as f32 + eps).sqrt();
+        let m = rms(v, eps);
         for (d, a) in v.iter_mut().zip(w) {
             *d = *d / m * *a
         }

@@ -517,6 +517,34 @@ impl Target {
     }
 }
 
+/// Layer `idx` of every item: its rows' K/V (q, k, v: the batch's rows, (Σn, heads or
+/// kv_heads, hd)) appended to its cache, then each query attending over its causal prefix in
+/// that cache; returns (Σn, heads·hd). Items are independent and each is computed the same way
+/// on any thread, so running several items in parallel changes no bit; it pays when the batch
+/// holds many sequences (decode attention of one item is too small to split, and
+/// `causal_attention` keeps it on one thread).
+fn cache_and_attend(items: &mut [BatchItem<'_>], spans: &[Span], idx: usize, q: &[f32], k: &[f32], v: &[f32], (nh, nkv, hd): (usize, usize, usize)) -> Vec<f32> {
+    for (item, s) in items.iter_mut().zip(spans) {
+        let (kva, kvb) = (s.row * nkv * hd, (s.row + s.n) * nkv * hd);
+        item.cache.write(idx, &k[kva..kvb], &v[kva..kvb], s.n);
+    }
+    let attend = |(item, s): (&BatchItem<'_>, &Span)| {
+        let qa = s.row * nh * hd;
+        let cache = &*item.cache;
+        causal_attention(&q[qa..qa + s.n * nh * hd], cache.layer(idx), s.n, s.start, nh, nkv, hd, cache.capacity())
+    };
+    let work: usize = spans.iter().map(|s| s.n * nh * (s.start + s.n) * hd).sum();
+    let mut parts: Vec<Vec<f32>> = if items.len() > 1 && work >= PARALLEL_ITEMS_MIN_WORK {
+        items.par_iter().zip(spans.par_iter()).map(attend).collect()
+    } else {
+        items.iter().zip(spans).map(attend).collect()
+    };
+    if parts.len() == 1 {
+        return parts.pop().unwrap_or_default();
+    }
+    parts.concat()
+}
+
 /// One sequence's part of [`Target::forward_batch`].
 pub struct BatchItem<'a> {
     /// New tokens, placed at positions `cache.len()..`.
@@ -618,24 +646,7 @@ impl Layer {
         host_ops::rope_in_place(&mut buf.q, nh, hd, cos, sin);
         host_ops::rope_in_place(&mut buf.k, nkv, hd, cos, sin);
         // 2. each item's K/V into its cache, then attention over each query's causal prefix
-        //    (as in Attention::forward: items in parallel only when there is work for it)
-        for (item, s) in items.iter_mut().zip(spans) {
-            let (kva, kvb) = (s.row * nkv * hd, (s.row + s.n) * nkv * hd);
-            item.cache.write(idx, &buf.k[kva..kvb], &buf.v[kva..kvb], s.n);
-        }
-        let q = &buf.q;
-        let attend = |(item, s): (&BatchItem<'_>, &Span)| {
-            let qa = s.row * nh * hd;
-            let cache = &*item.cache;
-            causal_attention(&q[qa..qa + s.n * nh * hd], cache.layer(idx), s.n, s.start, nh, nkv, hd, cache.capacity())
-        };
-        let work: usize = spans.iter().map(|s| s.n * nh * (s.start + s.n) * hd).sum();
-        let parts: Vec<Vec<f32>> = if items.len() > 1 && work >= PARALLEL_ITEMS_MIN_WORK {
-            items.par_iter().zip(spans.par_iter()).map(attend).collect()
-        } else {
-            items.iter().zip(spans).map(attend).collect()
-        };
-        let att = if parts.len() == 1 { parts.into_iter().next().unwrap_or_default() } else { parts.concat() };
+        let att = cache_and_attend(items, spans, idx, &buf.q, &buf.k, &buf.v, (nh, nkv, hd));
         // 3. output projection and residual
         matmul_group(&[blocks(&a.o_proj)?], &att, n, &mut [&mut buf.o], Exec::default()).map_err(qgemm_err)?;
         host_ops::add_in_place(x, &buf.o);
@@ -724,27 +735,8 @@ impl Attention {
         let k = rot(k)?;
         let v = v.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         // 4. per item: append its rows to its cache, then attend over each query's causal
-        //    prefix in that item's cache. Items are independent and each is computed the same
-        //    way on any thread, so running several items in parallel changes no bit; it pays
-        //    when the batch holds many sequences (decode attention of one item is too small to
-        //    split, and `causal_attention` keeps it on one thread).
-        for (item, s) in items.iter_mut().zip(spans) {
-            let kva = s.row * nkv * hd;
-            let kvb = kva + s.n * nkv * hd;
-            item.cache.write(idx, &k[kva..kvb], &v[kva..kvb], s.n);
-        }
-        let attend = |(item, s): (&BatchItem<'_>, &Span)| {
-            let qa = s.row * nh * hd;
-            let cache = &*item.cache;
-            causal_attention(&q[qa..qa + s.n * nh * hd], cache.layer(idx), s.n, s.start, nh, nkv, hd, cache.capacity())
-        };
-        let work: usize = spans.iter().map(|s| s.n * nh * (s.start + s.n) * hd).sum();
-        let parts: Vec<Vec<f32>> = if items.len() > 1 && work >= PARALLEL_ITEMS_MIN_WORK {
-            items.par_iter().zip(spans.par_iter()).map(attend).collect()
-        } else {
-            items.iter().zip(spans).map(attend).collect()
-        };
-        let out = parts.concat();
+        //    prefix in that item's cache
+        let out = cache_and_attend(items, spans, idx, &q, &k, &v, (nh, nkv, hd));
         // 5. (Σn, heads·hd) -> (Σn, H)
         // The CPU kernel path: host buffers by design.
         self.o_proj.forward(&Tensor::from_vec(out, (n, nh * hd), &Device::Cpu)?)
