@@ -100,6 +100,9 @@ def main():
     ap.add_argument("--head-vocab", type=int, default=0,
                     help="score only the first K rows of the head (labels taken mod K), as `specauf bench "
                          "train --head-vocab draft` does with K = 8192; 0: the whole vocabulary")
+    ap.add_argument("--head-bf16", action="store_true",
+                    help="the head's product under CPU autocast to bf16 (logits back to f32 for the CE), the "
+                         "peer of `specauf bench train --head-precision bf16`")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -126,7 +129,13 @@ def main():
         h = drafter(feats, embed[block_ids.reshape(-1)], anchors, b)
         pred = h.view(anchors.numel(), b, H)[:, 1:, :].reshape(-1, H)
         head = embed[: a.head_vocab] if a.head_vocab > 0 else embed
-        ce = F.cross_entropy(pred @ head.T, labels.reshape(-1) % head.shape[0], reduction="none")
+        if a.head_bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = pred @ head.T
+            logits = logits.float()
+        else:
+            logits = pred @ head.T
+        ce = F.cross_entropy(logits, labels.reshape(-1) % head.shape[0], reduction="none")
         ww = (w[None, :] * valid).reshape(-1)
         loss = (ww * ce).sum() / ww.sum()
         loss.backward()
@@ -137,7 +146,7 @@ def main():
     step = statistics.median(times)
     rows = a.anchors * (b - 1)
     print(json.dumps({
-        "peer": f"pytorch {torch.__version__} eager",
+        "peer": f"pytorch {torch.__version__} eager" + (", head under bf16 autocast" if a.head_bf16 else ""),
         "threads": a.threads,
         "step_ms": round(step * 1e3, 1),
         "supervised_tokens_per_s": round(rows / step, 1),

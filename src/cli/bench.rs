@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use specauf::model::WeightsMode;
-use specauf::train::head::HeadVocab;
+use specauf::train::head::{HeadPrecision, HeadVocab};
 use specauf::pipeline::bench::{self, DecodePlan, TrainBenchPlan};
 
 use super::progress::Bars;
@@ -192,6 +192,10 @@ struct TrainBenchArgs {
     /// ids here, standing in for a draft vocabulary ranked from data).
     #[arg(long, default_value_t = HeadVocab::Full)]
     head_vocab: HeadVocab,
+    /// The precision of the head's products (the train config's `head.precision`): f32 or bf16
+    /// (AVX512-BF16 CPUs).
+    #[arg(long, default_value_t = HeadPrecision::F32)]
+    head_precision: HeadPrecision,
     #[command(flatten)]
     device: super::device::DeviceArgs,
 }
@@ -408,10 +412,11 @@ fn train_bench(a: TrainBenchArgs) -> anyhow::Result<()> {
         device: a.device.choice(),
         activation_checkpointing: a.activation_checkpointing,
         head_vocab: a.head_vocab,
+        head_precision: a.head_precision,
     };
     let (shape, rows) = bench::train(&plan)?;
     eprintln!(
-        "bench train: {} with a {}-layer DFlash drafter (block {}, {} parameters), {} anchors × {} positions on a {}-token sequence, {} threads, medians of {} steps",
+        "bench train: {} with a {}-layer DFlash drafter (block {}, {} parameters), {} anchors × {} positions on a {}-token sequence, {} threads, head products in {}, medians of {} steps",
         plan.model,
         shape.layers,
         shape.block_size,
@@ -420,6 +425,7 @@ fn train_bench(a: TrainBenchArgs) -> anyhow::Result<()> {
         shape.block_size - 1,
         shape.seq_len,
         shape.threads,
+        shape.head_products,
         plan.runs
     );
     println!("| objective | step ms | supervised tokens/s | forward ms | LM head + CE ms | backward ms | head share | support/block | peak RSS MiB |");

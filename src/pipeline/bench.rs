@@ -12,7 +12,7 @@ use crate::data::Sequence;
 use crate::drafter::blocks::{sample_anchors, step_rng};
 use crate::drafter::{default_mask_token, DFlashDrafter};
 use crate::model::{BatchItem, Logits, Target, WeightsMode};
-use crate::train::head::{BaseSupport, Head, HeadConfig, HeadVocab};
+use crate::train::head::{BaseSupport, Head, HeadConfig, HeadPrecision, HeadVocab};
 use crate::train::objective::Objective;
 use crate::train::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig, DEFAULT_LR};
 use crate::train::trainable::TrainableDrafter;
@@ -158,6 +158,8 @@ pub struct TrainBenchPlan {
     /// The head's vocabulary (`head.vocab`); `draft` scores the lowest
     /// [`crate::drafter::DEFAULT_DRAFT_VOCAB`] ids (there is no data to rank them by).
     pub head_vocab: HeadVocab,
+    /// The precision of the head's products (`head.precision`).
+    pub head_precision: HeadPrecision,
 }
 
 /// The shape measured.
@@ -169,6 +171,9 @@ pub struct TrainBenchShape {
     pub anchors: usize,
     pub seq_len: usize,
     pub threads: usize,
+    /// The precision the head's products ran in on this CPU: "bf16" or "f32" (the generic head:
+    /// the backend's compute dtype).
+    pub head_products: String,
 }
 
 /// One objective's step, medians.
@@ -219,13 +224,19 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
         anchors: plan.anchors,
         seq_len: plan.seq_len,
         threads: rayon::current_num_threads(),
+        head_products: match target.backend().path() {
+            crate::nn::KernelPath::Cpu => {
+                if plan.head_precision.use_bf16().map_err(train_err)? { "bf16" } else { "f32" }.to_string()
+            }
+            crate::nn::KernelPath::Generic => format!("{:?}", target.backend().compute_dtype()).to_lowercase(),
+        },
     };
     let mut rows = Vec::new();
     for name in &plan.objectives {
         let objective: Objective = name.parse().map_err(|e| StageError::Invalid(format!("objective {name:?}: {e}")))?;
         let drafter = new_drafter()?;
         let resolved = objective.resolve(TrainableDrafter::block_size(&drafter)).map_err(train_err)?;
-        let mut head = Head::for_backend(HeadConfig { vocab: plan.head_vocab, ..HeadConfig::default() }, target.backend());
+        let mut head = Head::for_backend(HeadConfig { vocab: plan.head_vocab, precision: plan.head_precision, ..HeadConfig::default() }, target.backend());
         let schedule = CosineSchedule::new(DEFAULT_LR, 1000, &ScheduleConfig::default());
         let mut optim = AdamW::new(TrainableDrafter::named_vars(&drafter), AdamWConfig::default(), schedule).map_err(train_err)?;
         let ctx = StepContext { target, drafter: &drafter, objective: &resolved, lm_head: &lm_head, seed: 0, steps: 1000, base_support: BaseSupport::default(), distill: None, activation_checkpointing: plan.activation_checkpointing };

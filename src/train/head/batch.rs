@@ -115,6 +115,8 @@ pub(super) struct Batch<'a> {
     pub h: &'a [f32],
     /// (V, H) the LM head.
     pub w: &'a [f32],
+    /// The same, packed for the bf16 products; None: the products run in f32.
+    pub w16: Option<&'a super::PackedHead>,
     /// (N) gold tokens and validity.
     pub labels: &'a [u32],
     pub valid: &'a [bool],

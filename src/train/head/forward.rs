@@ -4,6 +4,7 @@
 use std::ops::Range;
 
 use super::batch::Batch;
+use super::bf16;
 use super::gemm::{gemm_f32, Mat};
 use super::{HeadError, Scratch};
 
@@ -21,6 +22,10 @@ impl Scratch {
         ensure_len(&mut self.base_logits, c_max * vocab);
         ensure_len(&mut self.grad_a, c_max * vocab);
         ensure_len(&mut self.small, c_max * hdim.max(edim));
+        if batch.w16.is_some() {
+            self.h16.resize(self.h16.len().max(c_max * hdim.div_ceil(2)), 0);
+            self.g16.resize(self.g16.len().max(c_max * vocab.div_ceil(2)), 0);
+        }
         if batch.delta.is_some() {
             ensure_len(&mut self.final_logits, c_max * vocab);
             ensure_len(&mut self.grad_b, c_max * vocab);
@@ -46,17 +51,23 @@ impl Scratch {
     ) -> Result<(), HeadError> {
         let (r0, r1, c) = (rows.start, rows.end, rows.len());
         let (hdim, vocab) = (batch.hdim, batch.vocab);
-        let h_c = Mat::new(&batch.h[r0 * hdim..r1 * hdim], hdim, 1);
-        gemm_f32(
-            c,
-            vocab,
-            hdim,
-            &mut self.base_logits,
-            vocab,
-            false,
-            h_c,
-            batch.w_t(),
-        )?;
+        let h_rows = &batch.h[r0 * hdim..r1 * hdim];
+        if let Some(packed) = batch.w16 {
+            let hp = hdim.div_ceil(2);
+            bf16::pack_rows(h_rows, hdim, &mut self.h16[..c * hp]);
+            bf16::gemm(c, &self.h16, hp, &packed.wt, &mut self.base_logits, vocab, false);
+        } else {
+            gemm_f32(
+                c,
+                vocab,
+                hdim,
+                &mut self.base_logits,
+                vocab,
+                false,
+                Mat::new(h_rows, hdim, 1),
+                batch.w_t(),
+            )?;
+        }
         let Some(d) = &batch.delta else {
             return Ok(());
         };

@@ -61,6 +61,7 @@ impl GenericHead {
         let batch = Batch {
             h: &[],
             w: &[],
+            w16: None,
             labels: input.labels,
             valid: input.valid,
             layout: input.layout,

@@ -11,6 +11,7 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 
 use super::batch::{Batch, DeltaRows, Mix};
+use super::bf16;
 use super::branch::Branches;
 use super::gemm::{gemm_f32, Mat};
 use super::kernels;
@@ -115,6 +116,8 @@ impl GradAcc {
             grad_b,
             small,
             delta_rows,
+            h16: _,
+            g16,
         } = scratch;
         let (r0, c) = (rows.start, rows.len());
         let fin = &branches.fin;
@@ -137,7 +140,7 @@ impl GradAcc {
                 self.add_delta(d, batch, r0, &support_f, g_rows, &delta_rows[..], small)?;
             }
             if !mix.mixed {
-                hidden_rows(&mut self.gh_final, batch, r0, &support_f, g_rows, small)?;
+                hidden_rows(&mut self.gh_final, batch, r0, &support_f, g_rows, small, g16)?;
             }
         }
         let Some(b) = branches.base.as_ref().filter(|_| mix.coef_base > 0.0) else {
@@ -163,7 +166,7 @@ impl GradAcc {
         if !support.is_empty() {
             build_grad_rows(&support, &terms, batch, r0, grad_b);
             let g_rows = &grad_b[..support.len() * batch.vocab];
-            hidden_rows(acc, batch, r0, &support, g_rows, small)?;
+            hidden_rows(acc, batch, r0, &support, g_rows, small, g16)?;
         }
         Ok(())
     }
@@ -296,10 +299,16 @@ fn hidden_rows(
     support: &[usize],
     g_rows: &[f32],
     small: &mut [f32],
+    g16: &mut [u32],
 ) -> Result<(), HeadError> {
     let (s, hdim, vocab) = (support.len(), batch.hdim, batch.vocab);
-    let g = Mat::new(g_rows, vocab, 1);
-    gemm_f32(s, hdim, vocab, small, hdim, false, g, batch.w_m())?;
+    if let Some(packed) = batch.w16 {
+        let vp = vocab.div_ceil(2);
+        bf16::pack_rows(g_rows, vocab, &mut g16[..s * vp]);
+        bf16::gemm(s, g16, vp, &packed.wm, small, hdim, false);
+    } else {
+        gemm_f32(s, hdim, vocab, small, hdim, false, Mat::new(g_rows, vocab, 1), batch.w_m())?;
+    }
     scatter_add(acc, hdim, r0, support, small);
     Ok(())
 }

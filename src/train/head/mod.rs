@@ -46,6 +46,7 @@
 //! the tensor views and the matrix product, `kernels` the vectorised per-row loops.
 
 mod batch;
+mod bf16;
 mod branch;
 mod forward;
 mod gemm;
@@ -102,6 +103,11 @@ pub enum HeadError {
     BadSoftWeight(f32),
     #[error("Domino base_ce_weight (lambda) = {0} must lie in [0, 1]")]
     BadLambda(f32),
+    #[error(
+        "head.precision is bf16 but this CPU has no AVX512-BF16 instructions; set head.precision \
+         to \"f32\" (the default) in the training config"
+    )]
+    NoBf16,
     #[error(transparent)]
     Objective(#[from] ObjectiveError),
     #[error("tensor operation failed in the LM head: {0}")]
@@ -123,6 +129,40 @@ pub struct HeadConfig {
     /// drafter's draft vocabulary (DESIGN §7.13).
     #[serde(default, skip_serializing_if = "HeadVocab::is_full")]
     pub vocab: HeadVocab,
+    /// The precision of the two products with the LM head on the CPU kernel path: `f32`
+    /// (default) or `bf16` (AVX512-BF16 CPUs only; about twice the rate, measured slightly worse
+    /// drafters: DESIGN §7.14). Sums are f32 either way. The generic (GPU) head ignores it.
+    #[serde(default, skip_serializing_if = "HeadPrecision::is_f32")]
+    pub precision: HeadPrecision,
+}
+
+/// The precision of the head's products with the frozen LM head (the step's largest cost).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadPrecision {
+    /// f32 operands and sums.
+    #[default]
+    F32,
+    /// Operands rounded to bf16, products on `vdpbf16ps`, sums in f32: about twice the f32 rate
+    /// (DESIGN §7.14). Refused on a CPU without AVX512-BF16.
+    Bf16,
+}
+
+crate::named_enum!(HeadPrecision, "head precision", ["f32", "bf16"]);
+
+impl HeadPrecision {
+    pub fn is_f32(&self) -> bool {
+        *self == HeadPrecision::F32
+    }
+
+    /// Whether the products run in bf16 on this CPU; an error for `bf16` where it cannot.
+    pub fn use_bf16(self) -> Result<bool, HeadError> {
+        match self {
+            HeadPrecision::F32 => Ok(false),
+            HeadPrecision::Bf16 if bf16::available() => Ok(true),
+            HeadPrecision::Bf16 => Err(HeadError::NoBf16),
+        }
+    }
 }
 
 /// Which rows of the target's LM head the training head scores.
@@ -156,6 +196,7 @@ impl Default for HeadConfig {
         HeadConfig {
             chunk_rows: default_chunk_rows(),
             vocab: HeadVocab::Full,
+            precision: HeadPrecision::F32,
         }
     }
 }
@@ -332,6 +373,17 @@ impl Head {
 pub struct ChunkedHead {
     pub config: HeadConfig,
     scratch: Scratch,
+    /// The LM head packed for the bf16 products, and the tensor it was packed from.
+    packed: Option<(candle_core::TensorId, PackedHead)>,
+}
+
+/// The frozen LM head W (V × H) in bf16, packed once per tensor for each of the two products.
+#[derive(Debug)]
+pub(super) struct PackedHead {
+    /// Wᵀ (k = H, n = V): the logits' operand.
+    wt: bf16::PackedB,
+    /// W (k = V, n = H): the gradient rows' operand.
+    wm: bf16::PackedB,
 }
 
 /// Per-chunk buffers; they only grow, so steady-state steps allocate none of them.
@@ -349,6 +401,9 @@ struct Scratch {
     small: Vec<f32>,
     /// (c, E) the chunk's delta-branch input, zeroed on base-only rows.
     delta_rows: Vec<f32>,
+    /// bf16 pair rows of the chunk's h (c × ⌈H/2⌉) and of the gradient rows (s × ⌈V/2⌉).
+    h16: Vec<u32>,
+    g16: Vec<u32>,
 }
 
 impl ChunkedHead {
@@ -389,7 +444,22 @@ impl ChunkedHead {
             _ => None,
         };
         let soft = batch::check_soft(input, n, vocab)?;
+        let w16 = if self.config.precision.use_bf16()? {
+            let id = input.lm_head.id();
+            if self.packed.as_ref().map(|(k, _)| *k) != Some(id) {
+                let w = w_view.slice();
+                let packed = PackedHead {
+                    wt: bf16::PackedB::pack(w, hdim, vocab, 1, hdim),
+                    wm: bf16::PackedB::pack(w, vocab, hdim, hdim, 1),
+                };
+                self.packed = Some((id, packed));
+            }
+            self.packed.as_ref().map(|(_, p)| p)
+        } else {
+            None
+        };
         let batch = Batch {
+            w16,
             soft,
             h: h_view.slice(),
             w: w_view.slice(),

@@ -716,3 +716,80 @@ fn generic_head_equals_the_chunked_kernel_with_distillation_targets() {
         }
     }
 }
+
+fn run_head_in(precision: HeadPrecision, chunk_rows: usize, obj: &ResolvedObjective, c: &Case, delta: Option<DeltaBranch<'_>>) -> HeadOutput {
+    let mut head = ChunkedHead::new(HeadConfig { chunk_rows, precision, ..Default::default() });
+    let input = HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 0, delta, soft: None };
+    head.run(obj, &input).unwrap()
+}
+
+#[test]
+fn the_precision_resolves_to_what_this_cpu_runs() {
+    assert!(!HeadPrecision::F32.use_bf16().unwrap());
+    match HeadPrecision::Bf16.use_bf16() {
+        Ok(on) => assert!(on && bf16::available()),
+        Err(e) => {
+            assert!(!bf16::available());
+            assert!(e.to_string().contains("head.precision"), "{e}");
+        }
+    }
+    assert_eq!("bf16".parse::<HeadPrecision>().unwrap(), HeadPrecision::Bf16);
+    assert!("fp16".parse::<HeadPrecision>().unwrap_err().contains("bf16"));
+    assert_eq!(HeadConfig::default().precision, HeadPrecision::F32);
+}
+
+/// bf16 products (where the CPU has them): the same weights and support, loss and dL/dh within
+/// bf16 rounding of the f32 head, for DFlash under every objective and for Domino; an odd H and a
+/// vocabulary that fills no whole panel exercise the padding.
+#[test]
+fn the_bf16_head_stays_within_rounding_of_the_f32_head() {
+    if !bf16::available() {
+        assert!(matches!(HeadPrecision::Bf16.use_bf16(), Err(HeadError::NoBf16)));
+        return;
+    }
+    for (hdim, vocab) in [(24usize, 301usize), (25, 97)] {
+        let c = case(21, BlockLayout::dflash(8), 6, hdim, vocab, 0);
+        for objective in objectives() {
+            let obj = objective.resolve(8).unwrap();
+            let want = run_head_in(HeadPrecision::F32, 16, &obj, &c, None);
+            let got = run_head_in(HeadPrecision::Bf16, 16, &obj, &c, None);
+            let name = objective.name();
+            let scale = max_abs_diff(&want.grad_hidden, &(&want.grad_hidden * 0.0).unwrap());
+            let dh = max_abs_diff(&got.grad_hidden, &want.grad_hidden);
+            assert!(dh > 0.0, "{name}: bf16 gave the f32 bits: the precision did not take effect");
+            assert!(dh < 0.01 * scale, "{name} H {hdim}: grad_h differs by {dh} (scale {scale})");
+            assert!((got.loss - want.loss).abs() < 0.01 * want.loss.abs(), "{name}: loss {} vs {}", got.loss, want.loss);
+            // Rounding may flip a near-tie argmax, so AUF's support may differ in a row or two.
+            let flips = got.rows.correct.iter().zip(&want.rows.correct).filter(|(a, b)| a != b).count();
+            assert!(flips <= 2, "{name}: {flips} rows changed correctness");
+        }
+    }
+    let c = case(22, BlockLayout::domino(8), 5, 24, 301, 10);
+    let obj = Objective::auf().resolve(8).unwrap();
+    let delta = DeltaBranch { input: &c.a, weight: &c.w2, base_ce_weight: 0.3, base_only_prefix: 1, base_support: BaseSupport::SameAsFinal };
+    let want = run_head_in(HeadPrecision::F32, 16, &obj, &c, Some(delta));
+    let got = run_head_in(HeadPrecision::Bf16, 16, &obj, &c, Some(delta));
+    let scale = max_abs_diff(&want.grad_hidden, &(&want.grad_hidden * 0.0).unwrap());
+    let dh = max_abs_diff(&got.grad_hidden, &want.grad_hidden);
+    assert!(dh > 0.0 && dh < 0.01 * scale, "domino grad_h differs by {dh} (scale {scale})");
+    assert!((got.loss - want.loss).abs() < 0.01 * want.loss.abs(), "domino loss {} vs {}", got.loss, want.loss);
+}
+
+/// The packed copy of W belongs to one tensor: a head given another LM head packs that one.
+#[test]
+fn the_bf16_head_packs_again_for_another_lm_head() {
+    let c1 = case(31, BlockLayout::dflash(8), 4, 24, 301, 0);
+    let c2 = Case { w: (&c1.w * -0.7).unwrap(), ..case(31, BlockLayout::dflash(8), 4, 24, 301, 0) };
+    let obj = Objective::decay().resolve(8).unwrap();
+    let precision = if bf16::available() { HeadPrecision::Bf16 } else { HeadPrecision::F32 };
+    let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16, precision, ..Default::default() });
+    fn input(c: &Case) -> HeadInput<'_> {
+        HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 0, delta: None, soft: None }
+    }
+    let first = head.run(&obj, &input(&c1)).unwrap();
+    let second = head.run(&obj, &input(&c2)).unwrap();
+    let fresh = run_head_in(precision, 16, &obj, &c2, None);
+    assert_eq!(second.grad_hidden.to_vec2::<f32>().unwrap(), fresh.grad_hidden.to_vec2::<f32>().unwrap());
+    assert_eq!(second.loss, fresh.loss);
+    assert_ne!(first.loss, second.loss);
+}
