@@ -248,3 +248,22 @@ fn the_host_layer_forward_has_the_bits_of_the_tensor_layers() {
         }
     }
 }
+
+#[test]
+fn the_default_mode_keeps_q8_0_and_q4_1_gguf_matrices_as_stored_and_quantizes_the_rest() {
+    for family in ["llama", "qwen2"] {
+        let dir = fixture(family);
+        // Q8_0 matrices: kept as stored.
+        assert_eq!(load(dir.join("tiny-q8_0.gguf"), WeightsMode::Auto).weights_mode(), WeightsMode::Native);
+        // Q4_0 has no batch-invariant kernel as stored, and f32 matrices would stay dense: int8 blocks.
+        assert_eq!(load(dir.join("tiny-q4_0.gguf"), WeightsMode::Auto).weights_mode(), WeightsMode::Q8);
+        assert_eq!(load(dir.join("tiny-f32.gguf"), WeightsMode::Auto).weights_mode(), WeightsMode::Q8);
+        // Safetensors: int8 blocks.
+        assert_eq!(load(dir.clone(), WeightsMode::Auto).weights_mode(), WeightsMode::Q8);
+        // An explicit mode is kept.
+        assert_eq!(load(dir.join("tiny-q8_0.gguf"), WeightsMode::Q8).weights_mode(), WeightsMode::Q8);
+        assert_eq!(load(dir.join("tiny-q4_0.gguf"), WeightsMode::Native).weights_mode(), WeightsMode::Native);
+    }
+    assert_eq!(WeightsMode::default(), WeightsMode::Auto);
+    assert_eq!("auto".parse::<WeightsMode>().unwrap(), WeightsMode::Auto);
+}

@@ -146,7 +146,8 @@ struct ServeBenchArgs {
     /// drafter folder without the file.
     #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
     draft_vocab: usize,
-    #[arg(long, default_value_t = WeightsMode::Q8)]
+    /// Target weights: auto (default: native for a GGUF of Q8_0/Q4_1 tensors, q8 otherwise), native (GGUF types as stored), q8 (int8 blocks), f32 (reference).
+    #[arg(long, default_value_t = WeightsMode::default())]
     weights: WeightsMode,
     /// Requests the in-process server decodes at once (default: --clients).
     #[arg(long)]

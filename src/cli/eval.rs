@@ -56,8 +56,8 @@ pub struct EvalArgs {
     /// Seeds the --limit subset and the sampling at T > 0.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Target weights on CPU: q8 (default; bit-exact block verify), f32 (reference), native.
-    #[arg(long, default_value_t = WeightsMode::Q8)]
+    /// Target weights on CPU: auto (default: native for a GGUF of Q8_0/Q4_1 tensors, q8 otherwise), native (GGUF types as stored), q8 (int8 blocks), f32 (reference).
+    #[arg(long, default_value_t = WeightsMode::default())]
     pub weights: WeightsMode,
     /// A system message for every request (default: the chat template's own default, if any).
     #[arg(long)]

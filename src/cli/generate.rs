@@ -37,8 +37,8 @@ pub struct GenerateArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Weights on CPU: q8 (fast, default), f32 (reference), native (GGUF types as stored).
-    #[arg(long, default_value_t = WeightsMode::Q8)]
+    /// Weights on CPU: auto (default: native for a GGUF of Q8_0/Q4_1 tensors, q8 otherwise), native (GGUF types as stored), q8 (int8 blocks), f32 (reference).
+    #[arg(long, default_value_t = WeightsMode::default())]
     pub weights: WeightsMode,
     /// A drafter directory (DFlash or Domino: config.json + model.safetensors): speculative decoding.
     #[arg(long)]
@@ -155,7 +155,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             "draft_ms": res.draft_ms,
             "verify_ms": res.verify_ms,
             "load_ms": load_ms,
-            "weights": a.weights,
+            "weights": m.target.weights_mode(),
             "tau": res.tau,
             "cycles": res.cycles,
             "accept_lengths": res.accept_lengths,

@@ -60,8 +60,8 @@ pub struct PrepareArgs {
     /// decodes one at a time). Replies are identical whatever the batch.
     #[arg(long, default_value_t = DEFAULT_BATCH)]
     pub batch: usize,
-    /// Weights for regeneration: q8 (fast), f32 (reference), native (GGUF types as stored).
-    #[arg(long, default_value_t = WeightsMode::Q8)]
+    /// Weights for regeneration: auto (default: native for a GGUF of Q8_0/Q4_1 tensors, q8 otherwise), native (GGUF types as stored), q8 (int8 blocks), f32 (reference).
+    #[arg(long, default_value_t = WeightsMode::default())]
     pub weights: WeightsMode,
     /// Cache the target's hidden states after these layers (comma-separated ids, HF convention),
     /// e.g. 1,8,14: training then skips the target forward.

@@ -46,8 +46,9 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may run after SIGINT/SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 10.0)]
     pub shutdown_grace_s: f64,
-    /// Weights on CPU: q8 (fast, default; batch-invariant, so T = 0 output equals `generate`'s), f32, native.
-    #[arg(long, default_value_t = WeightsMode::Q8)]
+    /// Weights on CPU: auto (default: native for a GGUF of Q8_0/Q4_1 tensors, q8 otherwise), native (GGUF types as stored), q8 (int8 blocks), f32 (reference); every mode but f32 is batch-invariant, so T = 0 output
+    /// equals `generate`'s.
+    #[arg(long, default_value_t = WeightsMode::default())]
     pub weights: WeightsMode,
     #[command(flatten)]
     pub device: super::device::DeviceArgs,

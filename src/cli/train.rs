@@ -31,8 +31,8 @@ pub struct TrainArgs {
     /// Continue the run in the config's `out` from its latest checkpoint.
     #[arg(long)]
     pub resume: bool,
-    /// Target weights for the feature forward (default q8, as served).
-    #[arg(long, default_value_t = WeightsMode::Q8)]
+    /// Target weights for the feature forward (default auto, as served).
+    #[arg(long, default_value_t = WeightsMode::default())]
     pub weights: WeightsMode,
     /// Print the resolved config (every default filled in) and exit.
     #[arg(long)]

@@ -157,6 +157,7 @@ impl Target {
     /// the `f32` mode holds) in the backend's compute dtype on its device, whatever `mode` says:
     /// the q8 mode's int8 activations are a property of the CPU kernel, not of the weights.
     pub fn load_on(src: &mut WeightSource, cfg: TargetConfig, mode: WeightsMode, backend: &Backend) -> Result<Self, ModelError> {
+        let mode = mode.resolve(src);
         if backend.cpu_kernels() {
             return Self::load_host(src, cfg, mode, backend.path());
         }

@@ -18,19 +18,49 @@ use super::ModelError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightsMode {
+    /// The default: `native` for a GGUF whose quantized tensors are all Q8_0 or Q4_1 (the types
+    /// `qgemm` runs as stored: the model as the file holds it, and the fastest mode), `q8` for
+    /// everything else (safetensors, other quantized types). Resolved when the target loads
+    /// ([`WeightsMode::resolve`]); a loaded target reports the concrete mode.
+    #[default]
+    Auto,
     /// Everything dequantized to f32: the reference path, and the one training reads.
     F32,
     /// Linears as symmetric int8 blocks of 32 (Q8_0 GGUF blocks as stored; other quantized
     /// types and f32/bf16 safetensors quantized at load) run by `qgemm`'s batch-invariant
-    /// kernel. The fast decode and verify path.
-    #[default]
+    /// kernel.
     Q8,
     /// Keep each GGUF tensor in its stored type: Q8_0 and Q4_1 run by `qgemm` (batch-invariant;
     /// Q4_1 reads 41% fewer bytes than Q8_0), other types by candle's `QMatMul`.
     Native,
 }
 
-crate::named_enum!(WeightsMode, "weights mode", ["q8", "f32", "native"]);
+crate::named_enum!(WeightsMode, "weights mode", ["auto", "q8", "f32", "native"]);
+
+impl WeightsMode {
+    /// The concrete mode for `src`: `Auto` becomes `Native` for a GGUF whose matrices (every
+    /// tensor of two or more dimensions: linears, embedding, head) are all Q8_0 or Q4_1, so that
+    /// every product runs in `qgemm`'s batch-invariant kernel as stored, and `Q8` otherwise (a
+    /// dense matrix would stay f32 in `native`, which is neither fast nor batch-invariant); the
+    /// other modes are returned as they are.
+    pub fn resolve(self, src: &WeightSource) -> WeightsMode {
+        if self != WeightsMode::Auto {
+            return self;
+        }
+        match src {
+            WeightSource::Gguf { content, .. }
+                if content
+                    .tensor_infos
+                    .values()
+                    .filter(|t| t.shape.dims().len() >= 2)
+                    .all(|t| matches!(t.ggml_dtype, GgmlDType::Q8_0 | GgmlDType::Q4_1)) =>
+            {
+                WeightsMode::Native
+            }
+            _ => WeightsMode::Q8,
+        }
+    }
+}
 
 /// A linear layer `y = x Wᵀ + b` with W of HF shape (out, in).
 #[derive(Debug, Clone)]

@@ -196,7 +196,7 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
     // The allocator policy of a training run (`train` sets the same), so a step costs here what
     // it costs there.
     crate::util::measure::retain_freed_heap();
-    let m = load(&plan.model, WeightsMode::Q8, plan.device)?;
+    let m = load(&plan.model, WeightsMode::default(), plan.device)?;
     let target = &m.target;
     // A real text repeated to the sequence length: the last three quarters are supervised.
     let text = "Speculative decoding lets a small drafter propose several tokens that the target then verifies in one forward pass. ";

@@ -90,7 +90,7 @@ impl PaperConfig {
         p.workers = 2;
         p.features = Some(self.data.features.clone());
         p.feature_dtype = FeatureDtype::F16;
-        p.feature_weights = WeightsMode::Q8;
+        p.feature_weights = WeightsMode::default();
         p
     }
 
@@ -187,7 +187,7 @@ pub fn run(plan: &ExperimentPlan, progress: Observer) -> Result<String, StageErr
     if plan.jobs == 1 {
         for (arm, c) in &pending {
             progress.note(&format!("arm {}: training", arm.name));
-            stages::train(c, WeightsMode::Q8, plan.device, crate::train::parallel::World::single(), c.out.join("config.json").is_file(), &*progress)?;
+            stages::train(c, WeightsMode::default(), plan.device, crate::train::parallel::World::single(), c.out.join("config.json").is_file(), &*progress)?;
         }
     } else if !pending.is_empty() {
         train_in_parallel(&pending, plan, &*progress)?;

@@ -47,7 +47,7 @@ impl QuickstartPlan {
         p.workers = 2;
         p.features = Some(TAPS.to_vec());
         p.feature_dtype = FeatureDtype::F16;
-        p.feature_weights = WeightsMode::Q8;
+        p.feature_weights = WeightsMode::default();
         p.device = self.device;
         p
     }
@@ -143,7 +143,7 @@ pub fn run(plan: &QuickstartPlan, progress: Observer) -> Result<QuickstartOutcom
     } else {
         stage(&*progress, "3/5 train", || {
             let resume = cfg.out.join("config.json").is_file();
-            stages::train(&cfg, WeightsMode::Q8, plan.device, crate::train::parallel::World::single(), resume, &*progress)?;
+            stages::train(&cfg, WeightsMode::default(), plan.device, crate::train::parallel::World::single(), resume, &*progress)?;
             let fin = cfg.out.join("final");
             crate::util::fs::copy_dir_atomic(&fin, &drafter).map_err(|source| StageError::Io { path: drafter.clone(), source })
         })?;

@@ -123,7 +123,7 @@ impl PreparePlan {
             max_new_tokens: Self::DEFAULT_MAX_NEW_TOKENS,
             workers: 1,
             batch: DEFAULT_BATCH,
-            weights: WeightsMode::Q8,
+            weights: WeightsMode::default(),
             features: None,
             feature_dtype: FeatureDtype::F16,
             feature_weights: WeightsMode::F32,
@@ -231,7 +231,7 @@ pub fn prepare(plan: &PreparePlan, progress: Observer) -> Result<PrepareReport, 
             } else {
                 ""
             },
-            plan.weights
+            gen_model.as_ref().map_or(plan.weights, |m| m.target.weights_mode())
         ));
     }
     if let Some(f) = &settings.features {
@@ -310,7 +310,7 @@ impl InitPlan {
 
 /// Writes an untrained drafter (the same initialisation as a training run's first step).
 pub fn init_drafter(plan: &InitPlan) -> Result<AnyDrafter, StageError> {
-    let m = load(&plan.model, WeightsMode::Q8, DeviceChoice::default())?;
+    let m = load(&plan.model, WeightsMode::default(), DeviceChoice::default())?;
     let tc = m.target.config();
     let mut backbone = DFlashInitConfig::new(plan.layers, plan.block_size, plan.mask_token_id.unwrap_or_else(|| crate::drafter::default_mask_token(tc)));
     backbone.target_layer_ids = plan.target_layer_ids.clone();
@@ -420,7 +420,7 @@ impl EvalPlan {
             block_size: None,
             draft_vocab: crate::drafter::DEFAULT_DRAFT_VOCAB,
             seed: 0,
-            weights: WeightsMode::Q8,
+            weights: WeightsMode::default(),
             device: DeviceChoice::default(),
             system: None,
             out: out.to_path_buf(),
@@ -609,7 +609,7 @@ pub fn evaluate(plan: &EvalPlan, progress: &dyn Progress) -> Result<EvalOutcome,
         m.name,
         tc.num_hidden_layers,
         tc.max_position_embeddings,
-        plan.weights,
+        m.target.weights_mode(),
         candle_core::utils::get_num_threads(),
         drafter_settings.iter().map(|d| format!(", {} (B = {})", d.label, d.block_size)).collect::<String>(),
         benchmarks.len(),
@@ -633,7 +633,7 @@ pub fn evaluate(plan: &EvalPlan, progress: &dyn Progress) -> Result<EvalOutcome,
     progress.finish(false);
 
     // 3. Write; the results hold every request now, so the journal goes.
-    let settings = Settings::describe(&m.name, &plan.weights.to_string(), drafter_settings, plan.limit, &cfg, &results, &plan.command);
+    let settings = Settings::describe(&m.name, &m.target.weights_mode().to_string(), drafter_settings, plan.limit, &cfg, &results, &plan.command);
     let written = report::write_all(&plan.out, &settings, &results).map_err(|source| StageError::Report { path: plan.out.clone(), source })?;
     observer.journal.remove();
     Ok(EvalOutcome { results, written, resumed })
