@@ -244,7 +244,7 @@ pub fn evaluate(
         });
         let (mut labels, mut valid) = (blocks.labels.clone(), blocks.valid.clone());
         lm_head.map_labels(&mut labels, &mut valid);
-        let out = head.run(
+        let out = head.run_every_row(
             objective,
             &HeadInput { hidden: &hidden, lm_head: &lm_head.weight, labels: &labels, valid: &valid, layout, num_sequences: 1, seed, delta, soft: None },
         )?;

@@ -3,8 +3,12 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use super::batch::Batch;
 use super::bf16;
+use super::rows::{row_stat, RowStat};
+use crate::train::objective::{BlockRows, ResolvedObjective};
 use super::gemm::{gemm_f32, Mat};
 use super::{HeadError, Scratch};
 
@@ -93,5 +97,70 @@ impl Scratch {
             a_c,
             w2_t,
         )
+    }
+}
+
+impl Scratch {
+    /// The logits of the chunk's `rows` that `objective` can weigh above zero, and only those
+    /// (DFlash, [`ResolvedObjective::stops_at_first_failure`]): each round weighs the chunk's
+    /// blocks from what is known, a row without logits counting as a failure, and scores the rows
+    /// that came out with a weight and no logits yet, i.e. the next position of every block
+    /// still without a failure. Returns which rows have logits (in `base_logits`, at their rows).
+    pub(super) fn logits_until_failure(
+        &mut self,
+        batch: &Batch<'_>,
+        objective: &ResolvedObjective,
+        rows: Range<usize>,
+    ) -> Result<Vec<bool>, HeadError> {
+        let (r0, c, vocab) = (rows.start, rows.len(), batch.vocab);
+        let p = batch.layout.positions_per_block;
+        let mut computed = vec![false; c];
+        let mut correct = vec![false; c];
+        let mut p_gold = vec![0.0f32; c];
+        let mut w = vec![0.0f32; c];
+        loop {
+            for b in (0..c).step_by(p) {
+                let block = BlockRows {
+                    valid: &batch.valid[r0 + b..r0 + b + p],
+                    correct: &correct[b..b + p],
+                    p_gold: &p_gold[b..b + p],
+                    first_row: r0 + b,
+                };
+                objective.block_weights(block, batch.seed, &mut w[b..b + p]);
+            }
+            let need: Vec<usize> = (0..c).filter(|&j| w[j] > 0.0 && !computed[j]).collect();
+            if need.is_empty() {
+                return Ok(computed);
+            }
+            self.logits_of(batch, r0, &need)?;
+            let logits = &self.base_logits;
+            let stats: Vec<RowStat> =
+                need.par_iter().map(|&j| row_stat(&logits[j * vocab..(j + 1) * vocab], batch, r0 + j)).collect();
+            for (&j, s) in need.iter().zip(&stats) {
+                computed[j] = true;
+                correct[j] = s.correct;
+                p_gold[j] = s.p_gold;
+            }
+        }
+    }
+
+    /// base_logits rows `need` (chunk-local, r0 the chunk's first batch row) = h·Wᵀ, through
+    /// `small` (the gathered h rows) and `grad_a` (their logits, free until step 6).
+    fn logits_of(&mut self, batch: &Batch<'_>, r0: usize, need: &[usize]) -> Result<(), HeadError> {
+        let (hdim, vocab, k) = (batch.hdim, batch.vocab, need.len());
+        for (i, &j) in need.iter().enumerate() {
+            self.small[i * hdim..(i + 1) * hdim].copy_from_slice(&batch.h[(r0 + j) * hdim..(r0 + j + 1) * hdim]);
+        }
+        if let Some(packed) = batch.w16 {
+            let hp = hdim.div_ceil(2);
+            bf16::pack_rows(&self.small[..k * hdim], hdim, &mut self.h16[..k * hp]);
+            bf16::gemm(k, &self.h16, hp, &packed.wt, &mut self.grad_a, vocab, false);
+        } else {
+            gemm_f32(k, vocab, hdim, &mut self.grad_a, vocab, false, Mat::new(&self.small[..k * hdim], hdim, 1), batch.w_t())?;
+        }
+        for (i, &j) in need.iter().enumerate() {
+            self.base_logits[j * vocab..(j + 1) * vocab].copy_from_slice(&self.grad_a[i * vocab..(i + 1) * vocab]);
+        }
+        Ok(())
     }
 }

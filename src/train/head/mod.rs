@@ -14,6 +14,13 @@
 //!    computation because those rows contribute exactly zero.
 //! 4. After the last chunk, the loss and gradients are divided by the normaliser.
 //!
+//! Under AUF with the argmax failure rule (and DFlash), step 1 scores only the rows that can have
+//! a weight: position by position, each block's rows up to its first failure
+//! ([`ResolvedObjective::stops_at_first_failure`]; `Scratch::logits_until_failure`). The loss and
+//! gradient are those of scoring every row; the rows left out read as wrong in the batch's
+//! `acc` metrics. `head.score_every_row` turns this off; held-out evaluation always scores every
+//! row ([`Head::run_every_row`]).
+//!
 //! Each chunk costs one (c × H × V) product forward and one (s × V × H) backward, s = support rows:
 //! the minimum. Weights are detached, as in SpecForge: D-PACE's dependence of w on p_gold carries no
 //! gradient. The products call the `gemm` crate directly (the kernel candle's CPU matmul uses,
@@ -134,6 +141,12 @@ pub struct HeadConfig {
     /// drafters: DESIGN §7.14). Sums are f32 either way. The generic (GPU) head ignores it.
     #[serde(default, skip_serializing_if = "HeadPrecision::is_f32")]
     pub precision: HeadPrecision,
+    /// Score every row, also those past a block's first failure under AUF (default false: the
+    /// CPU head leaves them out, since their weight is zero; the loss and gradient are the same,
+    /// and the training log's `acc` and `acc_per_position` then count such rows as wrong).
+    /// Held-out evaluation always scores every row.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub score_every_row: bool,
 }
 
 /// The precision of the head's products with the frozen LM head (the step's largest cost).
@@ -197,6 +210,7 @@ impl Default for HeadConfig {
             chunk_rows: default_chunk_rows(),
             vocab: HeadVocab::Full,
             precision: HeadPrecision::F32,
+            score_every_row: false,
         }
     }
 }
@@ -366,6 +380,15 @@ impl Head {
             Head::Generic(h) => h.run(objective, input),
         }
     }
+
+    /// [`Head::run`] with logits for every row, whatever `score_every_row` says: the same loss and
+    /// gradient, and metrics over every row (held-out evaluation).
+    pub fn run_every_row(&mut self, objective: &ResolvedObjective, input: &HeadInput<'_>) -> Result<HeadOutput, HeadError> {
+        match self {
+            Head::Chunked(h) => h.run_with(objective, input, true),
+            Head::Generic(h) => h.run(objective, input),
+        }
+    }
 }
 
 /// The chunked LM head with its scratch buffers, reused across steps.
@@ -419,6 +442,17 @@ impl ChunkedHead {
         &mut self,
         objective: &ResolvedObjective,
         input: &HeadInput<'_>,
+    ) -> Result<HeadOutput, HeadError> {
+        self.run_with(objective, input, self.config.score_every_row)
+    }
+
+    /// [`ChunkedHead::run`]; `every_row` false leaves out the rows past a block's first failure
+    /// where the objective weighs them zero ([`ResolvedObjective::stops_at_first_failure`], DFlash).
+    pub fn run_with(
+        &mut self,
+        objective: &ResolvedObjective,
+        input: &HeadInput<'_>,
+        every_row: bool,
     ) -> Result<HeadOutput, HeadError> {
         // 1. Shapes and views: after these checks every later step indexes without checking.
         let (n, hdim, vocab) = check_rows(input)?;
@@ -481,14 +515,21 @@ impl ChunkedHead {
         let mut branches = Branches::new(n, &batch);
         let mut grads = GradAcc::new(n, &batch, mix.mixed);
         let mut stats = ChunkStats::new(c_max);
+        let until_failure = !every_row && batch.delta.is_none() && objective.stops_at_first_failure();
 
         let mut r0 = 0;
         while r0 < n {
             let rows = r0..(r0 + chunk_rows).min(n);
-            // 3. Logits: base = h·Wᵀ; final = base + a·W₂ᵀ (a zeroed on base-only rows).
-            self.scratch.logits(&batch, rows.clone())?;
+            // 3. Logits: base = h·Wᵀ; final = base + a·W₂ᵀ (a zeroed on base-only rows); under
+            //    AUF, only up to each block's first failure.
+            let computed = if until_failure {
+                Some(self.scratch.logits_until_failure(&batch, objective, rows.clone())?)
+            } else {
+                self.scratch.logits(&batch, rows.clone())?;
+                None
+            };
             // 4. Row statistics (the buffers keep the logits for step 6).
-            stats.fill(&self.scratch, &batch, rows.clone(), &mut branches);
+            stats.fill(&self.scratch, &batch, rows.clone(), &mut branches, computed.as_deref());
             // 5. Weights, block by block.
             branches.weigh_chunk(objective, &mix, &batch, rows.clone());
             // 6. Gradients of support rows only.

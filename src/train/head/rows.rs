@@ -49,33 +49,40 @@ pub(super) fn for_row_parts<T: Send>(
 }
 
 /// Fills `stats` for the chunk's rows of logits `buf` (rows × vocab), reading it once (and the
-/// few soft-target logits again); `r0` is the chunk's first batch row.
-fn chunk_row_stats(buf: &[f32], batch: &Batch<'_>, r0: usize, stats: &mut [RowStat]) {
+/// few soft-target logits again); `r0` is the chunk's first batch row. Rows outside `computed`
+/// (when given) have no logits and get the statistics of an invalid row.
+fn chunk_row_stats(buf: &[f32], batch: &Batch<'_>, r0: usize, stats: &mut [RowStat], computed: Option<&[bool]>) {
     let vocab = batch.vocab;
     let rows = stats.len();
-    let labels = &batch.labels[r0..r0 + rows];
-    let valid = &batch.valid[r0..r0 + rows];
     for_row_parts(rows, 1, stats, |range, out| {
         for (j, r) in range.enumerate() {
-            let label = labels[r] as usize;
-            if !valid[r] || label >= vocab {
-                out[j] = RowStat::default();
-                continue;
-            }
-            let row = &buf[r * vocab..(r + 1) * vocab];
-            let (max, argmax, sum) = kernels::row_stats(row);
-            // CE = logsumexp − Σ target·logit = ln Σ + (max − Σ target·logit); with hard labels
-            // Σ target·logit = logit[label]. p_gold is always the hard label's probability.
-            let ce = sum.ln() + (max - batch.target_dot(r0 + r, row));
-            out[j] = RowStat {
-                ce,
-                p_gold: if batch.soft.is_none() { (-ce).exp() } else { (row[label] - max).exp() / sum },
-                max,
-                inv_sum: 1.0 / sum,
-                correct: argmax == label,
+            out[j] = if computed.is_some_and(|c| !c[r]) {
+                RowStat::default()
+            } else {
+                row_stat(&buf[r * vocab..(r + 1) * vocab], batch, r0 + r)
             };
         }
     });
+}
+
+/// The statistics of batch row `r` from its logits `row`; an invalid row (or a label outside the
+/// vocabulary) gets the default (ce 0, not correct).
+pub(super) fn row_stat(row: &[f32], batch: &Batch<'_>, r: usize) -> RowStat {
+    let label = batch.labels[r] as usize;
+    if !batch.valid[r] || label >= batch.vocab {
+        return RowStat::default();
+    }
+    let (max, argmax, sum) = kernels::row_stats(row);
+    // CE = logsumexp − Σ target·logit = ln Σ + (max − Σ target·logit); with hard labels
+    // Σ target·logit = logit[label]. p_gold is always the hard label's probability.
+    let ce = sum.ln() + (max - batch.target_dot(r, row));
+    RowStat {
+        ce,
+        p_gold: if batch.soft.is_none() { (-ce).exp() } else { (row[label] - max).exp() / sum },
+        max,
+        inv_sum: 1.0 / sum,
+        correct: argmax == label,
+    }
 }
 
 /// The row statistics of one chunk: of the final logits and, for Domino, of the base logits.
@@ -94,20 +101,22 @@ impl ChunkStats {
         }
     }
 
-    /// Statistics of the chunk's `rows` from the logits in `scratch`, recorded into the branches.
+    /// Statistics of the chunk's `rows` from the logits in `scratch`, recorded into the branches;
+    /// `computed`: which of them have logits (None: all).
     pub fn fill(
         &mut self,
         scratch: &Scratch,
         batch: &Batch<'_>,
         rows: Range<usize>,
         branches: &mut Branches,
+        computed: Option<&[bool]>,
     ) {
         let (r0, c, vocab) = (rows.start, rows.len(), batch.vocab);
         let final_buf = scratch.final_logits(batch);
-        chunk_row_stats(&final_buf[..c * vocab], batch, r0, &mut self.fin[..c]);
+        chunk_row_stats(&final_buf[..c * vocab], batch, r0, &mut self.fin[..c], computed);
         branches.fin.record_stats(r0, &self.fin[..c]);
         if let Some(b) = branches.base.as_mut() {
-            chunk_row_stats(&scratch.base_logits[..c * vocab], batch, r0, &mut self.base[..c]);
+            chunk_row_stats(&scratch.base_logits[..c * vocab], batch, r0, &mut self.base[..c], computed);
             b.record_stats(r0, &self.base[..c]);
         }
     }

@@ -214,7 +214,9 @@ fn run_head(
     c: &Case,
     delta: Option<DeltaBranch<'_>>,
 ) -> HeadOutput {
-    let mut head = ChunkedHead::new(HeadConfig { chunk_rows, ..Default::default() });
+    // Every row scored, so that per-row outputs compare with the references row for row
+    // (`skipping_rows_after_the_first_failure_gives_the_same_loss_and_gradient` covers the rest).
+    let mut head = ChunkedHead::new(HeadConfig { chunk_rows, score_every_row: true, ..Default::default() });
     let input = HeadInput {
         hidden: &c.h,
         lm_head: &c.w,
@@ -551,7 +553,7 @@ fn distillation_targets_give_the_loss_and_gradient_of_candle_autograd() {
     for objective in [Objective::auf(), Objective::full(), Objective::dpace(0.5)] {
         let obj = objective.resolve(8).unwrap();
         let hard = run_head(16, &obj, &c, None);
-        let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16, ..Default::default() });
+        let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16, score_every_row: true, ..Default::default() });
         let soft = SoftTargets { k, ids: &ids, probs: &probs, weight: alpha };
         let input = soft_input(&c, soft);
         let got = head.run(&obj, &input).unwrap();
@@ -659,7 +661,7 @@ fn distillation_at_weight_zero_or_onto_the_label_is_hard_label_ce() {
         (SoftTargets { k: 3, ids: &ids, probs: &probs, weight: 0.0 }, true),
         (SoftTargets { k: 2, ids: &onto_label, probs: &halves, weight: 1.0 }, false),
     ] {
-        let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16, ..Default::default() });
+        let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16, score_every_row: true, ..Default::default() });
         let input = soft_input(&c, soft);
         let got = head.run(&obj, &input).unwrap();
         let tol = if exact { 0.0 } else { 1e-6 };
@@ -704,7 +706,7 @@ fn generic_head_equals_the_chunked_kernel_with_distillation_targets() {
     for objective in [Objective::auf(), Objective::decay()] {
         let obj = objective.resolve(8).unwrap();
         let input = soft_input(&c, SoftTargets { k: 4, ids: &ids, probs: &probs, weight: 0.6 });
-        let want = ChunkedHead::new(HeadConfig { chunk_rows: 16, ..Default::default() }).run(&obj, &input).unwrap();
+        let want = ChunkedHead::new(HeadConfig { chunk_rows: 16, score_every_row: true, ..Default::default() }).run(&obj, &input).unwrap();
         let mut head = Head::for_backend(HeadConfig { chunk_rows: 16, ..Default::default() }, &Backend::new(Device::Cpu, crate::nn::Kernels::Generic));
         let got = head.run(&obj, &input).unwrap();
         assert!((got.loss - want.loss).abs() < 1e-5 * want.loss.abs().max(1.0), "{}: {} vs {}", objective.name(), got.loss, want.loss);
@@ -792,4 +794,51 @@ fn the_bf16_head_packs_again_for_another_lm_head() {
     assert_eq!(second.grad_hidden.to_vec2::<f32>().unwrap(), fresh.grad_hidden.to_vec2::<f32>().unwrap());
     assert_eq!(second.loss, fresh.loss);
     assert_ne!(first.loss, second.loss);
+}
+
+/// Under AUF (argmax failure) the head scores rows only up to each block's first failure. The
+/// weights, loss and dL/dh are those of scoring every row; the objectives without that property
+/// score every row either way.
+#[test]
+fn skipping_rows_after_the_first_failure_gives_the_same_loss_and_gradient() {
+    use crate::train::objective::FailureRule;
+    let c = case(41, BlockLayout::dflash(8), 12, 24, 301, 0);
+    let strict = Objective::Auf { failure: FailureRule::Argmax, invalid_transparent: false, norm: None };
+    let sample = Objective::Auf { failure: FailureRule::Sample, invalid_transparent: true, norm: None };
+    let precisions = if bf16::available() { vec![HeadPrecision::F32, HeadPrecision::Bf16] } else { vec![HeadPrecision::F32] };
+    let mut skipped_somewhere = false;
+    for precision in precisions {
+        for objective in [Objective::auf(), Objective::auf_decay(), strict.clone(), sample.clone(), Objective::decay(), Objective::dpace(0.5)] {
+            let obj = objective.resolve(8).unwrap();
+            for chunk_rows in [7usize, 16, 48, 512] {
+                let mut head = ChunkedHead::new(HeadConfig { chunk_rows, precision, ..Default::default() });
+                let input = HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 3, delta: None, soft: None };
+                let got = head.run(&obj, &input).unwrap();
+                let all = head.run_with(&obj, &input, true).unwrap();
+                let name = format!("{} {precision:?} chunk {chunk_rows}", objective.name());
+                // The same rows get the same weights; a row's logits may differ in the last bit
+                // (the product runs over fewer rows at a time), so loss and dL/dh to rounding.
+                assert_eq!(got.rows.weights, all.rows.weights, "{name}: weights");
+                assert!((got.loss - all.loss).abs() <= 1e-6 * all.loss.abs(), "{name}: loss {} vs {}", got.loss, all.loss);
+                let scale = max_abs_diff(&all.grad_hidden, &(&all.grad_hidden * 0.0).unwrap());
+                let dh = max_abs_diff(&got.grad_hidden, &all.grad_hidden);
+                assert!(dh <= 1e-5 * scale, "{name}: dL/dh differs by {dh} (scale {scale})");
+                let (m1, m2) = (got.rows.metrics.summary(), all.rows.metrics.summary());
+                assert_eq!(m1.accept_len, m2.accept_len, "{name}: accept length");
+                assert_eq!(m1.support_size, m2.support_size, "{name}: support");
+                if obj.stops_at_first_failure() {
+                    // Rows past a failure were not scored: none of them reads as correct.
+                    for (r, (&a, &b)) in got.rows.correct.iter().zip(&all.rows.correct).enumerate() {
+                        assert!(!a || b, "{name}: row {r} correct only when skipping");
+                        if got.rows.weights[r] == 0.0 && b && !a {
+                            skipped_somewhere = true;
+                        }
+                    }
+                } else {
+                    assert_eq!(got.rows.correct, all.rows.correct, "{name}: every row is scored");
+                }
+            }
+        }
+    }
+    assert!(skipped_somewhere, "the case has correct rows past a failure, and they were skipped");
 }

@@ -144,6 +144,15 @@ impl ResolvedObjective {
         }
     }
 
+    /// Whether a row's weight is zero once an earlier valid row of its block was predicted wrong
+    /// (the AUF mask with the argmax failure rule): the head then needs no logits past a block's
+    /// first failure, and scores rows position by position until it finds it. A row's weight
+    /// depends only on the rows before it, so the weights found that way are the weights of the
+    /// whole block (test: `skipping_rows_after_the_first_failure_gives_the_same_loss_and_gradient`).
+    pub fn stops_at_first_failure(&self) -> bool {
+        matches!(self.rule, WeightRule::Mask { auf: Some(AufRule { failure: FailureRule::Argmax, .. }), .. })
+    }
+
     /// The same objective with the AUF mask switched off (for Domino's "mask only the final CE").
     pub fn without_auf(&self) -> ResolvedObjective {
         let rule = match self.rule {
