@@ -16,7 +16,7 @@ use crate::spec::SpecError;
 pub fn choose_for(target: &Target, drafter: AnyDrafter, dir: &Path) -> Result<(AnyDrafter, BlockChoice), SpecError> {
     let max_b = drafter.block_size();
     let t0 = std::time::Instant::now();
-    let verify_ms = measure_verify_curve(target, max_b, drafter.target_layer_ids(), 3)?;
+    let verify_ms = measure_verify_curve(target, max_b, drafter.target_layer_ids(), 5)?;
     crate::util::measure::release_free_heap();
     let at_max = measure_draft_ms(target, &mut *drafter.proposer_on(target.backend()))?;
     crate::util::measure::release_free_heap();
