@@ -18,6 +18,7 @@ ROUNDS=${ROUNDS:-3}
 RUNS=${RUNS:-5}
 THREADS=${THREADS:-2}
 OBJECTIVE=${OBJECTIVE:-decay}
+case "$OBJECTIVE" in decay|auf) ;; *) echo "OBJECTIVE is decay or auf (the peer implements those two)" >&2; exit 2 ;; esac
 HEAD_VOCAB=${HEAD_VOCAB:-full}
 HEAD_PRECISION=${HEAD_PRECISION:-f32}
 PEER_HEAD_PRECISION=${PEER_HEAD_PRECISION:-$HEAD_PRECISION}
@@ -36,11 +37,11 @@ for r in $(seq 1 "$ROUNDS"); do
     o=$(echo "$line" | awk -F'|' '{gsub(/ /,"",$4); print $4}')
     o_ms=$(echo "$line" | awk -F'|' '{gsub(/ /,"",$3); print $3}')
     o_rss=$(echo "$line" | awk -F'|' '{gsub(/ /,"",$10); print $10}')
-    j=$("$VENV/bin/python" tools/bench_train_torch.py --runs "$RUNS" --threads "$THREADS" --head-vocab "$TORCH_ROWS" "${PEER_BF16[@]}")
+    j=$("$VENV/bin/python" tools/bench_train_torch.py --runs "$RUNS" --threads "$THREADS" --head-vocab "$TORCH_ROWS" --objective "$OBJECTIVE" "${PEER_BF16[@]}")
     t=$(echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["supervised_tokens_per_s"])')
     t_ms=$(echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["step_ms"])')
     t_rss=$(echo "$j" | python3 -c 'import json,sys; print(json.load(sys.stdin)["peak_rss_mib"])')
-    echo "round $r: specauf $OBJECTIVE (head $HEAD_PRECISION) ${o_ms} ms/step ${o} tok/s ${o_rss} MiB | pytorch decay (head $PEER_HEAD_PRECISION) ${t_ms} ms/step ${t} tok/s ${t_rss} MiB | ratio $(python3 -c "print(round($o/$t, 2))")"
+    echo "round $r: specauf $OBJECTIVE (head $HEAD_PRECISION) ${o_ms} ms/step ${o} tok/s ${o_rss} MiB | pytorch $OBJECTIVE (head $PEER_HEAD_PRECISION) ${t_ms} ms/step ${t} tok/s ${t_rss} MiB | ratio $(python3 -c "print(round($o/$t, 2))")"
     ours+=("$o"); theirs+=("$t")
 done
 python3 - "${ours[*]}" "${theirs[*]}" <<'PY'

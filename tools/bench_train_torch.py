@@ -100,6 +100,10 @@ def main():
     ap.add_argument("--head-vocab", type=int, default=0,
                     help="score only the first K rows of the head (labels taken mod K), as `specauf bench "
                          "train --head-vocab draft` does with K = 8192; 0: the whole vocabulary")
+    ap.add_argument("--objective", choices=["decay", "auf"], default="decay",
+                    help="decay (the default, exp(-k/gamma) on every valid position) or auf (every valid "
+                         "position up to and including a block's first argmax failure, normalised by the "
+                         "weight sum), computed from full logits as a plain implementation would")
     ap.add_argument("--head-bf16", action="store_true",
                     help="the head's product under CPU autocast to bf16 (logits back to f32 for the CE), the "
                          "peer of `specauf bench train --head-precision bf16`")
@@ -136,7 +140,15 @@ def main():
         else:
             logits = pred @ head.T
         ce = F.cross_entropy(logits, labels.reshape(-1) % head.shape[0], reduction="none")
-        ww = (w[None, :] * valid).reshape(-1)
+        if a.objective == "auf":
+            with torch.no_grad():
+                ok = (logits.argmax(-1) == labels.reshape(-1) % head.shape[0]).view(-1, b - 1)
+                # alive before position k: every valid earlier position was right (invalid ones pass)
+                passed = (ok | ~valid).to(torch.int32)
+                alive = torch.cat([torch.ones_like(passed[:, :1]), passed[:, :-1].cumprod(1)], 1).bool()
+                ww = (alive & valid).float().reshape(-1)
+        else:
+            ww = (w[None, :] * valid).reshape(-1)
         loss = (ww * ce).sum() / ww.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
@@ -147,6 +159,7 @@ def main():
     rows = a.anchors * (b - 1)
     print(json.dumps({
         "peer": f"pytorch {torch.__version__} eager" + (", head under bf16 autocast" if a.head_bf16 else ""),
+        "objective": a.objective,
         "threads": a.threads,
         "step_ms": round(step * 1e3, 1),
         "supervised_tokens_per_s": round(rows / step, 1),
