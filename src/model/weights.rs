@@ -18,10 +18,10 @@ use super::ModelError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightsMode {
-    /// The default: `native` for a GGUF whose quantized tensors are all Q8_0 or Q4_1 (the types
-    /// `qgemm` runs as stored: the model as the file holds it, and the fastest mode), `q8` for
-    /// everything else (safetensors, other quantized types). Resolved when the target loads
-    /// ([`WeightsMode::resolve`]); a loaded target reports the concrete mode.
+    /// The default: `native` for a GGUF whose matrices are all Q8_0 or Q4_1 (the types `qgemm`
+    /// runs as stored: the model as the file holds it, and the fastest mode), `q8` for everything
+    /// else (safetensors, other quantized types, dense GGUF matrices). Resolved when the target
+    /// loads ([`WeightsMode::resolve`]); a loaded target reports the concrete mode.
     #[default]
     Auto,
     /// Everything dequantized to f32: the reference path, and the one training reads.
