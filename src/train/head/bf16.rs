@@ -166,9 +166,17 @@ pub(super) fn gemm(m: usize, a: &[u32], a_pairs: usize, b: &PackedB, c: &mut [f3
                     // SAFETY: the asserts above bound every row of A and C that a tile touches;
                     // workers write disjoint column panels of C.
                     unsafe {
-                        let ap = (a_addr as *const u32).add(r * a_pairs + kb);
-                        let cp = (c_addr as *mut f32).add(r * ldc + j0);
-                        tile_dispatch(rows, ap, a_pairs, bp.as_ptr(), kps, cp, ldc, width, first);
+                        let tile = Tile {
+                            a: (a_addr as *const u32).add(r * a_pairs + kb),
+                            lda: a_pairs,
+                            b: bp.as_ptr(),
+                            kps,
+                            c: (c_addr as *mut f32).add(r * ldc + j0),
+                            ldc,
+                            width,
+                            first,
+                        };
+                        tile.run(rows);
                     }
                     r += rows;
                 }
@@ -177,9 +185,11 @@ pub(super) fn gemm(m: usize, a: &[u32], a_pairs: usize, b: &PackedB, c: &mut [f3
     });
 }
 
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_dispatch(
-    rows: usize,
+/// One tile's operands: rows of A from `a` (`lda` words a row), the panel's k block from `b`
+/// (`kps` pairs), C from `c` (row stride `ldc`, the first `width` columns written; `first`:
+/// overwrite instead of add).
+#[derive(Clone, Copy)]
+struct Tile {
     a: *const u32,
     lda: usize,
     b: *const u32,
@@ -188,56 +198,54 @@ unsafe fn tile_dispatch(
     ldc: usize,
     width: usize,
     first: bool,
-) {
-    macro_rules! go {
-        ($($r:literal)*) => {
-            match rows {
-                $($r => tile::<$r>(a, lda, b, kps, c, ldc, width, first),)*
-                _ => unreachable!("tile rows {rows} > MR"),
-            }
-        };
-    }
-    go!(1 2 3 4 5 6 7 8)
 }
 
-/// One tile: R rows × NR columns (the first `width` written), over `kps` pairs.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile<const R: usize>(
-    a: *const u32,
-    lda: usize,
-    b: *const u32,
-    kps: usize,
-    c: *mut f32,
-    ldc: usize,
-    width: usize,
-    first: bool,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 3]; R];
-    for p in 0..kps {
-        let bq = b.add(p * NR);
-        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq as *const _));
-        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq.add(16) as *const _));
-        let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq.add(32) as *const _));
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * lda + p) as i32));
-            acc_r[0] = _mm512_dpbf16_ps(acc_r[0], av, b0);
-            acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
-            acc_r[2] = _mm512_dpbf16_ps(acc_r[2], av, b2);
+impl Tile {
+    /// # Safety
+    /// The CPU has AVX512-BF16; `rows` ≤ [`MR`] rows of A and C and the panel's `kps` pairs are
+    /// in bounds.
+    unsafe fn run(&self, rows: usize) {
+        macro_rules! go {
+            ($($r:literal)*) => {
+                match rows {
+                    $($r => self.rows::<$r>(),)*
+                    _ => unreachable!("tile rows {rows} > MR"),
+                }
+            };
         }
+        go!(1 2 3 4 5 6 7 8)
     }
-    for (r, acc_r) in acc.iter().enumerate() {
-        let row = c.add(r * ldc);
-        for (v, &x) in acc_r.iter().enumerate() {
-            let lanes = width.saturating_sub(16 * v).min(16);
-            if lanes == 0 {
-                break;
+
+    /// R rows × NR columns over `kps` pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn rows<const R: usize>(&self) {
+        use std::arch::x86_64::*;
+        let Tile { a, lda, b, kps, c, ldc, width, first } = *self;
+        let mut acc = [[_mm512_setzero_ps(); 3]; R];
+        for p in 0..kps {
+            let bq = b.add(p * NR);
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq as *const _));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq.add(16) as *const _));
+            let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq.add(32) as *const _));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * lda + p) as i32));
+                acc_r[0] = _mm512_dpbf16_ps(acc_r[0], av, b0);
+                acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
+                acc_r[2] = _mm512_dpbf16_ps(acc_r[2], av, b2);
             }
-            let mask: __mmask16 = if lanes == 16 { 0xffff } else { (1u16 << lanes) - 1 };
-            let dst = row.add(16 * v);
-            let sum = if first { x } else { _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), x) };
-            _mm512_mask_storeu_ps(dst, mask, sum);
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            let row = c.add(r * ldc);
+            for (v, &x) in acc_r.iter().enumerate() {
+                let lanes = width.saturating_sub(16 * v).min(16);
+                if lanes == 0 {
+                    break;
+                }
+                let mask: __mmask16 = if lanes == 16 { 0xffff } else { (1u16 << lanes) - 1 };
+                let dst = row.add(16 * v);
+                let sum = if first { x } else { _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), x) };
+                _mm512_mask_storeu_ps(dst, mask, sum);
+            }
         }
     }
 }

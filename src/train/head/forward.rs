@@ -98,22 +98,23 @@ impl Scratch {
             w2_t,
         )
     }
-}
 
-impl Scratch {
     /// The logits of the chunk's `rows` that `objective` can weigh above zero, and only those
-    /// (DFlash, [`ResolvedObjective::stops_at_first_failure`]): each round weighs the chunk's
+    /// (DFlash, [`ResolvedObjective::stops_at_first_failure`]), with their statistics in `stats`
+    /// (c rows; the rows left out get those of an invalid row): each round weighs the chunk's
     /// blocks from what is known, a row without logits counting as a failure, and scores the rows
     /// that came out with a weight and no logits yet, i.e. the next position of every block
-    /// still without a failure. Returns which rows have logits (in `base_logits`, at their rows).
+    /// still without a failure. The logits land in `base_logits` at their rows.
     pub(super) fn logits_until_failure(
         &mut self,
         batch: &Batch<'_>,
         objective: &ResolvedObjective,
         rows: Range<usize>,
-    ) -> Result<Vec<bool>, HeadError> {
+        stats: &mut [RowStat],
+    ) -> Result<(), HeadError> {
         let (r0, c, vocab) = (rows.start, rows.len(), batch.vocab);
         let p = batch.layout.positions_per_block;
+        stats.fill(RowStat::default());
         let mut computed = vec![false; c];
         let mut correct = vec![false; c];
         let mut p_gold = vec![0.0f32; c];
@@ -130,16 +131,17 @@ impl Scratch {
             }
             let need: Vec<usize> = (0..c).filter(|&j| w[j] > 0.0 && !computed[j]).collect();
             if need.is_empty() {
-                return Ok(computed);
+                return Ok(());
             }
             self.logits_of(batch, r0, &need)?;
             let logits = &self.base_logits;
-            let stats: Vec<RowStat> =
+            let found: Vec<RowStat> =
                 need.par_iter().map(|&j| row_stat(&logits[j * vocab..(j + 1) * vocab], batch, r0 + j)).collect();
-            for (&j, s) in need.iter().zip(&stats) {
+            for (&j, s) in need.iter().zip(found) {
                 computed[j] = true;
                 correct[j] = s.correct;
                 p_gold[j] = s.p_gold;
+                stats[j] = s;
             }
         }
     }

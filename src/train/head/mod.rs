@@ -520,16 +520,17 @@ impl ChunkedHead {
         let mut r0 = 0;
         while r0 < n {
             let rows = r0..(r0 + chunk_rows).min(n);
-            // 3. Logits: base = h·Wᵀ; final = base + a·W₂ᵀ (a zeroed on base-only rows); under
-            //    AUF, only up to each block's first failure.
-            let computed = if until_failure {
-                Some(self.scratch.logits_until_failure(&batch, objective, rows.clone())?)
+            if until_failure {
+                // 3–4. Logits and row statistics of each block's rows up to its first failure.
+                let c = rows.len();
+                self.scratch.logits_until_failure(&batch, objective, rows.clone(), &mut stats.fin[..c])?;
+                branches.fin.record_stats(rows.start, &stats.fin[..c]);
             } else {
+                // 3. Logits: base = h·Wᵀ; final = base + a·W₂ᵀ (a zeroed on base-only rows).
                 self.scratch.logits(&batch, rows.clone())?;
-                None
-            };
-            // 4. Row statistics (the buffers keep the logits for step 6).
-            stats.fill(&self.scratch, &batch, rows.clone(), &mut branches, computed.as_deref());
+                // 4. Row statistics (the buffers keep the logits for step 6).
+                stats.fill(&self.scratch, &batch, rows.clone(), &mut branches);
+            }
             // 5. Weights, block by block.
             branches.weigh_chunk(objective, &mix, &batch, rows.clone());
             // 6. Gradients of support rows only.

@@ -49,18 +49,13 @@ pub(super) fn for_row_parts<T: Send>(
 }
 
 /// Fills `stats` for the chunk's rows of logits `buf` (rows × vocab), reading it once (and the
-/// few soft-target logits again); `r0` is the chunk's first batch row. Rows outside `computed`
-/// (when given) have no logits and get the statistics of an invalid row.
-fn chunk_row_stats(buf: &[f32], batch: &Batch<'_>, r0: usize, stats: &mut [RowStat], computed: Option<&[bool]>) {
+/// few soft-target logits again); `r0` is the chunk's first batch row.
+fn chunk_row_stats(buf: &[f32], batch: &Batch<'_>, r0: usize, stats: &mut [RowStat]) {
     let vocab = batch.vocab;
     let rows = stats.len();
     for_row_parts(rows, 1, stats, |range, out| {
         for (j, r) in range.enumerate() {
-            out[j] = if computed.is_some_and(|c| !c[r]) {
-                RowStat::default()
-            } else {
-                row_stat(&buf[r * vocab..(r + 1) * vocab], batch, r0 + r)
-            };
+            out[j] = row_stat(&buf[r * vocab..(r + 1) * vocab], batch, r0 + r);
         }
     });
 }
@@ -101,22 +96,20 @@ impl ChunkStats {
         }
     }
 
-    /// Statistics of the chunk's `rows` from the logits in `scratch`, recorded into the branches;
-    /// `computed`: which of them have logits (None: all).
+    /// Statistics of the chunk's `rows` from the logits in `scratch`, recorded into the branches.
     pub fn fill(
         &mut self,
         scratch: &Scratch,
         batch: &Batch<'_>,
         rows: Range<usize>,
         branches: &mut Branches,
-        computed: Option<&[bool]>,
     ) {
         let (r0, c, vocab) = (rows.start, rows.len(), batch.vocab);
         let final_buf = scratch.final_logits(batch);
-        chunk_row_stats(&final_buf[..c * vocab], batch, r0, &mut self.fin[..c], computed);
+        chunk_row_stats(&final_buf[..c * vocab], batch, r0, &mut self.fin[..c]);
         branches.fin.record_stats(r0, &self.fin[..c]);
         if let Some(b) = branches.base.as_mut() {
-            chunk_row_stats(&scratch.base_logits[..c * vocab], batch, r0, &mut self.base[..c], computed);
+            chunk_row_stats(&scratch.base_logits[..c * vocab], batch, r0, &mut self.base[..c]);
             b.record_stats(r0, &self.base[..c]);
         }
     }

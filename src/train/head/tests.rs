@@ -214,20 +214,15 @@ fn run_head(
     c: &Case,
     delta: Option<DeltaBranch<'_>>,
 ) -> HeadOutput {
-    // Every row scored, so that per-row outputs compare with the references row for row
-    // (`skipping_rows_after_the_first_failure_gives_the_same_loss_and_gradient` covers the rest).
-    let mut head = ChunkedHead::new(HeadConfig { chunk_rows, score_every_row: true, ..Default::default() });
-    let input = HeadInput {
-        hidden: &c.h,
-        lm_head: &c.w,
-        labels: &c.labels,
-        valid: &c.valid,
-        layout: c.layout,
-        num_sequences: 1,
-        seed: 0,
-        delta,
-        soft: None,
-    };
+    run_head_in(HeadPrecision::F32, chunk_rows, obj, c, delta)
+}
+
+/// The chunked head over `c` with every row scored, so that per-row outputs compare with the
+/// references row for row (`skipping_rows_after_the_first_failure_gives_the_same_loss_and_gradient`
+/// covers the rest).
+fn run_head_in(precision: HeadPrecision, chunk_rows: usize, obj: &ResolvedObjective, c: &Case, delta: Option<DeltaBranch<'_>>) -> HeadOutput {
+    let mut head = ChunkedHead::new(HeadConfig { chunk_rows, precision, score_every_row: true, ..Default::default() });
+    let input = HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 0, delta, soft: None };
     head.run(obj, &input).unwrap()
 }
 
@@ -717,12 +712,6 @@ fn generic_head_equals_the_chunked_kernel_with_distillation_targets() {
             assert!((a - b).abs() < 1e-5);
         }
     }
-}
-
-fn run_head_in(precision: HeadPrecision, chunk_rows: usize, obj: &ResolvedObjective, c: &Case, delta: Option<DeltaBranch<'_>>) -> HeadOutput {
-    let mut head = ChunkedHead::new(HeadConfig { chunk_rows, precision, ..Default::default() });
-    let input = HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 0, delta, soft: None };
-    head.run(obj, &input).unwrap()
 }
 
 #[test]
