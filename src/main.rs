@@ -38,6 +38,16 @@ enum Command {
 }
 
 fn main() {
+    // Both before any thread exists. One malloc arena: see its doc (a training step's
+    // temporaries otherwise come back as fresh pages every step).
+    specauf::util::measure::single_malloc_arena();
+    // candle's elementwise thread pool spins 25 000 rounds (about half a millisecond) after each
+    // op before it sleeps; on two cores that spinning thread takes a core from the next op's
+    // products. 200 rounds: `bench train` forward 55–57 ms instead of 63–71 (decay, bf16
+    // products, alternating runs). A user's own setting wins.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200");
+    }
     let cli = Cli::parse();
     // Work reached from anywhere (the asset fetcher on a model's first use) reports here.
     specauf::util::progress::set_global(std::sync::Arc::new(cli::progress::Bars::new()));
