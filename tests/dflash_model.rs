@@ -247,6 +247,44 @@ fn every_trainable_tensor_receives_a_nonzero_gradient() {
     }
 }
 
+/// `layer_precision = "bf16"`: the layers' linears and their gradients run on AVX512-BF16. The
+/// output and every tensor's gradient stay within bf16 rounding of the f32 ones (none lost); a
+/// CPU without the instructions gets an error that says so.
+#[test]
+fn bf16_layers_stay_close_to_f32_and_give_every_tensor_its_gradient() {
+    use specauf::nn::Precision;
+    let target = target("qwen3");
+    let taps = vec![0usize, 3];
+    let mut d = drafter(&target, 2, 4, taps.clone(), 7);
+    let ids = tokens(20, 256, 8);
+    let feats = features(&target, &ids, &taps);
+    let anchors = [4usize, 9, 15];
+    let block_ids = d.block_ids(&anchors.iter().map(|&a| ids[a]).collect::<Vec<_>>());
+    let h32 = d.forward_train(&target, &feats, &anchors, &block_ids).unwrap();
+    let g32 = head_loss(&d, &target, &h32, 1).backward().unwrap();
+    d.set_layer_precision(Precision::Bf16);
+    if !Precision::Bf16.runs_here() {
+        let err = d.forward_train(&target, &feats, &anchors, &block_ids).unwrap_err().to_string();
+        assert!(err.contains("AVX512-BF16"), "{err}");
+        return;
+    }
+    let h16 = d.forward_train(&target, &feats, &anchors, &block_ids).unwrap();
+    let scale = h32.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diff = max_abs_diff(&h32, &h16);
+    assert!(diff > 0.0, "the bf16 products must differ from f32 somewhere (else they did not run)");
+    assert!(diff < 0.05 * scale, "output moved by {diff} against a scale of {scale}");
+    let g16 = head_loss(&d, &target, &h16, 1).backward().unwrap();
+    for (name, var) in d.named_vars() {
+        let a = g32.get(var.as_tensor()).unwrap();
+        let b = g16.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient in bf16"));
+        let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+        let rel = norm(&(a - b).unwrap()) / norm(a);
+        println!("{name}: |grad| {:.3e}, relative difference {rel:.2e}", norm(b));
+        assert!(norm(b) > 1e-8 && norm(b).is_finite(), "{name}: bf16 gradient norm {}", norm(b));
+        assert!(rel < 0.05, "{name}: bf16 gradient differs from f32 by {rel} (relative)");
+    }
+}
+
 #[test]
 fn gradients_match_finite_differences() {
     let target = target("llama");

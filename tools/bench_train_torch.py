@@ -107,6 +107,9 @@ def main():
     ap.add_argument("--head-bf16", action="store_true",
                     help="the head's product under CPU autocast to bf16 (logits back to f32 for the CE), the "
                          "peer of `specauf bench train --head-precision bf16`")
+    ap.add_argument("--layers-bf16", action="store_true",
+                    help="the drafter's forward (its linears and attention products) under CPU autocast to "
+                         "bf16, the peer of `specauf bench train --layer-precision bf16`")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -130,7 +133,12 @@ def main():
         labels = ids[lab_pos.clamp(max=t - 1)]
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        h = drafter(feats, embed[block_ids.reshape(-1)], anchors, b)
+        if a.layers_bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = drafter(feats, embed[block_ids.reshape(-1)], anchors, b)
+            h = h.float()
+        else:
+            h = drafter(feats, embed[block_ids.reshape(-1)], anchors, b)
         pred = h.view(anchors.numel(), b, H)[:, 1:, :].reshape(-1, H)
         head = embed[: a.head_vocab] if a.head_vocab > 0 else embed
         if a.head_bf16:
@@ -158,7 +166,8 @@ def main():
     step = statistics.median(times)
     rows = a.anchors * (b - 1)
     print(json.dumps({
-        "peer": f"pytorch {torch.__version__} eager" + (", head under bf16 autocast" if a.head_bf16 else ""),
+        "peer": f"pytorch {torch.__version__} eager" + (", head under bf16 autocast" if a.head_bf16 else "")
+                + (", layers under bf16 autocast" if a.layers_bf16 else ""),
         "objective": a.objective,
         "threads": a.threads,
         "step_ms": round(step * 1e3, 1),

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use specauf::model::WeightsMode;
-use specauf::train::head::{HeadPrecision, HeadVocab};
+use specauf::train::head::{Precision, HeadVocab};
 use specauf::pipeline::bench::{self, DecodePlan, TrainBenchPlan};
 
 use super::progress::Bars;
@@ -195,8 +195,12 @@ struct TrainBenchArgs {
     head_vocab: HeadVocab,
     /// The precision of the head's products (the train config's `head.precision`): f32 or bf16
     /// (AVX512-BF16 CPUs).
-    #[arg(long, default_value_t = HeadPrecision::F32)]
-    head_precision: HeadPrecision,
+    #[arg(long, default_value_t = Precision::F32)]
+    head_precision: Precision,
+    /// The precision of the drafter layers' linears and their gradients (the train config's
+    /// `layer_precision`): f32 or bf16 (AVX512-BF16 CPUs).
+    #[arg(long, default_value_t = Precision::F32)]
+    layer_precision: Precision,
     #[command(flatten)]
     device: super::device::DeviceArgs,
 }
@@ -414,10 +418,11 @@ fn train_bench(a: TrainBenchArgs) -> anyhow::Result<()> {
         activation_checkpointing: a.activation_checkpointing,
         head_vocab: a.head_vocab,
         head_precision: a.head_precision,
+        layer_precision: a.layer_precision,
     };
     let (shape, rows) = bench::train(&plan)?;
     eprintln!(
-        "bench train: {} with a {}-layer DFlash drafter (block {}, {} parameters), {} anchors × {} positions on a {}-token sequence, {} threads, head products in {}, medians of {} steps",
+        "bench train: {} with a {}-layer DFlash drafter (block {}, {} parameters), {} anchors × {} positions on a {}-token sequence, {} threads, head products in {}, layer products in {}, medians of {} steps",
         plan.model,
         shape.layers,
         shape.block_size,
@@ -427,6 +432,7 @@ fn train_bench(a: TrainBenchArgs) -> anyhow::Result<()> {
         shape.seq_len,
         shape.threads,
         shape.head_products,
+        shape.layer_products,
         plan.runs
     );
     println!("| objective | step ms | supervised tokens/s | forward ms | LM head + CE ms | backward ms | head share | support/block | peak RSS MiB |");

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use super::vocab::DraftVocab;
 use super::DrafterError;
 use crate::model::{Target, TargetConfig};
-use crate::nn::ops;
+use crate::nn::{ops, Precision};
 
 // ---------------------------------------------------------------------------------------------
 // Config
@@ -571,10 +571,11 @@ impl Rotary {
 // Layers
 // ---------------------------------------------------------------------------------------------
 
-/// x (n, in) → (n, out) with a bias-free weight (out, in).
-/// x·wᵀ in the compute dtype of w's device (bf16 on CUDA, f32 on the CPU): `ops::linear`.
-fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    crate::nn::ops::linear(x, w)
+/// x (n, in) → (n, out) with a bias-free weight (out, in): x·wᵀ in the compute dtype of w's
+/// device (bf16 on CUDA, f32 on the CPU), or in bf16 on the CPU at `Precision::Bf16` (training
+/// forwards with `layer_precision = "bf16"`): `ops::linear_at`.
+fn linear_at(x: &Tensor, w: &Tensor, p: Precision) -> candle_core::Result<Tensor> {
+    crate::nn::ops::linear_at(x, w, p)
 }
 
 #[derive(Debug, Clone)]
@@ -586,9 +587,9 @@ struct Mlp {
 
 impl Mlp {
     /// (n, H) → (n, H): down(silu(gate(x)) ⊙ up(x)).
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = ops::silu(&linear(x, &self.gate_proj)?)?;
-        linear(&(g * linear(x, &self.up_proj)?)?, &self.down_proj)
+    fn forward(&self, x: &Tensor, p: Precision) -> candle_core::Result<Tensor> {
+        let g = ops::silu(&linear_at(x, &self.gate_proj, p)?)?;
+        linear_at(&(g * linear_at(x, &self.up_proj, p)?)?, &self.down_proj, p)
     }
 }
 
@@ -615,12 +616,12 @@ struct Attention {
 
 impl Attention {
     /// Context feature (T, H) at positions given by `cos`/`sin` (T, hd/2) → this layer's K/V.
-    fn context_kv(&self, c: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<ContextKv> {
+    fn context_kv(&self, c: &Tensor, cos: &Tensor, sin: &Tensor, p: Precision) -> candle_core::Result<ContextKv> {
         let t = c.dim(0)?;
         let (nkv, hd) = (self.kv_heads, self.head_dim);
         // 1. (T, H) -> (T, n_kv, hd); per-head k_norm before RoPE
-        let k = ops::rms_norm(&linear(c, &self.k_proj)?.reshape((t, nkv, hd))?, &self.k_norm, self.eps)?;
-        let v = linear(c, &self.v_proj)?.reshape((t, nkv, hd))?;
+        let k = ops::rms_norm(&linear_at(c, &self.k_proj, p)?.reshape((t, nkv, hd))?, &self.k_norm, self.eps)?;
+        let v = linear_at(c, &self.v_proj, p)?.reshape((t, nkv, hd))?;
         // 2. (T, n_kv, hd) -> (1, n_kv, T, hd) for rope -> (n_kv, T, hd)
         let k = ops::rope(&k.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)?;
         let v = v.transpose(0, 1)?.contiguous()?;
@@ -641,15 +642,16 @@ impl Attention {
         sin: &Tensor,
         ctx: Option<&ContextKv>,
         ctx_bias: Option<&Tensor>,
+        p: Precision,
     ) -> candle_core::Result<Tensor> {
         let n = x.dim(0)?;
         let bsz = n / nb;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let g = nh / nkv;
         // 1. projections: (nb·B, H) -> (nb, B, heads, hd); per-head q/k norm before RoPE
-        let q = ops::rms_norm(&linear(x, &self.q_proj)?.reshape((nb, bsz, nh, hd))?, &self.q_norm, self.eps)?;
-        let k = ops::rms_norm(&linear(x, &self.k_proj)?.reshape((nb, bsz, nkv, hd))?, &self.k_norm, self.eps)?;
-        let v = linear(x, &self.v_proj)?.reshape((nb, bsz, nkv, hd))?;
+        let q = ops::rms_norm(&linear_at(x, &self.q_proj, p)?.reshape((nb, bsz, nh, hd))?, &self.q_norm, self.eps)?;
+        let k = ops::rms_norm(&linear_at(x, &self.k_proj, p)?.reshape((nb, bsz, nkv, hd))?, &self.k_norm, self.eps)?;
+        let v = linear_at(x, &self.v_proj, p)?.reshape((nb, bsz, nkv, hd))?;
         // 2. (nb, B, heads, hd) -> (nb, heads, B, hd), rotate at the block positions; the score
         //    scale goes on q, the smallest operand
         let q = (ops::rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
@@ -685,7 +687,7 @@ impl Attention {
         };
         // 8. (n_kv, nb, g·B, hd) -> (nb, B, n_kv, g, hd) = (nb·B, nh·hd) -> (nb·B, H)
         let out = out.reshape((nkv, nb, g, bsz, hd))?.permute((1, 3, 0, 2, 4))?.contiguous()?.reshape((n, nh * hd))?;
-        linear(&out, &self.o_proj)
+        linear_at(&out, &self.o_proj, p)
     }
 }
 
@@ -719,11 +721,12 @@ impl Layer {
         sin: &Tensor,
         ctx: Option<&ContextKv>,
         ctx_bias: Option<&Tensor>,
+        p: Precision,
     ) -> candle_core::Result<Tensor> {
         let h = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
-        let x = (x + self.self_attn.forward(&h, nb, cos, sin, ctx, ctx_bias)?)?;
+        let x = (x + self.self_attn.forward(&h, nb, cos, sin, ctx, ctx_bias, p)?)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
-        x + self.mlp.forward(&h)?
+        x + self.mlp.forward(&h, p)?
     }
 }
 
@@ -744,6 +747,8 @@ struct TrainSetup {
     bias: Option<Tensor>,
     /// (nb·B, H) the target's embeddings of the block tokens (frozen).
     x0: Tensor,
+    /// The precision of the layers' linears ([`DFlashDrafter::set_layer_precision`]).
+    precision: Precision,
 }
 
 impl TrainSetup {
@@ -751,10 +756,10 @@ impl TrainSetup {
     /// layer's own k/v projections.
     fn layer(&self, layer: &Layer, x: &Tensor, c: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let kv = match c {
-            Some(c) => Some(layer.self_attn.context_kv(c, &self.ccos, &self.csin)?),
+            Some(c) => Some(layer.self_attn.context_kv(c, &self.ccos, &self.csin, self.precision)?),
             None => None,
         };
-        layer.forward(x, self.nb, &self.bcos, &self.bsin, kv.as_ref(), self.bias.as_ref())
+        layer.forward(x, self.nb, &self.bcos, &self.bsin, kv.as_ref(), self.bias.as_ref(), self.precision)
     }
 }
 
@@ -830,7 +835,7 @@ impl CheckpointedForward<'_> {
         }
         // The context path: fc and hidden_norm, with the gradient the layers sent to the context.
         if let (Some(f), Some(gc)) = (&self.setup.features_ctx, g_c) {
-            let c = d.context_feature(f)?;
+            let c = d.context_feature(f, self.setup.precision)?;
             add(&(c * gc.detach())?.sum_all()?.backward()?)?;
         }
         Ok(acc.into_values().collect())
@@ -883,6 +888,9 @@ pub struct DFlashDrafter {
     /// (the top [`super::DEFAULT_DRAFT_VOCAB`] unless set otherwise), DESIGN §7.13. None: the whole
     /// vocabulary.
     draft_vocab: Option<(Arc<DraftVocab>, Arc<[u32]>)>,
+    /// The precision of the layers' linears in training forwards (`layer_precision` of the
+    /// training config); inference always runs f32 (or its quantized kernels).
+    layer_precision: Precision,
 }
 
 impl std::fmt::Debug for DFlashDrafter {
@@ -964,6 +972,7 @@ impl DFlashDrafter {
             varmap,
             config,
             draft_vocab: None,
+            layer_precision: Precision::F32,
         })
     }
 
@@ -977,6 +986,13 @@ impl DFlashDrafter {
     }
 
     /// The ranking this drafter carries (saved beside its checkpoint).
+    /// The precision of the layers' linears (and `fc`) in training forwards; the attention
+    /// scores, norms and inference stay f32. The trainer sets it from `layer_precision` after
+    /// checking [`Precision::runs_here`].
+    pub fn set_layer_precision(&mut self, precision: Precision) {
+        self.layer_precision = precision;
+    }
+
     pub fn draft_vocab(&self) -> Option<&Arc<DraftVocab>> {
         self.draft_vocab.as_ref().map(|(v, _)| v)
     }
@@ -1046,8 +1062,8 @@ impl DFlashDrafter {
     }
 
     /// Fused context feature: (T, n_taps·H) -> hidden_norm(fc(·)) (T, H).
-    fn context_feature(&self, features: &Tensor) -> candle_core::Result<Tensor> {
-        ops::rms_norm(&linear(features, &self.fc)?, &self.hidden_norm, self.config.rms_norm_eps)
+    fn context_feature(&self, features: &Tensor, p: Precision) -> candle_core::Result<Tensor> {
+        ops::rms_norm(&linear_at(features, &self.fc, p)?, &self.hidden_norm, self.config.rms_norm_eps)
     }
 
     fn check_features(&self, features: &Tensor) -> Result<usize, DrafterError> {
@@ -1096,7 +1112,7 @@ impl DFlashDrafter {
     pub fn forward_train(&self, target: &Target, features: &Tensor, anchors: &[usize], block_ids: &[u32]) -> Result<Tensor, DrafterError> {
         let setup = self.train_setup(target, features, anchors, block_ids)?;
         let c = match &setup.features_ctx {
-            Some(f) => Some(self.context_feature(f)?),
+            Some(f) => Some(self.context_feature(f, setup.precision)?),
             None => None,
         };
         let mut x = setup.x0.clone();
@@ -1141,7 +1157,7 @@ impl DFlashDrafter {
         let bias = if t_ctx > 0 { Some(Self::training_context_bias_on(anchors, t_ctx, self.norm.device())?) } else { None };
         // 3. block inputs: the target's frozen embeddings (nb·B, H)
         let x0 = target.embed(block_ids)?;
-        Ok(TrainSetup { nb, features_ctx, ccos, csin, bcos, bsin, bias, x0 })
+        Ok(TrainSetup { nb, features_ctx, ccos, csin, bcos, bsin, bias, x0, precision: self.layer_precision })
     }
 
     /// [`Self::forward_train`] with activation checkpointing: the forward keeps only each layer's
@@ -1159,7 +1175,7 @@ impl DFlashDrafter {
         let setup = self.train_setup(target, features, anchors, block_ids)?;
         // Values only: each result is detached at once, so the graph built for it is dropped.
         let c = match &setup.features_ctx {
-            Some(f) => Some(self.context_feature(f)?.detach()),
+            Some(f) => Some(self.context_feature(f, setup.precision)?.detach()),
             None => None,
         };
         let mut inputs = Vec::with_capacity(self.layers.len());
@@ -1190,11 +1206,11 @@ impl DFlashDrafter {
         }
         let positions: Vec<usize> = (start..start + n).collect();
         let (cos, sin) = self.rotary.at(&positions, self.norm.device())?;
-        let c = self.context_feature(&features.detach())?;
+        let c = self.context_feature(&features.detach(), Precision::F32)?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             // Detached: a cached row must not keep the autograd graph that made it (nor, through
             // the concatenation, every earlier cache) alive for the whole request.
-            let new = layer.self_attn.context_kv(&c, &cos, &sin)?;
+            let new = layer.self_attn.context_kv(&c, &cos, &sin, Precision::F32)?;
             let (k, v) = (new.k.detach(), new.v.detach());
             *slot = Some(match slot.take() {
                 None => ContextKv { k, v },
@@ -1227,7 +1243,7 @@ impl DFlashDrafter {
         // 1. (B, H) frozen embeddings; 2. layers against the cached context; 3. final norm
         let mut x = target.embed(block_ids)?;
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
-            x = layer.forward(&x, 1, &cos, &sin, kv.as_ref(), None)?;
+            x = layer.forward(&x, 1, &cos, &sin, kv.as_ref(), None, Precision::F32)?;
         }
         Ok(ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
     }

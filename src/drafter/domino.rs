@@ -401,6 +401,12 @@ impl DominoDrafter {
     /// A new, untrained drafter for `target`, reproducible from `seed`: the backbone as
     /// [`DFlashDrafter::init_random_from_config`]; `embed_proj` Linears ~ N(0, 0.02²) (HF init);
     /// the GRU ~ U(-1/√G, 1/√G) (PyTorch's GRU init, which the HF init leaves alone).
+    /// The backbone's layer precision in training forwards ([`DFlashDrafter::set_layer_precision`]);
+    /// the GRU branch stays f32.
+    pub fn set_layer_precision(&mut self, precision: crate::nn::Precision) {
+        self.backbone.set_layer_precision(precision);
+    }
+
     pub fn init_random(target: &TargetConfig, init: &DominoInitConfig, seed: u64) -> Result<Self, DrafterError> {
         Self::init_random_from_config(DominoConfig::for_target(target, init)?, seed)
     }

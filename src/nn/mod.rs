@@ -1,7 +1,10 @@
 //! Neural-network building blocks shared by the drafters, and the device/kernel seam.
 
+pub mod bf16;
 pub mod device;
 pub mod ops;
+
+pub use bf16::Precision;
 
 pub use device::{Backend, DeviceChoice, DeviceError, DeviceSpec, KernelPath, Kernels, DEFAULT_DEVICE};
 

@@ -49,6 +49,22 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     linear_in(x, w, super::device::compute_dtype_for(w.device()))
 }
 
+/// [`linear`] at a precision: `Bf16` on the CPU runs the product and its two gradient products
+/// on AVX512-BF16 ([`super::bf16::matmul`]; x (..., in) is flattened to rows); `F32`, or any
+/// other device, is [`linear`]. The caller checks [`super::Precision::runs_here`] first.
+pub fn linear_at(x: &Tensor, w: &Tensor, precision: super::Precision) -> Result<Tensor> {
+    if precision.is_f32() || !w.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return linear(x, w);
+    }
+    let dims = x.dims().to_vec();
+    let k = *dims.last().ok_or_else(|| candle_core::Error::Msg("linear: x is a scalar".into()))?;
+    let rows = x.elem_count() / k.max(1);
+    let y = super::bf16::matmul(&x.reshape((rows, k))?, &w.t()?)?;
+    let mut out = dims;
+    *out.last_mut().expect("non-empty") = w.dim(0)?;
+    y.reshape(out)
+}
+
 /// [`linear`] with the product in `dtype` (tests run the bf16 product on the CPU with it).
 pub fn linear_in(x: &Tensor, w: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
     if x.dtype() == dtype && w.dtype() == dtype {

@@ -12,7 +12,7 @@ use crate::data::Sequence;
 use crate::drafter::blocks::{sample_anchors, step_rng};
 use crate::drafter::{default_mask_token, DFlashDrafter};
 use crate::model::{BatchItem, Logits, Target, WeightsMode};
-use crate::train::head::{BaseSupport, Head, HeadConfig, HeadPrecision, HeadVocab};
+use crate::train::head::{BaseSupport, Head, HeadConfig, Precision, HeadVocab};
 use crate::train::objective::Objective;
 use crate::train::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig, DEFAULT_LR};
 use crate::train::trainable::TrainableDrafter;
@@ -159,7 +159,9 @@ pub struct TrainBenchPlan {
     /// [`crate::drafter::DEFAULT_DRAFT_VOCAB`] ids (there is no data to rank them by).
     pub head_vocab: HeadVocab,
     /// The precision of the head's products (`head.precision`).
-    pub head_precision: HeadPrecision,
+    pub head_precision: Precision,
+    /// The precision of the drafter layers' linears (`layer_precision`).
+    pub layer_precision: Precision,
 }
 
 /// The shape measured.
@@ -174,6 +176,9 @@ pub struct TrainBenchShape {
     /// The precision the head's products ran in on this CPU: "bf16" or "f32" (the generic head:
     /// the backend's compute dtype).
     pub head_products: String,
+    /// The precision the drafter layers' linears ran in: "bf16" or "f32" (the generic path: the
+    /// backend's compute dtype).
+    pub layer_products: String,
 }
 
 /// One objective's step, medians.
@@ -206,12 +211,18 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
         return Err(StageError::Invalid(format!("could not build a {}-token sequence", plan.seq_len)));
     }
     let mask: Vec<u8> = (0..ids.len()).map(|i| u8::from(i >= ids.len() / 4)).collect();
+    let cpu = matches!(target.backend().path(), crate::nn::KernelPath::Cpu);
+    if cpu && !plan.layer_precision.runs_here() {
+        return Err(StageError::Invalid("--layer-precision bf16 needs AVX512-BF16, which this CPU lacks; use f32".into()));
+    }
     let new_drafter = || -> Result<DFlashDrafter, StageError> {
         let d = match &plan.drafter {
             Some(dir) => DFlashDrafter::load(dir, target.config()),
             None => DFlashDrafter::init_random_for(target.config(), plan.layers, plan.block_size, default_mask_token(target.config()), 0),
         };
-        d.map_err(train_err)
+        let mut d = d.map_err(train_err)?;
+        d.set_layer_precision(plan.layer_precision);
+        Ok(d)
     };
     let probe = new_drafter()?;
     let features = target_features(target, &ids, probe.target_layer_ids()).map_err(train_err)?;
@@ -226,10 +237,11 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
         threads: rayon::current_num_threads(),
         head_products: match target.backend().path() {
             crate::nn::KernelPath::Cpu => {
-                if plan.head_precision.use_bf16().map_err(train_err)? { "bf16" } else { "f32" }.to_string()
+                if crate::train::head::use_bf16(plan.head_precision).map_err(train_err)? { "bf16" } else { "f32" }.to_string()
             }
             crate::nn::KernelPath::Generic => format!("{:?}", target.backend().compute_dtype()).to_lowercase(),
         },
+        layer_products: if cpu { plan.layer_precision.to_string() } else { format!("{:?}", target.backend().compute_dtype()).to_lowercase() },
     };
     let mut rows = Vec::new();
     for name in &plan.objectives {

@@ -185,6 +185,13 @@ pub struct TrainConfig {
     /// all layers' (the memory plan shows both).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub activation_checkpointing: bool,
+    /// The precision of the drafter layers' linears (q/k/v/o, the MLP, `fc`) and their gradient
+    /// products on the CPU: `f32` (default) or `bf16` (AVX512-BF16 CPUs only: operands rounded to
+    /// bf16, sums in f32, as PyTorch's autocast; DESIGN §7.14). Attention scores, norms, the
+    /// optimizer and the master weights stay f32; held-out evaluation runs the layers in f32.
+    /// GPUs already compute in bf16 and ignore it.
+    #[serde(default, skip_serializing_if = "crate::nn::Precision::is_f32")]
+    pub layer_precision: crate::nn::Precision,
 }
 
 fn default_model() -> String {
@@ -242,6 +249,7 @@ impl TrainConfig {
             feature_cache_mib: default_feature_mem(),
             distill: None,
             activation_checkpointing: false,
+            layer_precision: crate::nn::Precision::F32,
         }
     }
 
@@ -355,6 +363,19 @@ mod tests {
         assert!(err.to_string().contains("stepz"), "{err}");
         let err = TrainConfig::load(None, &["data=/d".into(), "out=/o".into(), "optim.lrr=1".into()]).unwrap_err();
         assert!(err.to_string().contains("lrr"), "{err}");
+    }
+
+    #[test]
+    fn layer_precision_takes_f32_or_bf16_and_names_the_choices_otherwise() {
+        let base = || vec!["data=/d".to_string(), "out=/o".to_string()];
+        assert_eq!(TrainConfig::load(None, &base()).unwrap().layer_precision, crate::nn::Precision::F32);
+        let mut args = base();
+        args.push("layer_precision=bf16".into());
+        assert_eq!(TrainConfig::load(None, &args).unwrap().layer_precision, crate::nn::Precision::Bf16);
+        let mut args = base();
+        args.push("layer_precision=fp8".into());
+        let err = TrainConfig::load(None, &args).unwrap_err().to_string();
+        assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
     }
 
     #[test]

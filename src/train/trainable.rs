@@ -11,6 +11,7 @@ use crate::drafter::blocks::Blocks;
 use crate::drafter::dflash::CheckpointedForward;
 use crate::drafter::{AnyDrafter, DFlashDrafter, DFlashInitConfig, DominoDrafter, DrafterInit, DrafterKind};
 use crate::model::Target;
+use crate::nn::Precision;
 use crate::train::config::TrainConfig;
 use crate::train::objective::BlockLayout;
 
@@ -30,6 +31,8 @@ pub trait TrainableDrafter: Send + Sync {
     fn mask_token_id(&self) -> u32;
     fn target_layer_ids(&self) -> Vec<usize>;
     fn named_vars(&self) -> Vec<(String, Var)>;
+    /// The precision of the drafter layers' linears in its training forwards.
+    fn set_layer_precision(&mut self, precision: Precision);
     fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<TrainRows, TrainError>;
     fn save(&self, dir: &Path) -> Result<(), TrainError>;
     /// Activation checkpointing: the rows' values (no graph) and a backward that recomputes the
@@ -60,6 +63,9 @@ impl TrainableDrafter for DFlashDrafter {
     }
     fn named_vars(&self) -> Vec<(String, Var)> {
         DFlashDrafter::named_vars(self)
+    }
+    fn set_layer_precision(&mut self, precision: Precision) {
+        DFlashDrafter::set_layer_precision(self, precision)
     }
     fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<TrainRows, TrainError> {
         let hidden = self.forward_train(target, features, &blocks.anchors, &blocks.block_ids)?;
@@ -108,6 +114,9 @@ impl TrainableDrafter for DominoDrafter {
     }
     fn named_vars(&self) -> Vec<(String, Var)> {
         DominoDrafter::named_vars(self)
+    }
+    fn set_layer_precision(&mut self, precision: Precision) {
+        DominoDrafter::set_layer_precision(self, precision)
     }
     fn train_rows(&self, target: &Target, features: &Tensor, blocks: &Blocks) -> Result<TrainRows, TrainError> {
         let rows = DominoDrafter::train_rows(self, target, features, blocks)?;

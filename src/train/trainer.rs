@@ -472,7 +472,13 @@ impl<'a> Session<'a> {
                 "head.vocab = draft trains DFlash drafters on hard labels: Domino's correction branch and distillation's soft labels span the whole vocabulary; drop head.vocab or use head.vocab = full".into(),
             ));
         }
-        let drafter = trainable(drafter);
+        let mut drafter = trainable(drafter);
+        if target.device().is_cpu() && !cfg.layer_precision.runs_here() {
+            return Err(TrainError::Setup(
+                "layer_precision is bf16 but this CPU has no AVX512-BF16 instructions; set layer_precision to \"f32\" (the default) in the training config".into(),
+            ));
+        }
+        drafter.set_layer_precision(cfg.layer_precision);
         let objective = objective_for(cfg, drafter.as_ref())?;
         let layer_ids = drafter.target_layer_ids();
         let disk = FeatureCache::open(&cfg.data, Split::Train, &ModelIdentity::of(model)?, &layer_ids).ok();
@@ -544,7 +550,9 @@ impl<'a> Session<'a> {
     fn held_out(&mut self) -> Result<Option<EvalMetrics>, TrainError> {
         let Some(d) = &self.eval_data else { return Ok(None) };
         let c = self.cfg;
-        Ok(Some(evaluate(
+        // Held out, the drafter runs as it will be served: its layers in f32.
+        self.drafter.set_layer_precision(crate::nn::Precision::F32);
+        let metrics = evaluate(
             self.target,
             self.drafter.as_ref(),
             &self.objective,
@@ -555,7 +563,9 @@ impl<'a> Session<'a> {
             c.eval_sequences,
             c.num_anchors,
             c.seed,
-        )?))
+        );
+        self.drafter.set_layer_precision(c.layer_precision);
+        Ok(Some(metrics?))
     }
 
     /// The next sequence of the seeded per-epoch order; advances the cursor.

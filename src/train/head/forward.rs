@@ -6,7 +6,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::batch::Batch;
-use super::bf16;
+use crate::nn::bf16;
 use super::rows::{row_stat, RowStat};
 use crate::train::objective::{BlockRows, ResolvedObjective};
 use super::gemm::{gemm_f32, Mat};

@@ -11,7 +11,7 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 
 use super::batch::{Batch, DeltaRows, Mix};
-use super::bf16;
+use crate::nn::bf16;
 use super::branch::Branches;
 use super::gemm::{gemm_f32, Mat};
 use super::kernels;

@@ -53,7 +53,8 @@
 //! the tensor views and the matrix product, `kernels` the vectorised per-row loops.
 
 mod batch;
-mod bf16;
+use crate::nn::bf16;
+pub use crate::nn::Precision;
 mod branch;
 mod forward;
 mod gemm;
@@ -139,8 +140,8 @@ pub struct HeadConfig {
     /// The precision of the two products with the LM head on the CPU kernel path: `f32`
     /// (default) or `bf16` (AVX512-BF16 CPUs only; about twice the rate, measured slightly worse
     /// drafters: DESIGN §7.14). Sums are f32 either way. The generic (GPU) head ignores it.
-    #[serde(default, skip_serializing_if = "HeadPrecision::is_f32")]
-    pub precision: HeadPrecision,
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     /// Score every row, also those past a block's first failure under AUF (default false: the
     /// CPU head leaves them out, since their weight is zero; the loss and gradient are the same,
     /// and the training log's `acc` and `acc_per_position` then count such rows as wrong).
@@ -149,32 +150,12 @@ pub struct HeadConfig {
     pub score_every_row: bool,
 }
 
-/// The precision of the head's products with the frozen LM head (the step's largest cost).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HeadPrecision {
-    /// f32 operands and sums.
-    #[default]
-    F32,
-    /// Operands rounded to bf16, products on `vdpbf16ps`, sums in f32: about twice the f32 rate
-    /// (DESIGN §7.14). Refused on a CPU without AVX512-BF16.
-    Bf16,
-}
-
-crate::named_enum!(HeadPrecision, "head precision", ["f32", "bf16"]);
-
-impl HeadPrecision {
-    pub fn is_f32(&self) -> bool {
-        *self == HeadPrecision::F32
-    }
-
-    /// Whether the products run in bf16 on this CPU; an error for `bf16` where it cannot.
-    pub fn use_bf16(self) -> Result<bool, HeadError> {
-        match self {
-            HeadPrecision::F32 => Ok(false),
-            HeadPrecision::Bf16 if bf16::available() => Ok(true),
-            HeadPrecision::Bf16 => Err(HeadError::NoBf16),
-        }
+/// Whether the head's products run in bf16 on this CPU; an error for `bf16` where it cannot.
+pub fn use_bf16(precision: Precision) -> Result<bool, HeadError> {
+    match precision {
+        Precision::F32 => Ok(false),
+        Precision::Bf16 if precision.runs_here() => Ok(true),
+        Precision::Bf16 => Err(HeadError::NoBf16),
     }
 }
 
@@ -209,7 +190,7 @@ impl Default for HeadConfig {
         HeadConfig {
             chunk_rows: default_chunk_rows(),
             vocab: HeadVocab::Full,
-            precision: HeadPrecision::F32,
+            precision: Precision::F32,
             score_every_row: false,
         }
     }
@@ -478,7 +459,7 @@ impl ChunkedHead {
             _ => None,
         };
         let soft = batch::check_soft(input, n, vocab)?;
-        let w16 = if self.config.precision.use_bf16()? {
+        let w16 = if use_bf16(self.config.precision)? {
             let id = input.lm_head.id();
             if self.packed.as_ref().map(|(k, _)| *k) != Some(id) {
                 let w = w_view.slice();

@@ -214,13 +214,13 @@ fn run_head(
     c: &Case,
     delta: Option<DeltaBranch<'_>>,
 ) -> HeadOutput {
-    run_head_in(HeadPrecision::F32, chunk_rows, obj, c, delta)
+    run_head_in(Precision::F32, chunk_rows, obj, c, delta)
 }
 
 /// The chunked head over `c` with every row scored, so that per-row outputs compare with the
 /// references row for row (`skipping_rows_after_the_first_failure_gives_the_same_loss_and_gradient`
 /// covers the rest).
-fn run_head_in(precision: HeadPrecision, chunk_rows: usize, obj: &ResolvedObjective, c: &Case, delta: Option<DeltaBranch<'_>>) -> HeadOutput {
+fn run_head_in(precision: Precision, chunk_rows: usize, obj: &ResolvedObjective, c: &Case, delta: Option<DeltaBranch<'_>>) -> HeadOutput {
     let mut head = ChunkedHead::new(HeadConfig { chunk_rows, precision, score_every_row: true, ..Default::default() });
     let input = HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 0, delta, soft: None };
     head.run(obj, &input).unwrap()
@@ -716,17 +716,17 @@ fn generic_head_equals_the_chunked_kernel_with_distillation_targets() {
 
 #[test]
 fn the_precision_resolves_to_what_this_cpu_runs() {
-    assert!(!HeadPrecision::F32.use_bf16().unwrap());
-    match HeadPrecision::Bf16.use_bf16() {
+    assert!(!use_bf16(Precision::F32).unwrap());
+    match use_bf16(Precision::Bf16) {
         Ok(on) => assert!(on && bf16::available()),
         Err(e) => {
             assert!(!bf16::available());
             assert!(e.to_string().contains("head.precision"), "{e}");
         }
     }
-    assert_eq!("bf16".parse::<HeadPrecision>().unwrap(), HeadPrecision::Bf16);
-    assert!("fp16".parse::<HeadPrecision>().unwrap_err().contains("bf16"));
-    assert_eq!(HeadConfig::default().precision, HeadPrecision::F32);
+    assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
+    assert!("fp16".parse::<Precision>().unwrap_err().contains("bf16"));
+    assert_eq!(HeadConfig::default().precision, Precision::F32);
 }
 
 /// bf16 products (where the CPU has them): the same weights and support, loss and dL/dh within
@@ -735,15 +735,15 @@ fn the_precision_resolves_to_what_this_cpu_runs() {
 #[test]
 fn the_bf16_head_stays_within_rounding_of_the_f32_head() {
     if !bf16::available() {
-        assert!(matches!(HeadPrecision::Bf16.use_bf16(), Err(HeadError::NoBf16)));
+        assert!(matches!(use_bf16(Precision::Bf16), Err(HeadError::NoBf16)));
         return;
     }
     for (hdim, vocab) in [(24usize, 301usize), (25, 97)] {
         let c = case(21, BlockLayout::dflash(8), 6, hdim, vocab, 0);
         for objective in objectives() {
             let obj = objective.resolve(8).unwrap();
-            let want = run_head_in(HeadPrecision::F32, 16, &obj, &c, None);
-            let got = run_head_in(HeadPrecision::Bf16, 16, &obj, &c, None);
+            let want = run_head_in(Precision::F32, 16, &obj, &c, None);
+            let got = run_head_in(Precision::Bf16, 16, &obj, &c, None);
             let name = objective.name();
             let scale = max_abs_diff(&want.grad_hidden, &(&want.grad_hidden * 0.0).unwrap());
             let dh = max_abs_diff(&got.grad_hidden, &want.grad_hidden);
@@ -758,8 +758,8 @@ fn the_bf16_head_stays_within_rounding_of_the_f32_head() {
     let c = case(22, BlockLayout::domino(8), 5, 24, 301, 10);
     let obj = Objective::auf().resolve(8).unwrap();
     let delta = DeltaBranch { input: &c.a, weight: &c.w2, base_ce_weight: 0.3, base_only_prefix: 1, base_support: BaseSupport::SameAsFinal };
-    let want = run_head_in(HeadPrecision::F32, 16, &obj, &c, Some(delta));
-    let got = run_head_in(HeadPrecision::Bf16, 16, &obj, &c, Some(delta));
+    let want = run_head_in(Precision::F32, 16, &obj, &c, Some(delta));
+    let got = run_head_in(Precision::Bf16, 16, &obj, &c, Some(delta));
     let scale = max_abs_diff(&want.grad_hidden, &(&want.grad_hidden * 0.0).unwrap());
     let dh = max_abs_diff(&got.grad_hidden, &want.grad_hidden);
     assert!(dh > 0.0 && dh < 0.01 * scale, "domino grad_h differs by {dh} (scale {scale})");
@@ -772,7 +772,7 @@ fn the_bf16_head_packs_again_for_another_lm_head() {
     let c1 = case(31, BlockLayout::dflash(8), 4, 24, 301, 0);
     let c2 = Case { w: (&c1.w * -0.7).unwrap(), ..case(31, BlockLayout::dflash(8), 4, 24, 301, 0) };
     let obj = Objective::decay().resolve(8).unwrap();
-    let precision = if bf16::available() { HeadPrecision::Bf16 } else { HeadPrecision::F32 };
+    let precision = if bf16::available() { Precision::Bf16 } else { Precision::F32 };
     let mut head = ChunkedHead::new(HeadConfig { chunk_rows: 16, precision, ..Default::default() });
     fn input(c: &Case) -> HeadInput<'_> {
         HeadInput { hidden: &c.h, lm_head: &c.w, labels: &c.labels, valid: &c.valid, layout: c.layout, num_sequences: 1, seed: 0, delta: None, soft: None }
@@ -794,7 +794,7 @@ fn skipping_rows_after_the_first_failure_gives_the_same_loss_and_gradient() {
     let c = case(41, BlockLayout::dflash(8), 12, 24, 301, 0);
     let strict = Objective::Auf { failure: FailureRule::Argmax, invalid_transparent: false, norm: None };
     let sample = Objective::Auf { failure: FailureRule::Sample, invalid_transparent: true, norm: None };
-    let precisions = if bf16::available() { vec![HeadPrecision::F32, HeadPrecision::Bf16] } else { vec![HeadPrecision::F32] };
+    let precisions = if bf16::available() { vec![Precision::F32, Precision::Bf16] } else { vec![Precision::F32] };
     let mut skipped_somewhere = false;
     for precision in precisions {
         for objective in [Objective::auf(), Objective::auf_decay(), strict.clone(), sample.clone(), Objective::decay(), Objective::dpace(0.5)] {
