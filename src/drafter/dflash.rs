@@ -631,9 +631,8 @@ impl Attention {
     /// Block attention.
     ///
     /// x (nb·B, H) normed block hidden; `cos`/`sin` (nb, B, hd/2) at the block positions;
-    /// `ctx` the context K/V (n_kv, T, hd) shared by all blocks; `spans` split the blocks into
-    /// runs that each read only the first `len` context positions, with their visibility bias
-    /// ([`CtxSpan`]; empty: every block sees all T). Each block also sees all of itself and
+    /// `ctx`: the context K/V (n_kv, T, hd) shared by all blocks, and the runs of blocks that
+    /// each read only its first `len` positions, with their visibility bias ([`LayerContext`]). Each block also sees all of itself and
     /// nothing of the other blocks. Returns (nb·B, H).
     fn forward(
         &self,
@@ -641,10 +640,9 @@ impl Attention {
         nb: usize,
         cos: &Tensor,
         sin: &Tensor,
-        ctx: Option<&ContextKv>,
-        spans: &[CtxSpan],
-        p: Precision,
+        ctx: LayerContext<'_>,
     ) -> candle_core::Result<Tensor> {
+        let (p, spans) = (ctx.precision, ctx.spans);
         let n = x.dim(0)?;
         let bsz = n / nb;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
@@ -664,7 +662,7 @@ impl Attention {
         let v = v.permute((2, 0, 1, 3))?.contiguous()?; // (n_kv, nb, B, hd)
         // 4. scores against the own block: (n_kv, nb, g·B, B)
         let s_self = q.matmul(&k.t()?)?;
-        let ctx = match ctx {
+        let ctx = match ctx.kv {
             Some(c) if c.k.dim(1)? > 0 => Some(c),
             _ => None,
         };
@@ -693,6 +691,16 @@ impl Attention {
         let out = out.reshape((nkv, nb, g, bsz, hd))?.permute((1, 3, 0, 2, 4))?.contiguous()?.reshape((n, nh * hd))?;
         linear_at(&out, &self.o_proj, p)
     }
+}
+
+/// What a layer's forward reads besides its input: the context K/V (None: no context), the runs
+/// of blocks and the context each reads ([`CtxSpan`]; empty: every block sees all of it), and
+/// the precision of the linears.
+#[derive(Clone, Copy)]
+struct LayerContext<'a> {
+    kv: Option<&'a ContextKv>,
+    spans: &'a [CtxSpan],
+    precision: Precision,
 }
 
 /// A run of consecutive blocks of a training forward and the context they read: blocks
@@ -780,14 +788,12 @@ impl Layer {
         nb: usize,
         cos: &Tensor,
         sin: &Tensor,
-        ctx: Option<&ContextKv>,
-        spans: &[CtxSpan],
-        p: Precision,
+        ctx: LayerContext<'_>,
     ) -> candle_core::Result<Tensor> {
         let h = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
-        let x = (x + self.self_attn.forward(&h, nb, cos, sin, ctx, spans, p)?)?;
+        let x = (x + self.self_attn.forward(&h, nb, cos, sin, ctx)?)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
-        x + self.mlp.forward(&h, p)?
+        x + self.mlp.forward(&h, ctx.precision)?
     }
 }
 
@@ -821,7 +827,7 @@ impl TrainSetup {
             Some(c) => Some(layer.self_attn.context_kv(c, &self.ccos, &self.csin, self.precision)?),
             None => None,
         };
-        layer.forward(x, self.nb, &self.bcos, &self.bsin, kv.as_ref(), &self.spans, self.precision)
+        layer.forward(x, self.nb, &self.bcos, &self.bsin, LayerContext { kv: kv.as_ref(), spans: &self.spans, precision: self.precision })
     }
 }
 
@@ -1309,7 +1315,7 @@ impl DFlashDrafter {
         // 1. (B, H) frozen embeddings; 2. layers against the cached context; 3. final norm
         let mut x = target.embed(block_ids)?;
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
-            x = layer.forward(&x, 1, &cos, &sin, kv.as_ref(), &[], Precision::F32)?;
+            x = layer.forward(&x, 1, &cos, &sin, LayerContext { kv: kv.as_ref(), spans: &[], precision: Precision::F32 })?;
         }
         Ok(ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
     }
