@@ -655,7 +655,7 @@ impl Layer {
         host_ops::rms_norm(x, &self.post_norm.host, self.post_norm.eps, &mut buf.h);
         let m = &self.mlp;
         matmul_group(&[blocks(&m.gate)?, blocks(&m.up)?], &buf.h, n, &mut [&mut buf.gate, &mut buf.up], Exec::default()).map_err(qgemm_err)?;
-        silu_mul(&mut buf.gate, &buf.up);
+        host_ops::silu_mul(&mut buf.gate, &buf.up);
         matmul_group(&[blocks(&m.down)?], &buf.gate, n, &mut [&mut buf.o], Exec::default()).map_err(qgemm_err)?;
         host_ops::add_in_place(x, &buf.o);
         Ok(())
@@ -671,21 +671,6 @@ impl Layer {
     }
 }
 
-/// g ← silu(g) · u elementwise, with candle's own expression for silu (`v / (1 + exp(−v))`,
-/// then the product), so the bits are those of `silu(&g)? * u` without its two temporaries and
-/// its dispatch; large rows (a verify, a prefill) are split over the pool, which changes no bit.
-fn silu_mul(g: &mut [f32], u: &[f32]) {
-    let f = |(g, &u): (&mut f32, &f32)| *g = *g / (1.0 + (-*g).exp()) * u;
-    if g.len() >= SILU_PARALLEL_MIN {
-        g.par_chunks_mut(4096).zip(u.par_chunks(4096)).for_each(|(g, u)| g.iter_mut().zip(u).for_each(f));
-    } else {
-        g.iter_mut().zip(u).for_each(f);
-    }
-}
-
-/// Elements below which [`silu_mul`] stays on the calling thread (about 30 µs of `expf`).
-const SILU_PARALLEL_MIN: usize = 8192;
-
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (gate, up) = (&self.gate, &self.up);
@@ -693,7 +678,7 @@ impl Mlp {
             if let Some(grouped) = qgemm_group(&[gate, up], x) {
                 let (mut outs, mut dims) = grouped?;
                 if let (Some(u), Some(mut g)) = (outs.pop(), outs.pop()) {
-                    silu_mul(&mut g, &u);
+                    host_ops::silu_mul(&mut g, &u);
                     dims.push(gate.out_features());
                     return self.down.forward(&Tensor::from_vec(g, dims, &Device::Cpu)?);
                 }
@@ -778,18 +763,4 @@ impl Target {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_fused_silu_product_has_the_bits_of_candles_silu_times_up() {
-        // Both sides of the parallel threshold, with values where exp over- and underflows.
-        for n in [7usize, 3 * 4096 + 5] {
-            let g: Vec<f32> = (0..n).map(|i| ((i * 7919 % 2001) as f32 - 1000.0) * if i % 13 == 0 { 0.5 } else { 0.01 }).collect();
-            let u: Vec<f32> = (0..n).map(|i| ((i * 104729 % 997) as f32 - 498.0) * 0.003).collect();
-            let gt = Tensor::from_vec(g.clone(), n, &Device::Cpu).unwrap();
-            let ut = Tensor::from_vec(u.clone(), n, &Device::Cpu).unwrap();
-            let want = (candle_nn::ops::silu(&gt).unwrap() * ut).unwrap().to_vec1::<f32>().unwrap();
-            let mut got = g;
-            silu_mul(&mut got, &u);
-            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "n = {n}");
-        }
-    }
 }
