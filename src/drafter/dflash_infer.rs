@@ -315,7 +315,9 @@ impl DFlashInfer {
             let mut a = Vec::with_capacity(b * self.inter);
             for row in gu.chunks_exact(2 * self.inter) {
                 let (g, u) = row.split_at(self.inter);
-                a.extend(g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+                let start = a.len();
+                a.extend_from_slice(g);
+                crate::model::host_ops::silu_mul(&mut a[start..], u);
             }
             for (xi, di) in x.iter_mut().zip(Self::mm(&layer.down, &a, b)?) {
                 *xi += di;

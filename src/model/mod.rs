@@ -5,7 +5,7 @@ pub mod attention;
 pub mod config;
 pub mod embedding;
 mod generic;
-mod host_ops;
+pub(crate) mod host_ops;
 pub mod kv_cache;
 pub mod load;
 pub mod qgemm;

@@ -758,9 +758,3 @@ impl Target {
         Ok(out)
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-}
