@@ -16,8 +16,9 @@ model (smollm2), data, out, steps (300), batch_sequences (2), grad_accum (1), nu
 checkpoint_every (50), eval_every (100), eval_sequences (32), feature_cache_mib (4096),\n  \
 objective ({\"type\":\"auf\"}; also full, decay[:gamma], auf+decay[:gamma], dpace[:alpha], dpace-prefix[:alpha]),\n  \
 drafter.{kind (dflash | domino), layers (2), block_size (8), target_layer_ids, mask_token_id, init_from,\n    init_layers_from_target (e.g. [28,29]: drafter layer l starts as target layer ids[l])},\n  \
-optim.{lr (6e-4), warmup_ratio (0.04), weight_decay (0), clip (1.0), beta1 (0.9), beta2 (0.999), eps (1e-8)},\n  \
-head.{chunk_rows (512), vocab (full | draft: the softmax over the draft vocabulary only; DESIGN §7.13)},\n  \
+optim.{lr (6e-4), warmup_ratio (0.04), weight_decay (0), clip (1.0), beta1 (0.9), beta2 (0.999), eps (1e-8),\n    freeze ([]: tensors whose name contains an entry keep their values, e.g. [\"mlp.\"])},\n  \
+head.{chunk_rows (512), vocab (full | draft: the softmax over the draft vocabulary only; DESIGN §7.13),\n    precision (f32 | bf16: the products with the LM head on AVX512-BF16; DESIGN §7.14), score_every_row (false)},\n  \
+layer_precision (f32 | bf16: the drafter layers' linears and their gradients on AVX512-BF16; DESIGN §7.14),\n  \
 activation_checkpointing (false: recompute each drafter layer in the backward instead of keeping its activations; DFlash),\n  \
 distill.{weight (mix the target's top-k distribution into each CE target; needs prepare --soft-labels K), temperature (1.0)}\n\
 `specauf train --print-config --set data=D --set out=O` prints the resolved config with every default.")]
