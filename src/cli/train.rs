@@ -21,7 +21,9 @@ head.{chunk_rows (512), vocab (full | draft: the softmax over the draft vocabula
 layer_precision (f32 | bf16: the drafter layers' linears and their gradients on AVX512-BF16; DESIGN §7.14),\n  \
 activation_checkpointing (false: recompute each drafter layer in the backward instead of keeping its activations; DFlash),\n  \
 distill.{weight (mix the target's top-k distribution into each CE target; needs prepare --soft-labels K), temperature (1.0)}\n\
-`specauf train --print-config --set data=D --set out=O` prints the resolved config with every default.")]
+`specauf train --print-config --set data=D --set out=O` prints the resolved config with every default, except that\n\
+distill, activation_checkpointing, layer_precision and head.{vocab, precision, score_every_row} appear only when set\n\
+(they came after the first runs; leaving them out at their defaults keeps those runs' configs, and so --resume, unchanged).")]
 pub struct TrainArgs {
     /// A JSON training config (see below); `--set` alone works too.
     #[arg(long)]
@@ -35,7 +37,7 @@ pub struct TrainArgs {
     /// Target weights for the feature forward (default auto, as served).
     #[arg(long, default_value_t = WeightsMode::default())]
     pub weights: WeightsMode,
-    /// Print the resolved config (every default filled in) and exit.
+    /// Print the resolved config (every default filled in but the later keys the help names) and exit.
     #[arg(long)]
     pub print_config: bool,
     /// Data-parallel training on N GPUs: one process per GPU (rank i on cuda:i), gradients
