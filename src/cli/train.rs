@@ -15,11 +15,12 @@ use super::progress::Bars;
 model (smollm2), data, out, steps (300), batch_sequences (2), grad_accum (1), num_anchors (32), seed (0),\n  \
 checkpoint_every (50), eval_every (100), eval_sequences (32), feature_cache_mib (4096),\n  \
 objective ({\"type\":\"auf\"}; also full, decay[:gamma], auf+decay[:gamma], dpace[:alpha], dpace-prefix[:alpha]),\n  \
-drafter.{kind (dflash | domino), layers (2), block_size (8), target_layer_ids, mask_token_id, init_from,\n    init_layers_from_target (e.g. [28,29]: drafter layer l starts as target layer ids[l])},\n  \
+drafter.{kind (dflash | domino), layers (2), block_size (8), target_layer_ids, mask_token_id, init_from,\n    init_layers_from_target (e.g. [28,29]: drafter layer l starts as target layer ids[l]),\n    gru_hidden_dim, emb_dim (Domino's GRU and embed_proj widths)},\n  \
 optim.{lr (6e-4), warmup_ratio (0.04), weight_decay (0), clip (1.0), beta1 (0.9), beta2 (0.999), eps (1e-8),\n    freeze ([]: tensors whose name contains an entry keep their values, e.g. [\"mlp.\"])},\n  \
 head.{chunk_rows (512), vocab (full | draft: the softmax over the draft vocabulary only; DESIGN §7.13),\n    precision (f32 | bf16: the products with the LM head on AVX512-BF16; DESIGN §7.14), score_every_row (false)},\n  \
 layer_precision (f32 | bf16: the drafter layers' linears and their gradients on AVX512-BF16; DESIGN §7.14),\n  \
 activation_checkpointing (false: recompute each drafter layer in the backward instead of keeping its activations; DFlash),\n  \
+base_support (same-as-final | own-argmax | unmasked: the rows Domino's base-branch CE weighs; DESIGN §4),\n  \
 distill.{weight (mix the target's top-k distribution into each CE target; needs prepare --soft-labels K), temperature (1.0)}\n\
 `specauf train --print-config --set data=D --set out=O` prints the resolved config with every default, except that\n\
 distill, activation_checkpointing, layer_precision and head.{vocab, precision, score_every_row} appear only when set\n\
@@ -116,4 +117,58 @@ fn rank_args() -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TrainArgs;
+    use clap::Args;
+    use specauf::train::config::TrainConfig;
+
+    /// Every key of the training config, with each key that is omitted at its default set, so
+    /// that serialization shows them all: (path, leaf name) for every object member.
+    fn config_keys() -> Vec<(String, String)> {
+        let set: Vec<String> = [
+            "data=/d",
+            "out=/o",
+            "distill.weight=0.5",
+            "activation_checkpointing=true",
+            "layer_precision=bf16",
+            "head.vocab=draft",
+            "head.precision=bf16",
+            "head.score_every_row=true",
+        ]
+        .map(String::from)
+        .to_vec();
+        let cfg = TrainConfig::load(None, &set).unwrap();
+        let tree = serde_json::to_value(&cfg).unwrap();
+        let mut keys = Vec::new();
+        fn walk(prefix: &str, v: &serde_json::Value, keys: &mut Vec<(String, String)>) {
+            if let serde_json::Value::Object(map) = v {
+                for (k, child) in map {
+                    let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    keys.push((path.clone(), k.clone()));
+                    // The objective is a tagged value, documented by its shorthands.
+                    if k != "objective" {
+                        walk(&path, child, keys);
+                    }
+                }
+            }
+        }
+        walk("", &tree, &mut keys);
+        keys
+    }
+
+    /// `train --help` names every key the config accepts, so that a key added to the config
+    /// cannot stay out of the help (four did, until the eleventh session).
+    #[test]
+    fn the_help_names_every_config_key() {
+        let cmd = TrainArgs::augment_args(clap::Command::new("train"));
+        let help = cmd.get_after_help().expect("train has an after_help").to_string();
+        let words: std::collections::HashSet<&str> = help.split(|c: char| !(c.is_alphanumeric() || c == '_')).collect();
+        let keys = config_keys();
+        assert!(keys.len() > 25, "the walk found only {} keys", keys.len());
+        let missing: Vec<String> = keys.into_iter().filter(|(_, leaf)| !words.contains(leaf.as_str())).map(|(path, _)| path).collect();
+        assert!(missing.is_empty(), "train --help does not name the config keys {missing:?}");
+    }
 }
