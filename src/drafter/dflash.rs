@@ -671,20 +671,15 @@ impl Attention {
             Some(c) => {
                 let whole = [CtxSpan { first: 0, blocks: nb, len: c.k.dim(1)?, bias: None }];
                 let spans = if spans.is_empty() { &whole[..] } else { spans };
+                // A span over all blocks and the whole context narrows nothing (candle's narrow,
+                // contiguous and a one-tensor cat return the tensor itself).
                 let mut outs = Vec::with_capacity(spans.len());
                 for span in spans {
-                    let (q, s_self, v) = if spans.len() == 1 {
-                        (q.clone(), s_self.clone(), v.clone())
-                    } else {
-                        (q.narrow(1, span.first, span.blocks)?.contiguous()?, s_self.narrow(1, span.first, span.blocks)?, v.narrow(1, span.first, span.blocks)?.contiguous()?)
-                    };
+                    let (first, blocks) = (span.first, span.blocks);
+                    let (q, s_self, v) = (q.narrow(1, first, blocks)?.contiguous()?, s_self.narrow(1, first, blocks)?, v.narrow(1, first, blocks)?.contiguous()?);
                     outs.push(span_attention(&q, &s_self, &v, c, span, (nkv, g * bsz, hd))?);
                 }
-                if outs.len() == 1 {
-                    outs.pop().expect("one span")
-                } else {
-                    Tensor::cat(&outs, 1)?
-                }
+                Tensor::cat(&outs, 1)?
             }
         };
         // 8. (n_kv, nb, g·B, hd) -> (nb, B, n_kv, g, hd) = (nb·B, nh·hd) -> (nb·B, H)
@@ -745,7 +740,7 @@ fn span_attention(q: &Tensor, s_self: &Tensor, v: &Tensor, c: &ContextKv, span: 
     if t == 0 {
         return ops::softmax_last_dim(s_self)?.matmul(v);
     }
-    let (k, cv) = if t == c.k.dim(1)? { (c.k.clone(), c.v.clone()) } else { (c.k.narrow(1, 0, t)?, c.v.narrow(1, 0, t)?) };
+    let (k, cv) = (c.k.narrow(1, 0, t)?, c.v.narrow(1, 0, t)?);
     // 5. scores against the span's context: (n_kv, nbs·g·B, hd) x (n_kv, hd, t) -> (n_kv, nbs, g·B, t)
     let s_ctx = q.reshape((nkv, nbs * gb, hd))?.matmul(&k.t()?)?.reshape((nkv, nbs, gb, t))?;
     let s_ctx = match &span.bias {

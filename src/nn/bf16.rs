@@ -374,7 +374,7 @@ impl Tile {
                 if lanes == 0 {
                     break;
                 }
-                let mask: __mmask16 = if lanes == 16 { 0xffff } else { (1u16 << lanes) - 1 };
+                let mask: __mmask16 = first_lanes(lanes);
                 let dst = row.add(16 * v);
                 let sum = if first { x } else { _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), x) };
                 _mm512_mask_storeu_ps(dst, mask, sum);

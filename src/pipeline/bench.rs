@@ -211,10 +211,16 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
         return Err(StageError::Invalid(format!("could not build a {}-token sequence", plan.seq_len)));
     }
     let mask: Vec<u8> = (0..ids.len()).map(|i| u8::from(i >= ids.len() / 4)).collect();
+    // The precisions the products run in: as asked on the CPU (refused where it cannot), the
+    // backend's compute dtype on the generic path.
     let cpu = matches!(target.backend().path(), crate::nn::KernelPath::Cpu);
-    if cpu && !plan.layer_precision.runs_here() {
-        return Err(StageError::Invalid("--layer-precision bf16 needs AVX512-BF16, which this CPU lacks; use f32".into()));
+    if cpu {
+        crate::train::head::use_bf16(plan.head_precision).map_err(train_err)?;
+        if !plan.layer_precision.runs_here() {
+            return Err(StageError::Invalid("--layer-precision bf16 needs AVX512-BF16, which this CPU lacks; use f32".into()));
+        }
     }
+    let generic = format!("{:?}", target.backend().compute_dtype()).to_lowercase();
     let new_drafter = || -> Result<DFlashDrafter, StageError> {
         let d = match &plan.drafter {
             Some(dir) => DFlashDrafter::load(dir, target.config()),
@@ -235,13 +241,8 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
         anchors: plan.anchors,
         seq_len: plan.seq_len,
         threads: rayon::current_num_threads(),
-        head_products: match target.backend().path() {
-            crate::nn::KernelPath::Cpu => {
-                if crate::train::head::use_bf16(plan.head_precision).map_err(train_err)? { "bf16" } else { "f32" }.to_string()
-            }
-            crate::nn::KernelPath::Generic => format!("{:?}", target.backend().compute_dtype()).to_lowercase(),
-        },
-        layer_products: if cpu { plan.layer_precision.to_string() } else { format!("{:?}", target.backend().compute_dtype()).to_lowercase() },
+        head_products: if cpu { plan.head_precision.to_string() } else { generic.clone() },
+        layer_products: if cpu { plan.layer_precision.to_string() } else { generic },
     };
     let mut rows = Vec::new();
     for name in &plan.objectives {
