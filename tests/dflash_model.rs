@@ -225,12 +225,20 @@ fn head_loss(d: &DFlashDrafter, target: &Target, h: &Tensor, seed: u64) -> Tenso
 
 #[test]
 fn every_trainable_tensor_receives_a_nonzero_gradient() {
+    for mask_embedding in [false, true] {
+        every_tensor_gets_a_gradient(mask_embedding);
+    }
+}
+
+fn every_tensor_gets_a_gradient(mask_embedding: bool) {
     let target = target("qwen3");
     let taps = vec![0usize, 3];
     // The plain HF init, as training starts from it.
     let mut init = DFlashInitConfig::new(2, 4, 5);
     init.target_layer_ids = Some(taps.clone());
+    init.mask_embedding = mask_embedding;
     let d = DFlashDrafter::init_random(target.config(), &init, 3).unwrap();
+    assert_eq!(d.named_vars().iter().any(|(n, _)| n == "mask_embedding"), mask_embedding);
     let ids = tokens(20, 256, 5);
     let feats = features(&target, &ids, &taps);
     let anchors = [4usize, 9, 15];
@@ -244,6 +252,71 @@ fn every_trainable_tensor_receives_a_nonzero_gradient() {
         let norm = g.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
         println!("{name}: |grad| = {norm:.3e}");
         assert!(norm > 1e-8 && norm.is_finite(), "{name}: gradient norm {norm}");
+    }
+}
+
+/// `drafter.mask_embedding`: the block's MASK rows take a trainable vector. Set to the target's
+/// embedding of the MASK token it is the drafter without one; set to anything else it moves the
+/// MASK rows' outputs but not the anchor's inputs; training and both inference paths (candle and
+/// the fast host forward) agree; and config.json and the checkpoint carry it.
+#[test]
+fn a_trainable_mask_embedding_replaces_the_mask_rows_everywhere() {
+    use specauf::drafter::{DFlashInfer, DrafterPrecision};
+    let target = target("qwen3");
+    let taps = vec![0usize, 3];
+    let plain = drafter(&target, 2, 4, taps.clone(), 9);
+    let mut init = DFlashInitConfig::new(2, 4, 5);
+    init.target_layer_ids = Some(taps.clone());
+    init.mask_embedding = true;
+    let d = DFlashDrafter::init_random(target.config(), &init, 1).unwrap();
+    let mask_row = target.embed(&[5]).unwrap().squeeze(0).unwrap();
+    for (name, var) in d.named_vars() {
+        match plain.named_vars().into_iter().find(|(n, _)| *n == name) {
+            Some((_, v)) => var.set(v.as_tensor()).unwrap(),
+            None => {
+                assert_eq!(name, "mask_embedding");
+                var.set(&mask_row).unwrap();
+            }
+        }
+    }
+    // Through the checkpoint: config.json says so and the tensor is read back.
+    let dir = std::env::temp_dir().join(format!("specauf-mask-emb-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    d.save(&dir).unwrap();
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    assert!(text.contains("\"mask_embedding\": true"), "{text}");
+    assert!(!plain.config().to_json().contains("mask_embedding"), "a drafter without one keeps the published format");
+    let d = DFlashDrafter::load(&dir, target.config()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(d.config().mask_embedding);
+
+    let ids = tokens(20, 256, 5);
+    let feats = features(&target, &ids, &taps);
+    let anchors = [4usize, 9, 15];
+    let block_ids = plain.block_ids(&anchors.iter().map(|&a| ids[a]).collect::<Vec<_>>());
+    let base = plain.forward_train(&target, &feats, &anchors, &block_ids).unwrap();
+    let same = d.forward_train(&target, &feats, &anchors, &block_ids).unwrap();
+    assert!(max_abs_diff(&base, &same) < 1e-6, "starting as the target's MASK embedding, it is the plain drafter");
+
+    let (_, var) = d.named_vars().into_iter().find(|(n, _)| n == "mask_embedding").unwrap();
+    var.set(&(mask_row.clone() * 3.0).unwrap().broadcast_add(&Tensor::new(0.5f32, mask_row.device()).unwrap()).unwrap()).unwrap();
+    let moved = d.forward_train(&target, &feats, &anchors, &block_ids).unwrap();
+    assert!(max_abs_diff(&base, &moved) > 1e-3, "the vector must reach the output");
+
+    let infer = DFlashInfer::with_precision(&d, DrafterPrecision::F32).unwrap();
+    for (b, &a) in anchors.iter().enumerate() {
+        let mut cache = d.new_cache();
+        d.extend_context(&mut cache, &feats.narrow(0, 0, a).unwrap()).unwrap();
+        let candle = d.forward_block(&target, &cache, &block_ids[b * 4..(b + 1) * 4], a).unwrap();
+        let diff = max_abs_diff(&block_rows(&moved, b, 4), &candle);
+        assert!(diff < 1e-4, "anchor {a}: training and inference differ by {diff}");
+        let mut fc = infer.new_cache();
+        let ctx = feats.narrow(0, 0, a).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        infer.extend_context(&mut fc, &ctx).unwrap();
+        let fast = infer.forward_block(&target, &mut fc, ids[a], a).unwrap();
+        let fast = Tensor::from_vec(fast, candle.dims(), candle.device()).unwrap();
+        let (diff, scale) = (max_abs_diff(&fast, &candle), candle.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap());
+        assert!(diff <= 1e-4 * scale, "anchor {a}: the fast forward differs from candle's by {diff} (scale {scale})");
     }
 }
 

@@ -105,6 +105,35 @@ fn drafter_layers_initialised_from_the_target_are_copies_of_its_layers() {
     assert!(summary.last.unwrap().loss.is_finite());
 }
 
+/// `drafter.mask_embedding`: the trainable MASK vector starts as the target's embedding of the
+/// MASK token, training moves it, the checkpoint carries it, and a run that starts from a drafter
+/// without one and asks for it is refused.
+#[test]
+fn a_trainable_mask_embedding_starts_as_the_targets_and_trains() {
+    use specauf::train::trainable::build_drafter;
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = prepared(tmp.path(), 4);
+    let out = tmp.path().join("t");
+    let cfg = config(&data, &out, &["steps=3", "drafter.mask_embedding=true"]);
+    let drafter = build_drafter(&cfg, &m.target).unwrap();
+    let row = |d: &specauf::drafter::AnyDrafter| {
+        d.named_vars().into_iter().find(|(n, _)| n == "mask_embedding").expect("a mask_embedding tensor").1.as_tensor().to_vec1::<f32>().unwrap()
+    };
+    let start = row(&drafter);
+    let want = m.target.embed(&[drafter.mask_token_id()]).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(start, want);
+    train(&m, &cfg, &RunOptions::default()).unwrap();
+    let trained = specauf::drafter::AnyDrafter::load_for(&out.join("final"), &m.target).unwrap();
+    let moved = row(&trained).iter().zip(&start).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(moved > 0.0, "three steps left the MASK vector where it started");
+    // starting from a checkpoint that has none
+    let plain = tmp.path().join("plain");
+    train(&m, &config(&data, &plain, &["steps=1"]), &RunOptions::default()).unwrap();
+    let from = format!("drafter.init_from={}", plain.join("final").display());
+    let err = train(&m, &config(&data, &tmp.path().join("r"), &[from.as_str(), "drafter.mask_embedding=true"]), &RunOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("no mask_embedding tensor"), "{err}");
+}
+
 #[test]
 fn bad_target_initialisation_is_refused_with_what_to_do() {
     let tmp = tempfile::tempdir().unwrap();

@@ -460,6 +460,12 @@ fn llama_drafter(a: &SpecArgs, llama: &std::path::Path, work: &std::path::Path) 
     if let Some(p) = &a.llama_drafter {
         return Ok(p.clone());
     }
+    if specauf::drafter::DFlashConfig::read(&a.drafter).is_ok_and(|c| c.mask_embedding) {
+        anyhow::bail!(
+            "{} has a trainable mask_embedding (drafter.mask_embedding), which the DFlash format llama.cpp reads does not have; run bench spec without --llama-cpp for it",
+            a.drafter.display()
+        );
+    }
     let mut bytes = std::fs::read(a.drafter.join("config.json")).with_context(|| format!("reading {}/config.json", a.drafter.display()))?;
     bytes.extend(std::fs::read(a.drafter.join("model.safetensors")).with_context(|| format!("reading {}/model.safetensors", a.drafter.display()))?);
     let out = work.join(format!("drafter-{:016x}-f32.gguf", specauf::util::hash::fnv1a64(&bytes)));

@@ -15,15 +15,15 @@ use super::progress::Bars;
 model (smollm2), data, out, steps (300), batch_sequences (2), grad_accum (1), num_anchors (32), seed (0),\n  \
 checkpoint_every (50), eval_every (100), eval_sequences (32), feature_cache_mib (4096),\n  \
 objective ({\"type\":\"auf\"}; also full, decay[:gamma], auf+decay[:gamma], dpace[:alpha], dpace-prefix[:alpha]),\n  \
-drafter.{kind (dflash | domino), layers (2), block_size (8), target_layer_ids, mask_token_id, init_from,\n    init_layers_from_target (e.g. [28,29]: drafter layer l starts as target layer ids[l]),\n    gru_hidden_dim, emb_dim (Domino's GRU and embed_proj widths)},\n  \
-optim.{lr (6e-4), warmup_ratio (0.04), weight_decay (0), clip (1.0), beta1 (0.9), beta2 (0.999), eps (1e-8),\n    freeze ([]: tensors whose name contains an entry keep their values, e.g. [\"mlp.\"])},\n  \
+drafter.{kind (dflash | domino), layers (2), block_size (8), target_layer_ids, mask_token_id, init_from,\n    init_layers_from_target (e.g. [28,29]: drafter layer l starts as target layer ids[l]),\n    mask_embedding (false: a trainable MASK input vector; other engines cannot load such a drafter),\n    gru_hidden_dim, emb_dim (Domino's GRU and embed_proj widths)},\n  \
+optim.{lr (6e-4), warmup_ratio (0.04), schedule (cosine | linear | constant: the decay after the warmup), weight_decay (0), clip (1.0), beta1 (0.9), beta2 (0.999), eps (1e-8),\n    freeze ([]: tensors whose name contains an entry keep their values, e.g. [\"mlp.\"])},\n  \
 head.{chunk_rows (512), vocab (full | draft: the softmax over the draft vocabulary only; DESIGN §7.13),\n    precision (f32 | bf16: the products with the LM head on AVX512-BF16; DESIGN §7.14), score_every_row (false)},\n  \
 layer_precision (f32 | bf16: the drafter layers' linears and their gradients on AVX512-BF16; DESIGN §7.14),\n  \
 activation_checkpointing (false: recompute each drafter layer in the backward instead of keeping its activations; DFlash),\n  \
 base_support (same-as-final | own-argmax | unmasked: the rows Domino's base-branch CE weighs; DESIGN §4),\n  \
 distill.{weight (mix the target's top-k distribution into each CE target; needs prepare --soft-labels K), temperature (1.0)}\n\
 `specauf train --print-config --set data=D --set out=O` prints the resolved config with every default, except that\n\
-distill, activation_checkpointing, layer_precision and head.{vocab, precision, score_every_row} appear only when set\n\
+distill, activation_checkpointing, layer_precision, optim.schedule, drafter.mask_embedding and head.{vocab, precision, score_every_row} appear only when set\n\
 (they came after the first runs; leaving them out at their defaults keeps those runs' configs, and so --resume, unchanged).")]
 pub struct TrainArgs {
     /// A JSON training config (see below); `--set` alone works too.
@@ -134,6 +134,8 @@ mod tests {
             "distill.weight=0.5",
             "activation_checkpointing=true",
             "layer_precision=bf16",
+            "optim.schedule=linear",
+            "drafter.mask_embedding=true",
             "head.vocab=draft",
             "head.precision=bf16",
             "head.score_every_row=true",

@@ -5,6 +5,7 @@
 //! ```text
 //! context feature  c = hidden_norm(fc(concat(taps at target_layer_ids)))      (T, H)
 //! block            x = target.embed([anchor, MASK × (B-1)])                  (B, H)
+//!                  (MASK rows: the trainable `mask_embedding` instead, when the config has one)
 //! each layer       h = input_layernorm(x)
 //!                  q = rope(q_norm(q_proj(h)))                 at the block positions
 //!                  k = rope(k_norm(k_proj([c ; h])))           context keys at their own positions
@@ -13,7 +14,8 @@
 //! output           norm(x)  → the target's frozen lm_head
 //! ```
 //! Queries come only from the block; the context enters every layer through that layer's own
-//! k_proj/v_proj. Only the layers, `fc`, `hidden_norm` and `norm` are trainable; they live in a
+//! k_proj/v_proj. Only the layers, `fc`, `hidden_norm`, `norm` (and `mask_embedding`, when the
+//! config has one) are trainable; they live in a
 //! candle `VarMap` under their checkpoint names.
 //!
 //! # Training attention (DESIGN §2)
@@ -75,6 +77,10 @@ pub struct DFlashConfig {
     /// Target layers tapped for the context feature, in concatenation order (HF indexing: the
     /// output of layer i, `hidden_states[i+1]`).
     pub target_layer_ids: Vec<usize>,
+    /// The block's MASK positions take a trainable vector (`mask_embedding`, (H)) instead of the
+    /// target's embedding of `mask_token_id` (issue 11's lever; DESIGN §2). An extension of the
+    /// published format: `dflash_config.mask_embedding = true`, written only when set.
+    pub mask_embedding: bool,
 }
 
 /// The drafter section of OUR training config: what to build for a given target. Unknown keys are
@@ -106,6 +112,9 @@ pub struct DFlashInitConfig {
     /// Default: the target's.
     #[serde(default)]
     pub head_dim: Option<usize>,
+    /// A trainable MASK input vector ([`DFlashConfig::mask_embedding`]). Default false.
+    #[serde(default)]
+    pub mask_embedding: bool,
 }
 
 fn default_layers() -> usize {
@@ -126,6 +135,7 @@ impl DFlashInitConfig {
             num_attention_heads: None,
             num_key_value_heads: None,
             head_dim: None,
+            mask_embedding: false,
         }
     }
 
@@ -215,7 +225,7 @@ pub const HF_BOOKKEEPING_KEYS: &[&str] = &[
     "tie_word_embeddings",
 ];
 
-const DFLASH_KEYS: &[&str] = &["mask_token_id", "target_layer_ids", "block_size"];
+const DFLASH_KEYS: &[&str] = &["mask_token_id", "target_layer_ids", "block_size", "mask_embedding"];
 
 /// config.json as written: the Qwen3 fields plus the DFlash ones, in the published layout.
 #[derive(Serialize)]
@@ -249,6 +259,8 @@ struct ConfigJsonOut<'a> {
 struct DFlashSectionOut<'a> {
     mask_token_id: u32,
     target_layer_ids: &'a [usize],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    mask_embedding: bool,
 }
 
 impl DFlashConfig {
@@ -272,6 +284,7 @@ impl DFlashConfig {
                 .target_layer_ids
                 .clone()
                 .unwrap_or_else(|| build_target_layer_ids(target.num_hidden_layers, init.num_hidden_layers)),
+            mask_embedding: init.mask_embedding,
         };
         cfg.validate("drafter config")?;
         cfg.check_target(target)?;
@@ -346,7 +359,11 @@ impl DFlashConfig {
             attention_bias: false,
             attention_dropout: 0.0,
             block_size: self.block_size,
-            dflash_config: DFlashSectionOut { mask_token_id: self.mask_token_id, target_layer_ids: &self.target_layer_ids },
+            dflash_config: DFlashSectionOut {
+                mask_token_id: self.mask_token_id,
+                target_layer_ids: &self.target_layer_ids,
+                mask_embedding: self.mask_embedding,
+            },
             dtype: "float32",
             head_dim: self.head_dim,
             hidden_act: "silu",
@@ -372,7 +389,8 @@ impl DFlashConfig {
     ///
     /// The rule for keys: every top-level key must be one we read or one of
     /// [`HF_BOOKKEEPING_KEYS`]; every key of `dflash_config` must be `mask_token_id`,
-    /// `target_layer_ids` or `block_size` (newer configs put it there). Anything else is refused
+    /// `target_layer_ids`, `block_size` (newer configs put it there) or our `mask_embedding`
+    /// extension. Anything else is refused
     /// by name, since an unknown key may change the model. Settings we do not implement
     /// (sliding window, RoPE scaling, biases, non-SiLU activations, causal blocks) are refused.
     pub fn from_json_str(text: &str, path: &str) -> Result<Self, DrafterError> {
@@ -464,6 +482,10 @@ impl DFlashConfig {
             .get("mask_token_id")
             .and_then(|x| x.as_u64())
             .ok_or_else(|| bad("`dflash_config.mask_token_id` is missing or not an integer".into()))?;
+        let mask_embedding = match dflash.get("mask_embedding") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(x) => x.as_bool().ok_or_else(|| bad("`dflash_config.mask_embedding` must be true or false".into()))?,
+        };
         let num_hidden_layers = req("num_hidden_layers")?;
         let num_target_layers = usize_of("num_target_layers")?;
         let target_layer_ids = match dflash.get("target_layer_ids") {
@@ -492,6 +514,7 @@ impl DFlashConfig {
             block_size,
             mask_token_id: u32::try_from(mask_token_id).map_err(|_| bad(format!("mask_token_id {mask_token_id} does not fit a token id")))?,
             target_layer_ids,
+            mask_embedding,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -524,6 +547,9 @@ impl DFlashConfig {
             out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
         }
         out.push(("norm.weight".to_string(), vec![h]));
+        if self.mask_embedding {
+            out.push(("mask_embedding".to_string(), vec![h]));
+        }
         out
     }
 
@@ -946,6 +972,8 @@ pub struct DFlashDrafter {
     hidden_norm: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
+    /// The trainable MASK input (H), when the config has one.
+    mask_embedding: Option<Tensor>,
     rotary: Rotary,
     /// The ranking its training data gives the target's tokens, and the ids its drafts score
     /// (the top [`super::DEFAULT_DRAFT_VOCAB`] unless set otherwise), DESIGN §7.13. None: the whole
@@ -1033,6 +1061,7 @@ impl DFlashDrafter {
             fc: take("fc.weight")?,
             hidden_norm: take("hidden_norm.weight")?,
             norm: take("norm.weight")?,
+            mask_embedding: if config.mask_embedding { Some(take("mask_embedding")?) } else { None },
             layers,
             rotary,
             varmap,
@@ -1105,6 +1134,24 @@ impl DFlashDrafter {
             Err(p) => p.into_inner(),
         };
         self.config.tensor_shapes().into_iter().filter_map(|(name, _)| data.get(&name).map(|v| (name, v.clone()))).collect()
+    }
+
+    /// The input rows (nb·B, H) of blocks `block_ids` ([anchor, MASK × (B-1)] each): the
+    /// target's frozen embeddings, with the trainable MASK vector in every row after a block's
+    /// first when the drafter has one.
+    fn block_inputs(&self, target: &Target, block_ids: &[u32]) -> Result<Tensor, DrafterError> {
+        let x = target.embed(block_ids)?;
+        let Some(m) = &self.mask_embedding else { return Ok(x) };
+        let b = self.config.block_size;
+        let is_mask: Vec<f32> = (0..block_ids.len()).map(|r| f32::from(u8::from(r % b != 0))).collect();
+        let is_mask = Tensor::from_vec(is_mask, (block_ids.len(), 1), x.device())?;
+        let keep = is_mask.affine(-1.0, 1.0)?;
+        Ok((x.broadcast_mul(&keep)? + is_mask.broadcast_mul(&m.unsqueeze(0)?)?)?)
+    }
+
+    /// The trainable MASK input (H), when the drafter has one.
+    pub fn mask_embedding(&self) -> Option<&Tensor> {
+        self.mask_embedding.as_ref()
     }
 
     /// The block token ids [anchor, MASK × (B-1)] for each anchor token, flattened (nb·B).
@@ -1223,7 +1270,7 @@ impl DFlashDrafter {
         let (bcos, bsin) = (bcos.reshape((nb, b, half))?, bsin.reshape((nb, b, half))?);
         let spans = if t_ctx > 0 { context_spans(anchors, self.context_spans, self.norm.device())? } else { Vec::new() };
         // 3. block inputs: the target's frozen embeddings (nb·B, H)
-        let x0 = target.embed(block_ids)?;
+        let x0 = self.block_inputs(target, block_ids)?;
         Ok(TrainSetup { nb, features_ctx, ccos, csin, bcos, bsin, spans, x0, precision: self.layer_precision })
     }
 
@@ -1308,7 +1355,7 @@ impl DFlashDrafter {
         let half = self.config.head_dim / 2;
         let (cos, sin) = (cos.reshape((1, b, half))?, sin.reshape((1, b, half))?);
         // 1. (B, H) frozen embeddings; 2. layers against the cached context; 3. final norm
-        let mut x = target.embed(block_ids)?;
+        let mut x = self.block_inputs(target, block_ids)?;
         for (layer, kv) in self.layers.iter().zip(&cache.layers) {
             x = layer.forward(&x, 1, &cos, &sin, LayerContext { kv: kv.as_ref(), spans: &[], precision: Precision::F32 })?;
         }

@@ -100,6 +100,8 @@ pub struct DFlashInfer {
     eps: f32,
     block_size: usize,
     mask: u32,
+    /// The drafter's trainable MASK input (H), which replaces the embedding of `mask`.
+    mask_row: Option<Vec<f32>>,
     max_pos: usize,
 }
 
@@ -206,6 +208,10 @@ impl DFlashInfer {
             eps: c.rms_norm_eps as f32,
             block_size: c.block_size,
             mask: c.mask_token_id,
+            mask_row: match d.mask_embedding() {
+                Some(_) => Some(vector(d, "mask_embedding")?),
+                None => None,
+            },
             max_pos: c.max_position_embeddings,
         })
     }
@@ -294,6 +300,11 @@ impl DFlashInfer {
         let ids: Vec<u32> = std::iter::once(last).chain(std::iter::repeat_n(self.mask, b - 1)).collect();
         let mut x = target.embed(&ids)?.flatten_all()?.to_vec1::<f32>()?;
         let (h, qw) = (self.hidden, self.heads * self.head_dim);
+        if let Some(m) = &self.mask_row {
+            for row in x.chunks_exact_mut(h).skip(1) {
+                row.copy_from_slice(m);
+            }
+        }
         cache.reserve(b);
         for (l, layer) in self.layers.iter().enumerate() {
             // attention: q from the block; k/v of the block after the context's

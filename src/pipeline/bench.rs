@@ -14,7 +14,7 @@ use crate::drafter::{default_mask_token, DFlashDrafter};
 use crate::model::{BatchItem, Logits, Target, WeightsMode};
 use crate::train::head::{BaseSupport, Head, HeadConfig, Precision, HeadVocab};
 use crate::train::objective::Objective;
-use crate::train::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig, DEFAULT_LR};
+use crate::train::optim::{AdamW, AdamWConfig, LrSchedule, ScheduleConfig, DEFAULT_LR};
 use crate::train::trainable::TrainableDrafter;
 use crate::train::trainer::{run_micro_batch, BatchItem as TrainItem, HeadWeight, StepContext, TrainError};
 use crate::util::measure::{median, ms, peak_rss_mib, reset_peak_rss};
@@ -250,7 +250,7 @@ pub fn train(plan: &TrainBenchPlan) -> Result<(TrainBenchShape, Vec<TrainBenchRo
         let drafter = new_drafter()?;
         let resolved = objective.resolve(TrainableDrafter::block_size(&drafter)).map_err(train_err)?;
         let mut head = Head::for_backend(HeadConfig { vocab: plan.head_vocab, precision: plan.head_precision, ..HeadConfig::default() }, target.backend());
-        let schedule = CosineSchedule::new(DEFAULT_LR, 1000, &ScheduleConfig::default());
+        let schedule = LrSchedule::new(DEFAULT_LR, 1000, &ScheduleConfig::default());
         let mut optim = AdamW::new(TrainableDrafter::named_vars(&drafter), AdamWConfig::default(), schedule).map_err(train_err)?;
         let ctx = StepContext { target, drafter: &drafter, objective: &resolved, lm_head: &lm_head, seed: 0, steps: 1000, base_support: BaseSupport::default(), distill: None, activation_checkpointing: plan.activation_checkpointing };
         reset_peak_rss();

@@ -52,6 +52,11 @@ pub struct DrafterSpec {
     /// target (see `train::trainable::init_layers_from_target`).
     #[serde(default)]
     pub init_layers_from_target: Option<Vec<usize>>,
+    /// A trainable MASK input vector instead of the target's embedding of `mask_token_id`,
+    /// starting as that embedding (issue 11's lever). Our extension of the DFlash format: other
+    /// engines (SGLang, vLLM, llama.cpp) cannot load such a drafter. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mask_embedding: bool,
     /// Domino only: GRU hidden size G and embed_proj width E.
     #[serde(default)]
     pub gru_hidden_dim: Option<usize>,
@@ -84,6 +89,9 @@ pub struct OptimSpec {
     /// Fraction of steps of linear warmup before the cosine decay.
     #[serde(default = "super::optim::default_warmup_ratio")]
     pub warmup_ratio: f64,
+    /// The decay after the warmup: cosine (the default, SpecForge's), linear or constant.
+    #[serde(default, skip_serializing_if = "super::optim::ScheduleShape::is_cosine")]
+    pub schedule: super::optim::ScheduleShape,
     #[serde(default)]
     pub weight_decay: f64,
     /// Global gradient-norm clip.

@@ -183,6 +183,26 @@ impl AdamWConfig {
     }
 }
 
+/// How the learning rate moves from its peak after the warmup (`optim.schedule` of the training
+/// config). Every shape starts with the same linear warmup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleShape {
+    /// Half a cosine from the peak to the minimum (SpecForge's `CosineAnnealingWarmupLR`).
+    #[default]
+    Cosine,
+    /// A straight line from the peak to the minimum (HF Trainer's `linear`).
+    Linear,
+    /// The peak, held to the end (HF Trainer's `constant_with_warmup`).
+    Constant,
+}
+
+impl ScheduleShape {
+    pub fn is_cosine(&self) -> bool {
+        *self == ScheduleShape::Cosine
+    }
+}
+
 /// Learning-rate schedule settings (the peak lr is [`AdamWConfig::lr`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -190,9 +210,12 @@ pub struct ScheduleConfig {
     /// Fraction of the total steps spent in linear warmup. Default 0.04.
     #[serde(default = "default_warmup_ratio")]
     pub warmup_ratio: f64,
-    /// Learning rate at the end of the cosine. Default 0.
+    /// Learning rate at the end of the decay. Default 0.
     #[serde(default)]
     pub min_lr: f64,
+    /// The decay after the warmup. Default cosine.
+    #[serde(default)]
+    pub shape: ScheduleShape,
 }
 
 impl Default for ScheduleConfig {
@@ -200,41 +223,45 @@ impl Default for ScheduleConfig {
         ScheduleConfig {
             warmup_ratio: default_warmup_ratio(),
             min_lr: 0.0,
+            shape: ScheduleShape::Cosine,
         }
     }
 }
 
-/// Linear warmup then cosine decay, as SpecForge's `CosineAnnealingWarmupLR`:
-/// step s (0-based, the s-th optimizer step) uses
-/// `base·(s+1)/W` for s < W, then `min + (base−min)·(1 + cos(π·(s−W)/(T−W)))/2`, held at `min` past T,
-/// with W = ⌊warmup_ratio·T⌋.
+/// Linear warmup, then the [`ScheduleShape`]'s decay: step s (0-based, the s-th optimizer step)
+/// uses `base·(s+1)/W` for s < W, then, with t = (s−W)/(T−W) clamped to [0, 1] and
+/// W = ⌊warmup_ratio·T⌋: cosine `min + (base−min)·(1 + cos(π·t))/2`, linear
+/// `base + (min−base)·t`, constant `base`. Past T it holds the end value.
 #[derive(Clone, Debug, PartialEq)]
-pub struct CosineSchedule {
+pub struct LrSchedule {
     pub base_lr: f64,
     pub min_lr: f64,
     pub warmup_steps: u64,
     pub total_steps: u64,
+    pub shape: ScheduleShape,
 }
 
-impl CosineSchedule {
+impl LrSchedule {
     /// The schedule for `total_steps` optimizer steps peaking at `base_lr`.
     pub fn new(base_lr: f64, total_steps: u64, config: &ScheduleConfig) -> Self {
         let ratio = config.warmup_ratio.clamp(0.0, 1.0);
-        CosineSchedule {
+        LrSchedule {
             base_lr,
             min_lr: config.min_lr,
             warmup_steps: (ratio * total_steps as f64).floor() as u64,
             total_steps,
+            shape: config.shape,
         }
     }
 
     /// A constant learning rate (no warmup, no decay).
     pub fn constant(lr: f64) -> Self {
-        CosineSchedule {
+        LrSchedule {
             base_lr: lr,
             min_lr: lr,
             warmup_steps: 0,
             total_steps: 0,
+            shape: ScheduleShape::Constant,
         }
     }
 
@@ -244,11 +271,15 @@ impl CosineSchedule {
             return self.base_lr * (step + 1) as f64 / self.warmup_steps as f64;
         }
         let decay_steps = self.total_steps.saturating_sub(self.warmup_steps);
-        if decay_steps == 0 {
+        if decay_steps == 0 || self.shape == ScheduleShape::Constant {
             return self.base_lr;
         }
         let t = (step - self.warmup_steps).min(decay_steps) as f64 / decay_steps as f64;
-        self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+        match self.shape {
+            ScheduleShape::Cosine => self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()),
+            ScheduleShape::Linear => self.base_lr + (self.min_lr - self.base_lr) * t,
+            ScheduleShape::Constant => self.base_lr,
+        }
     }
 }
 
@@ -273,7 +304,7 @@ struct Param {
 /// drives both, so a resumed run continues the schedule where it stopped.
 pub struct AdamW {
     config: AdamWConfig,
-    schedule: CosineSchedule,
+    schedule: LrSchedule,
     params: Vec<Param>,
     step: u64,
 }
@@ -297,11 +328,11 @@ fn grad_vec(grads: &GradStore, var: &Var) -> Result<Option<Vec<f32>>, OptimError
 
 impl AdamW {
     /// Optimizer over `params` (name, variable); names key the saved state. The schedule's peak is
-    /// usually `config.lr`: `CosineSchedule::new(config.lr, total_steps, &ScheduleConfig::default())`.
+    /// usually `config.lr`: `LrSchedule::new(config.lr, total_steps, &ScheduleConfig::default())`.
     pub fn new(
         params: Vec<(String, Var)>,
         config: AdamWConfig,
-        schedule: CosineSchedule,
+        schedule: LrSchedule,
     ) -> Result<Self, OptimError> {
         config.validate()?;
         let mut seen = HashSet::new();
@@ -336,7 +367,7 @@ impl AdamW {
         &self.config
     }
 
-    pub fn schedule(&self) -> &CosineSchedule {
+    pub fn schedule(&self) -> &LrSchedule {
         &self.schedule
     }
 
@@ -609,7 +640,7 @@ mod tests {
         v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
     }
 
-    fn adamw(params: &[(&str, &Var)], config: AdamWConfig, schedule: CosineSchedule) -> AdamW {
+    fn adamw(params: &[(&str, &Var)], config: AdamWConfig, schedule: LrSchedule) -> AdamW {
         let params = params
             .iter()
             .map(|(n, v)| (n.to_string(), (*v).clone()))
@@ -625,7 +656,7 @@ mod tests {
             ..Default::default()
         };
         let p = var(&[1.0, -2.0, 0.5, 0.0], (2, 2));
-        let mut opt = adamw(&[("w", &p)], cfg, CosineSchedule::constant(0.0));
+        let mut opt = adamw(&[("w", &p)], cfg, LrSchedule::constant(0.0));
         let g1 = [0.1f32, -0.3, 2.0, 0.0];
         let g2 = [-0.2f32, 0.4, 1.0, 1e-3];
         let lrs = [0.01f64, 0.005];
@@ -659,7 +690,7 @@ mod tests {
     fn clipping_scales_the_global_gradient_norm_to_the_limit() {
         let a = var(&[0.0, 0.0], (1, 2));
         let b = var(&[0.0], (1, 1));
-        let sched = CosineSchedule::constant(1e-3);
+        let sched = LrSchedule::constant(1e-3);
         let mut opt = adamw(&[("a", &a), ("b", &b)], AdamWConfig::default(), sched);
         // Global norm sqrt(3² + 4² + 12²) = 13 across two parameters.
         let grads = grads_for(&[(&a, &[3.0, 4.0]), (&b, &[12.0])]);
@@ -695,12 +726,12 @@ mod tests {
             weight_decay: 0.01,
             ..Default::default()
         };
-        let sched = CosineSchedule::new(
+        let sched = LrSchedule::new(
             6e-4,
             4,
             &ScheduleConfig {
                 warmup_ratio: 0.5,
-                min_lr: 0.0,
+                ..ScheduleConfig::default()
             },
         );
         let name = "layers.0.self_attn.q_proj.weight";
@@ -741,7 +772,7 @@ mod tests {
 
     #[test]
     fn a_state_for_other_parameters_is_rejected() {
-        let sched = CosineSchedule::constant(1e-3);
+        let sched = LrSchedule::constant(1e-3);
         let p = var(&[1.0, 2.0], (1, 2));
         let opt = adamw(&[("fc.weight", &p)], AdamWConfig::default(), sched.clone());
         let dir = tempfile::tempdir().unwrap();
@@ -763,7 +794,7 @@ mod tests {
         let mut again = adamw(
             &[("fc.weight", &p)],
             AdamWConfig::default(),
-            CosineSchedule::constant(0.0),
+            LrSchedule::constant(0.0),
         );
         assert!(matches!(
             again.load(&dir.path().join("missing.safetensors")),
@@ -773,7 +804,7 @@ mod tests {
 
     #[test]
     fn a_parameter_without_gradient_is_an_error_unless_skipped() {
-        let sched = CosineSchedule::constant(1e-3);
+        let sched = LrSchedule::constant(1e-3);
         let a = var(&[1.0], (1, 1));
         let b = var(&[2.0], (1, 1));
         let grads = grads_for(&[(&a, &[0.5])]);
@@ -815,7 +846,7 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_linearly_then_follows_the_cosine_to_the_minimum() {
-        let s = CosineSchedule::new(6e-4, 1000, &ScheduleConfig::default());
+        let s = LrSchedule::new(6e-4, 1000, &ScheduleConfig::default());
         assert_eq!(s.warmup_steps, 40);
         assert!((s.lr(0) - 6e-4 / 40.0).abs() < 1e-15);
         assert!((s.lr(19) - 6e-4 * 20.0 / 40.0).abs() < 1e-15);
@@ -827,12 +858,13 @@ mod tests {
         // End: the minimum, held afterwards.
         assert!(s.lr(1000).abs() < 1e-15);
         assert!(s.lr(5000).abs() < 1e-15);
-        let floor = CosineSchedule::new(
+        let floor = LrSchedule::new(
             1.0,
             100,
             &ScheduleConfig {
                 warmup_ratio: 0.0,
                 min_lr: 0.1,
+                shape: ScheduleShape::Cosine,
             },
         );
         assert!((floor.lr(0) - 1.0).abs() < 1e-12);
@@ -840,7 +872,23 @@ mod tests {
         assert!((floor.lr(100) - 0.1).abs() < 1e-12);
         // Monotone decreasing after warmup.
         assert!((40..1000).all(|t| s.lr(t + 1) <= s.lr(t)));
-        assert_eq!(CosineSchedule::constant(3e-4).lr(12345), 3e-4);
+        assert_eq!(LrSchedule::constant(3e-4).lr(12345), 3e-4);
+    }
+
+    #[test]
+    fn the_linear_and_constant_shapes_share_the_warmup_and_differ_after_it() {
+        let at = |shape| LrSchedule::new(1.0, 100, &ScheduleConfig { warmup_ratio: 0.1, min_lr: 0.2, shape });
+        let (cos, lin, con) = (at(ScheduleShape::Cosine), at(ScheduleShape::Linear), at(ScheduleShape::Constant));
+        for s in 0..10 {
+            assert_eq!(cos.lr(s), lin.lr(s));
+            assert_eq!(cos.lr(s), con.lr(s));
+        }
+        // A quarter of the decay: the line is a quarter of the way down, the cosine less.
+        assert!((lin.lr(10 + 90 / 4) - (1.0 - 0.8 * 22.0 / 90.0)).abs() < 1e-12);
+        assert!(cos.lr(32) > lin.lr(32));
+        assert!((lin.lr(100) - 0.2).abs() < 1e-12 && (lin.lr(500) - 0.2).abs() < 1e-12);
+        assert!((10..1000).all(|s| con.lr(s) == 1.0));
+        assert!((10..100).all(|s| lin.lr(s + 1) < lin.lr(s)));
     }
 
     #[test]

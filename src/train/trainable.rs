@@ -160,15 +160,24 @@ pub fn build_drafter(cfg: &TrainConfig, target: &Target) -> Result<AnyDrafter, T
                 dir.display(),
             )));
         }
-        return Ok(AnyDrafter::load_for(dir, target)?);
+        let drafter = AnyDrafter::load_for(dir, target)?;
+        if spec.mask_embedding && !drafter.named_vars().iter().any(|(n, _)| n == "mask_embedding") {
+            return Err(TrainError::Setup(format!(
+                "drafter.mask_embedding is set but init_from {} has no mask_embedding tensor; a drafter started from a checkpoint keeps its shape: leave drafter.mask_embedding unset",
+                dir.display()
+            )));
+        }
+        return Ok(drafter);
     }
     let mask = spec.mask_token_id.unwrap_or_else(|| crate::drafter::default_mask_token(target.config()));
     let mut backbone = DFlashInitConfig::new(spec.layers, spec.block_size, mask);
     backbone.target_layer_ids = spec.target_layer_ids.clone();
+    backbone.mask_embedding = spec.mask_embedding;
     let init = DrafterInit { kind: spec.kind, backbone, gru_hidden_dim: spec.gru_hidden_dim, emb_dim: spec.emb_dim };
     // Drawn in host memory (reproducible from the seed on any device), then moved to the target's.
     let drafter = AnyDrafter::init_random(target.config(), &init, cfg.seed)?.to_device(target.device())?;
     init_final_norm_from_target(&drafter.named_vars(), target, drafter.mask_token_id())?;
+    init_mask_embedding_from_target(&drafter.named_vars(), target, drafter.mask_token_id())?;
     if let Some(ids) = &spec.init_layers_from_target {
         init_layers_from_target(&drafter.named_vars(), target, ids, drafter.target_layer_ids())?;
     }
@@ -235,6 +244,15 @@ pub fn init_layers_from_target(vars: &[(String, Var)], target: &Target, from: &[
     }
     if from.last() == Some(&(depth - 1)) {
         set("norm.weight", target.final_norm_weight())?;
+    }
+    Ok(())
+}
+
+/// Starts a fresh drafter's trainable MASK input (when it has one) as the target's embedding of
+/// `mask_token_id`, the vector a drafter without one uses: the two start identical.
+pub fn init_mask_embedding_from_target(vars: &[(String, Var)], target: &Target, mask_token_id: u32) -> Result<(), TrainError> {
+    if let Some((_, var)) = vars.iter().find(|(n, _)| n == "mask_embedding") {
+        var.set(&target.embed(&[mask_token_id])?.squeeze(0)?.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     Ok(())
 }

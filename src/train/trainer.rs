@@ -22,7 +22,7 @@ use super::checkpoint::{io_err, CheckpointState, RunDir};
 use super::config::{DistillSpec, TrainConfig};
 use super::head::{BaseSupport, DeltaBranch, Head, HeadInput, HeadVocab, SoftTargets};
 use super::objective::{BlockMetrics, MetricCounts, ResolvedObjective};
-use super::optim::{AdamW, AdamWConfig, CosineSchedule, ScheduleConfig};
+use super::optim::{AdamW, AdamWConfig, LrSchedule, ScheduleConfig};
 use super::memory::MemoryShape;
 use super::parallel::{all_reduce_for, thread_group, AllReduce, World};
 use super::trainable::{base_ce_weight, build_drafter, trainable, CheckpointedRows, TrainableDrafter};
@@ -500,7 +500,7 @@ impl<'a> Session<'a> {
             max_grad_norm: Some(cfg.optim.clip),
             skip_missing_grads: false,
         };
-        let schedule = CosineSchedule::new(cfg.optim.lr, cfg.steps, &ScheduleConfig { warmup_ratio: cfg.optim.warmup_ratio, min_lr: 0.0 });
+        let schedule = LrSchedule::new(cfg.optim.lr, cfg.steps, &ScheduleConfig { warmup_ratio: cfg.optim.warmup_ratio, min_lr: 0.0, shape: cfg.optim.schedule });
         let mut optim = AdamW::new(trained_vars(drafter.named_vars(), &cfg.optim.freeze)?, adam_cfg, schedule)?;
         if let Some(s) = &run.latest {
             optim.load(&run.checkpoint(s.step).join("optimizer.safetensors"))?;
