@@ -46,6 +46,18 @@ fn the_quickstart_trains_the_config_its_set_strings_described() {
     assert_eq!(plan.train_config(), from_sets(&sets));
 }
 
+/// The 60-minute recipe trains in bf16 where the CPU has AVX512-BF16 and in f32 elsewhere; the
+/// quick one in f32 everywhere.
+#[test]
+fn the_recipes_products_are_bf16_only_where_the_cpu_runs_them() {
+    use specauf::nn::Precision;
+    let quick = QuickstartPlan::new(Path::new("/q"), RecipeName::Quick).train_config();
+    assert_eq!((quick.head.precision, quick.layer_precision), (Precision::F32, Precision::F32));
+    let long = QuickstartPlan::new(Path::new("/q"), RecipeName::Cpu60Min).train_config();
+    let want = if Precision::Bf16.runs_here() { Precision::Bf16 } else { Precision::F32 };
+    assert_eq!((long.head.precision, long.layer_precision), (want, want));
+}
+
 #[test]
 fn each_experiment_arm_trains_the_config_its_set_strings_described() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/paper.json");

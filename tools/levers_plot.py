@@ -1,9 +1,10 @@
 """Held-out in-block accept length against training minutes, one line per run, as an SVG (no
 third-party packages). Minutes are the training-step seconds of each run's metrics.jsonl, summed
 (evaluation not counted); a run measured under load can instead be charged a fixed seconds-per-step
-measured quietly for its shape, with RUN_DIR=SECONDS_PER_STEP.
+measured quietly for its shape, with RUN_DIR=SECONDS_PER_STEP. RUN_A+RUN_B+... draws the mean of
+runs that evaluate at the same steps (seeds of one arm): accept length and minutes averaged.
 
-    python3 tools/levers_plot.py OUT.svg "TITLE" LABEL:RUN_DIR[=SECONDS_PER_STEP] ...
+    python3 tools/levers_plot.py OUT.svg "TITLE" LABEL:RUN_DIR[+RUN_DIR...][=SECONDS_PER_STEP] ...
 """
 
 import json
@@ -31,8 +32,11 @@ def main():
     lines = []
     for s in specs:
         label, rest = s.split(":", 1)
-        run, _, per = rest.partition("=")
-        lines.append((label, curve(run, float(per) if per else None), bool(per)))
+        runs, _, per = rest.partition("=")
+        curves = [curve(run, float(per) if per else None) for run in runs.split("+")]
+        n = min(len(c) for c in curves)
+        mean = [(sum(c[i][0] for c in curves) / len(curves), sum(c[i][1] for c in curves) / len(curves)) for i in range(n)]
+        lines.append((label, mean, bool(per)))
     xmax = max(p[0] for _, c, _ in lines for p in c) * 1.05
     ymin = 1.0
     ymax = max(p[1] for _, c, _ in lines for p in c)

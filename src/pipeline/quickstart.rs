@@ -66,6 +66,9 @@ impl QuickstartPlan {
         c.num_anchors = r.num_anchors;
         c.batch_sequences = r.batch_sequences;
         c.optim.lr = r.lr;
+        let products = if r.products.runs_here() { r.products } else { crate::nn::Precision::F32 };
+        c.head.precision = products;
+        c.layer_precision = products;
         c.checkpoint_every = 50;
         c.eval_every = 80;
         c.eval_sequences = 8;

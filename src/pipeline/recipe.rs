@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::nn::Precision;
+
 /// The embedded default's (SmolLM2, 30 layers) last two layers: the drafter starts as them, the
 /// lever that trained fastest (docs/recipe.md, "target-initialised layers"). Layer 28's input is
 /// the layer-27 tap the quickstart's drafter reads, so its context starts exact.
@@ -40,6 +42,10 @@ pub struct Recipe {
     pub num_anchors: usize,
     /// Peak learning rate (cosine schedule).
     pub lr: f64,
+    /// The precision of the step's products (the head's and the drafter layers'): bf16 runs them
+    /// on AVX512-BF16 where the CPU has it (the same drafter over four seeds, 1.4× cheaper a
+    /// step; docs/recipe.md), and f32 elsewhere.
+    pub products: Precision,
     /// Drafter depth.
     pub layers: usize,
     /// Target layers the drafter's layers start as (one per layer), or None for random.
@@ -62,6 +68,9 @@ impl RecipeName {
                 batch_sequences: 2,
                 num_anchors: 32,
                 lr: 0.002,
+                // f32: its drafter and τ are the same on every CPU, and a cheaper step buys it
+                // nothing (its 313 sequences plateau by step 600, docs/recipe.md)
+                products: Precision::F32,
                 layers: TOP_TWO.len(),
                 init_layers_from_target: Some(TOP_TWO.to_vec()),
                 // 4 × 96 rather than 2 × 64: with a drafter near parity, two short requests per
@@ -71,11 +80,15 @@ impl RecipeName {
             },
             RecipeName::Cpu60Min => Recipe {
                 name: self,
-                conversations: 1000,
-                steps: 1500,
+                // 3000 × 5000 rather than 1000 × 1500: the held-out curve keeps rising past 1500
+                // steps when the data is three times larger (docs/recipe.md, "The hour spent on
+                // steps"), and bf16 products make 5000 steps fit the hour
+                conversations: 3000,
+                steps: 5000,
                 batch_sequences: 2,
                 num_anchors: 32,
                 lr: 0.002,
+                products: Precision::Bf16,
                 layers: TOP_TWO.len(),
                 init_layers_from_target: Some(TOP_TWO.to_vec()),
                 limit: 8,
