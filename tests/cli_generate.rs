@@ -1,20 +1,8 @@
 //! `specauf generate` end to end: JSON output, and a clear error with a non-zero exit code for
 //! every bad input (never a panic).
 
-use std::process::Command;
-
-fn specauf() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_specauf"))
-}
-
-fn run_fail(args: &[&str]) -> String {
-    let out = specauf().args(args).output().expect("run specauf");
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "{args:?} should fail; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
-    stderr
-}
+mod common;
+use common::{run_fail, specauf};
 
 #[test]
 fn generate_json_reports_ids_text_and_speed() {

@@ -2,23 +2,12 @@
 //! bad inputs before any generation.
 
 use std::path::Path;
-use std::process::Command;
 
 use specauf::drafter::DFlashDrafter;
 use specauf::model::{self, TargetConfig};
 
-fn specauf() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_specauf"))
-}
-
-fn run_fail(args: &[&str]) -> String {
-    let out = specauf().args(args).output().expect("run specauf");
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "{args:?} should fail; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
-    stderr
-}
+mod common;
+use common::{run_fail, specauf};
 
 fn smollm2_config() -> TargetConfig {
     let loc = model::load::resolve("smollm2").expect("the embedded default model");

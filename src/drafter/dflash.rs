@@ -15,8 +15,7 @@
 //! ```
 //! Queries come only from the block; the context enters every layer through that layer's own
 //! k_proj/v_proj. Only the layers, `fc`, `hidden_norm`, `norm` (and `mask_embedding`, when the
-//! config has one) are trainable; they live in a
-//! candle `VarMap` under their checkpoint names.
+//! config has one) are trainable; they live in a candle `VarMap` under their checkpoint names.
 //!
 //! # Training attention (DESIGN §2)
 //! A query of block b (anchor a_b) sees context position j iff j < a_b ([`context_visible`]) and
@@ -390,8 +389,7 @@ impl DFlashConfig {
     /// The rule for keys: every top-level key must be one we read or one of
     /// [`HF_BOOKKEEPING_KEYS`]; every key of `dflash_config` must be `mask_token_id`,
     /// `target_layer_ids`, `block_size` (newer configs put it there) or our `mask_embedding`
-    /// extension. Anything else is refused
-    /// by name, since an unknown key may change the model. Settings we do not implement
+    /// extension. Anything else is refused by name, since an unknown key may change the model. Settings we do not implement
     /// (sliding window, RoPE scaling, biases, non-SiLU activations, causal blocks) are refused.
     pub fn from_json_str(text: &str, path: &str) -> Result<Self, DrafterError> {
         let json = |what: String| DrafterError::Json { path: path.to_string(), what };

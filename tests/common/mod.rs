@@ -147,3 +147,21 @@ pub fn read_metrics(run: &Path) -> Vec<specauf::train::trainer::StepMetrics> {
         })
         .collect()
 }
+
+/// The specauf binary under test (the crate's own binary target).
+pub fn specauf() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_specauf"))
+}
+
+/// Runs a specauf command that must fail without a panic and returns its error: stderr from the
+/// `error: ` line on. Lines before it are progress (in a fresh home the first command that needs
+/// an asset downloads it, and tests run in any order).
+pub fn run_fail(args: &[&str]) -> String {
+    let out = specauf().args(args).output().expect("run specauf");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{args:?} should fail; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    let at = stderr.find("error: ").unwrap_or_else(|| panic!("{args:?}: no `error: ` line in {stderr}"));
+    assert!(at == 0 || stderr[..at].ends_with('\n'), "{args:?}: `error: ` does not start a line: {stderr}");
+    stderr[at..].to_string()
+}
