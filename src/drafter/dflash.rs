@@ -394,7 +394,6 @@ impl DFlashConfig {
     pub fn from_json_str(text: &str, path: &str) -> Result<Self, DrafterError> {
         let json = |what: String| DrafterError::Json { path: path.to_string(), what };
         let bad = |what: String| DrafterError::InvalidConfig { path: path.to_string(), what };
-        let unsupported = |what: String| DrafterError::Unsupported { path: path.to_string(), what };
         let v: serde_json::Value = serde_json::from_str(text).map_err(|e| json(e.to_string()))?;
         let obj = v.as_object().ok_or_else(|| json("the top level is not an object".into()))?;
         for key in obj.keys() {
@@ -411,45 +410,7 @@ impl DFlashConfig {
                 return Err(DrafterError::UnknownConfigKey { path: path.to_string(), key: format!("dflash_config.{key}") });
             }
         }
-        if let Some(arch) = obj.get("architectures") {
-            let names: Vec<&str> = arch.as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
-            if !names.contains(&ARCHITECTURE) {
-                return Err(unsupported(format!("architectures {names:?}; only {ARCHITECTURE} is implemented")));
-            }
-        }
-        if let Some(mt) = obj.get("model_type").and_then(|x| x.as_str()) {
-            if mt != "qwen3" {
-                return Err(unsupported(format!("model_type {mt:?}; DFlash drafters are Qwen3-style (model_type \"qwen3\")")));
-            }
-        }
-        if let Some(act) = obj.get("hidden_act").and_then(|x| x.as_str()) {
-            if act != "silu" {
-                return Err(unsupported(format!("hidden_act {act:?} (only silu is implemented)")));
-            }
-        }
-        if obj.get("attention_bias").and_then(|x| x.as_bool()) == Some(true) {
-            return Err(unsupported("attention_bias = true (DFlash drafters have no biases)".into()));
-        }
-        if obj.get("is_causal").and_then(|x| x.as_bool()) == Some(true) {
-            return Err(unsupported("is_causal = true (DFlash blocks are bidirectional)".into()));
-        }
-        if obj.get("use_sliding_window").and_then(|x| x.as_bool()) == Some(true) {
-            return Err(unsupported("use_sliding_window = true (only full attention is implemented)".into()));
-        }
-        let window = obj.get("sliding_window").is_some_and(|w| !w.is_null());
-        if let Some(types) = obj.get("layer_types").and_then(|x| x.as_array()) {
-            if window && types.iter().any(|t| t.as_str() == Some("sliding_attention")) {
-                return Err(unsupported("sliding_attention layers (only full attention is implemented)".into()));
-            }
-        }
-        for key in ["rope_scaling", "rope_parameters"] {
-            if let Some(rs) = obj.get(key).filter(|x| !x.is_null()) {
-                let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(|x| x.as_str()).unwrap_or("default");
-                if kind != "default" {
-                    return Err(unsupported(format!("{key} type {kind:?} (only plain RoPE is implemented)")));
-                }
-            }
-        }
+        refuse_unsupported(obj, path)?;
         let usize_of = |key: &str| -> Result<Option<usize>, DrafterError> {
             match obj.get(key) {
                 None | Some(serde_json::Value::Null) => Ok(None),
@@ -555,6 +516,53 @@ impl DFlashConfig {
     pub fn num_parameters(&self) -> usize {
         self.tensor_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
+}
+
+/// Refuses a `config.json` that asks for what the DFlash drafter does not implement (another
+/// architecture or model type, a non-SiLU activation, biases, causal blocks, a sliding window,
+/// scaled RoPE), by name.
+fn refuse_unsupported(obj: &serde_json::Map<String, serde_json::Value>, path: &str) -> Result<(), DrafterError> {
+    let unsupported = |what: String| DrafterError::Unsupported { path: path.to_string(), what };
+    if let Some(arch) = obj.get("architectures") {
+        let names: Vec<&str> = arch.as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+        if !names.contains(&ARCHITECTURE) {
+            return Err(unsupported(format!("architectures {names:?}; only {ARCHITECTURE} is implemented")));
+        }
+    }
+    if let Some(mt) = obj.get("model_type").and_then(|x| x.as_str()) {
+        if mt != "qwen3" {
+            return Err(unsupported(format!("model_type {mt:?}; DFlash drafters are Qwen3-style (model_type \"qwen3\")")));
+        }
+    }
+    if let Some(act) = obj.get("hidden_act").and_then(|x| x.as_str()) {
+        if act != "silu" {
+            return Err(unsupported(format!("hidden_act {act:?} (only silu is implemented)")));
+        }
+    }
+    if obj.get("attention_bias").and_then(|x| x.as_bool()) == Some(true) {
+        return Err(unsupported("attention_bias = true (DFlash drafters have no biases)".into()));
+    }
+    if obj.get("is_causal").and_then(|x| x.as_bool()) == Some(true) {
+        return Err(unsupported("is_causal = true (DFlash blocks are bidirectional)".into()));
+    }
+    if obj.get("use_sliding_window").and_then(|x| x.as_bool()) == Some(true) {
+        return Err(unsupported("use_sliding_window = true (only full attention is implemented)".into()));
+    }
+    let window = obj.get("sliding_window").is_some_and(|w| !w.is_null());
+    if let Some(types) = obj.get("layer_types").and_then(|x| x.as_array()) {
+        if window && types.iter().any(|t| t.as_str() == Some("sliding_attention")) {
+            return Err(unsupported("sliding_attention layers (only full attention is implemented)".into()));
+        }
+    }
+    for key in ["rope_scaling", "rope_parameters"] {
+        if let Some(rs) = obj.get(key).filter(|x| !x.is_null()) {
+            let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(|x| x.as_str()).unwrap_or("default");
+            if kind != "default" {
+                return Err(unsupported(format!("{key} type {kind:?} (only plain RoPE is implemented)")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The HF `initializer_range` used for new drafters.
