@@ -208,10 +208,7 @@ impl DFlashInfer {
             eps: c.rms_norm_eps as f32,
             block_size: c.block_size,
             mask: c.mask_token_id,
-            mask_row: match d.mask_embedding() {
-                Some(_) => Some(vector(d, "mask_embedding")?),
-                None => None,
-            },
+            mask_row: d.mask_embedding().map(|_| vector(d, "mask_embedding")).transpose()?,
             max_pos: c.max_position_embeddings,
         })
     }

@@ -271,7 +271,7 @@ impl LrSchedule {
             return self.base_lr * (step + 1) as f64 / self.warmup_steps as f64;
         }
         let decay_steps = self.total_steps.saturating_sub(self.warmup_steps);
-        if decay_steps == 0 || self.shape == ScheduleShape::Constant {
+        if decay_steps == 0 {
             return self.base_lr;
         }
         let t = (step - self.warmup_steps).min(decay_steps) as f64 / decay_steps as f64;
