@@ -9,13 +9,16 @@
 # experiments/levers/schedule_mask.sh's cosine-s0) on the six benchmarks, 8 prompts × 96 tokens,
 # at B = 8 and at the block size the evaluation chooses. Resumable: a finished stage is skipped
 # and training resumes from its last checkpoint. ONLY=STAGE runs that stage alone (prepare, train,
-# eval8, eval).
+# eval8, eval). CONVERSATIONS (default 3000) sets the data's size; a regenerated.jsonl copied
+# into OUT/data beforehand is reused (replies are cached by conversation id), which shortens the
+# prepare stage's time but not its output.
 #   OUT=/work/runs/long BASE=/work/runs/rec/sched/cosine-s0/final experiments/levers/long_run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:?output folder}
 BASE=${BASE:?a drafter to evaluate beside it}
 STEPS=${STEPS:-5000}
+CONVERSATIONS=${CONVERSATIONS:-3000}
 SCHEDULE=${SCHEDULE:-cosine}
 . experiments/levers/lib.sh
 mkdir -p "$OUT"
@@ -28,7 +31,7 @@ stage() { # name command...: runs the command unless the stage is done, appends 
     "$@"
     echo "$name $((SECONDS - t0))" >> "$OUT/times.txt"
 }
-stage prepare "$BIN" prepare --model smollm2 --data sharegpt --out "$OUT/data" --max-conversations 3000 --max-len 320 \
+stage prepare "$BIN" prepare --model smollm2 --data sharegpt --out "$OUT/data" --max-conversations "$CONVERSATIONS" --max-len 320 \
     --regenerate greedy --max-new-tokens 96 --workers 2 --features 1,27 --feature-weights auto
 quick_arm_args "$OUT/data"
 stage train train_arm "$OUT/drafter" "$OUT/train.log" "${QUICK_ARM[@]}" --set steps="$STEPS" --set optim.schedule="$SCHEDULE" \

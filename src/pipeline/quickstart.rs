@@ -4,7 +4,9 @@
 //!
 //! Every stage writes into the output folder and is skipped when its output is already complete,
 //! so a second run reuses the first one's work (an interrupted stage resumes: regeneration,
-//! training and evaluation are resumable).
+//! training and evaluation are resumable). The folder records the recipe it was made with
+//! (`recipe.json`); a run with other numbers (another recipe, or `--steps`, `--conversations`,
+//! `--limit`, `--max-new-tokens` overrides) is refused rather than served the old stages.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -116,9 +118,59 @@ pub struct QuickstartOutcome {
     pub eval: Option<EvalOutcome>,
 }
 
+/// The file in a quickstart folder that records its recipe.
+pub const RECIPE_FILE: &str = "recipe.json";
+
+/// What a stage leaves in a quickstart folder: any of them means the folder holds earlier work.
+const STAGE_OUTPUTS: [&str; 5] = ["data/manifest.json", "train/config.json", "drafter/model.safetensors", "untrained/model.safetensors", "eval/results.json"];
+
+/// Makes sure that `out` holds work of `recipe` only: records the recipe in a new folder, accepts
+/// a folder that recorded the same numbers, and refuses one made with other numbers (naming
+/// them) or one with stage outputs but no record (made before folders recorded their recipe).
+pub fn claim_folder(out: &Path, recipe: &Recipe) -> Result<(), StageError> {
+    let path = out.join(RECIPE_FILE);
+    let fix = format!("pass --out NEW_DIR, or delete {} to start over", out.display());
+    let ours = serde_json::to_value(recipe).map_err(|e| StageError::Invalid(format!("recording the recipe: {e}")))?;
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let theirs: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                StageError::Invalid(format!("{}: not a recipe record ({e}); {fix}", path.display()))
+            })?;
+            let (Some(a), Some(b)) = (ours.as_object(), theirs.as_object()) else {
+                return Err(StageError::Invalid(format!("{}: not a recipe record; {fix}", path.display())));
+            };
+            let differ: Vec<String> = a
+                .iter()
+                .filter(|(k, v)| b.get(*k) != Some(*v))
+                .map(|(k, v)| format!("{k} {} (asked: {v})", b.get(k).map_or("missing".to_string(), |t| t.to_string())))
+                .collect();
+            if differ.is_empty() {
+                return Ok(());
+            }
+            Err(StageError::Invalid(format!(
+                "{} holds a quickstart made with other numbers: {}; its stages would be reused as they are, so {fix}",
+                out.display(),
+                differ.join(", ")
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(found) = STAGE_OUTPUTS.iter().find(|f| out.join(f).exists()) {
+                return Err(StageError::Invalid(format!(
+                    "{} holds an earlier quickstart ({found}) that did not record its recipe, so it may have been made with other numbers; {fix}",
+                    out.display()
+                )));
+            }
+            let text = serde_json::to_string_pretty(&ours).expect("a JSON value serializes");
+            crate::util::fs::write_atomic(&path, text.as_bytes()).map_err(|source| StageError::Io { path, source })
+        }
+        Err(source) => Err(StageError::Io { path, source }),
+    }
+}
+
 pub fn run(plan: &QuickstartPlan, progress: Observer) -> Result<QuickstartOutcome, StageError> {
     let out = &plan.out;
     std::fs::create_dir_all(out).map_err(|source| StageError::Io { path: out.clone(), source })?;
+    claim_folder(out, &plan.recipe)?;
     progress.note(&format!("quickstart: everything goes to {}", out.display()));
 
     // 1. Assets (the default set; the benchmark loaders fetch theirs on first use).
@@ -182,4 +234,40 @@ pub fn run(plan: &QuickstartPlan, progress: Observer) -> Result<QuickstartOutcom
     let report_path = eval_plan.out.join("report.md");
     let report_md = std::fs::read_to_string(&report_path).map_err(|source| StageError::Io { path: report_path, source })?;
     Ok(QuickstartOutcome { report_md, out: out.clone(), eval })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_serves_only_the_recipe_it_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("q");
+        std::fs::create_dir_all(&out).unwrap();
+        let quick = RecipeName::Quick.recipe();
+        claim_folder(&out, &quick).unwrap();
+        assert!(out.join(RECIPE_FILE).is_file());
+        // the same numbers again: accepted
+        claim_folder(&out, &quick).unwrap();
+        // an override, or another recipe: refused, naming what differs and what to do
+        let mut more = quick.clone();
+        more.steps += 1;
+        let e = claim_folder(&out, &more).unwrap_err().to_string();
+        assert!(e.contains(&format!("steps {} (asked: {})", quick.steps, quick.steps + 1)), "{e}");
+        assert!(e.contains("--out") && e.contains("delete"), "{e}");
+        let e = claim_folder(&out, &RecipeName::Cpu60Min.recipe()).unwrap_err().to_string();
+        assert!(e.contains("name \"quick\" (asked: \"cpu-60min\")"), "{e}");
+        // a folder with a stage's output and no record: refused
+        let old = dir.path().join("old");
+        std::fs::create_dir_all(old.join("data")).unwrap();
+        std::fs::write(old.join("data/manifest.json"), "{}").unwrap();
+        let e = claim_folder(&old, &quick).unwrap_err().to_string();
+        assert!(e.contains("did not record its recipe") && e.contains("data/manifest.json"), "{e}");
+        assert!(!old.join(RECIPE_FILE).exists());
+        // a damaged record: refused with the way out
+        std::fs::write(out.join(RECIPE_FILE), "not json").unwrap();
+        let e = claim_folder(&out, &quick).unwrap_err().to_string();
+        assert!(e.contains("not a recipe record") && e.contains("--out"), "{e}");
+    }
 }
