@@ -43,19 +43,24 @@ fn the_quickstart_trains_the_config_its_set_strings_described() {
         "eval_sequences=8".into(),
         "drafter.init_layers_from_target=[28, 29]".into(),
     ];
+    let mut sets = sets;
+    // bf16 products where the CPU runs them (the next test)
+    if specauf::nn::Precision::Bf16.runs_here() {
+        sets.extend(["head.precision=bf16".to_string(), "layer_precision=bf16".to_string()]);
+    }
     assert_eq!(plan.train_config(), from_sets(&sets));
 }
 
-/// The 60-minute recipe trains in bf16 where the CPU has AVX512-BF16 and in f32 elsewhere; the
-/// quick one in f32 everywhere.
+/// Both recipes train in bf16 where the CPU has AVX512-BF16 and in f32 elsewhere.
 #[test]
 fn the_recipes_products_are_bf16_only_where_the_cpu_runs_them() {
     use specauf::nn::Precision;
-    let quick = QuickstartPlan::new(Path::new("/q"), RecipeName::Quick).train_config();
-    assert_eq!((quick.head.precision, quick.layer_precision), (Precision::F32, Precision::F32));
-    let long = QuickstartPlan::new(Path::new("/q"), RecipeName::Cpu60Min).train_config();
     let want = if Precision::Bf16.runs_here() { Precision::Bf16 } else { Precision::F32 };
-    assert_eq!((long.head.precision, long.layer_precision), (want, want));
+    for name in [RecipeName::Quick, RecipeName::Cpu60Min] {
+        assert_eq!(name.recipe().products, Precision::Bf16);
+        let c = QuickstartPlan::new(Path::new("/q"), name).train_config();
+        assert_eq!((c.head.precision, c.layer_precision), (want, want), "{name}");
+    }
 }
 
 #[test]
