@@ -30,8 +30,7 @@ crate::named_enum!(RecipeName, "recipe", ["quick", "cpu-60min"]);
 
 /// One recipe's numbers. A quickstart folder records the ones it was made with (`recipe.json`),
 /// so that a rerun with other numbers is refused instead of reporting the old run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Recipe {
     pub name: RecipeName,
     /// ShareGPT conversations whose first turn the target answers (greedy, ≤ 96 new tokens).
