@@ -27,7 +27,7 @@ fn a_new_config_holds_the_same_defaults_as_a_parsed_one() {
 #[test]
 fn the_quickstart_trains_the_config_its_set_strings_described() {
     let plan = QuickstartPlan::new(Path::new("/q"), RecipeName::Quick);
-    let sets: Vec<String> = vec![
+    let mut sets: Vec<String> = vec![
         "data=/q/data".into(),
         "out=/q/train".into(),
         format!("steps={}", plan.recipe.steps),
@@ -43,7 +43,6 @@ fn the_quickstart_trains_the_config_its_set_strings_described() {
         "eval_sequences=8".into(),
         "drafter.init_layers_from_target=[28, 29]".into(),
     ];
-    let mut sets = sets;
     // bf16 products where the CPU runs them (the next test)
     if specauf::nn::Precision::Bf16.runs_here() {
         sets.extend(["head.precision=bf16".to_string(), "layer_precision=bf16".to_string()]);

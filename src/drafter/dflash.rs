@@ -389,8 +389,9 @@ impl DFlashConfig {
     /// The rule for keys: every top-level key must be one we read or one of
     /// [`HF_BOOKKEEPING_KEYS`]; every key of `dflash_config` must be `mask_token_id`,
     /// `target_layer_ids`, `block_size` (newer configs put it there) or our `mask_embedding`
-    /// extension. Anything else is refused by name, since an unknown key may change the model. Settings we do not implement
-    /// (sliding window, RoPE scaling, biases, non-SiLU activations, causal blocks) are refused.
+    /// extension. Anything else is refused by name, since an unknown key may change the model.
+    /// Settings we do not implement (sliding window, RoPE scaling, biases, non-SiLU activations,
+    /// causal blocks) are refused ([`refuse_unsupported`]).
     pub fn from_json_str(text: &str, path: &str) -> Result<Self, DrafterError> {
         let json = |what: String| DrafterError::Json { path: path.to_string(), what };
         let bad = |what: String| DrafterError::InvalidConfig { path: path.to_string(), what };

@@ -66,8 +66,8 @@ impl RecipeName {
                 name: self,
                 // 800 × 1200 in bf16 rather than 400 × 600 in f32: on twice the data the
                 // held-out curve rises to step 1000 instead of flattening by 600, and bf16
-                // products pay for the extra steps (docs/recipe.md, "The quick recipe's
-                // minutes"); f32 where the CPU lacks AVX512-BF16
+                // products pay for the extra steps (docs/recipe.md, "Lever 7 again, at the hour's
+                // steps, and the quick recipe's minutes"); f32 where the CPU lacks AVX512-BF16
                 conversations: 800,
                 steps: 1200,
                 batch_sequences: 2,
