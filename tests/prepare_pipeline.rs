@@ -14,6 +14,7 @@ use specauf::data::features::{target_features, FeatureCache, FeatureError};
 use specauf::data::prepare::{prepare, prepare_with, PrepareError, PrepareOptions, PrepareReport};
 use specauf::data::regenerate::{RegenerateError, RegenerateSettings, Reply, ReplyError, ReplyRequest, REGENERATED_FILE};
 use specauf::data::sharegpt::{id_is_heldout, ShareGptError};
+use specauf::data::topic::{Topic, TopicFilter};
 
 mod common;
 use common::{ids, tiny_model_dir, write_data};
@@ -28,6 +29,7 @@ fn settings(max_conversations: usize, regenerate: Option<RegenerateSettings>) ->
         seed: 7,
         regenerate,
         features: None,
+        topics: None,
     }
 }
 
@@ -513,4 +515,41 @@ fn soft_labels_in_the_cache_are_the_targets_top_k_logits() {
     s.features = Some(FeatureSettings { target_layer_ids: vec![1], dtype: FeatureDtype::F16, weights: WeightsMode::F32, soft_labels: Some(0) });
     let err = prepare(&m.tokenizer, &id, None, Some(&m.target), &options(&data, &tmp.path().join("zero"), s)).unwrap_err();
     assert!(err.to_string().contains("--soft-labels"), "{err}");
+}
+
+#[test]
+fn topics_keep_the_first_conversations_then_only_the_chosen_topics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, id) = smollm2();
+    // even conversations ask for code, odd ones for a story
+    let (ids, _) = ids(8);
+    let path = tmp.path().join("mixed.jsonl");
+    let lines: Vec<String> = ids
+        .iter()
+        .enumerate()
+        .map(|(k, cid)| {
+            let ask = if k % 2 == 0 { format!("Write a Python function number {k}.") } else { format!("Tell me story number {k}.") };
+            serde_json::json!({"id": cid, "conversations": [{"from": "human", "value": ask}, {"from": "gpt", "value": "Sure."}]})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let mut s = settings(4, None);
+    s.eval_fraction = 0.0;
+    s.topics = Some(TopicFilter { topics: vec![Topic::Code], after: 2 });
+    let out = tmp.path().join("out");
+    let r = prepare_with(&tok, &id, None, None, &options(&path, &out, s.clone())).unwrap();
+    // conversations 0 and 1 whatever their topic, then the code ones: 2 and 4; 3 passed over
+    assert_eq!(r.manifest.source.selected, 4);
+    assert_eq!(r.manifest.source.off_topic, 1);
+    let train = Dataset::open(&out, Split::Train).unwrap();
+    let got: Vec<&str> = (0..train.len()).map(|i| train.conversation_id(i).unwrap()).collect();
+    assert_eq!(got, [&ids[0], &ids[1], &ids[2], &ids[4]].map(|s| s.as_str()));
+    assert_eq!(r.manifest.settings.topics, s.topics, "the manifest records the filter");
+
+    // a filter no conversation passes after the first is a clear error only when nothing is left
+    s.topics = Some(TopicFilter { topics: vec![Topic::Math], after: 0 });
+    let err = prepare_with(&tok, &id, None, None, &options(&path, &tmp.path().join("none"), s)).unwrap_err();
+    assert!(matches!(err, PrepareError::NothingSelected { .. }), "{err}");
+    assert!(err.to_string().contains("8 off the chosen topics"), "{err}");
 }

@@ -11,7 +11,8 @@
 # and training resumes from its last checkpoint. ONLY=STAGE runs that stage alone (prepare, train,
 # eval8, eval). CONVERSATIONS (default 3000) sets the data's size; a regenerated.jsonl copied
 # into OUT/data beforehand is reused (replies are cached by conversation id), which shortens the
-# prepare stage's time but not its output.
+# prepare stage's time but not its output. DATA (default `sharegpt`) is the conversations file
+# (experiments/levers/domain_data.py writes the code-and-maths subset of the data-domain lever).
 #   OUT=/work/runs/long BASE=/work/runs/rec/sched/cosine-s0/final experiments/levers/long_run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,6 +21,7 @@ BASE=${BASE:?a drafter to evaluate beside it}
 STEPS=${STEPS:-5000}
 CONVERSATIONS=${CONVERSATIONS:-3000}
 SCHEDULE=${SCHEDULE:-cosine}
+DATA=${DATA:-sharegpt}
 . experiments/levers/lib.sh
 mkdir -p "$OUT"
 stage() { # name command...: runs the command unless the stage is done, appends its seconds to times.txt
@@ -31,7 +33,7 @@ stage() { # name command...: runs the command unless the stage is done, appends 
     "$@"
     echo "$name $((SECONDS - t0))" >> "$OUT/times.txt"
 }
-stage prepare "$BIN" prepare --model smollm2 --data sharegpt --out "$OUT/data" --max-conversations "$CONVERSATIONS" --max-len 320 \
+stage prepare "$BIN" prepare --model smollm2 --data "$DATA" --out "$OUT/data" --max-conversations "$CONVERSATIONS" --max-len 320 \
     --regenerate greedy --max-new-tokens 96 --workers 2 --features 1,27 --feature-weights auto
 quick_arm_args "$OUT/data"
 stage train train_arm "$OUT/drafter" "$OUT/train.log" "${QUICK_ARM[@]}" --set steps="$STEPS" --set optim.schedule="$SCHEDULE" \

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use specauf::data::prepare::DEFAULT_SHARD_TOKENS;
 use specauf::data::regenerate::{RegenerateMode, DEFAULT_BATCH};
+use specauf::data::topic::Topic;
 use specauf::data::{FeatureDtype, Split};
 use specauf::model::{WeightsMode, DEFAULT_MODEL};
 use specauf::pipeline::stages::{self, PreparePlan};
@@ -28,6 +29,15 @@ pub struct PrepareArgs {
     /// Use the first N conversations outside the benchmark hold-out, in file order [default: all].
     #[arg(long)]
     pub max_conversations: Option<usize>,
+    /// Only conversations whose first user turn asks for these topics (comma-separated: chat,
+    /// code, math; a regular-expression rule, see `specauf::data::topic`), e.g. `code,math` to
+    /// train a drafter for code and maths.
+    #[arg(long, value_delimiter = ',')]
+    pub topics: Option<Vec<Topic>>,
+    /// With --topics: the first N conversations are taken whatever their topic, --topics applies
+    /// to the rest (a mix of the file's own conversations and the topics).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub topics_after: usize,
     /// Tokens per sequence; longer ones are cut [default: 512 for smollm2, 2048 otherwise].
     #[arg(long)]
     pub max_len: Option<usize>,
@@ -94,6 +104,8 @@ impl PrepareArgs {
             data: self.data,
             out: self.out,
             max_conversations: self.max_conversations,
+            topics: self.topics,
+            topics_after: self.topics_after,
             max_len: self.max_len,
             max_turns: self.max_turns,
             eval_fraction: self.eval_fraction,
@@ -128,11 +140,15 @@ pub fn print_report(report: &specauf::data::prepare::PrepareReport, out: &std::p
     let s = &m.source;
     let malformed: usize = s.skipped_records.values().sum();
     println!(
-        "loaded {} conversations ({} malformed records skipped{}; {} in the benchmark hold-out), selected {} ({} share banners dropped)",
+        "loaded {} conversations ({} malformed records skipped{}; {} in the benchmark hold-out{}), selected {} ({} share banners dropped)",
         s.loaded,
         malformed,
         if s.truncated_tail { ", file cut off mid-record" } else { "" },
         s.heldout_excluded,
+        match &m.settings.topics {
+            Some(t) => format!("; {} passed over, off the topics {}", s.off_topic, t.topics.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")),
+            None => String::new(),
+        },
         s.selected,
         s.share_banners_dropped,
     );

@@ -68,6 +68,9 @@ pub struct PrepareSettings {
     pub seed: u64,
     pub regenerate: Option<crate::data::regenerate::RegenerateSettings>,
     pub features: Option<FeatureSettings>,
+    /// Conversations chosen by topic (`prepare --topics`); None: every topic, in file order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topics: Option<crate::data::topic::TopicFilter>,
 }
 
 /// Which target taps the feature cache stores.
@@ -112,6 +115,9 @@ pub struct SourceReport {
     pub truncated_tail: bool,
     /// Conversations of the benchmark hold-out (`sharegpt::is_heldout`), never used.
     pub heldout_excluded: usize,
+    /// Conversations passed over for their topic (`prepare --topics`).
+    #[serde(default)]
+    pub off_topic: usize,
     pub selected: usize,
     pub share_banners_dropped: usize,
     pub regenerated_new_tokens: usize,

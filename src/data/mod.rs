@@ -2,6 +2,7 @@
 //! assistant-only loss mask → safetensors shards under a manifest → cached target features.
 //!
 //! - [`sharegpt`]: reading ShareGPT-style files, the benchmark hold-out.
+//! - [`topic`]: a conversation's domain (code, maths, chat), for choosing data by topic.
 //! - [`regenerate`]: the target's own replies, cached and resumable.
 //! - [`tokenize`]: chat rendering and the loss mask.
 //! - [`shards`]: the on-disk shards, splits and reading a split ([`Dataset`]).
@@ -16,6 +17,7 @@ pub mod regenerate;
 pub mod shards;
 pub mod sharegpt;
 pub mod tokenize;
+pub mod topic;
 
 pub use manifest::*;
 pub use shards::*;

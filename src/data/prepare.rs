@@ -4,7 +4,8 @@
 //! 1. Load ShareGPT JSON/JSONL; malformed records are skipped and counted by the loader.
 //!    Conversations of the benchmark hold-out (`sharegpt::is_heldout`) are never used; share-site
 //!    banner system turns are dropped; the first `max_turns` exchanges are kept; the first
-//!    `max_conversations` remaining conversations, in file order, are selected.
+//!    `max_conversations` remaining conversations, in file order, are selected; with `topics`
+//!    (`topic::TopicFilter`), after its first `after`, only those on its topics.
 //! 2. Optionally regenerate every assistant turn with the target (`regenerate.rs`, cached).
 //! 3. Tokenize with the assistant-only loss mask, cut to `max_len` (`data.rs`).
 //! 4. Split by conversation id (`data::is_eval`), write shards of about `shard_tokens` tokens.
@@ -253,7 +254,8 @@ struct Selected {
 }
 
 /// Phase 1: the first `max_conversations` conversations outside the hold-out, in file order,
-/// cut to `max_turns` exchanges and without share-site banners.
+/// (with `topics`, those of its topics once its first `after` are selected), cut to `max_turns`
+/// exchanges and without share-site banners.
 fn select(s: &PrepareSettings, opts: &PrepareOptions) -> Result<Selected, PrepareError> {
     let loaded = sharegpt::load(&opts.data_path)?;
     let mut source = SourceReport {
@@ -272,6 +274,12 @@ fn select(s: &PrepareSettings, opts: &PrepareOptions) -> Result<Selected, Prepar
         if s.max_conversations.is_some_and(|m| examples.len() >= m) {
             continue;
         }
+        if let Some(filter) = &s.topics {
+            if !filter.keeps(examples.len(), conv.first_user_turn().unwrap_or_default()) {
+                source.off_topic += 1;
+                continue;
+            }
+        }
         let (ex, banner) = ChatExample::from_conversation(conv, s.max_turns);
         source.share_banners_dropped += usize::from(banner);
         examples.push(ex);
@@ -280,7 +288,10 @@ fn select(s: &PrepareSettings, opts: &PrepareOptions) -> Result<Selected, Prepar
     if examples.is_empty() {
         return Err(PrepareError::NothingSelected {
             path: opts.data_path.clone(),
-            why: format!("{} loaded, {} in the benchmark hold-out", source.loaded, source.heldout_excluded),
+            why: format!(
+                "{} loaded, {} in the benchmark hold-out, {} off the chosen topics",
+                source.loaded, source.heldout_excluded, source.off_topic
+            ),
         });
     }
     Ok(Selected { source, examples, skipped: BTreeMap::new() })

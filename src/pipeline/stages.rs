@@ -11,6 +11,7 @@ use crate::assets::{self, AssetError};
 use crate::data::prepare::{PrepareError, PrepareOptions, PrepareReport, DEFAULT_MAX_LEN, DEFAULT_SHARD_TOKENS};
 use crate::data::regenerate::{RegenerateMode, RegenerateSettings, DEFAULT_BATCH, GENERATOR};
 use crate::data::{FeatureDtype, FeatureSettings, ModelIdentity, PrepareSettings};
+use crate::data::topic::{Topic, TopicFilter};
 use crate::drafter::{AnyDrafter, DFlashInitConfig, DrafterError, DrafterInit, DrafterKind};
 use crate::eval::datasets::{self, Benchmark, BenchmarkName};
 use crate::eval::journal::{Journal, JournalError, JournaledObserver};
@@ -76,6 +77,10 @@ pub struct PreparePlan {
     pub out: PathBuf,
     /// The first N usable conversations, in file order (None: all).
     pub max_conversations: Option<usize>,
+    /// Only conversations on these topics (`data::topic`), once the first `topics_after` are
+    /// selected (None: every topic).
+    pub topics: Option<Vec<Topic>>,
+    pub topics_after: usize,
     /// Tokens per sequence (None: [`DEFAULT_MAX_LEN`] for smollm2, [`DEFAULT_MAX_LEN_OTHER`] else).
     pub max_len: Option<usize>,
     /// Exchanges kept per conversation (None: 1 when regenerating, else all).
@@ -114,6 +119,8 @@ impl PreparePlan {
             data: data.to_string(),
             out: out.to_path_buf(),
             max_conversations: None,
+            topics: None,
+            topics_after: 0,
             max_len: None,
             max_turns: None,
             eval_fraction: Self::DEFAULT_EVAL_FRACTION,
@@ -159,6 +166,7 @@ impl PreparePlan {
             seed: self.seed,
             regenerate,
             features,
+            topics: self.topics.clone().map(|topics| TopicFilter { topics, after: self.topics_after }),
         }
     }
 }
@@ -175,6 +183,13 @@ pub fn prepare(plan: &PreparePlan, progress: Observer) -> Result<PrepareReport, 
     }
     if plan.batch == 0 {
         return Err(StageError::Invalid("--batch must be at least 1".into()));
+    }
+    match &plan.topics {
+        Some(t) if t.is_empty() => return Err(StageError::Invalid("--topics needs at least one of chat, code, math".into())),
+        None if plan.topics_after > 0 => {
+            return Err(StageError::Invalid("--topics-after only applies with --topics (e.g. --topics code,math)".into()))
+        }
+        _ => {}
     }
     if plan.soft_labels.is_some() && plan.features.is_none() {
         return Err(StageError::Invalid(

@@ -111,6 +111,7 @@ pub fn prepared(root: &Path, conversations: usize) -> (specauf::model::LoadedMod
         seed: 1,
         regenerate: None,
         features: None,
+        topics: None,
     };
     let opts = PrepareOptions { data_path: data, settings, workers: 1, batch: 1, shard_tokens: 4096, out: out.clone(), progress: Default::default() };
     prepare(&m.tokenizer, &id, None, None, &opts).unwrap();
