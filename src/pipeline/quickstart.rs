@@ -42,6 +42,8 @@ impl QuickstartPlan {
     fn prepare_plan(&self) -> PreparePlan {
         let mut p = PreparePlan::new(DEFAULT_MODEL, "sharegpt", &self.out.join("data"));
         p.max_conversations = Some(self.recipe.conversations);
+        p.topics = self.recipe.topics.clone();
+        p.topics_after = self.recipe.topics_after;
         p.max_len = Some(320);
         p.max_turns = Some(1);
         p.regenerate = Some(RegenerateMode::Greedy);
@@ -239,6 +241,21 @@ pub fn run(plan: &QuickstartPlan, progress: Observer) -> Result<QuickstartOutcom
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_prepare_stage_chooses_the_recipes_topics() {
+        for name in [RecipeName::Quick, RecipeName::Cpu60Min] {
+            let plan = QuickstartPlan::new(Path::new("/tmp/q"), name);
+            let p = plan.prepare_plan();
+            assert_eq!(p.max_conversations, Some(plan.recipe.conversations));
+            assert_eq!(p.topics, plan.recipe.topics);
+            assert_eq!(p.topics_after, plan.recipe.topics_after);
+        }
+        let quick = RecipeName::Quick.recipe();
+        let topics = quick.topics.expect("the quick recipe mixes in code and maths");
+        assert!(topics.contains(&crate::data::topic::Topic::Code) && topics.contains(&crate::data::topic::Topic::Math));
+        assert!(quick.topics_after > 0 && quick.topics_after < quick.conversations, "a mix, not a filter");
+    }
 
     #[test]
     fn a_folder_serves_only_the_recipe_it_recorded() {

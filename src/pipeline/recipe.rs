@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::topic::Topic;
 use crate::nn::Precision;
 
 /// The embedded default's (SmolLM2, 30 layers) last two layers: the drafter starts as them, the
@@ -35,6 +36,10 @@ pub struct Recipe {
     pub name: RecipeName,
     /// ShareGPT conversations whose first turn the target answers (greedy, ≤ 96 new tokens).
     pub conversations: usize,
+    /// After the first `topics_after` conversations (in file order), only those on these topics
+    /// (`prepare --topics`); None: the first `conversations` in file order.
+    pub topics: Option<Vec<Topic>>,
+    pub topics_after: usize,
     /// Optimizer steps.
     pub steps: u64,
     /// Sequences per step.
@@ -68,7 +73,13 @@ impl RecipeName {
                 // held-out curve rises to step 1000 instead of flattening by 600, and bf16
                 // products pay for the extra steps (docs/recipe.md, "Lever 7 again, at the hour's
                 // steps, and the quick recipe's minutes"); f32 where the CPU lacks AVX512-BF16
-                conversations: 800,
+                // the first 400 conversations, then code and maths ones, 980 in all: about the
+                // same number of training sequences as the first 800 (long code prompts leave
+                // none), τ 1.34 → 1.38 over two seeds, higher on the code and maths benchmarks
+                // (docs/recipe.md, "Lever 15: the data's domain")
+                conversations: 980,
+                topics: Some(vec![Topic::Code, Topic::Math]),
+                topics_after: 400,
                 steps: 1200,
                 batch_sequences: 2,
                 num_anchors: 32,
@@ -87,6 +98,8 @@ impl RecipeName {
                 // steps when the data is three times larger (docs/recipe.md, "The hour spent on
                 // steps"), and bf16 products make 5000 steps fit the hour
                 conversations: 3000,
+                topics: None,
+                topics_after: 0,
                 steps: 5000,
                 batch_sequences: 2,
                 num_anchors: 32,
