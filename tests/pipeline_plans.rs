@@ -169,3 +169,18 @@ fn the_narrow_drafter_prompts_are_bench_specs_first_eight() {
     assert_eq!(seen, want);
     assert_eq!(text.lines().count(), 24);
 }
+
+#[test]
+fn a_topic_setting_without_topics_is_refused_before_anything_loads() {
+    use specauf::data::topic::Topic;
+    use specauf::pipeline::stages::{prepare, PreparePlan};
+    let tmp = tempfile::tempdir().unwrap();
+    // a model path that does not exist: the refusal must come before any loading
+    let mut plan = PreparePlan::new("/nonexistent/model.gguf", "/nonexistent/data.json", tmp.path());
+    plan.topics_after = 400;
+    let err = prepare(&plan, Default::default()).unwrap_err().to_string();
+    assert!(err.contains("--topics-after only applies with --topics"), "{err}");
+    plan.topics = Some(Vec::<Topic>::new());
+    let err = prepare(&plan, Default::default()).unwrap_err().to_string();
+    assert!(err.contains("--topics needs at least one of chat, code, math"), "{err}");
+}

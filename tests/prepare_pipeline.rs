@@ -547,7 +547,7 @@ fn topics_keep_the_first_conversations_then_only_the_chosen_topics() {
     assert_eq!(got, [&ids[0], &ids[1], &ids[2], &ids[4]].map(|s| s.as_str()));
     assert_eq!(r.manifest.settings.topics, s.topics, "the manifest records the filter");
 
-    // a filter no conversation passes after the first is a clear error only when nothing is left
+    // a filter that no conversation passes leaves nothing: a clear error that counts them
     s.topics = Some(TopicFilter { topics: vec![Topic::Math], after: 0 });
     let err = prepare_with(&tok, &id, None, None, &options(&path, &tmp.path().join("none"), s)).unwrap_err();
     assert!(matches!(err, PrepareError::NothingSelected { .. }), "{err}");
