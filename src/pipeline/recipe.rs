@@ -69,14 +69,15 @@ impl RecipeName {
         match self {
             RecipeName::Quick => Recipe {
                 name: self,
-                // 800 × 1200 in bf16 rather than 400 × 600 in f32: on twice the data the
-                // held-out curve rises to step 1000 instead of flattening by 600, and bf16
-                // products pay for the extra steps (docs/recipe.md, "Lever 7 again, at the hour's
-                // steps, and the quick recipe's minutes"); f32 where the CPU lacks AVX512-BF16
-                // the first 400 conversations, then code and maths ones, 980 in all: about the
-                // same number of training sequences as the first 800 (long code prompts leave
-                // none), τ 1.34 → 1.38 over two seeds, higher on the code and maths benchmarks
-                // (docs/recipe.md, "Lever 15: the data's domain")
+                // Which conversations: the first 400, then code and maths ones, 980 in all. That
+                // makes about as many training sequences as the first 800 did (long code prompts
+                // leave none), and over two seeds τ 1.335 → 1.375 at B = 8, higher on the code
+                // and maths benchmarks (docs/recipe.md, "Lever 15: the data's domain").
+                // How much: 1200 steps in bf16 on about 650 sequences rather than 600 steps in
+                // f32 on 313: on twice the data the held-out curve rises to step 1000 instead of
+                // flattening by 600, and bf16 products pay for the extra steps (docs/recipe.md,
+                // "Lever 7 again, at the hour's steps, and the quick recipe's minutes"); f32
+                // where the CPU lacks AVX512-BF16.
                 conversations: 980,
                 topics: Some(vec![Topic::Code, Topic::Math]),
                 topics_after: 400,
