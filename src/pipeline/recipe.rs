@@ -71,7 +71,7 @@ impl RecipeName {
                 name: self,
                 // Which conversations: the first 400, then code and maths ones, 980 in all. That
                 // makes about as many training sequences as the first 800 did (long code prompts
-                // leave none), and over two seeds τ 1.335 → 1.375 at B = 8, higher on the code
+                // leave none), and over three seeds τ 1.333 → 1.373 at B = 8, higher on the code
                 // and maths benchmarks (docs/recipe.md, "Lever 15: the data's domain").
                 // How much: 1200 steps in bf16 on about 650 sequences rather than 600 steps in
                 // f32 on 313: on twice the data the held-out curve rises to step 1000 instead of
