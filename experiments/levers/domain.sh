@@ -10,8 +10,9 @@
 #   mix      the first 420 conversations of the file, then code-and-maths ones, 980 in all.
 # Every reply is the target's own (greedy, ≤ 96 new tokens), cached by conversation id: copy a
 # regenerated.jsonl (+ its settings) into OUT/data-ARM first to reuse replies. One run per arm and
-# seed in SEEDS (default "0 1"), two at a time with one thread each (a last one alone with two); each seed's three drafters
-# are then evaluated in one run (six benchmarks at B = 8, 8 prompts × 96 tokens). Resumable.
+# seed in SEEDS (default "0 1"), two at a time with one thread each (a last one alone with two);
+# each seed's three drafters are then evaluated in one run (six benchmarks at B = 8, 8 prompts ×
+# 96 tokens). Resumable.
 #   OUT=/work/runs/domain experiments/levers/domain.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
