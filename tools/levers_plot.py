@@ -60,7 +60,7 @@ def main():
         x += step
     svg.append(f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
     svg.append(f'<text x="{L + pw / 2}" y="{H - 10}" text-anchor="middle">training minutes (2-core machine, step time only)</text>')
-    svg.append(f'<text x="16" y="{T + ph / 2}" transform="rotate(-90 16 {T + ph / 2})" text-anchor="middle">held-out accept length (B = 8)</text>')
+    svg.append(f'<text x="16" y="{T + ph / 2}" transform="rotate(-90 16 {T + ph / 2})" text-anchor="middle">held-out accept length (in-block, trained B)</text>')
     for i, (label, c, fixed) in enumerate(lines):
         col = COLORS[i % len(COLORS)]
         d = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in c)
@@ -69,7 +69,7 @@ def main():
         svg.append(f'<line x1="{L + pw + 12}" x2="{L + pw + 32}" y1="{ly - 4}" y2="{ly - 4}" stroke="{col}" stroke-width="2"/>')
         svg.append(f'<text x="{L + pw + 38}" y="{ly}">{label}{" *" if fixed else ""}</text>')
     if any(f for _, _, f in lines):
-        svg.append(f'<text x="{L + pw + 12}" y="{T + ph}" font-size="10">* minutes = steps × quiet step time</text>')
+        svg.append(f'<text x="{L + pw + 12}" y="{T + ph}" font-size="10">* minutes = steps × a measured step time</text>')
     svg.append("</svg>")
     with open(out, "w") as f:
         f.write("\n".join(svg) + "\n")

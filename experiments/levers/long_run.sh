@@ -9,10 +9,12 @@
 # experiments/levers/schedule_mask.sh's cosine-s0) on the six benchmarks, 8 prompts × 96 tokens,
 # at B = 8 and at the block size the evaluation chooses. Resumable: a finished stage is skipped
 # and training resumes from its last checkpoint. ONLY=STAGE runs that stage alone (prepare, train,
-# eval8, eval). CONVERSATIONS (default 3000) sets the data's size; a regenerated.jsonl copied
+# eval$BLOCK, eval). CONVERSATIONS (default 3000) sets the data's size; a regenerated.jsonl copied
 # into OUT/data beforehand is reused (replies are cached by conversation id), which shortens the
 # prepare stage's time but not its output. DATA (default `sharegpt`) is the conversations file
 # (experiments/levers/domain_data.py writes the code-and-maths subset of the data-domain lever).
+# BLOCK (default 8) is the drafter's block size, and the fixed B of the first evaluation (stage
+# eval$BLOCK, folder eval-b$BLOCK; lever 18 trains at 4).
 #   OUT=/work/runs/long BASE=/work/runs/rec/sched/cosine-s0/final experiments/levers/long_run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,6 +24,7 @@ STEPS=${STEPS:-5000}
 CONVERSATIONS=${CONVERSATIONS:-3000}
 SCHEDULE=${SCHEDULE:-cosine}
 DATA=${DATA:-sharegpt}
+BLOCK=${BLOCK:-8}
 . experiments/levers/lib.sh
 mkdir -p "$OUT"
 stage() { # name command...: runs the command unless the stage is done, appends its seconds to times.txt
@@ -37,8 +40,9 @@ stage prepare "$BIN" prepare --model smollm2 --data "$DATA" --out "$OUT/data" --
     --regenerate greedy --max-new-tokens 96 --workers 2 --features 1,27 --feature-weights auto
 quick_arm_args "$OUT/data"
 stage train train_arm "$OUT/drafter" "$OUT/train.log" "${QUICK_ARM[@]}" --set steps="$STEPS" --set optim.schedule="$SCHEDULE" \
+    --set drafter.block_size="$BLOCK" \
     --set head.precision=bf16 --set layer_precision=bf16 --set eval_every=250 --set checkpoint_every=250
-stage eval8 "$BIN" eval --model smollm2 --drafter "$BASE,$OUT/drafter/final" --label base,long --limit 8 --max-new-tokens 96 \
-    --block-size 8 --out "$OUT/eval-b8"
+stage "eval$BLOCK" "$BIN" eval --model smollm2 --drafter "$BASE,$OUT/drafter/final" --label base,long --limit 8 --max-new-tokens 96 \
+    --block-size "$BLOCK" --out "$OUT/eval-b$BLOCK"
 stage eval "$BIN" eval --model smollm2 --drafter "$BASE,$OUT/drafter/final" --label base,long --limit 8 --max-new-tokens 96 \
     --out "$OUT/eval"

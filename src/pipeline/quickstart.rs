@@ -16,7 +16,7 @@ use crate::assets;
 use crate::data::regenerate::RegenerateMode;
 use crate::data::FeatureDtype;
 use super::recipe::{Recipe, RecipeName, TAPS};
-use crate::drafter::{DrafterKind, DEFAULT_BLOCK_SIZE};
+use crate::drafter::DrafterKind;
 use crate::eval::datasets::BenchmarkName;
 use crate::model::{WeightsMode, DEFAULT_MODEL};
 use crate::train::config::TrainConfig;
@@ -64,7 +64,7 @@ impl QuickstartPlan {
         c.objective = Objective::auf();
         c.drafter.kind = DrafterKind::DFlash;
         c.drafter.layers = r.layers;
-        c.drafter.block_size = DEFAULT_BLOCK_SIZE;
+        c.drafter.block_size = r.block_size;
         c.drafter.target_layer_ids = Some(TAPS.to_vec());
         c.drafter.init_layers_from_target = r.init_layers_from_target.clone();
         c.num_anchors = r.num_anchors;
@@ -85,7 +85,7 @@ impl QuickstartPlan {
         // The trained drafter twice: at its trained block size (τ as a property of the drafter,
         // the same in every run) and at the block size measured to be fastest on this machine
         // (the speedup a user gets; the choice is timed, so it can differ between runs).
-        let b = DEFAULT_BLOCK_SIZE;
+        let b = self.recipe.block_size;
         p.drafters = vec![
             EvalDrafterSpec::new("untrained", untrained).at_block_size(b),
             EvalDrafterSpec::new(format!("dflash-auf B={b}"), trained).at_block_size(b),
@@ -255,6 +255,19 @@ mod tests {
         let topics = quick.topics.expect("the quick recipe mixes in code and maths");
         assert!(topics.contains(&crate::data::topic::Topic::Code) && topics.contains(&crate::data::topic::Topic::Math));
         assert!(quick.topics_after > 0 && quick.topics_after < quick.conversations, "a mix, not a filter");
+    }
+
+    #[test]
+    fn the_drafter_is_trained_and_evaluated_at_the_recipes_block_size() {
+        for name in [RecipeName::Quick, RecipeName::Cpu60Min] {
+            let plan = QuickstartPlan::new(Path::new("/tmp/q"), name);
+            let b = plan.recipe.block_size;
+            assert_eq!(plan.train_config().drafter.block_size, b, "{name}");
+            let e = plan.eval_plan(Path::new("/tmp/u"), Path::new("/tmp/d"));
+            let fixed: Vec<Option<usize>> = e.drafters.iter().map(|d| d.block_size).collect();
+            assert_eq!(fixed, vec![Some(b), Some(b), None], "{name}: untrained and trained at B = {b}, then the chosen B");
+            assert_eq!(e.drafters[1].label, format!("dflash-auf B={b}"));
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::data::topic::Topic;
+use crate::drafter::DEFAULT_BLOCK_SIZE;
 use crate::nn::Precision;
 
 /// The embedded default's (SmolLM2, 30 layers) last two layers: the drafter starts as them, the
@@ -54,6 +55,8 @@ pub struct Recipe {
     pub products: Precision,
     /// Drafter depth.
     pub layers: usize,
+    /// Tokens per block, anchor included: the largest B the drafter can run at.
+    pub block_size: usize,
     /// Target layers the drafter's layers start as (one per layer), or None for random.
     pub init_layers_from_target: Option<Vec<usize>>,
     /// Prompts per benchmark in the evaluation.
@@ -69,24 +72,24 @@ impl RecipeName {
         match self {
             RecipeName::Quick => Recipe {
                 name: self,
-                // Which conversations: the first 400, then code and maths ones, 980 in all. That
-                // makes about as many training sequences as the first 800 did (long code prompts
-                // leave none), and over three seeds τ 1.333 → 1.373 at B = 8, higher on the code
-                // and maths benchmarks (docs/recipe.md, "Lever 15: the data's domain").
-                // How much: 1200 steps in bf16 on about 650 sequences rather than 600 steps in
-                // f32 on 313: on twice the data the held-out curve rises to step 1000 instead of
-                // flattening by 600, and bf16 products pay for the extra steps (docs/recipe.md,
-                // "Lever 7 again, at the hour's steps, and the quick recipe's minutes"); f32
-                // where the CPU lacks AVX512-BF16.
-                conversations: 980,
+                // Which conversations: the first 400, then code and maths ones (over three seeds
+                // τ 1.333 → 1.373 at B = 8, higher on the code and maths benchmarks; docs/recipe.md,
+                // "Lever 15: the data's domain"), 1500 in all.
+                // What shape: block 4, not 8. Position 4 and beyond are almost never reached at this
+                // τ, and a block-4 step costs 0.59 of a block-8 one at the same τ per step, so the
+                // minutes buy 2000 steps on 1500 conversations instead of 1200 on 980: τ at B = 4
+                // 1.35 / 1.38 → 1.44 / 1.45 over two seeds (docs/recipe.md, "Lever 18: a smaller
+                // block"). bf16 products; f32 where the CPU lacks AVX512-BF16.
+                conversations: 1500,
                 topics: Some(vec![Topic::Code, Topic::Math]),
                 topics_after: 400,
-                steps: 1200,
+                steps: 2000,
                 batch_sequences: 2,
                 num_anchors: 32,
                 lr: 0.002,
                 products: Precision::Bf16,
                 layers: TOP_TWO.len(),
+                block_size: 4,
                 init_layers_from_target: Some(TOP_TWO.to_vec()),
                 // 4 × 96 rather than 2 × 64: with a drafter near parity, two short requests per
                 // benchmark left the measured speedup ±10% of noise (0.81–1.13× per benchmark)
@@ -107,6 +110,7 @@ impl RecipeName {
                 lr: 0.002,
                 products: Precision::Bf16,
                 layers: TOP_TWO.len(),
+                block_size: DEFAULT_BLOCK_SIZE,
                 init_layers_from_target: Some(TOP_TWO.to_vec()),
                 limit: 8,
                 max_new_tokens: 96,
@@ -128,6 +132,8 @@ mod tests {
             if let Some(ids) = &r.init_layers_from_target {
                 assert_eq!(ids.len(), r.layers);
             }
+            // a block of at least 2 rows: the anchor and one token to propose
+            assert!(r.block_size >= 2, "{name}: block size {}", r.block_size);
         }
         // the first copied layer's input is a tap, so the initialisation starts its context exact
         assert!(TAPS.contains(&(TOP_TWO[0] - 1)));
