@@ -33,7 +33,7 @@ fn the_quickstart_trains_the_config_its_set_strings_described() {
         format!("steps={}", plan.recipe.steps),
         "objective=auf".into(),
         "drafter.layers=2".into(),
-        "drafter.block_size=8".into(),
+        "drafter.block_size=4".into(),
         "drafter.target_layer_ids=[1, 27]".into(),
         "num_anchors=32".into(),
         "batch_sequences=2".into(),
