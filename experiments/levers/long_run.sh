@@ -7,7 +7,7 @@
 # that start as the target's 28-29, taps [1, 27], AUF, lr 0.002, 2 × 32 anchors. Each stage is
 # timed (OUT/times.txt). The drafter is then evaluated beside BASE (a quick-recipe drafter, e.g.
 # experiments/levers/schedule_mask.sh's cosine-s0) on the six benchmarks, 8 prompts × 96 tokens,
-# at B = 8 and at the block size the evaluation chooses. Resumable: a finished stage is skipped
+# at B = BLOCK and at the block size the evaluation chooses. Resumable: a finished stage is skipped
 # and training resumes from its last checkpoint. ONLY=STAGE runs that stage alone (prepare, train,
 # eval$BLOCK, eval). CONVERSATIONS (default 3000) sets the data's size; a regenerated.jsonl copied
 # into OUT/data beforehand is reused (replies are cached by conversation id), which shortens the
