@@ -37,22 +37,7 @@ run() { # arm seed threads
         --set head.precision=bf16 --set layer_precision=bf16 --set eval_every=100 --set checkpoint_every=100 --set seed="$2"
 }
 SEEDS=${SEEDS:-0 1}
-jobs=()
-for seed in $SEEDS; do
-    for arm in general domain mix; do
-        [ -f "$OUT/$arm-s$seed/final/model.safetensors" ] || jobs+=("$arm $seed")
-    done
-done
-for ((i = 0; i < ${#jobs[@]}; i += 2)); do
-    # shellcheck disable=SC2086
-    if [ $((i + 1)) -lt ${#jobs[@]} ]; then
-        run ${jobs[i]} 1 & p1=$!
-        run ${jobs[i + 1]} 1
-        wait $p1
-    else
-        run ${jobs[i]} 2
-    fi
-done
+train_pairs "general domain mix"
 for seed in $SEEDS; do
     [ -f "$OUT/eval-s$seed/results.json" ] || "$BIN" eval --model smollm2 \
         --drafter "$OUT/general-s$seed/final,$OUT/domain-s$seed/final,$OUT/mix-s$seed/final" --label general,domain,mix \

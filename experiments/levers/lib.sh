@@ -32,3 +32,26 @@ quick_arm_args() {
                --set num_anchors=32 --set batch_sequences=2 --set optim.lr=0.002 --set eval_sequences=12
                --set eval_every=50 --set checkpoint_every=50)
 }
+
+# train_pairs "ARM ...": for each seed in SEEDS and each ARM whose OUT/ARM-sSEED holds no finished
+# drafter, calls the script's own `run ARM SEED THREADS`, two runs at a time with one thread each
+# (a last one alone with two): two one-thread trainings use the 2 cores better than one
+# two-thread one.
+train_pairs() {
+    local jobs=() seed arm i p1
+    for seed in $SEEDS; do
+        for arm in $1; do
+            [ -f "$OUT/$arm-s$seed/final/model.safetensors" ] || jobs+=("$arm $seed")
+        done
+    done
+    for ((i = 0; i < ${#jobs[@]}; i += 2)); do
+        # shellcheck disable=SC2086
+        if [ $((i + 1)) -lt ${#jobs[@]} ]; then
+            run ${jobs[i]} 1 & p1=$!
+            run ${jobs[i + 1]} 1
+            wait $p1
+        else
+            run ${jobs[i]} 2
+        fi
+    done
+}

@@ -45,36 +45,18 @@ run() { # arm seed threads
         --set head.precision=bf16 --set layer_precision=bf16 --set eval_every=100 --set checkpoint_every=100 --set seed="$2"
 }
 SEEDS=${SEEDS:-0 1}
-jobs=()
+train_pairs "b4a64 b4a32 b4a32l b4a32m"
+evaluate() { # name drafters labels [eval arguments...]: one evaluation, skipped once it has results
+    local name=$1 drafters=$2 labels=$3
+    shift 3
+    [ -f "$OUT/$name/results.json" ] || "$BIN" eval --model smollm2 --drafter "$drafters" --label "$labels" \
+        --limit 8 --max-new-tokens 96 "$@" --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+}
 for seed in $SEEDS; do
-    for arm in b4a64 b4a32 b4a32l b4a32m; do
-        [ -f "$OUT/$arm-s$seed/final/model.safetensors" ] || jobs+=("$arm $seed")
-    done
-done
-for ((i = 0; i < ${#jobs[@]}; i += 2)); do
-    # shellcheck disable=SC2086
-    if [ $((i + 1)) -lt ${#jobs[@]} ]; then
-        run ${jobs[i]} 1 & p1=$!
-        run ${jobs[i + 1]} 1
-        wait $p1
-    else
-        run ${jobs[i]} 2
-    fi
-done
-for seed in $SEEDS; do
-    drafters="$OUT/mix-s$seed/final,$OUT/b4a64-s$seed/final,$OUT/b4a32-s$seed/final"
-    [ -f "$OUT/small-b4-s$seed/results.json" ] || "$BIN" eval --model smollm2 --drafter "$drafters" \
-        --label b8a32,b4a64,b4a32 --limit 8 --max-new-tokens 96 --block-size 4 \
-        --out "$OUT/small-b4-s$seed" > "$OUT/small-b4-s$seed.log" 2>&1
-    [ -f "$OUT/small-auto-s$seed/results.json" ] || "$BIN" eval --model smollm2 --drafter "$drafters" \
-        --label b8a32,b4a64,b4a32 --limit 8 --max-new-tokens 96 \
-        --out "$OUT/small-auto-s$seed" > "$OUT/small-auto-s$seed.log" 2>&1
-    [ -f "$OUT/small-steps-s$seed/results.json" ] || "$BIN" eval --model smollm2 \
-        --drafter "$OUT/mix-s$seed/final,$OUT/b4a32l-s$seed/final,$OUT/b4a32m-s$seed/final" \
-        --label b8a32,b4a32l,b4a32m --limit 8 --max-new-tokens 96 \
-        --out "$OUT/small-steps-s$seed" > "$OUT/small-steps-s$seed.log" 2>&1
-    [ -f "$OUT/small-steps-b4-s$seed/results.json" ] || "$BIN" eval --model smollm2 \
-        --drafter "$OUT/mix-s$seed/final,$OUT/b4a32l-s$seed/final,$OUT/b4a32m-s$seed/final" \
-        --label b8a32,b4a32l,b4a32m --limit 8 --max-new-tokens 96 --block-size 4 \
-        --out "$OUT/small-steps-b4-s$seed" > "$OUT/small-steps-b4-s$seed.log" 2>&1
+    first="$OUT/mix-s$seed/final,$OUT/b4a64-s$seed/final,$OUT/b4a32-s$seed/final"
+    longer="$OUT/mix-s$seed/final,$OUT/b4a32l-s$seed/final,$OUT/b4a32m-s$seed/final"
+    evaluate "small-b4-s$seed" "$first" b8a32,b4a64,b4a32 --block-size 4
+    evaluate "small-auto-s$seed" "$first" b8a32,b4a64,b4a32
+    evaluate "small-steps-s$seed" "$longer" b8a32,b4a32l,b4a32m
+    evaluate "small-steps-b4-s$seed" "$longer" b8a32,b4a32l,b4a32m --block-size 4
 done
