@@ -6,7 +6,6 @@
 use serde::{Deserialize, Serialize};
 
 use crate::data::topic::Topic;
-use crate::drafter::DEFAULT_BLOCK_SIZE;
 use crate::nn::Precision;
 
 /// The embedded default's (SmolLM2, 30 layers) last two layers: the drafter starts as them, the
@@ -16,6 +15,11 @@ pub const TOP_TWO: [usize; 2] = [28, 29];
 
 /// Target layers every recipe's drafter taps: an early and a late layer of SmolLM2's 30.
 pub const TAPS: [usize; 2] = [1, 27];
+
+/// Tokens per block (anchor included) of every recipe's drafter. At the τ these recipes reach,
+/// a block's fourth position is almost never accepted, and a block-4 step costs about 0.6 of a
+/// block-8 one at the same τ per step (docs/recipe.md, "Lever 18: a smaller block").
+pub const RECIPE_BLOCK: usize = 4;
 
 /// The recipes `specauf quickstart --recipe` knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,7 +93,7 @@ impl RecipeName {
                 lr: 0.002,
                 products: Precision::Bf16,
                 layers: TOP_TWO.len(),
-                block_size: 4,
+                block_size: RECIPE_BLOCK,
                 init_layers_from_target: Some(TOP_TWO.to_vec()),
                 // 4 × 96 rather than 2 × 64: with a drafter near parity, two short requests per
                 // benchmark left the measured speedup ±10% of noise (0.81–1.13× per benchmark)
@@ -98,19 +102,21 @@ impl RecipeName {
             },
             RecipeName::Cpu60Min => Recipe {
                 name: self,
-                // 3000 × 5000 rather than 1000 × 1500: the held-out curve keeps rising past 1500
-                // steps when the data is three times larger (docs/recipe.md, "The hour spent on
-                // steps"), and bf16 products make 5000 steps fit the hour
-                conversations: 3000,
+                // 5000 conversations × 8000 block-4 steps. The held-out curve keeps rising past
+                // 5000 steps when the data is large (docs/recipe.md, "The hour spent on steps"),
+                // and a block-4 step costs 0.6 of a block-8 one at the same τ per step, so the hour
+                // holds 8000 steps on 5000 conversations where it held 5000 on 3000: τ at B = 4
+                // 1.521 → 1.554 (docs/recipe.md, "Block 4 at the hour's scale"). bf16 products.
+                conversations: 5000,
                 topics: None,
                 topics_after: 0,
-                steps: 5000,
+                steps: 8000,
                 batch_sequences: 2,
                 num_anchors: 32,
                 lr: 0.002,
                 products: Precision::Bf16,
                 layers: TOP_TWO.len(),
-                block_size: DEFAULT_BLOCK_SIZE,
+                block_size: RECIPE_BLOCK,
                 init_layers_from_target: Some(TOP_TWO.to_vec()),
                 limit: 8,
                 max_new_tokens: 96,
