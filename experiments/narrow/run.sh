@@ -9,7 +9,8 @@
 # One drafter per weights mode (q8 and native greedy replies differ), each the quick recipe's
 # shape (2 layers from target layers 28-29, taps 1 and 27, B = 8, AUF, lr 0.002, 2 × 32 anchors)
 # trained 500 steps, then `bench spec` side by side with llama.cpp (its drafter converted by its
-# own converter). Resumable: finished steps are skipped.
+# own converter). Resumable: finished steps are skipped. MODES picks the weights modes (default
+# both; `MODES=native` for the default mode alone).
 #   OUT=/work/runs/narrow LLAMA=/work/peer/llama.cpp experiments/narrow/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,7 +18,7 @@ OUT=${OUT:?output folder}
 LLAMA=${LLAMA:?a llama.cpp build (tools/llama_cpp/build.sh)}
 BIN=${BIN:-target/release/specauf}
 mkdir -p "$OUT"
-for mode in q8 native; do
+for mode in ${MODES:-q8 native}; do
     data="$OUT/data-$mode"; run="$OUT/drafter-$mode"
     [ -f "$data/manifest.json" ] || "$BIN" prepare --data experiments/narrow/prompts.jsonl --out "$data" \
         --regenerate greedy --weights "$mode" --max-new-tokens 96 --eval-fraction 0 --features 1,27
