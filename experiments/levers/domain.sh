@@ -39,7 +39,6 @@ run() { # arm seed threads
 SEEDS=${SEEDS:-0 1}
 train_pairs "general domain mix"
 for seed in $SEEDS; do
-    [ -f "$OUT/eval-s$seed/results.json" ] || "$BIN" eval --model smollm2 \
-        --drafter "$OUT/general-s$seed/final,$OUT/domain-s$seed/final,$OUT/mix-s$seed/final" --label general,domain,mix \
-        --limit 8 --max-new-tokens 96 --block-size 8 --out "$OUT/eval-s$seed" > "$OUT/eval-s$seed.log" 2>&1
+    evaluate "eval-s$seed" "$OUT/general-s$seed/final,$OUT/domain-s$seed/final,$OUT/mix-s$seed/final" \
+        general,domain,mix --block-size 8
 done

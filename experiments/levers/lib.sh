@@ -55,3 +55,13 @@ train_pairs() {
         fi
     done
 }
+
+# evaluate NAME DRAFTERS LABELS [eval arguments...]: one evaluation of the comma-separated drafters
+# on the six benchmarks (8 prompts × 96 tokens) into OUT/NAME, its output in OUT/NAME.log; skipped
+# once OUT/NAME holds results.
+evaluate() {
+    local name=$1 drafters=$2 labels=$3
+    shift 3
+    [ -f "$OUT/$name/results.json" ] || "$BIN" eval --model smollm2 --drafter "$drafters" --label "$labels" \
+        --limit 8 --max-new-tokens 96 "$@" --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+}

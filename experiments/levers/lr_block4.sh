@@ -39,7 +39,5 @@ train_pairs "$ARMS"
 for seed in $SEEDS; do
     drafters="$OUT/b4a32m-s$seed/final" labels=lr2
     for arm in $ARMS; do drafters+=",$OUT/$arm-s$seed/final"; labels+=",$arm"; done
-    name="lr-b4-$(echo "$ARMS" | tr ' ' '-')-s$seed"
-    [ -f "$OUT/$name/results.json" ] || "$BIN" eval --model smollm2 --drafter "$drafters" --label "$labels" \
-        --limit 8 --max-new-tokens 96 --block-size 4 --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+    evaluate "lr-b4-$(echo "$ARMS" | tr ' ' '-')-s$seed" "$drafters" "$labels" --block-size 4
 done

@@ -46,12 +46,6 @@ run() { # arm seed threads
 }
 SEEDS=${SEEDS:-0 1}
 train_pairs "b4a64 b4a32 b4a32l b4a32m"
-evaluate() { # name drafters labels [eval arguments...]: one evaluation, skipped once it has results
-    local name=$1 drafters=$2 labels=$3
-    shift 3
-    [ -f "$OUT/$name/results.json" ] || "$BIN" eval --model smollm2 --drafter "$drafters" --label "$labels" \
-        --limit 8 --max-new-tokens 96 "$@" --out "$OUT/$name" > "$OUT/$name.log" 2>&1
-}
 for seed in $SEEDS; do
     first="$OUT/mix-s$seed/final,$OUT/b4a64-s$seed/final,$OUT/b4a32-s$seed/final"
     longer="$OUT/mix-s$seed/final,$OUT/b4a32l-s$seed/final,$OUT/b4a32m-s$seed/final"

@@ -79,11 +79,10 @@ impl RecipeName {
                 // Which conversations: the first 400, then code and maths ones (over three seeds
                 // τ 1.333 → 1.373 at B = 8, higher on the code and maths benchmarks; docs/recipe.md,
                 // "Lever 15: the data's domain"), 1500 in all.
-                // What shape: block 4, not 8. Position 4 and beyond are almost never reached at this
-                // τ, and a block-4 step costs 0.59 of a block-8 one at the same τ per step, so the
-                // minutes buy 2000 steps on 1500 conversations instead of 1200 on 980: τ at B = 4
-                // 1.35 / 1.38 → 1.44 / 1.45 over two seeds (docs/recipe.md, "Lever 18: a smaller
-                // block"). bf16 products; f32 where the CPU lacks AVX512-BF16.
+                // How much: the minutes a block-4 step saves (RECIPE_BLOCK) buy 2000 steps on 1500
+                // conversations instead of 1200 on 980: τ at B = 4 1.35 / 1.38 → 1.44 / 1.45 over
+                // two seeds (docs/recipe.md, "Lever 18: a smaller block"). bf16 products; f32
+                // where the CPU lacks AVX512-BF16.
                 conversations: 1500,
                 topics: Some(vec![Topic::Code, Topic::Math]),
                 topics_after: 400,
@@ -102,11 +101,11 @@ impl RecipeName {
             },
             RecipeName::Cpu60Min => Recipe {
                 name: self,
-                // 5000 conversations × 8000 block-4 steps. The held-out curve keeps rising past
-                // 5000 steps when the data is large (docs/recipe.md, "The hour spent on steps"),
-                // and a block-4 step costs 0.6 of a block-8 one at the same τ per step, so the hour
-                // holds 8000 steps on 5000 conversations where it held 5000 on 3000: τ at B = 4
-                // 1.521 → 1.554 (docs/recipe.md, "Block 4 at the hour's scale"). bf16 products.
+                // 5000 conversations × 8000 steps. The held-out curve keeps rising past 5000 steps
+                // when the data is large (docs/recipe.md, "The hour spent on steps"), and at block 4
+                // (RECIPE_BLOCK) the hour holds 8000 steps on 5000 conversations where at block 8
+                // it held 5000 on 3000: τ at B = 4 1.521 → 1.554, 44.2 min end to end
+                // (docs/recipe.md, "Block 4 at the hour's scale"). bf16 products.
                 conversations: 5000,
                 topics: None,
                 topics_after: 0,
