@@ -6,7 +6,8 @@
 //! spinning thread pool, sized once from these variables; on an oversubscribed machine its
 //! barriers can cost more than the work).
 //!
-//! 1. Per-matmul medians (µs) on SmolLM2-135M shapes for m = 1, 4, 16.
+//! 1. Per-matmul medians (µs) on SmolLM2-135M shapes for m = 1, 4, 8, 16, with the multiply-add
+//!    rate of the one-thread int8 call and of the Q4_1 call (compare with `examples/vnni_peak.rs`).
 //! 2. Whole model (default: the SmolLM2 Q4_1 GGUF from the asset cache) in `WeightsMode::Q8`
 //!    (qgemm int8), `Native` (qgemm Q4_1 layers, int8 Q8_0 head) and `F32`, interleaved.
 //!    Checks accuracy against f32 mode and that a 16-token forward gives the bits of 16 decode
@@ -39,8 +40,8 @@ fn matmuls(reps: usize) -> anyhow::Result<()> {
         load()
     );
     println!(
-        "{:>12} {:>3} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",
-        "in->out", "m", "candle µs", "int8 µs", "int8 1t µs", "q4_1 µs", "avx2 µs", "int8 GB/s", "q4_1 GB/s"
+        "{:>12} {:>3} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>12} {:>11}",
+        "in->out", "m", "candle µs", "int8 µs", "int8 1t µs", "q4_1 µs", "avx2 µs", "int8 GB/s", "q4_1 GB/s", "int8 1t GMAC", "q4_1 GMAC"
     );
     for (out, inp) in [(576usize, 576usize), (1536, 576), (576, 1536), (49152, 576)] {
         // Enough copies of the weight that a call never finds its weights in L2 left by the
@@ -59,7 +60,7 @@ fn matmuls(reps: usize) -> anyhow::Result<()> {
             next += 1;
             next % copies
         };
-        for m in [1usize, 4, 16] {
+        for m in [1usize, 4, 8, 16] {
             let xv: Vec<f32> = (0..m * inp).map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0).collect();
             let x = Tensor::from_vec(xv.clone(), (m, inp), &Device::Cpu)?;
             let mut y = vec![0f32; m * out];
@@ -88,7 +89,7 @@ fn matmuls(reps: usize) -> anyhow::Result<()> {
             let (c, o, o1, o4) = (median(tc), median(to), median(t1), median(t4));
             let p = if tp.is_empty() { f64::NAN } else { median(tp) };
             println!(
-                "{:>12} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>9.1}",
+                "{:>12} {:>3} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>9.1} {:>9.1} {:>12.1} {:>11.1}",
                 format!("{inp}->{out}"),
                 m,
                 c * 1e6,
@@ -97,7 +98,9 @@ fn matmuls(reps: usize) -> anyhow::Result<()> {
                 o4 * 1e6,
                 p * 1e6,
                 ours[0].bytes() as f64 / o / 1e9,
-                q4[0].bytes() as f64 / o4 / 1e9
+                q4[0].bytes() as f64 / o4 / 1e9,
+                (m * inp * out) as f64 / o1 / 1e9,
+                (m * inp * out) as f64 / o4 / 1e9
             );
         }
     }

@@ -1,13 +1,14 @@
-//! Two changes to the target's forward, A/B in one process: the VNNI kernel's weight prefetch
-//! and the host layer forward (against the tensor-op layers it replaced). Each variant times a
+//! Changes to the target's forward, A/B in one process: the VNNI kernel's weight prefetch, the
+//! parts each thread's share of a matmul is cut into, and the host layer forward (against the
+//! tensor-op layers it replaced). Each variant times a
 //! decode step and verify forwards of 8 and 16 tokens at context 64; every round runs every
 //! variant in turn, so machine load hits all of them alike. Medians over the rounds.
 //!
 //! cargo run --release --example forward_ab -- [q8|native] [VARIANTS] [ROUNDS]
 //!
-//! VARIANTS: comma-separated `LAYERS:PREFETCH`, LAYERS `host` or `tensor`, PREFETCH in 64-byte
-//! lines (0: none); default `host:64,tensor:64,tensor:0` (now, before the host layers, before
-//! the prefetch as well).
+//! VARIANTS: comma-separated `LAYERS:PREFETCH[:PARTS]`, LAYERS `host` or `tensor`, PREFETCH in
+//! 64-byte lines (0: none), PARTS per pool thread (default `qgemm::PARTS_PER_THREAD`); default
+//! `host:64,tensor:64,tensor:0` (now, before the host layers, before the prefetch as well).
 
 use std::time::Instant;
 
@@ -22,12 +23,14 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.to_string());
     let mode: WeightsMode = arg(0, "q8").parse().map_err(anyhow::Error::msg)?;
-    let variants: Vec<(String, usize)> = arg(1, "host:64,tensor:64,tensor:0")
+    let variants: Vec<(String, usize, usize)> = arg(1, "host:64,tensor:64,tensor:0")
         .split(',')
         .map(|v| {
-            let (layers, lines) = v.split_once(':').ok_or_else(|| anyhow::anyhow!("variant {v}: expected LAYERS:PREFETCH"))?;
-            anyhow::ensure!(layers == "host" || layers == "tensor", "variant {v}: layers are host or tensor");
-            Ok((layers.to_string(), lines.parse()?))
+            let f: Vec<&str> = v.split(':').collect();
+            anyhow::ensure!(f.len() == 2 || f.len() == 3, "variant {v}: expected LAYERS:PREFETCH[:PARTS]");
+            anyhow::ensure!(f[0] == "host" || f[0] == "tensor", "variant {v}: layers are host or tensor");
+            let parts = f.get(2).map_or(Ok(qgemm::PARTS_PER_THREAD), |p| p.parse())?;
+            Ok((f[0].to_string(), f[1].parse()?, parts))
         })
         .collect::<anyhow::Result<_>>()?;
     let rounds: usize = arg(2, "40").parse()?;
@@ -46,8 +49,9 @@ fn main() -> anyhow::Result<()> {
     host.forward(&prompt[..ctx], &mut cache, &[], Logits::Last)?;
     let mut t = vec![vec![Vec::new(); sizes.len()]; variants.len()];
     for _ in 0..rounds {
-        for (i, (layers, lines)) in variants.iter().enumerate() {
+        for (i, (layers, lines, parts)) in variants.iter().enumerate() {
             qgemm::set_prefetch_lines(*lines);
+            qgemm::set_parts_per_thread(*parts);
             let target = if layers == "host" { host } else { &tensor };
             for (j, &b) in sizes.iter().enumerate() {
                 let t0 = Instant::now();
@@ -59,11 +63,11 @@ fn main() -> anyhow::Result<()> {
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("forward_ab: {mode:?}, context {ctx}, {rounds} rounds, load {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
-    println!("| layers | prefetch lines | decode ms | verify(8) ms | ÷ decode | verify(16) ms | ÷ decode |");
-    println!("|---|---|---|---|---|---|---|");
-    for (i, (layers, lines)) in variants.iter().enumerate() {
+    println!("| layers | prefetch lines | parts per thread | decode ms | verify(8) ms | ÷ decode | verify(16) ms | ÷ decode |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (i, (layers, lines, parts)) in variants.iter().enumerate() {
         let [dec, v8, v16] = [0, 1, 2].map(|j| median(t[i][j].clone()));
-        println!("| {layers} | {lines} | {dec:.2} | {v8:.2} | {:.2} | {v16:.2} | {:.2} |", v8 / dec, v16 / dec);
+        println!("| {layers} | {lines} | {parts} | {dec:.2} | {v8:.2} | {:.2} | {v16:.2} | {:.2} |", v8 / dec, v16 / dec);
     }
     Ok(())
 }

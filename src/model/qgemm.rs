@@ -73,6 +73,19 @@ fn prefetch_lines() -> usize {
     PREFETCH.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Parts each pool thread's share of a parallel call is cut into: on a shared machine a
+/// descheduled thread's parts are stolen by the others instead of holding up the call.
+pub const PARTS_PER_THREAD: usize = 4;
+
+static PARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(PARTS_PER_THREAD);
+
+/// Sets the parts per pool thread (at least 1) for every later call in the process. For
+/// measuring the split (`examples/forward_ab`), not for tuning a deployment.
+#[doc(hidden)]
+pub fn set_parts_per_thread(parts: usize) {
+    PARTS.store(parts.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Inputs per quantization block.
 pub const BLOCK: usize = 32;
 /// Outputs per weight tile: one 512-bit register of i32/f32 lanes.
@@ -601,11 +614,9 @@ pub fn matmul_group(mats: &[&QMatrix], x: &[f32], m: usize, ys: &mut [&mut [f32]
     }
     let acts = QActs::quantize(x, m, first.inp, first.blocks);
     let pool = rayon::current_num_threads().max(1);
-    // Four parts per thread: on a shared machine a descheduled thread's share is stolen
-    // by the others instead of holding up the call.
     let parts = match exec.threads {
         0 if m * tiles * first.blocks < MIN_PARALLEL_WORK || pool == 1 => 1,
-        0 => 4 * pool,
+        0 => PARTS.load(std::sync::atomic::Ordering::Relaxed) * pool,
         n => n,
     }
     .min(tiles);
