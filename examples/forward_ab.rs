@@ -1,14 +1,16 @@
 //! Changes to the target's forward, A/B in one process: the VNNI kernel's weight prefetch, the
-//! parts each thread's share of a matmul is cut into, and the host layer forward (against the
-//! tensor-op layers it replaced). Each variant times a
+//! parts each thread's share of a matmul is cut into, and how the layers run: on host buffers by
+//! a team of the pool's threads (`team`, the default), on host buffers with one pool dispatch per
+//! matmul (`pool`), or as candle tensor ops (`tensor`). Each variant times a
 //! decode step and verify forwards of 8 and 16 tokens at context 64; every round runs every
 //! variant in turn, so machine load hits all of them alike. Medians over the rounds.
 //!
 //! cargo run --release --example forward_ab -- [q8|native] [VARIANTS] [ROUNDS]
 //!
-//! VARIANTS: comma-separated `LAYERS:PREFETCH[:PARTS]`, LAYERS `host` or `tensor`, PREFETCH in
-//! 64-byte lines (0: none), PARTS per pool thread (default `qgemm::PARTS_PER_THREAD`); default
-//! `host:64,tensor:64,tensor:0` (now, before the host layers, before the prefetch as well).
+//! VARIANTS: comma-separated `LAYERS:PREFETCH[:PARTS]`, LAYERS `team`, `pool` or `tensor`,
+//! PREFETCH in 64-byte lines (0: none), PARTS per pool thread (default
+//! `qgemm::PARTS_PER_THREAD`: a matmul's tiles are cut into that many chunks per thread or team
+//! member); default `team:64,pool:64,tensor:64`.
 
 use std::time::Instant;
 
@@ -23,12 +25,12 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.to_string());
     let mode: WeightsMode = arg(0, "q8").parse().map_err(anyhow::Error::msg)?;
-    let variants: Vec<(String, usize, usize)> = arg(1, "host:64,tensor:64,tensor:0")
+    let variants: Vec<(String, usize, usize)> = arg(1, "team:64,pool:64,tensor:64")
         .split(',')
         .map(|v| {
             let f: Vec<&str> = v.split(':').collect();
             anyhow::ensure!(f.len() == 2 || f.len() == 3, "variant {v}: expected LAYERS:PREFETCH[:PARTS]");
-            anyhow::ensure!(f[0] == "host" || f[0] == "tensor", "variant {v}: layers are host or tensor");
+            anyhow::ensure!(["team", "pool", "tensor"].contains(&f[0]), "variant {v}: layers are team, pool or tensor");
             let parts = f.get(2).map_or(Ok(qgemm::PARTS_PER_THREAD), |p| p.parse())?;
             Ok((f[0].to_string(), f[1].parse()?, parts))
         })
@@ -40,6 +42,7 @@ fn main() -> anyhow::Result<()> {
     let host = &model.target;
     anyhow::ensure!(host.host_layers(), "{mode:?}: this target has no host layer forward to compare");
     let tensor: Target = host.clone().with_tensor_layers();
+    let pool: Target = host.clone().with_pool_layers();
     let text = "The quick brown fox jumps over the lazy dog while the cat watches from the window. ";
     let mut prompt = Vec::new();
     while prompt.len() < ctx + sizes[2] {
@@ -52,7 +55,11 @@ fn main() -> anyhow::Result<()> {
         for (i, (layers, lines, parts)) in variants.iter().enumerate() {
             qgemm::set_prefetch_lines(*lines);
             qgemm::set_parts_per_thread(*parts);
-            let target = if layers == "host" { host } else { &tensor };
+            let target = match layers.as_str() {
+                "team" => host,
+                "pool" => &pool,
+                _ => &tensor,
+            };
             for (j, &b) in sizes.iter().enumerate() {
                 let t0 = Instant::now();
                 target.forward(&prompt[ctx..ctx + b], &mut cache, &[], Logits::All)?;

@@ -218,9 +218,13 @@ fn the_host_layer_forward_has_the_bits_of_the_tensor_layers() {
     ];
     let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     for (what, path, mode) in cases {
-        let host = load(path, mode);
-        assert!(host.host_layers(), "{what}: the host layer forward should apply");
-        let tensor = host.clone().with_tensor_layers();
+        let loaded = load(path, mode);
+        assert!(loaded.host_layers(), "{what}: the host layer forward should apply");
+        assert!(loaded.team_layers(), "{what}: the layers should run in a team");
+        // Host layers run by a team where they can (`util::team`), else dispatched matmul by
+        // matmul; the dispatched path is checked on its own below.
+        let host = loaded.clone().waiting_for_team();
+        let tensor = loaded.clone().with_tensor_layers();
         let layers = host.config().num_hidden_layers;
         let taps: Vec<usize> = (0..layers).collect();
         let ids: Vec<u32> = (0..48).map(|i| (i * 53 + 7) % 256).collect();
@@ -245,6 +249,15 @@ fn the_host_layer_forward_has_the_bits_of_the_tensor_layers() {
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
             assert_eq!(bits(x.logits.as_ref().unwrap()), bits(y.logits.as_ref().unwrap()), "{what}: batch item {i} logits");
             assert_eq!(bits(&x.taps[0]), bits(&y.taps[0]), "{what}: batch item {i} tap");
+        }
+        // The dispatched host path (the team's fallback) has the same bits too.
+        let pool = loaded.with_pool_layers();
+        assert!(!pool.team_layers());
+        let (mut p1, mut p2) = (pool.new_cache(), pool.new_cache());
+        let c = batch(&pool, &mut p1, &mut p2);
+        for (i, (x, y)) in c.iter().zip(&b).enumerate() {
+            assert_eq!(bits(x.logits.as_ref().unwrap()), bits(y.logits.as_ref().unwrap()), "{what}: dispatched batch item {i} logits");
+            assert_eq!(bits(&x.taps[0]), bits(&y.taps[0]), "{what}: dispatched batch item {i} tap");
         }
     }
 }

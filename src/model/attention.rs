@@ -370,53 +370,74 @@ struct Rows(*mut f32);
 unsafe impl Send for Rows {}
 unsafe impl Sync for Rows {}
 
-/// Query row i of every head attends over keys 0..len_of(i) of its KV head.
-#[allow(clippy::too_many_arguments)]
-fn attention_rows(q: &[f32], kv: &LayerKv, n: usize, heads: usize, kv_heads: usize, hd: usize, capacity: usize, len_of: impl Fn(usize) -> usize + Sync) -> Vec<f32> {
+/// The shape of one attention call: `n` queries (n, heads, hd) over a layer cache with
+/// `capacity` rows per KV head.
+#[derive(Clone, Copy)]
+struct Shape {
+    n: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    capacity: usize,
+}
+
+impl Shape {
+    fn units(&self) -> usize {
+        self.n.div_ceil(QUERY_TILE) * self.kv_heads
+    }
+}
+
+/// Unit u = (query tile t, KV head g): the rows (i, h) of the tile's queries and of g's query
+/// heads; row (i, h) sits at (i·heads + h)·hd in q and in the output. Query row i attends over
+/// keys 0..len_of(i) of its KV head. Every (query, head) row is computed the same way whatever
+/// unit, thread or call computes it.
+fn attend_unit(s: &mut Scratch, u: usize, q: &[f32], kv: &LayerKv, sh: Shape, len_of: &impl Fn(usize) -> usize, isa: Isa, out: Rows) {
+    let Shape { n, heads, kv_heads, hd, capacity } = sh;
     let groups = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let isa = isa();
-    let mut out = vec![0f32; n * heads * hd];
-    let rows_out = Rows(out.as_mut_ptr());
-    // Unit u = (query tile t, KV head g): the rows (i, h) of the tile's queries and of g's
-    // query heads; row (i, h) sits at (i·heads + h)·hd in q and in the output.
-    let tiles = n.div_ceil(QUERY_TILE);
-    let work = |s: &mut Scratch, u: usize| {
-        let (t, g) = (u / kv_heads, u % kv_heads);
-        s.offs.clear();
-        s.lens.clear();
-        for i in t * QUERY_TILE..n.min((t + 1) * QUERY_TILE) {
-            for h in g * groups..(g + 1) * groups {
-                s.offs.push((i * heads + h) * hd);
-                s.lens.push(len_of(i));
-            }
+    let (t, g) = (u / kv_heads, u % kv_heads);
+    s.offs.clear();
+    s.lens.clear();
+    for i in t * QUERY_TILE..n.min((t + 1) * QUERY_TILE) {
+        for h in g * groups..(g + 1) * groups {
+            s.offs.push((i * heads + h) * hd);
+            s.lens.push(len_of(i));
         }
-        let max_len = s.lens.iter().copied().max().unwrap_or(0);
-        let base = g * capacity * hd;
-        let (k, v) = (&kv.k[base..base + max_len * hd], &kv.v[base..base + max_len * hd]);
-        let out = rows_out;
-        match isa {
-            // SAFETY: the features were detected at run time; this unit's rows are its own.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if vector_head(hd) => unsafe { attend_rows_avx512(q, &s.offs, &s.lens, k, v, hd, scale, &mut s.f, out.0) },
-            _ => {
-                for (&off, &len) in s.offs.iter().zip(&s.lens) {
-                    // SAFETY: as above; the row lies inside the output (n · heads · hd).
-                    let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(off), hd) };
-                    match isa {
-                        // SAFETY: the features were detected at run time.
-                        #[cfg(target_arch = "x86_64")]
-                        Isa::Avx2 => unsafe { attend_one_avx2(&q[off..off + hd], k, v, len, hd, scale, &mut s.f, o) },
-                        _ => attend_one(&q[off..off + hd], k, v, len, hd, scale, &mut s.f, o),
-                    }
+    }
+    let max_len = s.lens.iter().copied().max().unwrap_or(0);
+    let base = g * capacity * hd;
+    let (k, v) = (&kv.k[base..base + max_len * hd], &kv.v[base..base + max_len * hd]);
+    match isa {
+        // SAFETY: the features were detected at run time; this unit's rows are its own.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if vector_head(hd) => unsafe { attend_rows_avx512(q, &s.offs, &s.lens, k, v, hd, scale, &mut s.f, out.0) },
+        _ => {
+            for (&off, &len) in s.offs.iter().zip(&s.lens) {
+                // SAFETY: as above; the row lies inside the output (n · heads · hd).
+                let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(off), hd) };
+                match isa {
+                    // SAFETY: the features were detected at run time.
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { attend_one_avx2(&q[off..off + hd], k, v, len, hd, scale, &mut s.f, o) },
+                    _ => attend_one(&q[off..off + hd], k, v, len, hd, scale, &mut s.f, o),
                 }
             }
         }
-    };
+    }
+}
+
+/// Query row i of every head attends over keys 0..len_of(i) of its KV head.
+#[allow(clippy::too_many_arguments)]
+fn attention_rows(q: &[f32], kv: &LayerKv, n: usize, heads: usize, kv_heads: usize, hd: usize, capacity: usize, len_of: impl Fn(usize) -> usize + Sync) -> Vec<f32> {
+    let sh = Shape { n, heads, kv_heads, hd, capacity };
+    let isa = isa();
+    let mut out = vec![0f32; n * heads * hd];
+    let rows_out = Rows(out.as_mut_ptr());
+    let work = |s: &mut Scratch, u: usize| attend_unit(s, u, q, kv, sh, &len_of, isa, rows_out);
     // Small problems (a decode step) run on the calling thread, where waking another thread
     // costs more than the work. Each (query, head) is computed the same way on either path and
     // in any unit, so the choice does not change a single bit.
-    let units = tiles * kv_heads;
+    let units = sh.units();
     let flops: usize = (0..n).map(|i| heads * len_of(i) * hd).sum();
     if flops < PARALLEL_MIN_WORK || units == 1 {
         let mut s = Scratch::default();
@@ -425,6 +446,26 @@ fn attention_rows(q: &[f32], kv: &LayerKv, n: usize, heads: usize, kv_heads: usi
         (0..units).into_par_iter().for_each_init(Scratch::default, work);
     }
     out
+}
+
+/// Units of a [`causal_attention`] call of `n` queries (for a team to share out).
+pub(crate) fn causal_units(n: usize, kv_heads: usize) -> usize {
+    Shape { n, heads: kv_heads, kv_heads, hd: 0, capacity: 0 }.units()
+}
+
+/// Units `units` of [`causal_attention`] (same arguments), written into `out` (n · heads · hd
+/// f32, the layout `causal_attention` returns); the same bits as that call's rows.
+///
+/// # Safety
+/// `out` points to n · heads · hd writable f32, and no one else writes these units' rows.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn causal_attention_units(q: &[f32], kv: &LayerKv, n: usize, start: usize, heads: usize, kv_heads: usize, hd: usize, capacity: usize, units: std::ops::Range<usize>, out: *mut f32) {
+    let sh = Shape { n, heads, kv_heads, hd, capacity };
+    let isa = isa();
+    let mut s = Scratch::default();
+    for u in units {
+        attend_unit(&mut s, u, q, kv, sh, &|i| start + i + 1, isa, Rows(out));
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 /// Rows above which a step is split over the pool (candle splits RMSNorm above 32 rows too).
-const PARALLEL_ROWS: usize = 32;
+pub(crate) const PARALLEL_ROWS: usize = 32;
 
 /// A row's root mean square with eps, as candle's `rms_row` computes it (the divisor).
 fn rms(row: &[f32], eps: f32) -> f32 {
@@ -108,7 +108,8 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
 /// Elements below which [`silu_mul`] stays on the calling thread.
 const SILU_PARALLEL_MIN: usize = 8192;
 
-fn silu_mul_serial(g: &mut [f32], u: &[f32]) {
+/// [`silu_mul`] on the calling thread whatever the length.
+pub(crate) fn silu_mul_serial(g: &mut [f32], u: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the feature was just detected; the lengths are equal.

@@ -86,6 +86,11 @@ pub fn set_parts_per_thread(parts: usize) {
     PARTS.store(parts.max(1), std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The parts per pool thread now in force (`PARTS_PER_THREAD` unless set for a measurement).
+pub(crate) fn parts_per_thread() -> usize {
+    PARTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Inputs per quantization block.
 pub const BLOCK: usize = 32;
 /// Outputs per weight tile: one 512-bit register of i32/f32 lanes.
@@ -616,7 +621,7 @@ pub fn matmul_group(mats: &[&QMatrix], x: &[f32], m: usize, ys: &mut [&mut [f32]
     let pool = rayon::current_num_threads().max(1);
     let parts = match exec.threads {
         0 if m * tiles * first.blocks < MIN_PARALLEL_WORK || pool == 1 => 1,
-        0 => PARTS.load(std::sync::atomic::Ordering::Relaxed) * pool,
+        0 => parts_per_thread() * pool,
         n => n,
     }
     .min(tiles);
@@ -643,6 +648,86 @@ pub fn matmul_group(mats: &[&QMatrix], x: &[f32], m: usize, ys: &mut [&mut [f32]
         (0..parts).into_par_iter().for_each(run);
     }
     Ok(())
+}
+
+/// Activations shared by the members of a team (`util::team`): allocated before the team
+/// starts, quantized by the members row range by row range (each row is its own, as in
+/// [`QActs::quantize`], so the values are the same bits), then read by every member's tiles in
+/// the next phase.
+pub(crate) struct SharedActs {
+    acts: std::cell::UnsafeCell<QActs>,
+    inp: usize,
+    q: *mut i8,
+    d: *mut f32,
+    corr: *mut i32,
+    sx: *mut f32,
+}
+
+// SAFETY: members write disjoint rows through the raw pointers in one phase and only read in
+// the next; a team barrier separates the two (the callers' contract, see `quantize_rows`).
+unsafe impl Sync for SharedActs {}
+unsafe impl Send for SharedActs {}
+
+impl SharedActs {
+    /// Room for `rows` rows of input width `inp` (the width of the matrices it will feed).
+    pub(crate) fn new(rows: usize, inp: usize) -> Self {
+        let blocks = inp.div_ceil(BLOCK);
+        let n = rows * blocks;
+        let mut a = QActs { rows, blocks, q: vec![0; n * BLOCK], d: vec![0.0; n], corr: vec![0; n], sx: vec![0.0; n] };
+        let (q, d, corr, sx) = (a.q.as_mut_ptr(), a.d.as_mut_ptr(), a.corr.as_mut_ptr(), a.sx.as_mut_ptr());
+        SharedActs { acts: std::cell::UnsafeCell::new(a), inp, q, d, corr, sx }
+    }
+
+    /// The input width.
+    pub(crate) fn width(&self) -> usize {
+        self.inp
+    }
+
+    /// Quantizes rows r0..r1; `x` holds exactly those rows (r1 − r0 rows of `inp` values).
+    ///
+    /// # Safety
+    /// r1 ≤ the rows this was made for; no other member writes these rows, and no member reads
+    /// any row (through [`group_tiles`]) until a barrier after every member's call.
+    pub(crate) unsafe fn quantize_rows(&self, x: &[f32], r0: usize, r1: usize) {
+        let (inp, blocks) = (self.inp, self.inp.div_ceil(BLOCK));
+        debug_assert_eq!(x.len(), (r1 - r0) * inp);
+        for r in r0..r1 {
+            let o = r * blocks;
+            let q = std::slice::from_raw_parts_mut(self.q.add(o * BLOCK), blocks * BLOCK);
+            let d = std::slice::from_raw_parts_mut(self.d.add(o), blocks);
+            let corr = std::slice::from_raw_parts_mut(self.corr.add(o), blocks);
+            quantize_row(&x[(r - r0) * inp..(r - r0 + 1) * inp], q, d, corr);
+            for b in 0..blocks {
+                *self.sx.add(o + b) = d[b] * (-corr[b] / 128) as f32;
+            }
+        }
+    }
+}
+
+/// Output tiles of a group of matrices, counted as [`matmul_group`] shares them out.
+pub(crate) fn group_tile_count(mats: &[&QMatrix]) -> usize {
+    mats.iter().map(|w| w.tiles).sum()
+}
+
+/// Global tiles g0..g1 of a group (numbered as in [`matmul_group`]) for every row of `acts`,
+/// with the fastest kernel: the same tiles, sums and bits as `matmul_group`.
+///
+/// # Safety
+/// Every matrix has `acts`' input width and `outs[i]` points to rows · out_i f32; no one else
+/// writes these tiles' columns, and every row of `acts` was quantized before a barrier that
+/// precedes this call.
+pub(crate) unsafe fn group_tiles(mats: &[&QMatrix], acts: &SharedActs, g0: usize, g1: usize, outs: &[*mut f32]) {
+    let kernel = Kernel::Auto.resolve().unwrap_or(Kernel::Portable);
+    let acts = &*acts.acts.get();
+    let mut base = 0;
+    for (w, &out) in mats.iter().zip(outs) {
+        let n = w.tiles;
+        let (t0, t1) = (g0.max(base) - base, g1.min(base + n).saturating_sub(base));
+        if t0 < t1 {
+            w.tiles_range(kernel, acts, t0, t1, OutPtr(out));
+        }
+        base += n;
+    }
 }
 
 fn dims2(name: &str, qt: &QTensor) -> Result<(usize, usize), QGemmError> {

@@ -20,6 +20,8 @@ use super::host_ops;
 use super::weights::{forward_group, qgemm_group, Linear, WeightSource, WeightsMode};
 use super::ModelError;
 
+mod team;
+
 #[derive(Debug, Clone)]
 struct RmsNorm {
     weight: Tensor,
@@ -126,6 +128,20 @@ pub struct Target {
     /// Every layer's linears are `qgemm` blocks on the CPU kernel path, so a forward runs its
     /// layers on host buffers (`Layer::forward_host`) instead of candle tensors.
     host_layers: bool,
+    /// Whether host layers run by a team of the pool's threads (`layers_team`), where the
+    /// layers allow it, or with one pool dispatch per matmul (`Layer::forward_host`). Same bits.
+    team_layers: TeamLayers,
+}
+
+/// How a forward's host layers use the pool (see [`Target::layers_team`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TeamLayers {
+    /// One pool dispatch per matmul.
+    Off,
+    /// A team, or the dispatched path while another forward holds the team.
+    Try,
+    /// A team, waiting for it while another forward holds it (tests: the team path for sure).
+    Wait,
 }
 
 type HeadSubsets = std::sync::Arc<std::sync::Mutex<Vec<(std::sync::Arc<[u32]>, std::sync::Arc<crate::model::qgemm::QMatrix>)>>>;
@@ -227,7 +243,7 @@ impl Target {
         let rope = Rope::new(hd, cfg.rope_theta, 4096.min(cfg.max_position_embeddings.max(1)), &Device::Cpu)?;
         let rope = std::sync::Arc::new(std::sync::Mutex::new(rope));
         let host_layers = path == KernelPath::Cpu && layers.iter().all(Layer::host_ready);
-        Ok(Self { cfg, embed, layers, norm, lm_head, rope, mode, backend: Backend::cpu(), head_subsets: HeadSubsets::default(), host_layers })
+        Ok(Self { cfg, embed, layers, norm, lm_head, rope, mode, backend: Backend::cpu(), head_subsets: HeadSubsets::default(), host_layers, team_layers: TeamLayers::Try })
     }
 
     /// The host-loaded target moved to the generic path of `backend`: linears via
@@ -270,6 +286,7 @@ impl Target {
             backend: backend.clone(),
             head_subsets: HeadSubsets::default(),
             host_layers: false,
+            team_layers: TeamLayers::Off,
             cfg,
         })
     }
@@ -286,6 +303,31 @@ impl Target {
     pub fn with_tensor_layers(mut self) -> Self {
         self.host_layers = false;
         self
+    }
+
+    /// This target with its host layers dispatched matmul by matmul over the pool instead of
+    /// run by a team (`util::team`): the path the team forward is tested and measured against.
+    #[doc(hidden)]
+    pub fn with_pool_layers(mut self) -> Self {
+        self.team_layers = TeamLayers::Off;
+        self
+    }
+
+    /// This target waiting for the team when another forward holds it, instead of taking the
+    /// dispatched path meanwhile: so a test knows which path ran.
+    #[doc(hidden)]
+    pub fn waiting_for_team(mut self) -> Self {
+        if self.team_layers != TeamLayers::Off {
+            self.team_layers = TeamLayers::Wait;
+        }
+        self
+    }
+
+    /// Whether forwards run their layers in a team of the pool's threads (`util::team`): host
+    /// layers, unless [`Target::with_pool_layers`] turned it off. (A forward still takes the
+    /// dispatched path while another holds the team, or outside a two-thread pool.)
+    pub fn team_layers(&self) -> bool {
+        self.team_layers != TeamLayers::Off && self.host_layers
     }
 
     /// The device and kernel path this target computes with; drafters and training follow it.
@@ -431,10 +473,32 @@ impl Target {
             let (cos, sin) = (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
             let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
             let mut buf = HostBuffers::new(&self.cfg, total);
-            for (i, layer) in self.layers.iter().enumerate() {
-                layer.forward_host(&mut xs, &mut buf, i, items, &spans, &cos, &sin)?;
-                if items.iter().any(|it| it.taps.contains(&i)) {
-                    tapped[i] = Some(Tensor::from_slice(&xs, (total, h), &Device::Cpu)?);
+            let mut teamed = None;
+            if self.team_layers() {
+                teamed = self.layers_team(&mut xs, &mut buf, items, &spans, &cos, &sin);
+                while teamed.is_none() && self.team_layers == TeamLayers::Wait && crate::util::team::possible() {
+                    // Run pending pool work meanwhile: it may be the holder's member 1.
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                    }
+                    teamed = self.layers_team(&mut xs, &mut buf, items, &spans, &cos, &sin);
+                }
+            }
+            match teamed {
+                Some(taps) => {
+                    for (i, t) in taps.into_iter().enumerate() {
+                        if let Some(t) = t {
+                            tapped[i] = Some(Tensor::from_vec(t, (total, h), &Device::Cpu)?);
+                        }
+                    }
+                }
+                None => {
+                    for (i, layer) in self.layers.iter().enumerate() {
+                        layer.forward_host(&mut xs, &mut buf, i, items, &spans, &cos, &sin)?;
+                        if items.iter().any(|it| it.taps.contains(&i)) {
+                            tapped[i] = Some(Tensor::from_slice(&xs, (total, h), &Device::Cpu)?);
+                        }
+                    }
                 }
             }
             x = Tensor::from_vec(xs, (total, h), &Device::Cpu)?;

@@ -6,6 +6,7 @@ pub mod hash;
 pub mod measure;
 pub mod names;
 pub mod pool;
+pub mod team;
 pub mod progress;
 
 pub use fs::write_atomic;
