@@ -391,6 +391,7 @@ impl Shape {
 /// heads; row (i, h) sits at (i·heads + h)·hd in q and in the output. Query row i attends over
 /// keys 0..len_of(i) of its KV head. Every (query, head) row is computed the same way whatever
 /// unit, thread or call computes it.
+#[allow(clippy::too_many_arguments)]
 fn attend_unit(s: &mut Scratch, u: usize, q: &[f32], kv: &LayerKv, sh: Shape, len_of: &impl Fn(usize) -> usize, isa: Isa, out: Rows) {
     let Shape { n, heads, kv_heads, hd, capacity } = sh;
     let groups = heads / kv_heads;
