@@ -83,6 +83,9 @@ struct Shared<'a> {
     cos: &'a [f32],
     sin: &'a [f32],
     total: usize,
+    /// Chunks of a matmul's tiles per member, read once, so every member cuts alike (the
+    /// claims' bookkeeping relies on it).
+    parts: usize,
 }
 
 impl Target {
@@ -146,6 +149,7 @@ impl Target {
             cos,
             sin,
             total,
+            parts: parts_per_thread(),
         };
         crate::util::team::run(|t| {
             for (idx, layer) in self.layers.iter().enumerate() {
@@ -168,15 +172,15 @@ fn row_chunks(t: &Team, total: usize) -> impl Iterator<Item = (usize, usize)> {
     (rows.start..rows.end).step_by(ROW_CHUNK).map(move |r| (r, (r + ROW_CHUNK).min(rows.end)))
 }
 
-/// `mats`' tiles for every row of `acts`, claimed in chunks (as many per member as the
+/// `mats`' tiles for every row of `acts`, claimed in chunks (`parts` per member, as many as the
 /// dispatched path cuts a thread's share into), into `outs`.
 ///
 /// # Safety
 /// `acts` was filled before a barrier; `outs` are the matrices' outputs (rows · out each).
-unsafe fn team_matmul(t: &Team, mats: &[&QMatrix], acts: &SharedActs, outs: &[Buf]) {
+unsafe fn team_matmul(t: &Team, parts: usize, mats: &[&QMatrix], acts: &SharedActs, outs: &[Buf]) {
     let n = group_tile_count(mats);
     let outs: Vec<*mut f32> = outs.iter().map(|b| b.0).collect();
-    t.claim(n, n.div_ceil(parts_per_thread() * t.size()), |r| group_tiles(mats, acts, r.start, r.end, &outs));
+    t.claim(n, n.div_ceil(parts * t.size()), |r| group_tiles(mats, acts, r.start, r.end, &outs));
 }
 
 /// Steps 1–7 of a layer (norm, q/k/v, RoPE, the cache, attention, o_proj) for one member.
@@ -196,7 +200,7 @@ unsafe fn team_attention(t: &Team, c: &Shared<'_>, idx: usize, layer: &Layer) {
     }
     t.sync();
     // 2. q, k, v tiles
-    team_matmul(t, &m[..3], &c.acts_h, &[c.q, c.k, c.v]);
+    team_matmul(t, c.parts, &m[..3], &c.acts_h, &[c.q, c.k, c.v]);
     t.sync();
     // 3. biases, per-head norms (row by row, below their own pool split) and RoPE, own rows
     for (r0, r1) in row_chunks(t, c.total) {
@@ -243,7 +247,7 @@ unsafe fn team_attention(t: &Team, c: &Shared<'_>, idx: usize, layer: &Layer) {
     c.acts_att.quantize_rows(c.att.get(rows.start * qw, rows.end * qw), rows.start, rows.end);
     t.sync();
     // 7. o_proj tiles
-    team_matmul(t, &m[3..4], &c.acts_att, &[c.o]);
+    team_matmul(t, c.parts, &m[3..4], &c.acts_att, &[c.o]);
     t.sync();
 }
 
@@ -262,7 +266,7 @@ unsafe fn team_mlp(t: &Team, c: &Shared<'_>, idx: usize, layer: &Layer) {
     }
     t.sync();
     // 9. gate, up tiles
-    team_matmul(t, &m[4..6], &c.acts_h, &[c.gate, c.up]);
+    team_matmul(t, c.parts, &m[4..6], &c.acts_h, &[c.gate, c.up]);
     t.sync();
     // 10. SiLU · up and quantize, own rows
     for (r0, r1) in row_chunks(t, c.total) {
@@ -271,7 +275,7 @@ unsafe fn team_mlp(t: &Team, c: &Shared<'_>, idx: usize, layer: &Layer) {
     }
     t.sync();
     // 11. down tiles
-    team_matmul(t, &m[6..7], &c.acts_i, &[c.o]);
+    team_matmul(t, c.parts, &m[6..7], &c.acts_i, &[c.o]);
     t.sync();
     // 12. residual on own rows, and the tap's copy of them. The next layer's step 1 reads only
     // these rows, so no barrier is needed before it.
