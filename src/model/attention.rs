@@ -383,7 +383,7 @@ struct Shape {
 
 impl Shape {
     fn units(&self) -> usize {
-        self.n.div_ceil(QUERY_TILE) * self.kv_heads
+        causal_units(self.n, self.kv_heads)
     }
 }
 
@@ -451,7 +451,7 @@ fn attention_rows(q: &[f32], kv: &LayerKv, n: usize, heads: usize, kv_heads: usi
 
 /// Units of a [`causal_attention`] call of `n` queries (for a team to share out).
 pub(crate) fn causal_units(n: usize, kv_heads: usize) -> usize {
-    Shape { n, heads: kv_heads, kv_heads, hd: 0, capacity: 0 }.units()
+    n.div_ceil(QUERY_TILE) * kv_heads
 }
 
 /// Units `units` of [`causal_attention`] (same arguments), written into `out` (n · heads · hd

@@ -613,7 +613,7 @@ pub fn matmul_group(mats: &[&QMatrix], x: &[f32], m: usize, ys: &mut [&mut [f32]
         }
     }
     let kernel = exec.kernel.resolve()?;
-    let tiles: usize = mats.iter().map(|w| w.tiles).sum();
+    let tiles = group_tile_count(mats);
     if m == 0 || tiles == 0 {
         return Ok(());
     }
@@ -628,18 +628,9 @@ pub fn matmul_group(mats: &[&QMatrix], x: &[f32], m: usize, ys: &mut [&mut [f32]
     let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
     let run = |part: usize| {
         // This part's share of the tiles of all matrices, in order, as global tile indices.
-        let (g0, g1) = (tiles * part / parts, tiles * (part + 1) / parts);
-        let mut base = 0;
-        for (w, &out) in mats.iter().zip(&outs) {
-            let n = w.tiles;
-            let (t0, t1) = (g0.max(base) - base, g1.min(base + n).saturating_sub(base));
-            if t0 < t1 {
-                // SAFETY: parts own disjoint tile ranges of each matrix, so disjoint output
-                // columns of its y, which has m · out elements (checked above); x has m · in.
-                unsafe { w.tiles_range(kernel, &acts, t0, t1, out) };
-            }
-            base += n;
-        }
+        // SAFETY: parts own disjoint tile ranges of each matrix, so disjoint output columns of
+        // its y, which has m · out elements (checked above); x has m · in.
+        unsafe { group_range(mats, kernel, &acts, tiles * part / parts, tiles * (part + 1) / parts, &outs) };
     };
     if parts <= 1 {
         run(0);
@@ -671,9 +662,7 @@ unsafe impl Send for SharedActs {}
 impl SharedActs {
     /// Room for `rows` rows of input width `inp` (the width of the matrices it will feed).
     pub(crate) fn new(rows: usize, inp: usize) -> Self {
-        let blocks = inp.div_ceil(BLOCK);
-        let n = rows * blocks;
-        let mut a = QActs { rows, blocks, q: vec![0; n * BLOCK], d: vec![0.0; n], corr: vec![0; n], sx: vec![0.0; n] };
+        let mut a = QActs::zeroed(rows, inp.div_ceil(BLOCK));
         let (q, d, corr, sx) = (a.q.as_mut_ptr(), a.d.as_mut_ptr(), a.corr.as_mut_ptr(), a.sx.as_mut_ptr());
         SharedActs { acts: std::cell::UnsafeCell::new(a), inp, q, d, corr, sx }
     }
@@ -693,13 +682,13 @@ impl SharedActs {
         debug_assert_eq!(x.len(), (r1 - r0) * inp);
         for r in r0..r1 {
             let o = r * blocks;
-            let q = std::slice::from_raw_parts_mut(self.q.add(o * BLOCK), blocks * BLOCK);
-            let d = std::slice::from_raw_parts_mut(self.d.add(o), blocks);
-            let corr = std::slice::from_raw_parts_mut(self.corr.add(o), blocks);
-            quantize_row(&x[(r - r0) * inp..(r - r0 + 1) * inp], q, d, corr);
-            for b in 0..blocks {
-                *self.sx.add(o + b) = d[b] * (-corr[b] / 128) as f32;
-            }
+            quantize_act_row(
+                &x[(r - r0) * inp..(r - r0 + 1) * inp],
+                std::slice::from_raw_parts_mut(self.q.add(o * BLOCK), blocks * BLOCK),
+                std::slice::from_raw_parts_mut(self.d.add(o), blocks),
+                std::slice::from_raw_parts_mut(self.corr.add(o), blocks),
+                std::slice::from_raw_parts_mut(self.sx.add(o), blocks),
+            );
         }
     }
 }
@@ -709,25 +698,33 @@ pub(crate) fn group_tile_count(mats: &[&QMatrix]) -> usize {
     mats.iter().map(|w| w.tiles).sum()
 }
 
-/// Global tiles g0..g1 of a group (numbered as in [`matmul_group`]) for every row of `acts`,
-/// with the fastest kernel: the same tiles, sums and bits as `matmul_group`.
+/// Global tiles g0..g1 of a group (the tiles of all its matrices, in order) for every row of
+/// `acts`: what one part of [`matmul_group`] computes.
 ///
 /// # Safety
-/// Every matrix has `acts`' input width and `outs[i]` points to rows · out_i f32; no one else
-/// writes these tiles' columns, and every row of `acts` was quantized before a barrier that
-/// precedes this call.
-pub(crate) unsafe fn group_tiles(mats: &[&QMatrix], acts: &SharedActs, g0: usize, g1: usize, outs: &[*mut f32]) {
-    let kernel = Kernel::Auto.resolve().unwrap_or(Kernel::Portable);
-    let acts = &*acts.acts.get();
+/// Every matrix has `acts`' input width and `outs[i]` points to rows · out_i f32 that no one
+/// else writes in these tiles' columns.
+unsafe fn group_range(mats: &[&QMatrix], kernel: Kernel, acts: &QActs, g0: usize, g1: usize, outs: &[OutPtr]) {
     let mut base = 0;
     for (w, &out) in mats.iter().zip(outs) {
         let n = w.tiles;
         let (t0, t1) = (g0.max(base) - base, g1.min(base + n).saturating_sub(base));
         if t0 < t1 {
-            w.tiles_range(kernel, acts, t0, t1, OutPtr(out));
+            w.tiles_range(kernel, acts, t0, t1, out);
         }
         base += n;
     }
+}
+
+/// [`group_range`] for a team: global tiles g0..g1 of a group with the fastest kernel, the
+/// same tiles, sums and bits as `matmul_group`.
+///
+/// # Safety
+/// As for `group_range`, and every row of `acts` was quantized before a barrier that precedes
+/// this call.
+pub(crate) unsafe fn group_tiles(mats: &[&QMatrix], acts: &SharedActs, g0: usize, g1: usize, outs: &[OutPtr]) {
+    let kernel = Kernel::Auto.resolve().unwrap_or(Kernel::Portable);
+    group_range(mats, kernel, &*acts.acts.get(), g0, g1, outs);
 }
 
 fn dims2(name: &str, qt: &QTensor) -> Result<(usize, usize), QGemmError> {
@@ -749,8 +746,9 @@ fn check_len(name: &str, dtype: GgmlDType, out: usize, inp: usize, got: usize, w
     Ok(())
 }
 
+/// An output matrix that parts of a call write in disjoint columns.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: threads write disjoint column ranges (see matmul_with).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -768,17 +766,27 @@ struct QActs {
 }
 
 impl QActs {
+    fn zeroed(rows: usize, blocks: usize) -> Self {
+        let n = rows * blocks;
+        QActs { rows, blocks, q: vec![0; n * BLOCK], d: vec![0.0; n], corr: vec![0; n], sx: vec![0.0; n] }
+    }
+
     fn quantize(x: &[f32], m: usize, inp: usize, blocks: usize) -> Self {
-        let n = m * blocks;
-        let mut a = QActs { rows: m, blocks, q: vec![0; n * BLOCK], d: vec![0.0; n], corr: vec![0; n], sx: vec![0.0; n] };
-        let rows = a.q.chunks_mut(blocks * BLOCK).zip(a.d.chunks_mut(blocks)).zip(a.corr.chunks_mut(blocks));
-        for (r, ((q, d), corr)) in rows.enumerate() {
-            quantize_row(&x[r * inp..(r + 1) * inp], q, d, corr);
-        }
-        for ((sx, &d), &c) in a.sx.iter_mut().zip(&a.d).zip(&a.corr) {
-            *sx = d * (-c / 128) as f32;
+        let mut a = Self::zeroed(m, blocks);
+        let rows = a.q.chunks_mut(blocks * BLOCK).zip(a.d.chunks_mut(blocks)).zip(a.corr.chunks_mut(blocks)).zip(a.sx.chunks_mut(blocks));
+        for (r, (((q, d), corr), sx)) in rows.enumerate() {
+            quantize_act_row(&x[r * inp..(r + 1) * inp], q, d, corr, sx);
         }
         a
+    }
+}
+
+/// One row of activations: its int8 blocks, scales and corrections ([`quantize_row`]), and
+/// sx = dx·Σqx per block (Σqx is −corr/128, exactly).
+fn quantize_act_row(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32], sx: &mut [f32]) {
+    quantize_row(x, q, d, corr);
+    for ((sx, &d), &c) in sx.iter_mut().zip(d.iter()).zip(corr.iter()) {
+        *sx = d * (-c / 128) as f32;
     }
 }
 

@@ -7,7 +7,7 @@
 
 use super::{host_ops, BatchItem, HostBuffers, Layer, Span, Target};
 use crate::model::attention::{causal_attention_units, causal_units};
-use crate::model::qgemm::{group_tile_count, group_tiles, parts_per_thread, QMatrix, SharedActs};
+use crate::model::qgemm::{group_tile_count, group_tiles, parts_per_thread, OutPtr, QMatrix, SharedActs};
 use crate::model::weights::Linear;
 use crate::util::team::Team;
 
@@ -77,7 +77,7 @@ struct Shared<'a> {
     taps: Vec<Option<Buf>>,
     items: Items,
     spans: &'a [Span],
-    /// Each item's first attention unit, numbered item after item.
+    /// Each item's first attention unit, numbered item after item, then the total.
     unit_base: Vec<usize>,
     units: usize,
     cos: &'a [f32],
@@ -118,13 +118,12 @@ impl Target {
         let mut taps: Vec<Option<Vec<f32>>> =
             (0..self.layers.len()).map(|i| items.iter().any(|it| it.taps.contains(&i)).then(|| vec![0f32; total * hs])).collect();
         let kv_heads = a0.kv_heads;
-        let unit_base: Vec<usize> = spans
-            .iter()
-            .scan(0, |acc, s| {
-                let b = *acc;
+        // Prefix sums: item i's units are unit_base[i]..unit_base[i + 1].
+        let unit_base: Vec<usize> = std::iter::once(0)
+            .chain(spans.iter().scan(0, |acc, s| {
                 *acc += causal_units(s.n, kv_heads);
-                Some(b)
-            })
+                Some(*acc)
+            }))
             .collect();
         let shared = Shared {
             mats,
@@ -143,7 +142,7 @@ impl Target {
             att: Buf::of(&mut att),
             taps: taps.iter_mut().map(|t| t.as_mut().map(|t| Buf::of(t))).collect(),
             items: Items(items.as_mut_ptr() as *mut (), items.len()),
-            units: spans.iter().map(|s| causal_units(s.n, kv_heads)).sum(),
+            units: unit_base[spans.len()],
             unit_base,
             spans,
             cos,
@@ -179,7 +178,7 @@ fn row_chunks(t: &Team, total: usize) -> impl Iterator<Item = (usize, usize)> {
 /// `acts` was filled before a barrier; `outs` are the matrices' outputs (rows · out each).
 unsafe fn team_matmul(t: &Team, parts: usize, mats: &[&QMatrix], acts: &SharedActs, outs: &[Buf]) {
     let n = group_tile_count(mats);
-    let outs: Vec<*mut f32> = outs.iter().map(|b| b.0).collect();
+    let outs: Vec<OutPtr> = outs.iter().map(|b| OutPtr(b.0)).collect();
     t.claim(n, n.div_ceil(parts * t.size()), |r| group_tiles(mats, acts, r.start, r.end, &outs));
 }
 
