@@ -5,12 +5,13 @@
 //! decode step and verify forwards of 8 and 16 tokens at context 64; every round runs every
 //! variant in turn, so machine load hits all of them alike. Medians over the rounds.
 //!
-//! cargo run --release --example forward_ab -- [q8|native] [VARIANTS] [ROUNDS]
+//! cargo run --release --example forward_ab -- [q8|native] [VARIANTS] [ROUNDS] [SIZES]
 //!
 //! VARIANTS: comma-separated `LAYERS:PREFETCH[:PARTS]`, LAYERS `team`, `pool` or `tensor`,
 //! PREFETCH in 64-byte lines (0: none), PARTS per pool thread (default
 //! `qgemm::PARTS_PER_THREAD`: a matmul's tiles are cut into that many chunks per thread or team
-//! member); default `team:64,pool:64,tensor:64`.
+//! member); default `team:64,pool:64,tensor:64`. SIZES: the forwards' token counts, comma-separated,
+//! the first the decode step the others are divided by (default `1,8,16`).
 
 use std::time::Instant;
 
@@ -37,7 +38,8 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let rounds: usize = arg(2, "40").parse()?;
     let ctx = 64;
-    let sizes = [1usize, 8, 16];
+    let sizes: Vec<usize> = arg(3, "1,8,16").split(',').map(|s| s.parse()).collect::<Result<_, _>>()?;
+    anyhow::ensure!(!sizes.is_empty() && !sizes.contains(&0), "SIZES: token counts of at least 1");
     let model = load_model("smollm2", mode)?;
     let host = &model.target;
     anyhow::ensure!(host.host_layers(), "{mode:?}: this target has no host layer forward to compare");
@@ -45,7 +47,7 @@ fn main() -> anyhow::Result<()> {
     let pool: Target = host.clone().with_pool_layers();
     let text = "The quick brown fox jumps over the lazy dog while the cat watches from the window. ";
     let mut prompt = Vec::new();
-    while prompt.len() < ctx + sizes[2] {
+    while prompt.len() < ctx + sizes.iter().max().copied().unwrap_or(1) {
         prompt.extend(model.tokenizer.encode(text, false)?);
     }
     let mut cache = host.new_cache();
@@ -70,11 +72,13 @@ fn main() -> anyhow::Result<()> {
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("forward_ab: {mode:?}, context {ctx}, {rounds} rounds, load {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
-    println!("| layers | prefetch lines | parts per thread | decode ms | verify(8) ms | ÷ decode | verify(16) ms | ÷ decode |");
-    println!("|---|---|---|---|---|---|---|---|");
+    let head: String = sizes[1..].iter().map(|b| format!(" verify({b}) ms | ÷ decode |")).collect();
+    println!("| layers | prefetch lines | parts per thread | {} ms |{head}", if sizes[0] == 1 { "decode".to_string() } else { format!("verify({})", sizes[0]) });
+    println!("|---|---|---|---|{}", "---|---|".repeat(sizes.len() - 1));
     for (i, (layers, lines, parts)) in variants.iter().enumerate() {
-        let [dec, v8, v16] = [0, 1, 2].map(|j| median(t[i][j].clone()));
-        println!("| {layers} | {lines} | {parts} | {dec:.2} | {v8:.2} | {:.2} | {v16:.2} | {:.2} |", v8 / dec, v16 / dec);
+        let m: Vec<f64> = (0..sizes.len()).map(|j| median(t[i][j].clone())).collect();
+        let cells: String = m[1..].iter().map(|v| format!(" {v:.2} | {:.2} |", v / m[0])).collect();
+        println!("| {layers} | {lines} | {parts} | {:.2} |{cells}", m[0]);
     }
     Ok(())
 }

@@ -1,0 +1,86 @@
+//! How often the target's next token is among the drafter's top k at each block position,
+//! along the target's own greedy continuation of the bench's chat prompts: the acceptance a
+//! tree of k candidates per position would see, beside the chain's (k = 1).
+//!
+//! cargo run --release --example topk_coverage -- DRAFTER_DIR [--weights native] [--prompts 20]
+//!     [--tokens 96] [--block 4]
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use specauf::drafter::{AnyDrafter, DFlashInfer};
+use specauf::model::{load_model, Logits, WeightsMode};
+use specauf::pipeline::spec_bench::chat_prompt_texts;
+
+const KS: [usize; 6] = [1, 2, 3, 4, 6, 8];
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opt = |name: &str, default: &str| -> String {
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+    };
+    let dir = PathBuf::from(args.first().ok_or_else(|| anyhow::anyhow!("usage: topk_coverage DRAFTER_DIR [options]"))?);
+    let mode: WeightsMode = opt("--weights", "native").parse().map_err(anyhow::Error::msg)?;
+    let n_prompts: usize = opt("--prompts", "20").parse()?;
+    let tokens: usize = opt("--tokens", "96").parse()?;
+    let model = load_model("smollm2", mode)?;
+    let target = &model.target;
+    let any = AnyDrafter::load(&dir, target.config())?;
+    let b: usize = opt("--block", &any.block_size().to_string()).parse()?;
+    let drafter = match any.at_block_size(b)? {
+        AnyDrafter::DFlash(d) => d,
+        _ => anyhow::bail!("topk_coverage reads DFlash drafters"),
+    };
+    let taps = drafter.target_layer_ids().to_vec();
+    let infer = DFlashInfer::new(&drafter)?;
+    // hits[p][i]: the true token at block position p + 1 was within the drafter's top KS[i];
+    // chain[p]: positions 1..=p + 1 all top-1 (what a chain accepts).
+    let mut hits = vec![[0usize; KS.len()]; b - 1];
+    let mut chain = vec![0usize; b - 1];
+    let mut n = 0usize;
+    for text in chat_prompt_texts(&model, n_prompts)? {
+        let prompt = model.tokenizer.encode(&text, false)?;
+        let mut cache = target.new_cache();
+        let out = target.forward(&prompt, &mut cache, &taps, Logits::Last)?;
+        let mut dcache = infer.new_cache();
+        infer.extend_context(&mut dcache, &Tensor::cat(&out.taps, 1)?.flatten_all()?.to_vec1::<f32>()?)?;
+        let first = out.logits.ok_or_else(|| anyhow::anyhow!("no logits"))?.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        // The target's greedy continuation, with the features of every position.
+        let mut seq = vec![first];
+        let mut feats = Vec::new();
+        for _ in 0..tokens + b {
+            let o = target.forward(&seq[seq.len() - 1..], &mut cache, &taps, Logits::Last)?;
+            feats.push(Tensor::cat(&o.taps, 1)?.flatten_all()?.to_vec1::<f32>()?);
+            seq.push(o.logits.ok_or_else(|| anyhow::anyhow!("no logits"))?.flatten_all()?.argmax(0)?.to_scalar::<u32>()?);
+        }
+        // At each anchor seq[t] (position prompt + t), the drafter sees the context before it.
+        for t in 0..tokens {
+            let start = prompt.len() + t;
+            let x = infer.forward_block(target, &mut dcache, seq[t], start)?;
+            let h = target.config().hidden_size;
+            let rows = Tensor::from_slice(&x[h..], (b - 1, h), &Device::Cpu)?;
+            let logits = target.lm_head(&rows)?.to_vec2::<f32>()?;
+            let mut all = true;
+            for (p, row) in logits.iter().enumerate() {
+                let truth = seq[t + p + 1];
+                let tv = row[truth as usize];
+                let rank = row.iter().filter(|&&v| v > tv).count();
+                for (i, &k) in KS.iter().enumerate() {
+                    hits[p][i] += usize::from(rank < k);
+                }
+                all &= rank == 0;
+                chain[p] += usize::from(all);
+            }
+            n += 1;
+            infer.extend_context(&mut dcache, &feats[t])?;
+        }
+    }
+    println!("topk_coverage: {} anchors ({n_prompts} prompts × {tokens}), B = {b}, {mode:?} weights", n);
+    println!("| block position | chain (all top-1 so far) | {} |", KS.iter().map(|k| format!("top-{k}")).collect::<Vec<_>>().join(" | "));
+    println!("|---|---|{}", "---|".repeat(KS.len()));
+    for p in 0..b - 1 {
+        let cells: Vec<String> = hits[p].iter().map(|&h| format!("{:.3}", h as f64 / n as f64)).collect();
+        println!("| {} | {:.3} | {} |", p + 1, chain[p] as f64 / n as f64, cells.join(" | "));
+    }
+    Ok(())
+}
