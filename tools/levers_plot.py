@@ -3,18 +3,23 @@ third-party packages). Minutes are the training-step seconds of each run's metri
 (evaluation not counted); a run measured under load can instead be charged a fixed seconds-per-step
 measured quietly for its shape, with RUN_DIR=SECONDS_PER_STEP. RUN_A+RUN_B+... draws the mean of
 runs that evaluate at the same steps (seeds of one arm): accept length and minutes averaged.
+With METRIC=pos1 in the environment the y axis is the held-out acceptance at block position 1
+instead, which compares drafters of different block sizes (an accept length is capped at B).
 
-    python3 tools/levers_plot.py OUT.svg "TITLE" LABEL:RUN_DIR[+RUN_DIR...][=SECONDS_PER_STEP] ...
+    [METRIC=pos1] python3 tools/levers_plot.py OUT.svg "TITLE" LABEL:RUN_DIR[+RUN_DIR...][=SECONDS_PER_STEP] ...
 """
 
 import json
+import os
 import sys
+
+POS1 = os.environ.get("METRIC", "accept") == "pos1"
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
 
 def curve(run, per_step):
-    secs, pts = 0.0, [(0.0, 1.0)]
+    secs, pts = 0.0, [(0.0, 0.0 if POS1 else 1.0)]
     with open(f"{run}/metrics.jsonl") as f:
         for line in f:
             m = json.loads(line)
@@ -23,7 +28,8 @@ def curve(run, per_step):
             elif m["tokens_per_s"] > 0:
                 secs += m["tokens"] / m["tokens_per_s"]
             if m.get("eval"):
-                pts.append((secs / 60, m["eval"]["accept_len"]))
+                e = m["eval"]
+                pts.append((secs / 60, e["acc_per_position"][0] if POS1 else e["accept_len"]))
     return pts
 
 
@@ -38,7 +44,7 @@ def main():
         mean = [(sum(c[i][0] for c in curves) / len(curves), sum(c[i][1] for c in curves) / len(curves)) for i in range(n)]
         lines.append((label, mean, bool(per)))
     xmax = max(p[0] for _, c, _ in lines for p in c) * 1.05
-    ymin = 1.0
+    ymin = 0.0 if POS1 else 1.0
     ymax = max(p[1] for _, c, _ in lines for p in c)
     ymax = ymin + (ymax - ymin) * 1.1 + 0.02
     W, H, L, R, T, B = 760, 440, 70, 200, 40, 50
@@ -60,7 +66,7 @@ def main():
         x += step
     svg.append(f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
     svg.append(f'<text x="{L + pw / 2}" y="{H - 10}" text-anchor="middle">training minutes (2-core machine, step time only)</text>')
-    svg.append(f'<text x="16" y="{T + ph / 2}" transform="rotate(-90 16 {T + ph / 2})" text-anchor="middle">held-out accept length (in-block, trained B)</text>')
+    svg.append(f'<text x="16" y="{T + ph / 2}" transform="rotate(-90 16 {T + ph / 2})" text-anchor="middle">{"held-out acceptance at block position 1" if POS1 else "held-out accept length (in-block, trained B)"}</text>')
     for i, (label, c, fixed) in enumerate(lines):
         col = COLORS[i % len(COLORS)]
         d = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in c)

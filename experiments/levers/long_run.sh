@@ -14,7 +14,8 @@
 # prepare stage's time but not its output. DATA (default `sharegpt`) is the conversations file
 # (experiments/levers/domain_data.py writes the code-and-maths subset of the data-domain lever).
 # BLOCK (default 8) is the drafter's block size, and the fixed B of the first evaluation (stage
-# eval$BLOCK, folder eval-b$BLOCK; lever 18 trains at 4).
+# eval$BLOCK, folder eval-b$BLOCK; lever 18 trains at 4). ANCHORS (default 32) is the anchors per
+# sequence (lever 20 trains block 2 at 64).
 #   OUT=/work/runs/long BASE=/work/runs/rec/sched/cosine-s0/final experiments/levers/long_run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,6 +26,7 @@ CONVERSATIONS=${CONVERSATIONS:-3000}
 SCHEDULE=${SCHEDULE:-cosine}
 DATA=${DATA:-sharegpt}
 BLOCK=${BLOCK:-8}
+ANCHORS=${ANCHORS:-32}
 . experiments/levers/lib.sh
 mkdir -p "$OUT"
 stage() { # name command...: runs the command unless the stage is done, appends its seconds to times.txt
@@ -40,7 +42,7 @@ stage prepare "$BIN" prepare --model smollm2 --data "$DATA" --out "$OUT/data" --
     --regenerate greedy --max-new-tokens 96 --workers 2 --features 1,27 --feature-weights auto
 quick_arm_args "$OUT/data"
 stage train train_arm "$OUT/drafter" "$OUT/train.log" "${QUICK_ARM[@]}" --set steps="$STEPS" --set optim.schedule="$SCHEDULE" \
-    --set drafter.block_size="$BLOCK" \
+    --set drafter.block_size="$BLOCK" --set num_anchors="$ANCHORS" \
     --set head.precision=bf16 --set layer_precision=bf16 --set eval_every=250 --set checkpoint_every=250
 stage "eval$BLOCK" "$BIN" eval --model smollm2 --drafter "$BASE,$OUT/drafter/final" --label base,long --limit 8 --max-new-tokens 96 \
     --block-size "$BLOCK" --out "$OUT/eval-b$BLOCK"
