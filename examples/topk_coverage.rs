@@ -1,6 +1,6 @@
 //! How often the target's next token is among the drafter's top k at each block position,
-//! along the target's own greedy continuation of the bench's chat prompts: the acceptance a
-//! tree of k candidates per position would see, beside the chain's (k = 1).
+//! along the target's own greedy continuation of the bench's chat prompts (to its first EOS):
+//! the acceptance a tree of k candidates per position would see, beside the chain's (k = 1).
 //!
 //! cargo run --release --example topk_coverage -- DRAFTER_DIR [--weights native] [--prompts 20]
 //!     [--tokens 96] [--block 4]
@@ -32,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         _ => anyhow::bail!("topk_coverage reads DFlash drafters"),
     };
     let taps = drafter.target_layer_ids().to_vec();
+    let eos = model.eos_token_ids();
     let infer = DFlashInfer::new(&drafter)?;
     // hits[p][i]: the true token at block position p + 1 was within the drafter's top KS[i];
     // chain[p]: positions 1..=p + 1 all top-1 (what a chain accepts).
@@ -45,16 +46,18 @@ fn main() -> anyhow::Result<()> {
         let mut dcache = infer.new_cache();
         infer.extend_context(&mut dcache, &Tensor::cat(&out.taps, 1)?.flatten_all()?.to_vec1::<f32>()?)?;
         let first = out.logits.ok_or_else(|| anyhow::anyhow!("no logits"))?.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
-        // The target's greedy continuation, with the features of every position.
+        // The target's greedy continuation up to its first EOS, with the features of every
+        // position.
         let mut seq = vec![first];
         let mut feats = Vec::new();
-        for _ in 0..tokens + b {
+        while seq.len() < tokens + b && !eos.contains(&seq[seq.len() - 1]) {
             let o = target.forward(&seq[seq.len() - 1..], &mut cache, &taps, Logits::Last)?;
             feats.push(Tensor::cat(&o.taps, 1)?.flatten_all()?.to_vec1::<f32>()?);
             seq.push(o.logits.ok_or_else(|| anyhow::anyhow!("no logits"))?.flatten_all()?.argmax(0)?.to_scalar::<u32>()?);
         }
-        // At each anchor seq[t] (position prompt + t), the drafter sees the context before it.
-        for t in 0..tokens {
+        // At each anchor seq[t] (position prompt + t) whose block lies within the text, the
+        // drafter sees the context before it.
+        for t in 0..tokens.min(seq.len().saturating_sub(b - 1)) {
             let start = prompt.len() + t;
             let x = infer.forward_block(target, &mut dcache, seq[t], start)?;
             let h = target.config().hidden_size;
@@ -75,7 +78,7 @@ fn main() -> anyhow::Result<()> {
             infer.extend_context(&mut dcache, &feats[t])?;
         }
     }
-    println!("topk_coverage: {} anchors ({n_prompts} prompts × {tokens}), B = {b}, {mode:?} weights", n);
+    println!("topk_coverage: {n} anchors ({n_prompts} prompts, up to {tokens} each, to the first EOS), B = {b}, {mode:?} weights");
     println!("| block position | chain (all top-1 so far) | {} |", KS.iter().map(|k| format!("top-{k}")).collect::<Vec<_>>().join(" | "));
     println!("|---|---|{}", "---|".repeat(KS.len()));
     for p in 0..b - 1 {
