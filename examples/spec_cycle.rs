@@ -142,10 +142,8 @@ fn main() -> anyhow::Result<()> {
             let t0 = Instant::now();
             infer.draft_in(target, &mut fcache, block[0], ctx, vocab_head.as_mut())?;
             t[13].push(ms(t0));
-        }
-        // A draft as the decode loop runs it: right after a verify forward has streamed the
-        // target's weights through the caches.
-        if vocab_head.is_some() {
+            // A draft as the decode loop runs it: right after a verify forward has streamed the
+            // target's weights through the caches.
             target.forward(&block, &mut cache, &taps, Logits::All)?;
             cache.truncate(ctx);
             let t0 = Instant::now();

@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor};
 use specauf::drafter::{AnyDrafter, DFlashInfer};
 use specauf::model::{load_model, Logits, WeightsMode};
 use specauf::pipeline::spec_bench::chat_prompt_texts;
+use specauf::spec::sampling::argmax_rows;
 
 const KS: [usize; 6] = [1, 2, 3, 4, 6, 8];
 
@@ -45,7 +46,8 @@ fn main() -> anyhow::Result<()> {
         let out = target.forward(&prompt, &mut cache, &taps, Logits::Last)?;
         let mut dcache = infer.new_cache();
         infer.extend_context(&mut dcache, &Tensor::cat(&out.taps, 1)?.flatten_all()?.to_vec1::<f32>()?)?;
-        let first = out.logits.ok_or_else(|| anyhow::anyhow!("no logits"))?.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        let greedy = |logits: Option<Tensor>| -> anyhow::Result<u32> { Ok(argmax_rows(&logits.ok_or_else(|| anyhow::anyhow!("no logits"))?)?[0]) };
+        let first = greedy(out.logits)?;
         // The target's greedy continuation up to its first EOS, with the features of every
         // position.
         let mut seq = vec![first];
@@ -53,14 +55,14 @@ fn main() -> anyhow::Result<()> {
         while seq.len() < tokens + b && !eos.contains(&seq[seq.len() - 1]) {
             let o = target.forward(&seq[seq.len() - 1..], &mut cache, &taps, Logits::Last)?;
             feats.push(Tensor::cat(&o.taps, 1)?.flatten_all()?.to_vec1::<f32>()?);
-            seq.push(o.logits.ok_or_else(|| anyhow::anyhow!("no logits"))?.flatten_all()?.argmax(0)?.to_scalar::<u32>()?);
+            seq.push(greedy(o.logits)?);
         }
         // At each anchor seq[t] (position prompt + t) whose block lies within the text, the
         // drafter sees the context before it.
+        let h = target.config().hidden_size;
         for t in 0..tokens.min(seq.len().saturating_sub(b - 1)) {
             let start = prompt.len() + t;
             let x = infer.forward_block(target, &mut dcache, seq[t], start)?;
-            let h = target.config().hidden_size;
             let rows = Tensor::from_slice(&x[h..], (b - 1, h), &Device::Cpu)?;
             let logits = target.lm_head(&rows)?.to_vec2::<f32>()?;
             let mut all = true;
