@@ -4,7 +4,7 @@
 //! every part alike.
 //!
 //! cargo run --release --example spec_cycle -- DRAFTER_DIR [--weights q8|native|f32]
-//!     [--context 256] [--block 8] [--rounds 30] [--ctx-rows 2]
+//!     [--context 256] [--block 8] [--rounds 30] [--ctx-rows 2] [--draft-vocab 8192]
 //!
 //! `--ctx-rows`: context rows appended per cycle (acc + 1 of the cycle before: τ).
 
@@ -41,7 +41,10 @@ fn main() -> anyhow::Result<()> {
     let ctx_rows: usize = opt("--ctx-rows", "2").parse()?;
     let model = load_model("smollm2", mode)?;
     let target = &model.target;
-    let any = AnyDrafter::load(&dir, target.config())?;
+    let mut any = AnyDrafter::load(&dir, target.config())?;
+    if let Some(k) = args.iter().position(|a| a == "--draft-vocab").and_then(|i| args.get(i + 1)) {
+        any.set_draft_vocab_size(k.parse()?);
+    }
     let b: usize = opt("--block", &any.block_size().to_string()).parse()?;
     let drafter: DFlashDrafter = match any.at_block_size(b)? {
         AnyDrafter::DFlash(d) => d,
@@ -64,8 +67,11 @@ fn main() -> anyhow::Result<()> {
     let mut fcache = infer.new_cache();
     let infer32 = DFlashInfer::with_precision(&drafter, DrafterPrecision::F32)?;
     infer.extend_context(&mut fcache, &feats.flatten_all()?.to_vec1::<f32>()?)?;
+    let infer4 = DFlashInfer::with_precision(&drafter, DrafterPrecision::Q4)?;
+    let mut fcache4 = infer4.new_cache();
+    infer4.extend_context(&mut fcache4, &feats.flatten_all()?.to_vec1::<f32>()?)?;
     let small_rows = feats.narrow(0, 0, ctx_rows)?.flatten_all()?.to_vec1::<f32>()?;
-    let names = ["decode step", "verify(B) + taps", "rollback", "verdict (argmax B rows)", "drafter extend ctx", "drafter block fwd", "drafter LM head + argmax", "drafter draft() total", "fast: extend ctx", "fast: block fwd", "fast: draft() total", "fast f32: block fwd", "fast f32: draft() total", "fast, draft vocab: draft() total", "after a verify: draft (vocab)"];
+    let names = ["decode step", "verify(B) + taps", "rollback", "verdict (argmax B rows)", "drafter extend ctx", "drafter block fwd", "drafter LM head + argmax", "drafter draft() total", "fast: extend ctx", "fast: block fwd", "fast: draft() total", "fast f32: block fwd", "fast f32: draft() total", "fast, draft vocab: draft() total", "after a verify: draft (vocab)", "after a verify, head warmed: draft (vocab)", "Q4 layers, after a verify: draft (vocab)"];
     let mut t = vec![Vec::new(); names.len()];
     let small_feats = feats.narrow(0, 0, ctx_rows)?;
     // The draft vocabulary of the drafter's folder (draft_vocab.json), over the prompt's tokens too.
@@ -149,6 +155,22 @@ fn main() -> anyhow::Result<()> {
             let t0 = Instant::now();
             infer.draft_in(target, &mut fcache, block[0], ctx, vocab_head.as_mut())?;
             t[14].push(ms(t0));
+            // The same, with the draft head's rows brought back into the caches first: what a
+            // head streamed last by the verify would save.
+            target.forward(&block, &mut cache, &taps, Logits::All)?;
+            cache.truncate(ctx);
+            if let Some(h) = vocab_head.as_mut() {
+                let zeros = vec![0.01f32; (b - 1) * target.config().hidden_size];
+                h.argmax(target, &zeros, b - 1)?;
+            }
+            let t0 = Instant::now();
+            infer.draft_in(target, &mut fcache, block[0], ctx, vocab_head.as_mut())?;
+            t[15].push(ms(t0));
+            target.forward(&block, &mut cache, &taps, Logits::All)?;
+            cache.truncate(ctx);
+            let t0 = Instant::now();
+            infer4.draft_in(target, &mut fcache4, block[0], ctx, vocab_head.as_mut())?;
+            t[16].push(ms(t0));
         }
     }
     let dec = median(t[0].clone());

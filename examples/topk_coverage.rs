@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use specauf::drafter::{AnyDrafter, DFlashInfer};
+use specauf::drafter::{AnyDrafter, DFlashInfer, DrafterPrecision};
 use specauf::model::{load_model, Logits, WeightsMode};
 use specauf::pipeline::spec_bench::chat_prompt_texts;
 use specauf::spec::sampling::argmax_rows;
@@ -34,7 +34,13 @@ fn main() -> anyhow::Result<()> {
     };
     let taps = drafter.target_layer_ids().to_vec();
     let eos = model.eos_token_ids();
-    let infer = DFlashInfer::new(&drafter)?;
+    let precision = match opt("--precision", "int8").as_str() {
+        "int8" => DrafterPrecision::Int8,
+        "q4" => DrafterPrecision::Q4,
+        "f32" => DrafterPrecision::F32,
+        other => anyhow::bail!("--precision {other}: expected int8, q4 or f32"),
+    };
+    let infer = DFlashInfer::with_precision(&drafter, precision)?;
     // hits[p][i]: the true token at block position p + 1 was within the drafter's top KS[i];
     // chain[p]: positions 1..=p + 1 all top-1 (what a chain accepts).
     let mut hits = vec![[0usize; KS.len()]; b - 1];
@@ -80,7 +86,7 @@ fn main() -> anyhow::Result<()> {
             infer.extend_context(&mut dcache, &feats[t])?;
         }
     }
-    println!("topk_coverage: {n} anchors ({n_prompts} prompts, up to {tokens} each, to the first EOS), B = {b}, {mode:?} weights");
+    println!("topk_coverage: {n} anchors ({n_prompts} prompts, up to {tokens} each, to the first EOS), B = {b}, {mode:?} weights, drafter {precision:?}");
     println!("| block position | chain (all top-1 so far) | {} |", KS.iter().map(|k| format!("top-{k}")).collect::<Vec<_>>().join(" | "));
     println!("|---|---|{}", "---|".repeat(KS.len()));
     for p in 0..b - 1 {

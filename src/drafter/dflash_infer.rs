@@ -1,9 +1,11 @@
 //! The DFlash drafter's inference path: the same model as [`DFlashDrafter::forward_block`]
 //! (module docs of [`super::dflash`]), computed without candle's per-op dispatch.
 //!
-//! - Projections are int8 blocks run by the target's batch-invariant VNNI kernel
-//!   ([`crate::model::qgemm`]): k and v fused into one matrix, gate and up into another, so a
-//!   layer is four weight passes for the block and one for the context.
+//! - Projections are Q4_1 (the default) or int8 blocks run by the target's batch-invariant
+//!   VNNI kernels ([`crate::model::qgemm`]): k and v fused into one matrix, gate and up into
+//!   another, so a layer is four weight passes for the block and one for the context.
+//! - Where it can, the forward runs in a team of the pool's two workers (`team`), as the
+//!   target's layers do: the matmuls' tiles shared out, no pool dispatch per matmul.
 //! - The context K/V live in a [`KvCache`] (preallocated, grown by doubling, truncated in O(1));
 //!   a cycle appends only its new rows. The block's own K/V are written after the context rows
 //!   without committing them, so one bidirectional attention over positions 0..start+B covers
@@ -11,9 +13,10 @@
 //! - The LM head is the target's (quantised in q8/native) over the B-1 predicted rows only, or
 //!   only its rows of a draft vocabulary ([`super::vocab`]) when the proposer has one.
 //!
-//! Precision: int8 weights and activations per block of 32, as the target's q8 mode. Drafts may
-//! differ from the f32 reference where two logits nearly tie; that changes τ, never the output,
-//! which the target's verification decides (tests/dflash_spec.rs checks both).
+//! Precision: Q4_1 or int8 weights, int8 activations per block of 32, as the target's native
+//! and q8 modes. Drafts may differ from the f32 reference where two logits nearly tie; that
+//! changes τ, never the output, which the target's verification decides (tests/dflash_spec.rs
+//! checks both).
 
 use candle_core::{Device, Tensor};
 
@@ -24,12 +27,19 @@ use crate::model::attention::full_attention;
 use crate::model::qgemm::QMatrix;
 use crate::model::{KvCache, Target};
 
+mod team;
+
 /// How the inference path holds the drafter's projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// Int8 blocks through the target's VNNI kernel (a quarter of the bytes of f32).
-    #[default]
     Int8,
+    /// GGUF Q4_1 blocks (ggml's rule: per 32 inputs a scale and a minimum, 4-bit steps) through
+    /// the same kernel family: 0.56 of the bytes of Int8. The default: a draft is a weight read
+    /// (docs/perf.md § "The drafter in a team, in Q4_1"), and the drafts are those of Int8 all
+    /// but never (the chain's acceptance 0.410 / 0.142 / 0.036 against 0.411 / 0.142 / 0.037).
+    #[default]
+    Q4,
     /// The trained f32 values, multiplied by candle's gemm.
     F32,
 }
@@ -37,15 +47,24 @@ pub enum Precision {
 /// One projection (out, in).
 #[derive(Debug, Clone)]
 enum Weight {
-    Int8(QMatrix),
+    /// Int8 or Q4_1 blocks.
+    Blocks(QMatrix),
     /// Wᵀ (in, out), contiguous.
     F32 { wt: Tensor, out: usize, inp: usize },
 }
 
 impl Weight {
+    /// The int8 or Q4_1 blocks, where the projection is held in them.
+    fn blocks(&self) -> Option<&QMatrix> {
+        match self {
+            Weight::Blocks(q) => Some(q),
+            Weight::F32 { .. } => None,
+        }
+    }
+
     fn in_features(&self) -> usize {
         match self {
-            Weight::Int8(q) => q.in_features(),
+            Weight::Blocks(q) => q.in_features(),
             Weight::F32 { inp, .. } => *inp,
         }
     }
@@ -53,7 +72,7 @@ impl Weight {
     /// y (m, out) = x (m, in) Wᵀ.
     fn mm(&self, x: &[f32], m: usize) -> Result<Vec<f32>, DrafterError> {
         match self {
-            Weight::Int8(w) => {
+            Weight::Blocks(w) => {
                 let mut y = vec![0f32; m * w.out_features()];
                 w.matmul(x, m, &mut y).map_err(qgemm_error)?;
                 Ok(y)
@@ -145,7 +164,12 @@ fn qgemm_error(e: crate::model::qgemm::QGemmError) -> DrafterError {
 fn matrix(d: &DFlashDrafter, names: &[String], precision: Precision) -> Result<Weight, DrafterError> {
     let (w, rows, inp) = stacked(d, names)?;
     match precision {
-        Precision::Int8 => Ok(Weight::Int8(QMatrix::quantize(&names.join("+"), &w, rows, inp).map_err(qgemm_error)?)),
+        Precision::Int8 => Ok(Weight::Blocks(QMatrix::quantize(&names.join("+"), &w, rows, inp).map_err(qgemm_error)?)),
+        Precision::Q4 => {
+            let t = Tensor::from_vec(w, (rows, inp), &Device::Cpu)?;
+            let qt = candle_core::quantized::QTensor::quantize(&t, candle_core::quantized::GgmlDType::Q4_1)?;
+            Ok(Weight::Blocks(QMatrix::from_q4_1_bytes(&names.join("+"), &qt.data()?, rows, inp).map_err(qgemm_error)?))
+        }
         Precision::F32 => {
             let wt = Tensor::from_vec(w, (rows, inp), &Device::Cpu)?.t()?.contiguous()?;
             Ok(Weight::F32 { wt, out: rows, inp })
@@ -169,7 +193,7 @@ fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
 }
 
 impl DFlashInfer {
-    /// `d`'s current weights in the default precision ([`Precision::Int8`]).
+    /// `d`'s current weights in the default precision ([`Precision::Q4`]).
     pub fn new(d: &DFlashDrafter) -> Result<Self, DrafterError> {
         Self::with_precision(d, Precision::default())
     }
@@ -226,15 +250,19 @@ impl DFlashInfer {
     /// Per-head norm then rotate-half RoPE, in place: x (n, heads, hd) at positions start.. .
     fn norm_rope(&self, x: &mut [f32], heads: usize, w: &[f32], start: usize) {
         let (hd, half) = (self.head_dim, self.head_dim / 2);
+        // A row's angles are the same for every head: computed once per row.
+        let (mut cos, mut sin) = (vec![0f32; half], vec![0f32; half]);
         for (r, row) in x.chunks_exact_mut(heads * hd).enumerate() {
             rms_norm_rows(row, w, self.eps);
             let p = (start + r) as f32;
+            for ((c, s), f) in cos.iter_mut().zip(sin.iter_mut()).zip(&self.inv_freq) {
+                (*c, *s) = ((p * f).cos(), (p * f).sin());
+            }
             for head in row.chunks_exact_mut(hd) {
-                for (i, f) in self.inv_freq.iter().enumerate() {
-                    let (c, s) = ((p * f).cos(), (p * f).sin());
+                for i in 0..half {
                     let (a, b) = (head[i], head[i + half]);
-                    head[i] = a * c - b * s;
-                    head[i + half] = b * c + a * s;
+                    head[i] = a * cos[i] - b * sin[i];
+                    head[i + half] = b * cos[i] + a * sin[i];
                 }
             }
         }
@@ -268,15 +296,19 @@ impl DFlashInfer {
         if start + n > self.max_pos {
             return Err(DrafterError::ContextOverflow { needed: start + n, max: self.max_pos });
         }
-        let mut c = Self::mm(&self.fc, features, n)?;
-        rms_norm_rows(&mut c, &self.hidden_norm, self.eps);
         cache.reserve(n);
-        for (l, layer) in self.layers.iter().enumerate() {
-            let (k, v) = self.keys_values(layer, &c, n, start)?;
-            cache.write(l, &k, &v, n);
-        }
-        cache.advance(n);
-        Ok(())
+        crate::util::pool::on_pool(|| {
+            if self.context_team(cache, features, n).is_none() {
+                let mut c = Self::mm(&self.fc, features, n)?;
+                rms_norm_rows(&mut c, &self.hidden_norm, self.eps);
+                for (l, layer) in self.layers.iter().enumerate() {
+                    let (k, v) = self.keys_values(layer, &c, n, start)?;
+                    cache.write(l, &k, &v, n);
+                }
+            }
+            cache.advance(n);
+            Ok(())
+        })
     }
 
     /// The final-normed hidden (B, H) of the block `[last, MASK × (B-1)]` at positions
@@ -296,16 +328,29 @@ impl DFlashInfer {
         }
         let ids: Vec<u32> = std::iter::once(last).chain(std::iter::repeat_n(self.mask, b - 1)).collect();
         let mut x = target.embed(&ids)?.flatten_all()?.to_vec1::<f32>()?;
-        let (h, qw) = (self.hidden, self.heads * self.head_dim);
+        let h = self.hidden;
         if let Some(m) = &self.mask_row {
             for row in x.chunks_exact_mut(h).skip(1) {
                 row.copy_from_slice(m);
             }
         }
         cache.reserve(b);
+        if crate::util::pool::on_pool(|| self.block_layers_team(&mut x, cache, start)).is_none() {
+            self.block_layers(&mut x, cache, start)?;
+        }
+        rms_norm_rows(&mut x, &self.norm, self.eps);
+        debug_assert_eq!(x.len(), b * h);
+        Ok(x)
+    }
+
+    /// `forward_block`'s layers dispatched matmul by matmul (the path where no team can be
+    /// formed, and for f32 projections): x (B, H) in place.
+    fn block_layers(&self, x: &mut [f32], cache: &mut KvCache, start: usize) -> Result<(), DrafterError> {
+        let b = self.block_size;
+        let qw = self.heads * self.head_dim;
         for (l, layer) in self.layers.iter().enumerate() {
             // attention: q from the block; k/v of the block after the context's
-            let mut hn = x.clone();
+            let mut hn = x.to_vec();
             rms_norm_rows(&mut hn, &layer.input_norm, self.eps);
             let mut q = Self::mm(&layer.q, &hn, b)?;
             self.norm_rope(&mut q, self.heads, &layer.q_norm, start);
@@ -317,7 +362,7 @@ impl DFlashInfer {
                 *xi += oi;
             }
             // MLP: down(silu(gate) ⊙ up)
-            let mut hn = x.clone();
+            let mut hn = x.to_vec();
             rms_norm_rows(&mut hn, &layer.post_norm, self.eps);
             let gu = Self::mm(&layer.gate_up, &hn, b)?;
             let mut a = Vec::with_capacity(b * self.inter);
@@ -331,9 +376,7 @@ impl DFlashInfer {
                 *xi += di;
             }
         }
-        rms_norm_rows(&mut x, &self.norm, self.eps);
-        debug_assert_eq!(x.len(), b * h);
-        Ok(x)
+        Ok(())
     }
 
     /// The B-1 greedy drafts after `last` (at position `start`): argmax of the target's head

@@ -727,6 +727,18 @@ pub(crate) unsafe fn group_tiles(mats: &[&QMatrix], acts: &SharedActs, g0: usize
     group_range(mats, kernel, &*acts.acts.get(), g0, g1, outs);
 }
 
+/// `mats`' tiles for every row of `acts`, claimed by the members of a team in chunks (`parts`
+/// per member, as many as the dispatched path cuts a thread's share into), into `outs`.
+///
+/// # Safety
+/// `acts` was filled before a barrier (or by this member alone, for its own use); `outs` are
+/// the matrices' outputs (rows · out each), written by nothing else in this phase.
+pub(crate) unsafe fn team_matmul(t: &crate::util::team::Team, parts: usize, mats: &[&QMatrix], acts: &SharedActs, outs: &[crate::util::team::SharedBuf]) {
+    let n = group_tile_count(mats);
+    let outs: Vec<OutPtr> = outs.iter().map(|b| OutPtr(b.0)).collect();
+    t.claim(n, n.div_ceil(parts * t.size()), |r| group_tiles(mats, acts, r.start, r.end, &outs));
+}
+
 fn dims2(name: &str, qt: &QTensor) -> Result<(usize, usize), QGemmError> {
     match qt.shape().dims() {
         &[out, inp] => Ok((out, inp)),

@@ -110,6 +110,38 @@ impl Team<'_> {
     }
 }
 
+/// A buffer the members of a team write in disjoint parts (rows, a matmul's tiles, attention
+/// units) and read whole only after a barrier.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedBuf(pub(crate) *mut f32);
+// SAFETY: within a phase members write disjoint parts, and a barrier separates every write
+// from every read of the same part by another member (the callers' contract).
+unsafe impl Send for SharedBuf {}
+unsafe impl Sync for SharedBuf {}
+
+impl SharedBuf {
+    pub(crate) fn of(v: &mut [f32]) -> Self {
+        SharedBuf(v.as_mut_ptr())
+    }
+
+    /// Elements a..b.
+    ///
+    /// # Safety
+    /// In bounds; no member writes them while this slice lives.
+    pub(crate) unsafe fn get<'a>(self, a: usize, b: usize) -> &'a [f32] {
+        std::slice::from_raw_parts(self.0.add(a), b - a)
+    }
+
+    /// Elements a..b, for writing.
+    ///
+    /// # Safety
+    /// In bounds; no other member reads or writes them while this slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn get_mut<'a>(self, a: usize, b: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(a), b - a)
+    }
+}
+
 /// Sets `poisoned` if its member unwinds.
 struct PoisonOnPanic<'a>(&'a AtomicBool);
 

@@ -7,46 +7,14 @@
 
 use super::{host_ops, BatchItem, HostBuffers, Layer, Span, Target};
 use crate::model::attention::{causal_attention_units, causal_units};
-use crate::model::qgemm::{group_tile_count, group_tiles, parts_per_thread, OutPtr, QMatrix, SharedActs};
+use crate::model::qgemm::{parts_per_thread, team_matmul, QMatrix, SharedActs};
 use crate::model::weights::Linear;
-use crate::util::team::Team;
-
-/// A buffer the members of a team write in disjoint parts (rows, or a matmul's tiles) and read
-/// whole only after a barrier.
-#[derive(Clone, Copy)]
-struct Buf(*mut f32);
-// SAFETY: within a phase members write disjoint parts, and a barrier separates every write
-// from every read of the same part by another member (the phases in `Target::team_layer`).
-unsafe impl Send for Buf {}
-unsafe impl Sync for Buf {}
-
-impl Buf {
-    fn of(v: &mut [f32]) -> Self {
-        Buf(v.as_mut_ptr())
-    }
-
-    /// Elements a..b.
-    ///
-    /// # Safety
-    /// In bounds; no member writes them while this slice lives.
-    unsafe fn get<'a>(self, a: usize, b: usize) -> &'a [f32] {
-        std::slice::from_raw_parts(self.0.add(a), b - a)
-    }
-
-    /// Elements a..b, for writing.
-    ///
-    /// # Safety
-    /// In bounds; no other member reads or writes them while this slice lives.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn get_mut<'a>(self, a: usize, b: usize) -> &'a mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(a), b - a)
-    }
-}
+use crate::util::team::{SharedBuf, Team};
 
 /// The batch's items: member 0 writes the caches, all members read them after a barrier.
 #[derive(Clone, Copy)]
 struct Items(*mut (), usize);
-// SAFETY: as for Buf: the one `&mut` (member 0's cache write) and the shared reads are in
+// SAFETY: as for SharedBuf: the one `&mut` (member 0's cache write) and the shared reads are in
 // phases separated by barriers.
 unsafe impl Send for Items {}
 unsafe impl Sync for Items {}
@@ -65,16 +33,16 @@ struct Shared<'a> {
     acts_h: SharedActs,
     acts_att: SharedActs,
     acts_i: SharedActs,
-    x: Buf,
-    h: Buf,
-    q: Buf,
-    k: Buf,
-    v: Buf,
-    o: Buf,
-    gate: Buf,
-    up: Buf,
-    att: Buf,
-    taps: Vec<Option<Buf>>,
+    x: SharedBuf,
+    h: SharedBuf,
+    q: SharedBuf,
+    k: SharedBuf,
+    v: SharedBuf,
+    o: SharedBuf,
+    gate: SharedBuf,
+    up: SharedBuf,
+    att: SharedBuf,
+    taps: Vec<Option<SharedBuf>>,
     items: Items,
     spans: &'a [Span],
     /// Each item's first attention unit, numbered item after item, then the total.
@@ -131,16 +99,16 @@ impl Target {
             acts_h: SharedActs::new(total, hs),
             acts_att: SharedActs::new(total, qw),
             acts_i: SharedActs::new(total, self.cfg.intermediate_size),
-            x: Buf::of(x),
-            h: Buf::of(&mut buf.h),
-            q: Buf::of(&mut buf.q),
-            k: Buf::of(&mut buf.k),
-            v: Buf::of(&mut buf.v),
-            o: Buf::of(&mut buf.o),
-            gate: Buf::of(&mut buf.gate),
-            up: Buf::of(&mut buf.up),
-            att: Buf::of(&mut att),
-            taps: taps.iter_mut().map(|t| t.as_mut().map(|t| Buf::of(t))).collect(),
+            x: SharedBuf::of(x),
+            h: SharedBuf::of(&mut buf.h),
+            q: SharedBuf::of(&mut buf.q),
+            k: SharedBuf::of(&mut buf.k),
+            v: SharedBuf::of(&mut buf.v),
+            o: SharedBuf::of(&mut buf.o),
+            gate: SharedBuf::of(&mut buf.gate),
+            up: SharedBuf::of(&mut buf.up),
+            att: SharedBuf::of(&mut att),
+            taps: taps.iter_mut().map(|t| t.as_mut().map(|t| SharedBuf::of(t))).collect(),
             items: Items(items.as_mut_ptr() as *mut (), items.len()),
             units: unit_base[spans.len()],
             unit_base,
@@ -169,17 +137,6 @@ impl Target {
 fn row_chunks(t: &Team, total: usize) -> impl Iterator<Item = (usize, usize)> {
     let rows = t.share(total);
     (rows.start..rows.end).step_by(ROW_CHUNK).map(move |r| (r, (r + ROW_CHUNK).min(rows.end)))
-}
-
-/// `mats`' tiles for every row of `acts`, claimed in chunks (`parts` per member, as many as the
-/// dispatched path cuts a thread's share into), into `outs`.
-///
-/// # Safety
-/// `acts` was filled before a barrier; `outs` are the matrices' outputs (rows · out each).
-unsafe fn team_matmul(t: &Team, parts: usize, mats: &[&QMatrix], acts: &SharedActs, outs: &[Buf]) {
-    let n = group_tile_count(mats);
-    let outs: Vec<OutPtr> = outs.iter().map(|b| OutPtr(b.0)).collect();
-    t.claim(n, n.div_ceil(parts * t.size()), |r| group_tiles(mats, acts, r.start, r.end, &outs));
 }
 
 /// Steps 1–7 of a layer (norm, q/k/v, RoPE, the cache, attention, o_proj) for one member.
