@@ -3,7 +3,7 @@
 //! the acceptance a tree of k candidates per position would see, beside the chain's (k = 1).
 //!
 //! cargo run --release --example topk_coverage -- DRAFTER_DIR [--weights native] [--prompts 20]
-//!     [--tokens 96] [--block 4]
+//!     [--tokens 96] [--block 4] [--precision q4|int8|f32] [--head target|q4]
 
 use std::path::PathBuf;
 
@@ -41,6 +41,19 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("--precision {other}: expected int8, q4 or f32"),
     };
     let infer = DFlashInfer::with_precision(&drafter, precision)?;
+    // `--head q4`: the target's head rows requantized to Q4_1 (what a Q4_1 draft head would score).
+    let (vocab, h) = (target.config().vocab_size, target.config().hidden_size);
+    let q4_head = match opt("--head", "target").as_str() {
+        "target" => None,
+        "q4" => {
+            let all: Vec<u32> = (0..vocab as u32).collect();
+            let rows = target.head_rows(&all)?.ok_or_else(|| anyhow::anyhow!("the target's head has no block form"))?;
+            let t = Tensor::from_vec(rows.dequantize(), (vocab, h), &Device::Cpu)?;
+            let qt = candle_core::quantized::QTensor::quantize(&t, candle_core::quantized::GgmlDType::Q4_1)?;
+            Some(specauf::model::qgemm::QMatrix::from_q4_1_bytes("head", &qt.data()?, vocab, h)?)
+        }
+        other => anyhow::bail!("--head {other}: expected target or q4"),
+    };
     // hits[p][i]: the true token at block position p + 1 was within the drafter's top KS[i];
     // chain[p]: positions 1..=p + 1 all top-1 (what a chain accepts).
     let mut hits = vec![[0usize; KS.len()]; b - 1];
@@ -65,12 +78,18 @@ fn main() -> anyhow::Result<()> {
         }
         // At each anchor seq[t] (position prompt + t) whose block lies within the text, the
         // drafter sees the context before it.
-        let h = target.config().hidden_size;
         for t in 0..tokens.min(seq.len().saturating_sub(b - 1)) {
             let start = prompt.len() + t;
             let x = infer.forward_block(target, &mut dcache, seq[t], start)?;
             let rows = Tensor::from_slice(&x[h..], (b - 1, h), &Device::Cpu)?;
-            let logits = target.lm_head(&rows)?.to_vec2::<f32>()?;
+            let logits = match &q4_head {
+                None => target.lm_head(&rows)?.to_vec2::<f32>()?,
+                Some(q) => {
+                    let mut y = vec![0f32; (b - 1) * vocab];
+                    q.matmul(&x[h..], b - 1, &mut y)?;
+                    y.chunks_exact(vocab).map(|r| r.to_vec()).collect()
+                }
+            };
             let mut all = true;
             for (p, row) in logits.iter().enumerate() {
                 let truth = seq[t + p + 1];
