@@ -165,13 +165,15 @@ fn qgemm_error(e: crate::model::qgemm::QGemmError) -> DrafterError {
 
 fn matrix(d: &DFlashDrafter, names: &[String], precision: Precision) -> Result<Weight, DrafterError> {
     let (w, rows, inp) = stacked(d, names)?;
+    let int8 = |w: &[f32]| QMatrix::quantize(&names.join("+"), w, rows, inp).map_err(qgemm_error);
     match precision {
-        Precision::Int8 => Ok(Weight::Blocks(QMatrix::quantize(&names.join("+"), &w, rows, inp).map_err(qgemm_error)?)),
-        Precision::Q4 => {
+        Precision::Q4 if inp % crate::model::qgemm::BLOCK == 0 => {
             let t = Tensor::from_vec(w, (rows, inp), &Device::Cpu)?;
             let qt = candle_core::quantized::QTensor::quantize(&t, candle_core::quantized::GgmlDType::Q4_1)?;
             Ok(Weight::Blocks(QMatrix::from_q4_1_bytes(&names.join("+"), &qt.data()?, rows, inp).map_err(qgemm_error)?))
         }
+        // Q4_1 needs whole blocks of 32 inputs; another width keeps Int8 (its last block padded).
+        Precision::Q4 | Precision::Int8 => Ok(Weight::Blocks(int8(&w)?)),
         Precision::F32 => {
             let wt = Tensor::from_vec(w, (rows, inp), &Device::Cpu)?.t()?.contiguous()?;
             Ok(Weight::F32 { wt, out: rows, inp })
@@ -406,5 +408,31 @@ impl DFlashInfer {
 
     pub fn block_size(&self) -> usize {
         self.block_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DFlashInfer, Precision};
+    use crate::drafter::{DFlashDrafter, DFlashInitConfig};
+    use crate::model::{load_target, ModelLocation, Target, WeightsMode};
+
+    /// Q4_1 needs whole blocks of 32 inputs: a drafter of hidden size 48 keeps Int8 for the
+    /// projections that read 48 inputs and takes Q4_1 where the width allows (gate/up's 96 → the
+    /// down projection reads 96 = 3 blocks), instead of failing to build.
+    #[test]
+    fn q4_keeps_int8_where_a_width_is_not_whole_blocks() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama");
+        let target: Target = load_target(&ModelLocation::from_path(&dir).unwrap(), WeightsMode::Q8).unwrap();
+        let mut cfg = target.config().clone();
+        (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) = (48, 96, 3, 1, 16);
+        let mut init = DFlashInitConfig::new(1, 4, 5);
+        init.target_layer_ids = Some(vec![0]);
+        let d = DFlashDrafter::init_random(&cfg, &init, 3).unwrap();
+        let infer = DFlashInfer::with_precision(&d, Precision::Q4).unwrap();
+        use crate::model::qgemm::Format;
+        let l = &infer.layers[0];
+        assert_eq!(l.q.blocks().unwrap().format(), Format::Int8, "q reads 48 inputs");
+        assert_eq!(l.down.blocks().unwrap().format(), Format::Q4_1, "down reads 96 inputs");
     }
 }
