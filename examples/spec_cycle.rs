@@ -1,7 +1,8 @@
 //! Where the time of one speculative cycle goes: the target's verify forward, the drafter's
 //! context extension, its block forward, its LM head, the verdict, the cache rollback, side by
 //! side with one decode step, all at the same context and interleaved so machine load hits
-//! every part alike.
+//! every part alike. The "fast" rows are the inference path (`DFlashInfer`) in its default
+//! precision (Q4_1 projections), beside f32 and int8 rows.
 //!
 //! cargo run --release --example spec_cycle -- DRAFTER_DIR [--weights q8|native|f32]
 //!     [--context 256] [--block 8] [--rounds 30] [--ctx-rows 2] [--draft-vocab 8192]
@@ -67,11 +68,11 @@ fn main() -> anyhow::Result<()> {
     let mut fcache = infer.new_cache();
     let infer32 = DFlashInfer::with_precision(&drafter, DrafterPrecision::F32)?;
     infer.extend_context(&mut fcache, &feats.flatten_all()?.to_vec1::<f32>()?)?;
-    let infer4 = DFlashInfer::with_precision(&drafter, DrafterPrecision::Q4)?;
-    let mut fcache4 = infer4.new_cache();
-    infer4.extend_context(&mut fcache4, &feats.flatten_all()?.to_vec1::<f32>()?)?;
+    let infer8 = DFlashInfer::with_precision(&drafter, DrafterPrecision::Int8)?;
+    let mut fcache8 = infer8.new_cache();
+    infer8.extend_context(&mut fcache8, &feats.flatten_all()?.to_vec1::<f32>()?)?;
     let small_rows = feats.narrow(0, 0, ctx_rows)?.flatten_all()?.to_vec1::<f32>()?;
-    let names = ["decode step", "verify(B) + taps", "rollback", "verdict (argmax B rows)", "drafter extend ctx", "drafter block fwd", "drafter LM head + argmax", "drafter draft() total", "fast: extend ctx", "fast: block fwd", "fast: draft() total", "fast f32: block fwd", "fast f32: draft() total", "fast, draft vocab: draft() total", "after a verify: draft (vocab)", "after a verify, head warmed: draft (vocab)", "Q4 layers, after a verify: draft (vocab)"];
+    let names = ["decode step", "verify(B) + taps", "rollback", "verdict (argmax B rows)", "drafter extend ctx", "drafter block fwd", "drafter LM head + argmax", "drafter draft() total", "fast: extend ctx", "fast: block fwd", "fast: draft() total", "fast f32: block fwd", "fast f32: draft() total", "fast, draft vocab: draft() total", "after a verify: draft (vocab)", "after a verify, head warmed: draft (vocab)", "int8 layers, after a verify: draft (vocab)"];
     let mut t = vec![Vec::new(); names.len()];
     let small_feats = feats.narrow(0, 0, ctx_rows)?;
     // The draft vocabulary of the drafter's folder (draft_vocab.json), over the prompt's tokens too.
@@ -169,7 +170,7 @@ fn main() -> anyhow::Result<()> {
             target.forward(&block, &mut cache, &taps, Logits::All)?;
             cache.truncate(ctx);
             let t0 = Instant::now();
-            infer4.draft_in(target, &mut fcache4, block[0], ctx, vocab_head.as_mut())?;
+            infer8.draft_in(target, &mut fcache8, block[0], ctx, vocab_head.as_mut())?;
             t[16].push(ms(t0));
         }
     }
