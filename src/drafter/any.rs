@@ -249,7 +249,7 @@ impl AnyDrafter {
         self.into_proposer_on(&Backend::default())
     }
 
-    /// The drafter behind the decode loop on `backend`'s kernel path: DFlash's int8 inference
+    /// The drafter behind the decode loop on `backend`'s kernel path: DFlash's quantized inference
     /// path (`dflash_infer`, a CPU kernel) on the CPU path, its candle forward
     /// ([`DFlashProposer::reference`]) on the generic path. Domino always runs its candle forward.
     /// The weights must already be on the backend's device ([`AnyDrafter::to_device`]).

@@ -160,7 +160,7 @@ fn stacked(d: &DFlashDrafter, names: &[String]) -> Result<(Vec<f32>, usize, usiz
 }
 
 fn qgemm_error(e: crate::model::qgemm::QGemmError) -> DrafterError {
-    DrafterError::Unsupported { path: "drafter".into(), what: format!("int8 inference weights: {e}") }
+    DrafterError::Unsupported { path: "drafter".into(), what: format!("quantized inference weights: {e}") }
 }
 
 fn matrix(d: &DFlashDrafter, names: &[String], precision: Precision) -> Result<Weight, DrafterError> {

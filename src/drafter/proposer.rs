@@ -26,7 +26,7 @@ use crate::spec::{Draft, Proposer, SpecError};
 
 /// A DFlash drafter serving one request at a time.
 ///
-/// Two paths compute the same model: the fast one ([`DFlashInfer`]: int8 projections, a
+/// Two paths compute the same model: the fast one ([`DFlashInfer`]: Q4_1 or int8 projections, a
 /// truncatable context cache, no per-op dispatch), which [`DFlashProposer::new`] builds and
 /// `propose` uses, and the reference one (the candle forward that training differentiates),
 /// kept for [`DFlashProposer::reference`] and for drafters built on the backbone (Domino), which
