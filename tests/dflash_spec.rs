@@ -247,3 +247,56 @@ fn the_fast_inference_path_matches_the_reference_forward_and_keeps_its_context_e
         }
     }
 }
+
+/// Cycles that skip drafting (`Generation::plain_block`, what the server does on a large batch),
+/// one or two in a row, between drafting ones: the drafter catches up on every committed
+/// position at its next draft, so its drafts equal those of a drafter whose context was built in
+/// one go, and the output is plain greedy.
+#[test]
+fn cycles_without_drafts_keep_the_drafter_in_step_and_the_output_exact() {
+    use specauf::drafter::DFlashInfer;
+    use specauf::model::Logits;
+    use specauf::spec::Generation;
+    for family in FAMILIES {
+        let target = target(family);
+        let layers = target.config().num_hidden_layers;
+        let mut init = DFlashInitConfig::new(2, 4, 5);
+        init.target_layer_ids = Some(vec![1, layers - 1]);
+        let drafter = DFlashDrafter::init_random(target.config(), &init, 5).unwrap();
+        let infer = DFlashInfer::new(&drafter).unwrap();
+        let prompt = prompt(7, 3);
+        let n = 20;
+        let want = reference_greedy(&target, &prompt, n);
+        let mut p = DFlashProposer::new(drafter.clone());
+        let mut g = Generation::start(&target, Some(&mut p as &mut dyn Proposer), &prompt, &greedy_cfg(n)).unwrap();
+        let (mut cycle, mut plain) = (0usize, 0usize);
+        while !g.is_finished() {
+            let speculate = !matches!(cycle % 5, 1 | 2);
+            let pending = if speculate { g.draft_block() } else { g.plain_block() }.unwrap();
+            if speculate {
+                // The drafts against a context built in one go over everything committed so far.
+                let start = pending.start();
+                let all: Vec<u32> = prompt.iter().copied().chain(g.committed().iter().copied()).collect();
+                let mut cache = target.new_cache();
+                let taps = target.forward(&all[..start], &mut cache, &[1, layers - 1], Logits::None).unwrap().taps;
+                let feats = candle_core::Tensor::cat(&taps, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let mut fc = infer.new_cache();
+                infer.extend_context(&mut fc, &feats).unwrap();
+                let want_drafts = infer.draft(&target, &mut fc, all[start], start).unwrap();
+                assert_eq!(pending.block()[1..], want_drafts[..], "{family} cycle {cycle}");
+            } else {
+                assert_eq!(pending.block().len(), 1, "a plain cycle verifies the last token alone");
+                plain += 1;
+            }
+            let t1 = std::time::Instant::now();
+            let out = {
+                let mut item = [g.verify_item(&pending)];
+                target.forward_batch(&mut item).unwrap().remove(0)
+            };
+            g.finish_cycle(pending, out, t1).unwrap();
+            cycle += 1;
+        }
+        assert!(plain >= 2, "{family}: the test ran {plain} plain cycles");
+        assert_eq!(g.finish().token_ids, want, "{family}");
+    }
+}

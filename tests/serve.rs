@@ -601,3 +601,23 @@ fn concurrent_requests_decoded_together_each_get_their_own_t0_text() {
     let (sum, count) = (metric(&text, "specauf_verify_batch_size_sum").unwrap(), metric(&text, "specauf_verify_batch_size_count").unwrap());
     assert!(sum > count, "no batched verify: {sum} blocks in {count} forwards");
 }
+
+#[test]
+fn from_the_disable_batch_size_on_cycles_are_plain_decode_steps_with_the_same_text() {
+    // Batch size 1: every cycle runs without drafts.
+    let s = start(true, ServeOptions { speculative_disable_by_batch_size: 1, shutdown_grace: Duration::from_secs(2), ..ServeOptions::default() });
+    let base = s.base_url();
+    let tok = tokenizer();
+    let prompt = "a request decoded without drafts";
+    let body = json!({"prompt": prompt, "max_tokens": 16, "temperature": 0});
+    let r = client().post(format!("{base}/v1/completions")).json(&body).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.json::<Value>().unwrap()["choices"][0]["text"].as_str().unwrap().to_string();
+    let (want, _) = reference_text(&tok.encode(prompt, true).unwrap(), 16, true);
+    assert_eq!(text, want);
+    let m = client().get(format!("{base}/metrics")).send().unwrap().text().unwrap();
+    let plain = metric(&m, "specauf_cycles_without_drafts_total").unwrap();
+    assert!(plain >= 1.0, "no cycle ran without drafts");
+    assert_eq!(metric(&m, "specauf_cycles_total"), Some(plain), "every cycle ran without drafts");
+    assert_eq!(metric(&m, "specauf_drafted_tokens_total"), Some(0.0), "nothing was drafted");
+}

@@ -152,6 +152,9 @@ struct ServeBenchArgs {
     /// Requests the in-process server decodes at once (default: --clients).
     #[arg(long)]
     max_concurrency: Option<usize>,
+    /// The in-process server's `serve --speculative-disable-by-batch-size` (0: always draft).
+    #[arg(long, default_value_t = specauf::serve::DEFAULT_SPECULATIVE_DISABLE_BY_BATCH_SIZE)]
+    speculative_disable_by_batch_size: usize,
     /// The run stops after this many seconds; unfinished requests count as errors.
     #[arg(long, default_value_t = 600.0)]
     time_limit_s: f64,
@@ -277,6 +280,7 @@ fn serve_bench(a: ServeBenchArgs) -> anyhow::Result<()> {
                 max_queue: a.requests.max(1),
                 api_key: a.api_key.clone(),
                 shutdown_grace: std::time::Duration::from_secs(2),
+                speculative_disable_by_batch_size: a.speculative_disable_by_batch_size,
             };
             let handle = ServerHandle::spawn(served, opts, "127.0.0.1:0".parse()?)?;
             let url = handle.base_url();

@@ -34,6 +34,11 @@ pub struct ServeArgs {
     /// Requests decoded at once; each holds its own KV cache.
     #[arg(long, default_value_t = 8)]
     pub max_concurrency: usize,
+    /// With a drafter: when at least this many requests are decoded together, cycles run as
+    /// plain batched decode steps without drafts, which cost less than the drafts and the
+    /// longer verify at that batch (vLLM's option of the same name); 0: always draft.
+    #[arg(long, default_value_t = serve::DEFAULT_SPECULATIVE_DISABLE_BY_BATCH_SIZE)]
+    pub speculative_disable_by_batch_size: usize,
     /// Requests that may wait for a slot; beyond them the server answers 503.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -69,6 +74,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         max_queue: a.max_queue,
         api_key: a.api_key.clone(),
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace_s),
+        speculative_disable_by_batch_size: a.speculative_disable_by_batch_size,
     };
     let addr = SocketAddr::new(a.host, a.port);
     serve::run_until_signal(served, opts, addr, |bound, name| {

@@ -200,13 +200,19 @@ impl Proposer for DFlashProposer {
                 expected: format!("one row per committed block position ({})", tokens.len()),
             }));
         }
-        if self.context_len() != start {
-            return Err(SpecError::proposer(DrafterError::ContextGap { cached: self.context_len(), start }));
+        // Rows committed since the last propose (cycles that did not draft) wait here with the
+        // new ones; the next propose extends the context by all of them at once.
+        let waiting = self.pending.as_ref().map(|p| p.dim(0)).transpose()?.unwrap_or(0);
+        if self.context_len() + waiting != start {
+            return Err(SpecError::proposer(DrafterError::ContextGap { cached: self.context_len() + waiting, start }));
         }
         if let Some(h) = &mut self.draft_head {
             h.observe(tokens);
         }
-        self.pending = Some(features.clone());
+        self.pending = Some(match self.pending.take() {
+            Some(p) => Tensor::cat(&[&p, features], 0)?,
+            None => features.clone(),
+        });
         Ok(())
     }
 }

@@ -64,6 +64,8 @@ pub struct EngineConfig {
     pub max_concurrency: usize,
     /// Requests waiting beyond those (at least 1).
     pub max_queue: usize,
+    /// Cycles of at least this many requests run without drafts (0: never).
+    pub speculative_disable_by_batch_size: usize,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -142,7 +144,7 @@ pub fn spawn(
     let engine_shared = shared.clone();
     let thread = std::thread::Builder::new()
         .name("specauf-engine".into())
-        .spawn(move || run(&target, drafter.as_ref(), cfg.max_concurrency.max(1), &engine_shared, rx))?;
+        .spawn(move || run(&target, drafter.as_ref(), &cfg, &engine_shared, rx))?;
     Ok((EngineHandle { tx, shared }, thread))
 }
 
@@ -155,7 +157,8 @@ struct Active<'t> {
 /// How long an idle engine waits for a job before it looks at the stop flag again.
 const IDLE_POLL: Duration = Duration::from_millis(50);
 
-fn run(target: &Target, drafter: Option<&DrafterTemplate>, max_concurrency: usize, shared: &Shared, rx: Receiver<Job>) {
+fn run(target: &Target, drafter: Option<&DrafterTemplate>, cfg: &EngineConfig, shared: &Shared, rx: Receiver<Job>) {
+    let max_concurrency = cfg.max_concurrency.max(1);
     let metrics = &shared.metrics;
     // Batched forwards keep T = 0 exact only with batch-invariant kernels (q8, native).
     let batched = target.is_batch_invariant();
@@ -200,7 +203,9 @@ fn run(target: &Target, drafter: Option<&DrafterTemplate>, max_concurrency: usiz
         }
         metrics.active_requests.set(active.len() as i64);
         // 2. One cycle of each active request, in turn.
-        cycle_all(target, &mut active, metrics, batched);
+        let disable = cfg.speculative_disable_by_batch_size;
+        let speculate = disable == 0 || active.len() < disable;
+        cycle_all(target, &mut active, metrics, batched, speculate);
         metrics.active_requests.set(active.len() as i64);
     }
 }
@@ -298,7 +303,8 @@ fn admit<'t>(target: &'t Target, drafter: Option<&DrafterTemplate>, jobs: Vec<Jo
 
 /// One cycle of every active request. With `batched`, the verify forwards of all of them run
 /// as one [`Target::forward_batch`] (each block on its own cache); otherwise one by one.
-fn cycle_all<'t>(target: &'t Target, active: &mut Vec<Active<'t>>, metrics: &Metrics, batched: bool) {
+/// One cycle of every active request; `speculate` false: plain decode steps (no drafts).
+fn cycle_all<'t>(target: &'t Target, active: &mut Vec<Active<'t>>, metrics: &Metrics, batched: bool, speculate: bool) {
     // Requests whose client is gone, or that are done, leave before any work is spent on them.
     active.retain(|a| {
         if a.events.is_closed() {
@@ -317,7 +323,7 @@ fn cycle_all<'t>(target: &'t Target, active: &mut Vec<Active<'t>>, metrics: &Met
     let t_draft = Instant::now();
     let mut blocks: Vec<Option<PendingVerify>> = Vec::with_capacity(active.len());
     for a in active.iter_mut() {
-        let proposed = catch_unwind(AssertUnwindSafe(|| a.generation.draft_block()));
+        let proposed = catch_unwind(AssertUnwindSafe(|| if speculate { a.generation.draft_block() } else { a.generation.plain_block() }));
         blocks.push(match proposed {
             Ok(Ok(b)) => Some(b),
             Ok(Err(e)) => {
@@ -331,6 +337,9 @@ fn cycle_all<'t>(target: &'t Target, active: &mut Vec<Active<'t>>, metrics: &Met
         });
     }
     metrics.draft_seconds.inc_by(t_draft.elapsed().as_secs_f64());
+    if !speculate {
+        metrics.cycles_without_drafts.inc_by(blocks.iter().flatten().count() as u64);
+    }
     let t_verify = Instant::now();
     // 2. Verify: one forward for all blocks, or one each. A failed batched forward leaves the
     //    caches as they were (positions are committed only at its end): retry one by one.

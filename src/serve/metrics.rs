@@ -32,6 +32,9 @@ pub struct Metrics {
     pub completion_tokens: Counter,
     pub cancelled: Counter,
     pub cycles: Counter,
+    /// Cycles run as plain decode steps because the batch was at least
+    /// `--speculative-disable-by-batch-size`.
+    pub cycles_without_drafts: Counter,
     pub drafted_tokens: Counter,
     pub accepted_tokens: Counter,
     /// acc + 1 of every cycle.
@@ -85,6 +88,12 @@ impl Metrics {
         registry.register("inter_token_latency_seconds", "Time between output tokens (a cycle's gap spread over its tokens)", inter_token_latency.clone());
         let request_latency = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         registry.register("request_latency_seconds", "From the request's arrival to its last token", request_latency.clone());
+        let cycles_without_drafts = Counter::default();
+        registry.register(
+            "cycles_without_drafts",
+            "Cycles decoded without drafting, the batch being at least --speculative-disable-by-batch-size",
+            cycles_without_drafts.clone(),
+        );
         let prefill_seconds = Counter::<f64, AtomicU64>::default();
         registry.register("engine_prefill_seconds", "Engine time spent prefilling admitted requests", prefill_seconds.clone());
         let draft_seconds = Counter::<f64, AtomicU64>::default();
@@ -106,6 +115,7 @@ impl Metrics {
             completion_tokens,
             cancelled,
             cycles,
+            cycles_without_drafts,
             drafted_tokens,
             accepted_tokens,
             accept_length,

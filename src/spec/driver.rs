@@ -129,6 +129,18 @@ pub struct PendingVerify {
     draft_ms: f64,
 }
 
+impl PendingVerify {
+    /// Position of the block's first token (the last committed one).
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// The block to verify: the last committed token, then the drafts.
+    pub fn block(&self) -> &[u32] {
+        &self.block
+    }
+}
+
 /// A validated request waiting for its prefill forward (see [`Generation::prepare`]): run
 /// the forward on [`Prefill::inputs`] (alone, or batched with other requests' prompts by
 /// [`Target::forward_batch`]), then [`Prefill::finish`].
@@ -318,6 +330,18 @@ impl<'a> Generation<'a> {
     /// Phase 1 of a cycle: draft k ≤ B-1 tokens for positions start+1..=start+k and check
     /// them; returns the block [last, d1..dk] the target must verify at start..=start+k.
     pub fn draft_block(&mut self) -> Result<PendingVerify, SpecError> {
+        self.block(true)
+    }
+
+    /// Phase 1 without drafting: the block is `[last]` alone, so the cycle is a plain decode
+    /// step (a server does this when a batch is large enough that drafts no longer pay). The
+    /// proposer is not asked; it still gets the step's committed token and features at
+    /// `finish_cycle`, and catches up at its next `propose` ([`Proposer::commit`]).
+    pub fn plain_block(&mut self) -> Result<PendingVerify, SpecError> {
+        self.block(false)
+    }
+
+    fn block(&mut self, speculate: bool) -> Result<PendingVerify, SpecError> {
         if self.finished {
             return Err(SpecError::Finished);
         }
@@ -326,8 +350,8 @@ impl<'a> Generation<'a> {
         let start = self.prompt_len + self.committed.len() - 1;
         let t0 = Instant::now();
         let draft = match self.proposer.as_deref_mut() {
-            Some(p) => Some(p.propose(self.target, last, start)?),
-            None => None,
+            Some(p) if speculate => Some(p.propose(self.target, last, start)?),
+            _ => None,
         };
         let draft_ms = ms_since(t0);
         let (drafts, probs) = match draft {

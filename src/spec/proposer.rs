@@ -59,7 +59,9 @@ pub trait Proposer: Send {
 
     /// Records the verify pass's outcome: `tokens` sit at positions start..start+tokens.len()
     /// (the block's last committed token and its accepted drafts); `features` are their
-    /// (tokens.len(), n_taps·H) tapped outputs from that pass.
+    /// (tokens.len(), n_taps·H) tapped outputs from that pass. Cycles may skip `propose`
+    /// ([`crate::spec::Generation::plain_block`]), so several commits can follow each other:
+    /// each continues where the one before ended.
     fn commit(&mut self, tokens: &[u32], features: Option<&Tensor>, start: usize) -> Result<(), SpecError>;
 }
 
