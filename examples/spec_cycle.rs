@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use specauf::drafter::{AnyDrafter, DFlashDrafter, DFlashInfer, DrafterPrecision};
-use specauf::model::{load_model, Logits, WeightsMode};
+use specauf::model::{load_model, KvCache, Logits, WeightsMode};
 use specauf::spec::sampling::argmax_rows;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -150,28 +150,22 @@ fn main() -> anyhow::Result<()> {
             infer.draft_in(target, &mut fcache, block[0], ctx, vocab_head.as_mut())?;
             t[13].push(ms(t0));
             // A draft as the decode loop runs it: right after a verify forward has streamed the
-            // target's weights through the caches.
-            target.forward(&block, &mut cache, &taps, Logits::All)?;
-            cache.truncate(ctx);
-            let t0 = Instant::now();
-            infer.draft_in(target, &mut fcache, block[0], ctx, vocab_head.as_mut())?;
-            t[14].push(ms(t0));
-            // The same, with the draft head's rows brought back into the caches first: what a
-            // head streamed last by the verify would save.
-            target.forward(&block, &mut cache, &taps, Logits::All)?;
-            cache.truncate(ctx);
-            if let Some(h) = vocab_head.as_mut() {
-                let zeros = vec![0.01f32; (b - 1) * target.config().hidden_size];
-                h.argmax(target, &zeros, b - 1)?;
-            }
-            let t0 = Instant::now();
-            infer.draft_in(target, &mut fcache, block[0], ctx, vocab_head.as_mut())?;
-            t[15].push(ms(t0));
-            target.forward(&block, &mut cache, &taps, Logits::All)?;
-            cache.truncate(ctx);
-            let t0 = Instant::now();
-            infer8.draft_in(target, &mut fcache8, block[0], ctx, vocab_head.as_mut())?;
-            t[16].push(ms(t0));
+            // target's weights through the caches; then the same with the draft head's rows
+            // brought back into the caches first (what a head streamed last by the verify would
+            // save); then with int8 layers.
+            let mut after_verify = |infer: &DFlashInfer, fcache: &mut KvCache, warm: bool| -> anyhow::Result<f64> {
+                target.forward(&block, &mut cache, &taps, Logits::All)?;
+                cache.truncate(ctx);
+                if let (true, Some(h)) = (warm, vocab_head.as_mut()) {
+                    h.argmax(target, &vec![0.01f32; (b - 1) * target.config().hidden_size], b - 1)?;
+                }
+                let t0 = Instant::now();
+                infer.draft_in(target, fcache, block[0], ctx, vocab_head.as_mut())?;
+                Ok(ms(t0))
+            };
+            t[14].push(after_verify(&infer, &mut fcache, false)?);
+            t[15].push(after_verify(&infer, &mut fcache, true)?);
+            t[16].push(after_verify(&infer8, &mut fcache8, false)?);
         }
     }
     let dec = median(t[0].clone());

@@ -187,21 +187,32 @@ fn the_fast_inference_path_matches_the_reference_forward_and_keeps_its_context_e
         let fwd = target.forward(&seq, &mut cache, &taps, Logits::None).unwrap();
         let feats = candle_core::Tensor::cat(&fwd.taps, 1).unwrap();
         let rows = |a: usize, n: usize| feats.narrow(0, a, n).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // The reference forward's block hidden at each start, and a fast path's at the same start.
+        let starts = [3usize, 10, 17];
+        let wants: Vec<Vec<f32>> = starts
+            .iter()
+            .map(|&start| {
+                let mut ctx = drafter.new_cache();
+                drafter.extend_context(&mut ctx, &feats.narrow(0, 0, start).unwrap()).unwrap();
+                let want = drafter.forward_block(&target, &ctx, &drafter.block_ids(&[seq[start]]), start).unwrap();
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect();
+        let fast = |infer: &DFlashInfer, start: usize| {
+            let mut fc = infer.new_cache();
+            infer.extend_context(&mut fc, &rows(0, start)).unwrap();
+            let got = infer.forward_block(&target, &mut fc, seq[start], start).unwrap();
+            (got, fc.len())
+        };
         // Measured on the fixtures' random drafters, as a share of the hidden's scale: int8
         // 0.15–0.3%, Q4_1 (the default) up to 1.1%.
         for (precision, tolerance) in [(DrafterPrecision::Int8, 0.01f32), (DrafterPrecision::Q4, 0.03)] {
             let infer = DFlashInfer::with_precision(&drafter, precision).unwrap();
             let (mut worst, mut scale, mut same_top, mut total) = (0f32, 0f32, 0usize, 0usize);
-            for start in [3usize, 10, 17] {
-                let mut ctx = drafter.new_cache();
-                drafter.extend_context(&mut ctx, &feats.narrow(0, 0, start).unwrap()).unwrap();
-                let want = drafter.forward_block(&target, &ctx, &drafter.block_ids(&[seq[start]]), start).unwrap();
-                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let mut fc = infer.new_cache();
-                infer.extend_context(&mut fc, &rows(0, start)).unwrap();
-                let got = infer.forward_block(&target, &mut fc, seq[start], start).unwrap();
-                assert_eq!(fc.len(), start, "the block's K/V are not committed to the context");
-                for (g, w) in got.iter().zip(&want) {
+            for (&start, want) in starts.iter().zip(&wants) {
+                let (got, context) = fast(&infer, start);
+                assert_eq!(context, start, "the block's K/V are not committed to the context");
+                for (g, w) in got.iter().zip(want) {
                     worst = worst.max((g - w).abs());
                     scale = scale.max(w.abs());
                 }
@@ -211,7 +222,7 @@ fn the_fast_inference_path_matches_the_reference_forward_and_keeps_its_context_e
                     let t = candle_core::Tensor::from_slice(&x[h..], (4 - 1, h), &candle_core::Device::Cpu).unwrap();
                     specauf::spec::sampling::argmax_rows(&target.lm_head(&t).unwrap()).unwrap()
                 };
-                let (a, b) = (head(&got), head(&want));
+                let (a, b) = (head(&got), head(want));
                 same_top += a.iter().zip(&b).filter(|(x, y)| x == y).count();
                 total += a.len();
             }
@@ -220,15 +231,9 @@ fn the_fast_inference_path_matches_the_reference_forward_and_keeps_its_context_e
         }
         // The same path with f32 projections: only the summation order differs.
         let infer32 = DFlashInfer::with_precision(&drafter, DrafterPrecision::F32).unwrap();
-        for start in [3usize, 10, 17] {
-            let mut ctx = drafter.new_cache();
-            drafter.extend_context(&mut ctx, &feats.narrow(0, 0, start).unwrap()).unwrap();
-            let want = drafter.forward_block(&target, &ctx, &drafter.block_ids(&[seq[start]]), start).unwrap();
-            let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let mut fc32 = infer32.new_cache();
-            infer32.extend_context(&mut fc32, &rows(0, start)).unwrap();
-            let got32 = infer32.forward_block(&target, &mut fc32, seq[start], start).unwrap();
-            let (d32, s32) = got32.iter().zip(&want).fold((0f32, 0f32), |(d, s), (g, w)| (d.max((g - w).abs()), s.max(w.abs())));
+        for (&start, want) in starts.iter().zip(&wants) {
+            let (got32, _) = fast(&infer32, start);
+            let (d32, s32) = got32.iter().zip(want).fold((0f32, 0f32), |(d, s), (g, w)| (d.max((g - w).abs()), s.max(w.abs())));
             assert!(d32 <= 1e-4 * s32, "{family}: the f32 fast path differs from the reference by {d32} (scale {s32})");
         }
         let infer = DFlashInfer::new(&drafter).unwrap();

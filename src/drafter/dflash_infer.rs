@@ -274,15 +274,21 @@ impl DFlashInfer {
 
     /// K (n, n_kv·hd) normed and rotated, and V, of `n` rows of `h` at positions start.. .
     fn keys_values(&self, layer: &Layer, h: &[f32], n: usize, start: usize) -> Result<(Vec<f32>, Vec<f32>), DrafterError> {
+        Ok(self.split_keys_values(layer, &Self::mm(&layer.kv, h, n)?, start))
+    }
+
+    /// K normed and rotated, and V, from the rows of `layer`'s [k; v] projection `kv`
+    /// (n, 2·n_kv·hd) at positions start.. .
+    fn split_keys_values(&self, layer: &Layer, kv: &[f32], start: usize) -> (Vec<f32>, Vec<f32>) {
         let kvw = self.kv_heads * self.head_dim;
-        let kv = Self::mm(&layer.kv, h, n)?;
+        let n = kv.len() / (2 * kvw);
         let (mut k, mut v) = (Vec::with_capacity(n * kvw), Vec::with_capacity(n * kvw));
         for row in kv.chunks_exact(2 * kvw) {
             k.extend_from_slice(&row[..kvw]);
             v.extend_from_slice(&row[kvw..]);
         }
         self.norm_rope(&mut k, self.kv_heads, &layer.k_norm, start);
-        Ok((k, v))
+        (k, v)
     }
 
     /// Appends context rows for positions cache.len().. from their target taps
@@ -303,16 +309,25 @@ impl DFlashInfer {
         cache.reserve(n);
         crate::util::pool::on_pool(|| {
             if self.context_team(cache, features, n).is_none() {
-                let mut c = Self::mm(&self.fc, features, n)?;
-                rms_norm_rows(&mut c, &self.hidden_norm, self.eps);
-                for (l, layer) in self.layers.iter().enumerate() {
-                    let (k, v) = self.keys_values(layer, &c, n, start)?;
-                    cache.write(l, &k, &v, n);
-                }
+                self.context_rows(cache, features, n)?;
             }
             cache.advance(n);
             Ok(())
         })
+    }
+
+    /// `extend_context`'s work dispatched matmul by matmul (where no team can be formed, and
+    /// for f32 projections): the K/V of `n` rows of features written past the cache's length,
+    /// which the caller then advances.
+    fn context_rows(&self, cache: &mut KvCache, features: &[f32], n: usize) -> Result<(), DrafterError> {
+        let start = cache.len();
+        let mut c = Self::mm(&self.fc, features, n)?;
+        rms_norm_rows(&mut c, &self.hidden_norm, self.eps);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (k, v) = self.keys_values(layer, &c, n, start)?;
+            cache.write(l, &k, &v, n);
+        }
+        Ok(())
     }
 
     /// The final-normed hidden (B, H) of the block `[last, MASK × (B-1)]` at positions

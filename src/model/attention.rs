@@ -383,7 +383,7 @@ struct Shape {
 
 impl Shape {
     fn units(&self) -> usize {
-        causal_units(self.n, self.kv_heads)
+        unit_count(self.n, self.kv_heads)
     }
 }
 
@@ -450,38 +450,24 @@ fn attention_rows(q: &[f32], kv: &LayerKv, n: usize, heads: usize, kv_heads: usi
 }
 
 /// Units of a [`causal_attention`] or [`full_attention`] call of `n` queries (for a team to
-/// share out).
-pub(crate) fn causal_units(n: usize, kv_heads: usize) -> usize {
+/// share out with [`attention_units`]).
+pub(crate) fn unit_count(n: usize, kv_heads: usize) -> usize {
     n.div_ceil(QUERY_TILE) * kv_heads
 }
 
-/// Units `units` of [`causal_attention`] (same arguments), written into `out` (n · heads · hd
-/// f32, the layout `causal_attention` returns); the same bits as that call's rows.
+/// Units `units` of [`causal_attention`] or [`full_attention`], written into `out` (n · heads
+/// · hd f32, the layout those calls return): query i sees keys 0..len_of(i) (`start + i + 1`
+/// for the causal call, `len` for the full one), and the bits are those of that call's rows.
 ///
 /// # Safety
 /// `out` points to n · heads · hd writable f32, and no one else writes these units' rows.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn causal_attention_units(q: &[f32], kv: &LayerKv, n: usize, start: usize, heads: usize, kv_heads: usize, hd: usize, capacity: usize, units: std::ops::Range<usize>, out: *mut f32) {
+pub(crate) unsafe fn attention_units(q: &[f32], kv: &LayerKv, n: usize, heads: usize, kv_heads: usize, hd: usize, capacity: usize, len_of: impl Fn(usize) -> usize, units: std::ops::Range<usize>, out: *mut f32) {
     let sh = Shape { n, heads, kv_heads, hd, capacity };
     let isa = isa();
     let mut s = Scratch::default();
     for u in units {
-        attend_unit(&mut s, u, q, kv, sh, &|i| start + i + 1, isa, Rows(out));
-    }
-}
-
-/// Units `units` of [`full_attention`] (same arguments), written into `out` (n · heads · hd
-/// f32, the layout `full_attention` returns); the same bits as that call's rows.
-///
-/// # Safety
-/// `out` points to n · heads · hd writable f32, and no one else writes these units' rows.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn full_attention_units(q: &[f32], kv: &LayerKv, n: usize, len: usize, heads: usize, kv_heads: usize, hd: usize, capacity: usize, units: std::ops::Range<usize>, out: *mut f32) {
-    let sh = Shape { n, heads, kv_heads, hd, capacity };
-    let isa = isa();
-    let mut s = Scratch::default();
-    for u in units {
-        attend_unit(&mut s, u, q, kv, sh, &|_| len, isa, Rows(out));
+        attend_unit(&mut s, u, q, kv, sh, &len_of, isa, Rows(out));
     }
 }
 

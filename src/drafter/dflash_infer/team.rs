@@ -11,7 +11,7 @@
 //! on the same inputs as the dispatched path, so the bits are the same (tests below).
 
 use super::{rms_norm_rows, DFlashInfer, Layer};
-use crate::model::attention::{causal_units, full_attention_units};
+use crate::model::attention::{attention_units, unit_count};
 use crate::model::host_ops::silu_mul_serial;
 use crate::model::qgemm::{parts_per_thread, team_matmul, QMatrix, SharedActs};
 use crate::model::KvCache;
@@ -34,6 +34,14 @@ impl CachePtr {
 
 /// A layer's projections in int8 or Q4_1 blocks: q, [k; v], o, [gate; up], down.
 type Mats<'a> = [&'a QMatrix; 5];
+
+/// A member's quantized matmul inputs in a block forward, one per input width (its own: each
+/// member quantizes every row for itself).
+struct MemberActs {
+    h: SharedActs,
+    att: SharedActs,
+    inter: SharedActs,
+}
 
 /// What the members of a block forward share: the matmuls' outputs.
 struct BlockBufs {
@@ -79,13 +87,15 @@ impl DFlashInfer {
         let (cache, input, parts) = (CachePtr(cache), &*x, parts_per_thread());
         let out = crate::util::team::run(|t| {
             let mut x = input.to_vec();
+            // This member's own quantized inputs of each matmul width, reused layer by layer.
+            let acts = MemberActs { h: SharedActs::new(b, h), att: SharedActs::new(b, qw), inter: SharedActs::new(b, self.inter) };
             for (l, (layer, m)) in self.layers.iter().zip(&mats).enumerate() {
                 // SAFETY: the phases below write only claimed tiles or units of the shared
                 // buffers, or (member 0) the cache, and read them only after the barrier that
                 // ends the phase that wrote them.
                 unsafe {
-                    self.team_block_attention(t, parts, &bufs, cache, l, layer, m, &mut x, start);
-                    self.team_block_mlp(t, parts, &bufs, layer, m, &mut x);
+                    self.team_block_attention(t, parts, &bufs, &acts, cache, l, layer, m, &mut x, start);
+                    self.team_block_mlp(t, parts, &bufs, &acts, layer, m, &mut x);
                 }
             }
             x
@@ -100,35 +110,28 @@ impl DFlashInfer {
     /// # Safety
     /// See `block_layers_team`: every member calls this with the same arguments.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn team_block_attention(&self, t: &Team, parts: usize, c: &BlockBufs, cache: CachePtr, l: usize, layer: &Layer, m: &Mats<'_>, x: &mut [f32], start: usize) {
+    unsafe fn team_block_attention(&self, t: &Team, parts: usize, c: &BlockBufs, acts: &MemberActs, cache: CachePtr, l: usize, layer: &Layer, m: &Mats<'_>, x: &mut [f32], start: usize) {
         let b = self.block_size;
         let (h, qw, kvw) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let mut hn = x.to_vec();
         rms_norm_rows(&mut hn, &layer.input_norm, self.eps);
-        let acts = SharedActs::new(b, h);
-        acts.quantize_rows(&hn, 0, b);
-        team_matmul(t, parts, &m[..2], &acts, &[c.q, c.kv]);
+        acts.h.quantize_rows(&hn, 0, b);
+        team_matmul(t, parts, &m[..2], &acts.h, &[c.q, c.kv]);
         t.sync();
         let mut q = c.q.get(0, b * qw).to_vec();
         self.norm_rope(&mut q, self.heads, &layer.q_norm, start);
         if t.id() == 0 {
-            let (mut k, mut v) = (Vec::with_capacity(b * kvw), Vec::with_capacity(b * kvw));
-            for row in c.kv.get(0, b * 2 * kvw).chunks_exact(2 * kvw) {
-                k.extend_from_slice(&row[..kvw]);
-                v.extend_from_slice(&row[kvw..]);
-            }
-            self.norm_rope(&mut k, self.kv_heads, &layer.k_norm, start);
+            let (k, v) = self.split_keys_values(layer, c.kv.get(0, b * 2 * kvw), start);
             (*cache.get()).write(l, &k, &v, b);
         }
         t.sync();
         let kvc = &*cache.get();
-        t.claim(causal_units(b, self.kv_heads), 1, |r| {
-            full_attention_units(&q, kvc.layer(l), b, start + b, self.heads, self.kv_heads, self.head_dim, kvc.capacity(), r, c.att.0);
+        t.claim(unit_count(b, self.kv_heads), 1, |r| {
+            attention_units(&q, kvc.layer(l), b, self.heads, self.kv_heads, self.head_dim, kvc.capacity(), |_| start + b, r, c.att.0);
         });
         t.sync();
-        let acts = SharedActs::new(b, qw);
-        acts.quantize_rows(c.att.get(0, b * qw), 0, b);
-        team_matmul(t, parts, &m[2..3], &acts, &[c.o]);
+        acts.att.quantize_rows(c.att.get(0, b * qw), 0, b);
+        team_matmul(t, parts, &m[2..3], &acts.att, &[c.o]);
         t.sync();
         for (xi, oi) in x.iter_mut().zip(c.o.get(0, b * h)) {
             *xi += oi;
@@ -140,13 +143,12 @@ impl DFlashInfer {
     ///
     /// # Safety
     /// See `block_layers_team`.
-    unsafe fn team_block_mlp(&self, t: &Team, parts: usize, c: &BlockBufs, layer: &Layer, m: &Mats<'_>, x: &mut [f32]) {
+    unsafe fn team_block_mlp(&self, t: &Team, parts: usize, c: &BlockBufs, acts: &MemberActs, layer: &Layer, m: &Mats<'_>, x: &mut [f32]) {
         let (b, h, inter) = (self.block_size, self.hidden, self.inter);
         let mut hn = x.to_vec();
         rms_norm_rows(&mut hn, &layer.post_norm, self.eps);
-        let acts = SharedActs::new(b, h);
-        acts.quantize_rows(&hn, 0, b);
-        team_matmul(t, parts, &m[3..4], &acts, &[c.gu]);
+        acts.h.quantize_rows(&hn, 0, b);
+        team_matmul(t, parts, &m[3..4], &acts.h, &[c.gu]);
         t.sync();
         let mut a = Vec::with_capacity(b * inter);
         for row in c.gu.get(0, b * 2 * inter).chunks_exact(2 * inter) {
@@ -155,9 +157,8 @@ impl DFlashInfer {
             a.extend_from_slice(g);
             silu_mul_serial(&mut a[s..], u);
         }
-        let acts = SharedActs::new(b, inter);
-        acts.quantize_rows(&a, 0, b);
-        team_matmul(t, parts, &m[4..5], &acts, &[c.down]);
+        acts.inter.quantize_rows(&a, 0, b);
+        team_matmul(t, parts, &m[4..5], &acts.inter, &[c.down]);
         t.sync();
         for (xi, di) in x.iter_mut().zip(c.down.get(0, b * h)) {
             *xi += di;
@@ -195,12 +196,7 @@ impl DFlashInfer {
                 t.sync();
                 if t.id() == 0 {
                     for (l, (layer, kvb)) in self.layers.iter().zip(&kvbufs).enumerate() {
-                        let (mut k, mut v) = (Vec::with_capacity(n * kvw), Vec::with_capacity(n * kvw));
-                        for row in kvb.get(0, n * 2 * kvw).chunks_exact(2 * kvw) {
-                            k.extend_from_slice(&row[..kvw]);
-                            v.extend_from_slice(&row[kvw..]);
-                        }
-                        self.norm_rope(&mut k, self.kv_heads, &layer.k_norm, start);
+                        let (k, v) = self.split_keys_values(layer, kvb.get(0, n * 2 * kvw), start);
                         (*cache.get()).write(l, &k, &v, n);
                     }
                 }
@@ -271,12 +267,7 @@ mod tests {
             });
             a.advance(r1 - r0);
             b.reserve(r1 - r0);
-            let mut c = infer.fc.mm(rows, r1 - r0).unwrap();
-            super::rms_norm_rows(&mut c, &infer.hidden_norm, infer.eps);
-            for (l, layer) in infer.layers.iter().enumerate() {
-                let (k, v) = infer.keys_values(layer, &c, r1 - r0, r0).unwrap();
-                b.write(l, &k, &v, r1 - r0);
-            }
+            infer.context_rows(&mut b, rows, r1 - r0).unwrap();
             b.advance(r1 - r0);
         }
         let start = a.len();

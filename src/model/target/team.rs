@@ -6,7 +6,7 @@
 //! waits while the other runs a layer's small steps (docs/perf.md § "A team for the layers").
 
 use super::{host_ops, BatchItem, HostBuffers, Layer, Span, Target};
-use crate::model::attention::{causal_attention_units, causal_units};
+use crate::model::attention::{attention_units, unit_count};
 use crate::model::qgemm::{parts_per_thread, team_matmul, QMatrix, SharedActs};
 use crate::model::weights::Linear;
 use crate::util::team::{SharedBuf, Team};
@@ -89,7 +89,7 @@ impl Target {
         // Prefix sums: item i's units are unit_base[i]..unit_base[i + 1].
         let unit_base: Vec<usize> = std::iter::once(0)
             .chain(spans.iter().scan(0, |acc, s| {
-                *acc += causal_units(s.n, kv_heads);
+                *acc += unit_count(s.n, kv_heads);
                 Some(*acc)
             }))
             .collect();
@@ -194,7 +194,7 @@ unsafe fn team_attention(t: &Team, c: &Shared<'_>, idx: usize, layer: &Layer) {
             let (s, cache, local) = (&c.spans[i], &*items[i].cache, u - c.unit_base[i]);
             let q = c.q.get(s.row * qw, (s.row + s.n) * qw);
             let out = c.att.0.add(s.row * qw);
-            causal_attention_units(q, cache.layer(idx), s.n, s.start, nh, nkv, hd, cache.capacity(), local..local + 1, out);
+            attention_units(q, cache.layer(idx), s.n, nh, nkv, hd, cache.capacity(), |i| s.start + i + 1, local..local + 1, out);
         }
     });
     t.sync();
