@@ -41,6 +41,48 @@ fn resume_after_an_interruption_reproduces_the_uninterrupted_run_bit_for_bit() {
 }
 
 #[test]
+fn a_run_past_its_deadline_stops_at_the_first_timing_and_a_resume_keeps_the_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = prepared(tmp.path(), 6);
+    let out = tmp.path().join("run");
+    let cfg = config(&data, &out, &["steps=60", "checkpoint_every=5", "eval_every=0", "optim.lr=0.001"]);
+    // Already past the deadline: the steps are timed after 3 warm-up steps and 20 more, and the
+    // run ends there, its schedule decayed over those 23 steps.
+    let past = std::time::Instant::now();
+    let done = train(&m, &cfg, &RunOptions { deadline: Some(past), ..Default::default() }).unwrap();
+    assert_eq!(done.steps_done, 23);
+    assert!(out.join("final/model.safetensors").is_file(), "the cut run saves its drafter");
+    let lines = metrics(&out);
+    assert_eq!(lines.len(), 23);
+    let latest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("checkpoints/latest.json")).unwrap()).unwrap();
+    assert_eq!(latest["budget_steps"], 23, "{latest}");
+    // A resume without a deadline keeps the cut: the run is complete.
+    let again = train(&m, &cfg, &RunOptions { resume: true, ..Default::default() }).unwrap();
+    assert_eq!(again.steps_done, 23);
+    assert_eq!(metrics(&out).len(), 23);
+    // A cut recorded at step 10 of a run stopped there: the resumed run ends at the cut, its
+    // learning rate decaying to the cut's end rather than the config's 60 steps.
+    let out3 = tmp.path().join("run3");
+    let cfg3 = config(&data, &out3, &["steps=60", "checkpoint_every=5", "eval_every=0", "optim.lr=0.001"]);
+    train(&m, &cfg3, &RunOptions { stop_after: Some(10), ..Default::default() }).unwrap();
+    let path = out3.join("checkpoints/latest.json");
+    let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    state["budget_steps"] = 20.into();
+    std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let done = train(&m, &cfg3, &RunOptions { resume: true, ..Default::default() }).unwrap();
+    assert_eq!(done.steps_done, 20);
+    let lines = metrics(&out3);
+    assert_eq!(lines.len(), 20);
+    let (peak, last) = (lines.iter().map(|l| l.lr).fold(0.0, f64::max), lines[19].lr);
+    assert!(last < 0.05 * peak, "the learning rate decays over the cut run: last {last}, peak {peak}");
+    // A deadline far away cuts nothing.
+    let far = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    let out2 = tmp.path().join("run2");
+    let cfg2 = config(&data, &out2, &["steps=30", "checkpoint_every=10", "eval_every=0"]);
+    assert_eq!(train(&m, &cfg2, &RunOptions { deadline: Some(far), ..Default::default() }).unwrap().steps_done, 30);
+}
+
+#[test]
 fn a_tiny_drafter_overfits_a_tiny_fixed_set() {
     let tmp = tempfile::tempdir().unwrap();
     let (m, data) = prepared(tmp.path(), 3);

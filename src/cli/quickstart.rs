@@ -32,6 +32,11 @@ pub struct QuickstartArgs {
     /// New tokens per evaluation request [default: the recipe's].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
+    /// The whole run's wall-clock budget in minutes [default: the recipe's, 15 or 60]: training
+    /// stops early where its steps would not leave time for the evaluation. 0: no budget, every
+    /// step runs.
+    #[arg(long, value_name = "MINUTES")]
+    pub minutes: Option<f64>,
     #[command(flatten)]
     pub device: super::device::DeviceArgs,
 }
@@ -49,6 +54,12 @@ pub fn run(a: QuickstartArgs) -> anyhow::Result<()> {
     r.steps = a.steps.unwrap_or(r.steps);
     r.limit = a.limit.unwrap_or(r.limit);
     r.max_new_tokens = a.max_new_tokens.unwrap_or(r.max_new_tokens);
+    match a.minutes {
+        Some(m) if m == 0.0 => r.minutes = None,
+        Some(m) if m.is_finite() && m > 0.0 => r.minutes = Some(m),
+        Some(m) => anyhow::bail!("--minutes {m}: give a positive number of minutes, or 0 for no budget"),
+        None => {}
+    }
     let t0 = std::time::Instant::now();
     let done = quickstart::run(&plan, Observer(Arc::new(Bars::new())))?;
     println!("{}", done.report_md);

@@ -53,6 +53,11 @@ pub struct TrainArgs {
     /// A run resumed with another N keeps its sequences per step.
     #[arg(long, default_value_t = 1)]
     pub ranks: usize,
+    /// Finish within about this many minutes: the steps are timed, and where `steps` would run
+    /// past the limit the run stops earlier, its learning rate decaying over the steps that fit
+    /// (the cut is saved, so `--resume` keeps it). Without it every step runs.
+    #[arg(long, value_name = "MINUTES")]
+    pub max_minutes: Option<f64>,
     #[command(flatten)]
     pub device: super::device::DeviceArgs,
 }
@@ -91,7 +96,12 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     let bars = Bars::new();
     let quiet = specauf::util::progress::Silent;
     let progress: &dyn specauf::util::progress::Progress = if world.is_primary() { &bars } else { &quiet };
-    let summary = stages::train(&cfg, a.weights, device, world, a.resume, progress)?;
+    let deadline = match a.max_minutes {
+        Some(m) if m.is_finite() && m > 0.0 => Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(m * 60.0)),
+        Some(m) => anyhow::bail!("--max-minutes {m}: give a positive number of minutes"),
+        None => None,
+    };
+    let summary = stages::train(&cfg, a.weights, device, world, a.resume, deadline, progress)?;
     if let (Some(b), Some(after)) = (&summary.eval_before, &summary.eval_after) {
         eprintln!(
             "held-out: in-block accept length {:.3} -> {:.3}, acc {:.3} -> {:.3} ({} blocks)",

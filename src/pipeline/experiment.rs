@@ -187,7 +187,7 @@ pub fn run(plan: &ExperimentPlan, progress: Observer) -> Result<String, StageErr
     if plan.jobs == 1 {
         for (arm, c) in &pending {
             progress.note(&format!("arm {}: training", arm.name));
-            stages::train(c, WeightsMode::default(), plan.device, crate::train::parallel::World::single(), c.out.join("config.json").is_file(), &*progress)?;
+            stages::train(c, WeightsMode::default(), plan.device, crate::train::parallel::World::single(), c.out.join("config.json").is_file(), None, &*progress)?;
         }
     } else if !pending.is_empty() {
         train_in_parallel(&pending, plan, &*progress)?;

@@ -79,6 +79,14 @@ impl QuickstartPlan {
         c
     }
 
+    /// When training should end for the whole run, begun at `start`, to fit the recipe's
+    /// minutes with its evaluation reserve (None: the recipe has no budget).
+    pub fn train_deadline(&self, start: Instant) -> Option<Instant> {
+        let r = &self.recipe;
+        let secs = r.minutes? * 60.0 - r.eval_reserve_s;
+        Some(start + std::time::Duration::from_secs_f64(secs.max(0.0)))
+    }
+
     /// The evaluation: AR, the untrained drafter, and the trained one at its trained B and at the chosen B.
     pub fn eval_plan(&self, untrained: &Path, trained: &Path) -> EvalPlan {
         let mut p = EvalPlan::new(DEFAULT_MODEL, &self.out.join("eval"));
@@ -170,6 +178,7 @@ pub fn claim_folder(out: &Path, recipe: &Recipe) -> Result<(), StageError> {
 }
 
 pub fn run(plan: &QuickstartPlan, progress: Observer) -> Result<QuickstartOutcome, StageError> {
+    let t0 = Instant::now();
     let out = &plan.out;
     std::fs::create_dir_all(out).map_err(|source| StageError::Io { path: out.clone(), source })?;
     claim_folder(out, &plan.recipe)?;
@@ -200,7 +209,16 @@ pub fn run(plan: &QuickstartPlan, progress: Observer) -> Result<QuickstartOutcom
     } else {
         stage(&*progress, "3/5 train", || {
             let resume = cfg.out.join("config.json").is_file();
-            stages::train(&cfg, WeightsMode::default(), plan.device, crate::train::parallel::World::single(), resume, &*progress)?;
+            let deadline = plan.train_deadline(t0);
+            let done = stages::train(&cfg, WeightsMode::default(), plan.device, crate::train::parallel::World::single(), resume, deadline, &*progress)?;
+            if done.steps_done < cfg.steps {
+                progress.note(&format!(
+                    "3/5 train: {} of the recipe's {} steps fitted the {:.0}-minute budget on this machine (a quiet 2-core machine runs them all)",
+                    done.steps_done,
+                    cfg.steps,
+                    plan.recipe.minutes.unwrap_or_default()
+                ));
+            }
             let fin = cfg.out.join("final");
             crate::util::fs::copy_dir_atomic(&fin, &drafter).map_err(|source| StageError::Io { path: drafter.clone(), source })
         })?;
@@ -268,6 +286,25 @@ mod tests {
             assert_eq!(fixed, vec![Some(b), Some(b), None], "{name}: untrained and trained at B = {b}, then the chosen B");
             assert_eq!(e.drafters[1].label, format!("dflash-auf B={b}"));
         }
+    }
+
+    #[test]
+    fn training_must_end_in_time_for_the_evaluation_within_the_recipes_minutes() {
+        let start = Instant::now();
+        for name in [RecipeName::Quick, RecipeName::Cpu60Min] {
+            let mut plan = QuickstartPlan::new(Path::new("/tmp/q"), name);
+            let r = plan.recipe.clone();
+            let minutes = r.minutes.expect("every recipe has a budget");
+            let d = plan.train_deadline(start).unwrap() - start;
+            assert_eq!(d.as_secs_f64(), minutes * 60.0 - r.eval_reserve_s, "{name}");
+            assert!(r.eval_reserve_s > 0.0 && d.as_secs_f64() > 0.5 * minutes * 60.0, "{name}: most of the budget is left to the stages before the evaluation");
+            plan.recipe.minutes = None;
+            assert!(plan.train_deadline(start).is_none());
+        }
+        assert_eq!(RecipeName::Quick.recipe().minutes, Some(15.0), "the README's promise");
+        // the budget is not part of the recipe's record: a rerun applies its own
+        let json = serde_json::to_value(RecipeName::Quick.recipe()).unwrap();
+        assert!(json.get("minutes").is_none() && json.get("eval_reserve_s").is_none(), "{json}");
     }
 
     #[test]

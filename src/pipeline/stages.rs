@@ -272,7 +272,16 @@ fn prep_err(plan: &PreparePlan) -> impl Fn(crate::model::ModelError) -> StageErr
 
 /// Trains a drafter as `cfg` says; the target's feature forward runs in `weights`.
 /// `world` is this process's rank among data-parallel processes ([`World::single`] for one).
-pub fn train(cfg: &TrainConfig, weights: WeightsMode, device: DeviceChoice, world: World, resume: bool, progress: &dyn Progress) -> Result<RunSummary, StageError> {
+/// `deadline`: when the run should be done by ([`RunOptions::deadline`]; None: run every step).
+pub fn train(
+    cfg: &TrainConfig,
+    weights: WeightsMode,
+    device: DeviceChoice,
+    world: World,
+    resume: bool,
+    deadline: Option<std::time::Instant>,
+    progress: &dyn Progress,
+) -> Result<RunSummary, StageError> {
     let model = load(&cfg.model, weights, device)?;
     let tc = model.target.config();
     progress.note(&format!(
@@ -290,7 +299,7 @@ pub fn train(cfg: &TrainConfig, weights: WeightsMode, device: DeviceChoice, worl
         cfg.batch_sequences * cfg.grad_accum * cfg.num_anchors * (cfg.drafter.block_size - 1),
         cfg.out.display()
     ));
-    Ok(train_with(&model, cfg, &RunOptions { resume, stop_after: None, world }, progress)?)
+    Ok(train_with(&model, cfg, &RunOptions { resume, stop_after: None, world, deadline }, progress)?)
 }
 
 /// What `init-drafter` writes: an untrained drafter for a target.

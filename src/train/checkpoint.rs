@@ -40,6 +40,11 @@ pub struct CheckpointState {
     /// in checkpoints written before ranks existed: one rank).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_batch: Option<usize>,
+    /// The run's length when a time budget cut it below `steps` of the config
+    /// ([`crate::train::trainer::RunOptions::deadline`]); a resumed run keeps it, and with it the
+    /// learning-rate schedule it was running (absent: the config's `steps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_steps: Option<u64>,
 }
 
 /// An opened run directory: a new run, or the latest checkpoint of the one being resumed.
@@ -134,7 +139,7 @@ impl RunDir {
 
     /// The state a run starts from: the latest checkpoint's, or step 0.
     pub fn start_state(&self) -> CheckpointState {
-        self.latest.clone().unwrap_or(CheckpointState { step: 0, cursor: 0, metrics_lines: 0, config_hash: self.config_hash.clone(), global_batch: None })
+        self.latest.clone().unwrap_or(CheckpointState { step: 0, cursor: 0, metrics_lines: 0, config_hash: self.config_hash.clone(), global_batch: None, budget_steps: None })
     }
 
     /// Makes metrics.jsonl hold exactly the lines of the steps before the start: empty for a new

@@ -371,6 +371,12 @@ impl AdamW {
         &self.schedule
     }
 
+    /// Replaces the schedule (a run cut short by its time budget decays over its new length);
+    /// the step count, and so the position in the new schedule, stays.
+    pub fn set_schedule(&mut self, schedule: LrSchedule) {
+        self.schedule = schedule;
+    }
+
     /// The learning rate the next [`AdamW::step`] will use.
     pub fn current_lr(&self) -> f64 {
         self.schedule.lr(self.step)

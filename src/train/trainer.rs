@@ -272,6 +272,68 @@ pub struct RunOptions {
     pub stop_after: Option<u64>,
     /// This process's rank among data-parallel processes (world size 1 by default).
     pub world: World,
+    /// When the run should be done by (`train --max-minutes`, the quickstart's 15 minutes). The
+    /// trainer times its steps and, where the config's `steps` would run past this instant,
+    /// cuts the run short, its learning-rate schedule decaying over the new length
+    /// ([`steps_within`]); the cut is saved with the checkpoints, so a resumed run keeps it.
+    pub deadline: Option<Instant>,
+}
+
+/// Steps taken before a budget's timing window opens (the first steps fill caches).
+const BUDGET_WARM_STEPS: u64 = 3;
+/// A measured step time is stretched by this much when planning against a deadline (the held-out
+/// evaluations, the checkpoints and the final save are not in every window alike).
+pub const BUDGET_MARGIN: f64 = 1.03;
+
+/// The number of steps a run may have so that it ends by its deadline: `done` steps taken,
+/// `per_step` seconds each, `left` seconds to the deadline (negative: already past it). Never
+/// more than `total`, never fewer than `done` (a run past its deadline stops where it is).
+pub fn steps_within(done: u64, total: u64, per_step: f64, left: f64) -> u64 {
+    if !(per_step.is_finite() && per_step > 0.0) || done >= total {
+        return total.max(done);
+    }
+    let more = (left.max(0.0) / (per_step * BUDGET_MARGIN)).floor();
+    if more >= (total - done) as f64 {
+        total
+    } else {
+        done + more as u64
+    }
+}
+
+/// When to time the steps against a deadline: the first look after a twentieth of the run (at
+/// least 20 steps), then every tenth; the step time is the mean since the window opened.
+struct BudgetWatch {
+    deadline: Instant,
+    opened: Option<(u64, Instant)>,
+    open_at: u64,
+    next: u64,
+    every: u64,
+}
+
+impl BudgetWatch {
+    fn new(deadline: Instant, start: u64, total: u64) -> Self {
+        let open_at = start + BUDGET_WARM_STEPS;
+        BudgetWatch { deadline, opened: None, open_at, next: open_at + (total / 20).max(20), every: (total / 10).max(20) }
+    }
+
+    /// At a step where the plan is due: (seconds per step, seconds left to the deadline).
+    fn look(&mut self, step: u64) -> Option<(f64, f64)> {
+        let now = Instant::now();
+        if step == self.open_at {
+            self.opened = Some((step, now));
+        }
+        let (s0, t0) = self.opened?;
+        if step < self.next || step <= s0 {
+            return None;
+        }
+        self.next = step + self.every;
+        let per_step = (now - t0).as_secs_f64() / (step - s0) as f64;
+        let left = match self.deadline.checked_duration_since(now) {
+            Some(d) => d.as_secs_f64(),
+            None => -(now - self.deadline).as_secs_f64(),
+        };
+        Some((per_step, left))
+    }
 }
 
 /// What a finished (or stopped) run returns.
@@ -395,9 +457,10 @@ fn train_as(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, progress:
         true => Some(std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(io_err(&metrics_path))?),
         false => None,
     };
-    progress.phase("train", Some(cfg.steps), state.step, Unit::Items);
+    progress.phase("train", Some(session.total), state.step, Unit::Items);
+    let mut watch = opts.deadline.map(|d| BudgetWatch::new(d, state.step, session.total));
     let mut last = None;
-    while state.step < cfg.steps {
+    while state.step < session.total {
         // On a pool worker, so that candle's and our kernels' splits do not each wake and park
         // this thread (util::pool; 7–11% more tokens/s on 2 cores, same bits).
         let line = on_pool(|| session.step(&mut state))?;
@@ -411,10 +474,29 @@ fn train_as(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, progress:
             &format!("loss {:.3} acc {:.3} accept {:.2} {:.0} tok/s", line.loss, line.acc, line.accept_len, line.tokens_per_s),
         );
         last = Some(line);
-        if primary && (state.step % cfg.checkpoint_every == 0 || state.step == cfg.steps) {
+        if let Some((per_step, left)) = watch.as_mut().and_then(|w| w.look(state.step)) {
+            // Every rank plans from the same numbers, so all stop at the same step.
+            let mut v = [per_step, left];
+            session.reducer.mean_scalars(&mut v)?;
+            let fits = steps_within(state.step, session.total, v[0], v[1]);
+            if fits < session.total {
+                progress.note(&format!(
+                    "time budget: at {:.2} s a step the remaining {} steps would end {:.0} s after the deadline ({:.0} s from now); the run stops at step {fits} of {}, its learning rate decaying over {fits} steps",
+                    v[0],
+                    session.total - state.step,
+                    (session.total - state.step) as f64 * v[0] * BUDGET_MARGIN - v[1],
+                    v[1].max(0.0),
+                    cfg.steps
+                ));
+                session.set_total(fits);
+                state.budget_steps = Some(fits);
+                progress.phase("train", Some(fits), state.step, Unit::Items);
+            }
+        }
+        if primary && (state.step % cfg.checkpoint_every == 0 || state.step == session.total) {
             run.save(session.drafter.as_ref(), &session.optim, &state)?;
         }
-        if opts.stop_after == Some(state.step) && state.step < cfg.steps {
+        if opts.stop_after == Some(state.step) && state.step < session.total {
             progress.finish(false);
             return Ok(RunSummary { steps_done: state.step, final_dir: None, last, eval_before, eval_after: None });
         }
@@ -428,6 +510,11 @@ fn train_as(model: &LoadedModel, cfg: &TrainConfig, opts: &RunOptions, progress:
     }
     let eval_after = last.as_ref().and_then(|l| l.eval.clone());
     Ok(RunSummary { steps_done: state.step, final_dir: Some(final_dir), last, eval_before, eval_after })
+}
+
+/// The learning-rate schedule of a run of `total` steps under `cfg`.
+fn schedule_for(cfg: &TrainConfig, total: u64) -> LrSchedule {
+    LrSchedule::new(cfg.optim.lr, total, &ScheduleConfig { warmup_ratio: cfg.optim.warmup_ratio, min_lr: 0.0, shape: cfg.optim.schedule })
 }
 
 /// Everything a run holds between steps.
@@ -450,6 +537,8 @@ struct Session<'a> {
     reducer: Box<dyn AllReduce>,
     /// Sequences per micro-batch on this rank ([`Session::set_batch`]).
     per_rank: usize,
+    /// The run's length: the config's `steps`, or fewer where a time budget cut it.
+    total: u64,
 }
 
 impl<'a> Session<'a> {
@@ -500,8 +589,8 @@ impl<'a> Session<'a> {
             max_grad_norm: Some(cfg.optim.clip),
             skip_missing_grads: false,
         };
-        let schedule = LrSchedule::new(cfg.optim.lr, cfg.steps, &ScheduleConfig { warmup_ratio: cfg.optim.warmup_ratio, min_lr: 0.0, shape: cfg.optim.schedule });
-        let mut optim = AdamW::new(trained_vars(drafter.named_vars(), &cfg.optim.freeze)?, adam_cfg, schedule)?;
+        let total = run.latest.as_ref().and_then(|s| s.budget_steps).unwrap_or(cfg.steps);
+        let mut optim = AdamW::new(trained_vars(drafter.named_vars(), &cfg.optim.freeze)?, adam_cfg, schedule_for(cfg, total))?;
         if let Some(s) = &run.latest {
             optim.load(&run.checkpoint(s.step).join("optimizer.safetensors"))?;
         }
@@ -521,7 +610,14 @@ impl<'a> Session<'a> {
             order_epoch: u64::MAX,
             reducer,
             per_rank: cfg.batch_sequences,
+            total,
         })
+    }
+
+    /// Shortens the run to `total` steps (a time budget): the schedule decays over the new length.
+    fn set_total(&mut self, total: u64) {
+        self.total = total;
+        self.optim.set_schedule(schedule_for(self.cfg, total));
     }
 
     /// This rank's sequences per micro-batch: `batch_sequences`, except when resuming a run that
@@ -623,7 +719,7 @@ impl<'a> Session<'a> {
                 objective: &self.objective,
                 lm_head: &self.lm_head,
                 seed: c.seed,
-                steps: c.steps,
+                steps: self.total,
                 base_support: c.base_support,
                 distill: c.distill.as_ref(),
                 activation_checkpointing: c.activation_checkpointing,
@@ -657,7 +753,7 @@ impl<'a> Session<'a> {
         let secs = t0.elapsed().as_secs_f64();
         state.step += 1;
         // The held-out evaluation is the same on every rank: rank 0 alone runs it.
-        let due = (c.eval_every > 0 && state.step % c.eval_every == 0) || state.step == c.steps;
+        let due = (c.eval_every > 0 && state.step % c.eval_every == 0) || state.step == self.total;
         let eval = if due && self.reducer.world().is_primary() { self.held_out()? } else { None };
         Ok(StepMetrics {
             step: state.step,
@@ -863,3 +959,34 @@ fn add_grads(mut acc: GradStore, new: GradStore, vars: &[(String, Var)]) -> Resu
     Ok(acc)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_keeps_the_steps_that_fit_with_the_margin() {
+        // 100 s left at 1 s a step: 100 / 1.03 → 97 more steps.
+        assert_eq!(steps_within(10, 1000, 1.0, 100.0), 107);
+        // room for everything: the config's steps, never more
+        assert_eq!(steps_within(10, 50, 1.0, 100.0), 50);
+        // past the deadline: stop where the run is
+        assert_eq!(steps_within(10, 1000, 1.0, -5.0), 10);
+        // a step time that cannot be planned with leaves the run alone
+        assert_eq!(steps_within(10, 1000, 0.0, 100.0), 1000);
+        assert_eq!(steps_within(10, 1000, f64::NAN, 100.0), 1000);
+        // already done
+        assert_eq!(steps_within(60, 50, 1.0, 100.0), 60);
+    }
+
+    #[test]
+    fn the_watch_opens_after_the_warm_steps_and_looks_every_tenth_of_the_run() {
+        let mut w = BudgetWatch::new(Instant::now() + std::time::Duration::from_secs(60), 0, 1000);
+        let looks: Vec<u64> = (1..=200).filter(|&s| w.look(s).is_some()).collect();
+        // opens at 3; first look 3 + 1000/20 = 53, then every 100
+        assert_eq!(looks, vec![53, 153]);
+        let mut w = BudgetWatch::new(Instant::now(), 7, 60);
+        let first = (8..=60).find(|&s| w.look(s).is_some());
+        assert_eq!(first, Some(7 + 3 + 20), "a resumed run opens its window after its own warm steps");
+    }
+}
