@@ -1,7 +1,8 @@
 //! The qgemm kernels (src/model/qgemm.rs) beside candle's QMatMul over the same Q8_0 weights
 //! and the other weight modes, interleaved in one run so machine load hits all of them.
 //!
-//! cargo run --release --example bench_qgemm [-- [--reps N] [--no-model] [--model PATH.gguf]]
+//! cargo run --release --example bench_qgemm [-- [--reps N] [--hot] [--no-model] [--model PATH.gguf]]
+//! `--hot`: one copy of each weight, left in the caches between calls (the kernel alone).
 //! One thread: RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1 (candle's quantized matmul has its own
 //! spinning thread pool, sized once from these variables; on an oversubscribed machine its
 //! barriers can cost more than the work).
@@ -31,7 +32,7 @@ fn load() -> String {
     std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
-fn matmuls(reps: usize) -> anyhow::Result<()> {
+fn matmuls(reps: usize, hot: bool) -> anyhow::Result<()> {
     println!(
         "== per matmul (medians of {reps}), rayon threads {}, RAYON_NUM_THREADS={:?} CANDLE_NUM_THREADS={:?}, load {}",
         rayon::current_num_threads(),
@@ -46,7 +47,8 @@ fn matmuls(reps: usize) -> anyhow::Result<()> {
     for (out, inp) in [(576usize, 576usize), (1536, 576), (576, 1536), (49152, 576)] {
         // Enough copies of the weight that a call never finds its weights in L2 left by the
         // previous call, as in a model whose 150 MB of weights stream through every token.
-        let copies = (16_000_000 / (out * inp)).max(1);
+        // With --hot, one copy: the weights stay in the caches (the kernel's compute alone).
+        let copies = if hot { 1 } else { (16_000_000 / (out * inp)).max(1) };
         let (mut ours, mut q4, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..copies {
             let w = Tensor::randn(0f32, 0.05, (out, inp), &Device::Cpu)?;
@@ -251,7 +253,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let reps: usize = flag("--reps").map(|s| s.parse()).transpose()?.unwrap_or(15);
-    matmuls(reps)?;
+    matmuls(reps, args.iter().any(|a| a == "--hot"))?;
     if args.iter().any(|a| a == "--no-model") {
         return Ok(());
     }
