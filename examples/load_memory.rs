@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
         let mut d = specauf::drafter::AnyDrafter::load_for(std::path::Path::new(&dir), &t)?;
         st("drafter f32");
         if std::env::args().nth(3).as_deref() == Some("choose") {
-            let (chosen, c) = specauf::drafter::block_choice::choose_for(&t, d, std::path::Path::new(&dir))?;
+            let (chosen, c) = specauf::drafter::block_choice::choose_for(&t, d, std::path::Path::new(&dir), None)?;
             d = chosen;
             st(&format!("block size {} chosen", c.block_size));
         }

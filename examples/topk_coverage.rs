@@ -4,6 +4,13 @@
 //!
 //! cargo run --release --example topk_coverage -- DRAFTER_DIR [--weights native] [--prompts 20]
 //!     [--tokens 96] [--block 4] [--precision q4|int8|f32] [--head target|q4]
+//!     [--costs 1,1.05,1.16,1.28] [--draft-cost 0.1]
+//!
+//! Then how well the drafter's confidence (its top-1 probability at a position) predicts
+//! acceptance there, and what cutting each draft at its first position below a threshold would
+//! give (llama.cpp's `--draft-p-min`): tokens a cycle, rows verified, and tokens per decode-step
+//! of cycle cost, with verify(m) ÷ decode step from `--costs` (m = 1, 2, ...) and a draft's cost
+//! from `--draft-cost`, both in decode steps.
 
 use std::path::PathBuf;
 
@@ -59,6 +66,9 @@ fn main() -> anyhow::Result<()> {
     let mut hits = vec![[0usize; KS.len()]; b - 1];
     let mut chain = vec![0usize; b - 1];
     let mut n = 0usize;
+    // Per anchor: the drafter's top-1 probability at each position, and whether its top-1 was
+    // the target's token there.
+    let mut anchors: Vec<Vec<(f32, bool)>> = Vec::new();
     for text in chat_prompt_texts(&model, n_prompts)? {
         let prompt = model.tokenizer.encode(&text, false)?;
         let mut cache = target.new_cache();
@@ -91,7 +101,15 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             let mut all = true;
+            let mut conf = Vec::with_capacity(b - 1);
             for (p, row) in logits.iter().enumerate() {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+                let truth_is_top = {
+                    let tv = row[seq[t + p + 1] as usize];
+                    row.iter().filter(|&&v| v > tv).count() == 0
+                };
+                conf.push(((1.0 / sum) as f32, truth_is_top));
                 let truth = seq[t + p + 1];
                 let tv = row[truth as usize];
                 let rank = row.iter().filter(|&&v| v > tv).count();
@@ -101,6 +119,7 @@ fn main() -> anyhow::Result<()> {
                 all &= rank == 0;
                 chain[p] += usize::from(all);
             }
+            anchors.push(conf);
             n += 1;
             infer.extend_context(&mut dcache, &feats[t])?;
         }
@@ -111,6 +130,41 @@ fn main() -> anyhow::Result<()> {
     for p in 0..b - 1 {
         let cells: Vec<String> = hits[p].iter().map(|&h| format!("{:.3}", h as f64 / n as f64)).collect();
         println!("| {} | {:.3} | {} |", p + 1, chain[p] as f64 / n as f64, cells.join(" | "));
+    }
+    // Acceptance by confidence, where the chain reached the position.
+    let edges = [0.0f32, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.01];
+    println!("\nacceptance by the drafter's top-1 probability (anchors whose chain reached the position: accepted / reached)");
+    println!("| position | {} |", edges.windows(2).map(|w| format!("[{:.2}, {:.2})", w[0], w[1].min(1.0))).collect::<Vec<_>>().join(" | "));
+    println!("|---|{}", "---|".repeat(edges.len() - 1));
+    for p in 0..b - 1 {
+        let mut cells = Vec::new();
+        for w in edges.windows(2) {
+            let reached: Vec<&Vec<(f32, bool)>> = anchors.iter().filter(|a| a[..p].iter().all(|x| x.1) && a[p].0 >= w[0] && a[p].0 < w[1]).collect();
+            let acc = reached.iter().filter(|a| a[p].1).count();
+            cells.push(format!("{acc}/{} ({:.2})", reached.len(), acc as f64 / reached.len().max(1) as f64));
+        }
+        println!("| {} | {} |", p + 1, cells.join(" | "));
+    }
+    let costs: Vec<f64> = opt("--costs", "1,1.05,1.16,1.28").split(',').map(|c| c.trim().parse()).collect::<Result<_, _>>()?;
+    let draft_cost: f64 = opt("--draft-cost", "0.1").parse()?;
+    anyhow::ensure!(costs.len() >= b, "--costs needs verify(m) for m = 1..={b}");
+    println!("\ndrafts cut at the first position below p_min (cost in decode steps: verify {costs:?}, draft {draft_cost})");
+    println!("| max rows | p_min | tokens a cycle | rows verified | cycles without drafts | tokens per decode step of cost |");
+    println!("|---|---|---|---|---|---|");
+    for rows_max in 2..=b {
+        for p_min in [0.0f32, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5] {
+            let (mut tokens, mut rows, mut cost, mut plain) = (0.0, 0.0, 0.0, 0usize);
+            for a in &anchors {
+                let kept = a[..rows_max - 1].iter().take_while(|x| x.0 >= p_min).count();
+                let acc = a[..kept].iter().take_while(|x| x.1).count();
+                tokens += (acc + 1) as f64;
+                rows += (kept + 1) as f64;
+                cost += costs[kept] + draft_cost;
+                plain += usize::from(kept == 0);
+            }
+            let nf = anchors.len() as f64;
+            println!("| {rows_max} | {p_min:.2} | {:.3} | {:.2} | {:.0}% | {:.3} |", tokens / nf, rows / nf, 100.0 * plain as f64 / nf, tokens / cost);
+        }
     }
     Ok(())
 }

@@ -58,6 +58,21 @@ fn drafts_stay_in_the_subset_and_the_context_and_take_the_best_logit_there() {
             let best = allowed.iter().map(|&i| row[i as usize]).fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(row[*d as usize].to_bits(), best.to_bits(), "{family}: draft {d} is not the best allowed logit");
         }
+        // Each draft's confidence is its softmax probability over the allowed ids (the subset
+        // and the context: the two parts' normalizers combined), within float rounding.
+        let scored = head.scored(&target, &x[h..], 3).unwrap();
+        for ((id, p), row) in scored.iter().zip(&logits) {
+            let best = f64::from(row[*id as usize]);
+            let z: f64 = allowed.iter().map(|&i| (f64::from(row[i as usize]) - best).exp()).sum();
+            assert!((f64::from(*p) - 1.0 / z).abs() < 1e-5, "{family}: confidence {p} against {}", 1.0 / z);
+            assert!(*p > 0.0 && *p <= 1.0);
+        }
+        let whole = infer.draft_scored_in(&target, &mut fc, seq[12], 12, None).unwrap();
+        for ((id, p), row) in whole.iter().zip(&logits) {
+            let best = f64::from(row[*id as usize]);
+            let z: f64 = row.iter().map(|&l| (f64::from(l) - best).exp()).sum();
+            assert!((f64::from(*p) - 1.0 / z).abs() < 1e-5, "{family}: whole-head confidence {p} against {}", 1.0 / z);
+        }
     }
 }
 
@@ -99,4 +114,34 @@ fn size_zero_or_the_whole_vocabulary_drafts_over_the_whole_head() {
     let f32_target = target_in("llama", WeightsMode::F32);
     drafter.set_draft_vocab(Some(Arc::new(vocab_every_7th(v))), 10);
     assert!(DraftHead::new(&f32_target, drafter.draft_ids().unwrap()).unwrap().is_none());
+}
+
+/// `--draft-p-min`: drafts are cut before their first position below the threshold, some cycles
+/// verify shorter blocks than the drafter's, and the output is still exactly greedy.
+#[test]
+fn drafts_cut_at_a_confidence_threshold_leave_the_output_greedy() {
+    let n = 24;
+    for family in FAMILIES {
+        let target = target_in(family, WeightsMode::Q8);
+        let layers = target.config().num_hidden_layers;
+        let mut init = DFlashInitConfig::new(2, 4, 5);
+        init.target_layer_ids = Some(vec![0, layers - 1]);
+        let drafter = DFlashDrafter::init_random(target.config(), &init, 8).unwrap();
+        let prompt = prompt(9, 2);
+        let want = reference_greedy(&target, &prompt, n);
+        let mut lengths = Vec::new();
+        for p_min in [0.0f32, 0.02, 0.5, 0.999, 0.9999999] {
+            let mut d = drafter.clone();
+            d.set_draft_p_min(p_min);
+            let mut proposer = DFlashProposer::new(d);
+            let out = generate(&target, Some(&mut proposer as &mut dyn Proposer), &prompt, &greedy_cfg(n)).unwrap();
+            assert_eq!(out.token_ids, want, "{family} p_min {p_min}");
+            lengths.push(out.draft_lengths.iter().sum::<usize>() as f64 / out.draft_lengths.len() as f64);
+        }
+        assert_eq!(lengths[0], 3.0, "{family}: no threshold, whole blocks");
+        assert!(lengths.windows(2).all(|w| w[1] <= w[0]), "{family}: a higher threshold drafts no more: {lengths:?}");
+        assert!(lengths[4] < 1.0, "{family}: a drafter is rarely that sure: {lengths:?}");
+    }
+    assert!(specauf::drafter::check_draft_p_min(1.0).unwrap_err().to_string().contains("--draft-p-min"));
+    assert!(specauf::drafter::check_draft_p_min(-0.1).is_err());
 }

@@ -52,7 +52,7 @@ fn start(drafter: bool, opts: ServeOptions) -> ServerHandle {
         }
     });
     let d = drafter.then(drafter_dir);
-    let served = serve::load(model_dir().to_str().unwrap(), WeightsMode::Q8, Default::default(), d, None, 0).unwrap();
+    let served = serve::load(model_dir().to_str().unwrap(), WeightsMode::Q8, Default::default(), d, None, 0, 0.0).unwrap();
     ServerHandle::spawn(served, opts, "127.0.0.1:0".parse().unwrap()).unwrap()
 }
 

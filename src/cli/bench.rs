@@ -48,6 +48,11 @@ struct SpecArgs {
     /// drafter folder without the file.
     #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
     draft_vocab: usize,
+    /// Cut each draft before its first position whose probability under the drafter is below
+    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure. 0: never.
+    /// DFlash drafters.
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    draft_p_min: f32,
     /// Our weights modes to run.
     #[arg(long, value_delimiter = ',', default_values = ["q8", "native"])]
     weights: Vec<WeightsMode>,
@@ -146,6 +151,11 @@ struct ServeBenchArgs {
     /// drafter folder without the file.
     #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
     draft_vocab: usize,
+    /// Cut each draft before its first position whose probability under the drafter is below
+    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure. 0: never.
+    /// DFlash drafters.
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    draft_p_min: f32,
     /// Target weights: auto (default: native for a GGUF of Q8_0/Q4_1 tensors, q8 otherwise), native (GGUF types as stored), q8 (int8 blocks), f32 (reference).
     #[arg(long, default_value_t = WeightsMode::default())]
     weights: WeightsMode,
@@ -269,7 +279,7 @@ fn serve_bench(a: ServeBenchArgs) -> anyhow::Result<()> {
             (None, url.trim_end_matches('/').to_string(), model, "(the server's)".to_string())
         }
         None => {
-            let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size, a.draft_vocab)?;
+            let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size, a.draft_vocab, a.draft_p_min)?;
             let label = match &served.drafter {
                 Some(d) => format!("{} B={}", d.kind(), d.block_size()),
                 None => "none".to_string(),
@@ -516,6 +526,7 @@ fn spec_bench(a: SpecArgs) -> anyhow::Result<()> {
         drafter: a.drafter.clone(),
         block_size: a.block_size,
         draft_vocab: a.draft_vocab,
+        draft_p_min: a.draft_p_min,
         weights: a.weights.clone(),
         prompts: a.prompts,
         max_new_tokens: a.max_new_tokens,

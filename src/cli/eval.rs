@@ -53,6 +53,13 @@ pub struct EvalArgs {
     /// drafter folder without the file.
     #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
     pub draft_vocab: usize,
+    /// Cut each draft before its first position whose probability under the drafter is below
+    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure; 0: never.
+    /// Default: chosen with the block size from the drafter's held-out measurements when
+    /// --block-size is not given (drafters trained since these were logged), else 0. DFlash
+    /// drafters.
+    #[arg(long, value_name = "P")]
+    pub draft_p_min: Option<f32>,
     /// Seeds the --limit subset and the sampling at T > 0.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -154,6 +161,7 @@ pub fn plan(a: &EvalArgs) -> anyhow::Result<EvalPlan> {
         top_p: a.top_p,
         block_size: a.block_size,
         draft_vocab: a.draft_vocab,
+        draft_p_min: a.draft_p_min.map(specauf::drafter::check_draft_p_min).transpose()?,
         seed: a.seed,
         weights: a.weights,
         device: a.device.choice(),

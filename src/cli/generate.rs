@@ -52,6 +52,13 @@ pub struct GenerateArgs {
     /// drafter folder without the file.
     #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
     pub draft_vocab: usize,
+    /// Cut each draft before its first position whose probability under the drafter is below
+    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure; 0: never.
+    /// Default: chosen with the block size from the drafter's held-out measurements when
+    /// --block-size is not given (drafters trained since these were logged), else 0. DFlash
+    /// drafters.
+    #[arg(long, value_name = "P")]
+    pub draft_p_min: Option<f32>,
 
     /// Print one JSON object on the last line of stdout instead of streaming text.
     #[arg(long)]
@@ -121,11 +128,13 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         Some(dir) => {
             let mut d = AnyDrafter::load_for(dir, &m.target).with_context(|| format!("loading drafter {}", dir.display()))?;
             d.set_draft_vocab_size(a.draft_vocab);
+            let p_min = a.draft_p_min.map(specauf::drafter::check_draft_p_min).transpose()?;
+            d.set_draft_p_min(p_min.unwrap_or(0.0));
             let trained = d.block_size();
             let d = match a.block_size {
                 Some(b) => d.at_block_size(b).with_context(|| format!("drafter {}", dir.display()))?,
                 None => {
-                    let (d, c) = choose_for(&m.target, d, dir).with_context(|| format!("choosing the block size of drafter {}", dir.display()))?;
+                    let (d, c) = choose_for(&m.target, d, dir, p_min).with_context(|| format!("choosing the block size of drafter {}", dir.display()))?;
                     if !a.json {
                         eprintln!("[block size: {}]", c.summary(trained));
                     }

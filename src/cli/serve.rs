@@ -27,6 +27,11 @@ pub struct ServeArgs {
     /// drafter folder without the file.
     #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
     pub draft_vocab: usize,
+    /// Cut each draft before its first position whose probability under the drafter is below
+    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure. 0: never.
+    /// DFlash drafters.
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    pub draft_p_min: f32,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
     #[arg(long, default_value_t = 8000)]
@@ -63,7 +68,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     if !(a.shutdown_grace_s >= 0.0 && a.shutdown_grace_s.is_finite()) {
         anyhow::bail!("--shutdown-grace-s must be a finite number >= 0");
     }
-    let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size, a.draft_vocab)?;
+    let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size, a.draft_vocab, a.draft_p_min)?;
     let drafter = match (&a.drafter, &served.drafter) {
         (Some(dir), Some(d)) => format!("{} drafter {} (block {})", d.kind(), dir.display(), d.block_size()),
         _ => "no drafter (plain decoding)".to_string(),

@@ -194,6 +194,15 @@ impl AnyDrafter {
         }
     }
 
+    /// Drafts stop before the first position whose probability under the drafter is below `p`
+    /// (0: never; llama.cpp's `--draft-p-min`): fewer verify rows where the drafter is unsure.
+    /// DFlash drafters; Domino drafts its whole block. A run setting, not saved.
+    pub fn set_draft_p_min(&mut self, p: f32) {
+        if let AnyDrafter::DFlash(d) = self {
+            d.set_draft_p_min(p);
+        }
+    }
+
     /// The ids drafts score, when a draft vocabulary is in use.
     pub fn draft_ids(&self) -> Option<&std::sync::Arc<[u32]>> {
         match self {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::AnyDrafter;
 use crate::model::Target;
-use crate::spec::block_size::{choose_block_size, draft_curve, held_out_acceptance, measure_draft_ms, measure_verify_curve, BlockChoice, DEFAULT_ACCEPTANCE};
+use crate::spec::block_size::{choose_block_and_cut, choose_block_size, draft_curve, held_out_acceptance, held_out_cuts, measure_draft_ms, measure_verify_curve, BlockChoice, DEFAULT_ACCEPTANCE};
 use crate::spec::SpecError;
 
 /// Times the target's verify curve up to the drafter's trained block size and a draft at the
@@ -13,7 +13,12 @@ use crate::spec::SpecError;
 /// be lowered),
 /// reads the drafter's held-out acceptance from its run folder (`dir`, or the folder above),
 /// and returns the drafter at the block size that maximises modelled tokens per second.
-pub fn choose_for(target: &Target, drafter: AnyDrafter, dir: &Path) -> Result<(AnyDrafter, BlockChoice), SpecError> {
+///
+/// Where the run folder has the held-out cut statistics ([`crate::spec::block_size::CutStat`]),
+/// a DFlash drafter's confidence threshold (`--draft-p-min`) is chosen with B: the pair whose
+/// measured tokens a cycle over its mean verify and draft time is highest. `p_min` fixes the
+/// threshold instead; Domino's drafts are never cut.
+pub fn choose_for(target: &Target, mut drafter: AnyDrafter, dir: &Path, p_min: Option<f32>) -> Result<(AnyDrafter, BlockChoice), SpecError> {
     let max_b = drafter.block_size();
     let t0 = std::time::Instant::now();
     let verify_ms = measure_verify_curve(target, max_b, drafter.target_layer_ids(), 5)?;
@@ -33,7 +38,17 @@ pub fn choose_for(target: &Target, drafter: AnyDrafter, dir: &Path) -> Result<(A
         Some(found) => found,
         None => (vec![DEFAULT_ACCEPTANCE; max_b - 1], format!("{DEFAULT_ACCEPTANCE} per position (default: no held-out metrics next to the drafter)")),
     };
-    let (block_size, expected_tokens, expected_tokens_per_s) = choose_block_size(&verify_ms, &draft_ms_by_block, &acceptance, max_b)?;
+    let cuttable = matches!(drafter, AnyDrafter::DFlash(_));
+    let fixed = if cuttable { p_min } else { Some(0.0) };
+    let from_cuts = held_out_cuts(dir).and_then(|cuts| choose_block_and_cut(&verify_ms, &draft_ms_by_block, &cuts, max_b, fixed));
+    let (block_size, p_min, expected_tokens, expected_tokens_per_s, acceptance_source) = match from_cuts {
+        Some((b, p, e, rate)) => (b, p, e, rate, format!("{acceptance_source}; tokens a cycle and rows verified measured there for each block and threshold")),
+        None => {
+            let (b, e, rate) = choose_block_size(&verify_ms, &draft_ms_by_block, &acceptance, max_b)?;
+            (b, fixed.unwrap_or(0.0), e, rate, acceptance_source)
+        }
+    };
+    drafter.set_draft_p_min(p_min);
     let choice = BlockChoice {
         block_size,
         expected_tokens,
@@ -45,6 +60,7 @@ pub fn choose_for(target: &Target, drafter: AnyDrafter, dir: &Path) -> Result<(A
         acceptance,
         acceptance_source,
         calibration_ms: t0.elapsed().as_secs_f64() * 1e3,
+        p_min,
     };
     let drafter = drafter.at_block_size(block_size).map_err(SpecError::proposer)?;
     Ok((drafter, choice))

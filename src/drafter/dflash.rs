@@ -986,6 +986,9 @@ pub struct DFlashDrafter {
     /// (the top [`super::DEFAULT_DRAFT_VOCAB`] unless set otherwise), DESIGN §7.13. None: the whole
     /// vocabulary.
     draft_vocab: Option<(Arc<DraftVocab>, Arc<[u32]>)>,
+    /// Drafts stop at the first position the drafter gives less than this probability (0: off;
+    /// [`DFlashDrafter::set_draft_p_min`]).
+    draft_p_min: f32,
     /// The precision of the layers' linears in training forwards (`layer_precision` of the
     /// training config); inference always runs f32 (or its quantized kernels).
     layer_precision: Precision,
@@ -1013,6 +1016,7 @@ impl DFlashDrafter {
             .collect::<Result<HashMap<_, _>, DrafterError>>()?;
         let mut d = Self::from_tensors(self.config.clone(), tensors)?;
         d.draft_vocab = self.draft_vocab.clone();
+        d.draft_p_min = self.draft_p_min;
         Ok(d)
     }
 
@@ -1074,6 +1078,7 @@ impl DFlashDrafter {
             varmap,
             config,
             draft_vocab: None,
+            draft_p_min: 0.0,
             layer_precision: Precision::F32,
             context_spans: CONTEXT_SPANS,
         })
@@ -1377,6 +1382,26 @@ impl DFlashDrafter {
         let b = self.config.block_size;
         let logits = target.lm_head(&hidden.narrow(0, 1, b - 1)?)?;
         Ok(logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?)
+    }
+
+    /// [`DFlashDrafter::draft`] with each draft's probability under the drafter's softmax over
+    /// the whole vocabulary (its confidence, which `--draft-p-min` compares).
+    pub fn draft_scored(&self, target: &Target, cache: &DFlashCache, last_token: u32, start: usize) -> Result<Vec<(u32, f32)>, DrafterError> {
+        let ids = self.block_ids(&[last_token]);
+        let hidden = self.forward_block(target, cache, &ids, start)?;
+        let b = self.config.block_size;
+        let logits = target.lm_head(&hidden.narrow(0, 1, b - 1)?)?.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+        Ok(logits.to_vec2::<f32>()?.iter().map(|row| super::dflash_infer::top_with_probability(row)).collect())
+    }
+
+    /// Drafts are cut at the first position whose probability is below `p` (0: never cut):
+    /// llama.cpp's `--draft-p-min`. A run setting, not saved with the checkpoint.
+    pub fn set_draft_p_min(&mut self, p: f32) {
+        self.draft_p_min = p;
+    }
+
+    pub fn draft_p_min(&self) -> f32 {
+        self.draft_p_min
     }
 }
 

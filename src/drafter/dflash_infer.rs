@@ -407,23 +407,40 @@ impl DFlashInfer {
     /// [`DFlashInfer::draft`] with the drafts taken among a draft vocabulary's ids (`head`,
     /// [`super::vocab`]) instead of the whole head.
     pub fn draft_in(&self, target: &Target, cache: &mut KvCache, last: u32, start: usize, head: Option<&mut DraftHead>) -> Result<Vec<u32>, DrafterError> {
+        Ok(self.draft_scored_in(target, cache, last, start, head)?.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// [`DFlashInfer::draft_in`] with each draft's probability under the drafter's softmax (over
+    /// the ids it scores): its confidence, which `--draft-p-min` compares.
+    pub fn draft_scored_in(&self, target: &Target, cache: &mut KvCache, last: u32, start: usize, head: Option<&mut DraftHead>) -> Result<Vec<(u32, f32)>, DrafterError> {
         crate::util::pool::on_pool(|| self.draft_here(target, cache, last, start, head))
     }
 
-    fn draft_here(&self, target: &Target, cache: &mut KvCache, last: u32, start: usize, head: Option<&mut DraftHead>) -> Result<Vec<u32>, DrafterError> {
+    fn draft_here(&self, target: &Target, cache: &mut KvCache, last: u32, start: usize, head: Option<&mut DraftHead>) -> Result<Vec<(u32, f32)>, DrafterError> {
         let b = self.block_size;
         let x = self.forward_block(target, cache, last, start)?;
         if let Some(head) = head {
-            return head.argmax(target, &x[self.hidden..], b - 1);
+            return head.scored(target, &x[self.hidden..], b - 1);
         }
         let rows = Tensor::from_slice(&x[self.hidden..], (b - 1, self.hidden), &Device::Cpu)?;
-        // candle's argmax over the logits tensor: no copy of the (B-1, V) logits out of it
-        Ok(target.lm_head(&rows)?.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
+        Ok(target.lm_head(&rows)?.to_vec2::<f32>()?.iter().map(|row| top_with_probability(row)).collect())
     }
 
     pub fn block_size(&self) -> usize {
         self.block_size
     }
+}
+
+/// The first index of a row's largest value (candle's argmax) and its softmax probability.
+pub(crate) fn top_with_probability(row: &[f32]) -> (u32, f32) {
+    let (mut bi, mut bv) = (0usize, f32::NEG_INFINITY);
+    for (i, &v) in row.iter().enumerate() {
+        if v > bv {
+            (bi, bv) = (i, v);
+        }
+    }
+    let (_, sum) = crate::model::host_ops::max_and_sum_exp(row);
+    (bi as u32, 1.0 / sum)
 }
 
 #[cfg(test)]

@@ -109,3 +109,15 @@ impl DrafterError {
         DrafterError::Io { path: path.display().to_string(), source }
     }
 }
+
+/// A `--draft-p-min` value as given: a probability in [0, 1), or an error that says so.
+pub fn check_draft_p_min(p: f32) -> Result<f32, DrafterError> {
+    if (0.0..1.0).contains(&p) {
+        Ok(p)
+    } else {
+        Err(DrafterError::InvalidConfig {
+            path: "--draft-p-min".into(),
+            what: format!("{p} is not a probability below 1; drafts are cut before their first position below it (0: never)"),
+        })
+    }
+}

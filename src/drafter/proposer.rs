@@ -44,6 +44,8 @@ pub struct DFlashProposer {
     /// `begin` from the target's head; None where that head has no block form).
     draft_ids: Option<Arc<[u32]>>,
     draft_head: Option<DraftHead>,
+    /// Drafts stop before the first position whose probability is below this (0: never).
+    p_min: f32,
 }
 
 #[derive(Debug, Clone)]
@@ -67,7 +69,8 @@ impl DFlashProposer {
             Ok(infer) => {
                 let cache = infer.new_cache();
                 let draft_ids = drafter.draft_ids().cloned();
-                Self { config: drafter.config().clone(), path: Path::Fast { infer, cache }, pending: None, draft_ids, draft_head: None }
+                let p_min = drafter.draft_p_min();
+                Self { config: drafter.config().clone(), path: Path::Fast { infer, cache }, pending: None, draft_ids, draft_head: None, p_min }
             }
             Err(_) => Self::reference(drafter),
         }
@@ -81,7 +84,8 @@ impl DFlashProposer {
     /// A proposer on the reference (candle f32) path.
     pub fn reference(drafter: DFlashDrafter) -> Self {
         let cache = drafter.new_cache();
-        Self { config: drafter.config().clone(), path: Path::Reference { drafter, cache }, pending: None, draft_ids: None, draft_head: None }
+        let p_min = drafter.draft_p_min();
+        Self { config: drafter.config().clone(), path: Path::Reference { drafter, cache }, pending: None, draft_ids: None, draft_head: None, p_min }
     }
 
     /// The drafter, on the reference path (a fast proposer no longer holds its f32 weights).
@@ -173,22 +177,28 @@ impl Proposer for DFlashProposer {
     }
 
     fn propose(&mut self, target: &Target, last_token: u32, start: usize) -> Result<Draft, SpecError> {
-        let tokens = match &mut self.path {
+        let p_min = self.p_min;
+        let scored = match &mut self.path {
             Path::Fast { infer, cache } => {
                 if let Some(f) = self.pending.take() {
                     let rows = f.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                     infer.extend_context(cache, &rows).map_err(SpecError::proposer)?;
                 }
-                infer.draft_in(target, cache, last_token, start, self.draft_head.as_mut()).map_err(SpecError::proposer)?
+                infer.draft_scored_in(target, cache, last_token, start, self.draft_head.as_mut()).map_err(SpecError::proposer)?
             }
             Path::Reference { drafter, cache } => {
                 if let Some(f) = self.pending.take() {
                     drafter.extend_context(cache, &f).map_err(SpecError::proposer)?;
                 }
-                drafter.draft(target, cache, last_token, start).map_err(SpecError::proposer)?
+                match p_min > 0.0 {
+                    true => drafter.draft_scored(target, cache, last_token, start).map_err(SpecError::proposer)?,
+                    false => drafter.draft(target, cache, last_token, start).map_err(SpecError::proposer)?.into_iter().map(|t| (t, 1.0)).collect(),
+                }
             }
         };
-        Ok(Draft::tokens(tokens))
+        // A chain is accepted only up to its first miss: the drafts after the first unlikely one
+        // would cost verify rows for little chance of being reached.
+        Ok(Draft::tokens(scored.into_iter().take_while(|&(_, p)| p >= p_min).map(|(t, _)| t).collect()))
     }
 
     fn commit(&mut self, tokens: &[u32], features: Option<&Tensor>, start: usize) -> Result<(), SpecError> {

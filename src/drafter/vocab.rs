@@ -199,6 +199,12 @@ impl DraftHead {
     /// The greedy draft of each of the `n` rows of `x` (n, H): the id of the highest logit among
     /// this request's ids (the lowest id on a tie within the top-K rows, as a whole-head argmax).
     pub fn argmax(&mut self, target: &Target, x: &[f32], n: usize) -> Result<Vec<u32>, DrafterError> {
+        Ok(self.scored(target, x, n)?.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// [`DraftHead::argmax`] with each draft's probability under the softmax over this request's
+    /// ids (the drafter's confidence, which `--draft-p-min` compares).
+    pub fn scored(&mut self, target: &Target, x: &[f32], n: usize) -> Result<Vec<(u32, f32)>, DrafterError> {
         if self.stale {
             self.extra = target.head_rows(&self.extra_ids)?;
             self.stale = false;
@@ -208,7 +214,8 @@ impl DraftHead {
         self.logits.resize(n * k.max(e), 0.0);
         let y = &mut self.logits[..n * k];
         self.head.matmul(x, n, y).map_err(qgemm)?;
-        let mut best: Vec<(u32, f32)> = y
+        // Per row: the best id, its logit, and the softmax normalizer Σ e^(l − best logit).
+        let mut best: Vec<(u32, f32, f32)> = y
             .chunks_exact(k)
             .map(|row| {
                 let (mut bi, mut bv) = (0, f32::NEG_INFINITY);
@@ -217,21 +224,27 @@ impl DraftHead {
                         (bi, bv) = (i, v);
                     }
                 }
-                (self.ids.get(bi).copied().unwrap_or(0), bv)
+                let (_, sum) = crate::model::host_ops::max_and_sum_exp(row);
+                (self.ids.get(bi).copied().unwrap_or(0), bv, sum)
             })
             .collect();
         if let Some(extra) = &self.extra {
             let ye = &mut self.logits[..n * e];
             extra.matmul(x, n, ye).map_err(qgemm)?;
             for (b, row) in best.iter_mut().zip(ye.chunks_exact(e)) {
+                let (main_max, main_sum) = (b.1, b.2);
                 for (i, &v) in row.iter().enumerate() {
                     if v > b.1 {
-                        *b = (self.extra_ids[i], v);
+                        (b.0, b.1) = (self.extra_ids[i], v);
                     }
                 }
+                // Both parts' normalizers taken to the new maximum b.1 (at least either part's).
+                let (emax, esum) = crate::model::host_ops::max_and_sum_exp(row);
+                let exp = crate::model::host_ops::exp;
+                b.2 = main_sum * exp(main_max - b.1) + esum * exp(emax - b.1);
             }
         }
-        Ok(best.into_iter().map(|(id, _)| id).collect())
+        Ok(best.into_iter().map(|(id, _, sum)| (id, 1.0 / sum)).collect())
     }
 }
 

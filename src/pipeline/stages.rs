@@ -418,6 +418,10 @@ pub struct EvalPlan {
     /// Drafts score this many top-ranked ids of each drafter's draft vocabulary (0: the whole
     /// vocabulary; DESIGN §7.13).
     pub draft_vocab: usize,
+    /// Drafts stop before their first position below this probability (0: never;
+    /// [`AnyDrafter::set_draft_p_min`]); None: chosen with the block size where that is chosen,
+    /// else 0.
+    pub draft_p_min: Option<f32>,
     pub seed: u64,
     pub weights: WeightsMode,
     /// Where the target and drafters compute.
@@ -443,6 +447,7 @@ impl EvalPlan {
             top_p: 1.0,
             block_size: None,
             draft_vocab: crate::drafter::DEFAULT_DRAFT_VOCAB,
+            draft_p_min: None,
             seed: 0,
             weights: WeightsMode::default(),
             device: DeviceChoice::default(),
@@ -578,12 +583,13 @@ fn load_drafters(plan: &EvalPlan, m: &LoadedModel) -> Result<(Vec<EvalDrafter<'s
         let err = |source| StageError::Drafter { path: dir.display().to_string(), source };
         let mut d = AnyDrafter::load_for(dir, &m.target).map_err(err)?;
         d.set_draft_vocab_size(plan.draft_vocab);
+        d.set_draft_p_min(plan.draft_p_min.unwrap_or(0.0));
         let draft_vocab = d.draft_ids().map(|ids| ids.len());
         let trained = d.block_size();
         let (d, block_choice) = match block_size.or(plan.block_size) {
             Some(b) => (d.at_block_size(b).map_err(err)?, None),
             None => {
-                let (d, c) = crate::drafter::block_choice::choose_for(&m.target, d, dir)
+                let (d, c) = crate::drafter::block_choice::choose_for(&m.target, d, dir, plan.draft_p_min)
                     .map_err(|e| StageError::Invalid(format!("drafter {}: choosing the block size: {e}", dir.display())))?;
                 (d, Some(c))
             }

@@ -38,7 +38,16 @@ pub struct Served {
 /// a smaller block verifies more cheaply).
 /// `draft_vocab`: the top-ranked ids of the drafter's draft vocabulary its drafts score (0: the
 /// whole vocabulary; DESIGN §7.13).
-pub fn load(model: &str, weights: WeightsMode, device: DeviceChoice, drafter: Option<&Path>, block_size: Option<usize>, draft_vocab: usize) -> Result<Served, ServeLoadError> {
+/// `draft_p_min`: drafts stop before their first position below this probability (0: never).
+pub fn load(
+    model: &str,
+    weights: WeightsMode,
+    device: DeviceChoice,
+    drafter: Option<&Path>,
+    block_size: Option<usize>,
+    draft_vocab: usize,
+    draft_p_min: f32,
+) -> Result<Served, ServeLoadError> {
     let backend = device.backend()?;
     let m = load_model_on(model, weights, &backend).map_err(|source| ServeLoadError::Model { model: model.to_string(), source })?;
     let drafter = match drafter {
@@ -52,6 +61,7 @@ pub fn load(model: &str, weights: WeightsMode, device: DeviceChoice, drafter: Op
             let err = |source| ServeLoadError::Drafter { path: dir.to_path_buf(), source };
             let mut d = AnyDrafter::load_for(dir, &m.target).map_err(err)?;
             d.set_draft_vocab_size(draft_vocab);
+            d.set_draft_p_min(crate::drafter::check_draft_p_min(draft_p_min).map_err(err)?);
             Some(match block_size {
                 Some(b) => d.at_block_size(b).map_err(err)?,
                 None => d,

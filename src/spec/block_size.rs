@@ -29,6 +29,66 @@ pub const DEFAULT_ACCEPTANCE: f64 = 0.5;
 /// Context length at which the curve is timed (short: the start-up cost stays small).
 const CURVE_CONTEXT: usize = 32;
 
+/// The confidence thresholds (`--draft-p-min`) at which a drafter's held-out evaluation measures
+/// its drafts cut short ([`cut_stats`]), and among which the block-size choice picks.
+pub const P_MIN_GRID: [f32; 8] = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5];
+
+/// Drafts for blocks of `block_size` cut before their first position whose confidence (the
+/// drafter's probability of its greedy draft) is below `p_min`, over held-out anchors: what a
+/// cycle commits and how many rows it verifies.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CutStat {
+    pub block_size: usize,
+    pub p_min: f32,
+    /// Mean tokens a cycle commits (accepted drafts + 1).
+    pub tokens: f64,
+    /// rows[m - 1]: the share of cycles that verify m rows (m = 1..=block_size; 1: no draft).
+    pub rows: Vec<f64>,
+}
+
+/// [`CutStat`]s for every block size 2..=max_b and threshold of [`P_MIN_GRID`], from each
+/// anchor's (confidence, the draft was the target's token) at draft positions 1, 2, ... (an
+/// anchor may have fewer positions, near a sequence's end). Empty when there are no anchors.
+pub fn cut_stats(anchors: &[Vec<(f32, bool)>], max_b: usize) -> Vec<CutStat> {
+    if anchors.is_empty() {
+        return Vec::new();
+    }
+    let n = anchors.len() as f64;
+    let mut out = Vec::new();
+    for b in 2..=max_b {
+        for &p_min in &P_MIN_GRID {
+            let (mut tokens, mut rows) = (0usize, vec![0usize; b]);
+            for a in anchors {
+                let kept = a.iter().take(b - 1).take_while(|x| x.0 >= p_min).count();
+                tokens += 1 + a[..kept].iter().take_while(|x| x.1).count();
+                rows[kept] += 1;
+            }
+            out.push(CutStat { block_size: b, p_min, tokens: tokens as f64 / n, rows: rows.iter().map(|&r| r as f64 / n).collect() });
+        }
+    }
+    out
+}
+
+/// The (B, p_min) of `cuts` maximising measured tokens a cycle ÷ (the cycle's mean verify time +
+/// the draft at B), B ≤ max_b, p_min = `fixed_p` when given; ties go to the smaller B, then the
+/// lower threshold. Returns (B, p_min, tokens a cycle, modelled tokens/s); None when no cut
+/// qualifies.
+pub fn choose_block_and_cut(verify_ms: &[f64], draft_ms: &[f64], cuts: &[CutStat], max_b: usize, fixed_p: Option<f32>) -> Option<(usize, f32, f64, f64)> {
+    let mut best: Option<(usize, f32, f64, f64)> = None;
+    for c in cuts {
+        let b = c.block_size;
+        if b < 2 || b > max_b || b > verify_ms.len() || b > draft_ms.len() || c.rows.len() != b || fixed_p.is_some_and(|p| p != c.p_min) {
+            continue;
+        }
+        let verify: f64 = c.rows.iter().enumerate().map(|(m, share)| share * verify_ms[m]).sum();
+        let rate = c.tokens / (verify + draft_ms[b - 1]) * 1e3;
+        if rate.is_finite() && best.is_none_or(|x| rate > x.3 * (1.0 + 1e-9)) {
+            best = Some((b, c.p_min, c.tokens, rate));
+        }
+    }
+    best
+}
+
 /// The chosen block size and the numbers it was chosen from.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BlockChoice {
@@ -51,6 +111,9 @@ pub struct BlockChoice {
     pub acceptance_source: String,
     /// Start-up time spent measuring (curve and drafts).
     pub calibration_ms: f64,
+    /// Drafts are cut before their first position below this confidence (0: never), chosen
+    /// with B from the drafter's held-out cut statistics when it has them.
+    pub p_min: f32,
 }
 
 impl BlockChoice {
@@ -68,8 +131,9 @@ impl BlockChoice {
         } else {
             ""
         };
+        let cut = if self.p_min > 0.0 { format!(", drafts cut below p = {}", self.p_min) } else { String::new() };
         format!(
-            "B = {} of {} chosen from measurement (model: {:.2} tokens/cycle, {:.0} tok/s vs AR {:.0}; verify(1..{}) {} ms, draft {:.1} ms, measured in {:.0} ms; acceptance {}{warning})",
+            "B = {}{cut} of {} chosen from measurement (model: {:.2} tokens/cycle, {:.0} tok/s vs AR {:.0}; verify(1..{}) {} ms, draft {:.1} ms, measured in {:.0} ms; acceptance {}{warning})",
             self.block_size,
             max_b,
             self.expected_tokens,
@@ -171,6 +235,24 @@ pub fn measure_draft_ms(target: &Target, proposer: &mut dyn Proposer) -> Result<
     Ok((out.draft_ms - out.first_draft_ms) / (out.cycles - 1) as f64)
 }
 
+/// The cut statistics ([`CutStat`]) of the last held-out evaluation in the drafter's training log
+/// that has them (`"eval": {"cuts": [...]}` in `metrics.jsonl` of `dir` or its parent; drafters
+/// trained before the log had them have none).
+pub fn held_out_cuts(dir: &Path) -> Option<Vec<CutStat>> {
+    for file in [dir.join("metrics.jsonl"), dir.parent()?.join("metrics.jsonl")] {
+        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        let last = text.lines().rev().find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            let cuts: Vec<CutStat> = serde_json::from_value(v.get("eval")?.get("cuts")?.clone()).ok()?;
+            (!cuts.is_empty()).then_some(cuts)
+        });
+        if last.is_some() {
+            return last;
+        }
+    }
+    None
+}
+
 /// The per-position accuracies of the last held-out evaluation in the drafter's training log
 /// (`metrics.jsonl` in `dir` or its parent, lines with `"eval": {"acc_per_position": [...]}`).
 pub fn held_out_acceptance(dir: &Path) -> Option<(Vec<f64>, String)> {
@@ -256,6 +338,7 @@ mod tests {
             acceptance: vec![0.2],
             acceptance_source: "assumed".into(),
             calibration_ms: 500.0,
+            p_min: 0.0,
         };
         assert!(choice(120.0).slower_than_plain());
         assert!(choice(120.0).summary(8).contains("beat plain decoding"));
@@ -272,6 +355,67 @@ mod tests {
         assert!(choose_block_size(&curve[..3], &[0.0; 16], &[1.0], 4).is_err());
         assert!(choose_block_size(&[5.0, f64::NAN], &[0.0; 2], &[1.0], 2).is_err());
         assert!(choose_block_size(&[5.0, 0.0], &[0.0; 2], &[1.0], 2).is_err());
+    }
+
+    #[test]
+    fn cut_stats_count_the_kept_drafts_and_the_accepted_prefix() {
+        // three anchors: sure and right twice; unsure and wrong; sure, right, then unsure
+        let anchors = vec![vec![(0.9, true), (0.8, true), (0.7, false)], vec![(0.1, false), (0.9, true), (0.9, true)], vec![(0.6, true), (0.2, false)]];
+        let cuts = cut_stats(&anchors, 4);
+        assert_eq!(cuts.len(), 3 * P_MIN_GRID.len());
+        let at = |b: usize, p: f32| cuts.iter().find(|c| c.block_size == b && c.p_min == p).unwrap().clone();
+        // no threshold at B = 4: rows 4, 4, 3; tokens 1 + 2, 1 + 0, 1 + 1
+        let c = at(4, 0.0);
+        assert!((c.tokens - 6.0 / 3.0).abs() < 1e-12);
+        assert_eq!(c.rows, vec![0.0, 0.0, 1.0 / 3.0, 2.0 / 3.0]);
+        // p_min 0.3: anchor 2 drafts nothing, anchor 3 keeps one: rows 4, 1, 2; tokens the same
+        let c = at(4, 0.3);
+        assert!((c.tokens - 6.0 / 3.0).abs() < 1e-12);
+        assert_eq!(c.rows, vec![1.0 / 3.0, 1.0 / 3.0, 0.0, 1.0 / 3.0]);
+        // B = 2: one draft at most
+        let c = at(2, 0.0);
+        assert!((c.tokens - 5.0 / 3.0).abs() < 1e-12);
+        assert_eq!(c.rows, vec![0.0, 1.0]);
+        assert!(cut_stats(&[], 4).is_empty());
+    }
+
+    #[test]
+    fn the_cut_choice_weighs_measured_tokens_against_the_rows_verified() {
+        // verify(m) = 10 + 2m ms, draft 1 ms: a row costs a fifth of a decode step.
+        let curve: Vec<f64> = (1..=4).map(|m| 10.0 + 2.0 * m as f64).collect();
+        let draft = [1.0; 4];
+        // a drafter that is right when sure and wrong when not: cutting the unsure drafts pays
+        let sure_right: Vec<Vec<(f32, bool)>> = (0..100).map(|i| if i % 2 == 0 { vec![(0.9, true), (0.9, true), (0.1, false)] } else { vec![(0.1, false), (0.1, false), (0.1, false)] }).collect();
+        let cuts = cut_stats(&sure_right, 4);
+        let (b, p, tokens, rate) = choose_block_and_cut(&curve, &draft, &cuts, 4, None).unwrap();
+        assert_eq!(b, 3, "the third draft is never right");
+        assert!(p > 0.0 && p <= 0.5, "the unsure drafts are cut: p = {p}");
+        assert!((tokens - 2.0).abs() < 1e-12);
+        // brute force over every (B, p) agrees
+        for c in &cuts {
+            let v: f64 = c.rows.iter().enumerate().map(|(m, s)| s * curve[m]).sum();
+            assert!(c.tokens / (v + draft[c.block_size - 1]) * 1e3 <= rate + 1e-9);
+        }
+        // a fixed threshold is kept; a block above max_b is never chosen
+        let (_, p0, _, _) = choose_block_and_cut(&curve, &draft, &cuts, 4, Some(0.0)).unwrap();
+        assert_eq!(p0, 0.0);
+        let (b2, _, _, _) = choose_block_and_cut(&curve, &draft, &cuts, 2, None).unwrap();
+        assert_eq!(b2, 2);
+        assert!(choose_block_and_cut(&curve, &draft, &cuts, 4, Some(0.33)).is_none(), "a threshold off the grid has no measurement");
+    }
+
+    #[test]
+    fn held_out_cuts_read_the_last_eval_line_that_has_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let final_dir = dir.path().join("final");
+        std::fs::create_dir_all(&final_dir).unwrap();
+        assert!(held_out_cuts(&final_dir).is_none());
+        let cut = |t: f64| format!("{{\"block_size\":2,\"p_min\":0.0,\"tokens\":{t},\"rows\":[0.0,1.0]}}");
+        let log = format!("{{\"eval\":{{\"cuts\":[{}]}}}}\n{{\"eval\":{{\"cuts\":[{}]}}}}\n{{\"eval\":{{\"acc_per_position\":[0.4]}}}}\n", cut(1.2), cut(1.3));
+        std::fs::write(dir.path().join("metrics.jsonl"), log).unwrap();
+        let cuts = held_out_cuts(&final_dir).unwrap();
+        assert_eq!(cuts.len(), 1);
+        assert_eq!(cuts[0].tokens, 1.3);
     }
 
     #[test]

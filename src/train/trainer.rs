@@ -89,6 +89,11 @@ pub struct EvalMetrics {
     pub support_size: f32,
     pub acc_per_position: Vec<f32>,
     pub blocks: usize,
+    /// DFlash drafters: each block size and confidence threshold's tokens a cycle and rows
+    /// verified over these blocks, were drafts cut below the threshold; the block-size choice
+    /// reads the last evaluation's (`--draft-p-min`). Absent in logs written before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cuts: Vec<crate::spec::block_size::CutStat>,
 }
 
 /// Target features of sequences: from the prepared cache on disk when it has the right layers,
@@ -224,6 +229,8 @@ pub fn evaluate(
     let layout = drafter.layout();
     let mut counts = MetricCounts::new(layout);
     let (mut loss_sum, mut loss_n) = (0f64, 0usize);
+    // Per block: the drafter's confidence and correctness at positions 1, 2, ... (DFlash).
+    let mut scored: Vec<Vec<(f32, bool)>> = Vec::new();
     for i in 0..n.min(data.len()) {
         let seq = data.get(i);
         let anchors = sample_anchors(&seq.loss_mask, num_anchors, &mut step_rng(seed ^ 0xE7A1, 0, i as u64));
@@ -251,6 +258,16 @@ pub fn evaluate(
         counts.merge(&out.rows.metrics);
         loss_sum += out.loss as f64;
         loss_n += 1;
+        if layout.first_position == 1 && layout.positions_per_block > 0 {
+            let p = layout.positions_per_block;
+            let rows = &out.rows;
+            for ((v, top), ok) in valid.chunks(p).zip(rows.p_top.chunks(p)).zip(rows.correct.chunks(p)) {
+                let a: Vec<(f32, bool)> = v.iter().zip(top.iter().zip(ok)).take_while(|(v, _)| **v).map(|(_, (t, c))| (*t, *c)).collect();
+                if !a.is_empty() {
+                    scored.push(a);
+                }
+            }
+        }
     }
     let m: BlockMetrics = counts.summary();
     Ok(EvalMetrics {
@@ -260,6 +277,7 @@ pub fn evaluate(
         support_size: m.support_size,
         acc_per_position: m.acc_per_position,
         blocks: counts.blocks,
+        cuts: crate::spec::block_size::cut_stats(&scored, drafter.block_size()),
     })
 }
 

@@ -15,6 +15,7 @@ pub(super) struct BranchAcc {
     ce: Vec<f32>,
     correct: Vec<bool>,
     p_gold: Vec<f32>,
+    p_top: Vec<f32>,
     pub weights: Vec<f32>,
     pub totals: WeightTotals,
     metrics: MetricCounts,
@@ -27,6 +28,7 @@ impl BranchAcc {
             ce: vec![0.0; n],
             correct: vec![false; n],
             p_gold: vec![0.0; n],
+            p_top: vec![0.0; n],
             weights: vec![0.0; n],
             totals: WeightTotals::default(),
             metrics: MetricCounts::new(layout),
@@ -38,6 +40,7 @@ impl BranchAcc {
         for (j, s) in stats.iter().enumerate() {
             self.ce[r0 + j] = s.ce;
             self.p_gold[r0 + j] = s.p_gold;
+            self.p_top[r0 + j] = s.inv_sum;
             self.correct[r0 + j] = s.correct;
         }
     }
@@ -61,6 +64,7 @@ impl BranchAcc {
             totals,
             metrics,
             weighted_ce,
+            ..
         } = self;
         let (src_correct, src_p_gold) = match source {
             Some(s) => s,
@@ -96,6 +100,7 @@ impl BranchAcc {
             ce: self.ce,
             correct: self.correct,
             p_gold: self.p_gold,
+            p_top: self.p_top,
             weights: self.weights,
             normaliser,
             loss,

@@ -275,6 +275,9 @@ pub struct RowOutputs {
     pub ce: Vec<f32>,
     pub correct: Vec<bool>,
     pub p_gold: Vec<f32>,
+    /// The softmax probability of the row's top logit (the drafter's confidence in its greedy
+    /// draft; 0 for an invalid row).
+    pub p_top: Vec<f32>,
     pub weights: Vec<f32>,
     pub normaliser: f32,
     /// Σ w·CE / normaliser of this branch (0 when the normaliser is 0).
