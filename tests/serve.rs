@@ -52,7 +52,8 @@ fn start(drafter: bool, opts: ServeOptions) -> ServerHandle {
         }
     });
     let d = drafter.then(drafter_dir);
-    let served = serve::load(model_dir().to_str().unwrap(), WeightsMode::Q8, Default::default(), d, None, 0, 0.0).unwrap();
+    // The drafter's trained block, fixed: the tests count its rows (a chosen block is timed).
+    let served = serve::load(model_dir().to_str().unwrap(), WeightsMode::Q8, Default::default(), d, drafter.then_some(4), 0, None).unwrap();
     ServerHandle::spawn(served, opts, "127.0.0.1:0".parse().unwrap()).unwrap()
 }
 
@@ -620,4 +621,20 @@ fn from_the_disable_batch_size_on_cycles_are_plain_decode_steps_with_the_same_te
     assert!(plain >= 1.0, "no cycle ran without drafts");
     assert_eq!(metric(&m, "specauf_cycles_total"), Some(plain), "every cycle ran without drafts");
     assert_eq!(metric(&m, "specauf_drafted_tokens_total"), Some(0.0), "nothing was drafted");
+}
+
+/// Without --block-size the server chooses the block size (and the draft cut) as `generate`
+/// does, and says how; with it, nothing is chosen.
+#[test]
+fn the_server_chooses_the_block_size_unless_it_is_given() {
+    let model = model_dir().to_str().unwrap();
+    let chosen = serve::load(model, WeightsMode::Q8, Default::default(), Some(drafter_dir()), None, 0, None).unwrap();
+    let c = chosen.block_choice.expect("a choice without --block-size");
+    let d = chosen.drafter.unwrap();
+    assert!((2..=4).contains(&d.block_size()) && d.block_size() == c.block_size, "{}", c.summary(4));
+    let fixed = serve::load(model, WeightsMode::Q8, Default::default(), Some(drafter_dir()), Some(3), 0, Some(0.2)).unwrap();
+    assert!(fixed.block_choice.is_none());
+    assert_eq!(fixed.drafter.unwrap().block_size(), 3);
+    let bad = serve::load(model, WeightsMode::Q8, Default::default(), Some(drafter_dir()), Some(3), 0, Some(1.5));
+    assert!(bad.err().unwrap().to_string().contains("--draft-p-min"));
 }

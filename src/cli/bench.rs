@@ -152,10 +152,11 @@ struct ServeBenchArgs {
     #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
     draft_vocab: usize,
     /// Cut each draft before its first position whose probability under the drafter is below
-    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure. 0: never.
-    /// DFlash drafters.
-    #[arg(long, value_name = "P", default_value_t = 0.0)]
-    draft_p_min: f32,
+    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure; 0: never.
+    /// Default: chosen with the block size, as `serve` chooses them, unless --block-size is
+    /// given (then 0). DFlash drafters.
+    #[arg(long, value_name = "P")]
+    draft_p_min: Option<f32>,
     /// Target weights: auto (default: native for a GGUF of Q8_0/Q4_1 tensors, q8 otherwise), native (GGUF types as stored), q8 (int8 blocks), f32 (reference).
     #[arg(long, default_value_t = WeightsMode::default())]
     weights: WeightsMode,

@@ -18,7 +18,8 @@ pub struct ServeArgs {
     /// A DFlash or Domino drafter directory: speculative decoding (same output at T = 0).
     #[arg(long)]
     pub drafter: Option<std::path::PathBuf>,
-    /// Run a DFlash drafter at a smaller block than it was trained with (default: its own).
+    /// Run a DFlash drafter at a smaller block than it was trained with (default: chosen from
+    /// measurement at start-up, as `generate` chooses it).
     #[arg(long)]
     pub block_size: Option<usize>,
     /// Drafts score only the K most frequent tokens of the drafter's training replies (its
@@ -28,10 +29,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
     pub draft_vocab: usize,
     /// Cut each draft before its first position whose probability under the drafter is below
-    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure. 0: never.
-    /// DFlash drafters.
-    #[arg(long, value_name = "P", default_value_t = 0.0)]
-    pub draft_p_min: f32,
+    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure; 0: never.
+    /// Default: chosen with the block size from the drafter's held-out measurements when
+    /// --block-size is not given (drafters trained since these were logged), else 0. DFlash
+    /// drafters.
+    #[arg(long, value_name = "P")]
+    pub draft_p_min: Option<f32>,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
     #[arg(long, default_value_t = 8000)]
@@ -70,7 +73,10 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     }
     let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size, a.draft_vocab, a.draft_p_min)?;
     let drafter = match (&a.drafter, &served.drafter) {
-        (Some(dir), Some(d)) => format!("{} drafter {} (block {})", d.kind(), dir.display(), d.block_size()),
+        (Some(dir), Some(d)) => match &served.block_choice {
+            Some(c) => format!("{} drafter {} ({})", d.kind(), dir.display(), c.summary(c.verify_ms.len())),
+            None => format!("{} drafter {} (block {})", d.kind(), dir.display(), d.block_size()),
+        },
         _ => "no drafter (plain decoding)".to_string(),
     };
     let opts = ServeOptions {

@@ -19,6 +19,8 @@ pub enum ServeLoadError {
     Drafter { path: PathBuf, source: DrafterError },
     #[error("--block-size {requested}: {what}")]
     BlockSize { requested: usize, what: String },
+    #[error("drafter {path}: choosing the block size: {source}")]
+    BlockChoice { path: PathBuf, source: crate::spec::SpecError },
     #[error(transparent)]
     Device(#[from] DeviceError),
 }
@@ -31,6 +33,9 @@ pub type DrafterTemplate = AnyDrafter;
 pub struct Served {
     pub model: LoadedModel,
     pub drafter: Option<DrafterTemplate>,
+    /// How the drafter's block size and draft cut were chosen (None: fixed by `--block-size`,
+    /// or no drafter).
+    pub block_choice: Option<crate::spec::block_size::BlockChoice>,
 }
 
 /// Loads `model` (`smollm2` or a path) and, with `drafter`, a DFlash or Domino drafter checked
@@ -39,6 +44,9 @@ pub struct Served {
 /// `draft_vocab`: the top-ranked ids of the drafter's draft vocabulary its drafts score (0: the
 /// whole vocabulary; DESIGN §7.13).
 /// `draft_p_min`: drafts stop before their first position below this probability (0: never).
+/// Without `block_size` the block size and the cut are chosen from measurement as `generate`
+/// chooses them ([`crate::drafter::block_choice::choose_for`]); with it, drafts are cut only
+/// where `draft_p_min` says so.
 pub fn load(
     model: &str,
     weights: WeightsMode,
@@ -46,10 +54,11 @@ pub fn load(
     drafter: Option<&Path>,
     block_size: Option<usize>,
     draft_vocab: usize,
-    draft_p_min: f32,
+    draft_p_min: Option<f32>,
 ) -> Result<Served, ServeLoadError> {
     let backend = device.backend()?;
     let m = load_model_on(model, weights, &backend).map_err(|source| ServeLoadError::Model { model: model.to_string(), source })?;
+    let mut choice = None;
     let drafter = match drafter {
         None => {
             if let Some(b) = block_size {
@@ -61,12 +70,18 @@ pub fn load(
             let err = |source| ServeLoadError::Drafter { path: dir.to_path_buf(), source };
             let mut d = AnyDrafter::load_for(dir, &m.target).map_err(err)?;
             d.set_draft_vocab_size(draft_vocab);
-            d.set_draft_p_min(crate::drafter::check_draft_p_min(draft_p_min).map_err(err)?);
-            Some(match block_size {
-                Some(b) => d.at_block_size(b).map_err(err)?,
-                None => d,
-            })
+            let p_min = draft_p_min.map(crate::drafter::check_draft_p_min).transpose().map_err(err)?;
+            d.set_draft_p_min(p_min.unwrap_or(0.0));
+            match block_size {
+                Some(b) => Some(d.at_block_size(b).map_err(err)?),
+                None => {
+                    let (d, c) = crate::drafter::block_choice::choose_for(&m.target, d, dir, p_min)
+                        .map_err(|source| ServeLoadError::BlockChoice { path: dir.to_path_buf(), source })?;
+                    choice = Some(c);
+                    Some(d)
+                }
+            }
         }
     };
-    Ok(Served { model: m, drafter })
+    Ok(Served { model: m, drafter, block_choice: choice })
 }

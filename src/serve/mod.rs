@@ -105,7 +105,7 @@ pub fn build(served: Served, opts: &ServeOptions) -> Result<App, ServeError> {
     if opts.max_concurrency == 0 || opts.max_queue == 0 {
         return Err(ServeError::Option("--max-concurrency and --max-queue must be at least 1".into()));
     }
-    let Served { model, drafter } = served;
+    let Served { model, drafter, .. } = served;
     let served_name = opts.served_model_name.clone().unwrap_or_else(|| model.name.clone());
     let block_size = drafter.as_ref().map_or(1, DrafterTemplate::block_size);
     let tc = model.target.config().clone();
