@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use specauf::drafter::dflash::{DFlashDrafter, DFlashInitConfig};
+use specauf::drafter::{AnyDrafter, DrafterPrecision, RunSettings};
 use specauf::model::WeightsMode;
 use specauf::serve::{self, loadgen, ServeOptions, ServerHandle};
 use specauf::spec::{generate, GenerateConfig};
@@ -44,6 +45,11 @@ fn drafter_dir() -> &'static Path {
     &fixtures().1
 }
 
+/// The tests' drafter runs: the whole vocabulary, the default cut and precision.
+fn no_vocab() -> RunSettings {
+    RunSettings { draft_vocab: 0, ..RunSettings::default() }
+}
+
 fn start(drafter: bool, opts: ServeOptions) -> ServerHandle {
     // Tiny forwards are ~10x slower on candle's thread pool on a shared 2-core machine.
     SINGLE_THREAD.call_once(|| {
@@ -53,7 +59,7 @@ fn start(drafter: bool, opts: ServeOptions) -> ServerHandle {
     });
     let d = drafter.then(drafter_dir);
     // The drafter's trained block, fixed: the tests count its rows (a chosen block is timed).
-    let served = serve::load(model_dir().to_str().unwrap(), WeightsMode::Q8, Default::default(), d, drafter.then_some(4), 0, None).unwrap();
+    let served = serve::load(model_dir().to_str().unwrap(), WeightsMode::Q8, Default::default(), d, drafter.then_some(4), &no_vocab()).unwrap();
     ServerHandle::spawn(served, opts, "127.0.0.1:0".parse().unwrap()).unwrap()
 }
 
@@ -628,13 +634,16 @@ fn from_the_disable_batch_size_on_cycles_are_plain_decode_steps_with_the_same_te
 #[test]
 fn the_server_chooses_the_block_size_unless_it_is_given() {
     let model = model_dir().to_str().unwrap();
-    let chosen = serve::load(model, WeightsMode::Q8, Default::default(), Some(drafter_dir()), None, 0, None).unwrap();
+    let chosen = serve::load(model, WeightsMode::Q8, Default::default(), Some(drafter_dir()), None, &no_vocab()).unwrap();
     let c = chosen.block_choice.expect("a choice without --block-size");
     let d = chosen.drafter.unwrap();
     assert!((2..=4).contains(&d.block_size()) && d.block_size() == c.block_size, "{}", c.summary(4));
-    let fixed = serve::load(model, WeightsMode::Q8, Default::default(), Some(drafter_dir()), Some(3), 0, Some(0.2)).unwrap();
+    let fixed = serve::load(model, WeightsMode::Q8, Default::default(), Some(drafter_dir()), Some(3), &RunSettings { draft_p_min: Some(0.2), precision: DrafterPrecision::Int8, ..no_vocab() }).unwrap();
     assert!(fixed.block_choice.is_none());
-    assert_eq!(fixed.drafter.unwrap().block_size(), 3);
-    let bad = serve::load(model, WeightsMode::Q8, Default::default(), Some(drafter_dir()), Some(3), 0, Some(1.5));
+    let d = fixed.drafter.unwrap();
+    assert_eq!(d.block_size(), 3);
+    let AnyDrafter::DFlash(d) = d else { panic!("a DFlash fixture") };
+    assert_eq!((d.draft_p_min(), d.inference_precision()), (0.2, DrafterPrecision::Int8), "the run settings reach the drafter");
+    let bad = serve::load(model, WeightsMode::Q8, Default::default(), Some(drafter_dir()), Some(3), &RunSettings { draft_p_min: Some(1.5), ..no_vocab() });
     assert!(bad.err().unwrap().to_string().contains("--draft-p-min"));
 }

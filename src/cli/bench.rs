@@ -42,17 +42,8 @@ struct SpecArgs {
     /// then drafts B - 1 tokens too.
     #[arg(long)]
     block_size: Option<usize>,
-    /// Drafts score only the K most frequent tokens of the drafter's training replies (its
-    /// draft_vocab.json, written by `specauf train`) plus the request's own tokens, so the
-    /// draft's LM head costs K/V of the whole one; 0: the whole vocabulary. No effect on a
-    /// drafter folder without the file.
-    #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
-    draft_vocab: usize,
-    /// Cut each draft before its first position whose probability under the drafter is below
-    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure. 0: never.
-    /// DFlash drafters.
-    #[arg(long, value_name = "P", default_value_t = 0.0)]
-    draft_p_min: f32,
+    #[command(flatten)]
+    drafter_run: super::drafter_run::DrafterRunArgs,
     /// Our weights modes to run.
     #[arg(long, value_delimiter = ',', default_values = ["q8", "native"])]
     weights: Vec<WeightsMode>,
@@ -145,18 +136,8 @@ struct ServeBenchArgs {
     drafter: Option<std::path::PathBuf>,
     #[arg(long)]
     block_size: Option<usize>,
-    /// Drafts score only the K most frequent tokens of the drafter's training replies (its
-    /// draft_vocab.json, written by `specauf train`) plus the request's own tokens, so the
-    /// draft's LM head costs K/V of the whole one; 0: the whole vocabulary. No effect on a
-    /// drafter folder without the file.
-    #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
-    draft_vocab: usize,
-    /// Cut each draft before its first position whose probability under the drafter is below
-    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure; 0: never.
-    /// Default: chosen with the block size, as `serve` chooses them, unless --block-size is
-    /// given (then 0). DFlash drafters.
-    #[arg(long, value_name = "P")]
-    draft_p_min: Option<f32>,
+    #[command(flatten)]
+    drafter_run: super::drafter_run::DrafterRunArgs,
     /// Target weights: auto (default: native for a GGUF of Q8_0/Q4_1 tensors, q8 otherwise), native (GGUF types as stored), q8 (int8 blocks), f32 (reference).
     #[arg(long, default_value_t = WeightsMode::default())]
     weights: WeightsMode,
@@ -280,7 +261,7 @@ fn serve_bench(a: ServeBenchArgs) -> anyhow::Result<()> {
             (None, url.trim_end_matches('/').to_string(), model, "(the server's)".to_string())
         }
         None => {
-            let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size, a.draft_vocab, a.draft_p_min)?;
+            let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size, &a.drafter_run.settings())?;
             let label = match &served.drafter {
                 Some(d) => format!("{} B={}", d.kind(), d.block_size()),
                 None => "none".to_string(),
@@ -526,8 +507,7 @@ fn spec_bench(a: SpecArgs) -> anyhow::Result<()> {
         model: a.model.clone(),
         drafter: a.drafter.clone(),
         block_size: a.block_size,
-        draft_vocab: a.draft_vocab,
-        draft_p_min: a.draft_p_min,
+        drafter_run: a.drafter_run.settings(),
         weights: a.weights.clone(),
         prompts: a.prompts,
         max_new_tokens: a.max_new_tokens,

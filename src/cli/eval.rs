@@ -47,19 +47,8 @@ pub struct EvalArgs {
     /// of its trained block size; at most the trained size (default: the trained size).
     #[arg(long)]
     pub block_size: Option<usize>,
-    /// Drafts score only the K most frequent tokens of the drafter's training replies (its
-    /// draft_vocab.json, written by `specauf train`) plus the request's own tokens, so the
-    /// draft's LM head costs K/V of the whole one; 0: the whole vocabulary. No effect on a
-    /// drafter folder without the file.
-    #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
-    pub draft_vocab: usize,
-    /// Cut each draft before its first position whose probability under the drafter is below
-    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure; 0: never.
-    /// Default: chosen with the block size from the drafter's held-out measurements when
-    /// --block-size is not given (drafters trained since these were logged), else 0. DFlash
-    /// drafters.
-    #[arg(long, value_name = "P")]
-    pub draft_p_min: Option<f32>,
+    #[command(flatten)]
+    pub drafter_run: super::drafter_run::DrafterRunArgs,
     /// Seeds the --limit subset and the sampling at T > 0.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -160,8 +149,7 @@ pub fn plan(a: &EvalArgs) -> anyhow::Result<EvalPlan> {
         temperature: a.temperature,
         top_p: a.top_p,
         block_size: a.block_size,
-        draft_vocab: a.draft_vocab,
-        draft_p_min: a.draft_p_min.map(specauf::drafter::check_draft_p_min).transpose()?,
+        drafter_run: a.drafter_run.settings(),
         seed: a.seed,
         weights: a.weights,
         device: a.device.choice(),

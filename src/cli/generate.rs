@@ -46,19 +46,8 @@ pub struct GenerateArgs {
     /// Verify blocks of B tokens instead of the drafter's trained block size (only lower).
     #[arg(long, requires = "drafter")]
     pub block_size: Option<usize>,
-    /// Drafts score only the K most frequent tokens of the drafter's training replies (its
-    /// draft_vocab.json, written by `specauf train`) plus the request's own tokens, so the
-    /// draft's LM head costs K/V of the whole one; 0: the whole vocabulary. No effect on a
-    /// drafter folder without the file.
-    #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
-    pub draft_vocab: usize,
-    /// Cut each draft before its first position whose probability under the drafter is below
-    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure; 0: never.
-    /// Default: chosen with the block size from the drafter's held-out measurements when
-    /// --block-size is not given (drafters trained since these were logged), else 0. DFlash
-    /// drafters.
-    #[arg(long, value_name = "P")]
-    pub draft_p_min: Option<f32>,
+    #[command(flatten)]
+    pub drafter_run: super::drafter_run::DrafterRunArgs,
 
     /// Print one JSON object on the last line of stdout instead of streaming text.
     #[arg(long)]
@@ -127,9 +116,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let mut proposer: Option<Box<dyn Proposer + Send>> = match &a.drafter {
         Some(dir) => {
             let mut d = AnyDrafter::load_for(dir, &m.target).with_context(|| format!("loading drafter {}", dir.display()))?;
-            d.set_draft_vocab_size(a.draft_vocab);
-            let p_min = a.draft_p_min.map(specauf::drafter::check_draft_p_min).transpose()?;
-            d.set_draft_p_min(p_min.unwrap_or(0.0));
+            let run = a.drafter_run.settings();
+            d.apply(&run).with_context(|| format!("drafter {}", dir.display()))?;
+            let p_min = run.draft_p_min;
             let trained = d.block_size();
             let d = match a.block_size {
                 Some(b) => d.at_block_size(b).with_context(|| format!("drafter {}", dir.display()))?,

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod device;
 pub mod draft_vocab;
+pub mod drafter_run;
 pub mod eval;
 pub mod experiment;
 pub mod fetch;

@@ -22,19 +22,8 @@ pub struct ServeArgs {
     /// measurement at start-up, as `generate` chooses it).
     #[arg(long)]
     pub block_size: Option<usize>,
-    /// Drafts score only the K most frequent tokens of the drafter's training replies (its
-    /// draft_vocab.json, written by `specauf train`) plus the request's own tokens, so the
-    /// draft's LM head costs K/V of the whole one; 0: the whole vocabulary. No effect on a
-    /// drafter folder without the file.
-    #[arg(long, default_value_t = specauf::drafter::DEFAULT_DRAFT_VOCAB)]
-    pub draft_vocab: usize,
-    /// Cut each draft before its first position whose probability under the drafter is below
-    /// P (llama.cpp's --draft-p-min): fewer verify rows where the drafter is unsure; 0: never.
-    /// Default: chosen with the block size from the drafter's held-out measurements when
-    /// --block-size is not given (drafters trained since these were logged), else 0. DFlash
-    /// drafters.
-    #[arg(long, value_name = "P")]
-    pub draft_p_min: Option<f32>,
+    #[command(flatten)]
+    pub drafter_run: super::drafter_run::DrafterRunArgs,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
     #[arg(long, default_value_t = 8000)]
@@ -71,7 +60,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     if !(a.shutdown_grace_s >= 0.0 && a.shutdown_grace_s.is_finite()) {
         anyhow::bail!("--shutdown-grace-s must be a finite number >= 0");
     }
-    let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size, a.draft_vocab, a.draft_p_min)?;
+    let served = serve::load(&a.model, a.weights, a.device.choice(), a.drafter.as_deref(), a.block_size, &a.drafter_run.settings())?;
     let drafter = match (&a.drafter, &served.drafter) {
         (Some(dir), Some(d)) => match &served.block_choice {
             Some(c) => format!("{} drafter {} ({})", d.kind(), dir.display(), c.summary(c.verify_ms.len())),

@@ -203,6 +203,19 @@ impl AnyDrafter {
         }
     }
 
+    /// Applies the run settings: the draft vocabulary's size, the draft cut (None: 0 here; the
+    /// block-size choice may choose one) and the inference precision. A threshold that is not a
+    /// probability below 1 is refused.
+    pub fn apply(&mut self, s: &RunSettings) -> Result<(), DrafterError> {
+        let p = s.draft_p_min.map(super::check_draft_p_min).transpose()?;
+        self.set_draft_vocab_size(s.draft_vocab);
+        self.set_draft_p_min(p.unwrap_or(0.0));
+        if let AnyDrafter::DFlash(d) = self {
+            d.set_inference_precision(s.precision);
+        }
+        Ok(())
+    }
+
     /// The ids drafts score, when a draft vocabulary is in use.
     pub fn draft_ids(&self) -> Option<&std::sync::Arc<[u32]>> {
         match self {
@@ -278,5 +291,25 @@ pub fn default_mask_token(target: &TargetConfig) -> u32 {
         151_669
     } else {
         16
+    }
+}
+
+/// How a loaded drafter runs, set per run and not saved with it: what `--draft-vocab`,
+/// `--draft-p-min` and `--drafter-precision` say ([`AnyDrafter::apply`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunSettings {
+    /// Top-ranked ids of the draft vocabulary a draft scores (0: the whole vocabulary; DESIGN
+    /// §7.13).
+    pub draft_vocab: usize,
+    /// Drafts stop before their first position below this probability; None: chosen with the
+    /// block size where that is chosen, else 0.
+    pub draft_p_min: Option<f32>,
+    /// How a DFlash drafter's inference path holds its projections.
+    pub precision: super::DrafterPrecision,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        RunSettings { draft_vocab: super::DEFAULT_DRAFT_VOCAB, draft_p_min: None, precision: super::DrafterPrecision::default() }
     }
 }

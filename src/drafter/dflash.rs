@@ -989,6 +989,8 @@ pub struct DFlashDrafter {
     /// Drafts stop at the first position the drafter gives less than this probability (0: off;
     /// [`DFlashDrafter::set_draft_p_min`]).
     draft_p_min: f32,
+    /// How its inference path holds the projections ([`DFlashDrafter::set_inference_precision`]).
+    inference_precision: super::DrafterPrecision,
     /// The precision of the layers' linears in training forwards (`layer_precision` of the
     /// training config); inference always runs f32 (or its quantized kernels).
     layer_precision: Precision,
@@ -1017,6 +1019,7 @@ impl DFlashDrafter {
         let mut d = Self::from_tensors(self.config.clone(), tensors)?;
         d.draft_vocab = self.draft_vocab.clone();
         d.draft_p_min = self.draft_p_min;
+        d.inference_precision = self.inference_precision;
         Ok(d)
     }
 
@@ -1079,6 +1082,7 @@ impl DFlashDrafter {
             config,
             draft_vocab: None,
             draft_p_min: 0.0,
+            inference_precision: super::DrafterPrecision::default(),
             layer_precision: Precision::F32,
             context_spans: CONTEXT_SPANS,
         })
@@ -1402,6 +1406,16 @@ impl DFlashDrafter {
 
     pub fn draft_p_min(&self) -> f32 {
         self.draft_p_min
+    }
+
+    /// How the fast inference path ([`super::DFlashProposer::new`]) holds the projections: Q4_1
+    /// (the default), int8, or the trained f32 values. A run setting, not saved.
+    pub fn set_inference_precision(&mut self, precision: super::DrafterPrecision) {
+        self.inference_precision = precision;
+    }
+
+    pub fn inference_precision(&self) -> super::DrafterPrecision {
+        self.inference_precision
     }
 }
 

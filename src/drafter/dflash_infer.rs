@@ -29,8 +29,9 @@ use crate::model::{KvCache, Target};
 
 mod team;
 
-/// How the inference path holds the drafter's projections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How the inference path holds the drafter's projections (`--drafter-precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Int8 blocks through the target's VNNI kernel (a quarter of the bytes of f32).
     Int8,
@@ -45,6 +46,8 @@ pub enum Precision {
     /// The trained f32 values, multiplied by candle's gemm.
     F32,
 }
+
+crate::named_enum!(Precision, "drafter precision", ["q4", "int8", "f32"]);
 
 /// One projection (out, in).
 #[derive(Debug, Clone)]

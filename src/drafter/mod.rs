@@ -23,7 +23,7 @@ pub mod domino;
 pub mod proposer;
 pub mod vocab;
 
-pub use any::{default_mask_token, AnyDrafter, DrafterInit, DrafterKind};
+pub use any::{default_mask_token, AnyDrafter, DrafterInit, DrafterKind, RunSettings};
 pub use dflash::{
     build_target_layer_ids, context_visible, DFlashCache, DFlashConfig, DFlashDrafter, DFlashInitConfig,
 };

@@ -55,12 +55,14 @@ enum Path {
 }
 
 impl DFlashProposer {
-    /// A proposer on the fast inference path. Quantises the drafter's current weights (a
+    /// A proposer on the fast inference path, in the drafter's inference precision (Q4_1 unless
+    /// set otherwise). Quantises the drafter's current weights (a
     /// snapshot: a drafter trained further needs a new proposer). Weights that cannot be
     /// quantised (a non-finite value, from a diverged run) leave it on the reference path,
     /// which drafts from them as they are; the output stays exact either way.
     pub fn new(drafter: DFlashDrafter) -> Self {
-        Self::with_precision(drafter, Precision::default())
+        let precision = drafter.inference_precision();
+        Self::with_precision(drafter, precision)
     }
 
     /// [`DFlashProposer::new`] with the inference path's projections in `precision`.

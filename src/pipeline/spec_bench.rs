@@ -63,11 +63,9 @@ pub struct SpecBenchPlan {
     pub drafter: PathBuf,
     /// Verify blocks of B tokens instead of the drafter's trained size (only lower).
     pub block_size: Option<usize>,
-    /// Top-ranked ids of the drafter's draft vocabulary its drafts score (0: the whole
-    /// vocabulary; DESIGN §7.13).
-    pub draft_vocab: usize,
-    /// Drafts stop before their first position below this probability (0: never).
-    pub draft_p_min: f32,
+    /// How our drafter runs (draft vocabulary, draft cut, precision); llama.cpp scores the
+    /// whole vocabulary and drafts whole blocks.
+    pub drafter_run: crate::drafter::RunSettings,
     pub weights: Vec<WeightsMode>,
     /// The first N of [`CHAT_PROMPTS`].
     pub prompts: usize,
@@ -180,8 +178,7 @@ fn load_ours(plan: &SpecBenchPlan, mode: WeightsMode, progress: &dyn Progress) -
     let model = super::stages::load(&plan.model, mode, plan.device)?;
     let drafter_err = |source| StageError::Drafter { path: plan.drafter.display().to_string(), source };
     let mut drafter = AnyDrafter::load_for(&plan.drafter, &model.target).map_err(drafter_err)?;
-    drafter.set_draft_vocab_size(plan.draft_vocab);
-    drafter.set_draft_p_min(crate::drafter::check_draft_p_min(plan.draft_p_min).map_err(drafter_err)?);
+    drafter.apply(&plan.drafter_run).map_err(drafter_err)?;
     if let Some(b) = plan.block_size {
         drafter = drafter.at_block_size(b).map_err(drafter_err)?;
     }
@@ -226,7 +223,11 @@ fn our_peak_rss(exe: &Path, plan: &SpecBenchPlan, mode: WeightsMode, block_size:
         .arg("--drafter")
         .arg(&plan.drafter)
         .stdin(std::process::Stdio::null());
-    cmd.args(["--block-size", &block_size.to_string(), "--draft-vocab", &plan.draft_vocab.to_string(), "--draft-p-min", &plan.draft_p_min.to_string()]);
+    let run = &plan.drafter_run;
+    cmd.args(["--block-size", &block_size.to_string(), "--draft-vocab", &run.draft_vocab.to_string(), "--drafter-precision", &run.precision.to_string()]);
+    if let Some(p) = run.draft_p_min {
+        cmd.args(["--draft-p-min", &p.to_string()]);
+    }
     let (out, peak) = crate::util::measure::run_measuring_rss(&mut cmd).map_err(|source| StageError::Io { path: exe.to_path_buf(), source })?;
     if !out.status.success() {
         return Err(StageError::Invalid(format!(

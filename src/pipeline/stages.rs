@@ -415,13 +415,8 @@ pub struct EvalPlan {
     pub top_p: f32,
     /// Verify blocks of this size instead of each drafter's trained size (only lower).
     pub block_size: Option<usize>,
-    /// Drafts score this many top-ranked ids of each drafter's draft vocabulary (0: the whole
-    /// vocabulary; DESIGN §7.13).
-    pub draft_vocab: usize,
-    /// Drafts stop before their first position below this probability (0: never;
-    /// [`AnyDrafter::set_draft_p_min`]); None: chosen with the block size where that is chosen,
-    /// else 0.
-    pub draft_p_min: Option<f32>,
+    /// How every drafter runs: its draft vocabulary's size, its draft cut, its precision.
+    pub drafter_run: crate::drafter::RunSettings,
     pub seed: u64,
     pub weights: WeightsMode,
     /// Where the target and drafters compute.
@@ -446,8 +441,7 @@ impl EvalPlan {
             temperature: 0.0,
             top_p: 1.0,
             block_size: None,
-            draft_vocab: crate::drafter::DEFAULT_DRAFT_VOCAB,
-            draft_p_min: None,
+            drafter_run: crate::drafter::RunSettings::default(),
             seed: 0,
             weights: WeightsMode::default(),
             device: DeviceChoice::default(),
@@ -582,14 +576,13 @@ fn load_drafters(plan: &EvalPlan, m: &LoadedModel) -> Result<(Vec<EvalDrafter<'s
     for EvalDrafterSpec { label, dir, block_size } in &plan.drafters {
         let err = |source| StageError::Drafter { path: dir.display().to_string(), source };
         let mut d = AnyDrafter::load_for(dir, &m.target).map_err(err)?;
-        d.set_draft_vocab_size(plan.draft_vocab);
-        d.set_draft_p_min(plan.draft_p_min.unwrap_or(0.0));
+        d.apply(&plan.drafter_run).map_err(err)?;
         let draft_vocab = d.draft_ids().map(|ids| ids.len());
         let trained = d.block_size();
         let (d, block_choice) = match block_size.or(plan.block_size) {
             Some(b) => (d.at_block_size(b).map_err(err)?, None),
             None => {
-                let (d, c) = crate::drafter::block_choice::choose_for(&m.target, d, dir, plan.draft_p_min)
+                let (d, c) = crate::drafter::block_choice::choose_for(&m.target, d, dir, plan.drafter_run.draft_p_min)
                     .map_err(|e| StageError::Invalid(format!("drafter {}: choosing the block size: {e}", dir.display())))?;
                 (d, Some(c))
             }

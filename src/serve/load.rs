@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::drafter::{AnyDrafter, DrafterError};
+use crate::drafter::{AnyDrafter, DrafterError, RunSettings};
 use crate::model::{load_model_on, LoadError, LoadedModel, WeightsMode};
 use crate::nn::{DeviceChoice, DeviceError};
 
@@ -41,21 +41,11 @@ pub struct Served {
 /// Loads `model` (`smollm2` or a path) and, with `drafter`, a DFlash or Domino drafter checked
 /// against it. `block_size` lowers a DFlash drafter's block (the weights do not depend on it;
 /// a smaller block verifies more cheaply).
-/// `draft_vocab`: the top-ranked ids of the drafter's draft vocabulary its drafts score (0: the
-/// whole vocabulary; DESIGN §7.13).
-/// `draft_p_min`: drafts stop before their first position below this probability (0: never).
-/// Without `block_size` the block size and the cut are chosen from measurement as `generate`
-/// chooses them ([`crate::drafter::block_choice::choose_for`]); with it, drafts are cut only
-/// where `draft_p_min` says so.
-pub fn load(
-    model: &str,
-    weights: WeightsMode,
-    device: DeviceChoice,
-    drafter: Option<&Path>,
-    block_size: Option<usize>,
-    draft_vocab: usize,
-    draft_p_min: Option<f32>,
-) -> Result<Served, ServeLoadError> {
+/// `run`: how the drafter runs (draft vocabulary, draft cut, precision). Without `block_size` the
+/// block size and the cut are chosen from measurement as `generate` chooses them
+/// ([`crate::drafter::block_choice::choose_for`]); with it, drafts are cut only where
+/// `run.draft_p_min` says so.
+pub fn load(model: &str, weights: WeightsMode, device: DeviceChoice, drafter: Option<&Path>, block_size: Option<usize>, run: &RunSettings) -> Result<Served, ServeLoadError> {
     let backend = device.backend()?;
     let m = load_model_on(model, weights, &backend).map_err(|source| ServeLoadError::Model { model: model.to_string(), source })?;
     let mut choice = None;
@@ -69,13 +59,11 @@ pub fn load(
         Some(dir) => {
             let err = |source| ServeLoadError::Drafter { path: dir.to_path_buf(), source };
             let mut d = AnyDrafter::load_for(dir, &m.target).map_err(err)?;
-            d.set_draft_vocab_size(draft_vocab);
-            let p_min = draft_p_min.map(crate::drafter::check_draft_p_min).transpose().map_err(err)?;
-            d.set_draft_p_min(p_min.unwrap_or(0.0));
+            d.apply(run).map_err(err)?;
             match block_size {
                 Some(b) => Some(d.at_block_size(b).map_err(err)?),
                 None => {
-                    let (d, c) = crate::drafter::block_choice::choose_for(&m.target, d, dir, p_min)
+                    let (d, c) = crate::drafter::block_choice::choose_for(&m.target, d, dir, run.draft_p_min)
                         .map_err(|source| ServeLoadError::BlockChoice { path: dir.to_path_buf(), source })?;
                     choice = Some(c);
                     Some(d)
