@@ -18,6 +18,7 @@ use candle_core::{Device, Tensor};
 use specauf::drafter::{AnyDrafter, DFlashInfer, DrafterPrecision};
 use specauf::model::{load_model, Logits, WeightsMode};
 use specauf::pipeline::spec_bench::chat_prompt_texts;
+use specauf::spec::block_size::cut_stats;
 use specauf::spec::sampling::argmax_rows;
 
 const KS: [usize; 6] = [1, 2, 3, 4, 6, 8];
@@ -103,16 +104,12 @@ fn main() -> anyhow::Result<()> {
             let mut all = true;
             let mut conf = Vec::with_capacity(b - 1);
             for (p, row) in logits.iter().enumerate() {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
-                let truth_is_top = {
-                    let tv = row[seq[t + p + 1] as usize];
-                    row.iter().filter(|&&v| v > tv).count() == 0
-                };
-                conf.push(((1.0 / sum) as f32, truth_is_top));
                 let truth = seq[t + p + 1];
                 let tv = row[truth as usize];
                 let rank = row.iter().filter(|&&v| v > tv).count();
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+                conf.push(((1.0 / sum) as f32, rank == 0));
                 for (i, &k) in KS.iter().enumerate() {
                     hits[p][i] += usize::from(rank < k);
                 }
@@ -151,20 +148,10 @@ fn main() -> anyhow::Result<()> {
     println!("\ndrafts cut at the first position below p_min (cost in decode steps: verify {costs:?}, draft {draft_cost})");
     println!("| max rows | p_min | tokens a cycle | rows verified | cycles without drafts | tokens per decode step of cost |");
     println!("|---|---|---|---|---|---|");
-    for rows_max in 2..=b {
-        for p_min in [0.0f32, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5] {
-            let (mut tokens, mut rows, mut cost, mut plain) = (0.0, 0.0, 0.0, 0usize);
-            for a in &anchors {
-                let kept = a[..rows_max - 1].iter().take_while(|x| x.0 >= p_min).count();
-                let acc = a[..kept].iter().take_while(|x| x.1).count();
-                tokens += (acc + 1) as f64;
-                rows += (kept + 1) as f64;
-                cost += costs[kept] + draft_cost;
-                plain += usize::from(kept == 0);
-            }
-            let nf = anchors.len() as f64;
-            println!("| {rows_max} | {p_min:.2} | {:.3} | {:.2} | {:.0}% | {:.3} |", tokens / nf, rows / nf, 100.0 * plain as f64 / nf, tokens / cost);
-        }
+    for c in cut_stats(&anchors, b) {
+        let rows: f64 = c.rows.iter().enumerate().map(|(m, share)| (m + 1) as f64 * share).sum();
+        let cost: f64 = c.rows.iter().zip(&costs).map(|(share, v)| share * v).sum::<f64>() + draft_cost;
+        println!("| {} | {:.2} | {:.3} | {:.2} | {:.0}% | {:.3} |", c.block_size, c.p_min, c.tokens, rows, 100.0 * c.rows[0], c.tokens / cost);
     }
     Ok(())
 }

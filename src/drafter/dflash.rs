@@ -1381,21 +1381,23 @@ impl DFlashDrafter {
     /// Drafts the B-1 tokens after `last_token` (at position `start`): greedy argmax of the
     /// target's head over block positions 1..B-1.
     pub fn draft(&self, target: &Target, cache: &DFlashCache, last_token: u32, start: usize) -> Result<Vec<u32>, DrafterError> {
-        let ids = self.block_ids(&[last_token]);
-        let hidden = self.forward_block(target, cache, &ids, start)?;
-        let b = self.config.block_size;
-        let logits = target.lm_head(&hidden.narrow(0, 1, b - 1)?)?;
+        let logits = self.draft_logits(target, cache, last_token, start)?;
         Ok(logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?)
     }
 
     /// [`DFlashDrafter::draft`] with each draft's probability under the drafter's softmax over
     /// the whole vocabulary (its confidence, which `--draft-p-min` compares).
     pub fn draft_scored(&self, target: &Target, cache: &DFlashCache, last_token: u32, start: usize) -> Result<Vec<(u32, f32)>, DrafterError> {
+        let logits = self.draft_logits(target, cache, last_token, start)?.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+        Ok(logits.to_vec2::<f32>()?.iter().map(|row| super::dflash_infer::top_with_probability(row)).collect())
+    }
+
+    /// The target head's (B-1, V) logits of the block after `last_token` at `start`.
+    fn draft_logits(&self, target: &Target, cache: &DFlashCache, last_token: u32, start: usize) -> Result<Tensor, DrafterError> {
         let ids = self.block_ids(&[last_token]);
         let hidden = self.forward_block(target, cache, &ids, start)?;
         let b = self.config.block_size;
-        let logits = target.lm_head(&hidden.narrow(0, 1, b - 1)?)?.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
-        Ok(logits.to_vec2::<f32>()?.iter().map(|row| super::dflash_infer::top_with_probability(row)).collect())
+        Ok(target.lm_head(&hidden.narrow(0, 1, b - 1)?)?)
     }
 
     /// Drafts are cut at the first position whose probability is below `p` (0: never cut):

@@ -436,14 +436,8 @@ impl DFlashInfer {
 
 /// The first index of a row's largest value (candle's argmax) and its softmax probability.
 pub(crate) fn top_with_probability(row: &[f32]) -> (u32, f32) {
-    let (mut bi, mut bv) = (0usize, f32::NEG_INFINITY);
-    for (i, &v) in row.iter().enumerate() {
-        if v > bv {
-            (bi, bv) = (i, v);
-        }
-    }
-    let (_, sum) = crate::model::host_ops::max_and_sum_exp(row);
-    (bi as u32, 1.0 / sum)
+    let (i, _, sum) = crate::model::host_ops::argmax_and_sum_exp(row);
+    (i as u32, 1.0 / sum)
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::DrafterError;
+use crate::model::host_ops::argmax_and_sum_exp;
 use crate::model::qgemm::QMatrix;
 use crate::model::Target;
 
@@ -218,14 +219,8 @@ impl DraftHead {
         let mut best: Vec<(u32, f32, f32)> = y
             .chunks_exact(k)
             .map(|row| {
-                let (mut bi, mut bv) = (0, f32::NEG_INFINITY);
-                for (i, &v) in row.iter().enumerate() {
-                    if v > bv {
-                        (bi, bv) = (i, v);
-                    }
-                }
-                let (_, sum) = crate::model::host_ops::max_and_sum_exp(row);
-                (self.ids.get(bi).copied().unwrap_or(0), bv, sum)
+                let (i, max, sum) = argmax_and_sum_exp(row);
+                (self.ids.get(i).copied().unwrap_or(0), max, sum)
             })
             .collect();
         if let Some(extra) = &self.extra {
@@ -233,13 +228,11 @@ impl DraftHead {
             extra.matmul(x, n, ye).map_err(qgemm)?;
             for (b, row) in best.iter_mut().zip(ye.chunks_exact(e)) {
                 let (main_max, main_sum) = (b.1, b.2);
-                for (i, &v) in row.iter().enumerate() {
-                    if v > b.1 {
-                        (b.0, b.1) = (self.extra_ids[i], v);
-                    }
+                let (i, emax, esum) = argmax_and_sum_exp(row);
+                if emax > main_max {
+                    (b.0, b.1) = (self.extra_ids[i], emax);
                 }
                 // Both parts' normalizers taken to the new maximum b.1 (at least either part's).
-                let (emax, esum) = crate::model::host_ops::max_and_sum_exp(row);
                 let exp = crate::model::host_ops::exp;
                 b.2 = main_sum * exp(main_max - b.1) + esum * exp(emax - b.1);
             }

@@ -166,21 +166,47 @@ fn scale_by_pow2(p: f32, n: i32) -> f32 {
     }
 }
 
-/// The largest value of `x` and Σ e^(x_i − max): a softmax's normalizer, so that the top value's
-/// probability is 1 / sum. Sixteen lanes at a time with the same e^x as [`silu_mul`] where the CPU
-/// has AVX-512 (the lanes' order of summation differs from the scalar twin's in the last bits).
-/// An empty `x` gives (−inf, 0).
-pub fn max_and_sum_exp(x: &[f32]) -> (f32, f32) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+/// The first index of `x`'s largest value, that value, and Σ e^(x_i − max): a softmax's
+/// normalizer, so that the top value's probability is 1 / sum. Sixteen lanes at a time with the
+/// same e^x as [`silu_mul`] where the CPU has AVX-512 (the lanes' order of summation differs from
+/// the scalar twin's in the last bits). An empty `x` gives (0, −inf, 0); a non-finite maximum a
+/// NaN sum.
+pub fn argmax_and_sum_exp(x: &[f32]) -> (usize, f32, f32) {
+    let (mut index, mut max) = (0usize, f32::NEG_INFINITY);
+    for (i, &v) in x.iter().enumerate() {
+        if v > max {
+            (index, max) = (i, v);
+        }
+    }
     if x.is_empty() || !max.is_finite() {
-        return (max, if x.is_empty() { 0.0 } else { f32::NAN });
+        return (index, max, if x.is_empty() { 0.0 } else { f32::NAN });
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the feature was just detected.
-        return (max, unsafe { sum_exp_avx512(x, max) });
+        return (index, max, unsafe { sum_exp_avx512(x, max) });
     }
-    (max, x.iter().map(|&v| exp(v - max)).sum())
+    (index, max, x.iter().map(|&v| exp(v - max)).sum())
+}
+
+/// e^x of sixteen lanes `$x`, lane by lane as [`exp`] (clamped to its range; NaN lanes are the
+/// caller's to mask), inside an `avx512f` function.
+#[cfg(target_arch = "x86_64")]
+macro_rules! exp_lanes {
+    ($x:expr) => {{
+        use std::arch::x86_64::*;
+        let one = _mm512_set1_ps(1.0);
+        let x = _mm512_min_ps(_mm512_max_ps($x, _mm512_set1_ps(EXP_LO)), _mm512_set1_ps(EXP_HI));
+        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)));
+        let nk = _mm512_xor_ps(k, _mm512_set1_ps(-0.0));
+        let r = _mm512_fmadd_ps(nk, _mm512_set1_ps(LN2_LO), _mm512_fmadd_ps(nk, _mm512_set1_ps(LN2_HI), x));
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+        }
+        let p = _mm512_fmadd_ps(_mm512_fmadd_ps(p, r, one), r, one);
+        _mm512_scalef_ps(p, k)
+    }};
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -188,27 +214,13 @@ pub fn max_and_sum_exp(x: &[f32]) -> (f32, f32) {
 unsafe fn sum_exp_avx512(x: &[f32], shift: f32) -> f32 {
     use std::arch::x86_64::*;
     let n = x.len();
-    let one = _mm512_set1_ps(1.0);
-    let (lo, hi) = (_mm512_set1_ps(EXP_LO), _mm512_set1_ps(EXP_HI));
-    let (log2e, ln2_hi, ln2_lo) = (_mm512_set1_ps(LOG2E), _mm512_set1_ps(LN2_HI), _mm512_set1_ps(LN2_LO));
-    let c: [__m512; 5] = EXP_POLY.map(|v| _mm512_set1_ps(v));
-    let sign = _mm512_set1_ps(-0.0);
     let s = _mm512_set1_ps(shift);
     let mut acc = _mm512_setzero_ps();
     for start in (0..n).step_by(16) {
         let lanes = (n - start).min(16);
         let mask: __mmask16 = if lanes == 16 { 0xffff } else { ((1u32 << lanes) - 1) as __mmask16 };
         let v = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x.as_ptr().add(start)), s);
-        let xv = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(xv, log2e));
-        let nk = _mm512_xor_ps(k, sign);
-        let r = _mm512_fmadd_ps(nk, ln2_lo, _mm512_fmadd_ps(nk, ln2_hi, xv));
-        let mut p = c[0];
-        for ci in &c[1..] {
-            p = _mm512_fmadd_ps(p, r, *ci);
-        }
-        let p = _mm512_fmadd_ps(_mm512_fmadd_ps(p, r, one), r, one);
-        acc = _mm512_mask_add_ps(acc, mask, acc, _mm512_scalef_ps(p, k));
+        acc = _mm512_mask_add_ps(acc, mask, acc, exp_lanes!(v));
     }
     _mm512_reduce_add_ps(acc)
 }
@@ -219,9 +231,6 @@ unsafe fn silu_mul_avx512(g: &mut [f32], u: &[f32]) {
     use std::arch::x86_64::*;
     let n = g.len();
     let one = _mm512_set1_ps(1.0);
-    let (lo, hi) = (_mm512_set1_ps(EXP_LO), _mm512_set1_ps(EXP_HI));
-    let (log2e, ln2_hi, ln2_lo) = (_mm512_set1_ps(LOG2E), _mm512_set1_ps(LN2_HI), _mm512_set1_ps(LN2_LO));
-    let c: [__m512; 5] = EXP_POLY.map(|v| _mm512_set1_ps(v));
     let sign = _mm512_set1_ps(-0.0);
     for start in (0..n).step_by(16) {
         let lanes = (n - start).min(16);
@@ -231,16 +240,7 @@ unsafe fn silu_mul_avx512(g: &mut [f32], u: &[f32]) {
         // e^(−v), lane by lane as `exp`
         let neg = _mm512_xor_ps(v, sign);
         let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(neg, neg);
-        let x = _mm512_min_ps(_mm512_max_ps(neg, lo), hi);
-        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, log2e));
-        let nk = _mm512_xor_ps(k, sign);
-        let r = _mm512_fmadd_ps(nk, ln2_lo, _mm512_fmadd_ps(nk, ln2_hi, x));
-        let mut p = c[0];
-        for ci in &c[1..] {
-            p = _mm512_fmadd_ps(p, r, *ci);
-        }
-        let p = _mm512_fmadd_ps(_mm512_fmadd_ps(p, r, one), r, one);
-        let e = _mm512_mask_mov_ps(_mm512_scalef_ps(p, k), nan, neg);
+        let e = _mm512_mask_mov_ps(exp_lanes!(neg), nan, neg);
         let out = _mm512_mul_ps(_mm512_div_ps(v, _mm512_add_ps(one, e)), w);
         _mm512_mask_storeu_ps(g.as_mut_ptr().add(start), mask, out);
     }
@@ -319,17 +319,18 @@ mod tests {
     /// [`exp`] is within 2.5 ulp of e^x (f64) over the range where e^x is a normal float, and
     /// gives libm's values at the edges: NaN, +inf past the top, 0 below the bottom.
     #[test]
-    fn max_and_sum_exp_is_a_softmax_normalizer_at_every_tail_length() {
+    fn argmax_and_sum_exp_is_a_softmax_normalizer_at_every_tail_length() {
         for n in [1usize, 5, 16, 17, 33, 8192 + 3] {
             let x = values(n, 7);
-            let (max, sum) = max_and_sum_exp(&x);
+            let (index, max, sum) = argmax_and_sum_exp(&x);
             let want_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(index, x.iter().position(|&v| v == want_max).unwrap(), "n = {n}: the first maximum");
             let want: f64 = x.iter().map(|&v| (f64::from(v) - f64::from(want_max)).exp()).sum();
             assert_eq!(max, want_max, "n = {n}");
             assert!((f64::from(sum) - want).abs() <= 1e-5 * want, "n = {n}: {sum} against {want}");
         }
-        assert_eq!(max_and_sum_exp(&[]), (f32::NEG_INFINITY, 0.0));
-        assert!(max_and_sum_exp(&[1.0, f32::INFINITY]).1.is_nan());
+        assert_eq!(argmax_and_sum_exp(&[]), (0, f32::NEG_INFINITY, 0.0));
+        assert!(argmax_and_sum_exp(&[1.0, f32::INFINITY]).2.is_nan());
     }
 
     #[test]
