@@ -417,3 +417,47 @@ fn mismatched_drafters_and_oversized_requests_fail_with_clear_errors() {
     let first = generate(&target, None, &p, &cfg).unwrap().token_ids[0];
     assert_eq!(first, argmax(&fresh_last_logits(&target, &p)));
 }
+
+/// Sleeps `ms[i]` in its i-th propose (the last value after the list ends), drafting nothing
+/// useful; the calibration's draft timer must see through it.
+struct SleepyProposer {
+    inner: FixedProposer,
+    ms: Vec<u64>,
+    calls: usize,
+}
+
+impl Proposer for SleepyProposer {
+    fn block_size(&self) -> usize {
+        self.inner.block_size()
+    }
+    fn target_layer_ids(&self) -> &[usize] {
+        self.inner.target_layer_ids()
+    }
+    fn begin(&mut self, target: &Target, prompt_ids: &[u32], features: Option<&Tensor>) -> Result<(), SpecError> {
+        self.inner.begin(target, prompt_ids, features)
+    }
+    fn propose(&mut self, target: &Target, last_token: u32, start: usize) -> Result<Draft, SpecError> {
+        let ms = self.ms.get(self.calls).or(self.ms.last()).copied().unwrap_or(0);
+        self.calls += 1;
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        self.inner.propose(target, last_token, start)
+    }
+    fn commit(&mut self, tokens: &[u32], features: Option<&Tensor>, start: usize) -> Result<(), SpecError> {
+        self.inner.commit(tokens, features, start)
+    }
+}
+
+#[test]
+fn the_block_size_calibration_times_a_typical_draft_and_a_curve_that_never_falls() {
+    use specauf::spec::block_size::{measure_draft_ms, measure_verify_curve};
+    let target = target("llama");
+    // the first propose (the prompt's context) and two stretched by load are slow: the median
+    // of the others is what a cycle's draft costs
+    let mut slow_starts = SleepyProposer { inner: FixedProposer::new(4, 7), ms: vec![200, 5, 120, 5, 5, 90, 5], calls: 0 };
+    let ms = measure_draft_ms(&target, &mut slow_starts).unwrap();
+    assert!(slow_starts.calls >= 10, "too few cycles timed: {}", slow_starts.calls);
+    assert!((4.5..60.0).contains(&ms), "a 5 ms draft measured as {ms} ms");
+    let curve = measure_verify_curve(&target, 6, &[], 3).unwrap();
+    assert_eq!(curve.len(), 6);
+    assert!(curve.iter().all(|v| v.is_finite() && *v > 0.0) && curve.windows(2).all(|w| w[0] <= w[1]), "{curve:?}");
+}

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::AnyDrafter;
 use crate::model::Target;
-use crate::spec::block_size::{choose_block_and_cut, choose_block_size, draft_curve, held_out_acceptance, held_out_cuts, measure_draft_ms, measure_verify_curve, BlockChoice, DEFAULT_ACCEPTANCE};
+use crate::spec::block_size::{choose_block_and_cut, choose_block_size, draft_curve, held_out_acceptance, held_out_cuts, measure_draft_ms, measure_verify_curve, BlockChoice, CURVE_REPS, DEFAULT_ACCEPTANCE};
 use crate::spec::SpecError;
 
 /// Times the target's verify curve up to the drafter's trained block size and a draft at the
@@ -21,7 +21,7 @@ use crate::spec::SpecError;
 pub fn choose_for(target: &Target, mut drafter: AnyDrafter, dir: &Path, p_min: Option<f32>) -> Result<(AnyDrafter, BlockChoice), SpecError> {
     let max_b = drafter.block_size();
     let t0 = std::time::Instant::now();
-    let verify_ms = measure_verify_curve(target, max_b, drafter.target_layer_ids(), 5)?;
+    let verify_ms = measure_verify_curve(target, max_b, drafter.target_layer_ids(), CURVE_REPS)?;
     crate::util::measure::release_free_heap();
     let at_max = measure_draft_ms(target, &mut *drafter.proposer_on(target.backend()))?;
     crate::util::measure::release_free_heap();

@@ -6,9 +6,10 @@
 //! `E(B) / (verify(B) + draft(B))`: [`choose_block_size`], a pure function of the measured verify
 //! curve, the draft times and the acceptance rates.
 //!
-//! The verify curve is timed on the target at start-up ([`measure_verify_curve`]: forwards of
-//! m = 1..max_b tokens after a short context), the draft time by a few cycles of the proposer
-//! ([`measure_draft_ms`]) at the smallest and the largest block, linear in between
+//! The verify curve is timed on the target at start-up ([`measure_verify_curve`]: rounds of
+//! forwards of m = 1..max_b tokens after a short context, reduced to a curve that load drift
+//! cannot bend downwards, [`curve_from_runs`]), the draft time as the median propose of a short
+//! generation ([`measure_draft_ms`]) at the smallest and the largest block, linear in between
 //! ([`draft_curve`]: a draft's rows, and so its projections and head, scale with B). Acceptance comes from the drafter's held-out training metrics when
 //! its run folder has them ([`held_out_acceptance`]: the per-position accuracies, used as the
 //! conditional rates, which they bound from below, so the choice errs towards small blocks), else
@@ -192,11 +193,15 @@ pub fn choose_block_size(verify_ms: &[f64], draft_ms: &[f64], accept: &[f64], ma
     Ok(best)
 }
 
+/// Repetitions of the verify curve at start-up ([`measure_verify_curve`]).
+pub const CURVE_REPS: usize = 9;
+
+/// Proposes timed by [`measure_draft_ms`] (after the first, which takes in the prompt).
+const DRAFT_SAMPLES: usize = 16;
+
 /// verify_ms[m-1] for m = 1..=max_b: one forward of m tokens (with `taps`, all logits) after a
-/// context of [`CURVE_CONTEXT`] tokens, the median of `reps` runs, the sizes interleaved so
-/// that load hits all of them alike. (The fastest of three runs, used before, put a 2-token
-/// verify at the cost of a decode step on a run where its median was 1.12 decode steps, and so
-/// chose blocks that did not pay.)
+/// context of [`CURVE_CONTEXT`] tokens, `reps` rounds of every size, interleaved, reduced by
+/// [`curve_from_runs`].
 pub fn measure_verify_curve(target: &Target, max_b: usize, taps: &[usize], reps: usize) -> Result<Vec<f64>, SpecError> {
     let vocab = target.config().vocab_size as u32;
     let ids: Vec<u32> = (0..CURVE_CONTEXT + max_b).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
@@ -211,28 +216,103 @@ pub fn measure_verify_curve(target: &Target, max_b: usize, taps: &[usize], reps:
             cache.truncate(CURVE_CONTEXT);
         }
     }
-    Ok(runs
-        .into_iter()
-        .map(|mut v| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        })
-        .collect())
+    Ok(curve_from_runs(&runs))
 }
 
-/// Mean time of one `propose` over a few cycles of a short greedy generation (the first,
-/// which takes in the prompt's context, excluded).
+/// The verify curve from `runs[m-1][r]`, the time of an m-token forward in round r (each round
+/// times every size once, back to back). On a shared machine the load drifts between rounds,
+/// and a curve of per-size medians can come out with a longer forward cheaper than a shorter
+/// one (a fresh clone's quickstart measured 5.1 / 5.2 / 6.1 / 5.4 ms for m = 1..4, and so ran
+/// B = 4 at 0.87× of plain decoding). So:
+/// - each size is taken relative to the single-token forward of its own round (the load of a
+///   round hits both alike), the median of those ratios over the rounds, times the median
+///   single-token time;
+/// - the result is made non-decreasing in m ([`non_decreasing_fit`]): a forward of m + 1 tokens
+///   does all the work of one of m.
+pub fn curve_from_runs(runs: &[Vec<f64>]) -> Vec<f64> {
+    fn median(mut v: Vec<f64>) -> f64 {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+    }
+    let Some(single) = runs.first() else { return Vec::new() };
+    let base = median(single.clone());
+    let curve: Vec<f64> = runs
+        .iter()
+        .enumerate()
+        .map(|(m, times)| match m {
+            0 => base,
+            _ => base * median(times.iter().zip(single).filter(|(_, one)| **one > 0.0).map(|(t, one)| t / one).collect()),
+        })
+        .collect();
+    non_decreasing_fit(&curve)
+}
+
+/// The least-squares non-decreasing fit of `v` (pool adjacent violators): runs that go down are
+/// replaced by their mean.
+pub fn non_decreasing_fit(v: &[f64]) -> Vec<f64> {
+    // blocks of (mean, count)
+    let mut blocks: Vec<(f64, usize)> = Vec::with_capacity(v.len());
+    for &x in v {
+        blocks.push((x, 1));
+        while blocks.len() > 1 && blocks[blocks.len() - 2].0 > blocks[blocks.len() - 1].0 {
+            let (b, nb) = blocks.pop().unwrap();
+            let (a, na) = blocks.pop().unwrap();
+            blocks.push(((a * na as f64 + b * nb as f64) / (na + nb) as f64, na + nb));
+        }
+    }
+    blocks.into_iter().flat_map(|(mean, n)| std::iter::repeat_n(mean, n)).collect()
+}
+
+/// Times each `propose` it forwards.
+struct TimedProposer<'a> {
+    inner: &'a mut dyn Proposer,
+    times_ms: Vec<f64>,
+}
+
+impl Proposer for TimedProposer<'_> {
+    fn block_size(&self) -> usize {
+        self.inner.block_size()
+    }
+    fn target_layer_ids(&self) -> &[usize] {
+        self.inner.target_layer_ids()
+    }
+    fn begin(&mut self, target: &Target, prompt_ids: &[u32], features: Option<&candle_core::Tensor>) -> Result<(), SpecError> {
+        self.inner.begin(target, prompt_ids, features)
+    }
+    fn propose(&mut self, target: &Target, last_token: u32, start: usize) -> Result<super::proposer::Draft, SpecError> {
+        let t0 = Instant::now();
+        let draft = self.inner.propose(target, last_token, start);
+        self.times_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        draft
+    }
+    fn commit(&mut self, tokens: &[u32], features: Option<&candle_core::Tensor>, start: usize) -> Result<(), SpecError> {
+        self.inner.commit(tokens, features, start)
+    }
+}
+
+/// The median time of one `propose` over the cycles of a short greedy generation (the first
+/// propose, which takes in the prompt's context, excluded): at least [`DRAFT_SAMPLES`] cycles
+/// unless the drafter's drafts are accepted so often that the tokens run out first. The median,
+/// not the mean: one propose that the machine's load stretches does not move it.
 pub fn measure_draft_ms(target: &Target, proposer: &mut dyn Proposer) -> Result<f64, SpecError> {
     let vocab = target.config().vocab_size as u32;
     let prompt: Vec<u32> = (0..CURVE_CONTEXT).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
-    let b = proposer.block_size().max(1);
-    // B + 1 tokens: at least two cycles whatever the acceptance, at most about B of them.
-    let cfg = GenerateConfig { eos_token_ids: Vec::new(), ..GenerateConfig::greedy(target, b + 1) };
-    let out = generate(target, Some(proposer), &prompt, &cfg)?;
-    if out.cycles < 2 {
-        return Ok(out.draft_ms);
-    }
-    Ok((out.draft_ms - out.first_draft_ms) / (out.cycles - 1) as f64)
+    // DRAFT_SAMPLES + 1 tokens: that many cycles when nothing is accepted (this prompt is noise,
+    // so drafts mostly fail), at least two whatever the acceptance.
+    let cfg = GenerateConfig { eos_token_ids: Vec::new(), ..GenerateConfig::greedy(target, (DRAFT_SAMPLES + 1).max(proposer.block_size() + 1)) };
+    let mut timed = TimedProposer { inner: proposer, times_ms: Vec::new() };
+    generate(target, Some(&mut timed), &prompt, &cfg)?;
+    let mut times = match timed.times_ms.len() {
+        0 => return Ok(0.0),
+        1 => timed.times_ms,
+        _ => timed.times_ms[1..].to_vec(),
+    };
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 /// The cut statistics ([`CutStat`]) of the last held-out evaluation in the drafter's training log
@@ -355,6 +435,37 @@ mod tests {
         assert!(choose_block_size(&curve[..3], &[0.0; 16], &[1.0], 4).is_err());
         assert!(choose_block_size(&[5.0, f64::NAN], &[0.0; 2], &[1.0], 2).is_err());
         assert!(choose_block_size(&[5.0, 0.0], &[0.0; 2], &[1.0], 2).is_err());
+    }
+
+    #[test]
+    fn the_non_decreasing_fit_pools_the_runs_that_go_down() {
+        assert_eq!(non_decreasing_fit(&[1.0, 2.0, 3.0]), vec![1.0, 2.0, 3.0]);
+        // the quickstart's curve: 6.1 then 5.4 pool to their mean
+        let fit = non_decreasing_fit(&[5.1, 5.2, 6.1, 5.4]);
+        assert_eq!(fit[..2], [5.1, 5.2]);
+        assert!((fit[2] - 5.75).abs() < 1e-12 && fit[3] == fit[2]);
+        // a violation that reaches back pools further: 3, 1, 1 -> 5/3 each, after 0
+        let fit = non_decreasing_fit(&[0.0, 3.0, 1.0, 1.0]);
+        assert!(fit[0] == 0.0 && fit[1..].iter().all(|x| (x - 5.0 / 3.0).abs() < 1e-12), "{fit:?}");
+        assert!(non_decreasing_fit(&[]).is_empty());
+    }
+
+    #[test]
+    fn the_curve_follows_each_rounds_single_token_forward_and_never_falls() {
+        // rounds on a machine whose load doubles every time in round 2: the ratios stay
+        let runs = vec![vec![5.0, 10.0, 5.0], vec![5.5, 11.0, 5.5], vec![7.0, 14.0, 7.0]];
+        let curve = curve_from_runs(&runs);
+        assert_eq!(curve.len(), 3);
+        assert!((curve[0] - 5.0).abs() < 1e-12);
+        assert!((curve[1] - 5.5).abs() < 1e-12 && (curve[2] - 7.0).abs() < 1e-12, "{curve:?}");
+        // per-size medians would put m = 4 below m = 3 here (runs[m - 1] over three rounds)
+        let runs = vec![vec![5.0, 6.0, 5.1], vec![5.25, 6.2, 5.3], vec![5.6, 7.3, 6.8], vec![6.0, 5.9, 6.1]];
+        let per_size: Vec<f64> = runs.iter().map(|r| { let mut v = r.clone(); v.sort_by(f64::total_cmp); v[1] }).collect();
+        assert!(per_size[3] < per_size[2], "the example must show the fault: {per_size:?}");
+        let curve = curve_from_runs(&runs);
+        assert!(curve.windows(2).all(|w| w[0] <= w[1]), "{curve:?}");
+        assert!(curve[3] > curve[0] * 1.05, "m = 4 costs more than m = 1 in every round: {curve:?}");
+        assert!(curve_from_runs(&[]).is_empty());
     }
 
     #[test]
