@@ -454,9 +454,13 @@ fn the_block_size_calibration_times_a_typical_draft_and_a_curve_that_never_falls
     // the first propose (the prompt's context) and two stretched by load are slow: the median
     // of the others is what a cycle's draft costs
     let mut slow_starts = SleepyProposer { inner: FixedProposer::new(4, 7), ms: vec![200, 5, 120, 5, 5, 90, 5], calls: 0 };
-    let ms = measure_draft_ms(&target, &mut slow_starts).unwrap();
+    let timing = measure_draft_ms(&target, &mut slow_starts).unwrap();
     assert!(slow_starts.calls >= 10, "too few cycles timed: {}", slow_starts.calls);
+    let ms = timing.draft_ms;
     assert!((4.5..60.0).contains(&ms), "a 5 ms draft measured as {ms} ms");
+    // a cycle is the draft and a verify: longer than the draft, shorter than the stretched ones
+    assert!(timing.cycle_ms > ms && timing.cycle_ms < 80.0, "{timing:?}");
+    assert_eq!(timing.rest_ms(1e3), 0.0, "the rest is never negative");
     let curve = measure_verify_curve(&target, 6, &[], 3).unwrap();
     assert_eq!(curve.len(), 6);
     assert!(curve.iter().all(|v| v.is_finite() && *v > 0.0) && curve.windows(2).all(|w| w[0] <= w[1]), "{curve:?}");

@@ -33,18 +33,21 @@ pub fn choose_for(target: &Target, mut drafter: AnyDrafter, dir: &Path, p_min: O
         false => at_max,
     };
     crate::util::measure::release_free_heap();
-    let draft_ms_by_block = draft_curve(at_two, at_max, max_b);
+    let draft_ms_by_block = draft_curve(at_two.draft_ms, at_max.draft_ms, max_b);
+    let rest_ms_by_block = draft_curve(at_two.rest_ms(verify_ms[1.min(max_b - 1)]), at_max.rest_ms(verify_ms[max_b - 1]), max_b);
+    // what a cycle costs beside its verify forward
+    let outside_verify: Vec<f64> = draft_ms_by_block.iter().zip(&rest_ms_by_block).map(|(d, r)| d + r).collect();
     let (acceptance, acceptance_source) = match held_out_acceptance(dir) {
         Some(found) => found,
         None => (vec![DEFAULT_ACCEPTANCE; max_b - 1], format!("{DEFAULT_ACCEPTANCE} per position (default: no held-out metrics next to the drafter)")),
     };
     let cuttable = matches!(drafter, AnyDrafter::DFlash(_));
     let fixed = if cuttable { p_min } else { Some(0.0) };
-    let from_cuts = held_out_cuts(dir).and_then(|cuts| choose_block_and_cut(&verify_ms, &draft_ms_by_block, &cuts, max_b, fixed));
+    let from_cuts = held_out_cuts(dir).and_then(|cuts| choose_block_and_cut(&verify_ms, &outside_verify, &cuts, max_b, fixed));
     let (block_size, p_min, expected_tokens, expected_tokens_per_s, acceptance_source) = match from_cuts {
         Some((b, p, e, rate)) => (b, p, e, rate, format!("{acceptance_source}; tokens a cycle and rows verified measured there for each block and threshold")),
         None => {
-            let (b, e, rate) = choose_block_size(&verify_ms, &draft_ms_by_block, &acceptance, max_b)?;
+            let (b, e, rate) = choose_block_size(&verify_ms, &outside_verify, &acceptance, max_b)?;
             (b, fixed.unwrap_or(0.0), e, rate, acceptance_source)
         }
     };
@@ -57,6 +60,7 @@ pub fn choose_for(target: &Target, mut drafter: AnyDrafter, dir: &Path, p_min: O
         verify_ms,
         draft_ms: draft_ms_by_block[block_size - 1],
         draft_ms_by_block,
+        rest_ms: rest_ms_by_block[block_size - 1],
         acceptance,
         acceptance_source,
         calibration_ms: t0.elapsed().as_secs_f64() * 1e3,

@@ -1,15 +1,17 @@
 //! Choosing the verified block size B from measurement (issue 12).
 //!
-//! A cycle with block B costs `verify(B) + draft(B)` and commits on average
+//! A cycle with block B costs `verify(B) + draft(B) + rest(B)` (rest: the verdict and the
+//! commits) and commits on average
 //! `E(B) = 1 + Σ_{k=1}^{B-1} Π_{i≤k} α_i` tokens, where α_i is the rate at which draft position i
 //! is accepted given that positions before it were. B is the value in 2..=max_b that maximises
-//! `E(B) / (verify(B) + draft(B))`: [`choose_block_size`], a pure function of the measured verify
-//! curve, the draft times and the acceptance rates.
+//! `E(B) / (verify(B) + draft(B) + rest(B))`: [`choose_block_size`], a pure function of the
+//! measured verify curve, the time of the rest of a cycle and the acceptance rates.
 //!
 //! The verify curve is timed on the target at start-up ([`measure_verify_curve`]: rounds of
 //! forwards of m = 1..max_b tokens after a short context, reduced to a curve that load drift
 //! cannot bend downwards, [`curve_from_runs`]), the draft time as the median propose of a short
-//! generation ([`measure_draft_ms`]) at the smallest and the largest block, linear in between
+//! generation ([`measure_draft_ms`]) at the smallest and the largest block, and the rest of a cycle
+//! as the median whole cycle of that generation less its draft and verify forward, linear in between
 //! ([`draft_curve`]: a draft's rows, and so its projections and head, scale with B). Acceptance comes from the drafter's held-out training metrics when
 //! its run folder has them ([`held_out_acceptance`]: the per-position accuracies, used as the
 //! conditional rates, which they bound from below, so the choice errs towards small blocks), else
@@ -71,7 +73,8 @@ pub fn cut_stats(anchors: &[Vec<(f32, bool)>], max_b: usize) -> Vec<CutStat> {
 }
 
 /// The (B, p_min) of `cuts` maximising measured tokens a cycle ÷ (the cycle's mean verify time +
-/// the draft at B), B ≤ max_b, p_min = `fixed_p` when given; ties go to the smaller B, then the
+/// `draft_ms[B - 1]`, what a cycle at B costs beside its verify forward: the draft and the rest),
+/// B ≤ max_b, p_min = `fixed_p` when given; ties go to the smaller B, then the
 /// lower threshold. Returns (B, p_min, tokens a cycle, modelled tokens/s); None when no cut
 /// qualifies.
 pub fn choose_block_and_cut(verify_ms: &[f64], draft_ms: &[f64], cuts: &[CutStat], max_b: usize, fixed_p: Option<f32>) -> Option<(usize, f32, f64, f64)> {
@@ -106,6 +109,9 @@ pub struct BlockChoice {
     pub draft_ms: f64,
     /// draft_ms_by_block[b-1]: one `propose` at block b (b ≥ 2; measured at 2 and max_b).
     pub draft_ms_by_block: Vec<f64>,
+    /// The rest of a cycle at the chosen B, neither verify forward nor draft: the verdict and
+    /// the commits ([`DraftTiming::rest_ms`]), charged to every cycle in the choice.
+    pub rest_ms: f64,
     /// α_i for draft positions 1..max_b-1.
     pub acceptance: Vec<f64>,
     /// Where `acceptance` came from.
@@ -134,7 +140,7 @@ impl BlockChoice {
         };
         let cut = if self.p_min > 0.0 { format!(", drafts cut below p = {}", self.p_min) } else { String::new() };
         format!(
-            "B = {}{cut} of {} chosen from measurement (model: {:.2} tokens/cycle, {:.0} tok/s vs AR {:.0}; verify(1..{}) {} ms, draft {:.1} ms, measured in {:.0} ms; acceptance {}{warning})",
+            "B = {}{cut} of {} chosen from measurement (model: {:.2} tokens/cycle, {:.0} tok/s vs AR {:.0}; verify(1..{}) {} ms, draft {:.1} ms, verdict and commits {:.1} ms, measured in {:.0} ms; acceptance {}{warning})",
             self.block_size,
             max_b,
             self.expected_tokens,
@@ -143,6 +149,7 @@ impl BlockChoice {
             self.verify_ms.len(),
             self.verify_ms.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join("/"),
             self.draft_ms,
+            self.rest_ms,
             self.calibration_ms,
             self.acceptance_source
         )
@@ -170,7 +177,7 @@ pub fn draft_curve(at_two: f64, at_max: f64, max_b: usize) -> Vec<f64> {
 }
 
 /// The B in 2..=max_b (max_b ≤ verify_ms.len(), draft_ms.len()) maximising E(B) / (verify(B) +
-/// draft(B)); ties go to the smaller B. Returns (B, E(B), modelled tokens/s).
+/// draft(B)), draft(B) being what a cycle costs beside its verify forward; ties go to the smaller B. Returns (B, E(B), modelled tokens/s).
 pub fn choose_block_size(verify_ms: &[f64], draft_ms: &[f64], accept: &[f64], max_b: usize) -> Result<(usize, f64, f64), SpecError> {
     let bad = |what: String| SpecError::InvalidConfig { what };
     if max_b < 2 {
@@ -200,9 +207,15 @@ pub const CURVE_REPS: usize = 9;
 const DRAFT_SAMPLES: usize = 16;
 
 /// verify_ms[m-1] for m = 1..=max_b: one forward of m tokens (with `taps`, all logits) after a
-/// context of [`CURVE_CONTEXT`] tokens, `reps` rounds of every size, interleaved, reduced by
-/// [`curve_from_runs`].
+/// context of [`CURVE_CONTEXT`] tokens, `reps` rounds of every size ([`measure_verify_runs`]),
+/// reduced by [`curve_from_runs`].
 pub fn measure_verify_curve(target: &Target, max_b: usize, taps: &[usize], reps: usize) -> Result<Vec<f64>, SpecError> {
+    Ok(curve_from_runs(&measure_verify_runs(target, max_b, taps, reps)?))
+}
+
+/// runs[m-1][r]: the time in ms of an m-token forward in round r; each round times m = 1..=max_b
+/// once, back to back.
+pub fn measure_verify_runs(target: &Target, max_b: usize, taps: &[usize], reps: usize) -> Result<Vec<Vec<f64>>, SpecError> {
     let vocab = target.config().vocab_size as u32;
     let ids: Vec<u32> = (0..CURVE_CONTEXT + max_b).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
     let mut cache = target.new_cache();
@@ -216,7 +229,7 @@ pub fn measure_verify_curve(target: &Target, max_b: usize, taps: &[usize], reps:
             cache.truncate(CURVE_CONTEXT);
         }
     }
-    Ok(curve_from_runs(&runs))
+    Ok(runs)
 }
 
 /// The verify curve from `runs[m-1][r]`, the time of an m-token forward in round r (each round
@@ -267,9 +280,10 @@ pub fn non_decreasing_fit(v: &[f64]) -> Vec<f64> {
     blocks.into_iter().flat_map(|(mean, n)| std::iter::repeat_n(mean, n)).collect()
 }
 
-/// Times each `propose` it forwards.
+/// Notes when each `propose` it forwards starts and how long it takes.
 struct TimedProposer<'a> {
     inner: &'a mut dyn Proposer,
+    starts: Vec<Instant>,
     times_ms: Vec<f64>,
 }
 
@@ -285,6 +299,7 @@ impl Proposer for TimedProposer<'_> {
     }
     fn propose(&mut self, target: &Target, last_token: u32, start: usize) -> Result<super::proposer::Draft, SpecError> {
         let t0 = Instant::now();
+        self.starts.push(t0);
         let draft = self.inner.propose(target, last_token, start);
         self.times_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         draft
@@ -294,25 +309,48 @@ impl Proposer for TimedProposer<'_> {
     }
 }
 
-/// The median time of one `propose` over the cycles of a short greedy generation (the first
-/// propose, which takes in the prompt's context, excluded): at least [`DRAFT_SAMPLES`] cycles
-/// unless the drafter's drafts are accepted so often that the tokens run out first. The median,
-/// not the mean: one propose that the machine's load stretches does not move it.
-pub fn measure_draft_ms(target: &Target, proposer: &mut dyn Proposer) -> Result<f64, SpecError> {
+/// What [`measure_draft_ms`] timed: medians over the cycles of a short generation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DraftTiming {
+    /// One `propose`.
+    pub draft_ms: f64,
+    /// One whole cycle, from a `propose` to the next: the draft, the verify forward of the full
+    /// block (the generation's drafts are never cut), the verdict, the commits.
+    pub cycle_ms: f64,
+}
+
+impl DraftTiming {
+    /// The part of a cycle that is neither the verify forward nor the draft (the verdict, the
+    /// target's and the drafter's commits), given the verify forward's time `verify_ms` of the
+    /// block: never below zero (the two medians come from different rounds, and noise can put
+    /// the difference there).
+    pub fn rest_ms(&self, verify_ms: f64) -> f64 {
+        (self.cycle_ms - self.draft_ms - verify_ms).max(0.0)
+    }
+}
+
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Times the proposes and cycles of a short greedy generation, the first propose (which takes
+/// in the prompt's context) left out: at least [`DRAFT_SAMPLES`] cycles unless the drafter's
+/// drafts are accepted so often that the tokens run out first. Medians, not means: one propose
+/// that the machine's load stretches does not move them.
+pub fn measure_draft_ms(target: &Target, proposer: &mut dyn Proposer) -> Result<DraftTiming, SpecError> {
     let vocab = target.config().vocab_size as u32;
     let prompt: Vec<u32> = (0..CURVE_CONTEXT).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
-    // DRAFT_SAMPLES + 1 tokens: that many cycles when nothing is accepted (this prompt is noise,
+    // DRAFT_SAMPLES + 2 tokens: that many cycles when nothing is accepted (this prompt is noise,
     // so drafts mostly fail), at least two whatever the acceptance.
-    let cfg = GenerateConfig { eos_token_ids: Vec::new(), ..GenerateConfig::greedy(target, (DRAFT_SAMPLES + 1).max(proposer.block_size() + 1)) };
-    let mut timed = TimedProposer { inner: proposer, times_ms: Vec::new() };
+    let cfg = GenerateConfig { eos_token_ids: Vec::new(), ..GenerateConfig::greedy(target, (DRAFT_SAMPLES + 2).max(proposer.block_size() + 1)) };
+    let mut timed = TimedProposer { inner: proposer, starts: Vec::new(), times_ms: Vec::new() };
     generate(target, Some(&mut timed), &prompt, &cfg)?;
-    let mut times = match timed.times_ms.len() {
-        0 => return Ok(0.0),
-        1 => timed.times_ms,
-        _ => timed.times_ms[1..].to_vec(),
-    };
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    let skip = usize::from(timed.times_ms.len() > 1);
+    let draft_ms = median_of(timed.times_ms[skip..].to_vec());
+    let cycles: Vec<f64> = timed.starts.windows(2).skip(skip).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+    let cycle_ms = if cycles.is_empty() { draft_ms } else { median_of(cycles) };
+    Ok(DraftTiming { draft_ms, cycle_ms })
 }
 
 /// The cut statistics ([`CutStat`]) of the last held-out evaluation in the drafter's training log
@@ -415,6 +453,7 @@ mod tests {
             verify_ms: vec![7.7, 8.4],
             draft_ms: 0.9,
             draft_ms_by_block: vec![0.9, 0.9],
+            rest_ms: 0.1,
             acceptance: vec![0.2],
             acceptance_source: "assumed".into(),
             calibration_ms: 500.0,
