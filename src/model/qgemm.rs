@@ -48,6 +48,8 @@ use std::sync::Arc;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
@@ -138,7 +140,7 @@ pub enum Kernel {
     Auto,
     /// AVX-512 VNNI `vpdpbusd` (needs avx512f, avx512bw, avx512vnni).
     Vnni,
-    /// The portable code compiled with AVX2 + FMA enabled.
+    /// AVX2 `vpmaddubsw` / `vpmaddwd` (needs avx2, fma, f16c): machines without AVX-512.
     Avx2,
     /// The portable code as plain Rust.
     Portable,
@@ -154,7 +156,7 @@ impl Kernel {
                 is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
             }
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"),
             #[cfg(not(target_arch = "x86_64"))]
             Kernel::Vnni | Kernel::Avx2 => false,
         }
@@ -584,7 +586,7 @@ impl QMatrix {
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Vnni => vnni::tile(&job),
                     #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx2 => portable::tile_avx2(&job),
+                    Kernel::Avx2 => avx2::tile(&job),
                     _ => portable::tile(&job),
                 }
                 r0 += rows;
@@ -810,6 +812,19 @@ fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
         // SAFETY: features detected above.
         return unsafe { vnni::quantize_row(x, q, d, corr) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: features detected above.
+        return unsafe { quantize_row_avx2(x, q, d, corr) };
+    }
+    quantize_row_generic(x, q, d, corr)
+}
+
+/// `quantize_row_generic` compiled for AVX2 + FMA (the same code, so the same bits: the
+/// compiler may only vectorize IEEE operations it can keep exact).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
     quantize_row_generic(x, q, d, corr)
 }
 
@@ -1095,6 +1110,28 @@ mod tests {
             for k in kernels() {
                 let y = run(&w, &x, m, Exec { kernel: k, threads: 2 });
                 assert!(same_bits(&y, &base), "{k:?} differs from the portable kernel on {format:?} {out}x{inp}, m={m}");
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_weights_and_activations_give_the_same_bits_in_every_kernel() {
+        // Every product at the integer range's edge, all of one sign: where a kernel summing in
+        // 16 bits (AVX2's vpmaddubsw) would saturate if it paired or summed the wrong things.
+        let (out, inp, m) = (32usize, 128usize, 3usize);
+        let signs = [1.0f32, -1.0];
+        for (ws, xs) in signs.iter().flat_map(|w| signs.iter().map(move |x| (*w, *x))) {
+            let wv: Vec<f32> = (0..out * inp).map(|i| if i % 32 == 0 { 0.5 * ws } else { ws }).collect();
+            let xv: Vec<f32> = (0..m * inp).map(|i| if i % 5 == 0 { 0.999 * xs } else { xs }).collect();
+            let t = candle_core::Tensor::from_vec(wv.clone(), (out, inp), &candle_core::Device::Cpu).unwrap();
+            for w in [QMatrix::quantize("w", &wv, out, inp).unwrap(), QMatrix::from_q4_1("w", &QTensor::quantize(&t, GgmlDType::Q4_1).unwrap()).unwrap()] {
+                let base = run(&w, &xv, m, Exec { kernel: Kernel::Portable, threads: 1 });
+                // the integer sums are exact: the outputs are close to the true product (≈ ±inp)
+                assert!(base.iter().all(|y| (y.abs() - inp as f32).abs() < 0.05 * inp as f32), "{:?}: {:?}", w.format(), &base[..4]);
+                for k in kernels() {
+                    let y = run(&w, &xv, m, Exec { kernel: k, threads: 1 });
+                    assert!(same_bits(&y, &base), "{k:?} differs on {:?} at weight sign {ws}, activation sign {xs}", w.format());
+                }
             }
         }
     }

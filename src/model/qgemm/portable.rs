@@ -1,6 +1,5 @@
 //! The reference kernel: the integer dot as a plain sum, then the same fma sequence as the
-//! SIMD kernel, so it gives the same bits. Compiled twice: as plain Rust, and with AVX2 + FMA
-//! enabled for machines without AVX-512 VNNI.
+//! SIMD kernels, so it gives the same bits.
 
 use super::{f16_at, Format, TileJob, BLOCK, TILE};
 
@@ -49,13 +48,5 @@ unsafe fn tile_generic(job: &TileJob) {
 /// # Safety
 /// `job.dst` rows 0..rows (stride ldy) have `valid` writable f32 each.
 pub(super) unsafe fn tile(job: &TileJob) {
-    tile_generic(job)
-}
-
-/// # Safety
-/// As `tile`, and the CPU has avx2 and fma (checked by `Kernel::resolve`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn tile_avx2(job: &TileJob) {
     tile_generic(job)
 }
