@@ -116,9 +116,36 @@ pub(crate) fn silu_mul_serial(g: &mut [f32], u: &[f32]) {
         unsafe { silu_mul_avx512(g, u) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        unsafe { silu_mul_fma(g, u) };
+        return;
+    }
+    silu_mul_scalar(g, u);
+}
+
+#[inline(always)]
+fn silu_mul_scalar(g: &mut [f32], u: &[f32]) {
     for (g, &u) in g.iter_mut().zip(u) {
         *g = *g / (1.0 + exp(-*g)) * u;
     }
+}
+
+/// The scalar loop compiled with FMA, so that [`exp`]'s fused multiply-adds are instructions and
+/// not calls into libm's `fmaf` (which, on a machine without AVX-512, took a quarter of a
+/// regeneration's time with this loop). The same operations, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_fma(g: &mut [f32], u: &[f32]) {
+    silu_mul_scalar(g, u)
+}
+
+/// Σ e^(x_i − shift) in order, compiled with FMA (as [`silu_mul_fma`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sum_exp_fma(x: &[f32], shift: f32) -> f32 {
+    x.iter().map(|&v| exp(v - shift)).sum()
 }
 
 /// The exponent's range: below `EXP_LO` e^x is below half the smallest subnormal, above `EXP_HI`
@@ -138,6 +165,7 @@ const EXP_POLY: [f32; 5] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5
 /// |r| ≤ ln2/2, e^r by a degree-6 polynomial (fused multiply-adds, Horner), then scaled by 2ⁿ.
 /// NaN stays NaN, ±inf gives +inf and 0. The scalar twin of the AVX-512 lanes in
 /// [`silu_mul_avx512`].
+#[inline(always)]
 pub fn exp(x: f32) -> f32 {
     if x.is_nan() {
         return x;
@@ -155,6 +183,7 @@ pub fn exp(x: f32) -> f32 {
 
 /// p · 2ⁿ with one rounding where the result is a normal float (as `vscalefps`), for n in the
 /// range [`exp`] produces.
+#[inline(always)]
 fn scale_by_pow2(p: f32, n: i32) -> f32 {
     let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
     if n > 127 {
@@ -185,6 +214,11 @@ pub fn argmax_and_sum_exp(x: &[f32]) -> (usize, f32, f32) {
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the feature was just detected.
         return (index, max, unsafe { sum_exp_avx512(x, max) });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were just detected.
+        return (index, max, unsafe { sum_exp_fma(x, max) });
     }
     (index, max, x.iter().map(|&v| exp(v - max)).sum())
 }
