@@ -42,6 +42,7 @@ fn options(data: &Path, out: &Path, settings: PrepareSettings) -> PrepareOptions
         shard_tokens: 300,
         out: out.to_path_buf(),
         progress: Default::default(),
+        regenerate_deadline: None,
     }
 }
 
@@ -552,4 +553,39 @@ fn topics_keep_the_first_conversations_then_only_the_chosen_topics() {
     let err = prepare_with(&tok, &id, None, None, &options(&path, &tmp.path().join("none"), s)).unwrap_err();
     assert!(matches!(err, PrepareError::NothingSelected { .. }), "{err}");
     assert!(err.to_string().contains("8 off the chosen topics"), "{err}");
+}
+
+#[test]
+fn a_regeneration_deadline_leaves_the_rest_out_and_a_rerun_without_one_completes_it() {
+    // a generator that takes 60 ms a reply, a deadline 150 ms in: some conversations are
+    // answered, the rest never started and are counted, not silently dropped
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 8, false);
+    let (tok, id) = smollm2();
+    let slow = |_: &[u32], _: &ReplyRequest| -> Result<Reply, ReplyError> {
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        Ok(Reply { token_ids: tok.encode("Sure.", false).unwrap(), stopped: true })
+    };
+    let out = tmp.path().join("out");
+    let mut s = settings(8, Some(RegenerateSettings::greedy(20)));
+    s.eval_fraction = 0.0;
+    s.max_turns = Some(1);
+    let mut opts = options(&data, &out, s.clone());
+    opts.regenerate_deadline = Some(std::time::Instant::now() + std::time::Duration::from_millis(150));
+    let cut = prepare_with(&tok, &id, Some(&slow), None, &opts).unwrap();
+    let left = cut.manifest.skipped.get(specauf::data::prepare::NOT_REACHED).copied().unwrap_or(0);
+    assert!(cut.regenerated >= 1 && left >= 1, "regenerated {}, left out {left}", cut.regenerated);
+    assert_eq!(cut.regenerated + left, 8);
+    assert_eq!(Dataset::open(&out, Split::Train).unwrap().len(), cut.regenerated);
+    // a deadline already past answers nothing: a clear error, not an empty dataset
+    let none = tmp.path().join("none");
+    let mut past = options(&data, &none, s.clone());
+    past.regenerate_deadline = Some(std::time::Instant::now());
+    let err = prepare_with(&tok, &id, Some(&slow), None, &past).unwrap_err();
+    assert!(err.to_string().contains(specauf::data::prepare::NOT_REACHED), "{err}");
+    // the same folder without a deadline reuses what was answered and answers the rest
+    std::fs::remove_file(out.join("manifest.json")).unwrap();
+    let full = prepare_with(&tok, &id, Some(&slow), None, &options(&data, &out, s)).unwrap();
+    assert_eq!((full.reused, full.regenerated), (cut.regenerated, 8 - cut.regenerated));
+    assert!(!full.manifest.skipped.contains_key(specauf::data::prepare::NOT_REACHED));
 }

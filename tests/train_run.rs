@@ -210,7 +210,7 @@ fn prepared_with_features(root: &std::path::Path, soft: Option<usize>) -> (speca
         features: Some(FeatureSettings { target_layer_ids: vec![1], dtype: FeatureDtype::F16, weights: specauf::model::WeightsMode::F32, soft_labels: soft }),
         topics: None,
     };
-    let opts = PrepareOptions { data_path: data, settings, workers: 1, batch: 1, shard_tokens: 4096, out: out.clone(), progress: Default::default() };
+    let opts = PrepareOptions { data_path: data, settings, workers: 1, batch: 1, shard_tokens: 4096, out: out.clone(), progress: Default::default(), regenerate_deadline: None };
     prepare(&m.tokenizer, &id, None, Some(&m.target), &opts).unwrap();
     (m, out)
 }

@@ -93,6 +93,11 @@ pub struct PrepareArgs {
     /// Approximate tokens per shard.
     #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS)]
     pub shard_tokens: usize,
+    /// With --regenerate: start no conversation after this many minutes (those in flight
+    /// finish); the rest are left out of the data and counted in the manifest's `skipped`.
+    /// A rerun without it answers them, reusing what was answered
+    #[arg(long, value_name = "M")]
+    pub regenerate_minutes: Option<f64>,
     #[command(flatten)]
     pub device: super::device::DeviceArgs,
 }
@@ -123,6 +128,7 @@ impl PrepareArgs {
             seed: self.seed,
             shard_tokens: self.shard_tokens,
             device: self.device.choice(),
+            regenerate_deadline: self.regenerate_minutes.map(|m| std::time::Instant::now() + std::time::Duration::from_secs_f64(m.max(0.0) * 60.0)),
         }
     }
 }

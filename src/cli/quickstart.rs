@@ -32,9 +32,10 @@ pub struct QuickstartArgs {
     /// New tokens per evaluation request [default: the recipe's].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
-    /// The whole run's wall-clock budget in minutes [default: the recipe's, 15 or 60]: training
+    /// The whole run's wall-clock budget in minutes [default: the recipe's, 15 or 60]:
+    /// regeneration starts no conversation after a fifth of it (`cpu-60min`: 0.3), and training
     /// stops early where its steps would not leave time for the evaluation. 0: no budget, every
-    /// step runs.
+    /// conversation and every step runs.
     #[arg(long, value_name = "MINUTES")]
     pub minutes: Option<f64>,
     #[command(flatten)]

@@ -51,7 +51,13 @@ pub struct PrepareOptions {
     pub out: PathBuf,
     /// Where regeneration and feature extraction report their progress.
     pub progress: Observer,
+    /// Regeneration starts no conversation after this instant; the rest are left out of the
+    /// data, counted in the manifest's `skipped` as [`NOT_REACHED`]. None: all of them.
+    pub regenerate_deadline: Option<Instant>,
 }
+
+/// The manifest's `skipped` reason of conversations a regeneration deadline left out.
+pub const NOT_REACHED: &str = "not_regenerated_before_the_deadline";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -333,7 +339,7 @@ fn regenerate_selected(
     let reused = sel.examples.iter().filter(|ex| cache.get(ex).is_some()).count();
     let todo = sel.examples.len() - reused;
     let mut bar = Phase::new(&*opts.progress, todo as u64, "regenerate", Unit::Items);
-    let schedule = Schedule { workers: opts.workers, batch };
+    let schedule = Schedule { workers: opts.workers, batch, deadline: opts.regenerate_deadline };
     let outcomes = regenerate::regenerate_all(tok, &sel.examples, &mut cache, schedule, &mut bar, engines)?;
     let generated_tokens = bar.tokens;
     bar.finish();
@@ -345,6 +351,7 @@ fn regenerate_selected(
                 kept.push(rec.example());
             }
             Outcome::PromptTooLong => *sel.skipped.entry("prompt_exceeds_max_len".into()).or_insert(0) += 1,
+            Outcome::NotReached => *sel.skipped.entry(NOT_REACHED.into()).or_insert(0) += 1,
         }
     }
     let regenerated = kept.len() - reused;

@@ -158,6 +158,8 @@ pub enum Outcome {
     Done(RegeneratedRecord),
     /// The first prompt alone fills `max_len`: nothing to learn from.
     PromptTooLong,
+    /// Not started before the schedule's deadline ([`Schedule::deadline`]).
+    NotReached,
 }
 
 pub fn source_hash(ex: &ChatExample) -> u64 {
@@ -555,6 +557,9 @@ pub const DEFAULT_BATCH: usize = 16;
 /// How [`regenerate_all`] schedules its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Schedule {
+    /// No conversation is started after this instant (those in flight finish); the ones never
+    /// started come back as [`Outcome::NotReached`]. None: every conversation.
+    pub deadline: Option<std::time::Instant>,
     /// Threads, each with its own engine (and its own pool of cores/workers kernel threads).
     pub workers: usize,
     /// Conversations each worker keeps in flight, their replies decoded together.
@@ -568,7 +573,8 @@ type Done = (usize, Result<Outcome, RegenerateError>);
 /// `schedule.workers` threads, each with its own engine from `engines`, each keeping up to
 /// `schedule.batch` conversations in flight. Each finished conversation is appended to the
 /// cache as it comes. Returns one outcome per example, in example order; no outcome depends
-/// on the schedule (given a batch-invariant engine). The first error stops the workers; what
+/// on the schedule (given a batch-invariant engine), except which conversations a deadline
+/// leaves unstarted ([`Outcome::NotReached`]). The first error stops the workers; what
 /// finished before it stays cached.
 pub fn regenerate_all(
     tok: &Tokenizer,
@@ -596,7 +602,17 @@ pub fn regenerate_all(
         let per_worker = (cores / n_workers).max(1);
         for _ in 0..n_workers {
             let tx = tx.clone();
-            let worker = Worker { tok, examples, todo: &todo, next: &next, stop: &stop, settings, max_len, batch: schedule.batch.max(1) };
+            let worker = Worker {
+                tok,
+                examples,
+                todo: &todo,
+                next: &next,
+                stop: &stop,
+                settings,
+                max_len,
+                batch: schedule.batch.max(1),
+                deadline: schedule.deadline,
+            };
             handles.push(scope.spawn(move || {
                 let work = move || worker.run(engines().as_mut(), &tx);
                 let pool = (n_workers > 1).then(|| rayon::ThreadPoolBuilder::new().num_threads(per_worker).build().ok()).flatten();
@@ -614,7 +630,16 @@ pub fn regenerate_all(
         first_err.map_or(Ok(()), Err)
     });
     result?;
-    outcomes.into_iter().map(|o| o.ok_or(RegenerateError::WorkerPanicked)).collect()
+    // With a deadline, the workers leave the rest of the queue unstarted; without one, a
+    // missing outcome means a worker died.
+    outcomes
+        .into_iter()
+        .map(|o| match (o, schedule.deadline) {
+            (Some(o), _) => Ok(o),
+            (None, Some(_)) => Ok(Outcome::NotReached),
+            (None, None) => Err(RegenerateError::WorkerPanicked),
+        })
+        .collect()
 }
 
 /// On the calling thread: stores each outcome, appends finished conversations to the cache,
@@ -663,6 +688,7 @@ struct Worker<'w> {
     settings: &'w RegenerateSettings,
     max_len: usize,
     batch: usize,
+    deadline: Option<std::time::Instant>,
 }
 
 impl<'w> Worker<'w> {
@@ -670,8 +696,9 @@ impl<'w> Worker<'w> {
         // Conversations whose reply is in flight, by example index.
         let mut runs: HashMap<usize, ConversationRun<'w>> = HashMap::new();
         while !self.stop.load(Ordering::Relaxed) {
-            // 1. fill the batch from the queue
-            while runs.len() < self.batch {
+            // 1. fill the batch from the queue, until the deadline
+            let open = self.deadline.is_none_or(|d| std::time::Instant::now() < d);
+            while open && runs.len() < self.batch {
                 let k = self.next.fetch_add(1, Ordering::Relaxed);
                 let Some(&i) = self.todo.get(k) else { break };
                 let run = ConversationRun::new(&self.examples[i], self.settings, self.max_len);

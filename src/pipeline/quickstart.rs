@@ -39,8 +39,11 @@ impl QuickstartPlan {
         QuickstartPlan { out: out.to_path_buf(), recipe: recipe.recipe(), device: DeviceChoice::default() }
     }
 
-    fn prepare_plan(&self) -> PreparePlan {
+    /// The prepare stage of a run begun at `start`: regeneration stops starting conversations at
+    /// the recipe's share of its budget ([`Recipe::regenerate_share`]).
+    fn prepare_plan(&self, start: Instant) -> PreparePlan {
         let mut p = PreparePlan::new(DEFAULT_MODEL, "sharegpt", &self.out.join("data"));
+        p.regenerate_deadline = self.recipe.minutes.map(|m| start + std::time::Duration::from_secs_f64(m * 60.0 * self.recipe.regenerate_share));
         p.max_conversations = Some(self.recipe.conversations);
         p.topics = self.recipe.topics.clone();
         p.topics_after = self.recipe.topics_after;
@@ -198,7 +201,16 @@ pub fn run(plan: &QuickstartPlan, progress: Observer) -> Result<QuickstartOutcom
     if data.join("manifest.json").is_file() {
         progress.note(&format!("2/5 prepare: cached ({})", data.display()));
     } else {
-        stage(&*progress, "2/5 prepare", || stages::prepare(&plan.prepare_plan(), progress.clone()))?;
+        let report = stage(&*progress, "2/5 prepare", || stages::prepare(&plan.prepare_plan(t0), progress.clone()))?;
+        if let Some(&left) = report.manifest.skipped.get(crate::data::prepare::NOT_REACHED) {
+            progress.note(&format!(
+                "2/5 prepare: {} of the recipe's {} conversations were answered in the first {:.0} s of the {:.0}-minute budget on this machine, the rest left out (a quiet 2-core AVX-512 machine answers them all)",
+                plan.recipe.conversations.saturating_sub(left),
+                plan.recipe.conversations,
+                plan.recipe.minutes.unwrap_or_default() * 60.0 * plan.recipe.regenerate_share,
+                plan.recipe.minutes.unwrap_or_default()
+            ));
+        }
     }
 
     // 3. Train with AUF; 4. the untrained drafter of the same shape, as a reference.
@@ -264,7 +276,7 @@ mod tests {
     fn the_prepare_stage_chooses_the_recipes_topics() {
         for name in [RecipeName::Quick, RecipeName::Cpu60Min] {
             let plan = QuickstartPlan::new(Path::new("/tmp/q"), name);
-            let p = plan.prepare_plan();
+            let p = plan.prepare_plan(Instant::now());
             assert_eq!(p.max_conversations, Some(plan.recipe.conversations));
             assert_eq!(p.topics, plan.recipe.topics);
             assert_eq!(p.topics_after, plan.recipe.topics_after);
@@ -298,13 +310,18 @@ mod tests {
             let d = plan.train_deadline(start).unwrap() - start;
             assert_eq!(d.as_secs_f64(), minutes * 60.0 - r.eval_reserve_s, "{name}");
             assert!(r.eval_reserve_s > 0.0 && d.as_secs_f64() > 0.5 * minutes * 60.0, "{name}: most of the budget is left to the stages before the evaluation");
+            // regeneration stops starting conversations well before training's deadline
+            let regen = plan.prepare_plan(start).regenerate_deadline.unwrap() - start;
+            assert_eq!(regen.as_secs_f64(), minutes * 60.0 * r.regenerate_share, "{name}");
+            assert!(regen < d / 2, "{name}: the data may take at most half of training's time");
             plan.recipe.minutes = None;
             assert!(plan.train_deadline(start).is_none());
+            assert!(plan.prepare_plan(start).regenerate_deadline.is_none());
         }
         assert_eq!(RecipeName::Quick.recipe().minutes, Some(15.0), "the README's promise");
         // the budget is not part of the recipe's record: a rerun applies its own
         let json = serde_json::to_value(RecipeName::Quick.recipe()).unwrap();
-        assert!(json.get("minutes").is_none() && json.get("eval_reserve_s").is_none(), "{json}");
+        assert!(json.get("minutes").is_none() && json.get("eval_reserve_s").is_none() && json.get("regenerate_share").is_none(), "{json}");
     }
 
     #[test]

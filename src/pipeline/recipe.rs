@@ -77,6 +77,12 @@ pub struct Recipe {
     /// evaluation and its report).
     #[serde(skip)]
     pub eval_reserve_s: f64,
+    /// The share of the budget after which regeneration starts no more conversations: on a
+    /// machine too slow to answer them all in time the data is cut instead of the training
+    /// (at a few hundred steps fewer conversations train as well or better, docs/recipe.md
+    /// "Lever 7"), and the feature pass shrinks with it.
+    #[serde(skip)]
+    pub regenerate_share: f64,
 }
 
 impl RecipeName {
@@ -112,7 +118,11 @@ impl RecipeName {
                 // budget never binds; on the slowest hours measured (prepare 278 s, training
                 // 525 s) it took 14.9 minutes. The evaluation took 54–110 s.
                 minutes: Some(15.0),
-                eval_reserve_s: 150.0,
+                eval_reserve_s: 180.0,
+                // 3 of the 15 minutes. The AVX-512 machine answers all 1500 in about 150–200 s
+                // and never reaches it; a machine without AVX-512 took 298 s for them and 267 s
+                // for their features, which left training 383 of its 2000 steps.
+                regenerate_share: 0.2,
             },
             RecipeName::Cpu60Min => Recipe {
                 name: self,
@@ -137,6 +147,8 @@ impl RecipeName {
                 // The evaluation took 117–190 s.
                 minutes: Some(60.0),
                 eval_reserve_s: 300.0,
+                // 18 of the 60 minutes: the quiet AVX-512 machine's whole prepare took 14.
+                regenerate_share: 0.3,
             },
         }
     }

@@ -106,6 +106,8 @@ pub struct PreparePlan {
     pub shard_tokens: usize,
     /// Where regeneration and the feature forward compute.
     pub device: DeviceChoice,
+    /// Regeneration starts no conversation after this instant (`PrepareOptions::regenerate_deadline`).
+    pub regenerate_deadline: Option<std::time::Instant>,
 }
 
 impl PreparePlan {
@@ -138,6 +140,7 @@ impl PreparePlan {
             seed: 0,
             shard_tokens: DEFAULT_SHARD_TOKENS,
             device: DeviceChoice::default(),
+            regenerate_deadline: None,
         }
     }
 
@@ -177,6 +180,9 @@ impl PreparePlan {
 pub fn prepare(plan: &PreparePlan, progress: Observer) -> Result<PrepareReport, StageError> {
     if plan.regenerate.is_none() && plan.workers != 1 {
         return Err(StageError::Invalid("--workers only applies with --regenerate".into()));
+    }
+    if plan.regenerate.is_none() && plan.regenerate_deadline.is_some() {
+        return Err(StageError::Invalid("--regenerate-minutes only applies with --regenerate".into()));
     }
     if plan.workers == 0 {
         return Err(StageError::Invalid("--workers must be at least 1".into()));
@@ -258,7 +264,7 @@ pub fn prepare(plan: &PreparePlan, progress: Observer) -> Result<PrepareReport, 
             f.dtype
         ));
     }
-    let opts = PrepareOptions { data_path, settings, workers: plan.workers, batch: plan.batch, shard_tokens: plan.shard_tokens, out: plan.out.clone(), progress };
+    let opts = PrepareOptions { data_path, settings, workers: plan.workers, batch: plan.batch, shard_tokens: plan.shard_tokens, out: plan.out.clone(), progress, regenerate_deadline: plan.regenerate_deadline };
     crate::data::prepare::prepare(tok, &identity, gen_model.as_ref().map(|m| &m.target), feature_model.map(|m| &m.target), &opts)
         .map_err(|source| StageError::Prepare { path: plan.out.clone(), source })
 }

@@ -113,7 +113,7 @@ pub fn prepared(root: &Path, conversations: usize) -> (specauf::model::LoadedMod
         features: None,
         topics: None,
     };
-    let opts = PrepareOptions { data_path: data, settings, workers: 1, batch: 1, shard_tokens: 4096, out: out.clone(), progress: Default::default() };
+    let opts = PrepareOptions { data_path: data, settings, workers: 1, batch: 1, shard_tokens: 4096, out: out.clone(), progress: Default::default(), regenerate_deadline: None };
     prepare(&m.tokenizer, &id, None, None, &opts).unwrap();
     (m, out)
 }
