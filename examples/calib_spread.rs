@@ -48,7 +48,8 @@ fn main() -> anyhow::Result<()> {
         let small = drafter.clone().at_block_size(2)?;
         let at_two = measure_draft_ms(target, &mut *small.proposer_on(target.backend()))?;
         let (dv2, dvm) = (new[1.min(max_b - 1)], new[max_b - 1]);
-        let draft = draft_curve(at_two.draft_ms + at_two.rest_ms(dv2), at_max.draft_ms + at_max.rest_ms(dvm), max_b);
+        let rest = at_two.rest_ms(dv2).min(at_max.rest_ms(dvm));
+        let draft: Vec<f64> = draft_curve(at_two.draft_ms, at_max.draft_ms, max_b).iter().map(|d| d + rest).collect();
         let pick = |curve: &[f64]| choose_block_and_cut(curve, &draft, &cuts, max_b, None).map(|(b, p, _, rate)| (format!("B{b} p{p}"), rate * curve[0] / 1e3));
         let (o, n) = (pick(&old).unwrap(), pick(&new).unwrap());
         old_falls += old.windows(2).any(|w| w[1] < w[0]) as usize;

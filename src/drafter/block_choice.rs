@@ -34,9 +34,13 @@ pub fn choose_for(target: &Target, mut drafter: AnyDrafter, dir: &Path, p_min: O
     };
     crate::util::measure::release_free_heap();
     let draft_ms_by_block = draft_curve(at_two.draft_ms, at_max.draft_ms, max_b);
-    let rest_ms_by_block = draft_curve(at_two.rest_ms(verify_ms[1.min(max_b - 1)]), at_max.rest_ms(verify_ms[max_b - 1]), max_b);
+    // The rest of a cycle (verdict, commits) is a difference of two medians timed apart, so a
+    // load spike during one generation inflates it (0 to 4.4 ms over twelve calibrations in one
+    // process, examples/calib_spread): the smaller of the two estimates, the same at every B,
+    // so that it moves the modelled speed but cannot tilt the choice of B.
+    let rest_ms = at_two.rest_ms(verify_ms[1.min(max_b - 1)]).min(at_max.rest_ms(verify_ms[max_b - 1]));
     // what a cycle costs beside its verify forward
-    let outside_verify: Vec<f64> = draft_ms_by_block.iter().zip(&rest_ms_by_block).map(|(d, r)| d + r).collect();
+    let outside_verify: Vec<f64> = draft_ms_by_block.iter().map(|d| d + rest_ms).collect();
     let (acceptance, acceptance_source) = match held_out_acceptance(dir) {
         Some(found) => found,
         None => (vec![DEFAULT_ACCEPTANCE; max_b - 1], format!("{DEFAULT_ACCEPTANCE} per position (default: no held-out metrics next to the drafter)")),
@@ -60,7 +64,7 @@ pub fn choose_for(target: &Target, mut drafter: AnyDrafter, dir: &Path, p_min: O
         verify_ms,
         draft_ms: draft_ms_by_block[block_size - 1],
         draft_ms_by_block,
-        rest_ms: rest_ms_by_block[block_size - 1],
+        rest_ms,
         acceptance,
         acceptance_source,
         calibration_ms: t0.elapsed().as_secs_f64() * 1e3,

@@ -109,8 +109,9 @@ pub struct BlockChoice {
     pub draft_ms: f64,
     /// draft_ms_by_block[b-1]: one `propose` at block b (b ≥ 2; measured at 2 and max_b).
     pub draft_ms_by_block: Vec<f64>,
-    /// The rest of a cycle at the chosen B, neither verify forward nor draft: the verdict and
-    /// the commits ([`DraftTiming::rest_ms`]), charged to every cycle in the choice.
+    /// The rest of a cycle, neither verify forward nor draft: the verdict and the commits
+    /// ([`DraftTiming::rest_ms`], the smaller of its estimates at the smallest and the largest
+    /// block), charged to every cycle in the choice.
     pub rest_ms: f64,
     /// α_i for draft positions 1..max_b-1.
     pub acceptance: Vec<f64>,
