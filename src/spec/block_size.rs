@@ -10,9 +10,10 @@
 //! The verify curve is timed on the target at start-up ([`measure_verify_curve`]: rounds of
 //! forwards of m = 1..max_b tokens after a short context, reduced to a curve that load drift
 //! cannot bend downwards, [`curve_from_runs`]), the draft time as the median propose of a short
-//! generation ([`measure_draft_ms`]) at the smallest and the largest block, and the rest of a cycle
-//! as the median whole cycle of that generation less its draft and verify forward, linear in between
-//! ([`draft_curve`]: a draft's rows, and so its projections and head, scale with B). Acceptance comes from the drafter's held-out training metrics when
+//! generation ([`measure_draft_ms`]) at the smallest and the largest block, linear in between
+//! ([`draft_curve`]: a draft's rows, and so its projections and head, scale with B), and the rest
+//! of a cycle as the median whole cycle of that generation less its draft and verify forward
+//! (the smaller of the two blocks' estimates, charged at every B). Acceptance comes from the drafter's held-out training metrics when
 //! its run folder has them ([`held_out_acceptance`]: the per-position accuracies, used as the
 //! conditional rates, which they bound from below, so the choice errs towards small blocks), else
 //! [`DEFAULT_ACCEPTANCE`] at every position.
