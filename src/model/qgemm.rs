@@ -815,16 +815,8 @@ fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: features detected above.
-        return unsafe { quantize_row_avx2(x, q, d, corr) };
+        return unsafe { avx2::quantize_row(x, q, d, corr) };
     }
-    quantize_row_generic(x, q, d, corr)
-}
-
-/// `quantize_row_generic` compiled for AVX2 + FMA (the same code, so the same bits: the
-/// compiler may only vectorize IEEE operations it can keep exact).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
     quantize_row_generic(x, q, d, corr)
 }
 
@@ -1190,6 +1182,9 @@ mod tests {
             (0..40).map(|i| if i == 0 { 127.0 } else { (i as f32 - 20.0) + 0.5 }).collect(),
             vec![0.0; 64],
             vec![1e-30; 33],
+            // a non-finite value gives its block scale NaN and zeros (blocks 0 and 1); block 2 is normal
+            (0..96).map(|i| if i == 5 { f32::NAN } else if i == 40 { f32::NEG_INFINITY } else { i as f32 }).collect(),
+            (0..70).map(|i| if i % 2 == 0 { -1e30 } else { 1e30 }).collect(),
         ];
         for (n, seed) in [(576usize, 1u64), (45, 2), (31, 3), (1536, 4), (7, 5)] {
             rows.push(rand_vec(n, seed));
@@ -1197,12 +1192,28 @@ mod tests {
         for x in rows {
             let blocks = x.len().div_ceil(BLOCK);
             let (mut q1, mut d1, mut c1) = (vec![0i8; blocks * BLOCK], vec![0f32; blocks], vec![0i32; blocks]);
-            let (mut q2, mut d2, mut c2) = (vec![1i8; blocks * BLOCK], vec![1f32; blocks], vec![1i32; blocks]);
             quantize_row_generic(&x, &mut q1, &mut d1, &mut c1);
-            quantize_row(&x, &mut q2, &mut d2, &mut c2);
-            assert_eq!(q1, q2, "int8 values differ for a row of {}", x.len());
-            assert_eq!(d1, d2);
-            assert_eq!(c1, c2);
+            // the dispatched one, and each SIMD one this CPU has
+            let mut quantizers: Vec<(&str, fn(&[f32], &mut [i8], &mut [f32], &mut [i32]))> = vec![("dispatched", quantize_row)];
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: features detected.
+                    quantizers.push(("avx2", |x, q, d, c| unsafe { avx2::quantize_row(x, q, d, c) }));
+                }
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                    // SAFETY: features detected.
+                    quantizers.push(("avx512", |x, q, d, c| unsafe { vnni::quantize_row(x, q, d, c) }));
+                }
+            }
+            assert!(quantizers.len() >= 2 || !cfg!(target_arch = "x86_64") || !is_x86_feature_detected!("avx2"), "no SIMD quantizer compared");
+            for (name, quantize) in quantizers {
+                let (mut q2, mut d2, mut c2) = (vec![1i8; blocks * BLOCK], vec![1f32; blocks], vec![1i32; blocks]);
+                quantize(&x, &mut q2, &mut d2, &mut c2);
+                assert_eq!(q1, q2, "{name}: int8 values differ for a row of {}", x.len());
+                assert_eq!(d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), d2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{name}");
+                assert_eq!(c1, c2, "{name}");
+            }
         }
         let (mut q, mut d, mut c) = ([0i8; BLOCK], [0f32; 1], [0i32; 1]);
         quantize_row_generic(&[2.5, -3.5, 0.5, 127.0], &mut q, &mut d, &mut c);

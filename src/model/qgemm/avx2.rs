@@ -132,3 +132,70 @@ pub(super) unsafe fn tile(job: &TileJob) {
         Format::Int8 => by_rows!(false),
     }
 }
+
+/// `quantize_row_generic` on eight lanes, with the same bits: the same IEEE products, the
+/// maximum (exact in any order), and round-half-away-from-zero (`f32::round`) as trunc plus a
+/// step where |frac| ≥ 0.5 (the fraction x − trunc(x) is exact for |x| < 2²³; here |x| ≤ 127
+/// and a little).
+///
+/// # Safety
+/// The CPU has avx2 and fma; q, d, corr hold `d.len()` blocks and x.len() ≤ 32·blocks.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], corr: &mut [i32]) {
+    let n = x.len();
+    let blocks = d.len();
+    debug_assert!(q.len() == blocks * BLOCK && corr.len() == blocks && n <= blocks * BLOCK);
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let lim = _mm256_set1_ps(127.0);
+    let neg_lim = _mm256_set1_ps(-127.0);
+    let big = _mm256_set1_ps(f32::MAX);
+    let sign = _mm256_set1_ps(-0.0);
+    let abs = |v: __m256| _mm256_andnot_ps(sign, v);
+    let lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for b in 0..blocks {
+        let base = b * BLOCK;
+        // Masked loads read only x[..n] (masked-off lanes never fault); the rest is zero.
+        let load = |at: usize| {
+            let valid = n.saturating_sub(at).min(8) as i32;
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), lane_ids);
+            _mm256_maskload_ps(x.as_ptr().wrapping_add(at), mask)
+        };
+        let v = [load(base), load(base + 8), load(base + 16), load(base + 24)];
+        let a = [abs(v[0]), abs(v[1]), abs(v[2]), abs(v[3])];
+        let finite = a.iter().fold(-1, |m, &ai| m & _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(ai, big)));
+        if finite != 0xff {
+            q[base..base + BLOCK].fill(0);
+            d[b] = f32::NAN;
+            corr[b] = 0;
+            continue;
+        }
+        let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+        let (scale, id) = super::q8_0_scale(amax);
+        let idv = _mm256_set1_ps(id);
+        let round = |v: __m256| {
+            let s = _mm256_mul_ps(v, idv);
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(s);
+            let frac = abs(_mm256_sub_ps(s, t));
+            let step = _mm256_or_ps(one, _mm256_and_ps(s, sign));
+            let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half);
+            let r = _mm256_add_ps(t, _mm256_and_ps(up, step));
+            _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(r, lim), neg_lim))
+        };
+        let i = [round(v[0]), round(v[1]), round(v[2]), round(v[3])];
+        // i32 → i8 (all within ±127, so the saturating packs are exact), then undo the packs'
+        // per-128-bit-lane interleave
+        let p16 = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+        let p8 = _mm256_permutevar8x32_epi32(p16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(q.as_mut_ptr().add(base) as *mut __m256i, p8);
+        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        d[b] = scale;
+        corr[b] = -128 * _mm_cvtsi128_si32(s);
+    }
+}
