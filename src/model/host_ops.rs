@@ -141,11 +141,17 @@ unsafe fn silu_mul_fma(g: &mut [f32], u: &[f32]) {
     silu_mul_scalar(g, u)
 }
 
-/// Σ e^(x_i − shift) in order, compiled with FMA (as [`silu_mul_fma`]).
+/// Σ e^(x_i − shift) in order.
+#[inline(always)]
+fn sum_exp_scalar(x: &[f32], shift: f32) -> f32 {
+    x.iter().map(|&v| exp(v - shift)).sum()
+}
+
+/// [`sum_exp_scalar`] compiled with FMA (as [`silu_mul_fma`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn sum_exp_fma(x: &[f32], shift: f32) -> f32 {
-    x.iter().map(|&v| exp(v - shift)).sum()
+    sum_exp_scalar(x, shift)
 }
 
 /// The exponent's range: below `EXP_LO` e^x is below half the smallest subnormal, above `EXP_HI`
@@ -220,7 +226,7 @@ pub fn argmax_and_sum_exp(x: &[f32]) -> (usize, f32, f32) {
         // SAFETY: the features were just detected.
         return (index, max, unsafe { sum_exp_fma(x, max) });
     }
-    (index, max, x.iter().map(|&v| exp(v - max)).sum())
+    (index, max, sum_exp_scalar(x, max))
 }
 
 /// e^x of sixteen lanes `$x`, lane by lane as [`exp`] (clamped to its range; NaN lanes are the

@@ -48,6 +48,36 @@ use std::sync::Arc;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
+/// Runs a SIMD kernel's `rows::<R, Q4>(job)` with R = `job.rows` (1..=MAX_ROWS) and Q4 the
+/// job's format: R and Q4 are const generics so that each row count keeps its accumulators in
+/// registers. Shared by the kernels' `tile` functions (defined before their modules, so that
+/// they see it).
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_by_rows {
+    ($rows:ident, $job:expr) => {{
+        const _: () = assert!(super::MAX_ROWS == 8, "tile_by_rows! is written out for 8 rows");
+        let job = $job;
+        macro_rules! by_rows {
+            ($q4:literal) => {
+                match job.rows {
+                    1 => $rows::<1, $q4>(job),
+                    2 => $rows::<2, $q4>(job),
+                    3 => $rows::<3, $q4>(job),
+                    4 => $rows::<4, $q4>(job),
+                    5 => $rows::<5, $q4>(job),
+                    6 => $rows::<6, $q4>(job),
+                    7 => $rows::<7, $q4>(job),
+                    _ => $rows::<8, $q4>(job),
+                }
+            };
+        }
+        match job.format {
+            Format::Int8 => by_rows!(false),
+            Format::Q4_1 => by_rows!(true),
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod portable;

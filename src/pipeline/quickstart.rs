@@ -43,7 +43,7 @@ impl QuickstartPlan {
     /// the recipe's share of its budget ([`Recipe::regenerate_share`]).
     fn prepare_plan(&self, start: Instant) -> PreparePlan {
         let mut p = PreparePlan::new(DEFAULT_MODEL, "sharegpt", &self.out.join("data"));
-        p.regenerate_deadline = self.recipe.minutes.map(|m| start + std::time::Duration::from_secs_f64(m * 60.0 * self.recipe.regenerate_share));
+        p.regenerate_deadline = self.regenerate_seconds().map(|s| start + std::time::Duration::from_secs_f64(s));
         p.max_conversations = Some(self.recipe.conversations);
         p.topics = self.recipe.topics.clone();
         p.topics_after = self.recipe.topics_after;
@@ -57,6 +57,11 @@ impl QuickstartPlan {
         p.feature_weights = WeightsMode::default();
         p.device = self.device;
         p
+    }
+
+    /// Seconds into the run after which regeneration starts no conversation (None: no budget).
+    fn regenerate_seconds(&self) -> Option<f64> {
+        self.recipe.minutes.map(|m| m * 60.0 * self.recipe.regenerate_share)
     }
 
     /// The training config: AUF, a DFlash drafter of the recipe's depth tapping [`TAPS`].
@@ -207,7 +212,7 @@ pub fn run(plan: &QuickstartPlan, progress: Observer) -> Result<QuickstartOutcom
                 "2/5 prepare: {} of the recipe's {} conversations were answered in the first {:.0} s of the {:.0}-minute budget on this machine, the rest left out (a quiet 2-core AVX-512 machine answers them all)",
                 plan.recipe.conversations.saturating_sub(left),
                 plan.recipe.conversations,
-                plan.recipe.minutes.unwrap_or_default() * 60.0 * plan.recipe.regenerate_share,
+                plan.regenerate_seconds().unwrap_or_default(),
                 plan.recipe.minutes.unwrap_or_default()
             ));
         }

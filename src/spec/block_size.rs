@@ -245,22 +245,15 @@ pub fn measure_verify_runs(target: &Target, max_b: usize, taps: &[usize], reps: 
 /// - the result is made non-decreasing in m ([`non_decreasing_fit`]): a forward of m + 1 tokens
 ///   does all the work of one of m.
 pub fn curve_from_runs(runs: &[Vec<f64>]) -> Vec<f64> {
-    fn median(mut v: Vec<f64>) -> f64 {
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
-    }
+    use crate::util::measure::median;
     let Some(single) = runs.first() else { return Vec::new() };
-    let base = median(single.clone());
+    let base = median(&mut single.clone());
     let curve: Vec<f64> = runs
         .iter()
         .enumerate()
         .map(|(m, times)| match m {
             0 => base,
-            _ => base * median(times.iter().zip(single).filter(|(_, one)| **one > 0.0).map(|(t, one)| t / one).collect()),
+            _ => base * median(&mut times.iter().zip(single).filter(|(_, one)| **one > 0.0).map(|(t, one)| t / one).collect::<Vec<_>>()),
         })
         .collect();
     non_decreasing_fit(&curve)
@@ -331,11 +324,6 @@ impl DraftTiming {
     }
 }
 
-fn median_of(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
 /// Times the proposes and cycles of a short greedy generation, the first propose (which takes
 /// in the prompt's context) left out: at least [`DRAFT_SAMPLES`] cycles unless the drafter's
 /// drafts are accepted so often that the tokens run out first. Medians, not means: one propose
@@ -348,10 +336,11 @@ pub fn measure_draft_ms(target: &Target, proposer: &mut dyn Proposer) -> Result<
     let cfg = GenerateConfig { eos_token_ids: Vec::new(), ..GenerateConfig::greedy(target, (DRAFT_SAMPLES + 2).max(proposer.block_size() + 1)) };
     let mut timed = TimedProposer { inner: proposer, starts: Vec::new(), times_ms: Vec::new() };
     generate(target, Some(&mut timed), &prompt, &cfg)?;
+    use crate::util::measure::median;
     let skip = usize::from(timed.times_ms.len() > 1);
-    let draft_ms = median_of(timed.times_ms[skip..].to_vec());
-    let cycles: Vec<f64> = timed.starts.windows(2).skip(skip).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
-    let cycle_ms = if cycles.is_empty() { draft_ms } else { median_of(cycles) };
+    let draft_ms = if timed.times_ms.is_empty() { 0.0 } else { median(&mut timed.times_ms[skip..]) };
+    let mut cycles: Vec<f64> = timed.starts.windows(2).skip(skip).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+    let cycle_ms = if cycles.is_empty() { draft_ms } else { median(&mut cycles) };
     Ok(DraftTiming { draft_ms, cycle_ms })
 }
 

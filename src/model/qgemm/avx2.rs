@@ -112,25 +112,7 @@ unsafe fn rows<const R: usize, const Q4: bool>(job: &TileJob) {
 /// The CPU has avx2, fma and f16c (checked by `Kernel::resolve`); `job.dst` rows 0..rows
 /// (stride ldy) have `valid` writable f32 each.
 pub(super) unsafe fn tile(job: &TileJob) {
-    macro_rules! by_rows {
-        ($q4:literal) => {
-            match job.rows {
-                1 => rows::<1, $q4>(job),
-                2 => rows::<2, $q4>(job),
-                3 => rows::<3, $q4>(job),
-                4 => rows::<4, $q4>(job),
-                5 => rows::<5, $q4>(job),
-                6 => rows::<6, $q4>(job),
-                7 => rows::<7, $q4>(job),
-                _ => rows::<8, $q4>(job),
-            }
-        };
-    }
-    const _: () = assert!(super::MAX_ROWS == 8, "by_rows! is written out for 8 rows");
-    match job.format {
-        Format::Q4_1 => by_rows!(true),
-        Format::Int8 => by_rows!(false),
-    }
+    tile_by_rows!(rows, job)
 }
 
 /// `quantize_row_generic` on eight lanes, with the same bits: the same IEEE products, the
