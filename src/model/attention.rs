@@ -76,10 +76,130 @@ fn attend_one(q: &[f32], k: &[f32], v: &[f32], len: usize, hd: usize, scale: f32
     }
 }
 
+/// One query row of one head on AVX2 + FMA: the vector kernel for head sizes of 16, 32, 64 or
+/// 128, [`attend_one`] compiled for these features otherwise.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn attend_one_avx2(q: &[f32], k: &[f32], v: &[f32], len: usize, hd: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend_one(q, k, v, len, hd, scale, scores, out)
+    match hd {
+        16 => attend_one_vec8::<2>(q, k, v, len, scale, scores, out),
+        32 => attend_one_vec8::<4>(q, k, v, len, scale, scores, out),
+        64 => attend_one_vec8::<8>(q, k, v, len, scale, scores, out),
+        128 => attend_one_vec8::<16>(q, k, v, len, scale, scores, out),
+        _ => attend_one(q, k, v, len, hd, scale, scores, out),
+    }
+}
+
+/// The sums of eight vectors' lanes, in order, by a fixed tree of `hadd`s (the same pairs for
+/// every vector, whatever the other seven hold).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn reduce8(a: &[std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // hadd(x, y) = [x0+x1 x2+x3 y0+y1 y2+y3 | x4+x5 x6+x7 y4+y5 y6+y7]
+    let t = [_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]), _mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7])];
+    // [s0 s1 s2 s3 | s0' s1' s2' s3'] where s_i = vector i's lanes 0..4 and s_i' its lanes 4..8
+    let u = [_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3])];
+    _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(u[0], u[1]), _mm256_permute2f128_ps::<0x31>(u[0], u[1]))
+}
+
+/// The sum of one vector's lanes by [`reduce8`]'s tree (lane 0 of the result).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn hsum8(a: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let z = _mm256_setzero_ps();
+    _mm256_cvtss_f32(reduce8(&[a, z, z, z, z, z, z, z]))
+}
+
+/// e^x for x ≤ 0, 8 lanes: [`exp512`]'s reduction and polynomial, scaled by 2ⁿ built in the
+/// exponent bits; below −87 (where 2ⁿ would be subnormal) the result is 0, a weight under
+/// 2⁻¹²⁵ against a sum of at least 1. The same bits on every call.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn exp256(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.0));
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let e = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0));
+    let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
+    _mm256_and_ps(_mm256_mul_ps(e, pow2), keep)
+}
+
+/// One query row of one head against keys 0..len, hd = 8·NV, on 8-lane registers. The
+/// arithmetic is fixed by len and hd alone: per key one fma chain over the head's registers,
+/// summed by [`reduce8`]'s tree (eight keys at a time; the keys after the last full eight one by
+/// one, by the same tree); the exponentials in order, summed in 8 lanes then by the tree; the
+/// values' weighted sum one key after the other. So the row has the same bits whatever rows
+/// or chunk it is computed with.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_one_vec8<const NV: usize>(q: &[f32], k: &[f32], v: &[f32], len: usize, scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = NV * 8;
+    debug_assert!(q.len() >= hd && out.len() >= hd && k.len() >= len * hd && v.len() >= len * hd);
+    let padded = len.next_multiple_of(8);
+    scores.clear();
+    scores.resize(padded, f32::NEG_INFINITY);
+    let (kp, vp, sp) = (k.as_ptr(), v.as_ptr(), scores.as_mut_ptr());
+    let qv: [__m256; NV] = std::array::from_fn(|c| _mm256_loadu_ps(q.as_ptr().add(c * 8)));
+    let partials = |j: usize| -> __m256 {
+        let row = kp.add(j * hd);
+        let mut acc = _mm256_mul_ps(qv[0], _mm256_loadu_ps(row));
+        for (c, qc) in qv.iter().enumerate().skip(1) {
+            acc = _mm256_fmadd_ps(*qc, _mm256_loadu_ps(row.add(c * 8)), acc);
+        }
+        acc
+    };
+    let sv = _mm256_set1_ps(scale);
+    let full = len / 8 * 8;
+    let mut maxv = _mm256_set1_ps(f32::NEG_INFINITY);
+    for j0 in (0..full).step_by(8) {
+        let p: [__m256; 8] = std::array::from_fn(|i| partials(j0 + i));
+        let s = _mm256_mul_ps(reduce8(&p), sv);
+        _mm256_storeu_ps(sp.add(j0), s);
+        maxv = _mm256_max_ps(maxv, s);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), maxv);
+    let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for j in full..len {
+        let s = hsum8(partials(j)) * scale;
+        *sp.add(j) = s;
+        max = max.max(s);
+    }
+    // weights exp(s − max) in place (padding: exp(−inf) = 0), and their sum
+    let mv = _mm256_set1_ps(max);
+    let mut sum = _mm256_setzero_ps();
+    for c in (0..padded).step_by(8) {
+        let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sp.add(c)), mv));
+        _mm256_storeu_ps(sp.add(c), e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    let inv = 1.0 / hsum8(sum);
+    let mut acc = [_mm256_setzero_ps(); NV];
+    for j in 0..len {
+        let w = _mm256_set1_ps(*sp.add(j));
+        let row = vp.add(j * hd);
+        for (c, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(c * 8)), *a);
+        }
+    }
+    let iv = _mm256_set1_ps(inv);
+    for (c, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.as_mut_ptr().add(c * 8), _mm256_mul_ps(*a, iv));
+    }
 }
 
 /// AVX-512 attention of several query rows that share one KV head (the heads of a GQA group,
@@ -542,6 +662,56 @@ mod tests {
                 (got, v.map(|x| _mm512_reduce_add_ps(x)))
             };
             assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{got:?} vs {want:?}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn reduce8_sums_each_vector_by_one_tree_whatever_the_others_hold() {
+        use std::arch::x86_64::*;
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        for _ in 0..2000 {
+            let vals: Vec<f32> = (0..64).map(|_| rng.gen_range(-1.0f32..1.0) * 10f32.powi(rng.gen_range(-4..4))).collect();
+            // SAFETY: avx2 and fma detected above; every load reads 8 of the 64 values.
+            let (got, alone) = unsafe {
+                let v: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(vals.as_ptr().add(8 * i)));
+                let mut got = [0f32; 8];
+                _mm256_storeu_ps(got.as_mut_ptr(), reduce8(&v));
+                (got, v.map(|x| hsum8(x)))
+            };
+            assert!(got.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits()), "{got:?} vs {alone:?}");
+            let want: Vec<f64> = vals.chunks(8).map(|c| c.iter().map(|&x| x as f64).sum()).collect();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() <= 1e-6 * (1.0 + w.abs()) * 1e4, "{g} vs {w}");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp256_is_within_a_few_ulp_and_zero_below_its_range() {
+        use std::arch::x86_64::*;
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let mut xs: Vec<f32> = (0..80_000).map(|i| -87.0 * i as f32 / 80_000.0).collect();
+        xs.extend([0.0, -0.0, -1e-30, -86.99, -87.0, -87.5, -100.0, -1e30, f32::NEG_INFINITY, -0.5, -0.3466]);
+        xs.resize(xs.len().next_multiple_of(8), 0.0);
+        for c in xs.chunks(8) {
+            let mut got = [0f32; 8];
+            // SAFETY: avx2 and fma detected above; c holds 8 values.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp256(_mm256_loadu_ps(c.as_ptr()))) };
+            for (&x, &g) in c.iter().zip(&got) {
+                if x < -87.0 {
+                    assert_eq!(g, 0.0, "e^{x}");
+                } else {
+                    let want = (x as f64).exp();
+                    assert!(((g as f64) - want).abs() <= 3.0 * f32::EPSILON as f64 * want, "e^{x}: {g} vs {want}");
+                }
+            }
         }
     }
 
