@@ -9,7 +9,9 @@
 # wants: llama-bench, llama-server, llama-speculative-simple, llama-simple, llama-cli).
 # cmake and ninja come from PyPI into a venv (VENV, default tools/.venv-llama). The build is
 # CPU-only with AVX-512/VNNI/BF16 on and every AMX path off (AMX is advertised on the project
-# machine but traps with SIGILL); GGML_NATIVE is off so the flags are exactly these.
+# machine but traps with SIGILL); GGML_NATIVE is off so the flags are exactly these. On a CPU
+# without AVX-512 VNNI and BF16 (ISA=avx2, chosen from /proc/cpuinfo unless set) the AVX-512
+# flags are off and the build is AVX2 + FMA + F16C, what specauf's own AVX2 kernel uses.
 # Takes about 15 minutes on 2 cores; run it under `nice -n 10` on a shared machine.
 set -euo pipefail
 
@@ -51,10 +53,18 @@ if [ ! -f "$OUT/src/CMakeLists.txt" ]; then
     rm -rf "$tmp"
 fi
 
-echo "[build] configuring"
+if [ -z "${ISA:-}" ]; then
+    if grep -qw avx512_vnni /proc/cpuinfo && grep -qw avx512_bf16 /proc/cpuinfo; then ISA=avx512; else ISA=avx2; fi
+fi
+case "$ISA" in
+    avx512) AVX512=ON ;;
+    avx2) AVX512=OFF ;;
+    *) echo "[build] error: ISA must be avx512 or avx2, not $ISA" >&2; exit 1 ;;
+esac
+echo "[build] configuring ($ISA)"
 cmake -S "$OUT/src" -B "$OUT/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
-    -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+    -DGGML_AVX512=$AVX512 -DGGML_AVX512_VBMI=$AVX512 -DGGML_AVX512_VNNI=$AVX512 -DGGML_AVX512_BF16=$AVX512 \
     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF
 
