@@ -105,6 +105,22 @@ fn prefetch_lines() -> usize {
     PREFETCH.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Asks for the lines block b of a tile owns (its weights; after a pair's second block, the
+/// pair's scale lines too) `pf` lines ahead of `rec`, the tile's records: both SIMD kernels do
+/// this at each block. Tiles are contiguous, so near a tile's end this reaches into the next
+/// tile; past the matrix's end the address is never read (a prefetch does not fault), hence
+/// wrapping_add. No arithmetic, so no bits, change.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_block(rec: *const u8, f: Format, b: usize, pf: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let end = if b % 2 == 1 { f.weights_line(b + 1) } else { f.weights_line(b) + f.block_lines() };
+    for l in f.weights_line(b)..end {
+        // SAFETY: a prefetch reads nothing architecturally and never faults (SSE, every x86_64).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(rec.wrapping_add((l + pf) * 64) as *const i8) };
+    }
+}
+
 /// Parts each pool thread's share of a parallel call is cut into: on a shared machine a
 /// descheduled thread's parts are stolen by the others instead of holding up the call.
 pub const PARTS_PER_THREAD: usize = 4;

@@ -503,23 +503,16 @@ impl AdamW {
         let c = &self.config;
         let bias1 = 1.0 - c.beta1.powf(t as f64);
         let bias2 = 1.0 - c.beta2.powf(t as f64);
-        let step_size = (lr / bias1) as f32;
-        let inv_sqrt_bias2 = (1.0 / bias2.sqrt()) as f32;
-        let decay = (1.0 - lr * c.weight_decay) as f32;
-        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-        let (one_b1, one_b2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
-        let eps = c.eps as f32;
-        let scale = clip_scale as f32;
         let k = UpdateConsts {
-            b1,
-            b2,
-            one_b1,
-            one_b2,
-            eps,
-            scale,
-            step_size,
-            inv_sqrt_bias2,
-            decay,
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            one_b1: (1.0 - c.beta1) as f32,
+            one_b2: (1.0 - c.beta2) as f32,
+            eps: c.eps as f32,
+            scale: clip_scale as f32,
+            step_size: (lr / bias1) as f32,
+            inv_sqrt_bias2: (1.0 / bias2.sqrt()) as f32,
+            decay: (1.0 - lr * c.weight_decay) as f32,
         };
         for (p, g) in self.params.iter_mut().zip(gs) {
             let Some(g) = g else { continue };

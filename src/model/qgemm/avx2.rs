@@ -78,7 +78,7 @@ unsafe fn q4_rows<const R: usize>(job: &TileJob, acc: &mut [[__m256; 2]; R]) {
     let pf = super::prefetch_lines();
     for b in 0..job.blocks {
         if pf > 0 {
-            prefetch_block(rec, f, b, pf);
+            super::prefetch_block(rec, f, b, pf);
         }
         let p = rec.add(f.weights_line(b) * 64);
         for h in 0..2 {
@@ -128,7 +128,7 @@ unsafe fn int8_group<const G: usize>(job: &TileJob, g: usize, acc: &mut [[__m256
     let pf = if g == 0 { super::prefetch_lines() } else { 0 };
     for b in 0..job.blocks {
         if pf > 0 {
-            prefetch_block(rec, f, b, pf);
+            super::prefetch_block(rec, f, b, pf);
         }
         let p = rec.add(f.weights_line(b) * 64);
         // i32 sums of row i, outputs 8h..8h+8
@@ -153,19 +153,6 @@ unsafe fn int8_group<const G: usize>(job: &TileJob, g: usize, acc: &mut [[__m256
                 acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[h]), _mm256_mul_ps(dw[h], dx), acc[h]);
             }
         }
-    }
-}
-
-/// Asks for the lines block b owns (its weights; after a pair's second block, the pair's scale
-/// lines too) `pf` lines ahead, as the VNNI kernel does ([`super::PREFETCH_LINES`]). Tiles are
-/// contiguous, so near a tile's end this reaches into the next one; past the matrix's end the
-/// address is never read (a prefetch does not fault), hence wrapping_add. No arithmetic, so no
-/// bits, change.
-#[inline(always)]
-unsafe fn prefetch_block(rec: *const u8, f: Format, b: usize, pf: usize) {
-    let end = if b % 2 == 1 { f.weights_line(b + 1) } else { f.weights_line(b) + f.block_lines() };
-    for l in f.weights_line(b)..end {
-        _mm_prefetch::<_MM_HINT_T0>(rec.wrapping_add((l + pf) * 64) as *const i8);
     }
 }
 

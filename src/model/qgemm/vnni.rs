@@ -22,14 +22,7 @@ unsafe fn rows<const R: usize, const Q4: bool>(job: &TileJob) {
     for b in 0..job.blocks {
         let p = rec.add(f.weights_line(b));
         if pf > 0 {
-            // The lines this block owns (its weights; after the pair's second block, the pair's
-            // scale lines too), `pf` lines ahead. Tiles are contiguous, so near a tile's end
-            // this reaches into the next tile; past the matrix's end the address is never read
-            // (a prefetch does not fault), hence wrapping_add.
-            let end = if b % 2 == 1 { f.weights_line(b + 1) } else { f.weights_line(b) + f.block_lines() };
-            for l in f.weights_line(b)..end {
-                _mm_prefetch::<_MM_HINT_T0>(rec.wrapping_add(l + pf) as *const i8);
-            }
+            super::prefetch_block(rec as *const u8, f, b, pf);
         }
         let w: [__m512i; 8] = if Q4 {
             let l = [_mm512_load_si512(p), _mm512_load_si512(p.add(1)), _mm512_load_si512(p.add(2)), _mm512_load_si512(p.add(3))];
